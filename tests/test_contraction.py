@@ -1,0 +1,107 @@
+"""Compiled contractions: equal to dense matmul, autograd, FLOP-based choice."""
+
+import opt_einsum as oe
+import pytest
+import torch
+from conftest import DEVICES
+
+from mpotn import MPO
+from mpotn.contraction import _plan
+from mpotn.network import apply_equation
+
+
+@pytest.fixture(scope="module")
+def padded():
+    """A truncated MPO of a matrix padded on both sides (30522-style)."""
+    g = torch.Generator().manual_seed(5)
+    matrix = torch.randn(1018, 97, generator=g, dtype=torch.float64)
+    return matrix, MPO.from_matrix(matrix, n=3).truncate(ratio=0.4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["contract", "rebuild", "auto"])
+@pytest.mark.parametrize("over", ["rows", "cols"])
+def test_apply_equals_dense_matmul(padded, device, method, over):
+    _, mpo = padded
+    mpo = mpo.to(device)
+    dense = mpo.to_matrix()
+    assert mpo.padded_shape != mpo.shape  # both sides are zero-padded
+    x = torch.randn(
+        2,
+        3,
+        dense.shape[0] if over == "rows" else dense.shape[1],
+        dtype=torch.float64,
+        device=device,
+    )
+    expected = x @ dense if over == "rows" else x @ dense.T
+    torch.testing.assert_close(mpo.apply(x, over=over, method=method), expected)
+
+
+def test_full_rank_apply_equals_original_matrix(ffn):
+    mpo = MPO.from_matrix(ffn)
+    x = torch.randn(16, 384)
+    assert float((mpo.apply(x, method="contract") - x @ ffn).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["contract", "rebuild"])
+def test_gradients_reach_every_core(padded, method):
+    _, mpo = padded
+    cores = [c.clone().requires_grad_(True) for c in mpo.cores]
+    x = torch.randn(4, mpo.shape[0], dtype=torch.float64)
+    y = mpo._contractor.apply(x, cores, method=method)
+    y.square().sum().backward()
+    for core in cores:
+        assert core.grad is not None and float(core.grad.abs().sum()) > 0
+    # the gradient is right: compare with autograd through an explicit einsum
+    ref = [c.detach().clone().requires_grad_(True) for c in mpo.cores]
+    dense = torch.einsum("aijb,bklc,cmnd->ikmjln", *ref).reshape(mpo.padded_shape)
+    (x @ dense[: mpo.shape[0], : mpo.shape[1]]).square().sum().backward()
+    for a, b in zip(cores, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_cost_reports_both_paths_and_auto_picks_the_cheaper(ffn):
+    small = MPO.from_matrix(ffn).truncate(max_bond=8)
+    one = small.contraction_cost(1)
+    assert one.method == "contract" and one.contract_flops < one.rebuild_flops
+    assert one.dense_flops == 2 * 384 * 1536
+    full = MPO.from_matrix(ffn)
+    big = full.contraction_cost(4096)
+    assert big.method == "rebuild" and big.rebuild_flops < big.contract_flops
+
+
+@pytest.mark.parametrize("batch", [1, 32, 1024])
+def test_planned_path_is_within_a_thousandth_of_the_optimal_flops(ffn, batch):
+    mpo = MPO.from_matrix(ffn).truncate(ratio=0.3)
+    shapes = ((batch, *mpo.row_shape), *(tuple(c.shape) for c in mpo.cores))
+    equation = apply_equation(mpo.n, "rows")
+    _, optimal = oe.contract_path(equation, *shapes, shapes=True, optimize="optimal")
+    planned = mpo.contraction_cost(batch).contract_flops
+    assert planned == _plan(equation, shapes).flops
+    assert int(optimal.opt_cost) <= planned <= 1.001 * int(optimal.opt_cost)
+
+
+def test_expressions_are_compiled_once_per_shape(padded):
+    _, mpo = padded
+    x = torch.randn(9, mpo.shape[0], dtype=torch.float64)
+    mpo.apply(x, method="contract")
+    hits = _plan.cache_info().hits
+    mpo.apply(x, method="contract")
+    assert _plan.cache_info().hits == hits + 1
+    assert _plan.cache_info().misses == _plan.cache_info().misses  # no new plan
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"over": "diag"}, "over must be one of"), ({"method": "fast"}, "method must be one of")],
+)
+def test_bad_contraction_arguments_are_errors(padded, kwargs, message):
+    _, mpo = padded
+    with pytest.raises(ValueError, match=message):
+        mpo.apply(torch.randn(2, mpo.shape[0], dtype=torch.float64), **kwargs)
+
+
+def test_wrong_input_width_is_an_error(padded):
+    _, mpo = padded
+    with pytest.raises(ValueError, match=r"input has 5 features .* rows have size 1018"):
+        mpo.apply(torch.randn(2, 5, dtype=torch.float64))
