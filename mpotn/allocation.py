@@ -15,8 +15,8 @@ Uniform allocation
     Scale every bond by the same factor (:func:`uniform_dims_for_budget`),
     the baseline the optimal allocation is measured against.
 
-Example
--------
+Examples
+--------
 >>> import torch
 >>> spectra = [torch.tensor([4.0, 3.0, 0.1, 0.1]), torch.tensor([5.0, 1.0, 0.5, 0.2])]
 >>> local = (4, 4, 4)
@@ -36,8 +36,8 @@ import torch
 def effective_dims(dims: Sequence[int], local: Sequence[int]) -> tuple[int, ...]:
     """Apply the neighbour caps ``d_k <= d_{k-1} p_k`` and ``d_k <= p_{k+1} d_{k+1}``.
 
-    Example
-    -------
+    Examples
+    --------
     >>> effective_dims((1, 100, 1), (4, 8))
     (1, 4, 1)
     """
@@ -155,8 +155,8 @@ def dims_for_budget(
 ) -> tuple[int, ...]:
     """Bonds with at most ``budget`` parameters that minimise the Eq. 4 bound (greedy).
 
-    Example
-    -------
+    Examples
+    --------
     >>> import torch
     >>> spectra = [torch.tensor([4.0, 3.0, 0.1, 0.1]), torch.tensor([5.0, 1.0, 0.5, 0.2])]
     >>> dims_for_budget(spectra, (1, 4, 4, 1), (4, 4, 4), budget=40)
@@ -184,8 +184,8 @@ def uniform_dims_for_budget(
 ) -> tuple[int, ...]:
     """Scale every bond by one factor ``s`` (the largest meeting ``budget``).
 
-    Example
-    -------
+    Examples
+    --------
     >>> uniform_dims_for_budget((1, 4, 4, 1), (4, 4, 4), budget=40)
     (1, 2, 2, 1)
     """

@@ -17,8 +17,8 @@ Applying an MPO to ``B`` vectors can go two ways:
 the cheaper one: contraction wins for small bonds and small batches,
 rebuilding for large batches.
 
-Example
--------
+Examples
+--------
 >>> import torch
 >>> from mpotn.shapes import Factorization
 >>> c = Contractor(Factorization(4, (2, 2)), Factorization(6, (2, 3)))

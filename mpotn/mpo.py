@@ -15,8 +15,8 @@ so ``||M - M'||_F^2`` is at most the sum of the squared errors of the steps,
 each of which is at most the Eq. 3 error read off the stored spectrum: the
 Eq. 4 bound, with equality when a single bond is cut.
 
-Example
--------
+Examples
+--------
 >>> import torch
 >>> m = torch.randn(64, 48, dtype=torch.float64)
 >>> mpo = MPO.from_matrix(m, n=3)
@@ -198,8 +198,8 @@ class MPO:
         seed:
             Seed of the randomized SVD's test matrices.
 
-        Example
-        -------
+        Examples
+        --------
         >>> import torch
         >>> mpo = MPO.from_matrix(torch.randn(768, 3072), row_shape=(3, 4, 4, 4, 4),
         ...                       col_shape=(4, 4, 8, 6, 4))
@@ -335,6 +335,24 @@ class MPO:
     def central_index(self) -> int:
         """0-based index ``(n - 1) // 2`` of the central tensor."""
         return central_index(self.n)
+
+    @property
+    def central_bond(self) -> int:
+        """The central tensor's bond with the larger full dimension (Eq. 2).
+
+        For ``n = 5`` that is bond 2 or 3 (ties go to the left one); it is the
+        bond squeezing cuts and whose entropy is reported as *central*.
+
+        Examples
+        --------
+        >>> import torch
+        >>> MPO.from_matrix(torch.randn(768, 3072), row_shape=(3, 4, 4, 4, 4),
+        ...                 col_shape=(4, 4, 8, 6, 4)).central_bond
+        3
+        """
+        c = self.central_index
+        candidates = [k for k in (c, c + 1) if 1 <= k <= self.n - 1]
+        return max(candidates, key=lambda k: (self.full_bond_dims[k], -k))
 
     @property
     def central(self) -> torch.Tensor:
@@ -480,7 +498,8 @@ class MPO:
             "matrix_params": self.shape[0] * self.shape[1],
             "compression_ratio": self.compression_ratio,
             "entropies": self.entropies,
-            "central_entropy": self.entropy(max(1, self.central_index)),
+            "central_bond": self.central_bond,
+            "central_entropy": self.entropy(self.central_bond),
             "error_bound": self.error_bound,
             "relative_error_bound": self.error_bound / self.source_norm
             if self.source_norm else 0.0,

@@ -11,8 +11,8 @@ equations for compiled contractions (:func:`rebuild_equation`,
 is ever built on the hot path, and :func:`to_networkx` exports it for analysis
 and drawing.
 
-Example
--------
+Examples
+--------
 >>> import numpy as np
 >>> nodes = build_network([np.ones((1, 2, 2, 3)), np.ones((3, 2, 2, 1))], backend="numpy")
 >>> [node.name for node in nodes]
@@ -43,8 +43,8 @@ def central_index(n: int) -> int:
 def core_name(index: int, n: int) -> str:
     """Role name of the core at 0-based ``index`` in an ``n``-core MPO.
 
-    Example
-    -------
+    Examples
+    --------
     >>> [core_name(i, 5) for i in range(5)]
     ['auxiliary_1', 'auxiliary_2', 'central', 'auxiliary_4', 'auxiliary_5']
     """

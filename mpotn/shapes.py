@@ -6,8 +6,8 @@ so the central tensor holds most parameters), pads a dimension with zeros to a
 nearby 5-smooth size that factors better (30522 -> 30720), and computes the full bond
 dimensions of SPEC Eq. 2.
 
-Example
--------
+Examples
+--------
 >>> factorize(768, 5)
 (3, 4, 4, 4, 4)
 >>> full_bond_dims((3, 4, 4, 4, 4), (4, 4, 8, 6, 4))
@@ -103,8 +103,8 @@ def _best_multiset(dim: int, n: int) -> tuple[int, ...]:
 def centre_heavy(factors: Sequence[int]) -> tuple[int, ...]:
     """Arrange factors so that the large ones sit in the middle of the chain.
 
-    Example
-    -------
+    Examples
+    --------
     >>> centre_heavy([2, 3, 4, 5, 6])
     (2, 4, 6, 5, 3)
     """
@@ -154,8 +154,8 @@ def factorize(dim: int, n: int) -> tuple[int, ...]:
         If ``dim`` has no balanced factorization (a prime, or a large prime
         factor); the message proposes a padded size.
 
-    Example
-    -------
+    Examples
+    --------
     >>> factorize(3072, 5)
     (4, 4, 8, 6, 4)
     """
@@ -180,8 +180,8 @@ def pad_to_factorable(dim: int, n: int, max_padding: float = MAX_PADDING) -> int
     like) within ``dim * (1 + max_padding)`` that factors in balance is taken,
     and failing that the smallest balanced size in that range.
 
-    Example
-    -------
+    Examples
+    --------
     >>> pad_to_factorable(30522, 5), pad_to_factorable(768, 5), pad_to_factorable(7, 2)
     (30720, 768, 8)
     """
@@ -249,8 +249,8 @@ def full_bond_dims(
     ``d_k = min(prod_{m<=k} i_m j_m, prod_{m>k} i_m j_m)`` with
     ``d_0 = d_n = 1``.
 
-    Example
-    -------
+    Examples
+    --------
     >>> full_bond_dims((5, 10, 10, 10, 6), (2, 2, 4, 4, 2))
     (1, 10, 200, 480, 12, 1)
     """

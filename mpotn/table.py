@@ -1,7 +1,7 @@
 """A list of records that prints as Markdown and converts to a DataFrame.
 
-Example
--------
+Examples
+--------
 >>> t = Table([{"bond": 1, "dim": 12}, {"bond": 2, "dim": 192}])
 >>> print(t.to_markdown())
 |   bond |   dim |

@@ -1,0 +1,66 @@
+"""The inspect job and the ``mpotn`` command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from torch import nn
+
+from mpotn.cli import main
+from mpotn.inspection import inspect_model
+
+
+def test_inspect_records_every_matrix_with_numbers():
+    model = nn.Sequential(nn.Embedding(30522, 16), nn.Linear(16, 64), nn.Linear(64, 16))
+    result = inspect_model(model, n=3, ratio=0.3, progress=False, keep=["1"])
+    records = {r["name"]: r for r in result.records}
+    assert set(records) == {"0", "1", "2"}
+    emb = records["0"]
+    assert emb["padded_shape"] == "30720x16"
+    assert emb["ratio_at_budget"] <= 0.3
+    assert emb["relative_error"] <= emb["relative_bound"] * (1 + 1e-6)
+    assert 0 < emb["central_entropy"] <= emb["central_entropy_max"]
+    assert records["1"]["shape"] == "16x64"  # nn.Linear(16, 64) is the in x out matrix
+    assert "1" in result.networks
+
+
+def test_inspect_rejects_unknown_matrix_names_and_empty_models():
+    with pytest.raises(ValueError, match="no weight matrix named \\['nope'\\]; candidates"):
+        inspect_model(nn.Linear(8, 8), keep=["nope"], progress=False)
+    with pytest.raises(ValueError, match=r"no nn\.Linear or nn\.Embedding"):
+        inspect_model(nn.ReLU(), progress=False)
+
+
+def test_cli_inspect_on_the_embedded_model_writes_table_heatmap_and_drawing(tmp_path, capsys):
+    assert main(["inspect", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "encoder.layer.5.output.dense" in printed and "30522x384" in printed
+    data = json.loads((tmp_path / "inspect.json").read_text())
+    assert len(data["matrices"]) == 40
+    word = data["matrices"][0]
+    assert word["full_bonds"] == "12,384,768,24" and word["padded_shape"] == "30720x384"
+    ffn = [m for m in data["matrices"] if m["type"] == "ffn_in"]
+    attention = [m for m in data["matrices"] if m["type"] == "query"]
+    # FFN matrices carry more entanglement than attention ones in every layer
+    assert min(m["central_entropy"] for m in ffn) > max(m["central_entropy"] for m in attention)
+    for m in data["matrices"]:
+        assert m["relative_error"] <= m["relative_bound"] * (1 + 1e-6)
+    for name in ("entropy_heatmap.png", "network_encoder_layer_0_intermediate_dense.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "inspect.md").read_text().startswith("# mpotn inspect")
+
+
+def test_cli_bad_arguments_exit_with_a_message(tmp_path):
+    run = [sys.executable, "-m", "mpotn.cli", "inspect"]
+    result = subprocess.run([*run, "--ratio", "0"], capture_output=True, text=True)
+    assert result.returncode == 2 and "must be > 0" in result.stderr
+    result = subprocess.run([*run, "--n", "1"], capture_output=True, text=True)
+    assert result.returncode == 2 and "at least 2 cores" in result.stderr
+    result = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "not a model folder" in result.stderr
+    result = subprocess.run(
+        [*run, "--draw", "nope", "--out", str(tmp_path / "o"), "--no-progress"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "no weight matrix named ['nope']" in result.stderr

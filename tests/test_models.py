@@ -1,0 +1,102 @@
+"""Loading models (embedded, local folder, hub id) and listing their matrices."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AlbertConfig, AlbertModel, DistilBertConfig, DistilBertModel
+
+from mpotn.models import (
+    default_model_path,
+    layer_index,
+    load_model,
+    matrix_type,
+    resolve_model,
+    weight_matrices,
+)
+
+
+def test_embedded_model_loads_offline_with_its_real_weights(minilm):
+    model = load_model()
+    assert sum(p.numel() for p in model.parameters()) == 22_713_216
+    torch.testing.assert_close(
+        model.embeddings.word_embeddings.weight, minilm["embeddings.word_embeddings.weight"]
+    )
+
+
+def test_minilm_matrices_are_listed_in_the_papers_orientation():
+    matrices = weight_matrices(load_model())
+    by_name = {m.name: m for m in matrices}
+    assert len(matrices) == 3 + 6 * 6 + 1
+    assert by_name["encoder.layer.0.intermediate.dense"].shape == (384, 1536)  # in x out
+    assert by_name["encoder.layer.0.output.dense"].shape == (1536, 384)
+    assert by_name["embeddings.word_embeddings"].shape == (30522, 384)
+    types = [m.type for m in matrices if m.layer == 3]
+    assert types == ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]
+
+
+def test_albert_shared_layer_is_listed_once():
+    config = AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=4,
+                          num_attention_heads=2, intermediate_size=64)
+    matrices = weight_matrices(AlbertModel(config))
+    names = [m.name for m in matrices]
+    assert len(names) == len({id(m.matrix.untyped_storage()) for m in matrices})
+    assert "encoder.embedding_hidden_mapping_in" in names
+    assert sum(m.type == "ffn_in" for m in matrices) == 1  # one shared layer group
+
+
+def test_distilbert_names_are_typed_and_layered():
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    matrices = weight_matrices(DistilBertModel(config))
+    typed = {(m.layer, m.type) for m in matrices if m.layer is not None}
+    assert typed == {(k, t) for k in (0, 1)
+                     for t in ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")}
+
+
+def test_type_and_layer_parsing():
+    assert matrix_type("transformer.layer.1.ffn.lin1") == "ffn_in"
+    assert matrix_type("some.custom.proj") == "proj"
+    assert layer_index("h.7.mlp.c_fc") == 7
+    assert layer_index("embeddings.word_embeddings") is None
+
+
+def test_local_folder_loads_and_a_folder_without_config_is_a_clear_error(tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(default_model_path(), folder)
+    assert resolve_model(folder) == str(folder)
+    assert isinstance(load_model(folder), torch.nn.Module)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"not a model folder \(no config\.json\)"):
+        load_model(tmp_path / "empty")
+
+
+def test_unknown_hub_id_offline_is_a_clear_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = "from mpotn.models import load_model; load_model('nobody/no-such-model')"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "could not load model 'nobody/no-such-model'" in result.stderr
+
+
+def test_hub_id_resolves_through_the_hub_cache_offline(tmp_path):
+    """The real hub code path, served from a local HF cache laid out as the hub writes it."""
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(default_model_path() / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    code = (
+        "from mpotn.models import load_model, weight_matrices\n"
+        "m = load_model('sentence-transformers/all-MiniLM-L6-v2')\n"
+        "print(len(weight_matrices(m)), sum(p.numel() for p in m.parameters()))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["40", "22713216"]
