@@ -155,6 +155,11 @@ class Contractor:
         into, out = self._sides(over)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if x.dtype != cores[0].dtype or x.device != cores[0].device:
+            raise ValueError(
+                f"input is {x.dtype} on {x.device} but the cores are {cores[0].dtype} on "
+                f"{cores[0].device}; move one with .to(...)"
+            )
         if x.shape[-1] != into.size:
             raise ValueError(
                 f"input has {x.shape[-1]} features in its last dimension but the "

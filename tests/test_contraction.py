@@ -101,7 +101,10 @@ def test_bad_contraction_arguments_are_errors(padded, kwargs, message):
         mpo.apply(torch.randn(2, mpo.shape[0], dtype=torch.float64), **kwargs)
 
 
-def test_wrong_input_width_is_an_error(padded):
+def test_wrong_input_width_or_dtype_is_an_error(padded):
     _, mpo = padded
     with pytest.raises(ValueError, match=r"input has 5 features .* rows have size 1018"):
         mpo.apply(torch.randn(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"input is torch.float32 on cpu but the cores are "
+                                         r"torch.float64 on cpu; move one with \.to"):
+        mpo.apply(torch.randn(2, 1018))
