@@ -39,7 +39,7 @@ from typing import Any, Literal
 import opt_einsum as oe
 import torch
 
-from mpotn.network import Side, apply_equation, rebuild_equation
+from mpotn.network import Side, apply_equation, lookup_equation, rebuild_equation
 from mpotn.shapes import Factorization
 
 Method = Literal["auto", "contract", "rebuild"]
@@ -126,6 +126,55 @@ class Contractor:
         rebuild = self._rebuild_plan(shapes).flops + dense
         method = "contract" if contract <= rebuild else "rebuild"
         return ContractionCost(contract, rebuild, method, dense)
+
+    def _digits(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Mixed-radix digits ``(i_1, ..., i_n)`` of row numbers (``i_1`` most significant)."""
+        digits = []
+        rest = indices
+        for factor in reversed(self.row.factors):
+            digits.append(rest % factor)
+            rest = rest // factor
+        return digits[::-1]
+
+    def _lookup_plan(self, batch: int, core_shapes: tuple[tuple[int, ...], ...]) -> _Plan:
+        gathered = tuple((d, batch, j, e) for d, _, j, e in core_shapes)
+        return _plan(lookup_equation(self.n), gathered)
+
+    def lookup_cost(self, batch: int, core_shapes: Sequence[Sequence[int]]) -> ContractionCost:
+        """FLOPs of gathering ``batch`` rows, by contraction or by rebuilding ``M``."""
+        shapes = tuple(tuple(s) for s in core_shapes)
+        contract = self._lookup_plan(batch, shapes).flops
+        rebuild = self._rebuild_plan(shapes).flops
+        method = "contract" if contract <= rebuild else "rebuild"
+        return ContractionCost(contract, rebuild, method, 0)
+
+    def lookup(
+        self, indices: torch.Tensor, cores: Sequence[torch.Tensor], method: Method = "auto"
+    ) -> torch.Tensor:
+        """Rows ``M[indices]`` (an embedding lookup), shape ``(*indices.shape, J)``.
+
+        ``contract`` indexes every core with its digit of the row numbers and
+        contracts the gathered chain; ``rebuild`` forms ``M`` and indexes it.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        flat = indices.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.row.size):
+            raise ValueError(
+                f"indices must lie in [0, {self.row.size}), got values in "
+                f"[{int(flat.min())}, {int(flat.max())}]"
+            )
+        shapes = tuple(tuple(c.shape) for c in cores)
+        if method == "auto":
+            method = self.lookup_cost(flat.numel(), shapes).method
+        if method == "rebuild":
+            return torch.nn.functional.embedding(indices, self.rebuild(cores))
+        gathered = [core[:, digit] for core, digit in zip(cores, self._digits(flat))]
+        y = self._lookup_plan(flat.numel(), shapes).expression(*gathered)
+        y = y.reshape(flat.numel(), self.col.padded_size)[:, : self.col.size]
+        return y.reshape(*indices.shape, self.col.size)
 
     def rebuild(self, cores: Sequence[torch.Tensor], padded: bool = False) -> torch.Tensor:
         """The matrix ``M`` (``I x J``; with the zero-padding if ``padded``)."""

@@ -114,6 +114,28 @@ def apply_equation(n: int, over: Side = "rows") -> str:
     return _equation([x, *nodes], output)
 
 
+@cache
+def lookup_equation(n: int) -> str:
+    """Einsum equation gathering rows: ``cores[:, digits] -> y[b, j_1..j_n]``.
+
+    Derived from :func:`rebuild_equation`: every ``row_k`` index is replaced by
+    one batch index ``b`` shared by all cores, each core having been indexed
+    with the ``k``-th digit of the row numbers (a hyperedge, which plain
+    tensornetwork edges cannot express).
+
+    Examples
+    --------
+    >>> lookup_equation(2)
+    'abcd,dbfg->bcf'
+    """
+    inputs, output = rebuild_equation(n).split("->")
+    rows, cols = output[:n], output[n:]
+    batch = rows[0]
+    for row in rows[1:]:
+        inputs = inputs.replace(row, batch)
+    return f"{inputs}->{batch}{cols}"
+
+
 def to_networkx(
     cores: Sequence[Any],
     node_attributes: Mapping[str, Mapping[str, Any]] | None = None,

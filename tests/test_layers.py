@@ -1,0 +1,123 @@
+"""MPOLinear and MPOEmbedding: fidelity, groups, caching, autograd, state_dict."""
+
+import pytest
+import torch
+from conftest import DEVICES
+from torch import nn
+
+from mpotn.layers import MPOEmbedding, MPOLinear
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_rank_linear_gives_the_original_outputs(ffn, device, dtype):
+    dense = nn.Linear(384, 1536).to(device, dtype)
+    with torch.no_grad():
+        dense.weight.copy_(ffn.T)
+    layer = MPOLinear.from_linear(dense)
+    x = torch.randn(4, 9, 384, device=device, dtype=dtype)
+    for mode in (layer.train, layer.eval):
+        mode()
+        with torch.no_grad():
+            assert float((layer(x) - dense(x)).abs().max()) <= 1e-5
+    assert layer.bias is not dense.bias and torch.equal(layer.bias, dense.bias)
+
+
+def test_full_rank_embedding_gives_the_original_rows(minilm):
+    table = minilm["embeddings.word_embeddings.weight"]
+    dense = nn.Embedding.from_pretrained(table, freeze=False, padding_idx=0)
+    layer = MPOEmbedding.from_embedding(dense)
+    assert (layer.num_embeddings, layer.row.padded_size) == (30522, 30720)
+    ids = torch.tensor([[0, 101, 30521, 2023], [7, 8, 9, 30000]])
+    for mode in (layer.train, layer.eval):
+        mode()
+        with torch.no_grad():
+            assert float((layer(ids) - dense(ids)).abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 30522\)"):
+        layer.train()(torch.tensor([30522]))
+
+
+def test_truncated_layer_equals_its_mpo_and_has_fewer_parameters(ffn):
+    dense = nn.Linear(384, 1536)
+    with torch.no_grad():
+        dense.weight.copy_(ffn.T)
+    layer = MPOLinear.from_linear(dense, ratio=0.3)
+    assert layer.compression_ratio <= 0.3
+    assert sum(c.numel() for c in layer.cores) < 0.3 * 384 * 1536
+    x = torch.randn(16, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.mpo().to_matrix() + dense.bias,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_central_and_auxiliary_groups_freeze_independently():
+    layer = MPOLinear(384, 1536)
+    assert layer.central is layer.cores[2]
+    assert layer.central_params + layer.auxiliary_params == sum(c.numel() for c in layer.cores)
+    layer.freeze_central()
+    assert layer.num_trainable() == layer.auxiliary_params + 1536
+    layer.freeze_auxiliary()
+    assert layer.num_trainable() == 1536  # the bias stays trainable
+    layer.freeze_central(False)
+    assert layer.num_trainable() == layer.central_params + 1536
+
+
+@pytest.mark.parametrize("layer", [MPOLinear(64, 48, n=3), MPOEmbedding(100, 24, n=3)])
+def test_gradients_reach_every_core_through_forward(layer):
+    x = torch.randn(6, 64) if isinstance(layer, MPOLinear) else torch.randint(0, 100, (6,))
+    layer(x).square().sum().backward()
+    for core in layer.cores:
+        assert core.grad is not None and float(core.grad.abs().sum()) > 0
+
+
+def test_eval_cache_is_reused_and_invalidated_when_a_core_changes():
+    layer = MPOLinear(64, 48, n=3).eval()
+    x = torch.randn(200, 64)  # large batch: the cached weight is used
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._cache[1]
+        assert layer(x) is not None and layer._cache[1] is cached
+        layer.cores[0].mul_(2.0)  # an in-place edit, like an optimizer step
+        second = layer(x)
+    assert layer._cache[1] is not cached
+    torch.testing.assert_close(second - layer.bias, 2 * (first - layer.bias))
+
+
+def test_no_cache_while_training_or_when_gradients_are_needed():
+    layer = MPOLinear(64, 48, n=3)
+    layer(torch.randn(200, 64))
+    assert layer._cache is None
+    layer.eval()
+    layer(torch.randn(200, 64))  # grad enabled and cores require grad
+    assert layer._cache is None
+
+
+def test_state_dict_round_trip_gives_identical_outputs():
+    source = MPOLinear.from_linear(nn.Linear(96, 80), n=4, max_bond=6).eval()
+    target = MPOLinear(96, 80, source.row.factors, source.col.factors, source.bond_dims).eval()
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+
+
+def test_from_scratch_weights_have_linear_init_scale():
+    layer = MPOLinear(768, 3072)
+    std = float(layer.weight.detach().std())
+    assert 0.5 / (3 * 768) ** 0.5 < std < 2.0 / (3 * 768) ** 0.5
+    assert layer.weight.shape == (3072, 768)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match=r"needs an nn\.Linear"):
+        MPOLinear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match=r"needs an nn\.Embedding"):
+        MPOEmbedding.from_embedding(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="max_norm"):
+        MPOEmbedding.from_embedding(nn.Embedding(10, 4, max_norm=1.0))
+    with pytest.raises(ValueError, match="unknown truncation settings"):
+        MPOLinear.from_linear(nn.Linear(8, 8), n=3, rank=3)
+    with pytest.raises(ValueError, match="bond_dims must be"):
+        MPOLinear(8, 8, (2, 2, 2), (2, 2, 2), (1, 2, 1))
+    with pytest.raises(ValueError, match="indices must be an integer tensor"):
+        MPOEmbedding(10, 4, n=2)(torch.tensor([1.0]))
