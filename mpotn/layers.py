@@ -43,7 +43,11 @@ from mpotn.shapes import Factorization, full_bond_dims, plan_side
 TRUNCATION_KEYS = ("bond_dims", "max_bond", "tol", "ratio", "params", "allocation")
 
 
-def _truncated(mpo: MPO, truncation: dict[str, Any]) -> MPO:
+def apply_policy(mpo: MPO, truncation: dict[str, Any]) -> MPO:
+    """Apply at most one truncation policy (``TRUNCATION_KEYS``) to ``mpo``.
+
+    No policy, or a ``ratio`` the MPO already meets, returns ``mpo`` itself.
+    """
     policy = {k: v for k, v in truncation.items() if v is not None and k != "allocation"}
     unknown = set(truncation) - set(TRUNCATION_KEYS)
     if unknown:
@@ -249,7 +253,7 @@ class MPOLinear(_MPOWeight):
         if mpo is None:
             mpo = MPO.from_matrix(weight.T, n=n, row_shape=row_shape, col_shape=col_shape,
                                   svd=svd)
-        mpo = _truncated(mpo, truncation)
+        mpo = apply_policy(mpo, truncation)
         layer = cls(linear.in_features, linear.out_features, mpo.row_shape, mpo.col_shape,
                     mpo.bond_dims, bias=linear.bias is not None, dtype=weight.dtype,
                     device=weight.device)
@@ -343,7 +347,7 @@ class MPOEmbedding(_MPOWeight):
         weight = embedding.weight.detach()
         if mpo is None:
             mpo = MPO.from_matrix(weight, n=n, row_shape=row_shape, col_shape=col_shape, svd=svd)
-        mpo = _truncated(mpo, truncation)
+        mpo = apply_policy(mpo, truncation)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, mpo.row_shape,
                     mpo.col_shape, mpo.bond_dims, padding_idx=embedding.padding_idx,
                     dtype=weight.dtype, device=weight.device)
