@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpotn.layers import MPOEmbedding, MPOLinear, apply_policy
-from mpotn.models import matrix_type
+from mpotn.models import layer_index, matrix_type
 from mpotn.mpo import MPO
 from mpotn.table import Table
 
@@ -404,6 +404,7 @@ def compress(
         records.append({
             "name": name,
             "type": matrix_type(name),
+            "layer": layer_index(name),
             "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
             "factorization": " x ".join("·".join(map(str, s))
                                         for s in (full.row_shape, full.col_shape)),

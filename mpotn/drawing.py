@@ -24,6 +24,7 @@ import networkx as nx
 import numpy as np
 
 from mpotn.atomic import atomic_path
+from mpotn.table import Table
 
 FORMATS = (".png", ".svg", ".pdf")
 
@@ -95,6 +96,42 @@ def draw_network(graph: nx.Graph, path: str | Path, title: str | None = None) ->
     ax.set_title(title or "MPO network (bond width ~ log2 dim; label kept/full)", fontsize=9)
     ax.set_ylim(-1.5, 1.5)
     ax.axis("off")
+    return _save(fig, path)
+
+
+def draw_entropy_heatmap(records: Table, path: str | Path, model_name: str) -> Path | None:
+    """Central-bond entropy by matrix type and layer, from per-matrix records.
+
+    The records need ``type``, ``layer`` and ``central_entropy``; ``None`` when
+    no record belongs to a layer.
+    """
+    grid, types, layers = records.pivot("type", "layer", "central_entropy")
+    if not layers:
+        return None
+    return draw_heatmap(
+        grid, types, [f"layer {k}" for k in layers], path,
+        title=f"central-bond entanglement entropy, {model_name}",
+        colorbar_label="S (Eq. 6, nats)",
+    )
+
+
+def draw_errors(records: Table, path: str | Path, title: str) -> Path:
+    """Horizontal bars per matrix: the Eq. 4 bound and the actual error, relative.
+
+    The records need ``name``, ``relative_bound`` and ``relative_error``.
+    """
+    names = [r["name"] for r in records]
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.22 * len(names)))
+    positions = np.arange(len(names))
+    ax.barh(positions - 0.2, [r["relative_bound"] for r in records], height=0.4,
+            label="Eq. 4 bound", color="#9ecae1")
+    ax.barh(positions + 0.2, [r["relative_error"] for r in records], height=0.4,
+            label="actual", color="#08519c")
+    ax.set_yticks(positions, names, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("relative Frobenius error ||M - MPO|| / ||M||")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 

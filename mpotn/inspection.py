@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
 from mpotn.atomic import write_text
-from mpotn.drawing import draw_heatmap
+from mpotn.drawing import draw_entropy_heatmap
 from mpotn.models import weight_matrices
 from mpotn.mpo import MPO, Allocation
 from mpotn.table import Table
@@ -78,16 +77,6 @@ class Inspection:
         """The printed columns, with readable headers."""
         return Table({header: r[key] for key, header in COLUMNS.items()} for r in self.records)
 
-    def entropy_grid(self) -> tuple[np.ndarray, list[str], list[str]]:
-        """Central-bond entropies as (matrix types x layers), NaN where absent."""
-        layered = [r for r in self.records if r["layer"] is not None]
-        types = list(dict.fromkeys(r["type"] for r in layered))
-        layers = sorted({r["layer"] for r in layered})
-        grid = np.full((len(types), len(layers)), np.nan)
-        for r in layered:
-            grid[types.index(r["type"]), layers.index(r["layer"])] = r["central_entropy"]
-        return grid, types, [f"layer {k}" for k in layers]
-
     def write(self, out: str | Path, model_name: str) -> dict[str, Path]:
         """Write ``inspect.md``, ``inspect.json``, the heatmap and the drawings."""
         out = Path(out)
@@ -104,13 +93,9 @@ class Inspection:
                             "matrices": list(self.records)}, indent=2),
             ),
         }
-        grid, types, layers = self.entropy_grid()
-        if grid.size:
-            paths["heatmap"] = draw_heatmap(
-                grid, types, layers, out / "entropy_heatmap.png",
-                title=f"central-bond entanglement entropy, {model_name}",
-                colorbar_label="S (Eq. 6, nats)",
-            )
+        heatmap = draw_entropy_heatmap(self.records, out / "entropy_heatmap.png", model_name)
+        if heatmap:
+            paths["heatmap"] = heatmap
         for name, mpo in self.networks.items():
             safe = name.replace(".", "_") or "matrix"
             paths[f"network:{name}"] = mpo.draw(

@@ -1,0 +1,57 @@
+"""``mpotn compress``: report, saved model that loads back identically, dry run, errors."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import mpotn
+from mpotn.cli import main
+from mpotn.models import load_model
+
+
+def test_compress_embedded_model_saves_a_model_that_loads_back_identically(tmp_path, capsys):
+    out = tmp_path / "minilm-mpo"
+    assert main(["compress", "--ratio", "0.5", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "embeddings.word_embeddings" in printed and "#Pr" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["matrices"]) == 40
+    assert all(m["ratio"] <= 0.5 for m in report["matrices"])
+    assert 0.45 < report["totals"]["total_over_original"] < 0.55
+    for name in ("errors.png", "entropy_heatmap.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    assert (out / "report.md").read_text().startswith("# mpotn compress")
+
+    loaded = mpotn.load(out)
+    reference = mpotn.compress(load_model(), targets=["all-linear", "embeddings"], ratio=0.5,
+                               progress=False).eval()
+    ids = torch.randint(0, 30522, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        b = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert float((a - b).abs().max()) == 0.0
+
+
+def test_compress_dry_run_lists_targets_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["compress", "--targets", "ffn", "--max-bond", "32", "--dry-run",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("max_bond=32") == 12 and "384x1536" in printed
+    assert not out.exists()
+
+
+def test_compress_cli_errors_are_messages_not_tracebacks(tmp_path):
+    run = [sys.executable, "-m", "mpotn.cli", "compress", "--no-progress",
+           "--out", str(tmp_path / "o")]
+    result = subprocess.run([*run, "--targets", "nothing_like_this"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "match no nn.Linear" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = subprocess.run([*run, "--ratio", "0.5", "--max-bond", "4"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+    result = subprocess.run([*run, "--max-bond", "0"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--max-bond must be >= 1" in result.stderr
