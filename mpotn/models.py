@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,6 +93,17 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> nn.Module:
             "or leave MODEL out to use the embedded all-MiniLM-L6-v2."
         ) from error
     return model.eval()
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
+    """The tokenizer of a model (``transformers.AutoTokenizer``); ``None``: the embedded one."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise ValueError(f"could not load a tokenizer for {source!r}: {error}") from error
 
 
 @dataclass(frozen=True)

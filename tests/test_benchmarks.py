@@ -1,18 +1,21 @@
-"""The decomposition benchmark runs (quick mode) and its accuracy claims hold."""
+"""The benchmarks run (quick mode) and their accuracy claims hold."""
 
 import importlib.util
 import json
 from pathlib import Path
 
-BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "decompose.py"
+
+def load_benchmark(name: str):
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_decompose_benchmark_quick_mode(tmp_path):
-    spec = importlib.util.spec_from_file_location("decompose_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "decompose.json"
-    assert module.main(["--quick", "--out", str(out)]) == 0
+    assert load_benchmark("decompose").main(["--quick", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = report["decomposition"]
     assert {r["setting"] for r in rows} == {"full rank", "max bond 32", "optimal at rho=0.25"}
@@ -23,3 +26,18 @@ def test_decompose_benchmark_quick_mode(tmp_path):
     for row in report["contraction_flops"]:
         assert 1.0 <= row["planned_over_optimal"] <= 1.001
     assert (tmp_path / "decompose.md").read_text().startswith("### Decomposition")
+
+
+def test_full_rank_compression_keeps_every_sst2_sentence_embedding(tmp_path):
+    """Issue 3's fidelity bar: cosine >= 0.99999 on all 872 SST-2 dev sentences."""
+    out = tmp_path / "fidelity.json"
+    assert load_benchmark("fidelity").main(["--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["sentences"] == 872
+    rows = {(r["targets"], r["rho"], r["allocation"]): r for r in report["rows"]}
+    full = rows[("whole model", "full", "full rank")]
+    assert full["worst_cosine"] >= 0.99999
+    assert full["#To/original"] > 1.0  # full rank adds the auxiliary tensors
+    optimal, uniform = rows[("FFN only", 0.9, "optimal")], rows[("FFN only", 0.9, "uniform")]
+    assert optimal["mean_cosine"] > uniform["mean_cosine"]
+    assert optimal["mean_matrix_error"] < uniform["mean_matrix_error"]

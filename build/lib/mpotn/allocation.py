@@ -1,0 +1,211 @@
+"""Choosing bond dimensions: the truncation policies.
+
+All functions work on bond dimensions ``(d_0, d_1, ..., d_n)`` (``d_0 = d_n = 1``),
+the local sizes ``p_k = i_k j_k`` and the singular values of each inner bond.
+They return *requested* dimensions: what each bond may keep. Neighbouring
+bonds cap each other (``d_k <= d_{k-1} p_k`` and ``d_k <= p_{k+1} d_{k+1}``);
+:func:`effective_dims` applies those caps, and parameter counts use them.
+
+Optimal allocation
+    Greedy removal: starting from the current bonds, repeatedly shrink the
+    bond whose next cut adds the least squared error (Eq. 3) per parameter
+    saved, until a parameter budget is met (:func:`dims_for_budget`) or the
+    Eq. 4 bound would exceed a tolerance (:func:`dims_for_tolerance`).
+Uniform allocation
+    Scale every bond by the same factor (:func:`uniform_dims_for_budget`),
+    the baseline the optimal allocation is measured against.
+
+Examples
+--------
+>>> import torch
+>>> spectra = [torch.tensor([4.0, 3.0, 0.1, 0.1]), torch.tensor([5.0, 1.0, 0.5, 0.2])]
+>>> local = (4, 4, 4)
+>>> dims_for_tolerance(spectra, (1, 4, 4, 1), local, tolerance_sq=0.2)
+(1, 2, 3, 1)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+
+def effective_dims(dims: Sequence[int], local: Sequence[int]) -> tuple[int, ...]:
+    """Apply the neighbour caps ``d_k <= d_{k-1} p_k`` and ``d_k <= p_{k+1} d_{k+1}``.
+
+    Examples
+    --------
+    >>> effective_dims((1, 100, 1), (4, 8))
+    (1, 4, 1)
+    """
+    out = list(dims)
+    for k in range(1, len(out) - 1):
+        out[k] = min(out[k], out[k - 1] * local[k - 1])
+    for k in range(len(out) - 2, 0, -1):
+        out[k] = min(out[k], local[k] * out[k + 1])
+    return tuple(out)
+
+
+def params_of(dims: Sequence[int], local: Sequence[int]) -> int:
+    """Total core entries ``sum_k d_{k-1} p_k d_k`` after the neighbour caps."""
+    eff = effective_dims(dims, local)
+    return sum(eff[k] * p * eff[k + 1] for k, p in enumerate(local))
+
+
+def check_bond_request(
+    dims: Sequence[int], current: Sequence[int], full: Sequence[int]
+) -> tuple[int, ...]:
+    """Validate requested inner-bond dimensions and clamp them to the current ones.
+
+    Parameters
+    ----------
+    dims:
+        One value per inner bond ``k = 1..n-1``.
+    current:
+        The MPO's bond dimensions ``(d_0, ..., d_n)``.
+    full:
+        Full bond dimensions of Eq. 2, named in the warning.
+
+    Returns
+    -------
+    tuple
+        ``(1, d'_1, ..., d'_{n-1}, 1)``.
+    """
+    inner = len(current) - 2
+    if len(dims) != inner:
+        raise ValueError(
+            f"expected {inner} bond dimensions (bonds 1..{inner}), got {len(dims)}: {list(dims)}"
+        )
+    out = [1]
+    for k, d in enumerate(dims, start=1):
+        if not isinstance(d, (int,)) or isinstance(d, bool) or d < 1:
+            raise ValueError(f"bond_{k}: a bond dimension must be an integer >= 1, got {d!r}")
+        if d > current[k]:
+            warnings.warn(
+                f"bond_{k}: requested {d} exceeds its current dimension {current[k]} "
+                f"(full dimension {full[k]}); clamped to {current[k]}",
+                stacklevel=3,
+            )
+            d = current[k]
+        out.append(d)
+    out.append(1)
+    return tuple(out)
+
+
+def _tails(spectra: Sequence[torch.Tensor]) -> list[list[float]]:
+    """``tails[k-1][d] = sum_{i >= d} lambda_i^2`` for bond ``k``."""
+    tails = []
+    for s in spectra:
+        sq = (s.double() ** 2).flip(0).cumsum(0).flip(0).tolist()
+        tails.append([*sq, 0.0])
+    return tails
+
+
+def _greedy(
+    spectra: Sequence[torch.Tensor],
+    dims: Sequence[int],
+    local: Sequence[int],
+    budget: int | None = None,
+    tolerance_sq: float | None = None,
+) -> tuple[int, ...]:
+    tails = _tails(spectra)
+    dims = list(dims)
+    error_sq = 0.0
+    params = params_of(dims, local)
+    while budget is None or params > budget:
+        eff = effective_dims(dims, local)
+        best = None
+        for k in range(1, len(dims) - 1):
+            new = min(dims[k], eff[k]) - 1
+            if new < 1:
+                continue
+            cost = tails[k - 1][new] - tails[k - 1][dims[k]]
+            if tolerance_sq is not None and error_sq + cost > tolerance_sq:
+                continue
+            trial = dims.copy()
+            trial[k] = new
+            saved = params - params_of(trial, local)
+            if saved <= 0:
+                continue
+            key = (cost / saved, k)
+            if best is None or key < best[0]:
+                best = (key, k, new, cost, saved)
+        if best is None:
+            break
+        _, k, new, cost, saved = best
+        dims[k] = new
+        error_sq += cost
+        params -= saved
+    if budget is not None and params > budget:
+        raise ValueError(
+            f"a budget of {budget} parameters is below the smallest MPO of this "
+            f"shape ({params} parameters with every bond at 1); ask for at least {params}"
+        )
+    return tuple(dims)
+
+
+def dims_for_budget(
+    spectra: Sequence[torch.Tensor],
+    dims: Sequence[int],
+    local: Sequence[int],
+    budget: int,
+) -> tuple[int, ...]:
+    """Bonds with at most ``budget`` parameters that minimise the Eq. 4 bound (greedy).
+
+    Examples
+    --------
+    >>> import torch
+    >>> spectra = [torch.tensor([4.0, 3.0, 0.1, 0.1]), torch.tensor([5.0, 1.0, 0.5, 0.2])]
+    >>> dims_for_budget(spectra, (1, 4, 4, 1), (4, 4, 4), budget=40)
+    (1, 2, 2, 1)
+    """
+    if budget < 1:
+        raise ValueError(f"a parameter budget must be >= 1, got {budget}")
+    return _greedy(spectra, dims, local, budget=budget)
+
+
+def dims_for_tolerance(
+    spectra: Sequence[torch.Tensor],
+    dims: Sequence[int],
+    local: Sequence[int],
+    tolerance_sq: float,
+) -> tuple[int, ...]:
+    """Fewest-parameter bonds (greedy) whose Eq. 4 bound squared is ``<= tolerance_sq``."""
+    if tolerance_sq < 0:
+        raise ValueError(f"a tolerance must be >= 0, got {tolerance_sq}")
+    return _greedy(spectra, dims, local, tolerance_sq=tolerance_sq)
+
+
+def uniform_dims_for_budget(
+    dims: Sequence[int], local: Sequence[int], budget: int
+) -> tuple[int, ...]:
+    """Scale every bond by one factor ``s`` (the largest meeting ``budget``).
+
+    Examples
+    --------
+    >>> uniform_dims_for_budget((1, 4, 4, 1), (4, 4, 4), budget=40)
+    (1, 2, 2, 1)
+    """
+    if budget < 1:
+        raise ValueError(f"a parameter budget must be >= 1, got {budget}")
+
+    def scaled(s: float) -> tuple[int, ...]:
+        inner = [max(1, min(d, math.floor(s * d + 0.5))) for d in dims[1:-1]]
+        return (1, *inner, 1)
+
+    lowest = scaled(0.0)
+    if params_of(lowest, local) > budget:
+        raise ValueError(
+            f"a budget of {budget} parameters is below the smallest MPO of this "
+            f"shape ({params_of(lowest, local)} parameters); ask for at least that"
+        )
+    lo, hi = 0.0, 1.0
+    if params_of(scaled(hi), local) <= budget:
+        return scaled(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if params_of(scaled(mid), local) <= budget else (lo, mid)
+    return scaled(lo)

@@ -1,0 +1,160 @@
+"""Pictures of networks and of bond structure (matplotlib, no display needed).
+
+Examples
+--------
+>>> import tempfile, torch
+>>> from mpotn.mpo import MPO
+>>> mpo = MPO.from_matrix(torch.randn(48, 64), n=3)
+>>> path = mpo.draw(tempfile.mkdtemp() + "/net.svg")
+>>> path.suffix
+'.svg'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import networkx as nx
+import numpy as np
+
+from mpotn.atomic import atomic_path
+from mpotn.table import Table
+
+FORMATS = (".png", ".svg", ".pdf")
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Save atomically (see :func:`mpotn.atomic.atomic_path`) and close the figure."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        plt.close(fig)
+        raise ValueError(f"picture files must end in one of {FORMATS}, got {path.name!r}")
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight", dpi=150)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def draw_network(graph: nx.Graph, path: str | Path, title: str | None = None) -> Path:
+    """Draw an MPO graph from :func:`mpotn.network.to_networkx`.
+
+    Cores sit on a line (the central tensor larger), ``row_k`` legs point up
+    and ``col_k`` legs down. Bond edges are as wide as ``log2(dim)`` and
+    coloured by entanglement entropy (Eq. 6); labels give kept/full dims.
+    """
+    cores = sorted(
+        (n for n, a in graph.nodes(data=True) if a["kind"] == "core"),
+        key=lambda n: graph.nodes[n]["index"],
+    )
+    pos = {name: (2.0 * graph.nodes[name]["index"], 0.0) for name in cores}
+    for name, attrs in graph.nodes(data=True):
+        if attrs["kind"] == "open":
+            side = 1.0 if name.startswith("row") else -1.0
+            pos[name] = (2.0 * attrs["index"], side)
+    bonds = [(u, v, a) for u, v, a in graph.edges(data=True) if a["name"].startswith("bond")]
+    legs = [(u, v, a) for u, v, a in graph.edges(data=True) if not a["name"].startswith("bond")]
+    entropies = [a.get("entropy", 0.0) for *_, a in bonds]
+    cmap = plt.get_cmap("viridis")
+    top = max([*entropies, 1e-12])
+
+    fig, ax = plt.subplots(figsize=(1.9 * max(len(cores), 3), 3.2))
+    nx.draw_networkx_edges(graph, pos, edgelist=[(u, v) for u, v, _ in legs], ax=ax,
+                           width=1.0, edge_color="0.55", style="dashed")
+    nx.draw_networkx_edges(
+        graph, pos, edgelist=[(u, v) for u, v, _ in bonds], ax=ax,
+        width=[1.0 + 1.5 * math.log2(max(a["dim"], 1)) for *_, a in bonds],
+        edge_color=[cmap(e / top) for e in entropies],
+    )
+    sizes = [2600 if graph.nodes[c]["role"] == "central" else 1300 for c in cores]
+    colors = ["#d62728" if graph.nodes[c]["role"] == "central" else "#1f77b4" for c in cores]
+    nx.draw_networkx_nodes(graph, pos, nodelist=cores, node_size=sizes, node_color=colors, ax=ax)
+    nx.draw_networkx_labels(
+        graph, pos, ax=ax, font_size=7, font_color="white",
+        labels={c: c.replace("auxiliary_", "aux ") for c in cores},
+    )
+    for *_, a in legs:
+        x, y = pos[a["name"]]
+        symbol = "i" if a["name"].startswith("row") else "j"
+        ax.text(x, y + 0.12 * y, f"{symbol}{a['name'].split('_')[1]}={a['dim']}",
+                ha="center", va="center", fontsize=7)
+    bond_labels = {
+        (u, v): f"{a['name']}\n{a['dim']}/{a.get('full_dim', a['dim'])}"
+        f"\nS={a.get('entropy', 0):.2f}"
+        for u, v, a in bonds
+    }
+    nx.draw_networkx_edge_labels(graph, pos, edge_labels=bond_labels, font_size=6, ax=ax)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top))
+    fig.colorbar(sm, ax=ax, fraction=0.03, pad=0.01, label="entanglement entropy (Eq. 6)")
+    ax.set_title(title or "MPO network (bond width ~ log2 dim; label kept/full)", fontsize=9)
+    ax.set_ylim(-1.5, 1.5)
+    ax.axis("off")
+    return _save(fig, path)
+
+
+def draw_entropy_heatmap(records: Table, path: str | Path, model_name: str) -> Path | None:
+    """Central-bond entropy by matrix type and layer, from per-matrix records.
+
+    The records need ``type``, ``layer`` and ``central_entropy``; ``None`` when
+    no record belongs to a layer.
+    """
+    grid, types, layers = records.pivot("type", "layer", "central_entropy")
+    if not layers:
+        return None
+    return draw_heatmap(
+        grid, types, [f"layer {k}" for k in layers], path,
+        title=f"central-bond entanglement entropy, {model_name}",
+        colorbar_label="S (Eq. 6, nats)",
+    )
+
+
+def draw_errors(records: Table, path: str | Path, title: str) -> Path:
+    """Horizontal bars per matrix: the Eq. 4 bound and the actual error, relative.
+
+    The records need ``name``, ``relative_bound`` and ``relative_error``.
+    """
+    names = [r["name"] for r in records]
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.22 * len(names)))
+    positions = np.arange(len(names))
+    ax.barh(positions - 0.2, [r["relative_bound"] for r in records], height=0.4,
+            label="Eq. 4 bound", color="#9ecae1")
+    ax.barh(positions + 0.2, [r["relative_error"] for r in records], height=0.4,
+            label="actual", color="#08519c")
+    ax.set_yticks(positions, names, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("relative Frobenius error ||M - MPO|| / ||M||")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def draw_heatmap(
+    values: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    path: str | Path,
+    title: str,
+    colorbar_label: str,
+) -> Path:
+    """A labelled heatmap (missing entries as NaN are left blank)."""
+    values = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(
+        figsize=(1.1 + 0.75 * max(len(col_labels), 2), 1.2 + 0.45 * max(len(row_labels), 2))
+    )
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="magma", aspect="auto")
+    ax.set_xticks(range(len(col_labels)), col_labels, fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    for (r, c), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            shade = "black" if v > np.nanmean(values) else "white"
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color=shade)
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,371 @@
+"""Torch modules whose weight is an MPO: :class:`MPOLinear` and :class:`MPOEmbedding`.
+
+The cores are parameters, grouped as the ``central`` tensor and the
+``auxiliary`` tensors (SPEC §2: lightweight fine-tuning trains only the
+auxiliary ones); the bias of a linear layer stays a plain parameter.
+
+The forward pass picks, per input shape, between contracting the input with
+the cores and rebuilding the weight, by FLOP count (see
+:mod:`mpotn.contraction`); compiled contraction expressions are cached per
+shape. In eval mode, when no gradient is needed, the rebuilt weight is cached
+and reused until a core changes (an optimizer step, ``load_state_dict``, or
+any in-place edit).
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> dense = nn.Linear(64, 48)
+>>> layer = MPOLinear.from_linear(dense, n=3)
+>>> x = torch.randn(5, 64)
+>>> with torch.no_grad():
+...     float((layer(x) - dense(x)).abs().max()) < 1e-5
+True
+>>> layer.freeze_central(); layer.num_trainable() == layer.auxiliary_params + 48
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpotn.contraction import Contractor
+from mpotn.mpo import MPO
+from mpotn.network import central_index
+from mpotn.shapes import Factorization, full_bond_dims, plan_side
+
+#: Keyword arguments of :meth:`MPO.truncate` accepted by ``from_linear`` / ``from_embedding``.
+TRUNCATION_KEYS = ("bond_dims", "max_bond", "tol", "ratio", "params", "allocation")
+
+
+def apply_policy(mpo: MPO, truncation: dict[str, Any]) -> MPO:
+    """Apply at most one truncation policy (``TRUNCATION_KEYS``) to ``mpo``.
+
+    No policy, or a ``ratio`` the MPO already meets, returns ``mpo`` itself.
+    """
+    policy = {k: v for k, v in truncation.items() if v is not None and k != "allocation"}
+    unknown = set(truncation) - set(TRUNCATION_KEYS)
+    if unknown:
+        raise ValueError(f"unknown truncation settings {sorted(unknown)}; use {TRUNCATION_KEYS}")
+    if not policy:
+        return mpo
+    if "ratio" in policy and policy["ratio"] >= mpo.compression_ratio:
+        return mpo  # already within budget (full rank can exceed rho = 1)
+    return mpo.truncate(**policy, allocation=truncation.get("allocation") or "optimal")
+
+
+class _MPOWeight(nn.Module):
+    """Shared machinery: cores as parameters, groups, freezing, cached rebuild."""
+
+    def __init__(
+        self,
+        row: Factorization,
+        col: Factorization,
+        bond_dims: Sequence[int],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        n = len(row.factors)
+        if len(bond_dims) != n + 1 or bond_dims[0] != 1 or bond_dims[-1] != 1:
+            raise ValueError(
+                f"bond_dims must be (1, d_1, ..., d_{n - 1}, 1) with {n + 1} entries, "
+                f"got {list(bond_dims)}"
+            )
+        self.row, self.col = row, col
+        self.contractor = Contractor(row, col)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(bond_dims[k], i, j, bond_dims[k + 1], dtype=dtype,
+                                     device=device))
+            for k, (i, j) in enumerate(zip(row.factors, col.factors))
+        )
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------- structure
+    @property
+    def n(self) -> int:
+        return len(self.cores)
+
+    @property
+    def bond_dims(self) -> tuple[int, ...]:
+        """``(d_0, ..., d_n)``."""
+        return (1, *(int(c.shape[3]) for c in self.cores))
+
+    @property
+    def full_bond_dims(self) -> tuple[int, ...]:
+        """Full bond dimensions of Eq. 2 for this factorization."""
+        return full_bond_dims(self.row.factors, self.col.factors)
+
+    @property
+    def central(self) -> nn.Parameter:
+        """The central tensor."""
+        return self.cores[central_index(self.n)]
+
+    @property
+    def auxiliary(self) -> list[nn.Parameter]:
+        """The auxiliary tensors, in chain order."""
+        c = central_index(self.n)
+        return [core for k, core in enumerate(self.cores) if k != c]
+
+    @property
+    def central_params(self) -> int:
+        return self.central.numel()
+
+    @property
+    def auxiliary_params(self) -> int:
+        return sum(core.numel() for core in self.auxiliary)
+
+    @property
+    def compression_ratio(self) -> float:
+        """``rho`` of Eq. 5."""
+        from mpotn.diagnostics import compression_ratio
+
+        return compression_ratio(self.bond_dims, self.row.factors, self.col.factors)
+
+    def num_trainable(self) -> int:
+        """Parameters of this module that require a gradient."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def freeze_central(self, frozen: bool = True) -> None:
+        """Stop (or with ``frozen=False`` resume) training the central tensor."""
+        self.central.requires_grad_(not frozen)
+
+    def freeze_auxiliary(self, frozen: bool = True) -> None:
+        """Stop (or with ``frozen=False`` resume) training the auxiliary tensors."""
+        for core in self.auxiliary:
+            core.requires_grad_(not frozen)
+
+    def mpo(self) -> MPO:
+        """The current cores as a canonical :class:`~mpotn.mpo.MPO` (for diagnostics)."""
+        return MPO.from_cores([c.detach() for c in self.cores], (self.row.size, self.col.size))
+
+    def _load_cores(self, mpo: MPO) -> None:
+        with torch.no_grad():
+            for param, core in zip(self.cores, mpo.cores):
+                param.copy_(core)
+
+    def _init_random(self, variance: float) -> None:
+        """Cores whose product has entries of about ``variance`` (Gaussian)."""
+        inner = math.prod(self.bond_dims[1:-1])
+        std = (variance / inner) ** (1 / (2 * self.n))
+        with torch.no_grad():
+            for core in self.cores:
+                core.normal_(0.0, std)
+
+    # ------------------------------------------------------------ forward
+    def _cache_usable(self) -> bool:
+        return not self.training and not (
+            torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)
+        )
+
+    def matrix(self) -> torch.Tensor:
+        """The ``I x J`` matrix, cached in eval mode until a core changes."""
+        if not self._cache_usable():
+            self._cache = None
+            return self.contractor.rebuild(list(self.cores))
+        key = tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in self.cores)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.contractor.rebuild(list(self.cores)))
+        return self._cache[1]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._cache = None  # .to(), .half(), ... invalidate the cached matrix
+        return super()._apply(fn, recurse)
+
+
+class MPOLinear(_MPOWeight):
+    """A linear layer ``y = x M + b`` whose ``in x out`` matrix ``M = W^T`` is an MPO.
+
+    Parameters
+    ----------
+    in_features, out_features:
+        Sizes of the input and output.
+    row_shape, col_shape:
+        Factors of ``in_features`` / ``out_features`` (products may exceed
+        them: zero-padding); chosen automatically when omitted.
+    bond_dims:
+        ``(1, d_1, ..., d_{n-1}, 1)``; the full bonds of Eq. 2 when omitted.
+    n:
+        Number of cores when the shapes are chosen automatically.
+    bias:
+        Whether to learn an additive bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        row_shape: Sequence[int] | None = None,
+        col_shape: Sequence[int] | None = None,
+        bond_dims: Sequence[int] | None = None,
+        *,
+        n: int = 5,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        n = len(row_shape) if row_shape is not None else n
+        row = plan_side(in_features, n, row_shape)
+        col = plan_side(out_features, n, col_shape)
+        bond_dims = bond_dims or full_bond_dims(row.factors, col.factors)
+        super().__init__(row, col, bond_dims, dtype, device)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        )
+        self._init_random(1 / (3 * in_features))  # the variance of nn.Linear's init
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        n: int = 5,
+        row_shape: Sequence[int] | None = None,
+        col_shape: Sequence[int] | None = None,
+        *,
+        svd: str = "auto",
+        mpo: MPO | None = None,
+        **truncation: Any,
+    ) -> MPOLinear:
+        """Decompose a pre-trained ``nn.Linear`` (its ``W^T``) into an MPO layer.
+
+        Parameters
+        ----------
+        linear:
+            The layer to replace; its bias is copied.
+        n, row_shape, col_shape, svd:
+            As in :meth:`MPO.from_matrix`.
+        mpo:
+            An MPO of ``linear.weight.T`` computed already (skips the decomposition).
+        **truncation:
+            One of ``bond_dims``, ``max_bond``, ``tol``, ``ratio``, ``params``
+            (and ``allocation``), as in :meth:`MPO.truncate`; full rank if none.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if mpo is None:
+            mpo = MPO.from_matrix(weight.T, n=n, row_shape=row_shape, col_shape=col_shape,
+                                  svd=svd)
+        mpo = apply_policy(mpo, truncation)
+        layer = cls(linear.in_features, linear.out_features, mpo.row_shape, mpo.col_shape,
+                    mpo.bond_dims, bias=linear.bias is not None, dtype=weight.dtype,
+                    device=weight.device)
+        layer._load_cores(mpo)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``out x in`` weight, as ``nn.Linear`` stores it (rebuilt)."""
+        return self.matrix().mT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cores = list(self.cores)
+        batch = math.prod(x.shape[:-1])
+        cost = self.contractor.cost(batch, [c.shape for c in cores])
+        if self._cache_usable():  # the weight is (or will be) cached: matmul is 2BIJ
+            if cost.dense_flops <= cost.contract_flops:
+                y = x @ self.matrix()
+            else:
+                y = self.contractor.apply(x, cores, method="contract")
+        else:
+            y = self.contractor.apply(x, cores, method=cost.method)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"row_shape={list(self.row.factors)}, col_shape={list(self.col.factors)}, "
+            f"bond_dims={list(self.bond_dims)}, bias={self.bias is not None}"
+        )
+
+
+class MPOEmbedding(_MPOWeight):
+    """An embedding table (``num_embeddings x embedding_dim``) stored as an MPO.
+
+    ``padding_idx`` is kept for reference only: the row it names is a product
+    of shared cores, so its gradient cannot be masked as ``nn.Embedding`` does.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        row_shape: Sequence[int] | None = None,
+        col_shape: Sequence[int] | None = None,
+        bond_dims: Sequence[int] | None = None,
+        *,
+        n: int = 5,
+        padding_idx: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        n = len(row_shape) if row_shape is not None else n
+        row = plan_side(num_embeddings, n, row_shape)
+        col = plan_side(embedding_dim, n, col_shape)
+        bond_dims = bond_dims or full_bond_dims(row.factors, col.factors)
+        super().__init__(row, col, bond_dims, dtype, device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self._init_random(1.0)  # nn.Embedding's N(0, 1)
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        n: int = 5,
+        row_shape: Sequence[int] | None = None,
+        col_shape: Sequence[int] | None = None,
+        *,
+        svd: str = "auto",
+        mpo: MPO | None = None,
+        **truncation: Any,
+    ) -> MPOEmbedding:
+        """Decompose a pre-trained ``nn.Embedding`` (``vocab x dim``) into an MPO layer.
+
+        Arguments as in :meth:`MPOLinear.from_linear`. ``max_norm``,
+        ``scale_grad_by_freq`` and ``sparse`` embeddings are not supported.
+        """
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(
+                f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}"
+            )
+        if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+            raise ValueError(
+                "embeddings with max_norm, scale_grad_by_freq or sparse gradients cannot "
+                "be decomposed; rebuild the nn.Embedding without them first"
+            )
+        weight = embedding.weight.detach()
+        if mpo is None:
+            mpo = MPO.from_matrix(weight, n=n, row_shape=row_shape, col_shape=col_shape, svd=svd)
+        mpo = apply_policy(mpo, truncation)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, mpo.row_shape,
+                    mpo.col_shape, mpo.bond_dims, padding_idx=embedding.padding_idx,
+                    dtype=weight.dtype, device=weight.device)
+        layer._load_cores(mpo)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``num_embeddings x embedding_dim`` table (rebuilt)."""
+        return self.matrix()
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if self._cache_usable():
+            return nn.functional.embedding(indices, self.matrix())
+        return self.contractor.lookup(indices, list(self.cores))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, row_shape={list(self.row.factors)}, "
+            f"col_shape={list(self.col.factors)}, bond_dims={list(self.bond_dims)}"
+        )

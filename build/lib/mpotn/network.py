@@ -1,0 +1,176 @@
+"""The MPO as an explicit tensor network (the only module importing ``tensornetwork``).
+
+Cores are ``tensornetwork`` nodes named by role -- ``central`` for the core at
+index ``(n - 1) // 2`` and ``auxiliary_k`` for the others (``k`` is the 1-based
+core number of SPEC Eq. 1) -- with axes and edges named ``bond_k`` (between
+core ``k`` and ``k + 1``), ``row_k`` and ``col_k``.
+
+The graph is the single description of the network's structure: einsum
+equations for compiled contractions (:func:`rebuild_equation`,
+:func:`apply_equation`) are read off it once per ``n`` and cached, so no node
+is ever built on the hot path, and :func:`to_networkx` exports it for analysis
+and drawing.
+
+Examples
+--------
+>>> import numpy as np
+>>> nodes = build_network([np.ones((1, 2, 2, 3)), np.ones((3, 2, 2, 1))], backend="numpy")
+>>> [node.name for node in nodes]
+['central', 'auxiliary_2']
+>>> rebuild_equation(2)
+'abcd,defg->becf'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Any, Literal
+
+import networkx as nx
+import numpy as np
+import opt_einsum as oe
+import tensornetwork as tn
+
+Side = Literal["rows", "cols"]
+
+
+def central_index(n: int) -> int:
+    """0-based index of the central tensor: ``(n - 1) // 2``."""
+    return (n - 1) // 2
+
+
+def core_name(index: int, n: int) -> str:
+    """Role name of the core at 0-based ``index`` in an ``n``-core MPO.
+
+    Examples
+    --------
+    >>> [core_name(i, 5) for i in range(5)]
+    ['auxiliary_1', 'auxiliary_2', 'central', 'auxiliary_4', 'auxiliary_5']
+    """
+    return "central" if index == central_index(n) else f"auxiliary_{index + 1}"
+
+
+def build_network(cores: Sequence[Any], backend: str = "pytorch") -> list[tn.Node]:
+    """Connected ``tensornetwork`` nodes for cores ``T_k[d_{k-1}, i_k, j_k, d_k]``.
+
+    Parameters
+    ----------
+    cores:
+        Four-way tensors, ``cores[k].shape[3] == cores[k + 1].shape[0]``.
+    backend:
+        The tensornetwork backend of the tensors (``"pytorch"`` or ``"numpy"``).
+    """
+    n = len(cores)
+    nodes = []
+    for k, core in enumerate(cores, start=1):
+        axes = [f"bond_{k - 1}", f"row_{k}", f"col_{k}", f"bond_{k}"]
+        node = tn.Node(core, name=core_name(k - 1, n), axis_names=axes, backend=backend)
+        for axis in axes:
+            node[axis].set_name(axis)
+        nodes.append(node)
+    for k in range(1, n):
+        tn.connect(nodes[k - 1][f"bond_{k}"], nodes[k][f"bond_{k}"], name=f"bond_{k}")
+    return nodes
+
+
+def _equation(nodes: Sequence[tn.Node], output: Sequence[tn.Edge]) -> str:
+    symbols: dict[tn.Edge, str] = {}
+    for node in nodes:
+        for edge in node.edges:
+            symbols.setdefault(edge, oe.get_symbol(len(symbols)))
+    inputs = ",".join("".join(symbols[e] for e in node.edges) for node in nodes)
+    return inputs + "->" + "".join(symbols[e] for e in output)
+
+
+def _skeleton(n: int) -> list[tn.Node]:
+    """A structural copy of an ``n``-core MPO with size-1 placeholder tensors."""
+    return build_network([np.zeros((1, 1, 1, 1))] * n, backend="numpy")
+
+
+@cache
+def rebuild_equation(n: int) -> str:
+    """Einsum equation ``cores -> (i_1..i_n, j_1..j_n)`` read off the graph."""
+    nodes = _skeleton(n)
+    rows = [node[f"row_{k}"] for k, node in enumerate(nodes, start=1)]
+    cols = [node[f"col_{k}"] for k, node in enumerate(nodes, start=1)]
+    return _equation(nodes, rows + cols)
+
+
+@cache
+def apply_equation(n: int, over: Side = "rows") -> str:
+    """Einsum equation ``x[b, i_1..i_n], cores -> y[b, j_1..j_n]`` (or rows/cols swapped).
+
+    The input is an extra node ``input`` whose legs connect to the ``row_k``
+    (``over="rows"``, i.e. ``x @ M``) or ``col_k`` (``over="cols"``,
+    ``x @ M^T``) edges of the cores.
+    """
+    nodes = _skeleton(n)
+    contracted, kept = ("row", "col") if over == "rows" else ("col", "row")
+    x = tn.Node(np.zeros((1,) * (n + 1)), name="input", backend="numpy")
+    for k, node in enumerate(nodes, start=1):
+        tn.connect(x[k], node[f"{contracted}_{k}"], name=f"{contracted}_{k}")
+    output = [x[0]] + [node[f"{kept}_{k}"] for k, node in enumerate(nodes, start=1)]
+    return _equation([x, *nodes], output)
+
+
+@cache
+def lookup_equation(n: int) -> str:
+    """Einsum equation gathering rows: ``cores[:, digits] -> y[b, j_1..j_n]``.
+
+    Derived from :func:`rebuild_equation`: every ``row_k`` index is replaced by
+    one batch index ``b`` shared by all cores, each core having been indexed
+    with the ``k``-th digit of the row numbers (a hyperedge, which plain
+    tensornetwork edges cannot express).
+
+    Examples
+    --------
+    >>> lookup_equation(2)
+    'abcd,dbfg->bcf'
+    """
+    inputs, output = rebuild_equation(n).split("->")
+    rows, cols = output[:n], output[n:]
+    batch = rows[0]
+    for row in rows[1:]:
+        inputs = inputs.replace(row, batch)
+    return f"{inputs}->{batch}{cols}"
+
+
+def to_networkx(
+    cores: Sequence[Any],
+    node_attributes: Mapping[str, Mapping[str, Any]] | None = None,
+    bond_attributes: Mapping[str, Mapping[str, Any]] | None = None,
+) -> nx.Graph:
+    """The network as a :class:`networkx.Graph`.
+
+    Cores become nodes (``kind="core"``) with ``shape``, ``params`` and
+    ``role``; every open leg ``row_k`` / ``col_k`` becomes a node of kind
+    ``"open"``. Edges carry ``name``, ``dim`` and any extra attributes given
+    per edge name in ``bond_attributes`` (entropies, truncation errors, ...).
+    """
+    node_attributes = node_attributes or {}
+    bond_attributes = bond_attributes or {}
+    nodes = build_network([np.zeros(tuple(c.shape)) for c in cores], backend="numpy")
+    graph = nx.Graph()
+    for k, node in enumerate(nodes, start=1):
+        graph.add_node(
+            node.name,
+            kind="core",
+            role="central" if node.name == "central" else "auxiliary",
+            index=k,
+            shape=tuple(node.shape),
+            params=int(np.prod(node.shape)),
+            **node_attributes.get(node.name, {}),
+        )
+    for edge in tn.get_all_edges(nodes):
+        if edge.is_dangling():
+            if edge.dimension == 1 and edge.name.startswith("bond_"):
+                continue  # the trivial boundary bonds d_0 = d_n = 1
+            graph.add_node(edge.name, kind="open", index=int(edge.name.split("_")[1]))
+            ends = (edge.node1.name, edge.name)
+        else:
+            ends = (edge.node1.name, edge.node2.name)
+        graph.add_edge(
+            *ends, name=edge.name, dim=edge.dimension, **bond_attributes.get(edge.name, {})
+        )
+    return graph

@@ -1,0 +1,64 @@
+"""Report files of a compression: Markdown, JSON and plots, next to the weights.
+
+Examples
+--------
+>>> import tempfile
+>>> from torch import nn
+>>> from mpotn.compress import compress
+>>> model = compress(nn.Sequential(nn.Linear(32, 64)), targets=["0"], n=3, max_bond=4,
+...                  progress=False)
+>>> sorted(write_compression_report(model, tempfile.mkdtemp(), "toy"))
+['errors', 'json', 'markdown']
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mpotn.atomic import write_text
+from mpotn.compress import MPOModel
+from mpotn.drawing import draw_entropy_heatmap, draw_errors
+
+#: Printed columns of the compression report and their headers.
+COLUMNS = {
+    "name": "matrix",
+    "shape": "shape",
+    "factorization": "factorization (rows x cols)",
+    "bond_dims": "bonds",
+    "ratio": "rho (Eq. 5)",
+    "central_entropy": "S_central (Eq. 6)",
+    "relative_bound": "bound/|M| (Eq. 4)",
+    "relative_error": "error/|M|",
+}
+
+
+def report_table(model: MPOModel) -> str:
+    """The per-matrix report as Markdown, with readable headers."""
+    from mpotn.table import Table
+
+    rows = Table({header: r[key] for key, header in COLUMNS.items()} for r in model.report())
+    return rows.to_markdown()
+
+
+def write_compression_report(model: MPOModel, out: str | Path, model_name: str) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json``, ``entropy_heatmap.png`` and ``errors.png``."""
+    out = Path(out)
+    totals = model.totals()
+    policy = {k: v for k, v in model.config.to_dict().items() if v not in (None, {}, [])}
+    markdown = (
+        f"# mpotn compress: {model_name}\n\n"
+        f"Settings: `{json.dumps(policy)}`\n\n{model.summary()}\n\n{report_table(model)}\n"
+    )
+    paths = {
+        "markdown": write_text(out / "report.md", markdown),
+        "json": write_text(out / "report.json", json.dumps(
+            {"model": model_name, "config": model.config.to_dict(), "totals": totals,
+             "matrices": list(model.report())}, indent=2)),
+        "errors": draw_errors(model.report(), out / "errors.png",
+                              f"reconstruction error per matrix, {model_name}"),
+    }
+    heatmap = draw_entropy_heatmap(model.report(), out / "entropy_heatmap.png", model_name)
+    if heatmap:
+        paths["heatmap"] = heatmap
+    return paths
