@@ -272,13 +272,13 @@ class MPOLinear(_MPOWeight):
         cores = list(self.cores)
         batch = math.prod(x.shape[:-1])
         cost = self.contractor.cost(batch, [c.shape for c in cores])
-        if self._cache_usable():  # the weight is (or will be) cached: matmul is 2BIJ
-            if cost.dense_flops <= cost.contract_flops:
-                y = x @ self.matrix()
-            else:
-                y = self.contractor.apply(x, cores, method="contract")
+        if self._cache_usable():  # the weight is (or will be) cached: only the matmul remains
+            method = "rebuild" if cost.dense_seconds <= cost.contract_seconds else "contract"
         else:
-            y = self.contractor.apply(x, cores, method=cost.method)
+            method = cost.method
+        if method == "rebuild":  # one fused GEMM with the bias, as nn.Linear does
+            return nn.functional.linear(x, self.matrix().mT, self.bias)
+        y = self.contractor.apply(x, cores, method="contract")
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -626,13 +626,13 @@ class MPO:
     def apply(self, x: torch.Tensor, over: Side = "rows", method: Method = "auto") -> torch.Tensor:
         """``x @ M`` (``over="rows"``) or ``x @ M^T`` (``over="cols"``) without forming ``M``.
 
-        ``method="auto"`` picks contraction or rebuild+matmul by FLOP count
+        ``method="auto"`` picks contraction or rebuild+matmul by modeled time
         (:meth:`contraction_cost`).
         """
         return self._contractor.apply(x, self.cores, over=over, method=method)
 
     def contraction_cost(self, batch: int, over: Side = "rows") -> ContractionCost:
-        """FLOPs of :meth:`apply` on ``batch`` vectors, both ways, and the choice."""
+        """FLOPs and modeled times of :meth:`apply` on ``batch`` vectors, both ways; the choice."""
         return self._contractor.cost(batch, [c.shape for c in self.cores], over)
 
     def to(self, *args: Any, **kwargs: Any) -> MPO:
