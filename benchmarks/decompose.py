@@ -40,7 +40,7 @@ from tensorly.decomposition import tensor_train_matrix
 from mpotn import MPO, Table
 from mpotn.atomic import write_text
 from mpotn.models import default_model_path
-from mpotn.network import apply_equation
+from mpotn.network import apply_equation, squeeze_ends
 
 RESULTS = Path(__file__).parent / "results" / "decompose.json"
 
@@ -107,7 +107,7 @@ def flop_rows(matrix: torch.Tensor, batches: list[int]) -> list[dict]:
     for n in (3, 5, 7):
         mpo = MPO.from_matrix(matrix, n=n).truncate(ratio=0.25)
         for batch in batches:
-            shapes = ((batch, *mpo.row_shape), *(tuple(c.shape) for c in mpo.cores))
+            shapes = ((batch, *mpo.row_shape), *squeeze_ends([tuple(c.shape) for c in mpo.cores]))
             equation = apply_equation(n, "rows")
             start = time.perf_counter()
             _, optimal = oe.contract_path(equation, *shapes, shapes=True, optimize="optimal")

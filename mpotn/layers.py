@@ -273,7 +273,7 @@ class MPOLinear(_MPOWeight):
         batch = math.prod(x.shape[:-1])
         cost = self.contractor.cost(batch, [c.shape for c in cores])
         if self._cache_usable():  # the weight is (or will be) cached: only the matmul remains
-            method = "rebuild" if cost.dense_seconds <= cost.contract_seconds else "contract"
+            method = "contract" if cost.contract_seconds < cost.dense_seconds else "rebuild"
         else:
             method = cost.method
         if method == "rebuild":  # one fused GEMM with the bias, as nn.Linear does

@@ -18,7 +18,7 @@ Examples
 >>> [node.name for node in nodes]
 ['central', 'auxiliary_2']
 >>> rebuild_equation(2)
-'abcd,defg->becf'
+'abc,cde->adbe'
 """
 
 from __future__ import annotations
@@ -74,13 +74,45 @@ def build_network(cores: Sequence[Any], backend: str = "pytorch") -> list[tn.Nod
     return nodes
 
 
-def _equation(nodes: Sequence[tn.Node], output: Sequence[tn.Edge]) -> str:
+def _is_boundary(edge: tn.Edge, n: int) -> bool:
+    return edge.is_dangling() and edge.name in ("bond_0", f"bond_{n}")
+
+
+def _equation(nodes: Sequence[tn.Node], output: Sequence[tn.Edge], n: int) -> str:
+    """Einsum subscripts of ``nodes`` (one term each, axes in order) to ``output``.
+
+    The size-1 boundary bonds ``bond_0`` and ``bond_n`` are left out, so the
+    end cores enter as ``T_1[i, j, d_1]`` and ``T_n[d_{n-1}, i, j]`` (see
+    :func:`squeeze_ends`) and every pairwise step of a planned contraction is
+    a BLAS call.
+    """
     symbols: dict[tn.Edge, str] = {}
+    terms = []
     for node in nodes:
+        term = ""
         for edge in node.edges:
-            symbols.setdefault(edge, oe.get_symbol(len(symbols)))
-    inputs = ",".join("".join(symbols[e] for e in node.edges) for node in nodes)
-    return inputs + "->" + "".join(symbols[e] for e in output)
+            if not _is_boundary(edge, n):
+                term += symbols.setdefault(edge, oe.get_symbol(len(symbols)))
+        terms.append(term)
+    return ",".join(terms) + "->" + "".join(symbols[e] for e in output)
+
+
+def squeeze_ends(tensors: Sequence[Any]) -> list[Any]:
+    """Drop the size-1 boundary axes: the first of the first tensor, the last of the last.
+
+    Works on tensors (returning views) and on shape tuples.
+
+    Examples
+    --------
+    >>> [t.shape for t in squeeze_ends([np.ones((1, 2, 2, 3)), np.ones((3, 2, 2, 1))])]
+    [(2, 2, 3), (3, 2, 2)]
+    >>> squeeze_ends([(1, 2, 2, 3), (3, 2, 2, 1)])
+    [(2, 2, 3), (3, 2, 2)]
+    """
+    first, last = tensors[0], tensors[-1]
+    if isinstance(first, tuple):
+        return [first[1:], *tensors[1:-1], last[:-1]]
+    return [first[0], *tensors[1:-1], last[..., 0]]
 
 
 def _skeleton(n: int) -> list[tn.Node]:
@@ -94,7 +126,7 @@ def rebuild_equation(n: int) -> str:
     nodes = _skeleton(n)
     rows = [node[f"row_{k}"] for k, node in enumerate(nodes, start=1)]
     cols = [node[f"col_{k}"] for k, node in enumerate(nodes, start=1)]
-    return _equation(nodes, rows + cols)
+    return _equation(nodes, rows + cols, n)
 
 
 @cache
@@ -111,7 +143,7 @@ def apply_equation(n: int, over: Side = "rows") -> str:
     for k, node in enumerate(nodes, start=1):
         tn.connect(x[k], node[f"{contracted}_{k}"], name=f"{contracted}_{k}")
     output = [x[0]] + [node[f"{kept}_{k}"] for k, node in enumerate(nodes, start=1)]
-    return _equation([x, *nodes], output)
+    return _equation([x, *nodes], output, n)
 
 
 @cache
@@ -126,7 +158,7 @@ def lookup_equation(n: int) -> str:
     Examples
     --------
     >>> lookup_equation(2)
-    'abcd,dbfg->bcf'
+    'abc,cae->abe'
     """
     inputs, output = rebuild_equation(n).split("->")
     rows, cols = output[:n], output[n:]

@@ -7,7 +7,7 @@ from conftest import DEVICES
 
 from mpotn import MPO
 from mpotn.contraction import _plan
-from mpotn.network import apply_equation
+from mpotn.network import apply_equation, squeeze_ends
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_cost_reports_both_paths_and_auto_picks_the_faster_by_the_model(ffn):
 @pytest.mark.parametrize("batch", [1, 32, 1024])
 def test_planned_path_is_within_a_thousandth_of_the_optimal_flops(ffn, batch):
     mpo = MPO.from_matrix(ffn).truncate(ratio=0.3)
-    shapes = ((batch, *mpo.row_shape), *(tuple(c.shape) for c in mpo.cores))
+    shapes = ((batch, *mpo.row_shape), *squeeze_ends([tuple(c.shape) for c in mpo.cores]))
     equation = apply_equation(mpo.n, "rows")
     _, optimal = oe.contract_path(equation, *shapes, shapes=True, optimize="optimal")
     planned = mpo.contraction_cost(batch).contract_flops
