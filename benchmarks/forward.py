@@ -104,6 +104,8 @@ def tltorch_layer(layer: MPOLinear, implementation: str) -> FactorizedLinear:
 def measure(shape: tuple[int, int], max_bond: int | None, batch: int, backward: bool,
             mpo: MPO) -> dict:
     dense = nn.Linear(*shape)
+    with torch.no_grad():
+        dense.weight.copy_(mpo.to_matrix().T)
     layer = MPOLinear.from_linear(dense, mpo=mpo if max_bond is None
                                   else mpo.truncate(max_bond=max_bond))
     x = torch.randn(batch, shape[0])
@@ -124,6 +126,14 @@ def measure(shape: tuple[int, int], max_bond: int | None, batch: int, backward: 
     for implementation in ("factorized", "reconstructed"):
         tl = tltorch_layer(layer, implementation)
         candidates[f"tltorch_{implementation}"] = (tl, list(tl.parameters()))
+    with torch.no_grad():  # every candidate computes the same layer
+        reference = dense(x) if max_bond is None else None
+        outputs = {name: fn(x) for name, (fn, _) in candidates.items() if name != "dense"}
+    first = outputs["auto"]
+    scale = float(first.abs().max())
+    output_diff = max(float((y - first).abs().max()) for y in outputs.values()) / scale
+    if reference is not None:  # full rank: equal to nn.Linear as well
+        output_diff = max(output_diff, float((reference - first).abs().max()) / scale)
     times = best_times({name: runner(fn, x, params, backward)
                         for name, (fn, params) in candidates.items()})
     cost = layer.contractor.cost(batch, [c.shape for c in cores])
@@ -141,6 +151,7 @@ def measure(shape: tuple[int, int], max_bond: int | None, batch: int, backward: 
         "auto/tltorch": times["auto"] / best_tl,
         "auto/dense": times["auto"] / times["dense"],
         "params/dense": sum(c.numel() for c in cores) / (shape[0] * shape[1]),
+        "max_output_diff": output_diff,
         **{f"{name}_ms": 1e3 * t for name, t in times.items()},
     }
 
