@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from mpotn.contraction import Contractor
+from mpotn.diagnostics import compression_ratio
 from mpotn.mpo import MPO
 from mpotn.network import central_index
 from mpotn.shapes import Factorization, full_bond_dims, plan_side
@@ -123,8 +124,6 @@ class _MPOWeight(nn.Module):
     @property
     def compression_ratio(self) -> float:
         """``rho`` of Eq. 5."""
-        from mpotn.diagnostics import compression_ratio
-
         return compression_ratio(self.bond_dims, self.row.factors, self.col.factors)
 
     def num_trainable(self) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 from mpotn.atomic import write_text
 from mpotn.compress import MPOModel
 from mpotn.drawing import draw_entropy_heatmap, draw_errors
+from mpotn.table import Table
 
 #: Printed columns of the compression report and their headers.
 COLUMNS = {
@@ -35,8 +36,6 @@ COLUMNS = {
 
 def report_table(model: MPOModel) -> str:
     """The per-matrix report as Markdown, with readable headers."""
-    from mpotn.table import Table
-
     rows = Table({header: r[key] for key, header in COLUMNS.items()} for r in model.report())
     return rows.to_markdown()
 
