@@ -6,7 +6,8 @@ The layers, bottom up: :mod:`mpotn.shapes` (factorizations, Eq. 2) and
 (the tensornetwork graph), :mod:`mpotn.contraction` (compiled contractions)
 and :mod:`mpotn.mpo` (the MPO object) -> :mod:`mpotn.layers` (torch modules)
 -> :mod:`mpotn.models`, :mod:`mpotn.compress` and :mod:`mpotn.serialization`
-(Hugging Face adapters, compression, saving) -> :mod:`mpotn.inspection`,
+(Hugging Face adapters, compression, saving), :mod:`mpotn.data` and
+:mod:`mpotn.evaluation` (tasks, metrics, fidelity) -> :mod:`mpotn.inspection`,
 :mod:`mpotn.reports` and :mod:`mpotn.cli`.
 """
 
