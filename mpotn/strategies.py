@@ -1,0 +1,183 @@
+"""Which parameters fine-tuning updates: SPEC §2's strategy and its baselines.
+
+``full``
+    every parameter.
+``lfa``
+    lightweight fine-tuning: the auxiliary tensors of every MPO layer, biases,
+    normalization layers and the task head; central tensors and dense weights
+    stay frozen (:func:`mpotn.compress.lfa_parameters` plus the head).
+``central``
+    only the central tensors (and the task head, which starts untrained).
+``last-k``
+    the last ``k`` transformer layers of an (uncompressed) model and the task
+    head, the paper's Table 5 baseline.
+``lora``
+    PEFT's LoRA adapters on the attention and FFN linears (and the task head),
+    with a rank that can be chosen to match LFA's trainable budget
+    (:func:`lora_rank_for_budget`).
+
+:func:`optimizer_groups` gives central and auxiliary tensors their own
+learning rates.
+
+Examples
+--------
+>>> from torch import nn
+>>> from mpotn.compress import compress
+>>> model = compress(nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)), targets=["0"], n=3,
+...                  progress=False).base_model
+>>> apply_strategy(model, "lfa")
+{'strategy': 'lfa', 'trainable_params': 80, 'total_params': 336}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from mpotn.compress import MPO_LAYERS, lfa_parameters
+from mpotn.models import layer_index
+
+STRATEGIES = ("full", "lfa", "central", "last-k", "lora")
+
+#: Module-name components that mark a task head (trained by every strategy).
+HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs")
+
+#: Linear layers LoRA adapts, by suffix (BERT, ALBERT and DistilBERT naming).
+LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+                "output.dense", "q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2", "ffn",
+                "ffn_output")
+
+
+def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters of the task head (modules named in :data:`HEAD_NAMES`)."""
+    for name, param in model.named_parameters():
+        if any(part in HEAD_NAMES for part in name.split(".")):
+            yield name, param
+
+
+def central_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The central tensor of every MPO layer."""
+    for name, module in model.named_modules():
+        if isinstance(module, MPO_LAYERS):
+            index = next(k for k, c in enumerate(module.cores) if c is module.central)
+            yield f"{name}.cores.{index}", module.central
+
+
+def last_k_parameters(model: nn.Module, k: int) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters of the last ``k`` numbered layers (``...layer.N...``)."""
+    layers = {layer_index(n) for n, _ in model.named_parameters()} - {None}
+    if not layers:
+        raise ValueError("the model has no numbered layers (layer.N) to tune the last k of")
+    if not 1 <= k <= len(layers):
+        raise ValueError(f"last-k needs 1 <= k <= {len(layers)} (the model's layers), got {k}")
+    chosen = set(sorted(layers)[-k:])
+    for name, param in model.named_parameters():
+        if layer_index(name) in chosen:
+            yield name, param
+
+
+def lora_rank_for_budget(model: nn.Module, budget: int, targets: tuple[str, ...] = LORA_TARGETS
+                         ) -> int:
+    """LoRA rank whose adapters on ``targets`` hold about ``budget`` parameters.
+
+    A rank-``r`` adapter on an ``in x out`` linear has ``r (in + out)`` parameters.
+    """
+    width = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets))
+    if width == 0:
+        raise ValueError(f"no nn.Linear in the model matches the LoRA targets {targets}")
+    return max(1, round(budget / width))
+
+
+def _count(params: Any) -> int:
+    return sum(p.numel() for p in params)
+
+
+def apply_strategy(
+    model: nn.Module,
+    strategy: str,
+    *,
+    k: int | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: int | None = None,
+) -> Any:
+    """Set ``requires_grad`` for a fine-tuning strategy.
+
+    Returns ``{"strategy", "trainable_params", "total_params"}``; for ``lora``
+    also the PEFT-wrapped ``"model"`` (use it instead of ``model``) and the rank.
+
+    Raises
+    ------
+    ValueError
+        For an unknown strategy, ``last-k`` without a valid ``k``, ``lora``
+        without a rank, or ``lfa`` / ``central`` on a model without MPO layers.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    if strategy in ("lfa", "central") and not any(isinstance(m, MPO_LAYERS)
+                                                  for m in model.modules()):
+        raise ValueError(f"strategy {strategy!r} needs MPO layers: compress the model first")
+    if strategy == "lora":
+        return _apply_lora(model, lora_rank, lora_alpha)
+    for param in model.parameters():
+        param.requires_grad_(strategy == "full")
+    chosen: list[tuple[str, nn.Parameter]] = list(head_parameters(model))
+    if strategy == "lfa":
+        chosen += list(lfa_parameters(model))
+    elif strategy == "central":
+        chosen += list(central_parameters(model))
+    elif strategy == "last-k":
+        if k is None:
+            raise ValueError("strategy 'last-k' needs k (how many final layers to tune)")
+        chosen += list(last_k_parameters(model, k))
+    for _, param in chosen:
+        param.requires_grad_(True)
+    return {
+        "strategy": strategy if strategy != "last-k" else f"last-{k}",
+        "trainable_params": _count(p for p in model.parameters() if p.requires_grad),
+        "total_params": _count(model.parameters()),
+    }
+
+
+def _apply_lora(model: nn.Module, rank: int | None, alpha: int | None) -> dict[str, Any]:
+    if rank is None or rank < 1:
+        raise ValueError(f"strategy 'lora' needs a rank >= 1, got {rank!r}")
+    from peft import LoraConfig, get_peft_model
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = sorted({t for t in LORA_TARGETS for n in names if n.endswith(t)})
+    heads = sorted({part for n in names for part in n.split(".") if part in HEAD_NAMES})
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets,
+                        modules_to_save=heads or None)
+    wrapped = get_peft_model(model, config)
+    trainable = _count(p for p in wrapped.parameters() if p.requires_grad)
+    return {"strategy": "lora", "trainable_params": trainable,
+            "total_params": _count(wrapped.parameters()), "model": wrapped, "rank": rank}
+
+
+def optimizer_groups(
+    model: nn.Module,
+    lr: float,
+    central_lr: float | None = None,
+    auxiliary_lr: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Parameter groups for a torch optimizer: central, auxiliary, and the rest.
+
+    Only trainable parameters are included; empty groups are left out.
+    """
+    central = {id(p) for _, p in central_parameters(model)}
+    auxiliary = {id(c) for m in model.modules() if isinstance(m, MPO_LAYERS)
+                 for c in m.auxiliary}
+    groups: dict[str, list] = {"central": [], "auxiliary": [], "other": []}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        key = "central" if id(param) in central else "auxiliary" if id(param) in auxiliary \
+            else "other"
+        groups[key].append(param)
+    rates = {"central": central_lr or lr, "auxiliary": auxiliary_lr or lr, "other": lr}
+    return [{"params": params, "lr": rates[key], "weight_decay": weight_decay, "name": key}
+            for key, params in groups.items() if params]
