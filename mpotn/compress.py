@@ -249,7 +249,8 @@ def lfa_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
                 yield (f"{module_name}.{local}" if module_name else local), param
 
 
-def _count(params: Any) -> int:
+def count_parameters(params: Any) -> int:
+    """Number of entries of the given parameters."""
     return sum(p.numel() for p in params)
 
 
@@ -302,9 +303,10 @@ class MPOModel(nn.Module):
 
     def totals(self) -> dict[str, Any]:
         """The paper's totals: #To (all parameters) and #Pr (what LFA updates)."""
-        total = _count(self.base_model.parameters())
-        pr = _count(p for _, p in lfa_parameters(self.base_model))
-        mpo = [m for m in self.mpo_layers().values()]
+        params = list(self.base_model.parameters())
+        total = count_parameters(params)
+        pr = count_parameters(p for _, p in lfa_parameters(self.base_model))
+        mpo = list(self.mpo_layers().values())
         return {
             "original_params": self.original_params,
             "total_params": total,
@@ -313,7 +315,7 @@ class MPOModel(nn.Module):
             "lfa_over_original": pr / self.original_params,
             "central_params": sum(m.central_params for m in mpo),
             "auxiliary_params": sum(m.auxiliary_params for m in mpo),
-            "trainable_params": _count(p for p in self.base_model.parameters() if p.requires_grad),
+            "trainable_params": count_parameters(p for p in params if p.requires_grad),
             "compressed_matrices": len(mpo),
         }
 
@@ -384,7 +386,7 @@ def compress(
     if config is not None and kwargs:
         raise ValueError("give a CompressionConfig or keyword settings, not both")
     config = config or CompressionConfig(**kwargs)
-    original = _count(model.parameters())
+    original = count_parameters(model.parameters())
     selected = select_targets(model, config)
     records = []
     for name, module in tqdm(selected, desc="compressing", unit="matrix", disable=not progress):

@@ -14,22 +14,18 @@ Examples
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-#: The official GLUE SST-2 development set, shipped with mpotn.
-SST2_DEV = Path(__file__).parent / "resources" / "sst2" / "dev.tsv"
+from mpotn.data import sst2_sample
 
 
 def sst2_dev() -> tuple[list[str], list[int]]:
     """Sentences and labels of the shipped SST-2 development set (872 rows)."""
-    with open(SST2_DEV, newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [r["sentence"].strip() for r in rows], [int(r["label"]) for r in rows]
+    dev = sst2_sample().eval
+    return dev["text"], dev["label"]
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ class Inspection:
 
     def table(self) -> Table:
         """The printed columns, with readable headers."""
-        return Table({header: r[key] for key, header in COLUMNS.items()} for r in self.records)
+        return self.records.select(COLUMNS)
 
     def write(self, out: str | Path, model_name: str) -> dict[str, Path]:
         """Write ``inspect.md``, ``inspect.json``, the heatmap and the drawings."""
@@ -151,13 +151,10 @@ def inspect_model(
     for wm in tqdm(matrices, desc="decomposing", unit="matrix", disable=not progress):
         mpo = MPO.from_matrix(wm.matrix, n=n, svd=svd)
         norm = mpo.norm or 1.0
-        if ratio >= mpo.compression_ratio:
-            cut = mpo
-        else:
-            try:
-                cut = mpo.truncate(ratio=ratio, allocation=allocation)
-            except ValueError:  # the budget is below this matrix's smallest MPO
-                cut = None
+        try:
+            cut = mpo.truncate(ratio=ratio, allocation=allocation)
+        except ValueError:  # the budget is below this matrix's smallest MPO
+            cut = None
         if wm.name in keep and cut is not None:
             networks[wm.name] = cut
         central = mpo.central_bond

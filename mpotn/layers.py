@@ -45,18 +45,13 @@ TRUNCATION_KEYS = ("bond_dims", "max_bond", "tol", "ratio", "params", "allocatio
 
 
 def apply_policy(mpo: MPO, truncation: dict[str, Any]) -> MPO:
-    """Apply at most one truncation policy (``TRUNCATION_KEYS``) to ``mpo``.
-
-    No policy, or a ``ratio`` the MPO already meets, returns ``mpo`` itself.
-    """
+    """Apply at most one truncation policy (``TRUNCATION_KEYS``) to ``mpo``; none keeps it."""
     policy = {k: v for k, v in truncation.items() if v is not None and k != "allocation"}
     unknown = set(truncation) - set(TRUNCATION_KEYS)
     if unknown:
         raise ValueError(f"unknown truncation settings {sorted(unknown)}; use {TRUNCATION_KEYS}")
     if not policy:
         return mpo
-    if "ratio" in policy and policy["ratio"] >= mpo.compression_ratio:
-        return mpo  # already within budget (full rank can exceed rho = 1)
     return mpo.truncate(**policy, allocation=truncation.get("allocation") or "optimal")
 
 
@@ -142,6 +137,14 @@ class _MPOWeight(nn.Module):
     def mpo(self) -> MPO:
         """The current cores as a canonical :class:`~mpotn.mpo.MPO` (for diagnostics)."""
         return MPO.from_cores([c.detach() for c in self.cores], (self.row.size, self.col.size))
+
+    @staticmethod
+    def _decomposed(matrix: torch.Tensor, mpo: MPO | None, truncation: dict[str, Any],
+                    **decomposition: Any) -> MPO:
+        """``mpo`` (or Algorithm 1 on ``matrix``) with the truncation policy applied."""
+        if mpo is None:
+            mpo = MPO.from_matrix(matrix, **decomposition)
+        return apply_policy(mpo, truncation)
 
     def _load_cores(self, mpo: MPO) -> None:
         with torch.no_grad():
@@ -249,10 +252,8 @@ class MPOLinear(_MPOWeight):
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
-        if mpo is None:
-            mpo = MPO.from_matrix(weight.T, n=n, row_shape=row_shape, col_shape=col_shape,
-                                  svd=svd)
-        mpo = apply_policy(mpo, truncation)
+        mpo = cls._decomposed(weight.T, mpo, truncation, n=n, row_shape=row_shape,
+                              col_shape=col_shape, svd=svd)
         layer = cls(linear.in_features, linear.out_features, mpo.row_shape, mpo.col_shape,
                     mpo.bond_dims, bias=linear.bias is not None, dtype=weight.dtype,
                     device=weight.device)
@@ -344,9 +345,8 @@ class MPOEmbedding(_MPOWeight):
                 "be decomposed; rebuild the nn.Embedding without them first"
             )
         weight = embedding.weight.detach()
-        if mpo is None:
-            mpo = MPO.from_matrix(weight, n=n, row_shape=row_shape, col_shape=col_shape, svd=svd)
-        mpo = apply_policy(mpo, truncation)
+        mpo = cls._decomposed(weight, mpo, truncation, n=n, row_shape=row_shape,
+                              col_shape=col_shape, svd=svd)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, mpo.row_shape,
                     mpo.col_shape, mpo.bond_dims, padding_idx=embedding.padding_idx,
                     dtype=weight.dtype, device=weight.device)

@@ -605,6 +605,9 @@ class MPO:
         return self._round(dims, svd)
 
     def _round(self, dims: Sequence[int], svd: SVDMethod) -> MPO:
+        if tuple(dims) == self.bond_dims:  # nothing to cut: a copy sharing the cores
+            return MPO(self.cores, self.row, self.col, self.singular_values,
+                       [0.0] * (self.n - 1), self.error_bound, self.source_norm)
         cores = [c.to(SWEEP_DTYPE) for c in self.cores]
         errors = [0.0] * (self.n - 1)
         for k in range(self.n - 1, 0, -1):

@@ -19,7 +19,6 @@ from pathlib import Path
 from mpotn.atomic import write_text
 from mpotn.compress import MPOModel
 from mpotn.drawing import draw_entropy_heatmap, draw_errors
-from mpotn.table import Table
 
 #: Printed columns of the compression report and their headers.
 COLUMNS = {
@@ -36,8 +35,7 @@ COLUMNS = {
 
 def report_table(model: MPOModel) -> str:
     """The per-matrix report as Markdown, with readable headers."""
-    rows = Table({header: r[key] for key, header in COLUMNS.items()} for r in model.report())
-    return rows.to_markdown()
+    return model.report().select(COLUMNS).to_markdown()
 
 
 def write_compression_report(model: MPOModel, out: str | Path, model_name: str) -> dict[str, Path]:

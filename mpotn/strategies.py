@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from mpotn.compress import MPO_LAYERS, lfa_parameters
+from mpotn.compress import MPO_LAYERS, count_parameters, lfa_parameters
 from mpotn.models import layer_index
 
 STRATEGIES = ("full", "lfa", "central", "last-k", "lora")
@@ -91,10 +91,6 @@ def lora_rank_for_budget(model: nn.Module, budget: int, targets: tuple[str, ...]
     return max(1, round(budget / width))
 
 
-def _count(params: Any) -> int:
-    return sum(p.numel() for p in params)
-
-
 def apply_strategy(
     model: nn.Module,
     strategy: str,
@@ -136,8 +132,8 @@ def apply_strategy(
         param.requires_grad_(True)
     return {
         "strategy": strategy if strategy != "last-k" else f"last-{k}",
-        "trainable_params": _count(p for p in model.parameters() if p.requires_grad),
-        "total_params": _count(model.parameters()),
+        "trainable_params": count_parameters(p for p in model.parameters() if p.requires_grad),
+        "total_params": count_parameters(model.parameters()),
     }
 
 
@@ -152,9 +148,9 @@ def _apply_lora(model: nn.Module, rank: int | None, alpha: int | None) -> dict[s
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets,
                         modules_to_save=heads or None)
     wrapped = get_peft_model(model, config)
-    trainable = _count(p for p in wrapped.parameters() if p.requires_grad)
+    trainable = count_parameters(p for p in wrapped.parameters() if p.requires_grad)
     return {"strategy": "lora", "trainable_params": trainable,
-            "total_params": _count(wrapped.parameters()), "model": wrapped, "rank": rank}
+            "total_params": count_parameters(wrapped.parameters()), "model": wrapped, "rank": rank}
 
 
 def optimizer_groups(

@@ -31,6 +31,16 @@ class Table(list):
 
         return pd.DataFrame.from_records(self)
 
+    def select(self, columns: dict[str, str]) -> Table:
+        """The ``columns`` (``{key: header}``) of every row, renamed to their headers.
+
+        Examples
+        --------
+        >>> Table([{"a": 1, "b": 2}]).select({"b": "B"})
+        [{'B': 2}]
+        """
+        return Table({header: row[key] for key, header in columns.items()} for row in self)
+
     def pivot(self, rows: str, cols: str, values: str) -> tuple[list[list[float]], list, list]:
         """Grid of ``values`` by distinct ``rows`` x ``cols`` (NaN where absent).
 
