@@ -13,6 +13,7 @@ PosixPath('...report.json')
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,3 +48,37 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; swap it in for ``path`` on success.
+
+    An existing ``path`` is renamed aside, the new directory renamed into
+    place, then the old one removed: a failure while writing leaves ``path``
+    as it was, and at every moment ``path`` or its ``.old`` twin holds a
+    complete directory.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "model"
+    >>> with atomic_dir(target) as tmp:
+    ...     _ = (tmp / "weights.bin").write_bytes(b"1")
+    >>> sorted(p.name for p in target.iterdir())
+    ['weights.bin']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+    old = path.parent / f".{path.name}.old"
+    try:
+        yield tmp
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,16 +1,34 @@
-"""Command line: ``mpotn inspect [MODEL]`` and ``mpotn compress [MODEL]``.
+"""Command line: ``mpotn inspect``, ``compress``, ``finetune`` and ``squeeze``.
 
-Run ``mpotn --help`` or ``mpotn inspect --help`` for every option.
+Run ``mpotn --help`` or ``mpotn COMMAND --help`` for every option and its default.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from mpotn.atomic import write_text
+from mpotn.data import TaskData, load_glue, load_local, sst2_sample
 from mpotn.inspection import DEFAULT_RATIO
+from mpotn.models import load_tokenizer
+from mpotn.serialization import is_saved_model, load
+from mpotn.squeeze import MONITORS, SqueezeConfig, Squeezer, direct_truncation
+from mpotn.strategies import STRATEGIES
+from mpotn.table import Table
+from mpotn.training import (
+    DEFAULT_LR,
+    DEFAULT_TARGETS,
+    TrainingConfig,
+    finetune,
+    prepare_model,
+    write_run,
+)
 
 
 def _positive_float(text: str) -> float:
@@ -115,7 +133,123 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", default="mpotn-compressed",
                           help="output folder (default: ./mpotn-compressed)")
     compress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a model on a task with one strategy (full, lfa, central, last-k, lora)",
+        description=(
+            "Fine-tune MODEL on a task with the transformers Trainer. lfa and central "
+            "first decompose the word embedding, attention and FFN matrices into MPOs "
+            "(full rank unless --ratio / --max-bond) and train the auxiliary (lfa) or "
+            "central tensors only. Writes metrics.json (metric, trainable and total "
+            "parameters, wall time), history.csv/json, history.png and model/ to --out."
+        ),
+    )
+    _add_model_and_task(finetune)
+    finetune.add_argument("--strategy", choices=STRATEGIES, default="lfa",
+                          help="which parameters to train (default: lfa)")
+    finetune.add_argument("--k", type=int, default=1,
+                          help="layers tuned by last-k (default: 1)")
+    finetune.add_argument("--lora-rank", type=int, default=None,
+                          help="LoRA rank (default: matched to LFA's trainable budget)")
+    finetune.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="T",
+                          help="matrices decomposed for lfa/central (default: "
+                               f"{' '.join(DEFAULT_TARGETS)})")
+    cut = finetune.add_mutually_exclusive_group()
+    cut.add_argument("--ratio", type=_positive_float, default=None,
+                     help="compress the MPO matrices to this rho first (default: full rank)")
+    cut.add_argument("--max-bond", type=int, default=None,
+                     help="compress the MPO matrices to this bond first (default: full rank)")
+    _add_training(finetune, epochs=3.0, default_out="mpotn-finetune")
+
+    squeeze = commands.add_parser(
+        "squeeze",
+        help="compress a fine-tuned MPO model gradually by dimension squeezing (Algorithm 2)",
+        description=(
+            "Algorithm 2: repeatedly cut the central bond of the matrix whose cut has the "
+            "least estimated error (Eq. 3 from stored singular values), fine-tune the "
+            "auxiliary tensors, evaluate, and stop when the score drops by more than "
+            "--delta, at --target-ratio, or after --max-cuts. MODEL is the model/ folder "
+            "of `mpotn finetune --strategy lfa`, or a pre-trained model, which is then "
+            "decomposed at full rank and LFA-fine-tuned for --init-epochs first. Every "
+            "step is checkpointed; --resume continues a stopped run. Writes metrics.json, "
+            "history.csv/json, history.png and model/ to --out."
+        ),
+    )
+    _add_model_and_task(squeeze)
+    squeeze.add_argument("--types", nargs="+", default=["ffn_in", "ffn_out"], metavar="TYPE",
+                         help="matrix types that may be cut: query key value attn_out ffn_in "
+                              "ffn_out word_emb, or all (default: ffn_in ffn_out)")
+    squeeze.add_argument("--cut", type=_positive_float, default=0.25,
+                         help="dimensions removed per cut: an integer (the paper: 1) or a "
+                              "fraction of the current bond (default: 0.25)")
+    squeeze.add_argument("--steps-per-cut", type=int, default=10,
+                         help="auxiliary fine-tuning steps after each cut (default: 10)")
+    squeeze.add_argument("--max-cuts", type=int, default=12,
+                         help="step limit, iter of Algorithm 2 (default: 12)")
+    squeeze.add_argument("--delta", type=float, default=0.02,
+                         help="tolerated drop of the monitored score (default: 0.02)")
+    squeeze.add_argument("--monitor", choices=MONITORS, default="metric",
+                         help="score watched by --delta: the task metric or the eval loss "
+                              "(default: metric)")
+    squeeze.add_argument("--target-ratio", type=_positive_float, default=None,
+                         help="stop when parameters / original reach this (default: none)")
+    squeeze.add_argument("--init-epochs", type=float, default=1.0,
+                         help="LFA epochs before squeezing a pre-trained MODEL (default: 1)")
+    squeeze.add_argument("--direct", action="store_true",
+                         help="also run the direct-truncation ablation at the final bonds")
+    squeeze.add_argument("--resume", action="store_true",
+                         help="continue the run checkpointed in --out")
+    _add_training(squeeze, epochs=1.0, default_out="mpotn-squeeze")
     return parser
+
+
+def _add_model_and_task(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", nargs="?", default=None,
+        help="local model folder, hub id, or an earlier run's model/ folder (default: the "
+             "embedded all-MiniLM-L6-v2)",
+    )
+    task = parser.add_argument_group("task (default: the shipped SST-2 sample, 2,000 "
+                                     "training phrases and the 872-sentence dev set)")
+    task.add_argument("--glue", default=None, metavar="TASK",
+                      help="a GLUE task by name from the Hugging Face hub (needs a network)")
+    task.add_argument("--train-file", default=None, help="local TSV/CSV/JSON(L) training file")
+    task.add_argument("--eval-file", default=None, help="local evaluation file")
+    task.add_argument("--text-column", default="sentence",
+                      help="text column name, or 0-based position (default: sentence)")
+    task.add_argument("--text-pair-column", default=None,
+                      help="second text column for pair tasks (default: none)")
+    task.add_argument("--label-column", default="label", help="label column (default: label)")
+    task.add_argument("--no-header", action="store_true",
+                      help="TSV/CSV files have no header row (columns by position)")
+    task.add_argument("--regression", action="store_true", help="real-valued labels")
+
+
+def _add_training(parser: argparse.ArgumentParser, epochs: float, default_out: str) -> None:
+    train = parser.add_argument_group("training")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help="learning rate (default per strategy: "
+                            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    train.add_argument("--central-lr", type=_positive_float, default=None,
+                       help="learning rate of central tensors (default: --lr)")
+    train.add_argument("--auxiliary-lr", type=_positive_float, default=None,
+                       help="learning rate of auxiliary tensors (default: --lr)")
+    train.add_argument("--epochs", type=_positive_float, default=epochs,
+                       help=f"passes over the training set (default: {epochs:g})")
+    train.add_argument("--max-steps", type=int, default=-1,
+                       help="optimizer steps, overriding --epochs (default: -1, use epochs)")
+    train.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    train.add_argument("--max-length", type=int, default=64,
+                       help="tokens per example (default: 64)")
+    train.add_argument("--seed", type=int, default=0, help="default: 0")
+    train.add_argument("--train-limit", type=int, default=None,
+                       help="use only the first N training examples (default: all)")
+    train.add_argument("--eval-limit", type=int, default=None,
+                       help="use only the first N evaluation examples (default: all)")
+    train.add_argument("--out", default=default_out,
+                       help=f"output folder (default: ./{default_out})")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -176,6 +310,96 @@ def run_compress(args: argparse.Namespace) -> None:
         print(f"  {path}")
 
 
+def _column(value: str | None) -> str | int | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def load_task(args: argparse.Namespace) -> TaskData:
+    """The task named by the command line (default: the shipped SST-2 sample)."""
+    if args.glue and (args.train_file or args.eval_file):
+        raise ValueError("give --glue or --train-file/--eval-file, not both")
+    if args.glue:
+        return load_glue(args.glue)
+    if args.train_file or args.eval_file:
+        if not (args.train_file and args.eval_file):
+            raise ValueError("local data needs both --train-file and --eval-file")
+        return load_local(args.eval_file, args.train_file, text=_column(args.text_column),
+                          text_pair=_column(args.text_pair_column),
+                          label=_column(args.label_column), header=not args.no_header,
+                          regression=args.regression)
+    return sst2_sample()
+
+
+def training_config(args: argparse.Namespace, strategy: str, **extra: object) -> TrainingConfig:
+    """The :class:`TrainingConfig` of the command line's training options."""
+    return TrainingConfig(
+        strategy=strategy, lr=args.lr, central_lr=args.central_lr,
+        auxiliary_lr=args.auxiliary_lr, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        train_limit=args.train_limit, eval_limit=args.eval_limit, **extra,
+    )
+
+
+def _print_record(record: dict, title: str) -> None:
+    print(f"\n{title}")
+    print(Table([{k: v for k, v in record.items() if not isinstance(v, dict)}]).to_markdown())
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    """Prepare the model for the strategy, fine-tune, evaluate, write the run."""
+    data = load_task(args)
+    config = training_config(args, args.strategy, k=args.k, lora_rank=args.lora_rank)
+    compression = {k: v for k, v in (("ratio", args.ratio), ("max_bond", args.max_bond))
+                   if v is not None}
+    model, tokenizer = prepare_model(args.model, data, config, targets=args.targets,
+                                     compression=compression, progress=not args.no_progress)
+    result = finetune(model, tokenizer, data, config, progress=not args.no_progress)
+    paths = write_run(result, tokenizer, args.out, f"fine-tuning ({args.strategy})")
+    _print_record(result.record, f"{data.spec.name}, strategy {args.strategy}:")
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+
+
+def run_squeeze(args: argparse.Namespace) -> None:
+    """Fine-tune first if needed, squeeze, optionally run the direct ablation."""
+    data = load_task(args)
+    types = None if args.types == ["all"] else args.types
+    config = SqueezeConfig(types=types, cut=args.cut, steps_per_cut=args.steps_per_cut,
+                           max_cuts=args.max_cuts, delta=args.delta, monitor=args.monitor,
+                           target_ratio=args.target_ratio)
+    training = training_config(args, "lfa")
+    squeezer = Squeezer(None, None, data, config, training, args.out,
+                        progress=not args.no_progress)
+    if args.resume:
+        if not squeezer.has_checkpoint():
+            raise ValueError(f"nothing to resume: {args.out} holds no squeeze checkpoint; run "
+                             "without --resume")
+        squeezer.tokenizer = load_tokenizer(squeezer.checkpoints / "tokenizer")
+    else:
+        if squeezer.has_checkpoint():
+            raise ValueError(f"{args.out} already holds a squeeze run; pass --resume to "
+                             "continue it, or choose another --out")
+        squeezer.model, squeezer.tokenizer = prepare_model(
+            args.model, data, training, progress=not args.no_progress)
+        if not is_saved_model(args.model or ""):
+            init = dataclasses.replace(training, epochs=args.init_epochs, max_steps=-1)
+            finetune(squeezer.model, squeezer.tokenizer, data, init,
+                     progress=not args.no_progress)
+        squeezer.tokenizer.save_pretrained(str(squeezer.checkpoints / "tokenizer"))
+    result = squeezer.run(resume=args.resume)
+    _print_record(result.record, f"squeezing: stopped by {result.record['stop_reason']}")
+    print(result.history.select({k: k for k in (
+        "step", "matrix", "dim", "new_dim", "estimated_error", "params_over_original",
+        "loss", data.spec.metrics[0])}).to_markdown())
+    if args.direct:
+        start = load(squeezer.checkpoints / "step-0000")
+        direct = direct_truncation(start, squeezer.tokenizer, data, result.record["bond_dims"],
+                                   squeezer.training, result.record["fine_tuning_steps"],
+                                   progress=not args.no_progress)
+        write_text(Path(args.out) / "direct" / "metrics.json", json.dumps(direct, indent=2))
+        _print_record(direct, "direct truncation to the same bonds:")
+    print(f"\nwrote {args.out}/metrics.json, history.csv, history.json, history.png, model/")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mpotn`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -184,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_inspect(args)
         elif args.command == "compress":
             run_compress(args)
+        elif args.command == "finetune":
+            run_finetune(args)
+        elif args.command == "squeeze":
+            run_squeeze(args)
     except ValueError as error:
         print(f"mpotn {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,12 @@ Applying an MPO to ``B`` vectors can go two ways:
     contract the cores into the ``I x J`` matrix, then one matmul
     (``2 B I J`` FLOPs more).
 
+Rebuilding sweeps the chain left to right (Eq. 1), keeping the partial product
+in the layout ``(i_1..i_k, j_1..j_k, d_k)`` so that every step is one GEMM and
+one copy and the last step yields the matrix itself. That is 1.1 to 2.6 times
+faster on a CPU than contracting in the FLOP-optimal order and permuting at the
+end, although the FLOP-optimal order may need slightly fewer FLOPs.
+
 :meth:`Contractor.cost` reports both FLOP counts and a modeled time for each,
 and ``method="auto"`` takes the faster by the model. FLOPs alone mispredict on
 a CPU: the pairwise steps of a contraction sum over small indices (``i_k d``,
@@ -22,10 +28,9 @@ model (:func:`modeled_seconds`) charges each pairwise step
 ``FLOPs / (PEAK * K / (K + K0)) + ELEMENT_COST * elements + STEP_COST``, with
 ``K`` the size of the summed indices and ``elements`` the entries read and
 written; ties go to rebuilding (one contiguous GEMM). Its constants were fitted
-on 72 measured cases (three shapes, four bond sizes, batches 1 to 8192) on a
-two-core CPU, where the choice it makes is at worst 1.36 times slower than the
-better path and more than 10% slower in 6 cases; choosing by FLOPs alone was up
-to 9.2 times slower, and more than 10% slower in 16 cases.
+(least squares on log times) to the forward passes of ``benchmarks/forward.py``
+(two shapes, four bond sizes, batches 1 to 4096) on a two-core CPU; the
+benchmark reports how far the resulting choice is from the faster path.
 
 Examples
 --------
@@ -53,7 +58,6 @@ from mpotn.network import (
     Side,
     apply_equation,
     lookup_equation,
-    rebuild_equation,
     squeeze_ends,
 )
 from mpotn.shapes import Factorization
@@ -69,10 +73,18 @@ OPTIMIZER = "auto-hq"
 #: Cost model of one pairwise step (see the module docstring): GEMM FLOP rate
 #: (per second), the summed size at which half of it is reached, seconds per
 #: element read or written, seconds of overhead per step.
-PEAK = 100e9
-K0 = 64
-ELEMENT_COST = 1e-9
-STEP_COST = 5e-6
+PEAK = 200e9
+K0 = 127
+ELEMENT_COST = 3.0e-10
+STEP_COST = 2.8e-5
+
+#: Cost model of the rebuild sweep (see :func:`_sweep_cost`), fitted on 49
+#: measured sweeps (seven shapes from 384 x 1536 to 384 x 30720, bonds 4 to
+#: full) on a two-core CPU; worst misprediction 1.6 times.
+SWEEP_FLOP_COST = 7.1e-12
+SWEEP_ELEMENT_COST = 2.9e-10
+LARGE_ELEMENT_COST = 1.5e-9
+LARGE_ARRAY = 2**23
 
 
 def step_seconds(flops: int, elements: int, summed: int) -> float:
@@ -129,6 +141,45 @@ class _Plan:
 
 
 @lru_cache(maxsize=4096)
+def _sweep_cost(core_shapes: tuple[tuple[int, ...], ...]) -> tuple[int, float]:
+    """FLOPs and modeled time of :func:`rebuild_sweep` for cores of these shapes.
+
+    Each step is one GEMM followed by a copy into the ``(rows, cols, bond)``
+    layout: ``SWEEP_FLOP_COST`` per FLOP plus, per element written twice,
+    ``SWEEP_ELEMENT_COST``, or ``LARGE_ELEMENT_COST`` for arrays of more than
+    ``LARGE_ARRAY`` elements (fresh pages from the OS on every call).
+    """
+    flops, seconds = 0, 0.0
+    _, rows, cols, _ = core_shapes[0]
+    for left, i, j, right in core_shapes[1:]:
+        step = 2 * rows * cols * left * i * j * right
+        rows, cols = rows * i, cols * j
+        out = rows * cols * right
+        per_element = LARGE_ELEMENT_COST if out > LARGE_ARRAY else SWEEP_ELEMENT_COST
+        flops += step
+        seconds += SWEEP_FLOP_COST * step + 2 * out * per_element
+    return flops, seconds
+
+
+def rebuild_sweep(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The padded matrix ``M[(i_1..i_n), (j_1..j_n)]`` of Eq. 1, by a left-to-right sweep.
+
+    Examples
+    --------
+    >>> cores = [torch.randn(1, 2, 3, 4), torch.randn(4, 5, 6, 1)]
+    >>> expected = torch.einsum("aijb,bklc->ikjl", *cores).reshape(10, 18)
+    >>> bool(torch.allclose(rebuild_sweep(cores), expected, atol=1e-5))
+    True
+    """
+    matrix = cores[0][0]
+    for core in cores[1:]:
+        rows, cols, _ = matrix.shape
+        _, i, j, right = core.shape
+        matrix = torch.einsum("pqb,bijc->piqjc", matrix, core).reshape(rows * i, cols * j, right)
+    return matrix[..., 0]
+
+
+@lru_cache(maxsize=4096)
 def _plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> _Plan:
     _, info = oe.contract_path(equation, *shapes, shapes=True, optimize=OPTIMIZER)
     expression = oe.contract_expression(equation, *shapes, optimize=info.path)
@@ -155,9 +206,6 @@ class Contractor:
             raise ValueError(f"over must be one of {SIDES}, got {over!r}")
         return (self.row, self.col) if over == "rows" else (self.col, self.row)
 
-    def _rebuild_plan(self, core_shapes: tuple[tuple[int, ...], ...]) -> _Plan:
-        return _plan(rebuild_equation(self.n), tuple(squeeze_ends(core_shapes)))
-
     def _apply_plan(
         self, batch: int, core_shapes: tuple[tuple[int, ...], ...], over: Side
     ) -> _Plan:
@@ -171,14 +219,14 @@ class Contractor:
         """FLOPs and modeled times of both ways of applying the MPO to ``batch`` vectors."""
         shapes = tuple(tuple(s) for s in core_shapes)
         contract = self._apply_plan(batch, shapes, over)
-        rebuild = self._rebuild_plan(shapes)
+        rebuild_flops, rebuild_seconds = _sweep_cost(shapes)
         into, out = self._sides(over)
         dense = 2 * batch * into.size * out.size
         matmul = step_seconds(dense, batch * (into.size + out.size) + into.size * out.size,
                               into.size)
-        method = "contract" if contract.seconds < rebuild.seconds + matmul else "rebuild"
-        return ContractionCost(contract.flops, rebuild.flops + dense, method, dense,
-                               contract.seconds, rebuild.seconds + matmul, matmul)
+        method = "contract" if contract.seconds < rebuild_seconds + matmul else "rebuild"
+        return ContractionCost(contract.flops, rebuild_flops + dense, method, dense,
+                               contract.seconds, rebuild_seconds + matmul, matmul)
 
     def _digits(self, indices: torch.Tensor) -> list[torch.Tensor]:
         """Mixed-radix digits ``(i_1, ..., i_n)`` of row numbers (``i_1`` most significant)."""
@@ -197,11 +245,11 @@ class Contractor:
         """FLOPs and modeled times of gathering ``batch`` rows, both ways."""
         shapes = tuple(tuple(s) for s in core_shapes)
         contract = self._lookup_plan(batch, shapes)
-        rebuild = self._rebuild_plan(shapes)
+        rebuild_flops, rebuild_seconds = _sweep_cost(shapes)
         gather = ELEMENT_COST * 2 * batch * self.col.size
-        method = "contract" if contract.seconds < rebuild.seconds + gather else "rebuild"
-        return ContractionCost(contract.flops, rebuild.flops, method, 0, contract.seconds,
-                               rebuild.seconds + gather, gather)
+        method = "contract" if contract.seconds < rebuild_seconds + gather else "rebuild"
+        return ContractionCost(contract.flops, rebuild_flops, method, 0, contract.seconds,
+                               rebuild_seconds + gather, gather)
 
     def lookup(
         self, indices: torch.Tensor, cores: Sequence[torch.Tensor], method: Method = "auto"
@@ -233,9 +281,7 @@ class Contractor:
 
     def rebuild(self, cores: Sequence[torch.Tensor], padded: bool = False) -> torch.Tensor:
         """The matrix ``M`` (``I x J``; with the zero-padding if ``padded``)."""
-        shapes = tuple(tuple(c.shape) for c in cores)
-        full = self._rebuild_plan(shapes).expression(*squeeze_ends(cores))
-        matrix = full.reshape(self.row.padded_size, self.col.padded_size)
+        matrix = rebuild_sweep(cores)
         return matrix if padded else matrix[: self.row.size, : self.col.size]
 
     def apply(

@@ -158,3 +158,25 @@ def draw_heatmap(
     fig.colorbar(image, ax=ax, label=colorbar_label)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def draw_history(history: Table, x: str, ys: Sequence[str], path: str | Path, title: str,
+                 marks: Sequence[str] = ()) -> Path:
+    """Curves of ``ys`` against ``x`` (rows lacking a value are skipped), one panel each.
+
+    ``marks`` name columns whose text is written next to each point (e.g. the
+    matrix cut at a squeezing step).
+    """
+    fig, axes = plt.subplots(len(ys), 1, figsize=(7.0, 2.2 * len(ys)), sharex=True,
+                             squeeze=False)
+    for ax, y in zip(axes[:, 0], ys):
+        rows = [r for r in history if r.get(y) is not None and r.get(x) is not None]
+        ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", markersize=3)
+        for mark in marks:
+            for r in rows:
+                ax.annotate(str(r.get(mark, "")), (r[x], r[y]), fontsize=5, rotation=30)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(x)
+    axes[0, 0].set_title(title, fontsize=9)
+    return _save(fig, path)

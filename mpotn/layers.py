@@ -151,6 +151,32 @@ class _MPOWeight(nn.Module):
             for param, core in zip(self.cores, mpo.cores):
                 param.copy_(core)
 
+    def load_mpo(self, mpo: MPO) -> None:
+        """Take ``mpo``'s cores as this layer's parameters; bond dimensions may change.
+
+        Used to cut a bond of a trained layer (``layer.load_mpo(layer.mpo().truncate(...))``).
+        Each core keeps its trainable / frozen state; dtype and device stay.
+
+        Examples
+        --------
+        >>> layer = MPOLinear(16, 16, n=3)
+        >>> layer.load_mpo(layer.mpo().truncate(bond_dims={1: 2}))
+        >>> layer.bond_dims
+        (1, 2, 4, 1)
+        """
+        if mpo.row_shape != self.row.factors or mpo.col_shape != self.col.factors:
+            raise ValueError(
+                f"the MPO is {list(mpo.row_shape)} x {list(mpo.col_shape)} but this layer is "
+                f"{list(self.row.factors)} x {list(self.col.factors)}"
+            )
+        old = self.cores[0]
+        self.cores = nn.ParameterList(
+            nn.Parameter(core.detach().to(device=old.device, dtype=old.dtype).clone(),
+                         requires_grad=previous.requires_grad)
+            for core, previous in zip(mpo.cores, self.cores)
+        )
+        self._cache = None
+
     def _init_random(self, variance: float) -> None:
         """Cores whose product has entries of about ``variance`` (Gaussian)."""
         inner = math.prod(self.bond_dims[1:-1])

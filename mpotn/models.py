@@ -71,6 +71,12 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> str:
     return str(name_or_path)
 
 
+def _unloadable(source: str) -> str:
+    return (f"could not load model {source!r}: it is not a local folder and the hub did not "
+            "provide it (offline, or not cached). Pass a local folder, or leave MODEL out to "
+            "use the embedded all-MiniLM-L6-v2.")
+
+
 def load_model(name_or_path: str | os.PathLike | None = None) -> nn.Module:
     """Load a pre-trained model (``transformers.AutoModel``) on the CPU, in eval mode.
 
@@ -87,19 +93,51 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> nn.Module:
     try:
         model = AutoModel.from_pretrained(source)
     except OSError as error:
-        raise ValueError(
-            f"could not load model {source!r}: it is not a local folder and the "
-            "hub did not provide it (offline, or not cached). Pass a local folder, "
-            "or leave MODEL out to use the embedded all-MiniLM-L6-v2."
-        ) from error
+        raise ValueError(_unloadable(source)) from error
     return model.eval()
 
 
+def load_classifier(
+    name_or_path: str | os.PathLike | None = None, num_labels: int = 2
+) -> nn.Module:
+    """A pre-trained encoder with a new sequence-classification head, on the CPU.
+
+    ``num_labels = 1`` makes a regression head (STS-B). The head is freshly
+    initialized from torch's global generator: seed it for reproducible runs.
+    Transformers' notice that the head is untrained is silenced, since a new
+    head is the point.
+
+    Examples
+    --------
+    >>> load_classifier(num_labels=3).classifier
+    Linear(in_features=384, out_features=3, bias=True)
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    source = resolve_model(name_or_path)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    except OSError as error:
+        raise ValueError(_unloadable(source)) from error
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
-    """The tokenizer of a model (``transformers.AutoTokenizer``); ``None``: the embedded one."""
+    """The tokenizer of a model (``transformers.AutoTokenizer``); ``None``: the embedded one.
+
+    A folder holding only a saved tokenizer (``tokenizer_config.json``, as in
+    the ``model/`` folder of a fine-tuning run) works too.
+    """
     from transformers import AutoTokenizer
 
-    source = resolve_model(name_or_path)
+    saved = name_or_path is not None and (Path(name_or_path) / "tokenizer_config.json").is_file()
+    source = str(name_or_path) if saved else resolve_model(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(source)
     except OSError as error:

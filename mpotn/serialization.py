@@ -123,6 +123,11 @@ def save(model: MPOModel, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def is_saved_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``save_pretrained`` (has an mpotn config)."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():

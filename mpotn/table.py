@@ -31,6 +31,26 @@ class Table(list):
 
         return pd.DataFrame.from_records(self)
 
+    def to_csv(self) -> str:
+        """CSV text with a header row (the union of the rows' keys, in order of appearance).
+
+        Examples
+        --------
+        >>> print(Table([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]).to_csv(), end="")
+        step,loss
+        1,0.5
+        2,0.25
+        """
+        import csv
+        import io
+
+        keys = list(dict.fromkeys(k for row in self for k in row))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self)
+        return out.getvalue()
+
     def select(self, columns: dict[str, str]) -> Table:
         """The ``columns`` (``{key: header}``) of every row, renamed to their headers.
 

@@ -21,3 +21,23 @@ def minilm() -> dict[str, torch.Tensor]:
 def ffn(minilm: dict[str, torch.Tensor]) -> torch.Tensor:
     """Layer 0's FFN up-projection as the paper's math matrix (in x out = 384 x 1536)."""
     return minilm["encoder.layer.0.intermediate.dense.weight"].T.contiguous()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
+    """A 2-layer, 32-wide BERT (random weights) with the embedded tokenizer, as a model folder.
+
+    Small enough that fine-tuning and squeezing tests take seconds; its
+    vocabulary is MiniLM's, so the real tokenizer and SST-2 sample work with it.
+    """
+    from transformers import BertConfig, BertModel
+
+    from mpotn.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return folder

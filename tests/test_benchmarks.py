@@ -54,3 +54,17 @@ def test_forward_benchmark_quick_mode_compares_equal_layers(tmp_path):
         assert row["choice"] in ("contract", "rebuild")
     full = [r for r in rows if r["bonds"] == "8,128,192,12"]
     assert full and all(r["params/dense"] > 1 for r in full)
+
+
+def test_glue_sst2_experiment_quick_mode_runs_every_row(tmp_path):
+    out = tmp_path / "glue_sst2.json"
+    assert load_benchmark("glue_sst2").main(["--quick", "--seeds", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["row"]: r for r in report["summary"]}
+    assert set(rows) == {"full", "lfa", "central", "last-1", "last-2", "last-3", "lora",
+                         "squeeze", "direct"}
+    assert rows["lfa"]["trainable params"] < 0.15 * rows["full"]["trainable params"]
+    assert rows["squeeze"]["total params"] == rows["direct"]["total params"]
+    assert rows["squeeze"]["fine-tuning steps"] == rows["direct"]["fine-tuning steps"]
+    assert len(report["findings"]) == 4
+    assert "| row" in (tmp_path / "glue_sst2.md").read_text()

@@ -1,0 +1,445 @@
+"""Dimension squeezing (SPEC §3, Algorithm 2), with checkpoints and the ``direct`` ablation.
+
+Starting from a fine-tuned MPO model with task score ``P``, each step
+
+1. estimates, for every matrix allowed to shrink, the error of its next cut
+   of the central bond (``d -> d - c``) from its *stored* singular values
+   (Eq. 3: ``eps = sqrt(sum of the cut lambda_k^2)``; no matrix is rebuilt);
+2. cuts the matrix with the least estimated error (relative to its norm by
+   default), by TT-rounding its current cores, which refreshes that matrix's
+   stored spectrum;
+3. fine-tunes the auxiliary tensors (with biases, norms and the task head;
+   central tensors frozen) for a set number of optimizer steps;
+4. evaluates the score ``P~`` and stops once it is worse than ``P`` by more
+   than ``Delta`` (the returned model is then the last one within ``Delta``),
+   at a target compression, at the step limit, or when nothing can be cut.
+
+Every step is checkpointed (an mpotn save plus the squeezing state, published
+by an atomic rename of ``latest.json``), so a run killed at any moment resumes
+where it stopped, with the same data order and seeds as an uninterrupted run.
+
+:func:`direct_truncation` is the paper's ``MPOP_dir`` ablation: cut every
+matrix straight to the squeezed model's bonds and fine-tune for the same
+total number of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mpotn.atomic import write_text
+from mpotn.compress import MPOModel, count_parameters
+from mpotn.data import TaskData
+from mpotn.drawing import draw_history
+from mpotn.models import matrix_type
+from mpotn.serialization import load
+from mpotn.table import Table
+from mpotn.training import (
+    FinetuneResult,
+    TrainingConfig,
+    evaluate,
+    finetune,
+    save_model,
+    tokenize,
+)
+
+MONITORS = ("metric", "loss")
+ERRORS = ("relative", "absolute")
+STATE_NAME = "latest.json"
+
+
+@dataclass
+class SqueezeConfig:
+    """How to squeeze.
+
+    Attributes
+    ----------
+    types:
+        Matrix types that may be cut (``query``, ``key``, ``value``,
+        ``attn_out``, ``ffn_in``, ``ffn_out``, ``word_emb``, ...; see
+        :func:`mpotn.models.matrix_type`); ``None``: every MPO layer.
+    cut:
+        Size of one cut: an integer ``>= 1`` removes that many dimensions (the
+        paper: 1); a fraction in ``(0, 1)`` removes that share of the current
+        central bond (at least one dimension).
+    steps_per_cut:
+        Optimizer steps of auxiliary fine-tuning after each cut.
+    max_cuts:
+        Step limit (``iter`` of Algorithm 2).
+    delta:
+        Tolerated degradation ``Delta`` of the monitored score.
+    monitor:
+        ``"metric"`` (the task's headline metric, higher is better) or
+        ``"loss"`` (evaluation loss, lower is better).
+    target_ratio:
+        Stop once the model's parameters over the original model's reach it.
+    min_bond:
+        No central bond is cut below this.
+    error:
+        Rank candidates by ``"relative"`` (``eps / ||M||``) or ``"absolute"``
+        (``eps``) estimated error.
+    """
+
+    types: list[str] | None = None
+    cut: float = 1
+    steps_per_cut: int = 20
+    max_cuts: int = 100
+    delta: float = 0.01
+    monitor: str = "metric"
+    target_ratio: float | None = None
+    min_bond: int = 1
+    error: str = "relative"
+
+    def __post_init__(self) -> None:
+        if self.cut <= 0 or (self.cut >= 1 and self.cut != int(self.cut)):
+            raise ValueError(
+                f"cut must be a whole number of dimensions >= 1 or a fraction in (0, 1), "
+                f"got {self.cut}"
+            )
+        if self.steps_per_cut < 0 or self.max_cuts < 1:
+            raise ValueError("steps_per_cut must be >= 0 and max_cuts >= 1")
+        if self.delta < 0:
+            raise ValueError(f"delta is a tolerance and must be >= 0, got {self.delta}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
+        if self.error not in ERRORS:
+            raise ValueError(f"error must be one of {ERRORS}, got {self.error!r}")
+        if self.min_bond < 1:
+            raise ValueError(f"min_bond must be >= 1, got {self.min_bond}")
+        if self.target_ratio is not None and self.target_ratio <= 0:
+            raise ValueError(f"target_ratio must be > 0, got {self.target_ratio}")
+
+    def next_dim(self, dim: int) -> int:
+        """Central-bond dimension after one cut of a bond of size ``dim``."""
+        removed = int(self.cut) if self.cut >= 1 else max(1, math.floor(self.cut * dim))
+        return max(self.min_bond, dim - removed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SqueezeState:
+    """Everything a resumed run needs besides the model's weights.
+
+    Attributes
+    ----------
+    step:
+        Cuts done so far.
+    baseline:
+        The score ``P`` of the starting model (monitored quantity).
+    spectra:
+        ``{matrix: {"bond": k, "values": [lambda_1, ...], "norm": ||M||}}``,
+        the stored central-bond singular values.
+    history:
+        One row per evaluated model (step 0 is the starting model).
+    accepted:
+        Step of the last model within ``Delta``.
+    stop_reason:
+        Why the run ended (``None`` while it runs).
+    """
+
+    step: int = 0
+    baseline: float = math.nan
+    spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    accepted: int = 0
+    stop_reason: str | None = None
+
+
+def central_spectrum(layer: Any) -> dict[str, Any]:
+    """The central bond of an MPO layer, its singular values and the matrix norm."""
+    mpo = layer.mpo()
+    bond = mpo.central_bond
+    return {"bond": bond, "values": mpo.singular_values[bond - 1].tolist(), "norm": mpo.norm}
+
+
+def estimated_error(spectrum: dict[str, Any], keep: int, relative: bool = True) -> float:
+    """Eq. 3 from stored values: ``sqrt(sum_{k > keep} lambda_k^2)`` (over ``||M||``)."""
+    eps = math.sqrt(sum(v * v for v in spectrum["values"][keep:]))
+    return eps / spectrum["norm"] if relative and spectrum["norm"] > 0 else eps
+
+
+def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> Table:
+    """Every matrix that may be cut, with its next cut and estimated error, best first."""
+    rows = Table()
+    for name, layer in model.mpo_layers().items():
+        if config.types is not None and matrix_type(name) not in config.types:
+            continue
+        spectrum = state.spectra.get(name)
+        if spectrum is None:
+            continue
+        dim = layer.bond_dims[spectrum["bond"]]
+        new = config.next_dim(dim)
+        if new >= dim:
+            continue
+        rows.append({
+            "matrix": name, "bond": spectrum["bond"], "dim": dim, "new_dim": new,
+            "estimated_error": estimated_error(spectrum, new, config.error == "relative"),
+        })
+    rows.sort(key=lambda r: (r["estimated_error"], r["matrix"]))
+    return rows
+
+
+def cut(model: MPOModel, name: str, bond: int, dim: int) -> dict[str, Any]:
+    """Cut ``bond`` of matrix ``name`` to ``dim`` (TT-rounding); return its new spectrum.
+
+    The returned spectrum also carries ``error``: the cut's actual relative
+    error against the matrix before the cut.
+    """
+    layer = model.base_model.get_submodule(name)
+    mpo = layer.mpo()
+    truncated = mpo.truncate(bond_dims={bond: dim})
+    layer.load_mpo(truncated)
+    spectrum = {"bond": bond, "values": truncated.singular_values[bond - 1].tolist(),
+                "norm": truncated.norm}
+    spectrum["error"] = truncated.error_bound / mpo.norm if mpo.norm > 0 else 0.0
+    return spectrum
+
+
+def _score(scores: dict[str, float], data: TaskData, monitor: str) -> float:
+    return scores["loss"] if monitor == "loss" else scores[data.spec.metrics[0]]
+
+
+def _worse_by(baseline: float, value: float, monitor: str) -> float:
+    """How much worse ``value`` is than ``baseline`` (negative when better)."""
+    return value - baseline if monitor == "loss" else baseline - value
+
+
+@dataclass
+class SqueezeResult:
+    """A finished squeeze: the accepted model, its history, and the final record."""
+
+    model: MPOModel
+    history: Table
+    record: dict[str, Any]
+
+
+class Squeezer:
+    """Algorithm 2 on one model, checkpointed in ``out / "checkpoints"``.
+
+    Parameters
+    ----------
+    model:
+        The fine-tuned MPO model to squeeze (ignored when resuming).
+    tokenizer, data:
+        The task.
+    config:
+        Squeezing settings.
+    training:
+        Settings of the auxiliary fine-tuning between cuts (its strategy is
+        forced to ``lfa`` and its ``max_steps`` to ``config.steps_per_cut``;
+        its seed plus the step number seeds each step).
+    out:
+        Output directory.
+    """
+
+    def __init__(self, model: MPOModel | None, tokenizer: Any, data: TaskData,
+                 config: SqueezeConfig, training: TrainingConfig, out: str | os.PathLike,
+                 progress: bool = True) -> None:
+        self.model, self.tokenizer, self.data = model, tokenizer, data
+        self.config = config
+        self.training = dataclasses.replace(training, strategy="lfa",
+                                            max_steps=config.steps_per_cut)
+        self.out = Path(out)
+        self.progress = progress
+        self.state = SqueezeState()
+        self._tokenized: tuple[Any, Any] | None = None
+
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:04d}"
+
+    def save_checkpoint(self) -> None:
+        """Save the model of this step, then publish it with the state (atomic rename)."""
+        self.model.save_pretrained(str(self._checkpoint_dir(self.state.step)))
+        write_text(self.checkpoints / STATE_NAME, json.dumps({
+            "checkpoint": self._checkpoint_dir(self.state.step).name,
+            "config": self.config.to_dict(),
+            "training": self.training.to_dict(),
+            "state": dataclasses.asdict(self.state),
+        }, indent=2))
+        keep = {0, self.state.step, self.state.accepted}
+        for old in self.checkpoints.glob("step-*"):
+            if int(old.name.removeprefix("step-")) not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint (its configs replace the given ones)."""
+        path = self.checkpoints / STATE_NAME
+        if not path.is_file():
+            raise ValueError(f"nothing to resume: {path} does not exist; run without --resume")
+        saved = json.loads(path.read_text())
+        self.config = SqueezeConfig(**saved["config"])
+        self.training = TrainingConfig(**saved["training"])
+        self.state = SqueezeState(**saved["state"])
+        self.model = load(self.checkpoints / saved["checkpoint"])
+
+    def has_checkpoint(self) -> bool:
+        """Whether ``out`` already holds a squeeze run."""
+        return (self.checkpoints / STATE_NAME).is_file()
+
+    # ------------------------------------------------------------------ steps
+    def _evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.tokenizer, self.data, self.training, self._tokenized[1])
+
+    def _row(self, scores: dict[str, float], **extra: Any) -> dict[str, Any]:
+        total = count_parameters(self.model.base_model.parameters())
+        return {
+            "step": self.state.step, **extra,
+            "params": total,
+            "params_over_original": total / self.model.original_params,
+            **scores,
+        }
+
+    def start(self) -> None:
+        """Step 0: store every candidate's central spectrum and the baseline score ``P``."""
+        for name, layer in self.model.mpo_layers().items():
+            self.state.spectra[name] = central_spectrum(layer)
+        scores = self._evaluate()
+        self.state.baseline = _score(scores, self.data, self.config.monitor)
+        self.state.history.append(self._row(scores, matrix=None, bond=None, dim=None,
+                                            new_dim=None, estimated_error=0.0, cut_error=0.0,
+                                            train_loss=None, seconds=0.0))
+        self.save_checkpoint()
+
+    def _stop_reason(self) -> str | None:
+        last = self.state.history[-1]
+        if self.state.step and _worse_by(self.state.baseline,
+                                         _score(last, self.data, self.config.monitor),
+                                         self.config.monitor) > self.config.delta:
+            return "delta"
+        if (self.config.target_ratio is not None
+                and last["params_over_original"] <= self.config.target_ratio):
+            return "target_ratio"
+        if self.state.step >= self.config.max_cuts:
+            return "max_cuts"
+        if not candidates(self.model, self.state, self.config):
+            return "nothing_to_cut"
+        return None
+
+    def step(self) -> None:
+        """One cut, its auxiliary fine-tuning and evaluation, then a checkpoint."""
+        start = time.perf_counter()
+        best = candidates(self.model, self.state, self.config)[0]
+        spectrum = cut(self.model, best["matrix"], best["bond"], best["new_dim"])
+        cut_error = spectrum.pop("error")
+        self.state.spectra[best["matrix"]] = spectrum
+        self.state.step += 1
+        train_loss = None
+        if self.config.steps_per_cut:
+            config = dataclasses.replace(self.training, seed=self.training.seed
+                                         + self.state.step)
+            result: FinetuneResult = finetune(self.model, self.tokenizer, self.data, config,
+                                              progress=False, evaluate_after=False,
+                                              tokenized=self._tokenized)
+            train_loss = result.record["train_loss"]
+        scores = self._evaluate()
+        self.state.history.append(self._row(
+            scores, matrix=best["matrix"], bond=best["bond"], dim=best["dim"],
+            new_dim=best["new_dim"], estimated_error=best["estimated_error"],
+            cut_error=cut_error, train_loss=train_loss,
+            seconds=time.perf_counter() - start))
+        worse = _worse_by(self.state.baseline, _score(scores, self.data, self.config.monitor),
+                          self.config.monitor)
+        if worse <= self.config.delta:
+            self.state.accepted = self.state.step
+        self.save_checkpoint()
+
+    def run(self, resume: bool = False) -> SqueezeResult:
+        """Squeeze until a stop condition; write the history, plot, metrics and model."""
+        if resume:
+            self.resume()
+        elif self.has_checkpoint():
+            raise ValueError(
+                f"{self.out} already holds a squeeze run; pass resume=True (--resume) to "
+                "continue it, or choose another output directory"
+            )
+        self._tokenized = tokenize(self.data, self.tokenizer, self.training.max_length,
+                                   self.training.train_limit, self.training.eval_limit)
+        if not self.state.history:
+            self.start()
+        bar = tqdm(total=self.config.max_cuts, initial=self.state.step, desc="squeezing",
+                   unit="cut", disable=not self.progress)
+        while (reason := self._stop_reason()) is None:
+            self.step()
+            last = self.state.history[-1]
+            bar.update(1)
+            bar.set_postfix(matrix=last["matrix"], params=f"{last['params_over_original']:.3f}",
+                            score=f"{_score(last, self.data, self.config.monitor):.4f}")
+        bar.close()
+        self.state.stop_reason = reason
+        self.save_checkpoint()
+        return self.finish()
+
+    def finish(self) -> SqueezeResult:
+        """The accepted model, and the output files of the run."""
+        accepted = self.state.accepted
+        model = self.model if accepted == self.state.step else load(
+            self._checkpoint_dir(accepted))
+        history = Table(self.state.history)
+        final = history[accepted]
+        record = {
+            "stop_reason": self.state.stop_reason,
+            "cuts": self.state.step,
+            "accepted_step": accepted,
+            "baseline": self.state.baseline,
+            "monitor": self.config.monitor,
+            "steps_per_cut": self.config.steps_per_cut,
+            "fine_tuning_steps": accepted * self.config.steps_per_cut,
+            "bond_dims": {name: list(layer.bond_dims)
+                          for name, layer in model.mpo_layers().items()},
+            **{k: v for k, v in final.items() if k not in ("matrix", "bond", "dim", "new_dim")},
+        }
+        write_text(self.out / "metrics.json", json.dumps(record, indent=2))
+        write_text(self.out / "history.json", json.dumps(list(history), indent=2))
+        write_text(self.out / "history.csv", history.to_csv())
+        metric = "loss" if self.config.monitor == "loss" else self.data.spec.metrics[0]
+        draw_history(history, "step", [metric, "params_over_original"],
+                     self.out / "history.png", "dimension squeezing (Algorithm 2)",
+                     marks=["matrix"] if len(history) <= 40 else [])
+        save_model(model, self.tokenizer, self.out / "model")
+        return SqueezeResult(model, history, record)
+
+
+def squeeze(model: MPOModel | None, tokenizer: Any, data: TaskData, config: SqueezeConfig,
+            training: TrainingConfig, out: str | os.PathLike, *, resume: bool = False,
+            progress: bool = True) -> SqueezeResult:
+    """Run Algorithm 2 (see :class:`Squeezer`); ``resume`` continues a stopped run."""
+    return Squeezer(model, tokenizer, data, config, training, out, progress).run(resume)
+
+
+def direct_truncation(model: MPOModel, tokenizer: Any, data: TaskData,
+                      bond_dims: dict[str, list[int]], training: TrainingConfig,
+                      steps: int, *, progress: bool = True) -> dict[str, Any]:
+    """The ``direct`` ablation: cut straight to ``bond_dims``, fine-tune ``steps``, evaluate.
+
+    ``model`` (the squeeze's starting model) is modified in place.
+    """
+    for name, dims in bond_dims.items():
+        layer = model.base_model.get_submodule(name)
+        if tuple(dims) != layer.bond_dims:
+            layer.load_mpo(layer.mpo().truncate(bond_dims=list(dims)[1:-1]))
+    config = dataclasses.replace(training, strategy="lfa", max_steps=steps)
+    if steps:
+        record = finetune(model, tokenizer, data, config, progress=progress).record
+    else:
+        record = evaluate(model, tokenizer, data, config)
+    total = count_parameters(model.base_model.parameters())
+    return {**record, "strategy": "direct", "fine_tuning_steps": steps, "params": total,
+            "params_over_original": total / model.original_params}

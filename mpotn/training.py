@@ -1,0 +1,420 @@
+"""Fine-tuning on a task with the transformers ``Trainer``: one path for every strategy.
+
+:func:`finetune` trains a sequence-classification (or regression) model with
+the parameters a strategy selects (:mod:`mpotn.strategies`), the central and
+auxiliary tensors at their own learning rates, and evaluates it on the task's
+evaluation split. Every run returns a :class:`FinetuneResult` recording the
+trainable and total parameters, the wall time, the training loss and the
+task's metrics.
+
+:func:`prepare_model` builds the model a strategy needs: the pre-trained
+encoder with a new task head, decomposed into MPOs at full rank (or a budget)
+for ``lfa`` and ``central``.
+
+Examples
+--------
+>>> from torch import nn
+>>> from mpotn.data import sst2_sample
+>>> data = sst2_sample()
+>>> config = TrainingConfig(strategy="lfa", max_steps=1, batch_size=4, eval_limit=8)
+>>> model, tokenizer = prepare_model(None, data, config, targets=["ffn"], progress=False)
+>>> result = finetune(model, tokenizer, data, config, progress=False)
+>>> result.record["strategy"], result.record["steps"], 0 <= result.record["accuracy"] <= 1
+('lfa', 1, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpotn.atomic import atomic_dir, write_text
+from mpotn.compress import (
+    MPO_LAYERS,
+    CompressionConfig,
+    MPOModel,
+    compress,
+    count_parameters,
+    lfa_parameters,
+    select_targets,
+)
+from mpotn.data import TaskData, compute_metrics
+from mpotn.drawing import draw_history
+from mpotn.models import load_classifier, load_tokenizer
+from mpotn.network import central_index
+from mpotn.shapes import full_bond_dims, plan_side
+from mpotn.strategies import (
+    STRATEGIES,
+    apply_strategy,
+    head_parameters,
+    lora_rank_for_budget,
+    optimizer_groups,
+)
+from mpotn.table import Table
+
+#: Learning rates that work for each strategy on MiniLM-sized models: whole
+#: matrices move slowly, small adapter-like tensors and a fresh head need more.
+DEFAULT_LR = {"full": 5e-5, "lfa": 5e-4, "central": 5e-4, "last-k": 1e-4, "lora": 1e-3}
+
+#: Matrices decomposed for ``lfa`` / ``central`` unless told otherwise: attention
+#: and FFN (not the pooler or the head). The paper also decomposes the word
+#: embedding; add ``word_embeddings`` to do so, at a cost: its full-rank MPO
+#: (30522 x 384, central tensor of 11.8M entries) must be contracted for every
+#: batch once its auxiliary tensors train, which doubles a MiniLM training step.
+DEFAULT_TARGETS = ("attention", "ffn")
+
+
+@dataclass
+class TrainingConfig:
+    """How to fine-tune.
+
+    Attributes
+    ----------
+    strategy:
+        One of :data:`mpotn.strategies.STRATEGIES`.
+    k:
+        Layers tuned by ``last-k``.
+    lora_rank:
+        LoRA rank; ``None`` matches LFA's trainable budget on the same model.
+    lr:
+        Learning rate; ``None`` takes :data:`DEFAULT_LR` for the strategy.
+    central_lr, auxiliary_lr:
+        Learning rates of central and auxiliary tensors (default: ``lr``).
+    epochs:
+        Passes over the training set (ignored when ``max_steps`` > 0).
+    max_steps:
+        Optimizer steps; ``-1`` trains for ``epochs``.
+    batch_size, max_length:
+        Examples per step; tokens per example (longer ones are truncated).
+    weight_decay, warmup_ratio:
+        AdamW weight decay; share of steps with a linear warm-up.
+    seed:
+        Seeds the task head, the data order and dropout.
+    train_limit, eval_limit:
+        Use only the first examples of each split (``None``: all).
+    """
+
+    strategy: str = "lfa"
+    k: int | None = None
+    lora_rank: int | None = None
+    lr: float | None = None
+    central_lr: float | None = None
+    auxiliary_lr: float | None = None
+    epochs: float = 3.0
+    max_steps: int = -1
+    batch_size: int = 32
+    max_length: int = 64
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    seed: int = 0
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        if self.strategy == "last-k" and self.k is None:
+            raise ValueError("strategy 'last-k' needs k (how many final layers to tune)")
+        if self.batch_size < 1 or self.max_length < 2:
+            raise ValueError("batch_size must be >= 1 and max_length >= 2")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("give max_steps > 0 or epochs > 0")
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the strategy's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced.
+
+    Attributes
+    ----------
+    model:
+        The trained model (PEFT-wrapped for ``lora``; an :class:`MPOModel`
+        when the model was compressed).
+    record:
+        Strategy, trainable / total / original parameters, steps, seconds,
+        training loss, evaluation loss and the task's metrics.
+    history:
+        The Trainer's log (step, loss, learning rate, ...).
+    """
+
+    model: nn.Module
+    record: dict[str, Any]
+    history: Table
+
+
+def prepare_model(
+    model: str | os.PathLike | None,
+    data: TaskData,
+    config: TrainingConfig,
+    *,
+    targets: list[str] | str | None = None,
+    compression: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, Any]:
+    """The model a strategy trains, and its tokenizer.
+
+    Parameters
+    ----------
+    model:
+        ``None`` (the embedded all-MiniLM-L6-v2), a local folder or hub id of a
+        pre-trained encoder (a task head is added), or the ``model/`` folder
+        of an earlier run (an mpotn save with its tokenizer, loaded as it is).
+    data:
+        The task (its number of labels sizes the head).
+    config:
+        The training configuration (its strategy and seed).
+    targets, compression:
+        For ``lfa`` and ``central``: what to decompose (default
+        :data:`DEFAULT_TARGETS`) and :class:`~mpotn.compress.CompressionConfig`
+        settings (default: full rank, ``n = 5``).
+    """
+    from mpotn.serialization import is_saved_model, load
+
+    if model is not None and is_saved_model(model):
+        return load(model), load_tokenizer(model)
+    torch.manual_seed(config.seed)  # the new task head
+    classifier = load_classifier(model, data.num_labels)
+    tokenizer = load_tokenizer(model)
+    if config.strategy in ("lfa", "central"):
+        settings = {"targets": list(targets or DEFAULT_TARGETS), **(compression or {})}
+        return compress(classifier, CompressionConfig(**settings), progress=progress), tokenizer
+    return classifier, tokenizer
+
+
+def tokenize(data: TaskData, tokenizer: Any, max_length: int, train_limit: int | None = None,
+             eval_limit: int | None = None) -> tuple[Any, Any]:
+    """Tokenized train and eval splits (columns ``input_ids``, ``attention_mask``, ``label``)."""
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        pair = batch.get("text_pair")
+        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+
+    def prepare(split: Any, limit: int | None) -> Any:
+        if split is None:
+            return None
+        if limit is not None:
+            split = split.select(range(min(limit, len(split))))
+        drop = [c for c in split.column_names if c != "label"]
+        return split.map(encode, batched=True, remove_columns=drop)
+
+    return prepare(data.train, train_limit), prepare(data.eval, eval_limit)
+
+
+def _trainable_model(model: nn.Module) -> nn.Module:
+    """The module the Trainer sees: the wrapped model of an :class:`MPOModel`."""
+    return model.base_model if isinstance(model, MPOModel) else model
+
+
+def _metric_fn(data: TaskData) -> Any:
+    def metrics(prediction: Any) -> dict[str, float]:
+        logits = np.asarray(prediction.predictions)
+        predicted = logits[..., 0] if data.spec.regression else logits.argmax(-1)
+        return compute_metrics(data.spec.metrics, predicted, prediction.label_ids)
+    return metrics
+
+
+def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, progress: bool,
+                       steps: int) -> Any:
+    """``transformers.TrainingArguments`` for a CPU run that saves nothing by itself."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(64, config.batch_size),
+        num_train_epochs=config.epochs,
+        max_steps=steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=math.ceil(config.warmup_ratio * steps),
+        lr_scheduler_type="linear",
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=True,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+
+
+def planned_steps(config: TrainingConfig, train_size: int) -> int:
+    """Optimizer steps of a run: ``max_steps``, or ``epochs`` over ``train_size`` examples."""
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * math.ceil(train_size / config.batch_size)))
+
+
+def evaluate(model: nn.Module, tokenizer: Any, data: TaskData, config: TrainingConfig,
+             eval_set: Any | None = None) -> dict[str, float]:
+    """Evaluation loss and the task's metrics on the evaluation split."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    if eval_set is None:
+        _, eval_set = tokenize(data, tokenizer, config.max_length, 0, config.eval_limit)
+    with tempfile.TemporaryDirectory(prefix="mpotn-eval-") as scratch:
+        trainer = Trainer(
+            model=_trainable_model(model),
+            args=training_arguments(config, scratch, False, 1),
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=_metric_fn(data),
+        )
+        output = trainer.predict(eval_set)
+    return {k.removeprefix("test_"): float(v) for k, v in output.metrics.items()
+            if k in ("test_loss", *(f"test_{m}" for m in data.spec.metrics))}
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer: Any,
+    data: TaskData,
+    config: TrainingConfig,
+    *,
+    progress: bool = True,
+    evaluate_after: bool = True,
+    tokenized: tuple[Any, Any] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on ``data.train`` with ``config.strategy`` and evaluate it.
+
+    The model is modified in place (``lora`` wraps it; use ``result.model``).
+    ``tokenized`` passes the output of :func:`tokenize` for repeated runs.
+
+    Raises
+    ------
+    ValueError
+        For a strategy the model cannot take (``lfa`` without MPO layers, ...)
+        or a task without a training split.
+    """
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+
+    if data.train is None:
+        raise ValueError("the task has no training split to fine-tune on")
+    trained = _trainable_model(model)
+    lora_rank = config.lora_rank
+    if config.strategy == "lora" and lora_rank is None:
+        head = count_parameters(p for _, p in head_parameters(trained))
+        lora_rank = lora_rank_for_budget(trained, lfa_budget(trained) - head)
+    selection = apply_strategy(trained, config.strategy, k=config.k, lora_rank=lora_rank)
+    trained = selection.pop("model", trained)
+    train_set, eval_set = tokenized or tokenize(data, tokenizer, config.max_length,
+                                                config.train_limit, config.eval_limit)
+    steps = planned_steps(config, len(train_set))
+    optimizer = torch.optim.AdamW(optimizer_groups(
+        trained, config.learning_rate, config.central_lr, config.auxiliary_lr,
+        config.weight_decay))
+    with tempfile.TemporaryDirectory(prefix="mpotn-train-") as scratch:
+        trainer = Trainer(
+            model=trained,
+            args=training_arguments(config, scratch, progress, steps),
+            train_dataset=train_set,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            optimizers=(optimizer, None),
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - start
+    trained.eval()
+    result_model = model if trained is _trainable_model(model) else trained
+    record = {
+        **selection,
+        "original_params": getattr(model, "original_params", None)
+        or count_parameters(_trainable_model(model).parameters()),
+        "lr": config.learning_rate,
+        "seed": config.seed,
+        "steps": int(output.global_step),
+        "train_examples": len(train_set),
+        "train_seconds": seconds,
+        "train_loss": float(output.training_loss),
+    }
+    if "rank" in selection:
+        record["lora_rank"] = record.pop("rank")
+    if evaluate_after:
+        start = time.perf_counter()
+        record.update(evaluate(result_model, tokenizer, data, config, eval_set))
+        record["eval_seconds"] = time.perf_counter() - start
+    history = Table({k: v for k, v in row.items()} for row in trainer.state.log_history
+                    if "loss" in row)
+    return FinetuneResult(result_model, record, history)
+
+
+def lfa_budget(model: nn.Module) -> int:
+    """Parameters LFA trains on ``model``: auxiliary tensors, biases, norms and the head.
+
+    On a model without MPO layers, it is what LFA would train after the
+    default preparation (:data:`DEFAULT_TARGETS` at full rank, ``n = 5``),
+    counted from the factorizations and Eq. 2 without decomposing anything.
+
+    Examples
+    --------
+    >>> model = load_classifier()
+    >>> lfa_budget(model)
+    1271642
+    """
+    chosen = {id(p): p for _, p in head_parameters(model)}
+    chosen.update((id(p), p) for _, p in lfa_parameters(model))
+    trained = count_parameters(chosen.values())
+    if any(isinstance(m, MPO_LAYERS) for m in model.modules()):
+        return trained
+    config = CompressionConfig(targets=list(DEFAULT_TARGETS))
+    for _, module in select_targets(model, config):
+        rows, cols = (module.weight.shape if isinstance(module, nn.Embedding)
+                      else module.weight.shape[::-1])
+        row, col = plan_side(rows, config.n), plan_side(cols, config.n)
+        dims = full_bond_dims(row.factors, col.factors)
+        sizes = [dims[k] * i * j * dims[k + 1]
+                 for k, (i, j) in enumerate(zip(row.factors, col.factors))]
+        trained += sum(sizes) - sizes[central_index(config.n)]
+    return trained
+
+
+def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
+              title: str) -> dict[str, Path]:
+    """Write ``metrics.json``, ``history.csv`` / ``.json``, ``history.png`` and ``model/``."""
+    out = Path(out)
+    paths = {
+        "metrics": write_text(out / "metrics.json", json.dumps(result.record, indent=2)),
+        "history_json": write_text(out / "history.json", json.dumps(list(result.history),
+                                                                    indent=2)),
+        "history_csv": write_text(out / "history.csv", result.history.to_csv()),
+    }
+    if len(result.history):
+        paths["plot"] = draw_history(result.history, "step", ["loss"], out / "history.png", title)
+    paths["model"] = save_model(result.model, tokenizer, out / "model")
+    return paths
+
+
+def save_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike) -> Path:
+    """Save a trained model and its tokenizer, replacing ``directory`` atomically.
+
+    An :class:`MPOModel` is an mpotn save (``mpotn.load`` and
+    :func:`prepare_model` read it back); other models use Hugging Face's
+    ``save_pretrained`` (a PEFT model saves its adapters).
+    """
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return Path(directory)

@@ -1,0 +1,193 @@
+"""Dimension squeezing (Algorithm 2): the step's choice, stopping, resume, the direct ablation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mpotn.data import sst2_sample
+from mpotn.squeeze import (
+    SqueezeConfig,
+    Squeezer,
+    SqueezeState,
+    candidates,
+    central_spectrum,
+    cut,
+    direct_truncation,
+)
+from mpotn.training import TrainingConfig, prepare_model
+
+TRAINING = TrainingConfig(strategy="lfa", batch_size=8, train_limit=48, eval_limit=32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sst2_sample()
+
+
+def fresh(tiny_bert, data):
+    model, tokenizer = prepare_model(tiny_bert, data, TRAINING, targets=["attention", "ffn"],
+                                     progress=False)
+    return model, tokenizer
+
+
+def test_a_step_cuts_the_matrix_with_the_least_true_error(tiny_bert, data):
+    model, _ = fresh(tiny_bert, data)
+    state = SqueezeState(spectra={n: central_spectrum(m) for n, m in model.mpo_layers().items()})
+    config = SqueezeConfig(cut=0.3)
+    ranked = candidates(model, state, config)
+    assert len(ranked) == 12
+    # brute force: cut every candidate for real and measure ||M - M~|| / ||M|| on the matrix
+    true = {}
+    for row in ranked:
+        layer = model.base_model.get_submodule(row["matrix"])
+        before = layer.matrix().detach().double()
+        mpo = layer.mpo().truncate(bond_dims={row["bond"]: row["new_dim"]})
+        true[row["matrix"]] = float((mpo.to_matrix().double() - before).norm() / before.norm())
+        assert row["estimated_error"] == pytest.approx(true[row["matrix"]], rel=1e-4, abs=1e-6)
+    assert ranked[0]["matrix"] == min(true, key=true.get)
+    name, bond, dim = ranked[0]["matrix"], ranked[0]["bond"], ranked[0]["new_dim"]
+    spectrum = cut(model, name, bond, dim)
+    assert model.base_model.get_submodule(name).bond_dims[bond] == dim
+    assert len(spectrum["values"]) == dim
+    assert spectrum["error"] == pytest.approx(true[name], rel=1e-4, abs=1e-6)
+
+
+def test_cut_sizes_and_settings():
+    assert SqueezeConfig(cut=1).next_dim(12) == 11
+    assert SqueezeConfig(cut=3).next_dim(12) == 9
+    assert SqueezeConfig(cut=0.25).next_dim(12) == 9
+    assert SqueezeConfig(cut=0.01).next_dim(12) == 11  # at least one dimension
+    assert SqueezeConfig(cut=4, min_bond=10).next_dim(12) == 10
+    with pytest.raises(ValueError, match="whole number"):
+        SqueezeConfig(cut=1.5)
+    with pytest.raises(ValueError, match="monitor"):
+        SqueezeConfig(monitor="accuracy")
+    with pytest.raises(ValueError, match="delta"):
+        SqueezeConfig(delta=-1)
+
+
+def test_squeeze_cuts_only_allowed_types_and_writes_its_history(tiny_bert, data, tmp_path):
+    model, tokenizer = fresh(tiny_bert, data)
+    config = SqueezeConfig(types=["ffn_in", "ffn_out"], cut=0.5, steps_per_cut=2, max_cuts=3,
+                           delta=1.0)
+    result = Squeezer(model, tokenizer, data, config, TRAINING, tmp_path, False).run()
+    history = result.history
+    assert [r["step"] for r in history] == [0, 1, 2, 3]
+    assert all(r["matrix"].endswith(("intermediate.dense", "output.dense"))
+               and "attention" not in r["matrix"] for r in history[1:])
+    assert [r["params"] for r in history] == sorted((r["params"] for r in history), reverse=True)
+    assert result.record["stop_reason"] == "max_cuts"
+    assert result.record["fine_tuning_steps"] == 6
+    for name in ("metrics.json", "history.csv", "history.json", "history.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    with pytest.raises(ValueError, match="already holds a squeeze run"):
+        Squeezer(model, tokenizer, data, config, TRAINING, tmp_path, False).run()
+
+
+class ScriptedScores(Squeezer):
+    """A squeezer whose evaluations return a given sequence of accuracies."""
+
+    scores = (0.90, 0.89, 0.85, 0.95)
+
+    def _evaluate(self):
+        return {"loss": 0.5, "accuracy": self.scores[len(self.state.history)]}
+
+
+def test_a_drop_beyond_delta_stops_and_returns_the_last_model_within_it(tiny_bert, data,
+                                                                        tmp_path):
+    model, tokenizer = fresh(tiny_bert, data)
+    config = SqueezeConfig(cut=0.5, steps_per_cut=0, max_cuts=3, delta=0.02)
+    squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
+    squeezer._tokenized = (None, None)
+    squeezer.start()
+    squeezer.step()  # 0.90 -> 0.89: within delta
+    after_first = {n: m.bond_dims for n, m in model.mpo_layers().items()}
+    result = squeezer.run(resume=True)  # 0.90 -> 0.85: beyond delta, stop
+    assert result.record["stop_reason"] == "delta"
+    assert result.record["cuts"] == 2 and result.record["accepted_step"] == 1
+    assert result.record["accuracy"] == 0.89 and result.record["fine_tuning_steps"] == 0
+    assert {n: m.bond_dims for n, m in result.model.mpo_layers().items()} == after_first
+    assert {n: m.bond_dims for n, m in squeezer.model.mpo_layers().items()} != after_first
+
+
+def test_direct_truncation_reaches_the_given_bonds(tiny_bert, data):
+    model, tokenizer = fresh(tiny_bert, data)
+    name, layer = next(iter(model.mpo_layers().items()))
+    before = sum(p.numel() for p in model.base_model.parameters())
+    dims = list(layer.bond_dims)
+    dims[2] = 12
+    record = direct_truncation(model, tokenizer, data, {name: dims},
+                               TRAINING, steps=2, progress=False)
+    assert list(model.base_model.get_submodule(name).bond_dims) == dims
+    assert record["strategy"] == "direct" and record["steps"] == 2
+    assert record["params"] < before and record["fine_tuning_steps"] == 2
+
+
+def squeeze_command(model, out, *extra):
+    return [sys.executable, "-m", "mpotn.cli", "squeeze", str(model), "--out", str(out),
+            "--types", "ffn_in", "ffn_out", "--cut", "0.25", "--steps-per-cut", "2",
+            "--max-cuts", "6", "--delta", "1", "--init-epochs", "0.5", "--batch-size", "8",
+            "--train-limit", "48", "--eval-limit", "32", "--no-progress", *extra]
+
+
+def test_a_killed_squeeze_resumes_where_it_stopped(tiny_bert, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(squeeze_command(tiny_bert, reference), check=True, env=env,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(squeeze_command(tiny_bert, killed), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill it once step 2 is checkpointed
+        if state.is_file() and json.loads(state.read_text())["state"]["step"] >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = json.loads(state.read_text())["state"]["step"]
+    assert 2 <= step < 6, "the run was not killed mid-way"
+    assert not (killed / "metrics.json").exists()
+    subprocess.run(squeeze_command(tiny_bert, killed, "--resume"), check=True, env=env,
+                   capture_output=True)
+
+    def history(folder):
+        rows = json.loads((folder / "history.json").read_text())
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    # the same cuts in the same order; scores equal up to multi-threaded float reductions
+    resumed, uninterrupted = history(killed), history(reference)
+    assert len(resumed) == len(uninterrupted) == 7
+    for a, b in zip(resumed, uninterrupted):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+            else:
+                assert a[key] == b[key], key
+    from mpotn import load
+
+    # the same model: equal matrices (cores are equal up to the gauge of their SVDs)
+    a, b = load(reference / "model"), load(killed / "model")
+    for (name, layer), other in zip(a.mpo_layers().items(), b.mpo_layers().values()):
+        assert layer.bond_dims == other.bond_dims, name
+        torch.testing.assert_close(layer.matrix(), other.matrix(), rtol=1e-4, atol=1e-5)
+    dense = {n: p for n, p in a.named_parameters() if ".cores." not in n}
+    for name, param in b.named_parameters():
+        if name in dense:
+            torch.testing.assert_close(param, dense[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_bert):
+    result = subprocess.run(squeeze_command(tiny_bert, tmp_path / "none", "--resume"),
+                            capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "nothing to resume" in result.stderr

@@ -1,0 +1,111 @@
+"""Fine-tuning with the Trainer: one path per strategy, exact counts, records, saved runs."""
+
+import json
+
+import pytest
+import torch
+
+import mpotn
+from mpotn.compress import MPOModel
+from mpotn.data import sst2_sample
+from mpotn.layers import MPOEmbedding, MPOLinear
+from mpotn.training import (
+    TrainingConfig,
+    finetune,
+    lfa_budget,
+    prepare_model,
+    write_run,
+)
+
+SMALL = {"max_steps": 3, "batch_size": 8, "train_limit": 48, "eval_limit": 32}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sst2_sample()
+
+
+def expected_lfa_trainable(model):
+    """Auxiliary cores, every bias, LayerNorms and the head, counted by hand."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (MPOLinear, MPOEmbedding)):
+            total += module.auxiliary_params + (module.bias.numel()
+                                                if getattr(module, "bias", None) is not None
+                                                else 0)
+        elif isinstance(module, torch.nn.LayerNorm):
+            total += sum(p.numel() for p in module.parameters())
+        elif isinstance(module, torch.nn.Linear):
+            bias = module.bias.numel() if module.bias is not None else 0
+            total += module.weight.numel() + bias if name == "classifier" else bias
+    return total
+
+
+def test_lfa_trains_exactly_the_auxiliary_tensors_and_records_the_run(tiny_bert, data):
+    config = TrainingConfig(strategy="lfa", **SMALL)
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    assert isinstance(model, MPOModel) and len(model.mpo_layers()) == 2 * 6
+    centrals = [m.central.detach().clone() for m in model.mpo_layers().values()]
+    result = finetune(model, tokenizer, data, config, progress=False)
+    record = result.record
+    assert record["trainable_params"] == expected_lfa_trainable(model.base_model)
+    assert record["total_params"] == sum(p.numel() for p in model.base_model.parameters())
+    assert record["steps"] == 3 and record["train_examples"] == 48
+    assert record["train_seconds"] > 0 and record["eval_seconds"] > 0
+    assert 0 <= record["accuracy"] <= 1 and record["loss"] > 0
+    for before, layer in zip(centrals, model.mpo_layers().values()):
+        assert torch.equal(before, layer.central)  # central tensors stayed frozen
+    assert lfa_budget(model.base_model) == record["trainable_params"]
+
+
+def test_lfa_budget_of_a_dense_model_counts_the_full_rank_auxiliary_tensors(tiny_bert, data):
+    config = TrainingConfig(strategy="lfa", **SMALL)
+    dense, _ = prepare_model(tiny_bert, data, TrainingConfig(strategy="full", **SMALL))
+    compressed, _ = prepare_model(tiny_bert, data, config, progress=False)
+    assert lfa_budget(dense) == lfa_budget(compressed.base_model)
+
+
+def test_lora_rank_defaults_to_the_lfa_budget(tiny_bert, data):
+    config = TrainingConfig(strategy="lora", **SMALL)
+    model, tokenizer = prepare_model(tiny_bert, data, config)
+    budget = lfa_budget(model)
+    record = finetune(model, tokenizer, data, config, progress=False).record
+    assert record["lora_rank"] >= 1
+    # adapters plus the head hold LFA's budget to within one rank's worth of adapters
+    one_rank = 2 * (6 * 32 * 2 + 2 * (32 + 64))  # r * (in + out) summed over the 12 linears
+    assert abs(record["trainable_params"] - budget) <= one_rank
+
+
+@pytest.mark.parametrize(("strategy", "k"), [("full", None), ("last-k", 1), ("central", None)])
+def test_every_strategy_runs_the_same_training_path(tiny_bert, data, strategy, k):
+    config = TrainingConfig(strategy=strategy, k=k, **SMALL)
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    record = finetune(model, tokenizer, data, config, progress=False).record
+    assert record["strategy"] == (f"last-{k}" if k else strategy)
+    assert 0 < record["trainable_params"] <= record["total_params"]
+    assert record["steps"] == 3 and "accuracy" in record
+
+
+def test_a_saved_run_loads_back_with_identical_outputs(tiny_bert, data, tmp_path):
+    config = TrainingConfig(strategy="lfa", **SMALL)
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    result = finetune(model, tokenizer, data, config, progress=False)
+    paths = write_run(result, tokenizer, tmp_path, "test")
+    assert json.loads(paths["metrics"].read_text())["steps"] == 3
+    assert paths["history_csv"].read_text().startswith("loss,")
+    assert paths["plot"].stat().st_size > 0
+    loaded, loaded_tokenizer = prepare_model(tmp_path / "model", data, config)
+    batch = loaded_tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        diff = (loaded(**batch).logits - model.eval()(**batch).logits).abs().max()
+    assert float(diff) == 0.0
+    assert isinstance(mpotn.load(tmp_path / "model"), MPOModel)
+
+
+def test_bad_training_settings_are_clear_errors(data):
+    with pytest.raises(ValueError, match="unknown strategy"):
+        TrainingConfig(strategy="adapters")
+    with pytest.raises(ValueError, match="needs k"):
+        TrainingConfig(strategy="last-k")
+    with pytest.raises(ValueError, match="max_steps > 0 or epochs > 0"):
+        TrainingConfig(epochs=0)
