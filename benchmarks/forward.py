@@ -8,8 +8,10 @@ Run from the repository root::
 For 768 x 3072 and 384 x 1536 (``in x out``), bonds from small to full and
 batches of 1 to 4096 tokens, it times, in one process and with the same cores:
 
-* ``MPOLinear`` with its automatic choice (``auto``), and each of its two paths
-  forced (``contract``: input through the cores; ``rebuild``: weight, then matmul);
+* ``MPOLinear`` with its automatic choice by the cost model (``auto``), by
+  measurement (``tuned``: :func:`mpotn.contraction.autotuning`), and each of its
+  two paths forced (``contract``: input through the cores; ``rebuild``: weight,
+  then matmul);
 * tensorly-torch's ``FactorizedLinear`` (``blocktt``, the same network with the
   same ranks) in both its implementations (``factorized`` and ``reconstructed``);
 * dense ``nn.Linear``.
@@ -19,11 +21,12 @@ repeated forward as fast as dense). The candidates run in interleaved rounds, in
 shuffled order, and each time is the best of its rounds.
 The table reports ratios measured in the same run:
 
-* ``auto/best_path``: the automatic choice against the faster of its two paths
-  (goal: <= 1.10 everywhere);
-* ``auto/tltorch``: against the faster tltorch implementation (goal: <= 1.0);
-* ``auto/dense``: against ``nn.Linear`` (goal: < 1 wherever the chosen path
-  needs fewer than half the dense FLOPs, flagged in ``flops<dense/2``).
+* ``auto/best_path``, ``tuned/best_path``: each automatic choice against the
+  faster of the two paths (goal: <= 1.10 everywhere);
+* ``auto/tltorch``, ``tuned/tltorch``: against the faster tltorch
+  implementation (goal: <= 1.0);
+* ``auto/dense``, ``tuned/dense``: against ``nn.Linear`` (goal: < 1 wherever the
+  chosen path needs fewer than half the dense FLOPs, flagged in ``flops<dense/2``).
 
 Writes ``benchmarks/results/forward.json`` and ``forward.md`` (included by the docs).
 """
@@ -44,6 +47,7 @@ from torch import nn
 
 from mpotn import MPO, MPOLinear, Table
 from mpotn.atomic import write_text
+from mpotn.contraction import autotuning
 
 RESULTS = Path(__file__).parent / "results" / "forward.json"
 SHAPES = [(768, 3072), (384, 1536)]
@@ -117,8 +121,13 @@ def measure(shape: tuple[int, int], max_bond: int | None, batch: int, backward: 
     def rebuild(v: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(v, layer.contractor.rebuild(cores).mT, layer.bias)
 
+    def tuned(v: torch.Tensor) -> torch.Tensor:
+        with autotuning():
+            return layer(v)
+
     candidates = {
         "auto": (layer, list(layer.parameters())),
+        "tuned": (tuned, list(layer.parameters())),
         "contract": (contract, list(layer.parameters())),
         "rebuild": (rebuild, list(layer.parameters())),
         "dense": (dense, list(dense.parameters())),
@@ -138,6 +147,8 @@ def measure(shape: tuple[int, int], max_bond: int | None, batch: int, backward: 
                         for name, (fn, params) in candidates.items()})
     cost = layer.contractor.cost(batch, [c.shape for c in cores])
     chosen = min(cost.contract_flops, cost.rebuild_flops)
+    with torch.set_grad_enabled(backward), autotuning():
+        tuned_choice = layer.contractor.tuned_method(batch, cores, bias=True)
     best_path = min(times["contract"], times["rebuild"])
     best_tl = min(times["tltorch_factorized"], times["tltorch_reconstructed"])
     return {
@@ -146,10 +157,14 @@ def measure(shape: tuple[int, int], max_bond: int | None, batch: int, backward: 
         "batch": batch,
         "pass": "fwd+bwd" if backward else "fwd",
         "choice": cost.method,
+        "tuned_choice": tuned_choice,
         "flops<dense/2": chosen < cost.dense_flops / 2,
         "auto/best_path": times["auto"] / best_path,
+        "tuned/best_path": times["tuned"] / best_path,
         "auto/tltorch": times["auto"] / best_tl,
+        "tuned/tltorch": times["tuned"] / best_tl,
         "auto/dense": times["auto"] / times["dense"],
+        "tuned/dense": times["tuned"] / times["dense"],
         "params/dense": sum(c.numel() for c in cores) / (shape[0] * shape[1]),
         "max_output_diff": output_diff,
         **{f"{name}_ms": 1e3 * t for name, t in times.items()},
@@ -174,19 +189,25 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(measure(shape, max_bond, batch, backward, mpo))
                     r = rows[-1]
                     print(f"{r['shape']} bonds {r['bonds']} batch {batch} {r['pass']}: "
-                          f"auto/best {r['auto/best_path']:.2f} auto/tltorch "
-                          f"{r['auto/tltorch']:.2f} auto/dense {r['auto/dense']:.2f}",
+                          f"auto/best {r['auto/best_path']:.2f} tuned/best "
+                          f"{r['tuned/best_path']:.2f} auto/tltorch {r['auto/tltorch']:.2f} "
+                          f"tuned/tltorch {r['tuned/tltorch']:.2f}",
                           file=sys.stderr)
-    summary = Table([{
+    flagged = [r for r in rows if r["flops<dense/2"]]
+    summary = Table({
+        "choice": choice,
         "rows": len(rows),
-        "worst auto/best_path": max(r["auto/best_path"] for r in rows),
-        "worst auto/tltorch": max(r["auto/tltorch"] for r in rows),
-        "auto faster than dense where flops<dense/2": (
-            f"{sum(r['auto/dense'] < 1 for r in rows if r['flops<dense/2'])}"
-            f"/{sum(r['flops<dense/2'] for r in rows)}"),
-    }])
-    columns = ["shape", "bonds", "batch", "pass", "choice", "flops<dense/2", "auto/best_path",
-               "auto/tltorch", "auto/dense", "params/dense", "auto_ms", "dense_ms"]
+        "worst /best_path": max(r[f"{choice}/best_path"] for r in rows),
+        "rows within 10% of best path": sum(r[f"{choice}/best_path"] <= 1.1 for r in rows),
+        "worst /tltorch": max(r[f"{choice}/tltorch"] for r in rows),
+        "rows not slower than tltorch": sum(r[f"{choice}/tltorch"] <= 1.0 for r in rows),
+        "rows within 5% of tltorch": sum(r[f"{choice}/tltorch"] <= 1.05 for r in rows),
+        "faster than dense where flops<dense/2": (
+            f"{sum(r[f'{choice}/dense'] < 1 for r in flagged)}/{len(flagged)}"),
+    } for choice in ("auto", "tuned"))
+    columns = ["shape", "bonds", "batch", "pass", "choice", "tuned_choice", "flops<dense/2",
+               "auto/best_path", "tuned/best_path", "auto/tltorch", "tuned/tltorch",
+               "tuned/dense", "params/dense", "tuned_ms", "dense_ms"]
     table = (summary.to_markdown(floatfmt=".3g") + "\n\n"
              + Table({c: r[c] for c in columns} for r in rows).to_markdown(floatfmt=".3g")
              + "\n")

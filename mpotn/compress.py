@@ -40,13 +40,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpotn.layers import MPOEmbedding, MPOLinear, apply_policy
+from mpotn.layers import (
+    FactorizedEmbedding,
+    FactorizedLinear,
+    MPOEmbedding,
+    MPOLinear,
+    apply_policy,
+)
+from mpotn.methods import DECOMPOSITIONS, decompose
 from mpotn.models import layer_index, matrix_type
 from mpotn.mpo import MPO
 from mpotn.table import Table
 
 SUPPORTED = (nn.Linear, nn.Embedding)
 MPO_LAYERS = (MPOLinear, MPOEmbedding)
+FACTORIZED_LAYERS = (FactorizedLinear, FactorizedEmbedding)
 
 #: Matrix types (see :func:`mpotn.models.matrix_type`) of the presets.
 PRESET_TYPES = {
@@ -58,7 +66,7 @@ PRESETS = ("embeddings", "attention", "ffn", "all-linear")
 #: Settings that may differ per target.
 SETTING_KEYS = (
     "n", "row_shape", "col_shape", "pad", "max_bond", "tol", "ratio", "params", "bond_dims",
-    "allocation", "svd",
+    "allocation", "svd", "gauge", "method",
 )
 
 
@@ -74,6 +82,14 @@ class CompressionConfig:
         Same forms; matching modules are left alone.
     n, row_shape, col_shape, pad, svd:
         Decomposition settings (see :meth:`mpotn.mpo.MPO.from_matrix`).
+    gauge:
+        How layers store their cores (see :meth:`mpotn.mpo.MPO.gauge_cores`):
+        ``"central"`` (default) or ``"left"``.
+    method:
+        A registered decomposition (:data:`mpotn.methods.DECOMPOSITIONS`):
+        ``"mpo"`` (default; MPO layers) or another (``tucker``, ``cp``, ``tt``;
+        :class:`~mpotn.layers.FactorizedLinear` layers, truncated by ``ratio``
+        with ``n`` tensorization factors per side).
     max_bond, tol, ratio, params, bond_dims, allocation:
         Truncation policy, at most one (see :meth:`mpotn.mpo.MPO.truncate`);
         full rank when none is set.
@@ -94,6 +110,8 @@ class CompressionConfig:
     bond_dims: list[int] | None = None
     allocation: str = "optimal"
     svd: str = "auto"
+    gauge: str = "central"
+    method: str = "mpo"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +126,9 @@ class CompressionConfig:
                     f"override {key!r} has unknown settings {sorted(unknown)}; "
                     f"allowed: {SETTING_KEYS}"
                 )
+        if self.method not in DECOMPOSITIONS:
+            raise ValueError(f"unknown method {self.method!r}; registered: "
+                             f"{sorted(DECOMPOSITIONS)}")
         policies = [k for k in ("max_bond", "tol", "ratio", "params", "bond_dims")
                     if getattr(self, k) is not None]
         if len(policies) > 1:
@@ -249,6 +270,40 @@ def lfa_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
                 yield (f"{module_name}.{local}" if module_name else local), param
 
 
+def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: dict[str, Any]
+                ) -> tuple[nn.Module, dict[str, Any]]:
+    """A non-MPO layer for one target (``settings["method"]``) and its report row."""
+    others = [k for k in ("max_bond", "tol", "params", "bond_dims") if settings[k] is not None]
+    if others:
+        raise ValueError(f"method {settings['method']!r} is truncated by ratio only, got "
+                         f"{others}")
+    network = decompose(matrix, settings["method"], n=settings["n"], ratio=settings["ratio"])
+    if isinstance(module, nn.Embedding):
+        layer = FactorizedEmbedding(network, module.padding_idx)
+    else:
+        layer = FactorizedLinear(network, bias=module.bias is not None)
+        if module.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(module.bias)
+    ranks = network.details.get("ranks", [network.details.get("rank")])
+    return layer, {
+        "name": name,
+        "type": matrix_type(name),
+        "layer": layer_index(name),
+        "method": network.method,
+        "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
+        "factorization": " x ".join("·".join(map(str, f.factors))
+                                    for f in (network.row, network.col)),
+        "bond_dims": ",".join(map(str, ranks)),
+        "params": network.num_params,
+        "original_params": matrix.numel(),
+        "ratio": network.compression_ratio,
+        "central_entropy": float("nan"),
+        "relative_bound": float("nan"),
+        "relative_error": network.relative_error,
+    }
+
+
 def count_parameters(params: Any) -> int:
     """Number of entries of the given parameters."""
     return sum(p.numel() for p in params)
@@ -297,6 +352,11 @@ class MPOModel(nn.Module):
         """``{module name: MPOLinear or MPOEmbedding}``."""
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MPO_LAYERS)}
 
+    def compressed_layers(self) -> dict[str, nn.Module]:
+        """Every replaced module: MPO layers and layers of other methods."""
+        kinds = MPO_LAYERS + FACTORIZED_LAYERS
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, kinds)}
+
     def report(self) -> Table:
         """Per matrix: name, shape, factorization, bonds, ratio, entropy, bound, error."""
         return self.records
@@ -316,7 +376,7 @@ class MPOModel(nn.Module):
             "central_params": sum(m.central_params for m in mpo),
             "auxiliary_params": sum(m.auxiliary_params for m in mpo),
             "trainable_params": count_parameters(p for p in params if p.requires_grad),
-            "compressed_matrices": len(mpo),
+            "compressed_matrices": len(self.compressed_layers()),
         }
 
     def summary(self) -> str:
@@ -392,6 +452,11 @@ def compress(
     for name, module in tqdm(selected, desc="compressing", unit="matrix", disable=not progress):
         settings = config.settings_for(name, module)
         matrix = _matrix(module)
+        if settings["method"] != "mpo":
+            layer, record = _factorized(name, module, matrix, settings)
+            _replace(model, name, layer)
+            records.append(record)
+            continue
         full = MPO.from_matrix(matrix, n=settings["n"], row_shape=settings["row_shape"],
                                col_shape=settings["col_shape"], pad=settings["pad"],
                                svd=settings["svd"])
@@ -400,7 +465,7 @@ def compress(
         build = MPOEmbedding.from_embedding if isinstance(module, nn.Embedding) else (
             MPOLinear.from_linear)
         cut = apply_policy(full, truncation)
-        layer = build(module, mpo=cut)
+        layer = build(module, mpo=cut, gauge=settings["gauge"])
         _replace(model, name, layer)
         norm = full.norm or 1.0
         records.append({

@@ -32,6 +32,15 @@ written; ties go to rebuilding (one contiguous GEMM). Its constants were fitted
 (two shapes, four bond sizes, batches 1 to 4096) on a two-core CPU; the
 benchmark reports how far the resulting choice is from the faster path.
 
+The model is fitted on one machine. :func:`autotuning` (or ``MPOTN_AUTOTUNE=1``)
+replaces it by measurement: the first time a layer of given core shapes sees
+a batch size (rounded up to a power of two) in a grad mode, on a device and
+dtype, both paths are timed on a random input of that size -- forward, or
+forward and backward when gradients are needed -- and the faster one is kept
+for every later call with that key, as cuDNN's benchmark mode does. Choices
+made by measurement can differ between runs, and the two paths round
+differently (about 1e-7 relative in float32), so it is opt-in.
+
 Examples
 --------
 >>> import torch
@@ -46,7 +55,10 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -140,6 +152,43 @@ class _Plan:
     seconds: float
 
 
+_AUTOTUNE = [os.environ.get("MPOTN_AUTOTUNE", "") not in ("", "0")]
+_TUNED: dict[tuple, str] = {}
+
+
+def autotune_enabled() -> bool:
+    """Whether ``method="auto"`` chooses by measurement (see the module docstring)."""
+    return _AUTOTUNE[0]
+
+
+@contextmanager
+def autotuning(enabled: bool = True) -> Iterator[None]:
+    """Choose between contracting and rebuilding by measurement inside the block.
+
+    Examples
+    --------
+    >>> with autotuning():
+    ...     autotune_enabled()
+    True
+    """
+    previous = _AUTOTUNE[0]
+    _AUTOTUNE[0] = enabled
+    try:
+        yield
+    finally:
+        _AUTOTUNE[0] = previous
+
+
+def _best_of(run: Any, repeats: int = 3) -> float:
+    run()  # warm-up: plans, caches, allocator
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @lru_cache(maxsize=4096)
 def _sweep_cost(core_shapes: tuple[tuple[int, ...], ...]) -> tuple[int, float]:
     """FLOPs and modeled time of :func:`rebuild_sweep` for cores of these shapes.
@@ -186,6 +235,21 @@ def _plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> _Plan:
     return _Plan(expression, int(info.opt_cost), modeled_seconds(info))
 
 
+def compiled(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Any:
+    """The planned (``auto-hq``), compiled contraction of ``equation`` for these shapes.
+
+    Cached; the result has ``expression`` (call it on tensors), ``flops`` and
+    modeled ``seconds``.
+
+    Examples
+    --------
+    >>> plan = compiled("ab,bc->ac", ((2, 3), (3, 4)))
+    >>> plan.flops
+    48
+    """
+    return _plan(equation, shapes)
+
+
 class Contractor:
     """Contractions of MPOs with a fixed factorization of rows and columns.
 
@@ -227,6 +291,43 @@ class Contractor:
         method = "contract" if contract.seconds < rebuild_seconds + matmul else "rebuild"
         return ContractionCost(contract.flops, rebuild_flops + dense, method, dense,
                                contract.seconds, rebuild_seconds + matmul, matmul)
+
+    def tuned_method(self, batch: int, cores: Sequence[torch.Tensor], over: Side = "rows",
+                     bias: bool = False) -> str:
+        """``"contract"`` or ``"rebuild"``, whichever measured faster for this batch size.
+
+        Both paths are timed once per key (core shapes, side, batch size rounded
+        up to a power of two, grad mode, device, dtype) and the result is kept.
+        """
+        grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+        size = 1 << max(0, batch - 1).bit_length()
+        sample = cores[0]
+        key = (self.row.factors, self.col.factors, tuple(tuple(c.shape) for c in cores), over,
+               size, grad, sample.device.type, sample.dtype, bias)
+        if key not in _TUNED:
+            into, out = self._sides(over)
+            x = torch.randn(size, into.size, dtype=sample.dtype, device=sample.device)
+            leaves = [c.detach().clone().requires_grad_(grad) for c in cores]
+            offset = torch.zeros(out.size, dtype=sample.dtype, device=sample.device)
+
+            def run(method: str) -> Any:
+                def once() -> None:
+                    if method == "rebuild":
+                        matrix = self.rebuild(leaves)
+                        y = torch.nn.functional.linear(
+                            x, matrix if over == "cols" else matrix.mT, offset if bias else None)
+                    else:
+                        y = self.apply(x, leaves, over, "contract")
+                        y = y + offset if bias else y
+                    if grad:
+                        torch.autograd.grad(y.sum(), leaves)
+                    if sample.device.type == "cuda":
+                        torch.cuda.synchronize(sample.device)
+                return once
+
+            contract, rebuild = _best_of(run("contract")), _best_of(run("rebuild"))
+            _TUNED[key] = "contract" if contract < rebuild else "rebuild"
+        return _TUNED[key]
 
     def _digits(self, indices: torch.Tensor) -> list[torch.Tensor]:
         """Mixed-radix digits ``(i_1, ..., i_n)`` of row numbers (``i_1`` most significant)."""
@@ -319,7 +420,8 @@ class Contractor:
         batch = math.prod(lead)
         shapes = tuple(tuple(c.shape) for c in cores)
         if method == "auto":
-            method = self.cost(batch, shapes, over).method
+            method = (self.tuned_method(batch, cores, over) if autotune_enabled()
+                      else self.cost(batch, shapes, over).method)
         if method == "rebuild":
             matrix = self.rebuild(cores)
             return x @ (matrix if over == "rows" else matrix.mT)

@@ -180,3 +180,36 @@ def draw_history(history: Table, x: str, ys: Sequence[str], path: str | Path, ti
     axes[-1, 0].set_xlabel(x)
     axes[0, 0].set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def draw_graph(graph: nx.Graph, path: str | Path, title: str) -> Path:
+    """Draw any network from :func:`mpotn.network.graph_to_networkx` (Tucker, CP, TT, ...).
+
+    Tensors are large dots (central / core tensors red), open legs small grey
+    dots, hyperedges (copy tensors) black diamonds; edge width grows with
+    ``log2`` of the dimension, which labels it.
+    """
+    pos = nx.kamada_kawai_layout(graph) if len(graph) > 2 else nx.spring_layout(graph, seed=0)
+    tensors = [n for n, a in graph.nodes(data=True) if a["kind"] == "core"]
+    legs = [n for n, a in graph.nodes(data=True) if a["kind"] == "open"]
+    hubs = [n for n, a in graph.nodes(data=True) if a["kind"] == "hyperedge"]
+    fig, ax = plt.subplots(figsize=(6.5, 5.0))
+    nx.draw_networkx_edges(graph, pos, ax=ax, edge_color="0.4",
+                           width=[1.0 + math.log2(max(a["dim"], 1)) for *_, a in
+                                  graph.edges(data=True)])
+    colors = ["#d62728" if graph.nodes[t]["role"] in ("central", "core") else "#1f77b4"
+              for t in tensors]
+    nx.draw_networkx_nodes(graph, pos, nodelist=tensors, node_color=colors, node_size=900, ax=ax)
+    nx.draw_networkx_nodes(graph, pos, nodelist=legs, node_color="0.75", node_size=60, ax=ax)
+    nx.draw_networkx_nodes(graph, pos, nodelist=hubs, node_color="black", node_size=120,
+                           node_shape="D", ax=ax)
+    nx.draw_networkx_labels(graph, pos, labels={t: t for t in tensors}, font_size=6,
+                            font_color="white", ax=ax)
+    nx.draw_networkx_labels(graph, pos, labels={leg: leg for leg in legs}, font_size=6, ax=ax,
+                            verticalalignment="bottom")
+    nx.draw_networkx_edge_labels(graph, pos, font_size=6, ax=ax,
+                                 edge_labels={(u, v): a["dim"] for u, v, a in
+                                              graph.edges(data=True)})
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return _save(fig, path)

@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpotn.contraction import Contractor
+from mpotn.contraction import Contractor, autotune_enabled
 from mpotn.diagnostics import compression_ratio
-from mpotn.mpo import MPO
+from mpotn.methods import FactorNetwork, decompose
+from mpotn.mpo import MPO, Gauge
 from mpotn.network import central_index
 from mpotn.shapes import Factorization, full_bond_dims, plan_side
 
@@ -146,16 +147,17 @@ class _MPOWeight(nn.Module):
             mpo = MPO.from_matrix(matrix, **decomposition)
         return apply_policy(mpo, truncation)
 
-    def _load_cores(self, mpo: MPO) -> None:
+    def _load_cores(self, mpo: MPO, gauge: Gauge) -> None:
         with torch.no_grad():
-            for param, core in zip(self.cores, mpo.cores):
+            for param, core in zip(self.cores, mpo.gauge_cores(gauge)):
                 param.copy_(core)
 
-    def load_mpo(self, mpo: MPO) -> None:
-        """Take ``mpo``'s cores as this layer's parameters; bond dimensions may change.
+    def load_mpo(self, mpo: MPO, gauge: Gauge = "central") -> None:
+        """Take ``mpo``'s cores (in ``gauge``) as this layer's parameters.
 
-        Used to cut a bond of a trained layer (``layer.load_mpo(layer.mpo().truncate(...))``).
-        Each core keeps its trainable / frozen state; dtype and device stay.
+        Bond dimensions may change: this is how a bond of a trained layer is
+        cut (``layer.load_mpo(layer.mpo().truncate(...))``). Each core keeps
+        its trainable / frozen state; dtype and device stay.
 
         Examples
         --------
@@ -173,7 +175,7 @@ class _MPOWeight(nn.Module):
         self.cores = nn.ParameterList(
             nn.Parameter(core.detach().to(device=old.device, dtype=old.dtype).clone(),
                          requires_grad=previous.requires_grad)
-            for core, previous in zip(mpo.cores, self.cores)
+            for core, previous in zip(mpo.gauge_cores(gauge), self.cores)
         )
         self._cache = None
 
@@ -259,6 +261,7 @@ class MPOLinear(_MPOWeight):
         *,
         svd: str = "auto",
         mpo: MPO | None = None,
+        gauge: Gauge = "central",
         **truncation: Any,
     ) -> MPOLinear:
         """Decompose a pre-trained ``nn.Linear`` (its ``W^T``) into an MPO layer.
@@ -271,6 +274,10 @@ class MPOLinear(_MPOWeight):
             As in :meth:`MPO.from_matrix`.
         mpo:
             An MPO of ``linear.weight.T`` computed already (skips the decomposition).
+        gauge:
+            How the cores are stored (:meth:`MPO.gauge_cores`): ``"central"``
+            (the central tensor carries the spectrum, auxiliary tensors are
+            isometries; what LFA needs) or ``"left"`` (Algorithm 1 as printed).
         **truncation:
             One of ``bond_dims``, ``max_bond``, ``tol``, ``ratio``, ``params``
             (and ``allocation``), as in :meth:`MPO.truncate`; full rank if none.
@@ -283,7 +290,7 @@ class MPOLinear(_MPOWeight):
         layer = cls(linear.in_features, linear.out_features, mpo.row_shape, mpo.col_shape,
                     mpo.bond_dims, bias=linear.bias is not None, dtype=weight.dtype,
                     device=weight.device)
-        layer._load_cores(mpo)
+        layer._load_cores(mpo, gauge)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -300,6 +307,8 @@ class MPOLinear(_MPOWeight):
         cost = self.contractor.cost(batch, [c.shape for c in cores])
         if self._cache_usable():  # the weight is (or will be) cached: only the matmul remains
             method = "contract" if cost.contract_seconds < cost.dense_seconds else "rebuild"
+        elif autotune_enabled():
+            method = self.contractor.tuned_method(batch, cores, bias=self.bias is not None)
         else:
             method = cost.method
         if method == "rebuild":  # one fused GEMM with the bias, as nn.Linear does
@@ -354,6 +363,7 @@ class MPOEmbedding(_MPOWeight):
         *,
         svd: str = "auto",
         mpo: MPO | None = None,
+        gauge: Gauge = "central",
         **truncation: Any,
     ) -> MPOEmbedding:
         """Decompose a pre-trained ``nn.Embedding`` (``vocab x dim``) into an MPO layer.
@@ -376,7 +386,7 @@ class MPOEmbedding(_MPOWeight):
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, mpo.row_shape,
                     mpo.col_shape, mpo.bond_dims, padding_idx=embedding.padding_idx,
                     dtype=weight.dtype, device=weight.device)
-        layer._load_cores(mpo)
+        layer._load_cores(mpo, gauge)
         return layer
 
     @property
@@ -394,3 +404,104 @@ class MPOEmbedding(_MPOWeight):
             f"{self.num_embeddings}, {self.embedding_dim}, row_shape={list(self.row.factors)}, "
             f"col_shape={list(self.col.factors)}, bond_dims={list(self.bond_dims)}"
         )
+
+
+class FactorizedLinear(nn.Module):
+    """A linear layer whose ``in x out`` matrix is any :class:`~mpotn.methods.FactorNetwork`.
+
+    The network's tensors are the parameters (``factors``, by node name); the
+    forward pass contracts the input with them or rebuilds the weight,
+    whichever opt_einsum counts fewer FLOPs for. Made by :meth:`from_linear`
+    with a registered method (``tucker``, ``cp``, ``tt``, ``mpo``) or from a
+    decomposition already computed.
+
+    Examples
+    --------
+    >>> linear = nn.Linear(48, 64)
+    >>> layer = FactorizedLinear.from_linear(linear, "tucker", n=2)
+    >>> x = torch.randn(3, 48)
+    >>> bool(torch.allclose(layer(x), linear(x), atol=1e-5))
+    True
+    """
+
+    def __init__(self, network: FactorNetwork, bias: bool = True) -> None:
+        super().__init__()
+        self.method = network.method
+        self.legs = dict(network.legs)
+        self.row, self.col = network.row, network.col
+        self.in_features, self.out_features = network.shape
+        self.factors = nn.ParameterDict(
+            {name: nn.Parameter(t.detach().clone()) for name, t in network.nodes.items()})
+        sample = next(iter(network.nodes.values()))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=sample.dtype,
+                                             device=sample.device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str = "tucker", **options: Any
+                    ) -> FactorizedLinear:
+        """Decompose ``linear.weight.T`` with ``method`` (see :func:`mpotn.methods.decompose`)."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        network = decompose(linear.weight.detach().T, method, **options)
+        layer = cls(network, bias=linear.bias is not None)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def network(self) -> FactorNetwork:
+        """The current parameters as a :class:`~mpotn.methods.FactorNetwork` (no copy)."""
+        return FactorNetwork(self.method, dict(self.factors.items()), self.legs, self.row,
+                             self.col)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``out x in`` weight (rebuilt)."""
+        return self.network().rebuild().mT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.network().apply(x)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"method={self.method!r}, params={sum(p.numel() for p in self.factors.values())}")
+
+
+class FactorizedEmbedding(nn.Module):
+    """An embedding table stored as any :class:`~mpotn.methods.FactorNetwork` (rebuilt per call)."""
+
+    def __init__(self, network: FactorNetwork, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.method = network.method
+        self.legs = dict(network.legs)
+        self.row, self.col = network.row, network.col
+        self.num_embeddings, self.embedding_dim = network.shape
+        self.padding_idx = padding_idx
+        self.factors = nn.ParameterDict(
+            {name: nn.Parameter(t.detach().clone()) for name, t in network.nodes.items()})
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, method: str = "tucker", **options: Any
+                       ) -> FactorizedEmbedding:
+        """Decompose ``embedding.weight`` (``vocab x dim``) with ``method``."""
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(
+                f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
+        return cls(decompose(embedding.weight.detach(), method, **options),
+                   embedding.padding_idx)
+
+    def network(self) -> FactorNetwork:
+        """The current parameters as a :class:`~mpotn.methods.FactorNetwork` (no copy)."""
+        return FactorNetwork(self.method, dict(self.factors.items()), self.legs, self.row,
+                             self.col)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.network().rebuild()
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(indices, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, method={self.method!r}"

@@ -59,6 +59,9 @@ from mpotn.table import Table
 #: large unfoldings lose the 1e-5 reconstruction target on real embeddings.
 SWEEP_DTYPE = torch.float64
 
+Gauge = Literal["central", "left"]
+GAUGES = ("central", "left")
+
 Allocation = Literal["optimal", "uniform"]
 ALLOCATIONS = ("optimal", "uniform")
 
@@ -104,10 +107,10 @@ def _left_sweep(cores: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
     return cores, spectra
 
 
-def _right_orthogonalize(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Right-to-left QR sweep: cores ``1..n-1`` right-orthonormal, center at core 0."""
+def _right_orthogonalize(cores: Sequence[torch.Tensor], center: int = 0) -> list[torch.Tensor]:
+    """Right-to-left QR sweep: cores after ``center`` right-orthonormal, the rest moved into it."""
     cores = list(cores)
-    for k in range(len(cores) - 1, 0, -1):
+    for k in range(len(cores) - 1, center, -1):
         dl, i, j, dr = cores[k].shape
         q, r = torch.linalg.qr(cores[k].reshape(dl, i * j * dr).mT)
         cores[k] = q.mT.reshape(-1, i, j, dr)
@@ -620,6 +623,37 @@ class MPO:
         cores = [c.to(self.dtype) for c in cores]
         bound = self.error_bound + diagnostics.error_bound(errors)
         return MPO(cores, self.row, self.col, spectra, errors, bound, self.source_norm)
+
+    def gauge_cores(self, gauge: Gauge = "central") -> list[torch.Tensor]:
+        """The cores in a chosen gauge; every gauge gives the same matrix.
+
+        ``"left"``
+            left-canonical, as Algorithm 1 leaves them: every core but the
+            last is a left isometry and the last carries the norm.
+        ``"central"``
+            mixed-canonical around the central tensor: auxiliary tensors to its
+            left are left isometries, to its right right isometries, and the
+            central tensor carries the spectrum (``||central||_F = ||M||_F``).
+            The gauge the paper's split implies -- the central tensor holds
+            the information, the auxiliary tensors are light -- and the one in
+            which training only the auxiliary tensors (LFA) works: on
+            all-MiniLM-L6-v2 / SST-2 it reaches 81.4% against 72.5% in the left
+            gauge (docs: concepts).
+
+        Examples
+        --------
+        >>> mpo = MPO.from_matrix(torch.randn(64, 96), n=3)
+        >>> central = mpo.gauge_cores("central")
+        >>> round(float(central[1].norm()) / mpo.norm, 6)
+        1.0
+        """
+        if gauge not in GAUGES:
+            raise ValueError(f"gauge must be one of {GAUGES}, got {gauge!r}")
+        if gauge == "left":
+            return list(self.cores)
+        cores = _right_orthogonalize([c.to(SWEEP_DTYPE) for c in self.cores],
+                                     center=self.central_index)
+        return [c.to(self.dtype) for c in cores]
 
     # ----------------------------------------------------------- contraction
     def to_matrix(self, padded: bool = False) -> torch.Tensor:

@@ -168,6 +168,93 @@ def lookup_equation(n: int) -> str:
     return f"{inputs}->{batch}{cols}"
 
 
+def build_graph(legs: Mapping[str, Sequence[str]], shapes: Mapping[str, Sequence[int]]
+                ) -> list[tn.Node]:
+    """``tensornetwork`` nodes of any network: a leg name shared by two nodes is an edge.
+
+    A leg shared by more than two nodes (CP's rank index) is a hyperedge: a
+    ``tensornetwork`` copy tensor named ``copy_<leg>`` joins its ends.
+
+    Parameters
+    ----------
+    legs:
+        ``{node name: [leg names, in axis order]}``.
+    shapes:
+        ``{node name: shape}``.
+
+    Examples
+    --------
+    >>> nodes = build_graph({"core": ["a", "r"], "factor": ["r", "b"]},
+    ...                     {"core": (3, 2), "factor": (2, 4)})
+    >>> [(e.name, e.is_dangling()) for e in nodes[0].edges]
+    [('a', True), ('r', False)]
+    """
+    count: dict[str, int] = {}
+    for axes in legs.values():
+        for axis in axes:
+            count[axis] = count.get(axis, 0) + 1
+    nodes, open_legs, copies = [], {}, {}
+    for name, axes in legs.items():
+        node = tn.Node(np.zeros(tuple(shapes[name])), name=name, axis_names=list(axes),
+                       backend="numpy")
+        for axis in axes:
+            node[axis].set_name(axis)
+            if count[axis] > 2:
+                if axis not in copies:
+                    copies[axis] = [tn.CopyNode(count[axis], node[axis].dimension,
+                                                name=f"copy_{axis}", backend="numpy"), 0]
+                copy, used = copies[axis]
+                tn.connect(node[axis], copy[used], name=axis)
+                copies[axis][1] += 1
+            elif axis in open_legs:
+                tn.connect(open_legs.pop(axis), node[axis], name=axis)
+            else:
+                open_legs[axis] = node[axis]
+        nodes.append(node)
+    return nodes + [copy for copy, _ in copies.values()]
+
+
+def graph_equation(legs: Mapping[str, Sequence[str]], output: Sequence[str],
+                   extra: Sequence[str] | None = None) -> str:
+    """Einsum equation contracting a network given by leg names into ``output`` legs.
+
+    ``extra`` adds one more term first (the input of an ``apply``), whose
+    legs join the network's open legs of the same names.
+
+    Examples
+    --------
+    >>> graph_equation({"u": ["i", "r"], "v": ["r", "j"]}, ["i", "j"], extra=["b", "i"])
+    'ab,bc,cd->bd'
+    """
+    symbols: dict[str, str] = {}
+    terms = [list(extra)] if extra else []
+    terms += [list(axes) for axes in legs.values()]
+    subscripts = ["".join(symbols.setdefault(a, oe.get_symbol(len(symbols))) for a in term)
+                  for term in terms]
+    return ",".join(subscripts) + "->" + "".join(symbols[a] for a in output)
+
+
+def graph_to_networkx(legs: Mapping[str, Sequence[str]], shapes: Mapping[str, Sequence[int]],
+                      roles: Mapping[str, str] | None = None) -> nx.Graph:
+    """Any network as a :class:`networkx.Graph`, in the form :func:`to_networkx` gives MPOs."""
+    roles = roles or {}
+    nodes = build_graph(legs, shapes)
+    graph = nx.Graph()
+    for index, node in enumerate(nodes, start=1):
+        copy = isinstance(node, tn.CopyNode)
+        graph.add_node(node.name, kind="hyperedge" if copy else "core",
+                       role="copy" if copy else roles.get(node.name, "factor"), index=index,
+                       shape=tuple(node.shape), params=0 if copy else int(np.prod(node.shape)))
+    for edge in tn.get_all_edges(nodes):
+        if edge.is_dangling():
+            graph.add_node(edge.name, kind="open", index=len(graph))
+            ends = (edge.node1.name, edge.name)
+        else:
+            ends = (edge.node1.name, edge.node2.name)
+        graph.add_edge(*ends, name=edge.name, dim=edge.dimension)
+    return graph
+
+
 def to_networkx(
     cores: Sequence[Any],
     node_attributes: Mapping[str, Mapping[str, Any]] | None = None,

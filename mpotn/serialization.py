@@ -44,8 +44,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mpotn.atomic import atomic_path, write_text
-from mpotn.compress import CompressionConfig, MPOModel, _replace
-from mpotn.layers import MPOEmbedding, MPOLinear
+from mpotn.compress import FACTORIZED_LAYERS, CompressionConfig, MPOModel, _replace
+from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
+from mpotn.methods import FactorNetwork
+from mpotn.shapes import Factorization
 
 CONFIG_NAME = "mpotn_config.json"
 FORMAT = "mpotn"
@@ -61,6 +63,14 @@ def _sha256(path: Path) -> str:
 
 
 def _layer_spec(layer: nn.Module) -> dict[str, Any]:
+    if isinstance(layer, FACTORIZED_LAYERS):
+        spec = {"method": layer.method, "legs": {k: list(v) for k, v in layer.legs.items()},
+                "shapes": {k: list(p.shape) for k, p in layer.factors.items()},
+                "rows": [layer.row.size, *layer.row.factors],
+                "cols": [layer.col.size, *layer.col.factors]}
+        if isinstance(layer, FactorizedLinear):
+            return {"kind": "factorized-linear", "bias": layer.bias is not None, **spec}
+        return {"kind": "factorized-embedding", "padding_idx": layer.padding_idx, **spec}
     spec = {
         "row_shape": list(layer.row.factors),
         "col_shape": list(layer.col.factors),
@@ -74,6 +84,15 @@ def _layer_spec(layer: nn.Module) -> dict[str, Any]:
 
 
 def _build_layer(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    if spec["kind"].startswith("factorized"):
+        network = FactorNetwork(
+            spec["method"], {k: torch.zeros(v, dtype=dtype) for k, v in spec["shapes"].items()},
+            {k: tuple(v) for k, v in spec["legs"].items()},
+            Factorization(spec["rows"][0], tuple(spec["rows"][1:])),
+            Factorization(spec["cols"][0], tuple(spec["cols"][1:])))
+        if spec["kind"] == "factorized-linear":
+            return FactorizedLinear(network, bias=spec["bias"])
+        return FactorizedEmbedding(network, spec["padding_idx"])
     shapes = (spec["row_shape"], spec["col_shape"], spec["bond_dims"])
     if spec["kind"] == "linear":
         return MPOLinear(spec["in_features"], spec["out_features"], *shapes,
@@ -113,7 +132,8 @@ def save(model: MPOModel, directory: str | os.PathLike) -> Path:
         "base_model": _base_model_spec(base),
         "compression": model.config.to_dict(),
         "original_params": model.original_params,
-        "layers": {name: _layer_spec(layer) for name, layer in model.mpo_layers().items()},
+        "layers": {name: _layer_spec(layer)
+                   for name, layer in model.compressed_layers().items()},
         "report": list(model.report()),
     }
     write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))

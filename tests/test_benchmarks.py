@@ -52,6 +52,7 @@ def test_forward_benchmark_quick_mode_compares_equal_layers(tmp_path):
     for row in rows:  # MPOLinear's paths, tltorch (same cores) and, at full rank, nn.Linear agree
         assert row["max_output_diff"] <= 1e-4
         assert row["choice"] in ("contract", "rebuild")
+        assert row["tuned_choice"] in ("contract", "rebuild")
     full = [r for r in rows if r["bonds"] == "8,128,192,12"]
     assert full and all(r["params/dense"] > 1 for r in full)
 

@@ -112,3 +112,23 @@ def test_wrong_input_width_or_dtype_is_an_error(padded):
     with pytest.raises(ValueError, match=r"input is torch.float32 on cpu but the cores are "
                                          r"torch.float64 on cpu; move one with \.to"):
         mpo.apply(torch.randn(2, 1018))
+
+
+def test_autotuning_measures_each_key_once_and_keeps_the_outputs(padded):
+    from mpotn.contraction import _TUNED, autotune_enabled, autotuning
+
+    _, mpo = padded
+    x = torch.randn(5, mpo.shape[0], dtype=torch.float64)
+    expected = mpo.apply(x, method="rebuild")
+    assert not autotune_enabled()
+    with autotuning():
+        before = len(_TUNED)
+        first = mpo.apply(x)
+        assert len(_TUNED) == before + 1  # batch 5 -> bucket 8, measured once
+        mpo.apply(torch.randn(7, mpo.shape[0], dtype=torch.float64))
+        assert len(_TUNED) == before + 1  # batch 7 falls in the same bucket
+        mpo.apply(torch.randn(9, mpo.shape[0], dtype=torch.float64))
+        assert len(_TUNED) == before + 2
+    assert set(_TUNED.values()) <= {"contract", "rebuild"}
+    torch.testing.assert_close(first, expected)
+    assert not autotune_enabled()

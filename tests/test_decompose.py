@@ -168,3 +168,23 @@ def test_from_cores_canonicalizes_arbitrary_cores():
         MPO.from_cores([cores[0], cores[1][:4], cores[2]])
     with pytest.raises(ValueError, match="boundary bonds"):
         MPO.from_cores([cores[1], cores[2]])
+
+
+def test_central_gauge_keeps_the_matrix_and_makes_auxiliary_tensors_isometries(ffn):
+    mpo = MPO.from_matrix(ffn.double())
+    cores = mpo.gauge_cores("central")
+    c = mpo.central_index
+    rebuilt = torch.einsum("aijb,bklc,cmnd,dope,eqrf->ikmoqjlnpr", *cores).reshape(384, 1536)
+    torch.testing.assert_close(rebuilt, ffn.double(), rtol=0, atol=1e-10)
+    for k, core in enumerate(cores):
+        dl, i, j, dr = core.shape
+        if k < c:  # left isometry: (d_{k-1} i j, d_k) has orthonormal columns
+            left = core.reshape(dl * i * j, dr)
+            torch.testing.assert_close(left.T @ left, torch.eye(dr, dtype=torch.float64))
+        elif k > c:  # right isometry: (d_{k-1}, i j d_k) has orthonormal rows
+            right = core.reshape(dl, i * j * dr)
+            torch.testing.assert_close(right @ right.T, torch.eye(dl, dtype=torch.float64))
+    assert float(cores[c].norm()) == pytest.approx(mpo.norm, rel=1e-12)
+    assert [tuple(x.shape) for x in cores] == [tuple(x.shape) for x in mpo.gauge_cores("left")]
+    with pytest.raises(ValueError, match="gauge must be one of"):
+        mpo.gauge_cores("right")

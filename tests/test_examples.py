@@ -23,3 +23,14 @@ def test_decompose_and_truncate_example(tmp_path):
     for row in table:
         assert row["actual/|M|"] <= row["bound/|M| (Eq. 4)"] * (1 + 1e-6)
     assert (tmp_path / "network.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_finetune_and_squeeze_example(tmp_path, tiny_bert):
+    result = load("finetune_and_squeeze").main(["--fast", "--model", str(tiny_bert),
+                                                "--out", str(tmp_path)])
+    assert result["central_change"] == 0.0  # LFA leaves the central tensors alone
+    assert result["lfa"]["steps"] == 4  # one epoch of 64 examples in batches of 16
+    history = result["history"]
+    assert [r["step"] for r in history] == [0, 1, 2, 3]
+    assert history[-1]["params / original"] < history[0]["params / original"]
+    assert (tmp_path / "model" / "mpotn_config.json").is_file()

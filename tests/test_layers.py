@@ -121,3 +121,17 @@ def test_bad_inputs_are_clear_errors():
         MPOLinear(8, 8, (2, 2, 2), (2, 2, 2), (1, 2, 1))
     with pytest.raises(ValueError, match="indices must be an integer tensor"):
         MPOEmbedding(10, 4, n=2)(torch.tensor([1.0]))
+
+
+def test_left_and_central_gauges_give_the_same_layer(ffn):
+    linear = torch.nn.Linear(384, 1536)
+    with torch.no_grad():
+        linear.weight.copy_(ffn.T)
+    central = MPOLinear.from_linear(linear, max_bond=32)
+    left = MPOLinear.from_linear(linear, max_bond=32, gauge="left")
+    x = torch.randn(8, 384)
+    torch.testing.assert_close(central(x), left(x), rtol=1e-4, atol=1e-5)
+    # the spectrum sits in the central tensor in one gauge, in the last core in the other
+    norm = float(central.matrix().norm())
+    assert float(central.central.norm()) == pytest.approx(norm, rel=1e-4)
+    assert float(left.cores[-1].norm()) == pytest.approx(norm, rel=1e-4)
