@@ -1,4 +1,4 @@
-"""Command line: ``mpotn inspect``, ``compress``, ``finetune`` and ``squeeze``.
+"""Command line: ``mpotn inspect``, ``compress``, ``finetune``, ``squeeze`` and ``compare``.
 
 Run ``mpotn --help`` or ``mpotn COMMAND --help`` for every option and its default.
 """
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mpotn.atomic import write_text
+from mpotn.comparison import METHODS, RATIOS, compare, draw_comparison, load_matrix
 from mpotn.data import TaskData, load_glue, load_local, sst2_sample
 from mpotn.inspection import DEFAULT_RATIO
 from mpotn.models import load_tokenizer
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="T",
                           help="matrices decomposed for lfa/central (default: "
                                f"{' '.join(DEFAULT_TARGETS)})")
+    finetune.add_argument("--compress", action="store_true",
+                          help="decompose first for every strategy (with full: fine-tune every "
+                               "core and report how far central and auxiliary tensors moved); "
+                               "lfa and central always do")
     cut = finetune.add_mutually_exclusive_group()
     cut.add_argument("--ratio", type=_positive_float, default=None,
                      help="compress the MPO matrices to this rho first (default: full rank)")
@@ -201,6 +206,36 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--resume", action="store_true",
                          help="continue the run checkpointed in --out")
     _add_training(squeeze, epochs=1.0, default_out="mpotn-squeeze")
+
+    compare = commands.add_parser(
+        "compare",
+        help="error against compression ratio for SVD, MPO (n = 3, 5, 7), TT, Tucker and CP",
+        description=(
+            "Decompose one matrix with every registered method at a range of compression "
+            "ratios (the paper's Fig. 2) and measure the relative Frobenius error, the FLOPs "
+            "of the cheaper way to apply it to a batch, and the time of that product (the "
+            "paper's Table 2). Writes compare.csv, compare.json and compare.png to --out."
+        ),
+    )
+    compare.add_argument(
+        "matrix", nargs="?", default=None,
+        help="a module name of --model, a .npy file, or FILE.safetensors[:KEY] (default: the "
+             "word embedding of the embedded all-MiniLM-L6-v2)",
+    )
+    compare.add_argument("--model", default=None,
+                         help="model for module names (default: the embedded MiniLM)")
+    compare.add_argument("--ratios", type=_positive_float, nargs="+", default=list(RATIOS),
+                         help="compression ratios (default: "
+                              + " ".join(f"{r:g}" for r in RATIOS) + ")")
+    compare.add_argument("--methods", nargs="+", default=[label for label, _, _ in METHODS],
+                         metavar="LABEL",
+                         help="labels to run (default: " + ", ".join(
+                             label for label, _, _ in METHODS) + ")")
+    compare.add_argument("--batch", type=int, default=128,
+                         help="rows of the input batch timed for inference (default: 128)")
+    compare.add_argument("--out", default="mpotn-compare",
+                         help="output folder (default: ./mpotn-compare)")
+    compare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -352,7 +387,9 @@ def run_finetune(args: argparse.Namespace) -> None:
     compression = {k: v for k, v in (("ratio", args.ratio), ("max_bond", args.max_bond))
                    if v is not None}
     model, tokenizer = prepare_model(args.model, data, config, targets=args.targets,
-                                     compression=compression, progress=not args.no_progress)
+                                     compression=compression,
+                                     compress_model=args.compress or None,
+                                     progress=not args.no_progress)
     result = finetune(model, tokenizer, data, config, progress=not args.no_progress)
     paths = write_run(result, tokenizer, args.out, f"fine-tuning ({args.strategy})")
     _print_record(result.record, f"{data.spec.name}, strategy {args.strategy}:")
@@ -400,6 +437,28 @@ def run_squeeze(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out}/metrics.json, history.csv, history.json, history.png, model/")
 
 
+def run_compare(args: argparse.Namespace) -> None:
+    """Decompose the matrix with every method and ratio; print and write the table and plot."""
+    known = {label: (label, method, options) for label, method, options in METHODS}
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method labels {unknown}; choose from {list(known)}")
+    name, matrix = load_matrix(args.matrix, args.model)
+    start = time.perf_counter()
+    table = compare(matrix, args.ratios, [known[m] for m in args.methods], batch=args.batch,
+                    progress=not args.no_progress)
+    out = Path(args.out)
+    print(f"matrix: {name} ({matrix.shape[0]} x {matrix.shape[1]})")
+    print(table.to_markdown())
+    write_text(out / "compare.csv", table.to_csv())
+    write_text(out / "compare.json", json.dumps({"matrix": name, "shape": list(matrix.shape),
+                                                 "batch": args.batch, "rows": list(table)},
+                                                indent=2))
+    draw_comparison(table, out / "compare.png", f"{name} ({matrix.shape[0]} x {matrix.shape[1]})")
+    print(f"\n{len(table) - 1} decompositions in {time.perf_counter() - start:.1f} s; wrote "
+          f"{out}/compare.csv, compare.json, compare.png")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mpotn`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -412,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_finetune(args)
         elif args.command == "squeeze":
             run_squeeze(args)
+        elif args.command == "compare":
+            run_compare(args)
     except ValueError as error:
         print(f"mpotn {args.command}: error: {error}", file=sys.stderr)
         return 2

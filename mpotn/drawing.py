@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -212,4 +213,65 @@ def draw_graph(graph: nx.Graph, path: str | Path, title: str) -> Path:
                                               graph.edges(data=True)})
     ax.set_title(title, fontsize=9)
     ax.axis("off")
+    return _save(fig, path)
+
+
+def draw_lines(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, title: str,
+               xlabel: str, ylabel: str, log_x: bool = False) -> Path:
+    """One marked line per series of ``(x, y)`` points (sorted by ``x``)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def draw_spectra(mpo: Any, path: str | Path, title: str) -> Path:
+    """Singular values of every bond of an MPO (``mpo.singular_values``), log scale.
+
+    Each bond's values are divided by its largest, so that bonds compare; a
+    flat spectrum (near-maximal entropy) is a horizontal line.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for k, values in enumerate(mpo.singular_values, start=1):
+        values = np.asarray(values, dtype=float)
+        ax.plot(np.arange(1, len(values) + 1), values / max(values[0], 1e-300),
+                label=f"bond_{k} (d={len(values)})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("index of the singular value")
+    ax.set_ylabel("lambda / lambda_1")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def draw_entropy_profiles(records: Table, path: str | Path, title: str) -> Path:
+    """Entanglement entropy along the chain (bond by bond), over ``ln d`` of the full bond.
+
+    One line per matrix type, averaged over layers; records need ``type``,
+    ``entropies`` and ``full_bonds`` (as :func:`mpotn.inspection.inspect_model` writes).
+    """
+    profiles: dict[str, list[list[float]]] = {}
+    for r in records:
+        full = [int(d) for d in str(r["full_bonds"]).split(",")]
+        share = [s / math.log(d) if d > 1 else 0.0 for s, d in zip(r["entropies"], full)]
+        profiles.setdefault(r["type"], []).append(share)
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for kind, rows in profiles.items():
+        ax.plot(range(1, len(rows[0]) + 1), np.mean(rows, axis=0), marker="o", label=kind)
+    ax.set_xlabel("bond k")
+    ax.set_ylabel("S_k / ln d_k (Eq. 6, share of the maximum)")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from mpotn.atomic import write_text
-from mpotn.drawing import draw_entropy_heatmap
-from mpotn.models import weight_matrices
+from mpotn.drawing import draw_entropy_heatmap, draw_entropy_profiles, draw_spectra
+from mpotn.models import layer_index, matrix_type, weight_matrices
 from mpotn.mpo import MPO, Allocation
 from mpotn.table import Table
 
@@ -67,11 +68,14 @@ class Inspection:
         ``n``, ``ratio``, ``allocation`` and ``svd`` used.
     networks:
         The truncated MPO of each matrix whose name was asked for in ``keep``.
+    spectra:
+        The full-rank MPO of the same matrices (their bond spectra are drawn).
     """
 
     records: Table
     settings: dict[str, Any]
     networks: dict[str, MPO] = field(default_factory=dict)
+    spectra: dict[str, MPO] = field(default_factory=dict)
 
     def table(self) -> Table:
         """The printed columns, with readable headers."""
@@ -96,12 +100,19 @@ class Inspection:
         heatmap = draw_entropy_heatmap(self.records, out / "entropy_heatmap.png", model_name)
         if heatmap:
             paths["heatmap"] = heatmap
+        paths["profiles"] = draw_entropy_profiles(
+            self.records, out / "entropy_profiles.png",
+            f"{model_name}: entropy along the chain, by matrix type")
         for name, mpo in self.networks.items():
             safe = name.replace(".", "_") or "matrix"
             paths[f"network:{name}"] = mpo.draw(
                 out / f"network_{safe}.png",
                 title=f"{name}: bonds at rho={self.settings['ratio']} (kept/full)",
             )
+        for name, mpo in self.spectra.items():
+            safe = name.replace(".", "_") or "matrix"
+            paths[f"spectra:{name}"] = draw_spectra(
+                mpo, out / f"spectra_{safe}.png", f"{name}: singular values per bond (full rank)")
         return paths
 
 
@@ -147,7 +158,7 @@ def inspect_model(
             f"{[m.name for m in matrices][:12]}..."
         )
     records = Table()
-    networks = {}
+    networks, spectra = {}, {}
     for wm in tqdm(matrices, desc="decomposing", unit="matrix", disable=not progress):
         mpo = MPO.from_matrix(wm.matrix, n=n, svd=svd)
         norm = mpo.norm or 1.0
@@ -155,8 +166,10 @@ def inspect_model(
             cut = mpo.truncate(ratio=ratio, allocation=allocation)
         except ValueError:  # the budget is below this matrix's smallest MPO
             cut = None
-        if wm.name in keep and cut is not None:
-            networks[wm.name] = cut
+        if wm.name in keep:
+            spectra[wm.name] = mpo
+            if cut is not None:
+                networks[wm.name] = cut
         central = mpo.central_bond
         records.append({
             "name": wm.name,
@@ -178,4 +191,53 @@ def inspect_model(
             "relative_error": cut.reconstruction_error(wm.matrix) / norm if cut else None,
         })
     settings = {"n": n, "ratio": ratio, "allocation": allocation, "svd": svd}
-    return Inspection(records, settings, networks)
+    return Inspection(records, settings, networks, spectra)
+
+
+def core_changes(before: dict[str, list[torch.Tensor]], model: nn.Module) -> Table:
+    """How far training moved the central and the auxiliary tensors of each MPO layer.
+
+    ``before`` maps module names to copies of their cores (``snapshot_cores``).
+    Per matrix: ``central_change = ||C' - C|| / ||C||`` and
+    ``auxiliary_change = ||A' - A|| / ||A||`` over all auxiliary tensors
+    together (Frobenius norms; the paper's Table 1 argues that fine-tuning
+    moves the auxiliary tensors more).
+
+    Examples
+    --------
+    >>> from mpotn.layers import MPOLinear
+    >>> model = nn.Sequential(MPOLinear(16, 16, n=3))
+    >>> start = snapshot_cores(model)
+    >>> with torch.no_grad():
+    ...     _ = model[0].cores[0].mul_(2.0)
+    >>> row = core_changes(start, model)[0]
+    >>> row["central_change"], round(row["auxiliary_change"], 3) > 0
+    (0.0, True)
+    """
+    from mpotn.network import central_index
+
+    rows = Table()
+    for name, module in model.named_modules():
+        if name not in before:
+            continue
+        cores = [c.detach() for c in module.cores]
+        c = central_index(len(cores))
+        start = before[name]
+        aux_delta = sum(float((a - b).norm()) ** 2 for k, (a, b) in
+                        enumerate(zip(cores, start)) if k != c)
+        aux_norm = sum(float(b.norm()) ** 2 for k, b in enumerate(start) if k != c)
+        rows.append({
+            "name": name,
+            "type": matrix_type(name),
+            "layer": layer_index(name),
+            "central_change": float((cores[c] - start[c]).norm() / start[c].norm()),
+            "auxiliary_change": math.sqrt(aux_delta / aux_norm) if aux_norm else 0.0,
+        })
+    return rows
+
+
+def snapshot_cores(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Copies of the cores of every MPO layer, by module name (for :func:`core_changes`)."""
+    return {name: [c.detach().clone() for c in module.cores]
+            for name, module in model.named_modules()
+            if isinstance(getattr(module, "cores", None), nn.ParameterList)}

@@ -51,6 +51,7 @@ from mpotn.compress import (
 )
 from mpotn.data import TaskData, compute_metrics
 from mpotn.drawing import draw_history
+from mpotn.inspection import core_changes, snapshot_cores
 from mpotn.models import load_classifier, load_tokenizer
 from mpotn.network import central_index
 from mpotn.shapes import full_bond_dims, plan_side
@@ -156,11 +157,15 @@ class FinetuneResult:
         training loss, evaluation loss and the task's metrics.
     history:
         The Trainer's log (step, loss, learning rate, ...).
+    core_changes:
+        For a model with MPO layers: how far training moved each matrix's
+        central and auxiliary tensors (:func:`mpotn.inspection.core_changes`).
     """
 
     model: nn.Module
     record: dict[str, Any]
     history: Table
+    core_changes: Table = field(default_factory=Table)
 
 
 def prepare_model(
@@ -170,6 +175,7 @@ def prepare_model(
     *,
     targets: list[str] | str | None = None,
     compression: dict[str, Any] | None = None,
+    compress_model: bool | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, Any]:
     """The model a strategy trains, and its tokenizer.
@@ -188,6 +194,9 @@ def prepare_model(
         For ``lfa`` and ``central``: what to decompose (default
         :data:`DEFAULT_TARGETS`) and :class:`~mpotn.compress.CompressionConfig`
         settings (default: full rank, ``n = 5``).
+    compress_model:
+        Decompose before training; default: for ``lfa`` and ``central`` only
+        (``True`` with ``full`` fine-tunes every core of the MPO model).
     """
     from mpotn.serialization import is_saved_model, load
 
@@ -196,7 +205,9 @@ def prepare_model(
     torch.manual_seed(config.seed)  # the new task head
     classifier = load_classifier(model, data.num_labels)
     tokenizer = load_tokenizer(model)
-    if config.strategy in ("lfa", "central"):
+    if compress_model is None:
+        compress_model = config.strategy in ("lfa", "central")
+    if compress_model:
         settings = {"targets": list(targets or DEFAULT_TARGETS), **(compression or {})}
         return compress(classifier, CompressionConfig(**settings), progress=progress), tokenizer
     return classifier, tokenizer
@@ -318,6 +329,7 @@ def finetune(
         lora_rank = lora_rank_for_budget(trained, lfa_budget(trained) - head)
     selection = apply_strategy(trained, config.strategy, k=config.k, lora_rank=lora_rank)
     trained = selection.pop("model", trained)
+    start_cores = snapshot_cores(trained)
     train_set, eval_set = tokenized or tokenize(data, tokenizer, config.max_length,
                                                 config.train_limit, config.eval_limit)
     steps = planned_steps(config, len(train_set))
@@ -358,7 +370,12 @@ def finetune(
         record["eval_seconds"] = time.perf_counter() - start
     history = Table({k: v for k, v in row.items()} for row in trainer.state.log_history
                     if "loss" in row)
-    return FinetuneResult(result_model, record, history)
+    changes = core_changes(start_cores, trained)
+    if changes:
+        record["mean_central_change"] = float(np.mean([r["central_change"] for r in changes]))
+        record["mean_auxiliary_change"] = float(np.mean([r["auxiliary_change"]
+                                                         for r in changes]))
+    return FinetuneResult(result_model, record, history, changes)
 
 
 def lfa_budget(model: nn.Module) -> int:
@@ -401,6 +418,8 @@ def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
                                                                     indent=2)),
         "history_csv": write_text(out / "history.csv", result.history.to_csv()),
     }
+    if result.core_changes:
+        paths["core_changes"] = write_text(out / "core_changes.csv", result.core_changes.to_csv())
     if len(result.history):
         paths["plot"] = draw_history(result.history, "step", ["loss"], out / "history.png", title)
     paths["model"] = save_model(result.model, tokenizer, out / "model")

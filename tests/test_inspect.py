@@ -46,7 +46,8 @@ def test_cli_inspect_on_the_embedded_model_writes_table_heatmap_and_drawing(tmp_
     assert min(m["central_entropy"] for m in ffn) > max(m["central_entropy"] for m in attention)
     for m in data["matrices"]:
         assert m["relative_error"] <= m["relative_bound"] * (1 + 1e-6)
-    for name in ("entropy_heatmap.png", "network_encoder_layer_0_intermediate_dense.png"):
+    for name in ("entropy_heatmap.png", "network_encoder_layer_0_intermediate_dense.png",
+                 "entropy_profiles.png", "spectra_encoder_layer_0_intermediate_dense.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "inspect.md").read_text().startswith("# mpotn inspect")
 

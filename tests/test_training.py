@@ -109,3 +109,20 @@ def test_bad_training_settings_are_clear_errors(data):
         TrainingConfig(strategy="last-k")
     with pytest.raises(ValueError, match="max_steps > 0 or epochs > 0"):
         TrainingConfig(epochs=0)
+
+
+def test_core_changes_are_recorded_for_mpo_models(tiny_bert, data, tmp_path):
+    lfa = TrainingConfig(strategy="lfa", **SMALL)
+    model, tokenizer = prepare_model(tiny_bert, data, lfa, progress=False)
+    result = finetune(model, tokenizer, data, lfa, progress=False)
+    assert len(result.core_changes) == 12
+    assert all(r["central_change"] == 0.0 and r["auxiliary_change"] > 0
+               for r in result.core_changes)
+    full = TrainingConfig(strategy="full", **SMALL)
+    model, tokenizer = prepare_model(tiny_bert, data, full, compress_model=True, progress=False)
+    result = finetune(model, tokenizer, data, full, progress=False)
+    assert all(r["central_change"] > 0 and r["auxiliary_change"] > 0
+               for r in result.core_changes)
+    assert result.record["mean_central_change"] > 0
+    paths = write_run(result, tokenizer, tmp_path, "full on the MPO model")
+    assert paths["core_changes"].read_text().startswith("name,type,layer,central_change")

@@ -1,0 +1,171 @@
+"""Decompositions side by side: error against compression ratio, and inference cost.
+
+:func:`compare` decomposes one matrix with every method at a range of
+compression ratios (the paper's Fig. 2a/2b: the truncated SVD, MPO with
+n = 3, 5, 7, TT, Tucker and CP) and records, per point, the parameters, the
+actual relative Frobenius error, the FLOPs of the cheaper way to apply the
+network to a batch (the paper's Table 2, counted by opt_einsum) and the
+measured time of that product. :func:`load_matrix` reads the matrix: the
+MiniLM word embedding by default, a named module of a model, or a ``.npy`` /
+``.safetensors`` file.
+
+Examples
+--------
+>>> import torch
+>>> table = compare(torch.randn(96, 64, dtype=torch.float64), ratios=[0.3],
+...                 methods=[("svd", "mpo", {"n": 2}), ("Tucker n=2", "tucker", {"n": 2})],
+...                 batch=8, repeats=1)
+>>> [row["label"] for row in table], all(row["ratio"] <= 0.3 for row in table[1:])
+(['dense', 'svd', 'Tucker n=2'], True)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpotn.contraction import compiled
+from mpotn.methods import decompose
+from mpotn.models import load_model, weight_matrices
+from mpotn.table import Table
+
+#: The paper's Fig. 2 line-up: ``(label, method, options)``; ``svd`` is the
+#: two-core MPO with trivial second factors.
+METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("SVD", "mpo", {"n": 2}),
+    ("MPO n=3", "mpo", {"n": 3}),
+    ("MPO n=5", "mpo", {"n": 5}),
+    ("MPO n=7", "mpo", {"n": 7}),
+    ("TT n=3", "tt", {"n": 3}),
+    ("Tucker n=3", "tucker", {"n": 3}),
+    ("CP n=3", "cp", {"n": 3, "iterations": 10}),
+]
+RATIOS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+
+#: CP's ALS costs about ``entries x rank`` per sweep and mode; ranks above this
+#: are skipped (and reported as such).
+MAX_CP_RANK = 512
+
+
+def load_matrix(source: str | os.PathLike | None = None, model: str | None = None
+                ) -> tuple[str, torch.Tensor]:
+    """``(name, matrix)`` in the paper's orientation.
+
+    Parameters
+    ----------
+    source:
+        ``None`` (the word embedding of the model), a module name of the
+        model (``encoder.layer.0.intermediate.dense``), a ``.npy`` file, or a
+        ``.safetensors`` file (its only tensor, or ``file.safetensors:key``).
+    model:
+        The model for module names (default: the embedded all-MiniLM-L6-v2).
+    """
+    text = None if source is None else str(source)
+    if text is not None and (text.endswith(".npy") or ".safetensors" in text):
+        path, _, key = text.partition(".safetensors:")
+        if text.endswith(".npy"):
+            array = torch.from_numpy(np.load(text))
+            name = Path(text).name
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(path + ".safetensors" if key else text)
+            if not key:
+                if len(tensors) != 1:
+                    raise ValueError(f"{text} holds {len(tensors)} tensors; name one as "
+                                     f"FILE.safetensors:KEY (keys: {sorted(tensors)[:8]} ...)")
+                key = next(iter(tensors))
+            if key not in tensors:
+                raise ValueError(f"{path}.safetensors has no tensor {key!r}; keys: "
+                                 f"{sorted(tensors)[:8]} ...")
+            array, name = tensors[key], key
+        if array.dim() != 2:
+            raise ValueError(f"{text}: expected a matrix, got shape {tuple(array.shape)}")
+        return name, array.double()
+    matrices = {m.name: m for m in weight_matrices(load_model(model))}
+    name = text or next(n for n in matrices if n.endswith("word_embeddings"))
+    if name not in matrices:
+        raise ValueError(f"no matrix {name!r} in the model; candidates: "
+                         f"{', '.join(list(matrices)[:6])}, ...")
+    return name, matrices[name].matrix.double()
+
+
+def _best_time(run: Any, repeats: int) -> float:
+    run()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
+            methods: Sequence[tuple[str, str, dict[str, Any]]] = tuple(METHODS),
+            batch: int = 128, repeats: int = 3, progress: bool = False) -> Table:
+    """Every method at every ratio: parameters, relative error, FLOPs and time of ``x @ M``.
+
+    The dense product's FLOPs and time are measured too (``label="dense"``).
+    Points a method cannot reach (a budget below its smallest network, CP
+    ranks above :data:`MAX_CP_RANK`) are left out.
+    """
+    from tqdm.auto import tqdm
+
+    rows = Table()
+    x32 = torch.randn(batch, matrix.shape[0])
+    dense = matrix.float()
+    rows.append({"label": "dense", "method": "dense", "target": 1.0, "ratio": 1.0,
+                 "params": matrix.numel(), "relative_error": 0.0,
+                 "flops": 2 * batch * matrix.numel(), "path": "matmul",
+                 "ms_per_batch": 1e3 * _best_time(lambda: x32 @ dense, repeats)})
+    jobs = [(label, method, options, ratio) for label, method, options in methods
+            for ratio in ratios]
+    for label, method, options, ratio in tqdm(jobs, desc="decomposing", disable=not progress):
+        options = dict(options)
+        if method == "mpo" and options.get("n") == 2:
+            options.update(row_shape=(matrix.shape[0], 1), col_shape=(1, matrix.shape[1]))
+        if method == "cp":
+            per_rank = sum(decompose_shape(matrix, options["n"]))
+            if ratio * matrix.numel() / per_rank > MAX_CP_RANK:
+                continue
+        try:
+            net = decompose(matrix, method, ratio=ratio, **options)
+        except ValueError:  # below the smallest network of this method
+            continue
+        tensors = [t.float() for t in net.nodes.values()]
+        shapes = tuple(tuple(t.shape) for t in tensors)
+        contract = compiled(net.apply_equation(), ((batch, *net.row.factors), *shapes)).flops
+        rebuild = compiled(net.rebuild_equation(), shapes).flops + 2 * batch * matrix.numel()
+        seconds = _best_time(lambda net=net, tensors=tensors: net.apply(x32, tensors), repeats)
+        rows.append({"label": label, "method": method, "target": ratio,
+                     "ratio": net.compression_ratio, "params": net.num_params,
+                     "relative_error": net.relative_error, "flops": min(contract, rebuild),
+                     "path": "contract" if contract < rebuild else "rebuild",
+                     "ms_per_batch": 1e3 * seconds})
+    return rows
+
+
+def decompose_shape(matrix: torch.Tensor, n: int) -> tuple[int, ...]:
+    """Mode sizes of the tensorized matrix ``(i_1..i_n, j_1..j_n)`` (with padding)."""
+    from mpotn.shapes import plan_side
+
+    return (*plan_side(matrix.shape[0], n).factors, *plan_side(matrix.shape[1], n).factors)
+
+
+def draw_comparison(table: Table, path: str | Path, title: str) -> Path:
+    """Relative error against compression ratio, one line per method (log-scaled ratio)."""
+    from mpotn.drawing import draw_lines
+
+    series = {}
+    for row in table:
+        if row["label"] != "dense":
+            series.setdefault(row["label"], []).append((row["ratio"], row["relative_error"]))
+    return draw_lines(series, path, title, "compression ratio (parameters / entries)",
+                      "relative error ||M - M'|| / ||M||", log_x=True)

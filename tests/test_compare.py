@@ -1,0 +1,58 @@
+"""mpotn compare: every method against the ratio, on any matrix source."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mpotn.cli import main
+from mpotn.comparison import compare, load_matrix
+
+
+def low_rank_plus_noise(rows=120, cols=90, rank=6):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g)
+            + 0.01 * torch.randn(rows, cols, generator=g)).double()
+
+
+def test_svd_wins_on_a_low_rank_matrix_and_errors_fall_with_the_budget():
+    table = compare(low_rank_plus_noise(), ratios=[0.15, 0.4], batch=4, repeats=1)
+    rows = {(r["label"], r["target"]): r for r in table}
+    assert rows[("dense", 1.0)]["flops"] == 2 * 4 * 120 * 90
+    for label in ("SVD", "MPO n=3", "TT n=3", "Tucker n=3"):
+        assert rows[(label, 0.4)]["relative_error"] <= rows[(label, 0.15)]["relative_error"]
+        assert rows[(label, 0.15)]["ratio"] <= 0.15
+    assert rows[("SVD", 0.15)]["relative_error"] < 0.01  # rank 6 fits in the budget
+    assert all(r["relative_error"] >= rows[("SVD", 0.15)]["relative_error"]
+               for r in table if r["target"] == 0.15)
+    assert all(r["flops"] > 0 and r["ms_per_batch"] > 0 for r in table)
+
+
+def test_matrix_sources(tmp_path):
+    m = low_rank_plus_noise()
+    np.save(tmp_path / "m.npy", m.numpy())
+    save_file({"w": m.float(), "v": m.float().T.contiguous()}, str(tmp_path / "m.safetensors"))
+    assert load_matrix(tmp_path / "m.npy")[1].shape == (120, 90)
+    assert load_matrix(f"{tmp_path}/m.safetensors:v")[1].shape == (90, 120)
+    with pytest.raises(ValueError, match="holds 2 tensors"):
+        load_matrix(tmp_path / "m.safetensors")
+    name, ffn = load_matrix("encoder.layer.0.intermediate.dense")
+    assert ffn.shape == (384, 1536)
+    with pytest.raises(ValueError, match="no matrix 'nope'"):
+        load_matrix("nope")
+
+
+def test_compare_command_writes_table_plot_and_json(tmp_path, capsys):
+    np.save(tmp_path / "m.npy", low_rank_plus_noise().numpy())
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "m.npy"), "--ratios", "0.2", "--methods", "SVD",
+                 "Tucker n=3", "CP n=3", "--batch", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert {r["label"] for r in report["rows"]} == {"dense", "SVD", "Tucker n=3", "CP n=3"}
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "compare.csv").read_text().startswith("label,")
+    assert main(["compare", "--methods", "PCA", "--out", str(out)]) == 2
+    assert "unknown method labels" in capsys.readouterr().err
