@@ -39,7 +39,7 @@ def test_matrix_sources(tmp_path):
     with pytest.raises(ValueError, match="holds 2 tensors"):
         load_matrix(tmp_path / "m.safetensors")
     name, ffn = load_matrix("encoder.layer.0.intermediate.dense")
-    assert ffn.shape == (384, 1536)
+    assert name == "encoder.layer.0.intermediate.dense" and ffn.shape == (384, 1536)
     with pytest.raises(ValueError, match="no matrix 'nope'"):
         load_matrix("nope")
 

@@ -34,3 +34,25 @@ def test_finetune_and_squeeze_example(tmp_path, tiny_bert):
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert history[-1]["params / original"] < history[0]["params / original"]
     assert (tmp_path / "model" / "mpotn_config.json").is_file()
+
+
+def test_compare_methods_example(tmp_path):
+    table = load("compare_methods").main(["--fast", "--out", str(tmp_path)])
+    rows = {(r["label"], r["target"]): r for r in table}
+    for label in ("SVD", "MPO n=3", "MPO n=5", "TT n=3", "Tucker n=3"):
+        assert rows[(label, 0.2)]["relative_error"] < rows[(label, 0.05)]["relative_error"]
+    assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "tucker.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_custom_decomposition_example():
+    from mpotn.methods import DECOMPOSITIONS
+
+    try:
+        result = load("custom_decomposition").main()
+        assert result["registered"]
+        assert result["network"].relative_error < 1e-12  # exact on a Kronecker product
+        assert result["network"].num_params == 6 * 4 + 8 * 5
+        assert len(result["model"].report()) == 2
+    finally:
+        DECOMPOSITIONS.pop("kronecker", None)
