@@ -21,9 +21,7 @@ Examples
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpotn.contraction import compiled
+from mpotn.contraction import best_time, compiled
 from mpotn.methods import decompose
 from mpotn.models import load_model, weight_matrices
 from mpotn.table import Table
@@ -97,16 +95,6 @@ def load_matrix(source: str | os.PathLike | None = None, model: str | None = Non
     return name, matrices[name].matrix.double()
 
 
-def _best_time(run: Any, repeats: int) -> float:
-    run()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
             methods: Sequence[tuple[str, str, dict[str, Any]]] = tuple(METHODS),
             batch: int = 128, repeats: int = 3, progress: bool = False) -> Table:
@@ -124,7 +112,7 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
     rows.append({"label": "dense", "method": "dense", "target": 1.0, "ratio": 1.0,
                  "params": matrix.numel(), "relative_error": 0.0,
                  "flops": 2 * batch * matrix.numel(), "path": "matmul",
-                 "ms_per_batch": 1e3 * _best_time(lambda: x32 @ dense, repeats)})
+                 "ms_per_batch": 1e3 * best_time(lambda: x32 @ dense, repeats)})
     jobs = [(label, method, options, ratio) for label, method, options in methods
             for ratio in ratios]
     for label, method, options, ratio in tqdm(jobs, desc="decomposing", disable=not progress):
@@ -143,7 +131,7 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
         shapes = tuple(tuple(t.shape) for t in tensors)
         contract = compiled(net.apply_equation(), ((batch, *net.row.factors), *shapes)).flops
         rebuild = compiled(net.rebuild_equation(), shapes).flops + 2 * batch * matrix.numel()
-        seconds = _best_time(lambda net=net, tensors=tensors: net.apply(x32, tensors), repeats)
+        seconds = best_time(lambda net=net, tensors=tensors: net.apply(x32, tensors), repeats)
         rows.append({"label": label, "method": method, "target": ratio,
                      "ratio": net.compression_ratio, "params": net.num_params,
                      "relative_error": net.relative_error, "flops": min(contract, rebuild),

@@ -179,7 +179,8 @@ def autotuning(enabled: bool = True) -> Iterator[None]:
         _AUTOTUNE[0] = previous
 
 
-def _best_of(run: Any, repeats: int = 3) -> float:
+def best_time(run: Any, repeats: int = 3) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``run``, after one warm-up call."""
     run()  # warm-up: plans, caches, allocator
     best = math.inf
     for _ in range(repeats):
@@ -325,7 +326,7 @@ class Contractor:
                         torch.cuda.synchronize(sample.device)
                 return once
 
-            contract, rebuild = _best_of(run("contract")), _best_of(run("rebuild"))
+            contract, rebuild = best_time(run("contract")), best_time(run("rebuild"))
             _TUNED[key] = "contract" if contract < rebuild else "rebuild"
         return _TUNED[key]
 
