@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="module name of the matrix to draw (default: the first FFN matrix)",
     )
     inspect.add_argument(
+        "--changes", nargs=2, default=None, metavar=("BEFORE", "AFTER"),
+        help="instead: compare two mpotn saves of the same model (e.g. a squeeze run's "
+             "checkpoints/step-0000 and a fine-tuned model/) and report how far each "
+             "matrix's central and auxiliary tensors moved",
+    )
+    inspect.add_argument(
         "--out", default="mpotn-inspect", help="output folder (default: ./mpotn-inspect)"
     )
     inspect.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -287,11 +293,32 @@ def _add_training(parser: argparse.ArgumentParser, epochs: float, default_out: s
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def run_core_changes(before: str, after: str, out: str) -> None:
+    """Relative change of central and auxiliary tensors between two saves of one model."""
+    from mpotn.inspection import core_changes, snapshot_cores
+
+    start, end = load(before), load(after)
+    cores = snapshot_cores(start.base_model)
+    if set(cores) != set(snapshot_cores(end.base_model)):
+        raise ValueError(f"{before} and {after} do not hold the same MPO layers")
+    for name, layer in end.mpo_layers().items():
+        if [tuple(c.shape) for c in cores[name]] != [tuple(c.shape) for c in layer.cores]:
+            raise ValueError(f"{name} has other bond dimensions in {after} than in {before}; "
+                             "compare saves made before any cut")
+    table = core_changes(cores, end.base_model)
+    print(table.to_markdown(floatfmt=".4g"))
+    write_text(Path(out) / "core_changes.csv", table.to_csv())
+    print(f"\nwrote {out}/core_changes.csv")
+
+
 def run_inspect(args: argparse.Namespace) -> None:
     """Load the model, inspect it, print the table and write the files."""
     from mpotn.inspection import inspect_model
     from mpotn.models import load_model, resolve_model, weight_matrices
 
+    if args.changes:
+        run_core_changes(*args.changes, args.out)
+        return
     start = time.perf_counter()
     model = load_model(args.model)
     name = args.model or "all-MiniLM-L6-v2 (embedded)"

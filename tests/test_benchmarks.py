@@ -69,3 +69,14 @@ def test_glue_sst2_experiment_quick_mode_runs_every_row(tmp_path):
     assert rows["squeeze"]["fine-tuning steps"] == rows["direct"]["fine-tuning steps"]
     assert len(report["findings"]) == 4
     assert "| row" in (tmp_path / "glue_sst2.md").read_text()
+
+
+def test_core_changes_experiment_quick_mode(tmp_path):
+    out = tmp_path / "core_changes.json"
+    assert load_benchmark("core_changes").main(["--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["matrices"]) == 36  # 6 layers x (4 attention + 2 FFN) matrices
+    assert all(r["central_change"] > 0 and r["auxiliary_change"] > 0
+               for r in report["matrices"])
+    assert {r["matrix type"] for r in report["summary"]} == {
+        "query", "key", "value", "attn_out", "ffn_in", "ffn_out"}

@@ -126,3 +126,17 @@ def test_core_changes_are_recorded_for_mpo_models(tiny_bert, data, tmp_path):
     assert result.record["mean_central_change"] > 0
     paths = write_run(result, tokenizer, tmp_path, "full on the MPO model")
     assert paths["core_changes"].read_text().startswith("name,type,layer,central_change")
+
+
+def test_inspect_changes_compares_two_saves(tiny_bert, data, tmp_path, capsys):
+    from mpotn.cli import main
+
+    config = TrainingConfig(strategy="lfa", **SMALL)
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    model.save_pretrained(str(tmp_path / "before"))
+    finetune(model, tokenizer, data, config, progress=False)
+    model.save_pretrained(str(tmp_path / "after"))
+    assert main(["inspect", "--changes", str(tmp_path / "before"), str(tmp_path / "after"),
+                 "--out", str(tmp_path / "out")]) == 0
+    rows = (tmp_path / "out" / "core_changes.csv").read_text().splitlines()
+    assert len(rows) == 13 and all(r.split(",")[3] == "0.0" for r in rows[1:])  # LFA
