@@ -82,6 +82,7 @@ class _MPOWeight(nn.Module):
             for k, (i, j) in enumerate(zip(row.factors, col.factors))
         )
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._methods: dict[tuple, str] = {}
 
     # ----------------------------------------------------------- structure
     @property
@@ -301,16 +302,26 @@ class MPOLinear(_MPOWeight):
         """The dense ``out x in`` weight, as ``nn.Linear`` stores it (rebuilt)."""
         return self.matrix().mT
 
+    def _method(self, batch: int, cores: list[nn.Parameter]) -> str:
+        """Contract or rebuild for this batch size: decided once per situation, then looked up."""
+        cached = self._cache_usable()
+        grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+        key = (batch, cached, grad, autotune_enabled(), tuple(c.shape for c in cores))
+        method = self._methods.get(key)
+        if method is None:
+            cost = self.contractor.cost(batch, [c.shape for c in cores])
+            if cached:  # the weight is (or will be) cached: only the matmul remains
+                method = "contract" if cost.contract_seconds < cost.dense_seconds else "rebuild"
+            elif autotune_enabled():
+                method = self.contractor.tuned_method(batch, cores, bias=self.bias is not None)
+            else:
+                method = cost.method
+            self._methods[key] = method
+        return method
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cores = list(self.cores)
-        batch = math.prod(x.shape[:-1])
-        cost = self.contractor.cost(batch, [c.shape for c in cores])
-        if self._cache_usable():  # the weight is (or will be) cached: only the matmul remains
-            method = "contract" if cost.contract_seconds < cost.dense_seconds else "rebuild"
-        elif autotune_enabled():
-            method = self.contractor.tuned_method(batch, cores, bias=self.bias is not None)
-        else:
-            method = cost.method
+        method = self._method(math.prod(x.shape[:-1]), cores)
         if method == "rebuild":  # one fused GEMM with the bias, as nn.Linear does
             return nn.functional.linear(x, self.matrix().mT, self.bias)
         y = self.contractor.apply(x, cores, method="contract")

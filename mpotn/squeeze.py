@@ -49,6 +49,7 @@ from mpotn.training import (
     TrainingConfig,
     evaluate,
     finetune,
+    lfa_budget,
     save_model,
     tokenize,
 )
@@ -442,4 +443,5 @@ def direct_truncation(model: MPOModel, tokenizer: Any, data: TaskData,
         record = evaluate(model, tokenizer, data, config)
     total = count_parameters(model.base_model.parameters())
     return {**record, "strategy": "direct", "fine_tuning_steps": steps, "params": total,
+            "trainable_params": lfa_budget(model.base_model),
             "params_over_original": total / model.original_params}

@@ -7,7 +7,7 @@ Run from the repository root after the benchmarks (``mkdocs build`` uses the res
 Reads ``benchmarks/results/{fidelity,glue_sst2,forward,compare}.json`` (each
 written by its benchmark command; a missing one is reported and skipped) and
 writes ``docs/figures/*.png``; it also draws the networks of layer 0's FFN
-matrix of the embedded MiniLM decomposed by MPO, Tucker and CP at rho = 0.1.
+matrix of the embedded MiniLM decomposed by MPO, Tucker and CP at rho = 0.02.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def compare(report: dict) -> Path:
 
 
 def networks() -> list[Path]:
-    """Drawings of one real matrix decomposed three ways at rho = 0.1."""
+    """Drawings of one real matrix decomposed three ways at rho = 0.02."""
     from mpotn.methods import decompose
     from mpotn.models import load_model, weight_matrices
 
@@ -99,8 +99,8 @@ def networks() -> list[Path]:
     paths = []
     for method, options in (("mpo", {"n": 5}), ("tucker", {"n": 3}),
                             ("cp", {"n": 3, "iterations": 10})):
-        net = decompose(matrix, method, ratio=0.1, **options)
-        title = (f"{method} of layer 0 FFN (384 x 1536) at rho = 0.1: "
+        net = decompose(matrix, method, ratio=0.02, **options)
+        title = (f"{method} of layer 0 FFN (384 x 1536) at rho = 0.02: "
                  f"{net.num_params:,} parameters, error {net.relative_error:.3f}")
         paths.append(net.draw(FIGURES / f"network_{method}.png", title))
     return paths
