@@ -175,7 +175,8 @@ def draw_history(history: Table, x: str, ys: Sequence[str], path: str | Path, ti
         ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", markersize=3)
         for mark in marks:
             for r in rows:
-                ax.annotate(str(r.get(mark, "")), (r[x], r[y]), fontsize=5, rotation=30)
+                if r.get(mark) is not None:
+                    ax.annotate(str(r[mark]), (r[x], r[y]), fontsize=5, rotation=30)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel(x)
