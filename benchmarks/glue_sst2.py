@@ -45,7 +45,7 @@ from mpotn import Table, load
 from mpotn.atomic import write_text
 from mpotn.data import sst2_sample
 from mpotn.squeeze import SqueezeConfig, Squeezer, direct_truncation
-from mpotn.training import TrainingConfig, finetune, prepare_model
+from mpotn.training import TrainingConfig, finetune, lfa_budget, prepare_model
 
 RESULTS = Path(__file__).parent / "results" / "glue_sst2.json"
 HEADLINE = ("full", "lfa", "lora", "squeeze", "direct")
@@ -77,7 +77,7 @@ def run_squeeze(seed: int, settings: dict, squeeze: SqueezeConfig, data, work: P
     squeezed = {
         "row": "squeeze", "seed": seed, "accuracy": record["accuracy"], "loss": record["loss"],
         "total_params": record["params"], "params_over_original": record["params_over_original"],
-        "trainable_params": sum(p.numel() for _, p in _lfa(result.model)),
+        "trainable_params": lfa_budget(result.model.base_model),
         "steps": record["fine_tuning_steps"], "cuts": record["accepted_step"],
         "stop_reason": record["stop_reason"], "train_seconds": seconds,
     }
@@ -91,15 +91,6 @@ def run_squeeze(seed: int, settings: dict, squeeze: SqueezeConfig, data, work: P
         "train_seconds": time.perf_counter() - start,
     }
     return [squeezed, direct_row]
-
-
-def _lfa(model):
-    from mpotn.compress import lfa_parameters
-    from mpotn.strategies import head_parameters
-
-    chosen = {id(p): (n, p) for n, p in head_parameters(model.base_model)}
-    chosen.update((id(p), (n, p)) for n, p in lfa_parameters(model.base_model))
-    return chosen.values()
 
 
 def summarize(runs: list[dict]) -> Table:

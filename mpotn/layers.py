@@ -417,7 +417,24 @@ class MPOEmbedding(_MPOWeight):
         )
 
 
-class FactorizedLinear(nn.Module):
+class _FactorizedWeight(nn.Module):
+    """Shared machinery: the network's tensors as parameters (``factors``), by node name."""
+
+    def __init__(self, network: FactorNetwork) -> None:
+        super().__init__()
+        self.method = network.method
+        self.legs = dict(network.legs)
+        self.row, self.col = network.row, network.col
+        self.factors = nn.ParameterDict(
+            {name: nn.Parameter(t.detach().clone()) for name, t in network.nodes.items()})
+
+    def network(self) -> FactorNetwork:
+        """The current parameters as a :class:`~mpotn.methods.FactorNetwork` (no copy)."""
+        return FactorNetwork(self.method, dict(self.factors.items()), self.legs, self.row,
+                             self.col)
+
+
+class FactorizedLinear(_FactorizedWeight):
     """A linear layer whose ``in x out`` matrix is any :class:`~mpotn.methods.FactorNetwork`.
 
     The network's tensors are the parameters (``factors``, by node name); the
@@ -436,13 +453,8 @@ class FactorizedLinear(nn.Module):
     """
 
     def __init__(self, network: FactorNetwork, bias: bool = True) -> None:
-        super().__init__()
-        self.method = network.method
-        self.legs = dict(network.legs)
-        self.row, self.col = network.row, network.col
+        super().__init__(network)
         self.in_features, self.out_features = network.shape
-        self.factors = nn.ParameterDict(
-            {name: nn.Parameter(t.detach().clone()) for name, t in network.nodes.items()})
         sample = next(iter(network.nodes.values()))
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=sample.dtype,
                                              device=sample.device)) if bias else None
@@ -460,11 +472,6 @@ class FactorizedLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    def network(self) -> FactorNetwork:
-        """The current parameters as a :class:`~mpotn.methods.FactorNetwork` (no copy)."""
-        return FactorNetwork(self.method, dict(self.factors.items()), self.legs, self.row,
-                             self.col)
-
     @property
     def weight(self) -> torch.Tensor:
         """The dense ``out x in`` weight (rebuilt)."""
@@ -479,18 +486,13 @@ class FactorizedLinear(nn.Module):
                 f"method={self.method!r}, params={sum(p.numel() for p in self.factors.values())}")
 
 
-class FactorizedEmbedding(nn.Module):
+class FactorizedEmbedding(_FactorizedWeight):
     """An embedding table stored as any :class:`~mpotn.methods.FactorNetwork` (rebuilt per call)."""
 
     def __init__(self, network: FactorNetwork, padding_idx: int | None = None) -> None:
-        super().__init__()
-        self.method = network.method
-        self.legs = dict(network.legs)
-        self.row, self.col = network.row, network.col
+        super().__init__(network)
         self.num_embeddings, self.embedding_dim = network.shape
         self.padding_idx = padding_idx
-        self.factors = nn.ParameterDict(
-            {name: nn.Parameter(t.detach().clone()) for name, t in network.nodes.items()})
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, method: str = "tucker", **options: Any
@@ -501,11 +503,6 @@ class FactorizedEmbedding(nn.Module):
                 f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
         return cls(decompose(embedding.weight.detach(), method, **options),
                    embedding.padding_idx)
-
-    def network(self) -> FactorNetwork:
-        """The current parameters as a :class:`~mpotn.methods.FactorNetwork` (no copy)."""
-        return FactorNetwork(self.method, dict(self.factors.items()), self.legs, self.row,
-                             self.col)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -44,6 +44,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +141,12 @@ class FactorNetwork:
 
     def rebuild_equation(self) -> str:
         """Einsum equation ``nodes -> (i_1..i_n, j_1..j_n)``."""
-        return graph_equation(self.legs, self.row_legs + self.col_legs)
+        return _equation(tuple(self.legs.items()), self.row_legs + self.col_legs, ())
 
     def apply_equation(self) -> str:
         """Einsum equation ``x[b, i_1..i_n], nodes -> y[b, j_1..j_n]``."""
-        return graph_equation(self.legs, ("batch", *self.col_legs),
-                              extra=("batch", *self.row_legs))
+        return _equation(tuple(self.legs.items()), ("batch", *self.col_legs),
+                         ("batch", *self.row_legs))
 
     def rebuild(self, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The ``I x J`` matrix (``tensors`` replaces the stored ones, e.g. parameters)."""
@@ -180,6 +181,13 @@ class FactorNetwork:
 
         return draw_graph(self.to_networkx(), path,
                           title or f"{self.method}: {self.num_params:,} parameters")
+
+
+@lru_cache(maxsize=1024)
+def _equation(legs: tuple[tuple[str, tuple[str, ...]], ...], output: tuple[str, ...],
+              extra: tuple[str, ...]) -> str:
+    """:func:`mpotn.network.graph_equation`, computed once per network structure."""
+    return graph_equation(dict(legs), output, extra=extra or None)
 
 
 def _tensorized(matrix: torch.Tensor, n: int) -> tuple[np.ndarray, Factorization, Factorization]:
