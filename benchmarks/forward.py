@@ -26,7 +26,9 @@ The table reports ratios measured in the same run:
 * ``auto/tltorch``, ``tuned/tltorch``: against the faster tltorch
   implementation (goal: <= 1.0);
 * ``auto/dense``, ``tuned/dense``: against ``nn.Linear`` (goal: < 1 wherever the
-  chosen path needs fewer than half the dense FLOPs, flagged in ``flops<dense/2``).
+  chosen path needs fewer than half the dense FLOPs, flagged in ``flops<dense/2``);
+* ``aa_noise``: ``|dense / dense_again - 1|``, the same ``nn.Linear`` timed twice
+  as two candidates -- the noise floor of this row's ratios.
 
 Writes ``benchmarks/results/forward.json`` and ``forward.md`` (included by the docs).
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -131,13 +134,15 @@ def measure(shape: tuple[int, int], max_bond: int | None, batch: int, backward: 
         "contract": (contract, list(layer.parameters())),
         "rebuild": (rebuild, list(layer.parameters())),
         "dense": (dense, list(dense.parameters())),
+        "dense_again": (dense, list(dense.parameters())),  # A/A: the run's own noise
     }
     for implementation in ("factorized", "reconstructed"):
         tl = tltorch_layer(layer, implementation)
         candidates[f"tltorch_{implementation}"] = (tl, list(tl.parameters()))
     with torch.no_grad():  # every candidate computes the same layer
         reference = dense(x) if max_bond is None else None
-        outputs = {name: fn(x) for name, (fn, _) in candidates.items() if name != "dense"}
+        outputs = {name: fn(x) for name, (fn, _) in candidates.items()
+                   if not name.startswith("dense")}
     first = outputs["auto"]
     scale = float(first.abs().max())
     output_diff = max(float((y - first).abs().max()) for y in outputs.values()) / scale
@@ -166,6 +171,7 @@ def measure(shape: tuple[int, int], max_bond: int | None, batch: int, backward: 
         "auto/dense": times["auto"] / times["dense"],
         "tuned/dense": times["tuned"] / times["dense"],
         "params/dense": sum(c.numel() for c in cores) / (shape[0] * shape[1]),
+        "aa_noise": abs(times["dense"] / times["dense_again"] - 1),
         "max_output_diff": output_diff,
         **{f"{name}_ms": 1e3 * t for name, t in times.items()},
     }
@@ -189,12 +195,15 @@ def report(rows: list[dict]) -> tuple[str, Table]:
         "worst /tltorch": max(r[f"{choice}/tltorch"] for r in rows),
         "rows not slower than tltorch": sum(r[f"{choice}/tltorch"] <= 1.0 for r in rows),
         "rows within 5% of tltorch": sum(r[f"{choice}/tltorch"] <= 1.05 for r in rows),
+        "rows within A/A noise of tltorch": sum(
+            r[f"{choice}/tltorch"] <= 1 + r["aa_noise"] for r in rows),
+        "median A/A noise": statistics.median(r["aa_noise"] for r in rows),
         "faster than dense where flops<dense/2": (
             f"{sum(r[f'{choice}/dense'] < 1 for r in flagged)}/{len(flagged)}"),
     } for choice, key in (("auto", "choice"), ("tuned", "tuned_choice")))
     columns = ["shape", "bonds", "batch", "pass", "choice", "tuned_choice", "flops<dense/2",
                "auto/best_path", "tuned/best_path", "auto/tltorch", "tuned/tltorch",
-               "tuned/dense", "params/dense", "tuned_ms", "dense_ms"]
+               "tuned/dense", "params/dense", "aa_noise", "tuned_ms", "dense_ms"]
     table = (summary.to_markdown(floatfmt=".3g") + "\n\n"
              + Table({c: r[c] for c in columns} for r in rows).to_markdown(floatfmt=".3g")
              + "\n")

@@ -188,18 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_model_and_task(squeeze)
-    squeeze.add_argument("--types", nargs="+", default=["ffn_in", "ffn_out"], metavar="TYPE",
+    squeeze.add_argument("--types", nargs="+", default=["all"], metavar="TYPE",
                          help="matrix types that may be cut: query key value attn_out ffn_in "
-                              "ffn_out word_emb, or all (default: ffn_in ffn_out)")
-    squeeze.add_argument("--cut", type=_positive_float, default=0.25,
+                              "ffn_out word_emb, or all (default: all)")
+    squeeze.add_argument("--cut", type=_positive_float, default=1,
                          help="dimensions removed per cut: an integer (the paper: 1) or a "
-                              "fraction of the current bond (default: 0.25)")
-    squeeze.add_argument("--steps-per-cut", type=int, default=10,
-                         help="auxiliary fine-tuning steps after each cut (default: 10)")
-    squeeze.add_argument("--max-cuts", type=int, default=12,
-                         help="step limit, iter of Algorithm 2 (default: 12)")
-    squeeze.add_argument("--delta", type=float, default=0.02,
-                         help="tolerated drop of the monitored score (default: 0.02)")
+                              "fraction of the current bond (default: 1)")
+    squeeze.add_argument("--budget", type=float, default=0.007,
+                         help="parameters one step removes, by repeated least-error cuts over "
+                              "all matrices: a count, or a fraction of the original model's "
+                              "parameters; 0 cuts one matrix per step (default: 0.007)")
+    squeeze.add_argument("--steps-per-cut", type=int, default=20,
+                         help="auxiliary fine-tuning steps after each step's cuts (default: 20)")
+    squeeze.add_argument("--max-cuts", type=int, default=8,
+                         help="step limit, iter of Algorithm 2 (default: 8)")
+    squeeze.add_argument("--delta", type=float, default=0.05,
+                         help="tolerated drop of the monitored score (default: 0.05)")
     squeeze.add_argument("--monitor", choices=MONITORS, default="metric",
                          help="score watched by --delta: the task metric or the eval loss "
                               "(default: metric)")
@@ -427,7 +431,8 @@ def run_squeeze(args: argparse.Namespace) -> None:
     """Fine-tune first if needed, squeeze, optionally run the direct ablation."""
     data = load_task(args)
     types = None if args.types == ["all"] else args.types
-    config = SqueezeConfig(types=types, cut=args.cut, steps_per_cut=args.steps_per_cut,
+    config = SqueezeConfig(types=types, cut=args.cut, budget=args.budget or None,
+                           steps_per_cut=args.steps_per_cut,
                            max_cuts=args.max_cuts, delta=args.delta, monitor=args.monitor,
                            target_ratio=args.target_ratio)
     training = training_config(args, "lfa")

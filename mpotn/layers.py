@@ -189,20 +189,30 @@ class _MPOWeight(nn.Module):
                 core.normal_(0.0, std)
 
     # ------------------------------------------------------------ forward
-    def _cache_usable(self) -> bool:
+    def _core_tensors(self) -> list[nn.Parameter]:
+        """The cores in chain order, read from the ``ParameterList``'s registry.
+
+        Indexing a ``ParameterList`` goes through a string attribute lookup per
+        core; on the forward path of a small batch that is a measurable share.
+        """
+        return list(self.cores._parameters.values())
+
+    def _cache_usable(self, cores: list[nn.Parameter] | None = None) -> bool:
+        cores = self._core_tensors() if cores is None else cores
         return not self.training and not (
-            torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)
+            torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         )
 
     def matrix(self) -> torch.Tensor:
         """The ``I x J`` matrix, cached in eval mode until a core changes."""
-        if not self._cache_usable():
+        cores = self._core_tensors()
+        if not self._cache_usable(cores):
             self._cache = None
-            return self.contractor.rebuild(list(self.cores))
-        key = tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in self.cores)
+            return self.contractor.rebuild(cores)
+        key = tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in cores)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, self.contractor.rebuild(list(self.cores)))
+                self._cache = (key, self.contractor.rebuild(cores))
         return self._cache[1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
@@ -304,8 +314,8 @@ class MPOLinear(_MPOWeight):
 
     def _method(self, batch: int, cores: list[nn.Parameter]) -> str:
         """Contract or rebuild for this batch size: decided once per situation, then looked up."""
-        cached = self._cache_usable()
         grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+        cached = not self.training and not grad
         key = (batch, cached, grad, autotune_enabled(), tuple(c.shape for c in cores))
         method = self._methods.get(key)
         if method is None:
@@ -320,7 +330,7 @@ class MPOLinear(_MPOWeight):
         return method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cores = list(self.cores)
+        cores = self._core_tensors()
         method = self._method(math.prod(x.shape[:-1]), cores)
         if method == "rebuild":  # one fused GEMM with the bias, as nn.Linear does
             return nn.functional.linear(x, self.matrix().mT, self.bias)
@@ -406,9 +416,10 @@ class MPOEmbedding(_MPOWeight):
         return self.matrix()
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        if self._cache_usable():
+        cores = self._core_tensors()
+        if self._cache_usable(cores):
             return nn.functional.embedding(indices, self.matrix())
-        return self.contractor.lookup(indices, list(self.cores))
+        return self.contractor.lookup(indices, cores)
 
     def extra_repr(self) -> str:
         return (

@@ -7,7 +7,10 @@ Starting from a fine-tuned MPO model with task score ``P``, each step
    (Eq. 3: ``eps = sqrt(sum of the cut lambda_k^2)``; no matrix is rebuilt);
 2. cuts the matrix with the least estimated error (relative to its norm by
    default), by TT-rounding its current cores, which refreshes that matrix's
-   stored spectrum;
+   stored spectrum; with a per-step parameter ``budget`` (a generalization
+   SPEC §3 allows) it keeps taking the next least-error cut, a matrix already
+   chosen in this step competing with its next dimensions, until the step
+   removes at least ``budget`` parameters, then cuts every chosen matrix once;
 3. fine-tunes the auxiliary tensors (with biases, norms and the task head;
    central tensors frozen) for a set number of optimizer steps;
 4. evaluates the score ``P~`` and stops once it is worse than ``P`` by more
@@ -73,6 +76,14 @@ class SqueezeConfig:
         Size of one cut: an integer ``>= 1`` removes that many dimensions (the
         paper: 1); a fraction in ``(0, 1)`` removes that share of the current
         central bond (at least one dimension).
+    budget:
+        Parameters one step removes: ``None`` (Algorithm 2) cuts one matrix
+        per step; otherwise cuts are taken by least estimated error, each
+        matrix's next cut competing with every other's, until at least this
+        many parameters go (an integer ``>= 1``, or a fraction in ``(0, 1)``
+        of the original model's parameters). With ``cut=1`` every step is the
+        paper's one-dimension rule applied repeatedly, with one fine-tuning
+        and one evaluation per step instead of per dimension.
     steps_per_cut:
         Optimizer steps of auxiliary fine-tuning after each cut.
     max_cuts:
@@ -93,6 +104,7 @@ class SqueezeConfig:
 
     types: list[str] | None = None
     cut: float = 1
+    budget: float | None = None
     steps_per_cut: int = 20
     max_cuts: int = 100
     delta: float = 0.01
@@ -106,6 +118,12 @@ class SqueezeConfig:
             raise ValueError(
                 f"cut must be a whole number of dimensions >= 1 or a fraction in (0, 1), "
                 f"got {self.cut}"
+            )
+        if self.budget is not None and (
+                self.budget <= 0 or (self.budget >= 1 and self.budget != int(self.budget))):
+            raise ValueError(
+                f"budget must be a whole number of parameters >= 1 or a fraction in (0, 1) "
+                f"of the original model's parameters, got {self.budget}"
             )
         if self.steps_per_cut < 0 or self.max_cuts < 1:
             raise ValueError("steps_per_cut must be >= 0 and max_cuts >= 1")
@@ -124,6 +142,12 @@ class SqueezeConfig:
         """Central-bond dimension after one cut of a bond of size ``dim``."""
         removed = int(self.cut) if self.cut >= 1 else max(1, math.floor(self.cut * dim))
         return max(self.min_bond, dim - removed)
+
+    def step_budget(self, original_params: int) -> int:
+        """Parameters one step removes at least (``0``: a single cut)."""
+        if self.budget is None:
+            return 0
+        return int(self.budget) if self.budget >= 1 else math.ceil(self.budget * original_params)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable form."""
@@ -145,6 +169,9 @@ class SqueezeState:
         the stored central-bond singular values.
     history:
         One row per evaluated model (step 0 is the starting model).
+    cuts:
+        One row per matrix cut: step, matrix, bond, dimensions, estimated and
+        actual error.
     accepted:
         Step of the last model within ``Delta``.
     stop_reason:
@@ -155,6 +182,7 @@ class SqueezeState:
     baseline: float = math.nan
     spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    cuts: list[dict[str, Any]] = field(default_factory=list)
     accepted: int = 0
     stop_reason: str | None = None
 
@@ -166,14 +194,38 @@ def central_spectrum(layer: Any) -> dict[str, Any]:
     return {"bond": bond, "values": mpo.singular_values[bond - 1].tolist(), "norm": mpo.norm}
 
 
-def estimated_error(spectrum: dict[str, Any], keep: int, relative: bool = True) -> float:
-    """Eq. 3 from stored values: ``sqrt(sum_{k > keep} lambda_k^2)`` (over ``||M||``)."""
-    eps = math.sqrt(sum(v * v for v in spectrum["values"][keep:]))
+def estimated_error(spectrum: dict[str, Any], keep: int, relative: bool = True,
+                    upto: int | None = None) -> float:
+    """Eq. 3 from stored values: ``sqrt(sum_{keep < k <= upto} lambda_k^2)`` (over ``||M||``).
+
+    ``upto`` (default: every stored value) is the bond's dimension before the
+    cut, when earlier cuts of the same step already lowered it.
+
+    Examples
+    --------
+    >>> spectrum = {"values": [4.0, 3.0, 2.0, 1.0], "norm": 2.0}
+    >>> estimated_error(spectrum, 2, relative=False) ** 2  # 2^2 + 1^2
+    5.000000000000001
+    >>> estimated_error(spectrum, 1, upto=2)  # lambda_2 / ||M||
+    1.5
+    """
+    eps = math.sqrt(sum(v * v for v in spectrum["values"][keep:upto]))
     return eps / spectrum["norm"] if relative and spectrum["norm"] > 0 else eps
 
 
-def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> Table:
-    """Every matrix that may be cut, with its next cut and estimated error, best first."""
+def _removed_params(layer: Any, bond: int, dim: int, new_dim: int) -> int:
+    """Core entries freed by cutting ``bond`` from ``dim`` to ``new_dim`` (its two cores)."""
+    left, right = layer.cores[bond - 1].shape, layer.cores[bond].shape
+    return (dim - new_dim) * (math.prod(left[:3]) + math.prod(right[1:]))
+
+
+def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig,
+               dims: dict[str, int] | None = None) -> Table:
+    """Every matrix that may be cut, with its next cut and estimated error, best first.
+
+    ``dims`` overrides the current central-bond dimension of the matrices it
+    names (cuts already planned in this step).
+    """
     rows = Table()
     for name, layer in model.mpo_layers().items():
         if config.types is not None and matrix_type(name) not in config.types:
@@ -181,16 +233,48 @@ def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> T
         spectrum = state.spectra.get(name)
         if spectrum is None:
             continue
-        dim = layer.bond_dims[spectrum["bond"]]
+        bond = spectrum["bond"]
+        dim = (dims or {}).get(name, layer.bond_dims[bond])
         new = config.next_dim(dim)
         if new >= dim:
             continue
         rows.append({
-            "matrix": name, "bond": spectrum["bond"], "dim": dim, "new_dim": new,
-            "estimated_error": estimated_error(spectrum, new, config.error == "relative"),
+            "matrix": name, "bond": bond, "dim": dim, "new_dim": new,
+            "estimated_error": estimated_error(spectrum, new, config.error == "relative", dim),
+            "removed_params": _removed_params(layer, bond, dim, new),
         })
     rows.sort(key=lambda r: (r["estimated_error"], r["matrix"]))
     return rows
+
+
+def plan_step(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> Table:
+    """The cuts of one step, one row per matrix (its bond's dimension before and after).
+
+    Without a budget this is the best candidate alone (Algorithm 2). With one,
+    the best candidate is taken repeatedly, the dimensions it lowers feeding
+    back into the ranking, until the cuts free ``config.step_budget`` parameters
+    or nothing is left to cut; a matrix taken several times appears once, with
+    ``estimated_error`` the Eq. 3 error of its whole cut.
+    """
+    budget = config.step_budget(model.original_params)
+    dims: dict[str, int] = {}
+    chosen: dict[str, dict[str, Any]] = {}
+    removed = 0
+    while ranked := candidates(model, state, config, dims):
+        best = ranked[0]
+        name = best["matrix"]
+        first = chosen.setdefault(name, {**best, "removed_params": 0})
+        first["new_dim"] = dims[name] = best["new_dim"]
+        first["removed_params"] += best["removed_params"]
+        removed += best["removed_params"]
+        if removed >= budget:
+            break
+    plan = Table()
+    for row in chosen.values():
+        row["estimated_error"] = estimated_error(state.spectra[row["matrix"]], row["new_dim"],
+                                                 config.error == "relative", row["dim"])
+        plan.append(row)
+    return plan
 
 
 def cut(model: MPOModel, name: str, bond: int, dim: int) -> dict[str, Any]:
@@ -335,13 +419,16 @@ class Squeezer:
         return None
 
     def step(self) -> None:
-        """One cut, its auxiliary fine-tuning and evaluation, then a checkpoint."""
+        """One step's cuts, their auxiliary fine-tuning and evaluation, then a checkpoint."""
         start = time.perf_counter()
-        best = candidates(self.model, self.state, self.config)[0]
-        spectrum = cut(self.model, best["matrix"], best["bond"], best["new_dim"])
-        cut_error = spectrum.pop("error")
-        self.state.spectra[best["matrix"]] = spectrum
+        plan = plan_step(self.model, self.state, self.config)
         self.state.step += 1
+        for row in plan:
+            spectrum = cut(self.model, row["matrix"], row["bond"], row["new_dim"])
+            row["cut_error"] = spectrum.pop("error")
+            self.state.spectra[row["matrix"]] = spectrum
+            self.state.cuts.append({"step": self.state.step, **row})
+        first = plan[0] if len(plan) == 1 else dict.fromkeys(("bond", "dim", "new_dim"))
         train_loss = None
         if self.config.steps_per_cut:
             config = dataclasses.replace(self.training, seed=self.training.seed
@@ -352,9 +439,10 @@ class Squeezer:
             train_loss = result.record["train_loss"]
         scores = self._evaluate()
         self.state.history.append(self._row(
-            scores, matrix=best["matrix"], bond=best["bond"], dim=best["dim"],
-            new_dim=best["new_dim"], estimated_error=best["estimated_error"],
-            cut_error=cut_error, train_loss=train_loss,
+            scores, matrix=plan[0]["matrix"] if len(plan) == 1 else f"{len(plan)} matrices",
+            bond=first["bond"], dim=first["dim"], new_dim=first["new_dim"],
+            estimated_error=max(row["estimated_error"] for row in plan),
+            cut_error=max(row["cut_error"] for row in plan), train_loss=train_loss,
             seconds=time.perf_counter() - start))
         worse = _worse_by(self.state.baseline, _score(scores, self.data, self.config.monitor),
                           self.config.monitor)
@@ -399,6 +487,7 @@ class Squeezer:
             "stop_reason": self.state.stop_reason,
             "cuts": self.state.step,
             "accepted_step": accepted,
+            "matrix_cuts": sum(1 for row in self.state.cuts if row["step"] <= accepted),
             "baseline": self.state.baseline,
             "monitor": self.config.monitor,
             "steps_per_cut": self.config.steps_per_cut,
@@ -410,6 +499,7 @@ class Squeezer:
         write_text(self.out / "metrics.json", json.dumps(record, indent=2))
         write_text(self.out / "history.json", json.dumps(list(history), indent=2))
         write_text(self.out / "history.csv", history.to_csv())
+        write_text(self.out / "cuts.csv", Table(self.state.cuts).to_csv())
         metric = "loss" if self.config.monitor == "loss" else self.data.spec.metrics[0]
         draw_history(history, "step", [metric, "params_over_original"],
                      self.out / "history.png", "dimension squeezing (Algorithm 2)",

@@ -19,6 +19,7 @@ from mpotn.squeeze import (
     central_spectrum,
     cut,
     direct_truncation,
+    plan_step,
 )
 from mpotn.training import TrainingConfig, prepare_model
 
@@ -58,6 +59,43 @@ def test_a_step_cuts_the_matrix_with_the_least_true_error(tiny_bert, data):
     assert spectrum["error"] == pytest.approx(true[name], rel=1e-4, abs=1e-6)
 
 
+def test_a_budgeted_step_takes_one_dimension_cuts_by_least_error_until_the_budget(tiny_bert,
+                                                                                   data):
+    model, _ = fresh(tiny_bert, data)
+    state = SqueezeState(spectra={n: central_spectrum(m) for n, m in model.mpo_layers().items()})
+    layers = model.mpo_layers()
+    budget = 3000
+    plan = plan_step(model, state, SqueezeConfig(cut=1, budget=budget))
+    # brute force: every remaining singular value of every central bond, relative to ||M||,
+    # taken smallest first; a cut frees its two cores' slices of that bond
+    values = []
+    for name, spectrum in state.spectra.items():
+        layer, bond = layers[name], spectrum["bond"]
+        left, right = layer.cores[bond - 1].shape, layer.cores[bond].shape
+        per_dim = left[0] * left[1] * left[2] + right[1] * right[2] * right[3]
+        dim = layer.bond_dims[bond]
+        values += [(spectrum["values"][k] / spectrum["norm"], name, per_dim)
+                   for k in range(1, dim)]
+    values.sort()
+    expected, removed = {}, 0
+    for _, name, per_dim in values:
+        expected[name] = expected.get(name, 0) + 1
+        removed += per_dim
+        if removed >= budget:
+            break
+    assert {row["matrix"]: row["dim"] - row["new_dim"] for row in plan} == expected
+    assert sum(row["removed_params"] for row in plan) == removed >= budget
+    before = sum(p.numel() for p in model.base_model.parameters())
+    for row in plan:  # Eq. 3 over the whole cut of each matrix, and the real parameter drop
+        spectrum = cut(model, row["matrix"], row["bond"], row["new_dim"])
+        assert row["estimated_error"] == pytest.approx(spectrum["error"], rel=1e-4, abs=1e-6)
+    assert before - sum(p.numel() for p in model.base_model.parameters()) == removed
+    assert plan_step(model, state, SqueezeConfig(cut=1, budget=None)).__len__() == 1
+    assert SqueezeConfig(budget=0.01).step_budget(10**6) == 10**4
+    with pytest.raises(ValueError, match="budget must be a whole number"):
+        SqueezeConfig(budget=2.5)
+
+
 def test_cut_sizes_and_settings():
     assert SqueezeConfig(cut=1).next_dim(12) == 11
     assert SqueezeConfig(cut=3).next_dim(12) == 9
@@ -83,7 +121,10 @@ def test_squeeze_cuts_only_allowed_types_and_writes_its_history(tiny_bert, data,
                and "attention" not in r["matrix"] for r in history[1:])
     assert [r["params"] for r in history] == sorted((r["params"] for r in history), reverse=True)
     assert result.record["stop_reason"] == "max_cuts"
-    assert result.record["fine_tuning_steps"] == 6
+    assert result.record["fine_tuning_steps"] == 6 and result.record["matrix_cuts"] == 3
+    cuts = (tmp_path / "cuts.csv").read_text().splitlines()
+    assert len(cuts) == 4 and [line.split(",")[1] for line in cuts[1:]] == [
+        r["matrix"] for r in history[1:]]
     for name in ("metrics.json", "history.csv", "history.json", "history.png"):
         assert (tmp_path / name).stat().st_size > 0
     with pytest.raises(ValueError, match="already holds a squeeze run"):
@@ -131,9 +172,10 @@ def test_direct_truncation_reaches_the_given_bonds(tiny_bert, data):
 
 def squeeze_command(model, out, *extra):
     return [sys.executable, "-m", "mpotn.cli", "squeeze", str(model), "--out", str(out),
-            "--types", "ffn_in", "ffn_out", "--cut", "0.25", "--steps-per-cut", "2",
-            "--max-cuts", "6", "--delta", "1", "--init-epochs", "0.5", "--batch-size", "8",
-            "--train-limit", "48", "--eval-limit", "32", "--no-progress", *extra]
+            "--types", "ffn_in", "ffn_out", "--cut", "0.25", "--budget", "0",
+            "--steps-per-cut", "2", "--max-cuts", "6", "--delta", "1", "--init-epochs", "0.5",
+            "--batch-size", "8", "--train-limit", "48", "--eval-limit", "32", "--no-progress",
+            *extra]
 
 
 def test_a_killed_squeeze_resumes_where_it_stopped(tiny_bert, tmp_path):
