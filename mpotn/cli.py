@@ -194,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--cut", type=_positive_float, default=1,
                          help="dimensions removed per cut: an integer (the paper: 1) or a "
                               "fraction of the current bond (default: 1)")
-    squeeze.add_argument("--budget", type=float, default=0.007,
+    squeeze.add_argument("--budget", type=float, default=0.014,
                          help="parameters one step removes, by repeated least-error cuts over "
                               "all matrices: a count, or a fraction of the original model's "
-                              "parameters; 0 cuts one matrix per step (default: 0.007)")
-    squeeze.add_argument("--steps-per-cut", type=int, default=20,
-                         help="auxiliary fine-tuning steps after each step's cuts (default: 20)")
-    squeeze.add_argument("--max-cuts", type=int, default=8,
-                         help="step limit, iter of Algorithm 2 (default: 8)")
+                              "parameters; 0 cuts one matrix per step (default: 0.014)")
+    squeeze.add_argument("--steps-per-cut", type=int, default=40,
+                         help="auxiliary fine-tuning steps after each step's cuts (default: 40)")
+    squeeze.add_argument("--max-cuts", type=int, default=4,
+                         help="step limit, iter of Algorithm 2 (default: 4)")
     squeeze.add_argument("--delta", type=float, default=0.05,
                          help="tolerated drop of the monitored score (default: 0.05)")
     squeeze.add_argument("--monitor", choices=MONITORS, default="metric",
