@@ -466,7 +466,8 @@ def run_squeeze(args: argparse.Namespace) -> None:
                                    progress=not args.no_progress)
         write_text(Path(args.out) / "direct" / "metrics.json", json.dumps(direct, indent=2))
         _print_record(direct, "direct truncation to the same bonds:")
-    print(f"\nwrote {args.out}/metrics.json, history.csv, history.json, cuts.csv, history.png, model/")
+    print(f"\nwrote {args.out}/metrics.json, history.csv, history.json, cuts.csv, "
+          "history.png, model/")
 
 
 def run_compare(args: argparse.Namespace) -> None:
