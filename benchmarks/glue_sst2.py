@@ -98,7 +98,7 @@ def run_squeeze(seed: int, settings: dict, squeeze: SqueezeConfig, data, work: P
     direct_row = {
         "row": "direct", "seed": seed, "accuracy": direct["accuracy"], "loss": direct["loss"],
         "total_params": direct["params"], "params_over_original": direct["params_over_original"],
-        "trainable_params": direct.get("trainable_params"), "steps": direct["fine_tuning_steps"],
+        "trainable_params": direct["trainable_params"], "steps": direct["fine_tuning_steps"],
         "train_seconds": time.perf_counter() - start,
     }
     return [squeezed, direct_row]
@@ -208,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(args.out, saved.pop("runs"), **{
             k: v for k, v in saved.items() if k not in ("summary", "findings")}))
         return 0
-    torch.set_num_threads(torch.get_num_threads())
     data = sst2_sample()
     settings = {"epochs": args.epochs}
     squeeze = SqueezeConfig(cut=1, budget=args.budget, steps_per_cut=40, max_cuts=40,

@@ -29,6 +29,7 @@ total number of steps.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import math
 import os
@@ -219,13 +220,20 @@ def _removed_params(layer: Any, bond: int, dim: int, new_dim: int) -> int:
     return (dim - new_dim) * (math.prod(left[:3]) + math.prod(right[1:]))
 
 
-def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig,
-               dims: dict[str, int] | None = None) -> Table:
-    """Every matrix that may be cut, with its next cut and estimated error, best first.
+def _next_cut(name: str, layer: Any, spectrum: dict[str, Any], dim: int,
+              config: SqueezeConfig) -> dict[str, Any] | None:
+    """The next cut of ``name``'s central bond from ``dim`` (``None``: it cannot shrink)."""
+    new = config.next_dim(dim)
+    if new >= dim:
+        return None
+    bond = spectrum["bond"]
+    return {"matrix": name, "bond": bond, "dim": dim, "new_dim": new,
+            "estimated_error": estimated_error(spectrum, new, config.error == "relative", dim),
+            "removed_params": _removed_params(layer, bond, dim, new)}
 
-    ``dims`` overrides the current central-bond dimension of the matrices it
-    names (cuts already planned in this step).
-    """
+
+def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> Table:
+    """Every matrix that may be cut, with its next cut and estimated error, best first."""
     rows = Table()
     for name, layer in model.mpo_layers().items():
         if config.types is not None and matrix_type(name) not in config.types:
@@ -233,16 +241,9 @@ def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig,
         spectrum = state.spectra.get(name)
         if spectrum is None:
             continue
-        bond = spectrum["bond"]
-        dim = (dims or {}).get(name, layer.bond_dims[bond])
-        new = config.next_dim(dim)
-        if new >= dim:
-            continue
-        rows.append({
-            "matrix": name, "bond": bond, "dim": dim, "new_dim": new,
-            "estimated_error": estimated_error(spectrum, new, config.error == "relative", dim),
-            "removed_params": _removed_params(layer, bond, dim, new),
-        })
+        row = _next_cut(name, layer, spectrum, layer.bond_dims[spectrum["bond"]], config)
+        if row is not None:
+            rows.append(row)
     rows.sort(key=lambda r: (r["estimated_error"], r["matrix"]))
     return rows
 
@@ -251,24 +252,28 @@ def plan_step(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> Ta
     """The cuts of one step, one row per matrix (its bond's dimension before and after).
 
     Without a budget this is the best candidate alone (Algorithm 2). With one,
-    the best candidate is taken repeatedly, the dimensions it lowers feeding
-    back into the ranking, until the cuts free ``config.step_budget`` parameters
-    or nothing is left to cut; a matrix taken several times appears once, with
-    ``estimated_error`` the Eq. 3 error of its whole cut.
+    the best candidate is taken repeatedly, the matrix it lowers re-entering
+    the ranking with its next cut, until the cuts free ``config.step_budget``
+    parameters or nothing is left to cut; a matrix taken several times appears
+    once, with ``estimated_error`` the Eq. 3 error of its whole cut.
     """
     budget = config.step_budget(model.original_params)
-    dims: dict[str, int] = {}
+    layers = model.mpo_layers()
+    queue = [(row["estimated_error"], row["matrix"], row)
+             for row in candidates(model, state, config)]  # sorted, hence a heap
     chosen: dict[str, dict[str, Any]] = {}
     removed = 0
-    while ranked := candidates(model, state, config, dims):
-        best = ranked[0]
-        name = best["matrix"]
+    while queue:
+        _, name, best = heapq.heappop(queue)
         first = chosen.setdefault(name, {**best, "removed_params": 0})
-        first["new_dim"] = dims[name] = best["new_dim"]
+        first["new_dim"] = best["new_dim"]
         first["removed_params"] += best["removed_params"]
         removed += best["removed_params"]
         if removed >= budget:
             break
+        following = _next_cut(name, layers[name], state.spectra[name], best["new_dim"], config)
+        if following is not None:
+            heapq.heappush(queue, (following["estimated_error"], name, following))
     plan = Table()
     for row in chosen.values():
         row["estimated_error"] = estimated_error(state.spectra[row["matrix"]], row["new_dim"],
