@@ -9,7 +9,7 @@ of the embedded all-MiniLM-L6-v2 at full rank (central gauge: the central
 tensor carries the spectrum, the auxiliary tensors are isometries), fine-tune
 *every* core on the shipped SST-2 sample, and measure per matrix how far the
 central tensor and the auxiliary tensors moved, relative to their norms
-(:func:`mpotn.inspection.core_changes`). Writes
+(:func:`mpotn.finetune.core_changes.core_changes`). Writes
 ``benchmarks/results/core_changes.json`` and ``core_changes.md`` (by matrix
 type, mean over layers), which the docs include.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from mpotn import Table
 from mpotn.atomic import write_text
 from mpotn.data import sst2_sample
-from mpotn.training import TrainingConfig, finetune, prepare_model
+from mpotn.finetune.training import TrainingConfig, finetune, prepare_model
 
 RESULTS = Path(__file__).parent / "results" / "core_changes.json"
 

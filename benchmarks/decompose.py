@@ -39,7 +39,7 @@ from tensorly.decomposition import tensor_train_matrix
 
 from mpotn import MPO, Table
 from mpotn.atomic import write_text
-from mpotn.models import default_model_path
+from mpotn.compression.models import default_model_path
 from mpotn.network import apply_equation, squeeze_ends
 
 RESULTS = Path(__file__).parent / "results" / "decompose.json"

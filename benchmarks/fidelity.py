@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from mpotn import Table, compress
+from mpotn.analysis.fidelity import cosine_fidelity, sentence_embeddings, sst2_dev
 from mpotn.atomic import write_text
-from mpotn.evaluation import cosine_fidelity, sentence_embeddings, sst2_dev
-from mpotn.models import load_model, load_tokenizer
+from mpotn.compression.models import load_model, load_tokenizer
 
 RESULTS = Path(__file__).parent / "results" / "fidelity.json"
 TARGETS = {"whole model": ["all-linear", "embeddings"], "FFN only": ["ffn"]}

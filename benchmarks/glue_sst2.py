@@ -53,8 +53,8 @@ import torch
 from mpotn import Table, load
 from mpotn.atomic import write_text
 from mpotn.data import sst2_sample
-from mpotn.squeeze import SqueezeConfig, Squeezer, direct_truncation
-from mpotn.training import TrainingConfig, finetune, lfa_budget, prepare_model
+from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
+from mpotn.finetune.training import TrainingConfig, finetune, lfa_budget, prepare_model
 
 RESULTS = Path(__file__).parent / "results" / "glue_sst2.json"
 HEADLINE = ("full", "lfa", "lora", "squeeze", "direct")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpotn.comparison import METHODS, compare, draw_comparison, load_matrix
+from mpotn.analysis.comparison import METHODS, compare, draw_comparison, load_matrix
 from mpotn.methods import decompose
 from mpotn.table import Table
 

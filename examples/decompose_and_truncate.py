@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from mpotn import MPO, Table
-from mpotn.models import default_model_path
+from mpotn.compression.models import default_model_path
 
 
 def main(argv: list[str] | None = None) -> Table:

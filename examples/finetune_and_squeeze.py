@@ -20,8 +20,8 @@ from pathlib import Path
 
 from mpotn import Table
 from mpotn.data import sst2_sample
-from mpotn.squeeze import SqueezeConfig, squeeze
-from mpotn.training import TrainingConfig, finetune, prepare_model
+from mpotn.finetune.squeeze import SqueezeConfig, squeeze
+from mpotn.finetune.training import TrainingConfig, finetune, prepare_model
 
 
 def main(argv: list[str] | None = None) -> dict:

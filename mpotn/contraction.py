@@ -61,22 +61,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import opt_einsum as oe
 import torch
 
 from mpotn.network import (
-    Side,
     apply_equation,
     lookup_equation,
     squeeze_ends,
 )
 from mpotn.shapes import Factorization
-
-Method = Literal["auto", "contract", "rebuild"]
-METHODS = ("auto", "contract", "rebuild")
-SIDES = ("rows", "cols")
+from mpotn.types import CONTRACTION_METHODS as METHODS
+from mpotn.types import SIDES, Side
+from mpotn.types import ContractionMethod as Method
 
 #: opt_einsum optimizer planning every contraction: exhaustive search up to 6
 #: tensors (n <= 5 cores and the input), dynamic programming over FLOPs beyond.

@@ -259,7 +259,7 @@ def draw_entropy_profiles(records: Table, path: str | Path, title: str) -> Path:
     """Entanglement entropy along the chain (bond by bond), over ``ln d`` of the full bond.
 
     One line per matrix type, averaged over layers; records need ``type``,
-    ``entropies`` and ``full_bonds`` (as :func:`mpotn.inspection.inspect_model` writes).
+    ``entropies`` and ``full_bonds`` (as :func:`mpotn.analysis.inspection.inspect_model` writes).
     """
     profiles: dict[str, list[list[float]]] = {}
     for r in records:

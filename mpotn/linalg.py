@@ -28,12 +28,10 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-SVDMethod = Literal["auto", "full", "randomized"]
-SVD_METHODS = ("auto", "full", "randomized")
+from mpotn.types import SVD_METHODS, SVDMethod
 
 
 @dataclass(frozen=True)

@@ -36,34 +36,38 @@ import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import networkx as nx
 import torch
 
 from mpotn import diagnostics
-from mpotn.allocation import (
+from mpotn.contraction import ContractionCost, Contractor
+from mpotn.linalg import truncated_svd
+from mpotn.network import build_network, central_index, core_name, to_networkx
+from mpotn.shapes import Factorization, full_bond_dims, plan_side
+from mpotn.table import Table
+from mpotn.truncation import (
     check_bond_request,
     dims_for_budget,
     dims_for_tolerance,
     params_of,
     uniform_dims_for_budget,
 )
-from mpotn.contraction import ContractionCost, Contractor, Method
-from mpotn.linalg import SVD_METHODS, SVDMethod, truncated_svd
-from mpotn.network import Side, build_network, central_index, core_name, to_networkx
-from mpotn.shapes import Factorization, full_bond_dims, plan_side
-from mpotn.table import Table
+from mpotn.types import (
+    ALLOCATIONS,
+    GAUGES,
+    SVD_METHODS,
+    Allocation,
+    Gauge,
+    Side,
+    SVDMethod,
+)
+from mpotn.types import ContractionMethod as Method
 
 #: Every sweep runs in float64 and casts the cores back: float32 SVDs of the
 #: large unfoldings lose the 1e-5 reconstruction target on real embeddings.
 SWEEP_DTYPE = torch.float64
-
-Gauge = Literal["central", "left"]
-GAUGES = ("central", "left")
-
-Allocation = Literal["optimal", "uniform"]
-ALLOCATIONS = ("optimal", "uniform")
 
 
 @lru_cache(maxsize=256)

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
 import networkx as nx
 import numpy as np
 import opt_einsum as oe
 import tensornetwork as tn
 
-Side = Literal["rows", "cols"]
+from mpotn.types import Side
 
 
 def central_index(n: int) -> int:

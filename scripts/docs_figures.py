@@ -91,8 +91,8 @@ def compare(report: dict) -> Path:
 
 def networks() -> list[Path]:
     """Drawings of one real matrix decomposed three ways at rho = 0.02."""
+    from mpotn.compression.models import load_model, weight_matrices
     from mpotn.methods import decompose
-    from mpotn.models import load_model, weight_matrices
 
     matrix = next(m.matrix for m in weight_matrices(load_model())
                   if m.name == "encoder.layer.0.intermediate.dense").double()

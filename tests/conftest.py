@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mpotn.models import default_model_path
+from mpotn.compression.models import default_model_path
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -32,7 +32,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
     """
     from transformers import BertConfig, BertModel
 
-    from mpotn.models import load_tokenizer
+    from mpotn.compression.models import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

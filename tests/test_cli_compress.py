@@ -8,7 +8,7 @@ import torch
 
 import mpotn
 from mpotn.cli import main
-from mpotn.models import load_model
+from mpotn.compression.models import load_model
 
 
 def test_compress_embedded_model_saves_a_model_that_loads_back_identically(tmp_path, capsys):

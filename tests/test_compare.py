@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mpotn.analysis.comparison import compare, load_matrix
 from mpotn.cli import main
-from mpotn.comparison import compare, load_matrix
 
 
 def low_rank_plus_noise(rows=120, cols=90, rank=6):

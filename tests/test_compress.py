@@ -12,9 +12,9 @@ from transformers import (
     MobileBertModel,
 )
 
-from mpotn.compress import CompressionConfig, compress, lfa_parameters, plan
+from mpotn.compression import CompressionConfig, compress, lfa_parameters, plan
+from mpotn.compression.models import load_model
 from mpotn.layers import MPOEmbedding, MPOLinear
-from mpotn.models import load_model
 
 
 @pytest.fixture(scope="module")

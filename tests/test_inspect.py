@@ -7,8 +7,8 @@ import sys
 import pytest
 from torch import nn
 
+from mpotn.analysis.inspection import inspect_model
 from mpotn.cli import main
-from mpotn.inspection import inspect_model
 
 
 def test_inspect_records_every_matrix_with_numbers():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AlbertConfig, AlbertModel, DistilBertConfig, DistilBertModel
 
-from mpotn.models import (
+from mpotn.compression.models import (
     default_model_path,
     layer_index,
     load_model,
@@ -75,7 +75,7 @@ def test_local_folder_loads_and_a_folder_without_config_is_a_clear_error(tmp_pat
 
 def test_unknown_hub_id_offline_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from mpotn.models import load_model; load_model('nobody/no-such-model')"
+    code = "from mpotn.compression.models import load_model; load_model('nobody/no-such-model')"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode != 0
     assert "could not load model 'nobody/no-such-model'" in result.stderr
@@ -93,7 +93,7 @@ def test_hub_id_resolves_through_the_hub_cache_offline(tmp_path):
     (repo / "refs" / "main").write_text(revision)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     code = (
-        "from mpotn.models import load_model, weight_matrices\n"
+        "from mpotn.compression.models import load_model, weight_matrices\n"
         "m = load_model('sentence-transformers/all-MiniLM-L6-v2')\n"
         "print(len(weight_matrices(m)), sum(p.numel() for p in m.parameters()))"
     )

@@ -7,10 +7,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import mpotn.serialization as serialization
-from mpotn.compress import compress
-from mpotn.models import load_model
-from mpotn.serialization import CONFIG_NAME, load
+import mpotn.compression.serialization as serialization
+from mpotn.compression import compress, load
+from mpotn.compression.models import load_model
+from mpotn.compression.serialization import CONFIG_NAME
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpotn.data import sst2_sample
-from mpotn.squeeze import (
+from mpotn.finetune.squeeze import (
     SqueezeConfig,
     Squeezer,
     SqueezeState,
@@ -21,7 +21,7 @@ from mpotn.squeeze import (
     direct_truncation,
     plan_step,
 )
-from mpotn.training import TrainingConfig, prepare_model
+from mpotn.finetune.training import TrainingConfig, prepare_model
 
 TRAINING = TrainingConfig(strategy="lfa", batch_size=8, train_limit=48, eval_limit=32)
 

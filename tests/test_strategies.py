@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from mpotn.compress import compress
+from mpotn.compression import compress
+from mpotn.finetune.strategies import apply_strategy, lora_rank_for_budget, optimizer_groups
 from mpotn.layers import MPOEmbedding, MPOLinear
-from mpotn.strategies import apply_strategy, lora_rank_for_budget, optimizer_groups
 
 CONFIG = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                     intermediate_size=64, max_position_embeddings=40, num_labels=2)

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 import mpotn
-from mpotn.compress import MPOModel
+from mpotn.compression import MPOModel
 from mpotn.data import sst2_sample
-from mpotn.layers import MPOEmbedding, MPOLinear
-from mpotn.training import (
+from mpotn.finetune.training import (
     TrainingConfig,
     finetune,
     lfa_budget,
     prepare_model,
     write_run,
 )
+from mpotn.layers import MPOEmbedding, MPOLinear
 
 SMALL = {"max_steps": 3, "batch_size": 8, "train_limit": 48, "eval_limit": 32}
 

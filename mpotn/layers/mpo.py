@@ -36,10 +36,10 @@ from torch import nn
 
 from mpotn.contraction import Contractor, autotune_enabled
 from mpotn.diagnostics import compression_ratio
-from mpotn.methods import FactorNetwork, decompose
-from mpotn.mpo import MPO, Gauge
+from mpotn.mpo import MPO
 from mpotn.network import central_index
 from mpotn.shapes import Factorization, full_bond_dims, plan_side
+from mpotn.types import Gauge
 
 #: Keyword arguments of :meth:`MPO.truncate` accepted by ``from_linear`` / ``from_embedding``.
 TRUNCATION_KEYS = ("bond_dims", "max_bond", "tol", "ratio", "params", "allocation")
@@ -426,101 +426,3 @@ class MPOEmbedding(_MPOWeight):
             f"{self.num_embeddings}, {self.embedding_dim}, row_shape={list(self.row.factors)}, "
             f"col_shape={list(self.col.factors)}, bond_dims={list(self.bond_dims)}"
         )
-
-
-class _FactorizedWeight(nn.Module):
-    """Shared machinery: the network's tensors as parameters (``factors``), by node name."""
-
-    def __init__(self, network: FactorNetwork) -> None:
-        super().__init__()
-        self.method = network.method
-        self.legs = dict(network.legs)
-        self.row, self.col = network.row, network.col
-        self.factors = nn.ParameterDict(
-            {name: nn.Parameter(t.detach().clone()) for name, t in network.nodes.items()})
-
-    def network(self) -> FactorNetwork:
-        """The current parameters as a :class:`~mpotn.methods.FactorNetwork` (no copy)."""
-        return FactorNetwork(self.method, dict(self.factors.items()), self.legs, self.row,
-                             self.col)
-
-
-class FactorizedLinear(_FactorizedWeight):
-    """A linear layer whose ``in x out`` matrix is any :class:`~mpotn.methods.FactorNetwork`.
-
-    The network's tensors are the parameters (``factors``, by node name); the
-    forward pass contracts the input with them or rebuilds the weight,
-    whichever opt_einsum counts fewer FLOPs for. Made by :meth:`from_linear`
-    with a registered method (``tucker``, ``cp``, ``tt``, ``mpo``) or from a
-    decomposition already computed.
-
-    Examples
-    --------
-    >>> linear = nn.Linear(48, 64)
-    >>> layer = FactorizedLinear.from_linear(linear, "tucker", n=2)
-    >>> x = torch.randn(3, 48)
-    >>> bool(torch.allclose(layer(x), linear(x), atol=1e-5))
-    True
-    """
-
-    def __init__(self, network: FactorNetwork, bias: bool = True) -> None:
-        super().__init__(network)
-        self.in_features, self.out_features = network.shape
-        sample = next(iter(network.nodes.values()))
-        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=sample.dtype,
-                                             device=sample.device)) if bias else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, method: str = "tucker", **options: Any
-                    ) -> FactorizedLinear:
-        """Decompose ``linear.weight.T`` with ``method`` (see :func:`mpotn.methods.decompose`)."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        network = decompose(linear.weight.detach().T, method, **options)
-        layer = cls(network, bias=linear.bias is not None)
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
-        return layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense ``out x in`` weight (rebuilt)."""
-        return self.network().rebuild().mT
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.network().apply(x)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"method={self.method!r}, params={sum(p.numel() for p in self.factors.values())}")
-
-
-class FactorizedEmbedding(_FactorizedWeight):
-    """An embedding table stored as any :class:`~mpotn.methods.FactorNetwork` (rebuilt per call)."""
-
-    def __init__(self, network: FactorNetwork, padding_idx: int | None = None) -> None:
-        super().__init__(network)
-        self.num_embeddings, self.embedding_dim = network.shape
-        self.padding_idx = padding_idx
-
-    @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, method: str = "tucker", **options: Any
-                       ) -> FactorizedEmbedding:
-        """Decompose ``embedding.weight`` (``vocab x dim``) with ``method``."""
-        if not isinstance(embedding, nn.Embedding):
-            raise ValueError(
-                f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
-        return cls(decompose(embedding.weight.detach(), method, **options),
-                   embedding.padding_idx)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.network().rebuild()
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(indices, self.weight)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, method={self.method!r}"

@@ -1,4 +1,4 @@
-"""Saving and loading compressed models (``save_pretrained`` / :func:`load`).
+"""Saving and reading compressed models (``save_pretrained`` / :func:`mpotn.load`).
 
 A save directory holds
 
@@ -10,24 +10,16 @@ A save directory holds
 A save is atomic: the weights go to a new content-addressed file first, then
 ``mpotn_config.json`` is replaced in one rename, and only then are weights files
 it no longer names removed. A crash at any point leaves the earlier save (its
-config and the weights it names) valid. :func:`load` rebuilds the model from the
+config and the weights it names) valid. :func:`read` rebuilds the model from the
 config alone -- the original weights are not needed -- and checks that the
 files agree with it.
 
-Examples
---------
->>> import tempfile, torch
->>> from torch import nn
->>> from mpotn.compress import compress
->>> model = compress(nn.Sequential(nn.Linear(32, 64)), targets=["0"], n=3, progress=False)
->>> folder = tempfile.mkdtemp()
->>> model.save_pretrained(folder)
->>> again = load(folder, model=nn.Sequential(nn.Linear(32, 64)))  # in eval mode
->>> x = torch.randn(2, 32)
->>> model = model.eval()
->>> with torch.no_grad():
-...     bool(torch.equal(again(x), model(x)))
-True
+Nothing here knows :class:`~mpotn.compression.model.MPOModel`: :func:`save`
+takes any object with its attributes (``base_model``, ``config``,
+``original_params``, ``compressed_layers()``, ``report()``) and :func:`read`
+returns the rebuilt module with what the save recorded;
+:meth:`mpotn.compression.model.MPOModel.from_pretrained` (and :func:`mpotn.load`)
+wraps it.
 """
 
 from __future__ import annotations
@@ -37,14 +29,14 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mpotn.atomic import atomic_path, write_text
-from mpotn.compress import FACTORIZED_LAYERS, CompressionConfig, MPOModel, _replace
+from mpotn.compression.config import FACTORIZED_LAYERS, CompressionConfig, replace_module
 from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
 from mpotn.methods import FactorNetwork
 from mpotn.shapes import Factorization
@@ -52,6 +44,15 @@ from mpotn.shapes import Factorization
 CONFIG_NAME = "mpotn_config.json"
 FORMAT = "mpotn"
 FORMAT_VERSION = 1
+
+
+class SavedModel(NamedTuple):
+    """What :func:`read` returns: the rebuilt module and what the save recorded."""
+
+    model: nn.Module
+    config: CompressionConfig
+    report: list[dict[str, Any]]
+    original_params: int
 
 
 def _sha256(path: Path) -> str:
@@ -109,8 +110,9 @@ def _base_model_spec(model: nn.Module) -> dict[str, Any] | None:
     return {"class": cls.__name__, "module": cls.__module__, "config": config.to_dict()}
 
 
-def save(model: MPOModel, directory: str | os.PathLike) -> Path:
-    """Write ``model`` to ``directory`` atomically (see the module docstring)."""
+def save(model: Any, directory: str | os.PathLike) -> Path:
+    """Write ``model`` (an :class:`~mpotn.compression.model.MPOModel`) to ``directory``
+    atomically (see the module docstring)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a directory")
@@ -181,8 +183,8 @@ def _base_model(spec: dict[str, Any] | None, model: nn.Module | None) -> nn.Modu
     return cls(cls.config_class.from_dict(spec["config"]))
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None) -> MPOModel:
-    """Rebuild a compressed model from a save directory, without the original weights.
+def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedModel:
+    """Rebuild a compressed module from a save directory, without the original weights.
 
     Parameters
     ----------
@@ -217,7 +219,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> MPOMod
             base.get_submodule(name)
         except AttributeError as error:
             raise ValueError(f"{directory}: the model has no module {name!r} to replace") from error
-        _replace(base, name, _build_layer(spec, dtype))
+        replace_module(base, name, _build_layer(spec, dtype))
     try:
         load_model(base, str(weights), strict=True)
     except RuntimeError as error:
@@ -226,4 +228,4 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> MPOMod
         ) from error
     base.eval()
     compression = CompressionConfig.from_dict(config["compression"])
-    return MPOModel(base, compression, config["report"], config["original_params"])
+    return SavedModel(base, compression, config["report"], config["original_params"])

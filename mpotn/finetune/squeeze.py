@@ -42,13 +42,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mpotn.atomic import write_text
-from mpotn.compress import MPOModel, count_parameters
-from mpotn.data import TaskData
+from mpotn.compression.model import MPOModel, load
+from mpotn.compression.models import matrix_type
+from mpotn.compression.parameters import count_parameters
+from mpotn.data.tasks import TaskData
 from mpotn.drawing import draw_history
-from mpotn.models import matrix_type
-from mpotn.serialization import load
-from mpotn.table import Table
-from mpotn.training import (
+from mpotn.finetune.training import (
     FinetuneResult,
     TrainingConfig,
     evaluate,
@@ -57,9 +56,9 @@ from mpotn.training import (
     save_model,
     tokenize,
 )
+from mpotn.table import Table
+from mpotn.types import ERRORS, MONITORS
 
-MONITORS = ("metric", "loss")
-ERRORS = ("relative", "absolute")
 STATE_NAME = "latest.json"
 
 
@@ -72,7 +71,7 @@ class SqueezeConfig:
     types:
         Matrix types that may be cut (``query``, ``key``, ``value``,
         ``attn_out``, ``ffn_in``, ``ffn_out``, ``word_emb``, ...; see
-        :func:`mpotn.models.matrix_type`); ``None``: every MPO layer.
+        :func:`mpotn.compression.models.matrix_type`); ``None``: every MPO layer.
     cut:
         Size of one cut: an integer ``>= 1`` removes that many dimensions (the
         paper: 1); a fraction in ``(0, 1)`` removes that share of the current

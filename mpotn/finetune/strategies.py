@@ -5,7 +5,7 @@
 ``lfa``
     lightweight fine-tuning: the auxiliary tensors of every MPO layer, biases,
     normalization layers and the task head; central tensors and dense weights
-    stay frozen (:func:`mpotn.compress.lfa_parameters` plus the head).
+    stay frozen (:func:`mpotn.compression.parameters.lfa_parameters` plus the head).
 ``central``
     only the central tensors (and the task head, which starts untrained).
 ``last-k``
@@ -22,7 +22,7 @@ learning rates.
 Examples
 --------
 >>> from torch import nn
->>> from mpotn.compress import compress
+>>> from mpotn.compression import compress
 >>> model = compress(nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)), targets=["0"], n=3,
 ...                  progress=False).base_model
 >>> apply_strategy(model, "lfa")
@@ -36,10 +36,10 @@ from typing import Any
 
 from torch import nn
 
-from mpotn.compress import MPO_LAYERS, count_parameters, lfa_parameters
-from mpotn.models import layer_index
-
-STRATEGIES = ("full", "lfa", "central", "last-k", "lora")
+from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.models import layer_index
+from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.types import STRATEGIES
 
 #: Module-name components that mark a task head (trained by every strategy).
 HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs")

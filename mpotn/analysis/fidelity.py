@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpotn.data import sst2_sample
+from mpotn.data.local import sst2_sample
 
 
 def sst2_dev() -> tuple[list[str], list[int]]:

@@ -29,23 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpotn.compression.models import load_model, weight_matrices
 from mpotn.contraction import best_time, compiled
 from mpotn.methods import decompose
-from mpotn.models import load_model, weight_matrices
+from mpotn.shapes import plan_side
 from mpotn.table import Table
+from mpotn.types import COMPARE_METHODS, COMPARE_RATIOS
 
-#: The paper's Fig. 2 line-up: ``(label, method, options)``; ``svd`` is the
-#: two-core MPO with trivial second factors.
-METHODS: list[tuple[str, str, dict[str, Any]]] = [
-    ("SVD", "mpo", {"n": 2}),
-    ("MPO n=3", "mpo", {"n": 3}),
-    ("MPO n=5", "mpo", {"n": 5}),
-    ("MPO n=7", "mpo", {"n": 7}),
-    ("TT n=3", "tt", {"n": 3}),
-    ("Tucker n=3", "tucker", {"n": 3}),
-    ("CP n=3", "cp", {"n": 3, "iterations": 10}),
-]
-RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+#: The paper's Fig. 2 line-up ``(label, method, options)`` and its ratios, defined in
+#: :mod:`mpotn.types` (the command line shows them).
+METHODS: list[tuple[str, str, dict[str, Any]]] = COMPARE_METHODS
+RATIOS = COMPARE_RATIOS
 
 #: CP's ALS costs about ``entries x rank`` per sweep and mode; points where that
 #: product exceeds this are skipped (on the 11.7M-entry word embedding, every
@@ -143,8 +137,6 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
 
 def decompose_shape(matrix: torch.Tensor, n: int) -> tuple[int, ...]:
     """Mode sizes of the tensorized matrix ``(i_1..i_n, j_1..j_n)`` (with padding)."""
-    from mpotn.shapes import plan_side
-
     return (*plan_side(matrix.shape[0], n).factors, *plan_side(matrix.shape[1], n).factors)
 
 

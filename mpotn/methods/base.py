@@ -1,46 +1,16 @@
-"""Decompositions of a weight matrix as plug-ins: a registry of named methods.
+"""The registry of decompositions, :class:`FactorNetwork` and the helpers methods share.
 
-Every method takes a matrix (the paper's ``in x out`` orientation) and returns
-a :class:`FactorNetwork`: named nodes holding tensors, legs named by what they
-connect (a leg shared by nodes is a bond, an open leg is a row or column index
-of the tensorized matrix), a compiled contraction, its parameter count and its
-actual reconstruction error. The methods shipped (SPEC §5):
-
-``mpo``
-    the matrix product operator of Algorithm 1 (``n = 2`` is the truncated SVD);
-``tt``
-    a tensor train over the ``2n`` modes ``(i_1..i_n, j_1..j_n)`` of the
-    tensorized matrix (tensorly's TT-SVD);
-``tucker``
-    a Tucker core with one factor per mode (tensorly; HOSVD with
-    ``iterations=0``, HOOI otherwise);
-``cp``
-    a rank-``R`` CP decomposition by ALS (tensorly); its rank index is a
-    hyperedge shared by every factor.
-
-Adding a method takes its decomposition function and one registration line::
-
-    @register("my-method")
-    def my_method(matrix, *, ratio=None, **options) -> FactorNetwork: ...
-
-tensorly runs on its numpy backend inside :func:`tensorly_numpy`, which
-restores whatever global backend the caller had.
-
-Examples
---------
->>> import torch
->>> matrix = torch.randn(64, 96, dtype=torch.float64)
->>> net = decompose(matrix, "tucker", n=2, ratio=0.5)
->>> net.method, net.compression_ratio <= 0.5, net.relative_error < 1
-('tucker', True, True)
->>> sorted(DECOMPOSITIONS)
-['cp', 'mpo', 'tt', 'tucker']
+A method is a function ``matrix -> FactorNetwork`` added to
+:data:`DECOMPOSITIONS` by :func:`register`; :func:`decompose` looks it up by
+name. The shipped methods live in :mod:`mpotn.methods.mpo`,
+:mod:`mpotn.methods.tt`, :mod:`mpotn.methods.tucker` and
+:mod:`mpotn.methods.cp`; :mod:`mpotn.methods` imports them all, which
+registers them.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,8 +23,7 @@ import numpy as np
 import torch
 
 from mpotn.contraction import compiled
-from mpotn.mpo import MPO
-from mpotn.network import core_name, graph_equation, graph_to_networkx
+from mpotn.network import graph_equation, graph_to_networkx
 from mpotn.shapes import Factorization, plan_side
 
 #: ``{name: decomposition function}``; see :func:`register`.
@@ -225,128 +194,6 @@ def _largest_rank(params: Callable[[int], int], budget: float, top: int) -> int:
 def _check_ratio(ratio: float | None) -> None:
     if ratio is not None and ratio <= 0:
         raise ValueError(f"ratio must be > 0, got {ratio}")
-
-
-@register("mpo")
-def mpo_method(matrix: torch.Tensor, *, n: int = 5, ratio: float | None = None,
-               max_bond: int | None = None, allocation: str = "optimal",
-               **options: Any) -> FactorNetwork:
-    """Algorithm 1 and a truncation (``ratio`` with budget-optimal bonds, or ``max_bond``)."""
-    _check_ratio(ratio)
-    full = MPO.from_matrix(matrix, n=n, **options)
-    policy = {"ratio": ratio, "allocation": allocation} if ratio is not None else (
-        {"max_bond": max_bond} if max_bond is not None else {})
-    mpo = full.truncate(**policy) if policy else full
-    cores = mpo.gauge_cores("central")
-    cores = [cores[0][0], *cores[1:-1], cores[-1][..., 0]] if n > 1 else cores
-    names = [core_name(k, n) for k in range(n)]
-    legs = {}
-    for k, name in enumerate(names, start=1):
-        axes = [f"bond_{k - 1}", f"row_{k}", f"col_{k}", f"bond_{k}"]
-        legs[name] = tuple(axes[1 if k == 1 else 0: 3 if k == n else 4])
-    roles = {name: "central" if name == "central" else "auxiliary" for name in names}
-    return _finish("mpo", dict(zip(names, cores)), legs, mpo.row, mpo.col, matrix, roles,
-                   n=n, bond_dims=list(mpo.bond_dims), mpo=mpo)
-
-
-@register("tt")
-def tt_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
-              rank: int | None = None) -> FactorNetwork:
-    """TT-SVD of the tensorized matrix over its ``2n`` modes ``(i_1..i_n, j_1..j_n)``."""
-    from tensorly.decomposition import tensor_train
-
-    _check_ratio(ratio)
-    tensor, row, col = _tensorized(matrix, n)
-    modes = tensor.shape
-
-    def ranks(r: int) -> list[int]:
-        out, left = [1], 1
-        for k, size in enumerate(modes[:-1]):
-            left *= size
-            out.append(min(r, left, math.prod(modes[k + 1:])))
-        return [*out, 1]
-
-    def params(r: int) -> int:
-        d = ranks(r)
-        return sum(d[k] * size * d[k + 1] for k, size in enumerate(modes))
-
-    top = max(ranks(tensor.size))
-    if rank is None:
-        rank = top if ratio is None else _largest_rank(params, ratio * matrix.numel(), top)
-    with tensorly_numpy():
-        factors = tensor_train(tensor, rank=ranks(rank)).factors
-    legs_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
-    tensors, legs = {}, {}
-    for k, (factor, leg) in enumerate(zip(factors, legs_names), start=1):
-        name = f"tt_{k}"
-        axes = (f"t_{k - 1}", leg, f"t_{k}")
-        if k == 1:
-            factor, axes = factor[0], axes[1:]
-        if k == 2 * n:
-            factor, axes = factor[..., 0], axes[:-1]
-        tensors[name], legs[name] = factor, axes
-    return _finish("tt", tensors, legs, row, col, matrix, dict.fromkeys(tensors, "factor"),
-                   n=n, rank=rank, ranks=ranks(rank))
-
-
-@register("tucker")
-def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
-                  rank: int | None = None, iterations: int = 0) -> FactorNetwork:
-    """Tucker of the tensorized matrix: HOSVD (``iterations=0``) or HOOI (more)."""
-    from tensorly.decomposition import tucker
-
-    _check_ratio(ratio)
-    tensor, row, col = _tensorized(matrix, n)
-    modes = tensor.shape
-
-    def ranks(r: int) -> list[int]:
-        return [min(r, size) for size in modes]
-
-    def params(r: int) -> int:
-        d = ranks(r)
-        return math.prod(d) + sum(size * dk for size, dk in zip(modes, d))
-
-    if rank is None:
-        rank = max(modes) if ratio is None else _largest_rank(params, ratio * matrix.numel(),
-                                                             max(modes))
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0 (0: HOSVD), got {iterations}")
-    with tensorly_numpy():
-        core, factors = tucker(tensor, rank=ranks(rank), n_iter_max=iterations, init="svd")
-    leg_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
-    tensors = {"core": core}
-    legs = {"core": tuple(f"r_{m}" for m in range(1, 2 * n + 1))}
-    for m, (factor, leg) in enumerate(zip(factors, leg_names), start=1):
-        tensors[f"factor_{m}"], legs[f"factor_{m}"] = factor, (leg, f"r_{m}")
-    roles = {name: "central" if name == "core" else "auxiliary" for name in tensors}
-    return _finish("tucker", tensors, legs, row, col, matrix, roles, n=n, rank=rank,
-                   ranks=ranks(rank), iterations=iterations)
-
-
-@register("cp")
-def cp_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
-              rank: int | None = None, iterations: int = 100, seed: int = 0) -> FactorNetwork:
-    """Rank-``R`` CP of the tensorized matrix by alternating least squares."""
-    from tensorly.decomposition import parafac
-
-    _check_ratio(ratio)
-    tensor, row, col = _tensorized(matrix, n)
-    per_rank = sum(tensor.shape)
-    if rank is None:
-        if ratio is None:
-            raise ValueError("cp has no exact rank to default to: give rank or ratio")
-        rank = max(1, math.floor(ratio * matrix.numel() / per_rank))
-    with tensorly_numpy(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)  # rank > mode
-        weights, factors = parafac(tensor, rank=rank, n_iter_max=iterations, init="svd",
-                                   random_state=seed, tol=1e-10)
-    factors = [f.copy() for f in factors]
-    factors[0] = factors[0] * weights[None, :]
-    leg_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
-    tensors = {f"factor_{m}": f for m, f in enumerate(factors, start=1)}
-    legs = {f"factor_{m}": (leg, "rank") for m, leg in enumerate(leg_names, start=1)}
-    return _finish("cp", tensors, legs, row, col, matrix, dict.fromkeys(tensors, "factor"),
-                   n=n, rank=rank, iterations=iterations)
 
 
 def decompose(matrix: torch.Tensor, method: str = "mpo", **options: Any) -> FactorNetwork:

@@ -4,7 +4,7 @@ Examples
 --------
 >>> import tempfile
 >>> from torch import nn
->>> from mpotn.compress import compress
+>>> from mpotn.compression.compress import compress
 >>> model = compress(nn.Sequential(nn.Linear(32, 64)), targets=["0"], n=3, max_bond=4,
 ...                  progress=False)
 >>> sorted(write_compression_report(model, tempfile.mkdtemp(), "toy"))
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from mpotn.atomic import write_text
-from mpotn.compress import MPOModel
+from mpotn.compression.model import MPOModel
 from mpotn.drawing import draw_entropy_heatmap, draw_errors
 
 #: Printed columns of the compression report and their headers.

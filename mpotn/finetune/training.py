@@ -1,7 +1,7 @@
 """Fine-tuning on a task with the transformers ``Trainer``: one path for every strategy.
 
 :func:`finetune` trains a sequence-classification (or regression) model with
-the parameters a strategy selects (:mod:`mpotn.strategies`), the central and
+the parameters a strategy selects (:mod:`mpotn.finetune.strategies`), the central and
 auxiliary tensors at their own learning rates, and evaluates it on the task's
 evaluation split. Every run returns a :class:`FinetuneResult` recording the
 trainable and total parameters, the wall time, the training loss and the
@@ -40,40 +40,25 @@ import torch
 from torch import nn
 
 from mpotn.atomic import atomic_dir, write_text
-from mpotn.compress import (
-    MPO_LAYERS,
-    CompressionConfig,
-    MPOModel,
-    compress,
-    count_parameters,
-    lfa_parameters,
-    select_targets,
-)
-from mpotn.data import TaskData, compute_metrics
+from mpotn.compression.compress import compress
+from mpotn.compression.config import MPO_LAYERS, CompressionConfig, select_targets
+from mpotn.compression.model import MPOModel, load
+from mpotn.compression.models import load_classifier, load_tokenizer
+from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.compression.serialization import is_saved_model
+from mpotn.data.tasks import TaskData, compute_metrics
 from mpotn.drawing import draw_history
-from mpotn.inspection import core_changes, snapshot_cores
-from mpotn.models import load_classifier, load_tokenizer
-from mpotn.network import central_index
-from mpotn.shapes import full_bond_dims, plan_side
-from mpotn.strategies import (
-    STRATEGIES,
+from mpotn.finetune.core_changes import core_changes, snapshot_cores
+from mpotn.finetune.strategies import (
     apply_strategy,
     head_parameters,
     lora_rank_for_budget,
     optimizer_groups,
 )
+from mpotn.network import central_index
+from mpotn.shapes import full_bond_dims, plan_side
 from mpotn.table import Table
-
-#: Learning rates that work for each strategy on MiniLM-sized models: whole
-#: matrices move slowly, small adapter-like tensors and a fresh head need more.
-DEFAULT_LR = {"full": 5e-5, "lfa": 5e-4, "central": 5e-4, "last-k": 1e-4, "lora": 1e-3}
-
-#: Matrices decomposed for ``lfa`` / ``central`` unless told otherwise: attention
-#: and FFN (not the pooler or the head). The paper also decomposes the word
-#: embedding; add ``word_embeddings`` to do so, at a cost: its full-rank MPO
-#: (30522 x 384, central tensor of 11.8M entries) must be contracted for every
-#: batch once its auxiliary tensors train, which doubles a MiniLM training step.
-DEFAULT_TARGETS = ("attention", "ffn")
+from mpotn.types import DEFAULT_LR, DEFAULT_TARGETS, STRATEGIES
 
 
 @dataclass
@@ -83,7 +68,7 @@ class TrainingConfig:
     Attributes
     ----------
     strategy:
-        One of :data:`mpotn.strategies.STRATEGIES`.
+        One of :data:`mpotn.types.STRATEGIES`.
     k:
         Layers tuned by ``last-k``.
     lora_rank:
@@ -159,7 +144,7 @@ class FinetuneResult:
         The Trainer's log (step, loss, learning rate, ...).
     core_changes:
         For a model with MPO layers: how far training moved each matrix's
-        central and auxiliary tensors (:func:`mpotn.inspection.core_changes`).
+        central and auxiliary tensors (:func:`mpotn.finetune.core_changes.core_changes`).
     """
 
     model: nn.Module
@@ -192,14 +177,12 @@ def prepare_model(
         The training configuration (its strategy and seed).
     targets, compression:
         For ``lfa`` and ``central``: what to decompose (default
-        :data:`DEFAULT_TARGETS`) and :class:`~mpotn.compress.CompressionConfig`
+        :data:`DEFAULT_TARGETS`) and :class:`~mpotn.compression.config.CompressionConfig`
         settings (default: full rank, ``n = 5``).
     compress_model:
         Decompose before training; default: for ``lfa`` and ``central`` only
         (``True`` with ``full`` fine-tunes every core of the MPO model).
     """
-    from mpotn.serialization import is_saved_model, load
-
     if model is not None and is_saved_model(model):
         return load(model), load_tokenizer(model)
     torch.manual_seed(config.seed)  # the new task head

@@ -1,7 +1,7 @@
 """The ``inspect`` job: decompose every weight matrix of a model, report bonds.
 
 For each ``nn.Embedding`` / ``nn.Linear`` weight (in the paper's orientation,
-see :mod:`mpotn.models`) it runs Algorithm 1 at full rank and records the
+see :mod:`mpotn.compression.models`) it runs Algorithm 1 at full rank and records the
 factorization, the full bonds (Eq. 2), the central-bond entropy (Eq. 6), and,
 at a default budget (compression ratio, Eq. 5, allocated to minimise Eq. 4),
 the kept bonds, the Eq. 4 bound and the actual error, both relative to
@@ -25,18 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from mpotn.atomic import write_text
+from mpotn.compression.models import weight_matrices
 from mpotn.drawing import draw_entropy_heatmap, draw_entropy_profiles, draw_spectra
-from mpotn.models import layer_index, matrix_type, weight_matrices
-from mpotn.mpo import MPO, Allocation
+from mpotn.mpo import MPO
 from mpotn.table import Table
-
-#: Default budget of the report: a quarter of each matrix's entries.
-DEFAULT_RATIO = 0.25
+from mpotn.types import DEFAULT_RATIO, Allocation
 
 #: Column order of the printed table and its headers.
 COLUMNS = {
@@ -192,52 +189,3 @@ def inspect_model(
         })
     settings = {"n": n, "ratio": ratio, "allocation": allocation, "svd": svd}
     return Inspection(records, settings, networks, spectra)
-
-
-def core_changes(before: dict[str, list[torch.Tensor]], model: nn.Module) -> Table:
-    """How far training moved the central and the auxiliary tensors of each MPO layer.
-
-    ``before`` maps module names to copies of their cores (``snapshot_cores``).
-    Per matrix: ``central_change = ||C' - C|| / ||C||`` and
-    ``auxiliary_change = ||A' - A|| / ||A||`` over all auxiliary tensors
-    together (Frobenius norms; the paper's Table 1 argues that fine-tuning
-    moves the auxiliary tensors more).
-
-    Examples
-    --------
-    >>> from mpotn.layers import MPOLinear
-    >>> model = nn.Sequential(MPOLinear(16, 16, n=3))
-    >>> start = snapshot_cores(model)
-    >>> with torch.no_grad():
-    ...     _ = model[0].cores[0].mul_(2.0)
-    >>> row = core_changes(start, model)[0]
-    >>> row["central_change"], round(row["auxiliary_change"], 3) > 0
-    (0.0, True)
-    """
-    from mpotn.network import central_index
-
-    rows = Table()
-    for name, module in model.named_modules():
-        if name not in before:
-            continue
-        cores = [c.detach() for c in module.cores]
-        c = central_index(len(cores))
-        start = before[name]
-        aux_delta = sum(float((a - b).norm()) ** 2 for k, (a, b) in
-                        enumerate(zip(cores, start)) if k != c)
-        aux_norm = sum(float(b.norm()) ** 2 for k, b in enumerate(start) if k != c)
-        rows.append({
-            "name": name,
-            "type": matrix_type(name),
-            "layer": layer_index(name),
-            "central_change": float((cores[c] - start[c]).norm() / start[c].norm()),
-            "auxiliary_change": math.sqrt(aux_delta / aux_norm) if aux_norm else 0.0,
-        })
-    return rows
-
-
-def snapshot_cores(model: nn.Module) -> dict[str, list[torch.Tensor]]:
-    """Copies of the cores of every MPO layer, by module name (for :func:`core_changes`)."""
-    return {name: [c.detach().clone() for c in module.cores]
-            for name, module in model.named_modules()
-            if isinstance(getattr(module, "cores", None), nn.ParameterList)}

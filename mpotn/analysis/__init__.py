@@ -1,0 +1,32 @@
+"""Reading compressed models and decompositions: inspection, comparison, fidelity, reports.
+
+* :mod:`mpotn.analysis.inspection` -- every matrix of a model as an MPO: bonds,
+  entropies, errors at a budget (``mpotn inspect``);
+* :mod:`mpotn.analysis.comparison` -- error, FLOPs and time of every
+  decomposition over a range of ratios (``mpotn compare``);
+* :mod:`mpotn.analysis.fidelity` -- sentence embeddings and their cosine
+  fidelity after compression;
+* :mod:`mpotn.analysis.reports` -- the report files of a compression.
+
+The drawing and table utilities they use (:mod:`mpotn.drawing`,
+:mod:`mpotn.table`) stay in the flat core, because :class:`mpotn.mpo.MPO` uses
+them too.
+"""
+
+from mpotn.analysis.comparison import compare, draw_comparison, load_matrix
+from mpotn.analysis.fidelity import cosine_fidelity, sentence_embeddings, sst2_dev
+from mpotn.analysis.inspection import Inspection, inspect_model
+from mpotn.analysis.reports import report_table, write_compression_report
+
+__all__ = [
+    "Inspection",
+    "compare",
+    "cosine_fidelity",
+    "draw_comparison",
+    "inspect_model",
+    "load_matrix",
+    "report_table",
+    "sentence_embeddings",
+    "sst2_dev",
+    "write_compression_report",
+]

@@ -1,0 +1,119 @@
+"""Argument helpers and task/training plumbing shared by the ``mpotn`` subcommands.
+
+Building arguments needs only :mod:`mpotn.types`; the functions that turn
+parsed arguments into data and configs import the library when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from mpotn.types import DEFAULT_LR
+
+if TYPE_CHECKING:
+    from mpotn.data.tasks import TaskData
+    from mpotn.finetune.training import TrainingConfig
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _cores(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"an MPO needs at least 2 cores, got {text}")
+    return value
+
+
+def _add_model_and_task(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", nargs="?", default=None,
+        help="local model folder, hub id, or an earlier run's model/ folder (default: the "
+             "embedded all-MiniLM-L6-v2)",
+    )
+    task = parser.add_argument_group("task (default: the shipped SST-2 sample, 2,000 "
+                                     "training phrases and the 872-sentence dev set)")
+    task.add_argument("--glue", default=None, metavar="TASK",
+                      help="a GLUE task by name from the Hugging Face hub (needs a network)")
+    task.add_argument("--train-file", default=None, help="local TSV/CSV/JSON(L) training file")
+    task.add_argument("--eval-file", default=None, help="local evaluation file")
+    task.add_argument("--text-column", default="sentence",
+                      help="text column name, or 0-based position (default: sentence)")
+    task.add_argument("--text-pair-column", default=None,
+                      help="second text column for pair tasks (default: none)")
+    task.add_argument("--label-column", default="label", help="label column (default: label)")
+    task.add_argument("--no-header", action="store_true",
+                      help="TSV/CSV files have no header row (columns by position)")
+    task.add_argument("--regression", action="store_true", help="real-valued labels")
+
+
+def _add_training(parser: argparse.ArgumentParser, epochs: float, default_out: str) -> None:
+    train = parser.add_argument_group("training")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help="learning rate (default per strategy: "
+                            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    train.add_argument("--central-lr", type=_positive_float, default=None,
+                       help="learning rate of central tensors (default: --lr)")
+    train.add_argument("--auxiliary-lr", type=_positive_float, default=None,
+                       help="learning rate of auxiliary tensors (default: --lr)")
+    train.add_argument("--epochs", type=_positive_float, default=epochs,
+                       help=f"passes over the training set (default: {epochs:g})")
+    train.add_argument("--max-steps", type=int, default=-1,
+                       help="optimizer steps, overriding --epochs (default: -1, use epochs)")
+    train.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    train.add_argument("--max-length", type=int, default=64,
+                       help="tokens per example (default: 64)")
+    train.add_argument("--seed", type=int, default=0, help="default: 0")
+    train.add_argument("--train-limit", type=int, default=None,
+                       help="use only the first N training examples (default: all)")
+    train.add_argument("--eval-limit", type=int, default=None,
+                       help="use only the first N evaluation examples (default: all)")
+    train.add_argument("--out", default=default_out,
+                       help=f"output folder (default: ./{default_out})")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _column(value: str | None) -> str | int | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def load_task(args: argparse.Namespace) -> TaskData:
+    """The task named by the command line (default: the shipped SST-2 sample)."""
+    from mpotn.data import load_glue, load_local, sst2_sample
+
+    if args.glue and (args.train_file or args.eval_file):
+        raise ValueError("give --glue or --train-file/--eval-file, not both")
+    if args.glue:
+        return load_glue(args.glue)
+    if args.train_file or args.eval_file:
+        if not (args.train_file and args.eval_file):
+            raise ValueError("local data needs both --train-file and --eval-file")
+        return load_local(args.eval_file, args.train_file, text=_column(args.text_column),
+                          text_pair=_column(args.text_pair_column),
+                          label=_column(args.label_column), header=not args.no_header,
+                          regression=args.regression)
+    return sst2_sample()
+
+
+def training_config(args: argparse.Namespace, strategy: str, **extra: object) -> TrainingConfig:
+    """The :class:`TrainingConfig` of the command line's training options."""
+    from mpotn.finetune.training import TrainingConfig
+
+    return TrainingConfig(
+        strategy=strategy, lr=args.lr, central_lr=args.central_lr,
+        auxiliary_lr=args.auxiliary_lr, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        train_limit=args.train_limit, eval_limit=args.eval_limit, **extra,
+    )
+
+
+def _print_record(record: dict, title: str) -> None:
+    from mpotn.table import Table
+
+    print(f"\n{title}")
+    print(Table([{k: v for k, v in record.items() if not isinstance(v, dict)}]).to_markdown())

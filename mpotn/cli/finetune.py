@@ -1,0 +1,61 @@
+"""``mpotn finetune``: fine-tune a model on a task with one strategy."""
+
+from __future__ import annotations
+
+import argparse
+
+from mpotn.cli import common
+from mpotn.types import DEFAULT_TARGETS, STRATEGIES
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``mpotn finetune`` to ``subparsers``."""
+    finetune = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model on a task with one strategy (full, lfa, central, last-k, lora)",
+        description=(
+            "Fine-tune MODEL on a task with the transformers Trainer. lfa and central "
+            "first decompose the word embedding, attention and FFN matrices into MPOs "
+            "(full rank unless --ratio / --max-bond) and train the auxiliary (lfa) or "
+            "central tensors only. Writes metrics.json (metric, trainable and total "
+            "parameters, wall time), history.csv/json, history.png and model/ to --out."
+        ),
+    )
+    common._add_model_and_task(finetune)
+    finetune.add_argument("--strategy", choices=STRATEGIES, default="lfa",
+                          help="which parameters to train (default: lfa)")
+    finetune.add_argument("--k", type=int, default=1,
+                          help="layers tuned by last-k (default: 1)")
+    finetune.add_argument("--lora-rank", type=int, default=None,
+                          help="LoRA rank (default: matched to LFA's trainable budget)")
+    finetune.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="T",
+                          help="matrices decomposed for lfa/central (default: "
+                               f"{' '.join(DEFAULT_TARGETS)})")
+    finetune.add_argument("--compress", action="store_true",
+                          help="decompose first for every strategy (with full: fine-tune every "
+                               "core and report how far central and auxiliary tensors moved); "
+                               "lfa and central always do")
+    cut = finetune.add_mutually_exclusive_group()
+    cut.add_argument("--ratio", type=common._positive_float, default=None,
+                     help="compress the MPO matrices to this rho first (default: full rank)")
+    cut.add_argument("--max-bond", type=int, default=None,
+                     help="compress the MPO matrices to this bond first (default: full rank)")
+    common._add_training(finetune, epochs=3.0, default_out="mpotn-finetune")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Prepare the model for the strategy, fine-tune, evaluate, write the run."""
+    from mpotn.finetune.training import finetune, prepare_model, write_run
+
+    data = common.load_task(args)
+    config = common.training_config(args, args.strategy, k=args.k, lora_rank=args.lora_rank)
+    compression = {k: v for k, v in (("ratio", args.ratio), ("max_bond", args.max_bond))
+                   if v is not None}
+    model, tokenizer = prepare_model(args.model, data, config, targets=args.targets,
+                                     compression=compression,
+                                     compress_model=args.compress or None,
+                                     progress=not args.no_progress)
+    result = finetune(model, tokenizer, data, config, progress=not args.no_progress)
+    paths = write_run(result, tokenizer, args.out, f"fine-tuning ({args.strategy})")
+    common._print_record(result.record, f"{data.spec.name}, strategy {args.strategy}:")
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

@@ -1,0 +1,107 @@
+"""``mpotn squeeze``: dimension squeezing of a fine-tuned MPO model (Algorithm 2)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from mpotn.cli import common
+from mpotn.types import MONITORS
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``mpotn squeeze`` to ``subparsers``."""
+    squeeze = subparsers.add_parser(
+        "squeeze",
+        help="compress a fine-tuned MPO model gradually by dimension squeezing (Algorithm 2)",
+        description=(
+            "Algorithm 2: repeatedly cut the central bond of the matrix whose cut has the "
+            "least estimated error (Eq. 3 from stored singular values), fine-tune the "
+            "auxiliary tensors, evaluate, and stop when the score drops by more than "
+            "--delta, at --target-ratio, or after --max-cuts. MODEL is the model/ folder "
+            "of `mpotn finetune --strategy lfa`, or a pre-trained model, which is then "
+            "decomposed at full rank and LFA-fine-tuned for --init-epochs first. Every "
+            "step is checkpointed; --resume continues a stopped run. Writes metrics.json, "
+            "history.csv/json, history.png and model/ to --out."
+        ),
+    )
+    common._add_model_and_task(squeeze)
+    squeeze.add_argument("--types", nargs="+", default=["all"], metavar="TYPE",
+                         help="matrix types that may be cut: query key value attn_out ffn_in "
+                              "ffn_out word_emb, or all (default: all)")
+    squeeze.add_argument("--cut", type=common._positive_float, default=1,
+                         help="dimensions removed per cut: an integer (the paper: 1) or a "
+                              "fraction of the current bond (default: 1)")
+    squeeze.add_argument("--budget", type=float, default=0.014,
+                         help="parameters one step removes, by repeated least-error cuts over "
+                              "all matrices: a count, or a fraction of the original model's "
+                              "parameters; 0 cuts one matrix per step (default: 0.014)")
+    squeeze.add_argument("--steps-per-cut", type=int, default=40,
+                         help="auxiliary fine-tuning steps after each step's cuts (default: 40)")
+    squeeze.add_argument("--max-cuts", type=int, default=4,
+                         help="step limit, iter of Algorithm 2 (default: 4)")
+    squeeze.add_argument("--delta", type=float, default=0.05,
+                         help="tolerated drop of the monitored score (default: 0.05)")
+    squeeze.add_argument("--monitor", choices=MONITORS, default="metric",
+                         help="score watched by --delta: the task metric or the eval loss "
+                              "(default: metric)")
+    squeeze.add_argument("--target-ratio", type=common._positive_float, default=None,
+                         help="stop when parameters / original reach this (default: none)")
+    squeeze.add_argument("--init-epochs", type=float, default=1.0,
+                         help="LFA epochs before squeezing a pre-trained MODEL (default: 1)")
+    squeeze.add_argument("--direct", action="store_true",
+                         help="also run the direct-truncation ablation at the final bonds")
+    squeeze.add_argument("--resume", action="store_true",
+                         help="continue the run checkpointed in --out")
+    common._add_training(squeeze, epochs=1.0, default_out="mpotn-squeeze")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Fine-tune first if needed, squeeze, optionally run the direct ablation."""
+    from mpotn.atomic import write_text
+    from mpotn.compression import is_saved_model, load
+    from mpotn.compression.models import load_tokenizer
+    from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
+    from mpotn.finetune.training import finetune, prepare_model
+
+    data = common.load_task(args)
+    types = None if args.types == ["all"] else args.types
+    config = SqueezeConfig(types=types, cut=args.cut, budget=args.budget or None,
+                           steps_per_cut=args.steps_per_cut,
+                           max_cuts=args.max_cuts, delta=args.delta, monitor=args.monitor,
+                           target_ratio=args.target_ratio)
+    training = common.training_config(args, "lfa")
+    squeezer = Squeezer(None, None, data, config, training, args.out,
+                        progress=not args.no_progress)
+    if args.resume:
+        if not squeezer.has_checkpoint():
+            raise ValueError(f"nothing to resume: {args.out} holds no squeeze checkpoint; run "
+                             "without --resume")
+        squeezer.tokenizer = load_tokenizer(squeezer.checkpoints / "tokenizer")
+    else:
+        if squeezer.has_checkpoint():
+            raise ValueError(f"{args.out} already holds a squeeze run; pass --resume to "
+                             "continue it, or choose another --out")
+        squeezer.model, squeezer.tokenizer = prepare_model(
+            args.model, data, training, progress=not args.no_progress)
+        if not is_saved_model(args.model or ""):
+            init = dataclasses.replace(training, epochs=args.init_epochs, max_steps=-1)
+            finetune(squeezer.model, squeezer.tokenizer, data, init,
+                     progress=not args.no_progress)
+        squeezer.tokenizer.save_pretrained(str(squeezer.checkpoints / "tokenizer"))
+    result = squeezer.run(resume=args.resume)
+    common._print_record(result.record, f"squeezing: stopped by {result.record['stop_reason']}")
+    print(result.history.select({k: k for k in (
+        "step", "matrix", "dim", "new_dim", "estimated_error", "params_over_original",
+        "loss", data.spec.metrics[0])}).to_markdown())
+    if args.direct:
+        start = load(squeezer.checkpoints / "step-0000")
+        direct = direct_truncation(start, squeezer.tokenizer, data, result.record["bond_dims"],
+                                   squeezer.training, result.record["fine_tuning_steps"],
+                                   progress=not args.no_progress)
+        write_text(Path(args.out) / "direct" / "metrics.json", json.dumps(direct, indent=2))
+        common._print_record(direct, "direct truncation to the same bonds:")
+    print(f"\nwrote {args.out}/metrics.json, history.csv, history.json, cuts.csv, "
+          "history.png, model/")

@@ -1,0 +1,211 @@
+"""What to compress: :class:`CompressionConfig` and the choice of targets (SPEC §1-2).
+
+Targets are chosen the way PEFT chooses them:
+
+* a **list** of presets and module-name suffixes -- ``["ffn", "query", "value"]``;
+  the presets are ``embeddings`` (every ``nn.Embedding``), ``attention``
+  (query/key/value/attention-output linears), ``ffn`` (the two FFN linears)
+  and ``all-linear`` (every ``nn.Linear``);
+* a **string** is a regular expression the whole module name must match;
+* ``exclude`` takes the same forms; ``overrides`` maps a preset or suffix to
+  per-target settings (``n``, shapes, ``max_bond`` / ``tol`` / ``ratio`` /
+  ``params`` / ``bond_dims``, ``allocation``, ``svd``).
+
+A module shared by several parents (ALBERT's layer group) is selected once. A
+matched module that is not ``nn.Linear`` / ``nn.Embedding``, or whose weight
+is tied to another module, is skipped with a warning that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpotn.compression.models import matrix_type
+from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
+from mpotn.methods import DECOMPOSITIONS
+from mpotn.types import PRESETS
+
+SUPPORTED = (nn.Linear, nn.Embedding)
+MPO_LAYERS = (MPOLinear, MPOEmbedding)
+FACTORIZED_LAYERS = (FactorizedLinear, FactorizedEmbedding)
+
+#: Matrix types (see :func:`mpotn.compression.models.matrix_type`) of the presets.
+PRESET_TYPES = {
+    "attention": {"query", "key", "value", "attn_out"},
+    "ffn": {"ffn_in", "ffn_out"},
+}
+
+#: Settings that may differ per target.
+SETTING_KEYS = (
+    "n", "row_shape", "col_shape", "pad", "max_bond", "tol", "ratio", "params", "bond_dims",
+    "allocation", "svd", "gauge", "method",
+)
+
+
+@dataclass
+class CompressionConfig:
+    """What to compress and how.
+
+    Attributes
+    ----------
+    targets:
+        Presets and suffixes (a list), or a regular expression (a string).
+    exclude:
+        Same forms; matching modules are left alone.
+    n, row_shape, col_shape, pad, svd:
+        Decomposition settings (see :meth:`mpotn.mpo.MPO.from_matrix`).
+    gauge:
+        How layers store their cores (see :meth:`mpotn.mpo.MPO.gauge_cores`):
+        ``"central"`` (default) or ``"left"``.
+    method:
+        A registered decomposition (:data:`mpotn.methods.DECOMPOSITIONS`):
+        ``"mpo"`` (default; MPO layers) or another (``tucker``, ``cp``, ``tt``;
+        :class:`~mpotn.layers.FactorizedLinear` layers, truncated by ``ratio``
+        with ``n`` tensorization factors per side).
+    max_bond, tol, ratio, params, bond_dims, allocation:
+        Truncation policy, at most one (see :meth:`mpotn.mpo.MPO.truncate`);
+        full rank when none is set.
+    overrides:
+        ``{preset or suffix: {setting: value}}`` applied on top, in order.
+    """
+
+    targets: str | list[str] = field(default_factory=lambda: ["all-linear"])
+    exclude: str | list[str] | None = None
+    n: int = 5
+    row_shape: list[int] | None = None
+    col_shape: list[int] | None = None
+    pad: bool = True
+    max_bond: int | None = None
+    tol: float | None = None
+    ratio: float | None = None
+    params: int | None = None
+    bond_dims: list[int] | None = None
+    allocation: str = "optimal"
+    svd: str = "auto"
+    gauge: str = "central"
+    method: str = "mpo"
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, (list, tuple)):
+            self.targets = list(self.targets)
+            if not self.targets:
+                raise ValueError("targets is empty: name presets, suffixes or give a regex")
+        for key, settings in self.overrides.items():
+            unknown = set(settings) - set(SETTING_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"override {key!r} has unknown settings {sorted(unknown)}; "
+                    f"allowed: {SETTING_KEYS}"
+                )
+        if self.method not in DECOMPOSITIONS:
+            raise ValueError(f"unknown method {self.method!r}; registered: "
+                             f"{sorted(DECOMPOSITIONS)}")
+        policies = [k for k in ("max_bond", "tol", "ratio", "params", "bond_dims")
+                    if getattr(self, k) is not None]
+        if len(policies) > 1:
+            raise ValueError(f"give at most one truncation policy, got {policies}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+    def settings_for(self, name: str, module: nn.Module) -> dict[str, Any]:
+        """Settings of one target: the defaults, then every override that matches it."""
+        settings = {key: getattr(self, key) for key in SETTING_KEYS}
+        for key, override in self.overrides.items():
+            if _matches_one(key, name, module):
+                if any(k in override for k in ("max_bond", "tol", "ratio", "params", "bond_dims")):
+                    for policy in ("max_bond", "tol", "ratio", "params", "bond_dims"):
+                        settings[policy] = None
+                settings.update(override)
+        return settings
+
+
+def _matches_one(spec: str, name: str, module: nn.Module) -> bool:
+    """A preset name, or a suffix of the module name."""
+    if spec == "embeddings":
+        return isinstance(module, nn.Embedding)
+    if spec == "all-linear":
+        return isinstance(module, nn.Linear)
+    if spec in PRESET_TYPES:
+        return isinstance(module, SUPPORTED) and matrix_type(name) in PRESET_TYPES[spec]
+    return name == spec or name.endswith("." + spec)
+
+
+def _matches(spec: str | Sequence[str] | None, name: str, module: nn.Module) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(_matches_one(s, name, module) for s in spec)
+
+
+def _tied(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(name)
+    return owners
+
+
+def select_targets(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs ``config`` selects, with warnings for skipped ones.
+
+    Raises
+    ------
+    ValueError
+        When nothing matches; the message lists candidate module names.
+    """
+    owners = _tied(model)
+    selected = []
+    for name, module in model.named_modules():  # shared modules come once
+        if not name or not _matches(config.targets, name, module):
+            continue
+        if _matches(config.exclude, name, module):
+            continue
+        if not isinstance(module, SUPPORTED):
+            if isinstance(config.targets, str) or not module._modules:
+                warnings.warn(
+                    f"skipping {name}: {type(module).__name__} is not nn.Linear or "
+                    "nn.Embedding", stacklevel=3,
+                )
+            continue
+        others = [o for o in owners[id(module.weight)] if o != name]
+        if others:
+            warnings.warn(
+                f"skipping {name}: its weight is tied to {others}; untie it to compress it",
+                stacklevel=3,
+            )
+            continue
+        selected.append((name, module))
+    if not selected:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+        shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
+        raise ValueError(
+            f"targets {config.targets!r} (exclude {config.exclude!r}) match no nn.Linear or "
+            f"nn.Embedding module. Presets: {', '.join(PRESETS)}. Candidates "
+            f"({len(candidates)}): {shown}"
+        )
+    return selected
+
+
+def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Put ``layer`` in place of the submodule ``name`` of ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, layer)

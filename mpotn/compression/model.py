@@ -1,0 +1,135 @@
+"""The compressed model: :class:`MPOModel`, and :func:`load` to read one back."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from mpotn.compression.config import FACTORIZED_LAYERS, MPO_LAYERS, CompressionConfig
+from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.compression.serialization import read, save
+from mpotn.table import Table
+
+
+class MPOModel(nn.Module):
+    """A model whose selected matrices are MPO layers, with its report.
+
+    Calls and unknown attributes go to the wrapped ``base_model``.
+
+    Attributes
+    ----------
+    base_model:
+        The compressed model (modified in place by :func:`compress`).
+    config:
+        The :class:`CompressionConfig` used.
+    records:
+        Per-matrix report rows (see :meth:`report`).
+    original_params:
+        Parameters of the model before compression.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: CompressionConfig,
+        records: list[dict[str, Any]],
+        original_params: int,
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.config = config
+        self.records = Table(records)
+        self.original_params = original_params
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    def mpo_layers(self) -> dict[str, nn.Module]:
+        """``{module name: MPOLinear or MPOEmbedding}``."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MPO_LAYERS)}
+
+    def compressed_layers(self) -> dict[str, nn.Module]:
+        """Every replaced module: MPO layers and layers of other methods."""
+        kinds = MPO_LAYERS + FACTORIZED_LAYERS
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, kinds)}
+
+    def report(self) -> Table:
+        """Per matrix: name, shape, factorization, bonds, ratio, entropy, bound, error."""
+        return self.records
+
+    def totals(self) -> dict[str, Any]:
+        """The paper's totals: #To (all parameters) and #Pr (what LFA updates)."""
+        params = list(self.base_model.parameters())
+        total = count_parameters(params)
+        pr = count_parameters(p for _, p in lfa_parameters(self.base_model))
+        mpo = list(self.mpo_layers().values())
+        return {
+            "original_params": self.original_params,
+            "total_params": total,
+            "total_over_original": total / self.original_params,
+            "lfa_trainable_params": pr,
+            "lfa_over_original": pr / self.original_params,
+            "central_params": sum(m.central_params for m in mpo),
+            "auxiliary_params": sum(m.auxiliary_params for m in mpo),
+            "trainable_params": count_parameters(p for p in params if p.requires_grad),
+            "compressed_matrices": len(self.compressed_layers()),
+        }
+
+    def summary(self) -> str:
+        """One line in the style of PEFT's ``print_trainable_parameters()``."""
+        t = self.totals()
+        return (
+            f"trainable params: {t['trainable_params']:,} || all params (#To): "
+            f"{t['total_params']:,} ({100 * t['total_over_original']:.2f}% of the original "
+            f"{t['original_params']:,}) || aux-only fine-tuning updates (#Pr): "
+            f"{t['lfa_trainable_params']:,} ({100 * t['lfa_over_original']:.2f}%)"
+        )
+
+    def print_trainable_parameters(self) -> None:
+        """Print :meth:`summary`."""
+        print(self.summary())
+
+    def save_pretrained(self, directory: str) -> None:
+        """Save weights and plan atomically; see :func:`mpotn.compression.serialization.save`."""
+        save(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None
+                        ) -> MPOModel:
+        """Rebuild a compressed model from a save directory, without the original weights.
+
+        The arguments and the errors are those of
+        :func:`mpotn.compression.serialization.read`, which rebuilds the module
+        (``model`` is modified in place); this wraps it with its config and report.
+        """
+        saved = read(directory, model)
+        return cls(saved.model, saved.config, saved.report, saved.original_params)
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None) -> MPOModel:
+    """Rebuild a compressed model from a save directory (see :meth:`MPOModel.from_pretrained`).
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from mpotn.compression.compress import compress
+    >>> model = compress(nn.Sequential(nn.Linear(32, 64)), targets=["0"], n=3, progress=False)
+    >>> folder = tempfile.mkdtemp()
+    >>> model.save_pretrained(folder)
+    >>> again = load(folder, model=nn.Sequential(nn.Linear(32, 64)))  # in eval mode
+    >>> x = torch.randn(2, 32)
+    >>> model = model.eval()
+    >>> with torch.no_grad():
+    ...     bool(torch.equal(again(x), model(x)))
+    True
+    """
+    return MPOModel.from_pretrained(directory, model)

@@ -1,0 +1,46 @@
+"""Fine-tuning compressed models: strategies, the Trainer wrapper, dimension squeezing.
+
+* :mod:`mpotn.finetune.strategies` -- which parameters each strategy trains;
+* :mod:`mpotn.finetune.training` -- :func:`finetune` with the transformers ``Trainer``;
+* :mod:`mpotn.finetune.squeeze` -- Algorithm 2 (:class:`Squeezer`) and the direct ablation;
+* :mod:`mpotn.finetune.core_changes` -- how far training moved central and auxiliary tensors.
+
+``mpotn.finetune.squeeze`` as an attribute is the function; import from the
+module with ``from mpotn.finetune.squeeze import ...``.
+"""
+
+from mpotn.finetune.core_changes import core_changes, snapshot_cores
+from mpotn.finetune.squeeze import (
+    SqueezeConfig,
+    Squeezer,
+    SqueezeResult,
+    direct_truncation,
+    squeeze,
+)
+from mpotn.finetune.strategies import apply_strategy, optimizer_groups
+from mpotn.finetune.training import (
+    FinetuneResult,
+    TrainingConfig,
+    evaluate,
+    finetune,
+    prepare_model,
+    write_run,
+)
+
+__all__ = [
+    "FinetuneResult",
+    "SqueezeConfig",
+    "SqueezeResult",
+    "Squeezer",
+    "TrainingConfig",
+    "apply_strategy",
+    "core_changes",
+    "direct_truncation",
+    "evaluate",
+    "finetune",
+    "optimizer_groups",
+    "prepare_model",
+    "snapshot_cores",
+    "squeeze",
+    "write_run",
+]

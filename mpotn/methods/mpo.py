@@ -1,0 +1,39 @@
+"""``mpo``: the matrix product operator of Algorithm 1, truncated
+(``n = 2`` is the truncated SVD)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mpotn.methods.base import (
+    FactorNetwork,
+    _check_ratio,
+    _finish,
+    register,
+)
+from mpotn.mpo import MPO
+from mpotn.network import core_name
+
+
+@register("mpo")
+def mpo_method(matrix: torch.Tensor, *, n: int = 5, ratio: float | None = None,
+               max_bond: int | None = None, allocation: str = "optimal",
+               **options: Any) -> FactorNetwork:
+    """Algorithm 1 and a truncation (``ratio`` with budget-optimal bonds, or ``max_bond``)."""
+    _check_ratio(ratio)
+    full = MPO.from_matrix(matrix, n=n, **options)
+    policy = {"ratio": ratio, "allocation": allocation} if ratio is not None else (
+        {"max_bond": max_bond} if max_bond is not None else {})
+    mpo = full.truncate(**policy) if policy else full
+    cores = mpo.gauge_cores("central")
+    cores = [cores[0][0], *cores[1:-1], cores[-1][..., 0]] if n > 1 else cores
+    names = [core_name(k, n) for k in range(n)]
+    legs = {}
+    for k, name in enumerate(names, start=1):
+        axes = [f"bond_{k - 1}", f"row_{k}", f"col_{k}", f"bond_{k}"]
+        legs[name] = tuple(axes[1 if k == 1 else 0: 3 if k == n else 4])
+    roles = {name: "central" if name == "central" else "auxiliary" for name in names}
+    return _finish("mpo", dict(zip(names, cores)), legs, mpo.row, mpo.col, matrix, roles,
+                   n=n, bond_dims=list(mpo.bond_dims), mpo=mpo)

@@ -1,0 +1,95 @@
+"""Every allowed-value type of mpotn and its tuple of values, in one place.
+
+Each ``Literal`` alias sits beside the tuple its runtime checks use; the
+modules that take such a value import both from here, and the command line
+reads its ``choices=`` from here (so building the parser needs nothing
+heavier than this module). The last section holds the few defaults the
+command line shows in its help text, for the same reason.
+
+Examples
+--------
+>>> SVD_METHODS
+('auto', 'full', 'randomized')
+>>> "lfa" in STRATEGIES
+True
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# -- core ---------------------------------------------------------------------
+
+#: SVD flavours of :func:`mpotn.linalg.truncated_svd`.
+SVDMethod = Literal["auto", "full", "randomized"]
+SVD_METHODS = ("auto", "full", "randomized")
+
+#: How :class:`mpotn.contraction.Contractor` applies an MPO.
+ContractionMethod = Literal["auto", "contract", "rebuild"]
+CONTRACTION_METHODS = ("auto", "contract", "rebuild")
+
+#: Which side of the matrix an input is contracted with.
+Side = Literal["rows", "cols"]
+SIDES = ("rows", "cols")
+
+#: How layers store their cores (see :meth:`mpotn.mpo.MPO.gauge_cores`).
+Gauge = Literal["central", "left"]
+GAUGES = ("central", "left")
+
+#: How a parameter budget is spread over bonds (see :meth:`mpotn.mpo.MPO.truncate`).
+Allocation = Literal["optimal", "uniform"]
+ALLOCATIONS = ("optimal", "uniform")
+
+# -- compression and data -----------------------------------------------------
+
+#: Target presets of :class:`mpotn.compression.config.CompressionConfig`.
+Preset = Literal["embeddings", "attention", "ffn", "all-linear"]
+PRESETS = ("embeddings", "attention", "ffn", "all-linear")
+
+#: Task metrics of :func:`mpotn.data.tasks.compute_metrics`.
+Metric = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"]
+METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
+
+# -- fine-tuning --------------------------------------------------------------
+
+#: Fine-tuning strategies of :func:`mpotn.finetune.strategies.apply_strategy`.
+Strategy = Literal["full", "lfa", "central", "last-k", "lora"]
+STRATEGIES = ("full", "lfa", "central", "last-k", "lora")
+
+#: Scores a squeeze run watches (:class:`mpotn.finetune.squeeze.SqueezeConfig`).
+Monitor = Literal["metric", "loss"]
+MONITORS = ("metric", "loss")
+
+#: Error estimates a squeeze run ranks cuts by.
+ErrorKind = Literal["relative", "absolute"]
+ERRORS = ("relative", "absolute")
+
+# -- defaults the command line shows ------------------------------------------
+
+#: Default budget of the inspection report: a quarter of each matrix's entries.
+DEFAULT_RATIO = 0.25
+
+#: Learning rates that work for each strategy on MiniLM-sized models: whole
+#: matrices move slowly, small adapter-like tensors and a fresh head need more.
+DEFAULT_LR = {"full": 5e-5, "lfa": 5e-4, "central": 5e-4, "last-k": 1e-4, "lora": 1e-3}
+
+#: Matrices decomposed for ``lfa`` / ``central`` unless told otherwise: attention
+#: and FFN (not the pooler or the head). The paper also decomposes the word
+#: embedding; add ``word_embeddings`` to do so, at a cost: its full-rank MPO
+#: (30522 x 384, central tensor of 11.8M entries) must be contracted for every
+#: batch once its auxiliary tensors train, which doubles a MiniLM training step.
+DEFAULT_TARGETS = ("attention", "ffn")
+
+#: The paper's Fig. 2 line-up compared by :func:`mpotn.analysis.comparison.compare`:
+#: ``(label, method, options)``; ``svd`` is the two-core MPO with trivial second factors.
+COMPARE_METHODS: list[tuple[str, str, dict[str, object]]] = [
+    ("SVD", "mpo", {"n": 2}),
+    ("MPO n=3", "mpo", {"n": 3}),
+    ("MPO n=5", "mpo", {"n": 5}),
+    ("MPO n=7", "mpo", {"n": 7}),
+    ("TT n=3", "tt", {"n": 3}),
+    ("Tucker n=3", "tucker", {"n": 3}),
+    ("CP n=3", "cp", {"n": 3, "iterations": 10}),
+]
+#: Compression ratios the comparison runs at.
+COMPARE_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
