@@ -1,26 +1,35 @@
 """mpotn: matrix product operators for compressing pre-trained language models.
 
-The package is layered; every import points down, never up (a test,
-``tests/test_architecture.py``, checks it):
+The package is layered; every import points down, never up, and no import
+cycle exists (``tests/test_architecture.py`` parses every module's imports,
+function-level ones included, and checks both):
 
-0. **core** (flat modules): :mod:`mpotn.types` (allowed values),
-   :mod:`mpotn.shapes` (factorizations, Eq. 2), :mod:`mpotn.linalg` (SVDs),
-   :mod:`mpotn.diagnostics` (Eqs. 3-6), :mod:`mpotn.truncation` (choosing
-   bond dimensions), :mod:`mpotn.network` (the tensornetwork graph),
-   :mod:`mpotn.contraction` (compiled contractions), :mod:`mpotn.mpo` (the MPO
-   object); the utilities :mod:`mpotn.table`, :mod:`mpotn.atomic` and
-   :mod:`mpotn.drawing` sit here too because the core uses them
+0. **core** (flat modules): [mpotn.types][] (allowed values),
+   [mpotn.shapes][] (factorizations, Eq. 2), [mpotn.linalg][] (SVDs),
+   [mpotn.diagnostics][] (Eqs. 3-6), [mpotn.truncation][] (choosing
+   bond dimensions), [mpotn.network][] (the tensornetwork graph),
+   [mpotn.contraction][] (compiled contractions), [mpotn.mpo][] (the MPO
+   object), [mpotn.calibration][] (truncation that minimises the output
+   error, Eq. 7) and [mpotn.budget][] (one parameter budget for a whole
+   model); the utilities [mpotn.table][], [mpotn.atomic][] and
+   [mpotn.drawing][] sit here too because the core uses them
    (``MPO.diagnostics`` returns a table, ``MPO.draw`` draws). The task
-   package :mod:`mpotn.data` (specs, metrics, local files, the hub) imports
-   only core and sits at the same level.
-1. :mod:`mpotn.methods` -- decompositions as registered plug-ins (``mpo``,
-   ``tt``, ``tucker``, ``cp``) and :class:`~mpotn.methods.FactorNetwork`.
-2. :mod:`mpotn.layers` -- torch modules: MPO and factorized layers.
-3. :mod:`mpotn.compression` -- targets, :class:`MPOModel`, :func:`compress`,
-   saving and loading, Hugging Face helpers.
-4. :mod:`mpotn.finetune` -- strategies, the Trainer wrapper, squeezing.
-5. :mod:`mpotn.analysis` -- inspection, comparison, fidelity, reports.
-6. :mod:`mpotn.cli` -- the ``mpotn`` command, one module per subcommand.
+   package [mpotn.data][] (specs, metrics, local and GLUE-layout files, the
+   hub, unlabelled text) imports only core and counts as core.
+1. [mpotn.methods][] -- decompositions as registered plug-ins (``mpo``,
+   ``tt``, ``tucker``, ``cp``) and [FactorNetwork][mpotn.methods.base.FactorNetwork].
+2. [mpotn.layers][] -- torch modules: MPO and factorized layers.
+3. [mpotn.compression][] -- targets, [MPOModel][mpotn.compression.model.MPOModel],
+   [compress][mpotn.compression.compress.compress], calibration statistics, saving and loading,
+   Hugging Face helpers.
+4. [mpotn.finetune][] -- strategies, the Trainer wrapper, squeezing, healing.
+5. [mpotn.analysis][] -- inspection, comparison, fidelity, reports.
+6. [mpotn.cli][] -- the ``mpotn`` command, one module per subcommand.
+
+This module re-exports the main names of every tier and belongs to none:
+nothing inside the package imports ``mpotn`` itself. See the architecture page
+of the documentation for one line per module and the path of a matrix from
+[compress][mpotn.compression.compress.compress] to ``forward``.
 """
 
 from mpotn.compression.compress import compress

@@ -19,12 +19,12 @@ one copy and the last step yields the matrix itself. That is 1.1 to 2.6 times
 faster on a CPU than contracting in the FLOP-optimal order and permuting at the
 end, although the FLOP-optimal order may need slightly fewer FLOPs.
 
-:meth:`Contractor.cost` reports both FLOP counts and a modeled time for each,
-and ``method="auto"`` takes the faster by the model. FLOPs alone mispredict on
+[Contractor.cost][mpotn.contraction.Contractor.cost] reports both FLOP counts and a modeled time for
+each, and ``method="auto"`` takes the faster by the model. FLOPs alone mispredict on
 a CPU: the pairwise steps of a contraction sum over small indices (``i_k d``,
 often 16-64), run far below a large GEMM's rate and move big batch-sized
 intermediates, so a path with half the FLOPs can take five times longer. The
-model (:func:`modeled_seconds`) charges each pairwise step
+model ([modeled_seconds][mpotn.contraction.modeled_seconds]) charges each pairwise step
 ``FLOPs / (PEAK * K / (K + K0)) + ELEMENT_COST * elements + STEP_COST``, with
 ``K`` the size of the summed indices and ``elements`` the entries read and
 written; ties go to rebuilding (one contiguous GEMM). Its constants were fitted
@@ -32,14 +32,15 @@ written; ties go to rebuilding (one contiguous GEMM). Its constants were fitted
 (two shapes, four bond sizes, batches 1 to 4096) on a two-core CPU; the
 benchmark reports how far the resulting choice is from the faster path.
 
-The model is fitted on one machine. :func:`autotuning` (or ``MPOTN_AUTOTUNE=1``)
-replaces it by measurement: the first time a layer of given core shapes sees
+The model is fitted on one machine. [autotuning][mpotn.contraction.autotuning] (or
+``MPOTN_AUTOTUNE=1``) replaces it by measurement: the first time a layer of given core shapes sees
 a batch size (rounded up to a power of two) in a grad mode, on a device and
 dtype, both paths are timed on a random input of that size -- forward, or
 forward and backward when gradients are needed -- and the faster one is kept
 for every later call with that key, as cuDNN's benchmark mode does. Choices
 made by measurement can differ between runs, and the two paths round
-differently (about 1e-7 relative in float32), so it is opt-in.
+differently (about 1e-7 relative in float32), so it is opt-in. Embedding
+lookups ([Contractor.lookup][mpotn.contraction.Contractor.lookup]) always choose by the model.
 
 Examples
 --------
@@ -88,7 +89,7 @@ K0 = 127
 ELEMENT_COST = 3.0e-10
 STEP_COST = 2.8e-5
 
-#: Cost model of the rebuild sweep (see :func:`_sweep_cost`), fitted on 49
+#: Cost model of the rebuild sweep (see ``_sweep_cost``), fitted on 49
 #: measured sweeps (seven shapes from 384 x 1536 to 384 x 30720, bonds 4 to
 #: full) on a two-core CPU; worst misprediction 1.6 times.
 SWEEP_FLOP_COST = 7.1e-12
@@ -131,7 +132,7 @@ class ContractionCost:
     dense_flops:
         ``2 B I J``: a dense matmul with the (unpadded) matrix, for reference.
     contract_seconds, rebuild_seconds, dense_seconds:
-        Modeled times of the three (see :func:`modeled_seconds`).
+        Modeled times of the three (see [modeled_seconds][mpotn.contraction.modeled_seconds]).
     """
 
     contract_flops: int
@@ -190,7 +191,8 @@ def best_time(run: Any, repeats: int = 3) -> float:
 
 @lru_cache(maxsize=4096)
 def _sweep_cost(core_shapes: tuple[tuple[int, ...], ...]) -> tuple[int, float]:
-    """FLOPs and modeled time of :func:`rebuild_sweep` for cores of these shapes.
+    """FLOPs and modeled time of [rebuild_sweep][mpotn.contraction.rebuild_sweep] for cores of these
+    shapes.
 
     Each step is one GEMM followed by a copy into the ``(rows, cols, bond)``
     layout: ``SWEEP_FLOP_COST`` per FLOP plus, per element written twice,
@@ -357,7 +359,9 @@ class Contractor:
         """Rows ``M[indices]`` (an embedding lookup), shape ``(*indices.shape, J)``.
 
         ``contract`` indexes every core with its digit of the row numbers and
-        contracts the gathered chain; ``rebuild`` forms ``M`` and indexes it.
+        contracts the gathered chain; ``rebuild`` forms ``M`` and indexes it;
+        ``auto`` takes the faster by modeled time
+        ([lookup_cost][mpotn.contraction.Contractor.lookup_cost]).
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -400,7 +404,11 @@ class Contractor:
         cores:
             The MPO cores.
         method:
-            ``"contract"``, ``"rebuild"`` or ``"auto"`` (fewer FLOPs).
+            ``"contract"``, ``"rebuild"`` or ``"auto"``: the faster by modeled
+            time ([cost][mpotn.contraction.Contractor.cost]; ties go to
+            ``"rebuild"``), or, inside [autotuning][mpotn.contraction.autotuning]
+            (``MPOTN_AUTOTUNE=1``), the faster by measurement
+            ([tuned_method][mpotn.contraction.Contractor.tuned_method]).
         """
         into, out = self._sides(over)
         if method not in METHODS:

@@ -1,11 +1,17 @@
-"""Bond diagnostics of SPEC §1 as plain functions of spectra and shapes.
+r"""Bond diagnostics of SPEC §1 as plain functions of spectra and shapes.
 
-Each function names the equation it computes:
+Each function names the equation it computes from the singular values
+$\lambda_1 \ge \lambda_2 \ge \dots$ of a bond's unfolding and the shapes of the
+cores $T_k[d_{k-1}, i_k, j_k, d_k]$:
 
-* :func:`truncation_error` -- Eq. 3, ``eps_k = sqrt(sum_{i > d'_k} lambda_i^2)``
-* :func:`error_bound` -- Eq. 4, ``sqrt(sum_k eps_k^2)``
-* :func:`compression_ratio` -- Eq. 5
-* :func:`entanglement_entropy` -- Eq. 6, ``S_k = -sum_j v_j ln v_j``
+* [truncation_error][mpotn.diagnostics.truncation_error] -- Eq. 3, the error of
+  keeping $d'_k$ values of bond $k$: $\epsilon_k = \sqrt{\sum_{i > d'_k} \lambda_i^2}$;
+* [error_bound][mpotn.diagnostics.error_bound] -- Eq. 4, the bound on the whole
+  truncation: $\|M - \mathrm{MPO}(M)\|_F \le \sqrt{\sum_k \epsilon_k^2}$;
+* [compression_ratio][mpotn.diagnostics.compression_ratio] -- Eq. 5, core entries
+  over matrix entries: $\rho = \sum_k d_{k-1} i_k j_k d_k \,/\, \prod_k i_k j_k$;
+* [entanglement_entropy][mpotn.diagnostics.entanglement_entropy] -- Eq. 6,
+  $S_k = -\sum_j v_j \ln v_j$ with $v_j = \lambda_j^2 / \sum_i \lambda_i^2$.
 
 Examples
 --------
@@ -26,14 +32,18 @@ import torch
 
 
 def truncation_error(singular_values: torch.Tensor, dim: int) -> torch.Tensor:
-    """Local truncation error of keeping ``dim`` values of a bond (Eq. 3).
+    r"""Local truncation error of keeping ``dim`` values of a bond (Eq. 3).
+
+    $$
+    \epsilon_k = \sqrt{\sum_{i > d'_k} \lambda_i^2}
+    $$
 
     Parameters
     ----------
     singular_values:
-        ``lambda_1 >= lambda_2 >= ...`` of the bond's unfolding.
+        $\lambda_1 \ge \lambda_2 \ge \dots$ of the bond's unfolding.
     dim:
-        The kept dimension ``d'_k``.
+        The kept dimension $d'_k$.
     """
     if dim < 0:
         raise ValueError(f"a kept dimension must be >= 0, got {dim}")
@@ -41,7 +51,11 @@ def truncation_error(singular_values: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def error_bound(errors: Sequence[float] | torch.Tensor) -> float:
-    """Total bound ``sqrt(sum_k eps_k^2)`` on ``||M - MPO(M)||_F`` (Eq. 4).
+    r"""Total bound on the error of a truncation from its local errors (Eq. 4).
+
+    $$
+    \|M - \mathrm{MPO}(M)\|_F \le \sqrt{\sum_k \epsilon_k^2}
+    $$
 
     Examples
     --------
@@ -52,10 +66,13 @@ def error_bound(errors: Sequence[float] | torch.Tensor) -> float:
 
 
 def entanglement_entropy(singular_values: torch.Tensor) -> float:
-    """Entanglement entropy of a bond (Eq. 6), natural log.
+    r"""Entanglement entropy of a bond (Eq. 6), natural log.
 
-    ``v_j = lambda_j^2 / sum lambda^2``; terms with ``v_j = 0`` contribute 0.
-    A zero spectrum has entropy 0.
+    $$
+    S_k = -\sum_j v_j \ln v_j, \qquad v_j = \frac{\lambda_j^2}{\sum_i \lambda_i^2}
+    $$
+
+    Terms with $v_j = 0$ contribute 0. A zero spectrum has entropy 0.
     """
     weights = singular_values.double() ** 2
     total = weights.sum()
@@ -69,7 +86,7 @@ def entanglement_entropy(singular_values: torch.Tensor) -> float:
 def core_params(
     bond_dims: Sequence[int], row_shape: Sequence[int], col_shape: Sequence[int]
 ) -> list[int]:
-    """Number of entries ``d_{k-1} i_k j_k d_k`` of each core.
+    r"""Number of entries $d_{k-1} i_k j_k d_k$ of each core $T_k$.
 
     Examples
     --------
@@ -85,9 +102,13 @@ def core_params(
 def compression_ratio(
     bond_dims: Sequence[int], row_shape: Sequence[int], col_shape: Sequence[int]
 ) -> float:
-    """``rho = sum_k d_{k-1} i_k j_k d_k / prod_k i_k j_k`` (Eq. 5).
+    r"""Compression ratio: core entries over (padded) matrix entries (Eq. 5).
 
-    ``rho > 1`` means the cores hold more numbers than the (padded) matrix.
+    $$
+    \rho = \frac{\sum_k d_{k-1} i_k j_k d_k}{\prod_k i_k j_k}
+    $$
+
+    $\rho > 1$ means the cores hold more numbers than the (padded) matrix.
 
     Examples
     --------

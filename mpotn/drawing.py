@@ -31,7 +31,7 @@ FORMATS = (".png", ".svg", ".pdf")
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    """Save atomically (see :func:`mpotn.atomic.atomic_path`) and close the figure."""
+    """Save atomically (see [mpotn.atomic.atomic_path][]) and close the figure."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         plt.close(fig)
@@ -45,7 +45,7 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 
 
 def draw_network(graph: nx.Graph, path: str | Path, title: str | None = None) -> Path:
-    """Draw an MPO graph from :func:`mpotn.network.to_networkx`.
+    """Draw an MPO graph from [mpotn.network.to_networkx][].
 
     Cores sit on a line (the central tensor larger), ``row_k`` legs point up
     and ``col_k`` legs down. Bond edges are as wide as ``log2(dim)`` and
@@ -117,20 +117,30 @@ def draw_entropy_heatmap(records: Table, path: str | Path, model_name: str) -> P
 
 
 def draw_errors(records: Table, path: str | Path, title: str) -> Path:
-    """Horizontal bars per matrix: the Eq. 4 bound and the actual error, relative.
+    """Horizontal bars per matrix: the Eq. 4 bound, the actual weight error and, for a
+    calibrated compression, the output error of Eq. 7, all relative.
 
-    The records need ``name``, ``relative_bound`` and ``relative_error``.
+    The records need ``name``, ``relative_bound`` and ``relative_error``; an
+    ``output_error`` column is drawn when any record has one. A missing value
+    (``None``: a bound read from whitened spectra) draws no bar.
     """
+    def values(key: str) -> list[float]:
+        return [float("nan") if r.get(key) is None else r[key] for r in records]
+
     names = [r["name"] for r in records]
+    bars = [("relative_bound", "Eq. 4 bound", "#9ecae1"),
+            ("relative_error", "weight error", "#08519c")]
+    if any(r.get("output_error") is not None for r in records):
+        bars.append(("output_error", "output error (Eq. 7)", "#e6550d"))
+    height = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.22 * len(names)))
     positions = np.arange(len(names))
-    ax.barh(positions - 0.2, [r["relative_bound"] for r in records], height=0.4,
-            label="Eq. 4 bound", color="#9ecae1")
-    ax.barh(positions + 0.2, [r["relative_error"] for r in records], height=0.4,
-            label="actual", color="#08519c")
+    for k, (key, label, color) in enumerate(bars):
+        ax.barh(positions + (k - (len(bars) - 1) / 2) * height, values(key), height=height,
+                label=label, color=color)
     ax.set_yticks(positions, names, fontsize=6)
     ax.invert_yaxis()
-    ax.set_xlabel("relative Frobenius error ||M - MPO|| / ||M||")
+    ax.set_xlabel("relative error (weights: ||M - MPO|| / ||M||; outputs: ||X(M - MPO)|| / ||XM||)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
@@ -185,7 +195,7 @@ def draw_history(history: Table, x: str, ys: Sequence[str], path: str | Path, ti
 
 
 def draw_graph(graph: nx.Graph, path: str | Path, title: str) -> Path:
-    """Draw any network from :func:`mpotn.network.graph_to_networkx` (Tucker, CP, TT, ...).
+    """Draw any network from [mpotn.network.graph_to_networkx][] (Tucker, CP, TT, ...).
 
     Tensors are large dots (central / core tensors red), open legs small grey
     dots, hyperedges (copy tensors) black diamonds; edge width grows with
@@ -259,7 +269,7 @@ def draw_entropy_profiles(records: Table, path: str | Path, title: str) -> Path:
     """Entanglement entropy along the chain (bond by bond), over ``ln d`` of the full bond.
 
     One line per matrix type, averaged over layers; records need ``type``,
-    ``entropies`` and ``full_bonds`` (as :func:`mpotn.analysis.inspection.inspect_model` writes).
+    ``entropies`` and ``full_bonds`` (as [mpotn.analysis.inspection.inspect_model][] writes).
     """
     profiles: dict[str, list[list[float]]] = {}
     for r in records:

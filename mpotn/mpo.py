@@ -1,6 +1,15 @@
-"""The matrix product operator of a matrix (SPEC §1).
+r"""The matrix product operator of a matrix (SPEC §1).
 
-:meth:`MPO.from_matrix` runs Algorithm 1: reshape ``M`` to
+An MPO writes an $I \times J$ matrix, with $I = i_1 \cdots i_n$ and
+$J = j_1 \cdots j_n$, as a chain of $n$ cores contracted over the bonds
+$d_1, \dots, d_{n-1}$ ($d_0 = d_n = 1$), Eq. 1:
+
+$$
+M[i_1 \dots i_n,\ j_1 \dots j_n]
+  = \sum_{d_1 \dots d_{n-1}} \prod_{k=1}^{n} T_k[d_{k-1}, i_k, j_k, d_k]
+$$
+
+[MPO.from_matrix][mpotn.mpo.MPO.from_matrix] runs Algorithm 1: reshape ``M`` to
 ``(i_1..i_n, j_1..j_n)``, interleave to ``(i_1, j_1, i_2, j_2, ...)``, and
 sweep left to right with SVDs, keeping ``U`` as the core and carrying
 ``diag(S) V^T`` on. The result is *left-canonical*: every core but the last
@@ -8,12 +17,17 @@ is an isometry, and the basis of every bond is ordered by singular value. Each
 MPO keeps the exact singular values of every bond of the matrix it
 represents, which is what every diagnostic is computed from.
 
-:meth:`MPO.truncate` is TT-rounding: a right-to-left SVD sweep that cuts each
+[MPO.truncate][mpotn.mpo.MPO.truncate] is TT-rounding: a right-to-left SVD sweep that cuts each
 bond to its requested size, then a left-to-right sweep that restores the
 canonical form and the exact spectra. Each step is an orthogonal projection,
-so ``||M - M'||_F^2`` is at most the sum of the squared errors of the steps,
-each of which is at most the Eq. 3 error read off the stored spectrum: the
-Eq. 4 bound, with equality when a single bond is cut.
+so $\|M - M'\|_F^2$ is at most the sum of the squared errors of the steps,
+each of which is at most the Eq. 3 error $\epsilon_k$ read off the stored
+spectrum: the Eq. 4 bound, with equality when a single bond is cut,
+
+$$
+\|M - M'\|_F \le \sqrt{\sum_k \epsilon_k^2}, \qquad
+\epsilon_k = \sqrt{\sum_{i > d'_k} \lambda_{k,i}^2}.
+$$
 
 Examples
 --------
@@ -125,8 +139,9 @@ def _right_orthogonalize(cores: Sequence[torch.Tensor], center: int = 0) -> list
 class MPO:
     """A matrix as a chain of cores ``T_k[d_{k-1}, i_k, j_k, d_k]`` (Eq. 1).
 
-    Build one with :meth:`from_matrix` (Algorithm 1) or :meth:`from_cores`;
-    the constructor takes already-canonical parts and is internal.
+    Build one with [from_matrix][mpotn.mpo.MPO.from_matrix] (Algorithm 1) or
+    [from_cores][mpotn.mpo.MPO.from_cores]; the constructor takes already-canonical parts and is
+    internal.
 
     Attributes
     ----------
@@ -201,7 +216,7 @@ class MPO:
         svd:
             ``"full"``, ``"randomized"`` or ``"auto"`` (randomized when the
             target is well below the unfolding's rank); see
-            :mod:`mpotn.linalg`.
+            [mpotn.linalg][].
         seed:
             Seed of the randomized SVD's test matrices.
 
@@ -550,7 +565,7 @@ class MPO:
             it lowers the Eq. 4 bound most; ``"uniform"`` scales every bond
             by the same factor.
         svd:
-            SVD flavour of the rounding sweep (see :mod:`mpotn.linalg`).
+            SVD flavour of the rounding sweep (see [mpotn.linalg][]).
 
         Raises
         ------
@@ -668,16 +683,18 @@ class MPO:
         """``x @ M`` (``over="rows"``) or ``x @ M^T`` (``over="cols"``) without forming ``M``.
 
         ``method="auto"`` picks contraction or rebuild+matmul by modeled time
-        (:meth:`contraction_cost`).
+        ([contraction_cost][mpotn.mpo.MPO.contraction_cost]), or by measurement inside
+        [autotuning][mpotn.contraction.autotuning].
         """
         return self._contractor.apply(x, self.cores, over=over, method=method)
 
     def contraction_cost(self, batch: int, over: Side = "rows") -> ContractionCost:
-        """FLOPs and modeled times of :meth:`apply` on ``batch`` vectors, both ways; the choice."""
+        """FLOPs and modeled times of [apply][mpotn.mpo.MPO.apply] on ``batch`` vectors, both ways;
+        the choice."""
         return self._contractor.cost(batch, [c.shape for c in self.cores], over)
 
     def to(self, *args: Any, **kwargs: Any) -> MPO:
-        """A copy with cores moved / cast like :meth:`torch.Tensor.to`."""
+        """A copy with cores moved / cast like ``torch.Tensor.to``."""
         cores = [c.to(*args, **kwargs) for c in self.cores]
         spectra = [s.to(cores[0].device) for s in self.singular_values]
         return MPO(cores, self.row, self.col, spectra, self.discarded, self.error_bound,

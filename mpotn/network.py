@@ -5,11 +5,18 @@ index ``(n - 1) // 2`` and ``auxiliary_k`` for the others (``k`` is the 1-based
 core number of SPEC Eq. 1) -- with axes and edges named ``bond_k`` (between
 core ``k`` and ``k + 1``), ``row_k`` and ``col_k``.
 
-The graph is the single description of the network's structure: einsum
-equations for compiled contractions (:func:`rebuild_equation`,
-:func:`apply_equation`) are read off it once per ``n`` and cached, so no node
-is ever built on the hot path, and :func:`to_networkx` exports it for analysis
-and drawing.
+The graph is the single description of the network's structure. Einsum
+equations are read off it once per ``n`` and cached, so no node is ever built
+on the hot path. Two of them drive the compiled contractions of
+[Contractor][mpotn.contraction.Contractor]:
+[apply_equation][mpotn.network.apply_equation] (an MPO applied to a batch, ``x @ M`` or
+``x @ M^T``) and [lookup_equation][mpotn.network.lookup_equation] (embedding rows gathered
+core by core), which is derived from [rebuild_equation][mpotn.network.rebuild_equation]. Rebuilding
+the matrix itself contracts no equation: [rebuild_sweep][mpotn.contraction.rebuild_sweep] sweeps
+the chain with one GEMM per core, which is faster on a CPU than the FLOP-optimal order.
+Networks of the other decompositions ([mpotn.methods][]) take their equations from
+[graph_equation][mpotn.network.graph_equation] instead. [to_networkx][mpotn.network.to_networkx]
+exports the graph for analysis and drawing.
 
 Examples
 --------
@@ -83,7 +90,7 @@ def _equation(nodes: Sequence[tn.Node], output: Sequence[tn.Edge], n: int) -> st
 
     The size-1 boundary bonds ``bond_0`` and ``bond_n`` are left out, so the
     end cores enter as ``T_1[i, j, d_1]`` and ``T_n[d_{n-1}, i, j]`` (see
-    :func:`squeeze_ends`) and every pairwise step of a planned contraction is
+    [squeeze_ends][mpotn.network.squeeze_ends]) and every pairwise step of a planned contraction is
     a BLAS call.
     """
     symbols: dict[tn.Edge, str] = {}
@@ -122,7 +129,11 @@ def _skeleton(n: int) -> list[tn.Node]:
 
 @cache
 def rebuild_equation(n: int) -> str:
-    """Einsum equation ``cores -> (i_1..i_n, j_1..j_n)`` read off the graph."""
+    """Einsum equation ``cores -> (i_1..i_n, j_1..j_n)`` read off the graph (Eq. 1).
+
+    The basis of [lookup_equation][mpotn.network.lookup_equation]; the matrix itself is rebuilt by
+    [rebuild_sweep][mpotn.contraction.rebuild_sweep], not by contracting this equation.
+    """
     nodes = _skeleton(n)
     rows = [node[f"row_{k}"] for k, node in enumerate(nodes, start=1)]
     cols = [node[f"col_{k}"] for k, node in enumerate(nodes, start=1)]
@@ -150,8 +161,8 @@ def apply_equation(n: int, over: Side = "rows") -> str:
 def lookup_equation(n: int) -> str:
     """Einsum equation gathering rows: ``cores[:, digits] -> y[b, j_1..j_n]``.
 
-    Derived from :func:`rebuild_equation`: every ``row_k`` index is replaced by
-    one batch index ``b`` shared by all cores, each core having been indexed
+    Derived from [rebuild_equation][mpotn.network.rebuild_equation]: every ``row_k`` index is
+    replaced by one batch index ``b`` shared by all cores, each core having been indexed
     with the ``k``-th digit of the row numbers (a hyperedge, which plain
     tensornetwork edges cannot express).
 
@@ -236,7 +247,8 @@ def graph_equation(legs: Mapping[str, Sequence[str]], output: Sequence[str],
 
 def graph_to_networkx(legs: Mapping[str, Sequence[str]], shapes: Mapping[str, Sequence[int]],
                       roles: Mapping[str, str] | None = None) -> nx.Graph:
-    """Any network as a :class:`networkx.Graph`, in the form :func:`to_networkx` gives MPOs."""
+    """Any network as a ``networkx.Graph``, in the form [to_networkx][mpotn.network.to_networkx]
+    gives MPOs."""
     roles = roles or {}
     nodes = build_graph(legs, shapes)
     graph = nx.Graph()
@@ -260,7 +272,7 @@ def to_networkx(
     node_attributes: Mapping[str, Mapping[str, Any]] | None = None,
     bond_attributes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> nx.Graph:
-    """The network as a :class:`networkx.Graph`.
+    """The network as a ``networkx.Graph``.
 
     Cores become nodes (``kind="core"``) with ``shape``, ``params`` and
     ``role``; every open leg ``row_k`` / ``col_k`` becomes a node of kind

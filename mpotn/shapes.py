@@ -1,10 +1,14 @@
-"""Factorizations of matrix dimensions and the full bond dimensions they imply.
+r"""Factorizations of matrix dimensions and the full bond dimensions they imply.
 
-An MPO of an ``I x J`` matrix needs ``I = i_1 ... i_n`` and ``J = j_1 ... j_n``.
+An MPO of an $I \times J$ matrix needs $I = i_1 \cdots i_n$ and $J = j_1 \cdots j_n$.
 This module finds balanced factorizations (large factors towards the centre,
 so the central tensor holds most parameters), pads a dimension with zeros to a
 nearby 5-smooth size that factors better (30522 -> 30720), and computes the full bond
-dimensions of SPEC Eq. 2.
+dimensions of SPEC Eq. 2 (the bonds of an exact MPO):
+
+$$
+d_k = \min\Big(\prod_{m \le k} i_m j_m,\ \prod_{m > k} i_m j_m\Big), \qquad d_0 = d_n = 1.
+$$
 
 Examples
 --------
@@ -23,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-#: Default largest relative padding considered by :func:`pad_to_factorable`.
+#: Default largest relative padding considered by
+#: [pad_to_factorable][mpotn.shapes.pad_to_factorable].
 MAX_PADDING = 0.05
 
 #: A factorization is *balanced* when its largest factor is at most this many
@@ -123,7 +128,7 @@ def centre_heavy(factors: Sequence[int]) -> tuple[int, ...]:
 
 
 def is_balanced(factors: Sequence[int]) -> bool:
-    """Whether the largest factor is within :data:`BALANCE_LIMIT` of ideal.
+    """Whether the largest factor is within [BALANCE_LIMIT][mpotn.shapes.BALANCE_LIMIT] of ideal.
 
     A factor of 1 (an index of size one) is unbalanced when ``dim >= 2**n``.
     """
@@ -244,10 +249,11 @@ def plan_side(
 def full_bond_dims(
     row_shape: Sequence[int], col_shape: Sequence[int]
 ) -> tuple[int, ...]:
-    """Full (exact) bond dimensions ``(d_0, d_1, ..., d_n)`` of SPEC Eq. 2.
+    r"""Full (exact) bond dimensions $(d_0, d_1, \dots, d_n)$ of SPEC Eq. 2.
 
-    ``d_k = min(prod_{m<=k} i_m j_m, prod_{m>k} i_m j_m)`` with
-    ``d_0 = d_n = 1``.
+    $$
+    d_k = \min\Big(\prod_{m \le k} i_m j_m,\ \prod_{m > k} i_m j_m\Big), \qquad d_0 = d_n = 1.
+    $$
 
     Examples
     --------

@@ -26,7 +26,7 @@ class Table(list):
         return tabulate(self, headers="keys", tablefmt="github", floatfmt=floatfmt)
 
     def to_dataframe(self) -> Any:
-        """A :class:`pandas.DataFrame` (pandas is imported on demand)."""
+        """A ``pandas.DataFrame`` (pandas is imported on demand)."""
         import pandas as pd
 
         return pd.DataFrame.from_records(self)
@@ -59,7 +59,7 @@ class Table(list):
         >>> Table([{"a": 1, "b": 2}]).select({"b": "B"})
         [{'B': 2}]
         """
-        return Table({header: row[key] for key, header in columns.items()} for row in self)
+        return Table({header: row.get(key) for key, header in columns.items()} for row in self)
 
     def pivot(self, rows: str, cols: str, values: str) -> tuple[list[list[float]], list, list]:
         """Grid of ``values`` by distinct ``rows`` x ``cols`` (NaN where absent).

@@ -1,19 +1,25 @@
-"""Choosing bond dimensions: the truncation policies.
+r"""Choosing bond dimensions: the truncation policies.
 
-All functions work on bond dimensions ``(d_0, d_1, ..., d_n)`` (``d_0 = d_n = 1``),
-the local sizes ``p_k = i_k j_k`` and the singular values of each inner bond.
-They return *requested* dimensions: what each bond may keep. Neighbouring
-bonds cap each other (``d_k <= d_{k-1} p_k`` and ``d_k <= p_{k+1} d_{k+1}``);
-:func:`effective_dims` applies those caps, and parameter counts use them.
+All functions work on bond dimensions $(d_0, d_1, \dots, d_n)$ ($d_0 = d_n = 1$),
+the local sizes $p_k = i_k j_k$ and the singular values $\lambda_{k,i}$ of each
+inner bond $k$. They return *requested* dimensions: what each bond may keep.
+Neighbouring bonds cap each other ($d_k \le d_{k-1} p_k$ and
+$d_k \le p_{k+1} d_{k+1}$); [effective_dims][mpotn.truncation.effective_dims]
+applies those caps, and parameter counts $\sum_k d_{k-1} p_k d_k$ use them.
 
 Optimal allocation
     Greedy removal: starting from the current bonds, repeatedly shrink the
-    bond whose next cut adds the least squared error (Eq. 3) per parameter
-    saved, until a parameter budget is met (:func:`dims_for_budget`) or the
-    Eq. 4 bound would exceed a tolerance (:func:`dims_for_tolerance`).
+    bond whose next cut adds the least squared error per parameter saved.
+    Keeping $d'_k$ values of bond $k$ costs $\epsilon_k^2 = \sum_{i > d'_k} \lambda_{k,i}^2$
+    (Eq. 3) and the Eq. 4 bound is $\sqrt{\sum_k \epsilon_k^2}$, so each cut
+    adds the squared singular values it drops. Removal stops once a parameter
+    budget is met ([dims_for_budget][mpotn.truncation.dims_for_budget]), or once
+    no cut keeps the Eq. 4 bound within a tolerance
+    ([dims_for_tolerance][mpotn.truncation.dims_for_tolerance]).
 Uniform allocation
-    Scale every bond by the same factor (:func:`uniform_dims_for_budget`),
-    the baseline the optimal allocation is measured against.
+    Scale every bond by the same factor
+    ([uniform_dims_for_budget][mpotn.truncation.uniform_dims_for_budget]), the baseline the optimal
+    allocation is measured against.
 
 Examples
 --------
@@ -110,6 +116,7 @@ def _greedy(
     local: Sequence[int],
     budget: int | None = None,
     tolerance_sq: float | None = None,
+    steps: list[tuple[int, float]] | None = None,
 ) -> tuple[int, ...]:
     tails = _tails(spectra)
     dims = list(dims)
@@ -137,6 +144,8 @@ def _greedy(
             break
         _, k, new, cost, saved = best
         dims[k] = new
+        if steps is not None:
+            steps.append((saved, cost))
         error_sq += cost
         params -= saved
     if budget is not None and params > budget:
@@ -165,6 +174,23 @@ def dims_for_budget(
     if budget < 1:
         raise ValueError(f"a parameter budget must be >= 1, got {budget}")
     return _greedy(spectra, dims, local, budget=budget)
+
+
+def greedy_path(
+    spectra: Sequence[torch.Tensor], dims: Sequence[int], local: Sequence[int]
+) -> list[tuple[int, float]]:
+    """Every cut of the greedy down to bonds of 1: ``(freed parameters, added squared error)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> spectra = [torch.tensor([4.0, 3.0, 0.1, 0.1]), torch.tensor([5.0, 1.0, 0.5, 0.2])]
+    >>> [(saved, round(cost, 2)) for saved, cost in greedy_path(spectra, (1, 4, 4, 1), (4, 4, 4))]
+    [(20, 0.01), (20, 0.01), (12, 0.04), (12, 0.25), (12, 1.0), (8, 9.0)]
+    """
+    steps: list[tuple[int, float]] = []
+    _greedy(spectra, dims, local, tolerance_sq=float("inf"), steps=steps)
+    return steps
 
 
 def dims_for_tolerance(

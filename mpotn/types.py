@@ -20,48 +20,79 @@ from typing import Literal
 
 # -- core ---------------------------------------------------------------------
 
-#: SVD flavours of :func:`mpotn.linalg.truncated_svd`.
+#: SVD flavours of [mpotn.linalg.truncated_svd][].
 SVDMethod = Literal["auto", "full", "randomized"]
+#: The values of ``SVDMethod``, for runtime checks and ``choices=``.
 SVD_METHODS = ("auto", "full", "randomized")
 
-#: How :class:`mpotn.contraction.Contractor` applies an MPO.
+#: How [mpotn.contraction.Contractor][] applies an MPO.
 ContractionMethod = Literal["auto", "contract", "rebuild"]
+#: The values of ``ContractionMethod``, for runtime checks and ``choices=``.
 CONTRACTION_METHODS = ("auto", "contract", "rebuild")
 
 #: Which side of the matrix an input is contracted with.
 Side = Literal["rows", "cols"]
+#: The values of ``Side``, for runtime checks and ``choices=``.
 SIDES = ("rows", "cols")
 
-#: How layers store their cores (see :meth:`mpotn.mpo.MPO.gauge_cores`).
+#: How layers store their cores (see [mpotn.mpo.MPO.gauge_cores][]).
 Gauge = Literal["central", "left"]
+#: The values of ``Gauge``, for runtime checks and ``choices=``.
 GAUGES = ("central", "left")
 
-#: How a parameter budget is spread over bonds (see :meth:`mpotn.mpo.MPO.truncate`).
+#: How a parameter budget is spread over bonds (see [mpotn.mpo.MPO.truncate][]).
 Allocation = Literal["optimal", "uniform"]
+#: The values of ``Allocation``, for runtime checks and ``choices=``.
 ALLOCATIONS = ("optimal", "uniform")
 
 # -- compression and data -----------------------------------------------------
 
-#: Target presets of :class:`mpotn.compression.config.CompressionConfig`.
+#: Matrix structures of [mpotn.compression.config.CompressionConfig][]:
+#: ``mpo`` (the configured ``n`` and factorization), ``svd`` (the truncated SVD:
+#: ``n = 2``, rows ``(I, 1)``, columns ``(1, J)``), ``auto`` (per matrix, whichever
+#: of the two has the lower (calibrated) error at its parameter count).
+Structure = Literal["mpo", "svd", "auto"]
+#: The values of ``Structure``, for runtime checks and ``choices=``.
+STRUCTURES = ("mpo", "svd", "auto")
+
+#: How a ratio or parameter budget is spent: the same share of every matrix,
+#: or one budget for all target matrices together (SPEC §7).
+Budget = Literal["matrix", "model"]
+#: The values of ``Budget``, for runtime checks and ``choices=``.
+BUDGETS = ("matrix", "model")
+
+#: How an MPO with ``n > 2`` balanced factors is fitted to calibration data:
+#: ``als`` (plain truncation, then alternating least squares on Eq. 7) or
+#: ``whiten`` (Kronecker-factored whitening of the row legs).
+Calibration = Literal["als", "whiten"]
+#: The values of ``Calibration``, for runtime checks and ``choices=``.
+CALIBRATIONS = ("als", "whiten")
+
+#: Target presets of [mpotn.compression.config.CompressionConfig][].
 Preset = Literal["embeddings", "attention", "ffn", "all-linear"]
+#: The values of ``Preset``, for runtime checks and ``choices=``.
 PRESETS = ("embeddings", "attention", "ffn", "all-linear")
 
-#: Task metrics of :func:`mpotn.data.tasks.compute_metrics`.
+#: Task metrics of [mpotn.data.tasks.compute_metrics][].
 Metric = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"]
+#: The values of ``Metric``, for runtime checks and ``choices=``.
 METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
 
 # -- fine-tuning --------------------------------------------------------------
 
-#: Fine-tuning strategies of :func:`mpotn.finetune.strategies.apply_strategy`.
+#: Fine-tuning strategies of [mpotn.finetune.strategies.apply_strategy][].
 Strategy = Literal["full", "lfa", "central", "last-k", "lora"]
+#: The values of ``Strategy``, for runtime checks and ``choices=``.
 STRATEGIES = ("full", "lfa", "central", "last-k", "lora")
 
-#: Scores a squeeze run watches (:class:`mpotn.finetune.squeeze.SqueezeConfig`).
+#: Scores a squeeze run watches ([mpotn.finetune.squeeze.SqueezeConfig][]).
 Monitor = Literal["metric", "loss"]
+#: The values of ``Monitor``, for runtime checks and ``choices=``.
 MONITORS = ("metric", "loss")
 
 #: Error estimates a squeeze run ranks cuts by.
 ErrorKind = Literal["relative", "absolute"]
+#: The values of ``ErrorKind``, for runtime checks and ``choices=``.
 ERRORS = ("relative", "absolute")
 
 # -- defaults the command line shows ------------------------------------------
@@ -80,7 +111,7 @@ DEFAULT_LR = {"full": 5e-5, "lfa": 5e-4, "central": 5e-4, "last-k": 1e-4, "lora"
 #: batch once its auxiliary tensors train, which doubles a MiniLM training step.
 DEFAULT_TARGETS = ("attention", "ffn")
 
-#: The paper's Fig. 2 line-up compared by :func:`mpotn.analysis.comparison.compare`:
+#: The paper's Fig. 2 line-up compared by [mpotn.analysis.comparison.compare][]:
 #: ``(label, method, options)``; ``svd`` is the two-core MPO with trivial second factors.
 COMPARE_METHODS: list[tuple[str, str, dict[str, object]]] = [
     ("SVD", "mpo", {"n": 2}),

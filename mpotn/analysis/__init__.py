@@ -1,15 +1,15 @@
 """Reading compressed models and decompositions: inspection, comparison, fidelity, reports.
 
-* :mod:`mpotn.analysis.inspection` -- every matrix of a model as an MPO: bonds,
+* [mpotn.analysis.inspection][] -- every matrix of a model as an MPO: bonds,
   entropies, errors at a budget (``mpotn inspect``);
-* :mod:`mpotn.analysis.comparison` -- error, FLOPs and time of every
+* [mpotn.analysis.comparison][] -- error, FLOPs and time of every
   decomposition over a range of ratios (``mpotn compare``);
-* :mod:`mpotn.analysis.fidelity` -- sentence embeddings and their cosine
+* [mpotn.analysis.fidelity][] -- sentence embeddings and their cosine
   fidelity after compression;
-* :mod:`mpotn.analysis.reports` -- the report files of a compression.
+* [mpotn.analysis.reports][] -- the report files of a compression.
 
-The drawing and table utilities they use (:mod:`mpotn.drawing`,
-:mod:`mpotn.table`) stay in the flat core, because :class:`mpotn.mpo.MPO` uses
+The drawing and table utilities they use ([mpotn.drawing][],
+[mpotn.table][]) stay in the flat core, because [mpotn.mpo.MPO][] uses
 them too.
 """
 

@@ -1,12 +1,12 @@
 """Decompositions side by side: error against compression ratio, and inference cost.
 
-:func:`compare` decomposes one matrix with every method at a range of
+[compare][mpotn.analysis.comparison.compare] decomposes one matrix with every method at a range of
 compression ratios (the paper's Fig. 2a/2b: the truncated SVD, MPO with
 n = 3, 5, 7, TT, Tucker and CP) and records, per point, the parameters, the
 actual relative Frobenius error, the FLOPs of the cheaper way to apply the
 network to a batch (the paper's Table 2, counted by opt_einsum) and the
-measured time of that product. :func:`load_matrix` reads the matrix: the
-MiniLM word embedding by default, a named module of a model, or a ``.npy`` /
+measured time of that product. [load_matrix][mpotn.analysis.comparison.load_matrix] reads the
+matrix: the MiniLM word embedding by default, a named module of a model, or a ``.npy`` /
 ``.safetensors`` file.
 
 Examples
@@ -37,7 +37,7 @@ from mpotn.table import Table
 from mpotn.types import COMPARE_METHODS, COMPARE_RATIOS
 
 #: The paper's Fig. 2 line-up ``(label, method, options)`` and its ratios, defined in
-#: :mod:`mpotn.types` (the command line shows them).
+#: [mpotn.types][] (the command line shows them).
 METHODS: list[tuple[str, str, dict[str, Any]]] = COMPARE_METHODS
 RATIOS = COMPARE_RATIOS
 
@@ -97,7 +97,8 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
 
     The dense product's FLOPs and time are measured too (``label="dense"``).
     Points a method cannot reach (a budget below its smallest network) or that
-    would take too long (CP beyond :data:`MAX_CP_WORK`) are left out.
+    would take too long (CP beyond [MAX_CP_WORK][mpotn.analysis.comparison.MAX_CP_WORK]) are left
+    out.
     """
     from tqdm.auto import tqdm
 

@@ -1,7 +1,7 @@
 """The ``inspect`` job: decompose every weight matrix of a model, report bonds.
 
 For each ``nn.Embedding`` / ``nn.Linear`` weight (in the paper's orientation,
-see :mod:`mpotn.compression.models`) it runs Algorithm 1 at full rank and records the
+see [mpotn.compression.models][]) it runs Algorithm 1 at full rank and records the
 factorization, the full bonds (Eq. 2), the central-bond entropy (Eq. 6), and,
 at a default budget (compression ratio, Eq. 5, allocated to minimise Eq. 4),
 the kept bonds, the Eq. 4 bound and the actual error, both relative to
@@ -55,12 +55,13 @@ def _join(values: Any, sep: str = ",") -> str:
 
 @dataclass
 class Inspection:
-    """What :func:`inspect_model` found.
+    """What [inspect_model][mpotn.analysis.inspection.inspect_model] found.
 
     Attributes
     ----------
     records:
-        One record per matrix (see :data:`COLUMNS` for the main fields).
+        One record per matrix (see [COLUMNS][mpotn.analysis.inspection.COLUMNS] for the main
+        fields).
     settings:
         ``n``, ``ratio``, ``allocation`` and ``svd`` used.
     networks:

@@ -30,6 +30,8 @@ COLUMNS = {
     "central_entropy": "S_central (Eq. 6)",
     "relative_bound": "bound/|M| (Eq. 4)",
     "relative_error": "error/|M|",
+    "structure": "structure",
+    "output_error": "output error (Eq. 7)",
 }
 
 

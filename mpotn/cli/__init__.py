@@ -1,9 +1,9 @@
-"""Command line: ``mpotn inspect``, ``compress``, ``finetune``, ``squeeze`` and ``compare``.
+"""Command line: ``mpotn inspect``, ``compress``, ``finetune``, ``squeeze``, ``heal``, ``compare``.
 
 Run ``mpotn --help`` or ``mpotn COMMAND --help`` for every option and its default.
 Each subcommand is a module of this package with ``add_parser(subparsers)`` and
-``run(args)``; building the parser imports only :mod:`mpotn.types` and the
-argument helpers of :mod:`mpotn.cli.common`, and ``run`` imports the library.
+``run(args)``; building the parser imports only [mpotn.types][] and the
+argument helpers of [mpotn.cli.common][], and ``run`` imports the library.
 """
 
 from __future__ import annotations

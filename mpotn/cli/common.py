@@ -1,6 +1,6 @@
 """Argument helpers and task/training plumbing shared by the ``mpotn`` subcommands.
 
-Building arguments needs only :mod:`mpotn.types`; the functions that turn
+Building arguments needs only [mpotn.types][]; the functions that turn
 parsed arguments into data and configs import the library when called.
 """
 
@@ -39,7 +39,13 @@ def _add_model_and_task(parser: argparse.ArgumentParser) -> None:
     task = parser.add_argument_group("task (default: the shipped SST-2 sample, 2,000 "
                                      "training phrases and the 872-sentence dev set)")
     task.add_argument("--glue", default=None, metavar="TASK",
-                      help="a GLUE task by name from the Hugging Face hub (needs a network)")
+                      help="a GLUE task by name (sst2, mrpc, rte, ... or GLUE's SST-2, MRPC, "
+                           "RTE); from --data-dir when given, else from the Hugging Face hub "
+                           "(needs a network)")
+    task.add_argument("--data-dir", default=None, metavar="DIR",
+                      help="folder in GLUE's glue_data/ layout (DIR/RTE/train.tsv, "
+                           "DIR/RTE/dev.tsv, ...: the official files) to read --glue from; "
+                           "without it the task comes from the Hugging Face hub")
     task.add_argument("--train-file", default=None, help="local TSV/CSV/JSON(L) training file")
     task.add_argument("--eval-file", default=None, help="local evaluation file")
     task.add_argument("--text-column", default="sentence",
@@ -88,8 +94,12 @@ def load_task(args: argparse.Namespace) -> TaskData:
 
     if args.glue and (args.train_file or args.eval_file):
         raise ValueError("give --glue or --train-file/--eval-file, not both")
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir and not args.glue:
+        raise ValueError("--data-dir names a folder in GLUE's layout; give the task with "
+                         "--glue NAME (e.g. --glue rte --data-dir glue_data)")
     if args.glue:
-        return load_glue(args.glue)
+        return load_glue(args.glue, data_dir=data_dir)
     if args.train_file or args.eval_file:
         if not (args.train_file and args.eval_file):
             raise ValueError("local data needs both --train-file and --eval-file")
@@ -101,7 +111,8 @@ def load_task(args: argparse.Namespace) -> TaskData:
 
 
 def training_config(args: argparse.Namespace, strategy: str, **extra: object) -> TrainingConfig:
-    """The :class:`TrainingConfig` of the command line's training options."""
+    """The [TrainingConfig][mpotn.finetune.training.TrainingConfig] of the command line's training
+    options."""
     from mpotn.finetune.training import TrainingConfig
 
     return TrainingConfig(

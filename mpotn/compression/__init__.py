@@ -1,11 +1,18 @@
-"""Compressing whole models: targets, :class:`MPOModel`, saving, Hugging Face helpers.
+"""Compressing whole models: targets, [MPOModel][mpotn.compression.model.MPOModel], calibration,
+saving, Hugging Face helpers.
 
-* :mod:`mpotn.compression.config` -- :class:`CompressionConfig` and target selection;
-* :mod:`mpotn.compression.parameters` -- parameter counts and the set LFA trains;
-* :mod:`mpotn.compression.model` -- :class:`MPOModel` and :func:`load`;
-* :mod:`mpotn.compression.compress` -- :func:`plan` and :func:`compress`;
-* :mod:`mpotn.compression.serialization` -- the save format (:func:`save`, :func:`read`);
-* :mod:`mpotn.compression.models` -- loading Hugging Face models, naming their matrices.
+* [mpotn.compression.config][] -- [CompressionConfig][mpotn.compression.config.CompressionConfig]
+  and target selection;
+* [mpotn.compression.parameters][] -- parameter counts and the set LFA trains;
+* [mpotn.compression.model][] -- [MPOModel][mpotn.compression.model.MPOModel] and
+  [load][mpotn.compression.model.load];
+* [mpotn.compression.compress][] -- [plan][mpotn.compression.compress.plan] and
+  [compress][mpotn.compression.compress.compress];
+* [mpotn.compression.calibrate][] -- the input second moments of every target
+  ([calibrate][mpotn.compression.calibrate.calibrate]), for calibrated truncation;
+* [mpotn.compression.serialization][] -- the save format
+  ([save][mpotn.compression.serialization.save], [read][mpotn.compression.serialization.read]);
+* [mpotn.compression.models][] -- loading Hugging Face models, naming their matrices.
 
 ``mpotn.compression.compress`` as an attribute is the function (as ``mpotn.compress``
 is); import from the module with ``from mpotn.compression.compress import ...``.

@@ -1,8 +1,8 @@
 """Compressing a model: replace its weight matrices by MPO layers (SPEC §1-2).
 
-:func:`plan` is the dry run and :func:`compress` the replacement; what to
-replace, and with which settings, is a
-:class:`~mpotn.compression.config.CompressionConfig` (targets by preset,
+[plan][mpotn.compression.compress.plan] is the dry run and
+[compress][mpotn.compression.compress.compress] the replacement; what to replace, and with which
+settings, is a [CompressionConfig][mpotn.compression.config.CompressionConfig] (targets by preset,
 suffix or regular expression, as PEFT chooses them). A module shared by
 several parents (ALBERT's layer group) is decomposed once and stays shared.
 
@@ -20,12 +20,17 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpotn.budget import mpo_path, spend
+from mpotn.calibration import Whitening, calibrated_mpo, output_error, refine
+from mpotn.compression.calibrate import calibrate
 from mpotn.compression.config import CompressionConfig, replace_module, select_targets
 from mpotn.compression.model import MPOModel
 from mpotn.compression.models import layer_index, matrix_type
@@ -89,7 +94,8 @@ def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: di
 
 
 def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: Any) -> Table:
-    """The dry run: what :func:`compress` would replace, with sizes, changing nothing."""
+    """The dry run: what [compress][mpotn.compression.compress.compress] would replace, with sizes,
+    changing nothing."""
     config = config or CompressionConfig(**kwargs)
     rows = Table()
     for name, module in select_targets(model, config):
@@ -107,10 +113,126 @@ def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: An
     return rows
 
 
+@dataclass
+class _Candidate:
+    """One structure for one target: the MPO whose spectra drive its truncation."""
+
+    structure: str  # "mpo" (the configured factorization) or "svd" (rows (I, 1), cols (1, J))
+    full: MPO  # of M, or of the whitened L^T M when ``whitening`` is set
+    whitening: Whitening | None = None
+
+    def finish(self, policy: dict[str, Any], target: _Target) -> tuple[MPO, MPO]:
+        """``(MPO of M, the truncation its spectra read)`` under ``policy``."""
+        cut = apply_policy(self.full, policy)
+        if self.whitening is not None:
+            restored = self.whitening.restore_cores(cut.cores)
+            dtype = _cores_dtype(target.matrix)
+            return MPO.from_cores([c.to(dtype) for c in restored],
+                                  shape=tuple(target.matrix.shape)), cut
+        if target.covariance is not None and target.settings["calibration"] == "als":
+            return refine(cut, target.matrix, target.covariance,
+                          sweeps=target.settings["sweeps"]), cut
+        return cut, cut
+
+
+@dataclass
+class _Target:
+    name: str
+    module: nn.Module
+    matrix: torch.Tensor
+    settings: dict[str, Any]
+    covariance: torch.Tensor | None = None
+
+    def error(self, mpo: MPO) -> float:
+        """Relative output error (Eq. 7) with a covariance, relative weight error without."""
+        approximation = mpo.to_matrix()
+        if self.covariance is None:
+            norm = float(self.matrix.norm()) or 1.0
+            return float((approximation - self.matrix.to(approximation)).norm()) / norm
+        return output_error(self.matrix, approximation, self.covariance)
+
+
+def _cores_dtype(matrix: torch.Tensor) -> torch.dtype:
+    return matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _candidate(target: _Target, structure: str) -> _Candidate:
+    settings, matrix = target.settings, target.matrix
+    if structure == "svd":
+        n, row_shape, col_shape = 2, (matrix.shape[0], 1), (1, matrix.shape[1])
+    else:
+        n, row_shape, col_shape = settings["n"], settings["row_shape"], settings["col_shape"]
+    whiten = target.covariance is not None and (
+        structure == "svd" or settings["calibration"] == "whiten")
+    if whiten:
+        calibrated = calibrated_mpo(matrix, target.covariance, n, row_shape, col_shape,
+                                    pad=settings["pad"], damp=settings["damp"],
+                                    svd=settings["svd"])
+        return _Candidate(structure, calibrated.full_whitened, calibrated.whitening)
+    return _Candidate(structure, MPO.from_matrix(matrix, n, row_shape, col_shape,
+                                                 pad=settings["pad"], svd=settings["svd"]))
+
+
+def _structures(structure: str) -> tuple[str, ...]:
+    return ("svd", "mpo") if structure == "auto" else (structure,)
+
+
+def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
+              config: CompressionConfig) -> dict[str, dict[str, Any]]:
+    """The truncation policy of each target: its own settings, or its share of one budget."""
+    if config.budget == "model":
+        entries = sum(t.matrix.numel() for t in targets)
+        budget = config.params if config.params is not None else int(config.ratio * entries)
+        paths = [mpo_path(t.name, candidates[t.name][0].full) for t in targets]
+        cuts = spend(paths, budget)
+        return {p.name: {"params": p.params_after(cuts[p.name])} for p in paths}
+    policies = {}
+    for t in targets:
+        settings = t.settings
+        if settings["structure"] == "auto":  # equal parameter counts for both structures
+            params = settings["params"] or int(settings["ratio"] * t.matrix.numel())
+            policies[t.name] = {"params": params}
+        else:
+            policies[t.name] = {k: settings[k] for k in ("max_bond", "tol", "ratio", "params",
+                                                         "bond_dims", "allocation")}
+    return policies
+
+
+def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: nn.Module,
+            error: float) -> dict[str, Any]:
+    matrix, full = target.matrix, candidate.full
+    norm = float(matrix.double().norm()) or 1.0
+    whitened = candidate.whitening is not None
+    if target.covariance is None:
+        calibration = "none"
+    else:
+        calibration = "whitened" if whitened else target.settings["calibration"]
+    return {
+        "name": target.name,
+        "type": matrix_type(target.name),
+        "layer": layer_index(target.name),
+        "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
+        "structure": candidate.structure,
+        "factorization": " x ".join("·".join(map(str, s))
+                                    for s in (full.row_shape, full.col_shape)),
+        "bond_dims": ",".join(map(str, layer.bond_dims[1:-1])),
+        "full_bond_dims": ",".join(map(str, full.full_bond_dims[1:-1])),
+        "params": sum(c.numel() for c in layer.cores),
+        "original_params": matrix.numel(),
+        "ratio": layer.compression_ratio,
+        "central_entropy": full.entropy(full.central_bond),
+        "relative_bound": None if whitened else cut.error_bound / (full.norm or 1.0),
+        "relative_error": mpo.reconstruction_error(matrix) / norm,
+        "calibration": calibration,
+        "output_error": error if target.covariance is not None else None,
+    }
+
+
 def compress(
     model: nn.Module,
     config: CompressionConfig | None = None,
     *,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> MPOModel:
@@ -123,53 +245,61 @@ def compress(
     config:
         What and how; keyword arguments build one when omitted
         (``compress(model, targets=["ffn"], ratio=0.5)``).
+    calibration:
+        Model inputs (an iterable of dicts such as tokenizer outputs; see
+        [mpotn.compression.calibrate.text_batches][]). When given, the
+        model is run on them first ([mpotn.compression.calibrate.calibrate][])
+        and every linear target is truncated to minimise the error of its
+        outputs on those inputs (Eq. 7) instead of the error of its weights:
+        exactly for ``structure="svd"`` (SVD-LLM's whitening), by ALS or
+        Kronecker whitening for balanced MPOs (``config.calibration``).
     progress:
         Show a progress bar over the matrices.
 
     Returns
     -------
     MPOModel
-        The model (wrapping the same, modified ``model``) with its report.
+        The model (wrapping the same, modified ``model``) with its report; the
+        report's ``output_error`` is the relative error of each matrix's
+        outputs on the calibration inputs.
     """
     if config is not None and kwargs:
         raise ValueError("give a CompressionConfig or keyword settings, not both")
     config = config or CompressionConfig(**kwargs)
     original = count_parameters(model.parameters())
     selected = select_targets(model, config)
-    records = []
-    for name, module in tqdm(selected, desc="compressing", unit="matrix", disable=not progress):
+    covariances: dict[str, torch.Tensor] = {}
+    if calibration is not None:
+        observed = {name: module for name, module in selected
+                    if config.settings_for(name, module)["method"] == "mpo"
+                    and (isinstance(module, nn.Linear) or config.calibrate_embeddings)}
+        stats = calibrate(model, calibration, observed, progress=progress)
+        covariances = {name: stat.covariance for name, stat in stats.items()}
+    records, targets = [], []
+    for name, module in selected:
         settings = config.settings_for(name, module)
-        matrix = _matrix(module)
         if settings["method"] != "mpo":
-            layer, record = _factorized(name, module, matrix, settings)
+            layer, record = _factorized(name, module, _matrix(module), settings)
             replace_module(model, name, layer)
             records.append(record)
             continue
-        full = MPO.from_matrix(matrix, n=settings["n"], row_shape=settings["row_shape"],
-                               col_shape=settings["col_shape"], pad=settings["pad"],
-                               svd=settings["svd"])
-        truncation = {k: settings[k] for k in ("max_bond", "tol", "ratio", "params",
-                                               "bond_dims", "allocation")}
-        build = MPOEmbedding.from_embedding if isinstance(module, nn.Embedding) else (
+        targets.append(_Target(name, module, _matrix(module), settings, covariances.get(name)))
+    candidates = {
+        t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
+        for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
+    }
+    policies = _policies(targets, candidates, config)
+    for t in tqdm(targets, desc="truncating", unit="matrix", disable=not progress):
+        options = []
+        for candidate in candidates[t.name]:
+            mpo, cut = candidate.finish(policies[t.name], t)
+            options.append((t.error(mpo), len(options), candidate, mpo, cut))
+        error, _, candidate, mpo, cut = min(options)
+        build = MPOEmbedding.from_embedding if isinstance(t.module, nn.Embedding) else (
             MPOLinear.from_linear)
-        cut = apply_policy(full, truncation)
-        layer = build(module, mpo=cut, gauge=settings["gauge"])
-        replace_module(model, name, layer)
-        norm = full.norm or 1.0
-        records.append({
-            "name": name,
-            "type": matrix_type(name),
-            "layer": layer_index(name),
-            "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
-            "factorization": " x ".join("·".join(map(str, s))
-                                        for s in (full.row_shape, full.col_shape)),
-            "bond_dims": ",".join(map(str, layer.bond_dims[1:-1])),
-            "full_bond_dims": ",".join(map(str, full.full_bond_dims[1:-1])),
-            "params": sum(c.numel() for c in layer.cores),
-            "original_params": matrix.numel(),
-            "ratio": layer.compression_ratio,
-            "central_entropy": full.entropy(full.central_bond),
-            "relative_bound": cut.error_bound / norm,
-            "relative_error": cut.reconstruction_error(matrix) / norm,
-        })
+        layer = build(t.module, mpo=mpo, gauge=t.settings["gauge"])
+        replace_module(model, t.name, layer)
+        records.append(_record(t, candidate, mpo, cut, layer, error))
+    order = {name: k for k, (name, _) in enumerate(selected)}
+    records.sort(key=lambda r: order[r["name"]])
     return MPOModel(model, config, records, original)

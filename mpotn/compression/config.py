@@ -1,4 +1,5 @@
-"""What to compress: :class:`CompressionConfig` and the choice of targets (SPEC §1-2).
+"""What to compress: [CompressionConfig][mpotn.compression.config.CompressionConfig] and the choice
+of targets (SPEC §1-2).
 
 Targets are chosen the way PEFT chooses them:
 
@@ -28,16 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpotn.calibration import DAMP
 from mpotn.compression.models import matrix_type
 from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
 from mpotn.methods import DECOMPOSITIONS
-from mpotn.types import PRESETS
+from mpotn.types import BUDGETS, CALIBRATIONS, PRESETS, STRUCTURES
 
 SUPPORTED = (nn.Linear, nn.Embedding)
 MPO_LAYERS = (MPOLinear, MPOEmbedding)
 FACTORIZED_LAYERS = (FactorizedLinear, FactorizedEmbedding)
 
-#: Matrix types (see :func:`mpotn.compression.models.matrix_type`) of the presets.
+#: Matrix types (see [mpotn.compression.models.matrix_type][]) of the presets.
 PRESET_TYPES = {
     "attention": {"query", "key", "value", "attn_out"},
     "ffn": {"ffn_in", "ffn_out"},
@@ -46,7 +48,7 @@ PRESET_TYPES = {
 #: Settings that may differ per target.
 SETTING_KEYS = (
     "n", "row_shape", "col_shape", "pad", "max_bond", "tol", "ratio", "params", "bond_dims",
-    "allocation", "svd", "gauge", "method",
+    "allocation", "svd", "gauge", "method", "structure", "calibration", "sweeps", "damp",
 )
 
 
@@ -61,18 +63,38 @@ class CompressionConfig:
     exclude:
         Same forms; matching modules are left alone.
     n, row_shape, col_shape, pad, svd:
-        Decomposition settings (see :meth:`mpotn.mpo.MPO.from_matrix`).
+        Decomposition settings (see [mpotn.mpo.MPO.from_matrix][]).
     gauge:
-        How layers store their cores (see :meth:`mpotn.mpo.MPO.gauge_cores`):
+        How layers store their cores (see [mpotn.mpo.MPO.gauge_cores][]):
         ``"central"`` (default) or ``"left"``.
     method:
-        A registered decomposition (:data:`mpotn.methods.DECOMPOSITIONS`):
-        ``"mpo"`` (default; MPO layers) or another (``tucker``, ``cp``, ``tt``;
-        :class:`~mpotn.layers.FactorizedLinear` layers, truncated by ``ratio``
+        A registered decomposition
+        ([mpotn.methods.DECOMPOSITIONS][mpotn.methods.base.DECOMPOSITIONS]): ``"mpo"`` (default; MPO
+        layers) or another (``tucker``, ``cp``, ``tt``;
+        [FactorizedLinear][mpotn.layers.factorized.FactorizedLinear] layers, truncated by ``ratio``
         with ``n`` tensorization factors per side).
     max_bond, tol, ratio, params, bond_dims, allocation:
-        Truncation policy, at most one (see :meth:`mpotn.mpo.MPO.truncate`);
+        Truncation policy, at most one (see [mpotn.mpo.MPO.truncate][]);
         full rank when none is set.
+    structure:
+        ``"mpo"`` (default: ``n`` cores, balanced factors), ``"svd"`` (the
+        truncated SVD as an MPO with rows ``(I, 1)`` and columns ``(1, J)``) or
+        ``"auto"`` (per matrix, the one of the two with the lower error at the
+        same parameter count; needs ``ratio`` or ``params``).
+    budget:
+        ``"matrix"`` (default): ``ratio`` / ``params`` apply to each matrix;
+        ``"model"``: one budget for all target matrices together, spent where
+        it lowers the summed relative (output) error most (SPEC §7).
+    calibration, sweeps, damp:
+        Used when [compress][mpotn.compression.compress.compress] gets calibration
+        data: how a balanced MPO is fitted (``"als"``: plain truncation, then
+        ``sweeps`` sweeps of [mpotn.calibration.refine][]; ``"whiten"``:
+        [mpotn.calibration.calibrated_mpo][]), and the damping of the
+        covariance (``svd`` structures are always whitened exactly).
+    calibrate_embeddings:
+        Also calibrate ``nn.Embedding`` targets (their covariance is the
+        diagonal of token counts). Off by default: tokens absent from the
+        calibration text would lose their rows.
     overrides:
         ``{preset or suffix: {setting: value}}`` applied on top, in order.
     """
@@ -92,6 +114,12 @@ class CompressionConfig:
     svd: str = "auto"
     gauge: str = "central"
     method: str = "mpo"
+    structure: str = "mpo"
+    budget: str = "matrix"
+    calibration: str = "als"
+    sweeps: int = 2
+    damp: float = DAMP
+    calibrate_embeddings: bool = False
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -113,6 +141,21 @@ class CompressionConfig:
                     if getattr(self, k) is not None]
         if len(policies) > 1:
             raise ValueError(f"give at most one truncation policy, got {policies}")
+        for key, allowed in (("structure", STRUCTURES), ("budget", BUDGETS),
+                             ("calibration", CALIBRATIONS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.budget == "model" and self.ratio is None and self.params is None:
+            raise ValueError("budget='model' spends one ratio or parameter count over all "
+                             "targets: give ratio or params")
+        if self.structure == "auto" and self.ratio is None and self.params is None:
+            raise ValueError("structure='auto' compares structures at equal parameter counts: "
+                             "give ratio or params")
+        if self.structure != "mpo" and self.method != "mpo":
+            raise ValueError(f"structure={self.structure!r} is for method='mpo', got "
+                             f"method={self.method!r}")
+        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
+            raise ValueError(f"sweeps must be an integer >= 0, got {self.sweeps!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable form."""
@@ -120,7 +163,7 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of [to_dict][mpotn.compression.config.CompressionConfig.to_dict]."""
         return cls(**data)
 
     def settings_for(self, name: str, module: nn.Module) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The compressed model: :class:`MPOModel`, and :func:`load` to read one back."""
+"""The compressed model: [MPOModel][mpotn.compression.model.MPOModel], and
+[load][mpotn.compression.model.load] to read one back."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ class MPOModel(nn.Module):
     Attributes
     ----------
     base_model:
-        The compressed model (modified in place by :func:`compress`).
+        The compressed model (modified in place by [compress][mpotn.compression.compress.compress]).
     config:
-        The :class:`CompressionConfig` used.
+        The [CompressionConfig][mpotn.compression.config.CompressionConfig] used.
     records:
-        Per-matrix report rows (see :meth:`report`).
+        Per-matrix report rows (see [report][mpotn.compression.model.MPOModel.report]).
     original_params:
         Parameters of the model before compression.
     """
@@ -66,7 +67,21 @@ class MPOModel(nn.Module):
         return self.records
 
     def totals(self) -> dict[str, Any]:
-        """The paper's totals: #To (all parameters) and #Pr (what LFA updates)."""
+        """Parameter totals, the paper's #To and #Pr among them.
+
+        * ``original_params``: the model before compression.
+        * ``total_params`` (#To) and ``total_over_original``: every parameter
+          of ``base_model`` now.
+        * ``lfa_trainable_params`` (#Pr) and ``lfa_over_original``: what
+          [lfa_parameters][mpotn.compression.parameters.lfa_parameters] selects -- the auxiliary
+          tensors of every MPO layer, every bias and every normalization
+          layer's parameters. A task head's weights are *not* counted (its
+          bias is, as every bias), although ``apply_strategy(model, "lfa")``
+          ([apply_strategy][mpotn.finetune.strategies.apply_strategy]) trains them too.
+        * ``central_params`` / ``auxiliary_params``: summed over the MPO layers.
+        * ``trainable_params``: parameters that require a gradient now.
+        * ``compressed_matrices``: replaced modules, MPO and factorized layers.
+        """
         params = list(self.base_model.parameters())
         total = count_parameters(params)
         pr = count_parameters(p for _, p in lfa_parameters(self.base_model))
@@ -94,11 +109,11 @@ class MPOModel(nn.Module):
         )
 
     def print_trainable_parameters(self) -> None:
-        """Print :meth:`summary`."""
+        """Print [summary][mpotn.compression.model.MPOModel.summary]."""
         print(self.summary())
 
     def save_pretrained(self, directory: str) -> None:
-        """Save weights and plan atomically; see :func:`mpotn.compression.serialization.save`."""
+        """Save weights and plan atomically; see [mpotn.compression.serialization.save][]."""
         save(self, directory)
 
     @classmethod
@@ -107,7 +122,7 @@ class MPOModel(nn.Module):
         """Rebuild a compressed model from a save directory, without the original weights.
 
         The arguments and the errors are those of
-        :func:`mpotn.compression.serialization.read`, which rebuilds the module
+        [mpotn.compression.serialization.read][], which rebuilds the module
         (``model`` is modified in place); this wraps it with its config and report.
         """
         saved = read(directory, model)
@@ -115,7 +130,8 @@ class MPOModel(nn.Module):
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None) -> MPOModel:
-    """Rebuild a compressed model from a save directory (see :meth:`MPOModel.from_pretrained`).
+    """Rebuild a compressed model from a save directory (see
+    [MPOModel.from_pretrained][mpotn.compression.model.MPOModel.from_pretrained]).
 
     Examples
     --------

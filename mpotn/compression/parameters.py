@@ -1,8 +1,8 @@
 """Which parameters are which: counts and the set lightweight fine-tuning trains.
 
-This lives in compression, not in :mod:`mpotn.finetune`, because
-:meth:`mpotn.compression.model.MPOModel.totals` (#Pr) needs it and imports only
-go down; :mod:`mpotn.finetune.strategies` imports it from here.
+This lives in compression, not in [mpotn.finetune][], because
+[mpotn.compression.model.MPOModel.totals][] (#Pr) needs it and imports only
+go down; [mpotn.finetune.strategies][] imports it from here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Saving and reading compressed models (``save_pretrained`` / :func:`mpotn.load`).
+"""Saving and reading compressed models (``save_pretrained`` /
+[mpotn.load][mpotn.compression.model.load]).
 
 A save directory holds
 
@@ -10,16 +11,16 @@ A save directory holds
 A save is atomic: the weights go to a new content-addressed file first, then
 ``mpotn_config.json`` is replaced in one rename, and only then are weights files
 it no longer names removed. A crash at any point leaves the earlier save (its
-config and the weights it names) valid. :func:`read` rebuilds the model from the
-config alone -- the original weights are not needed -- and checks that the
+config and the weights it names) valid. [read][mpotn.compression.serialization.read] rebuilds the
+model from the config alone -- the original weights are not needed -- and checks that the
 files agree with it.
 
-Nothing here knows :class:`~mpotn.compression.model.MPOModel`: :func:`save`
-takes any object with its attributes (``base_model``, ``config``,
-``original_params``, ``compressed_layers()``, ``report()``) and :func:`read`
-returns the rebuilt module with what the save recorded;
-:meth:`mpotn.compression.model.MPOModel.from_pretrained` (and :func:`mpotn.load`)
-wraps it.
+Nothing here knows [MPOModel][mpotn.compression.model.MPOModel]:
+[save][mpotn.compression.serialization.save] takes any object with its attributes (``base_model``,
+``config``, ``original_params``, ``compressed_layers()``, ``report()``) and
+[read][mpotn.compression.serialization.read] returns the rebuilt module with what the save recorded;
+[mpotn.compression.model.MPOModel.from_pretrained][] (and
+[mpotn.load][mpotn.compression.model.load]) wraps it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ FORMAT_VERSION = 1
 
 
 class SavedModel(NamedTuple):
-    """What :func:`read` returns: the rebuilt module and what the save recorded."""
+    """What [read][mpotn.compression.serialization.read] returns: the rebuilt module and what the
+    save recorded."""
 
     model: nn.Module
     config: CompressionConfig
@@ -111,7 +113,7 @@ def _base_model_spec(model: nn.Module) -> dict[str, Any] | None:
 
 
 def save(model: Any, directory: str | os.PathLike) -> Path:
-    """Write ``model`` (an :class:`~mpotn.compression.model.MPOModel`) to ``directory``
+    """Write ``model`` (an [MPOModel][mpotn.compression.model.MPOModel]) to ``directory``
     atomically (see the module docstring)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():

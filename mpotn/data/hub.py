@@ -1,20 +1,40 @@
-"""GLUE tasks from the Hugging Face hub (:func:`load_glue`)."""
+"""GLUE tasks from the Hugging Face hub ([load_glue][mpotn.data.hub.load_glue])."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from mpotn.data.glue_files import glue_task, load_glue_files
 from mpotn.data.local import _dataset
 from mpotn.data.tasks import GLUE_TASKS, TaskData
 
 
-def load_glue(task: str, cache_dir: str | None = None) -> TaskData:
-    """A GLUE task by name (``sst2``, ``mrpc``, ...) from the Hugging Face hub.
+def load_glue(task: str, data_dir: str | os.PathLike | None = None,
+              cache_dir: str | None = None) -> TaskData:
+    """A GLUE task by name (``sst2``, ``mrpc``, ... or GLUE's ``SST-2``, ``MRPC``).
 
-    Needs a network, or the task in the local HF datasets cache.
+    Either way the splits are ``train`` and the dev set GLUE scores are
+    reported on, with the hub's class ids and GLUE's metrics.
+
+    Parameters
+    ----------
+    task:
+        A key of [GLUE_TASKS][mpotn.data.tasks.GLUE_TASKS], or GLUE's folder name.
+    data_dir:
+        A folder in GLUE's ``glue_data/`` layout (``DIR/RTE/train.tsv``,
+        ``DIR/RTE/dev.tsv``, ...), read by
+        [load_glue_files][mpotn.data.glue_files.load_glue_files]; without it the task
+        comes from the Hugging Face hub (a network, or the HF datasets cache).
+    cache_dir:
+        HF datasets cache folder, for the hub.
     """
-    if task not in GLUE_TASKS:
+    key = glue_task(task)
+    if key is None:
         raise ValueError(f"unknown GLUE task {task!r}; choose from {sorted(GLUE_TASKS)}")
+    if data_dir is not None:
+        return load_glue_files(key, data_dir)
+    task = key
     from datasets import load_dataset
 
     spec = GLUE_TASKS[task]
@@ -23,7 +43,8 @@ def load_glue(task: str, cache_dir: str | None = None) -> TaskData:
     except (ConnectionError, OSError, ValueError) as error:
         raise ValueError(
             f"could not load GLUE {task!r} from the hub ({error}); without a network, pass "
-            "local files (load_local / --train-file, --eval-file)"
+            "local files (load_local / --train-file, --eval-file) or a folder in GLUE's "
+            "layout (load_glue(task, data_dir=...) / --data-dir)"
         ) from error
 
     def convert(split: Any) -> Any:

@@ -1,5 +1,6 @@
 """Local task files: TSV, CSV, JSON or JSON Lines with a column mapping
-(:func:`load_local`), and the SST-2 sample shipped with mpotn (:func:`sst2_sample`).
+([load_local][mpotn.data.local.load_local]), and the SST-2 sample shipped with mpotn
+([sst2_sample][mpotn.data.local.sst2_sample]).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Task specs and metrics: :class:`TaskSpec`, :class:`TaskData`, the GLUE tasks and
-:func:`compute_metrics` (accuracy, F1, Matthews correlation, Pearson and Spearman
-correlation, as GLUE reports them).
+"""Task specs and metrics: [TaskSpec][mpotn.data.tasks.TaskSpec],
+[TaskData][mpotn.data.tasks.TaskData], the GLUE tasks and
+[compute_metrics][mpotn.data.tasks.compute_metrics] (accuracy, F1, Matthews correlation, Pearson and
+Spearman correlation, as GLUE reports them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class TaskSpec:
     regression:
         Whether labels are real numbers (STS-B) rather than classes.
     metrics:
-        Metric names from :data:`METRICS`; the first is the headline metric.
+        Metric names from [METRICS][mpotn.types.METRICS]; the first is the headline metric.
     eval_split:
         The split evaluated on (GLUE tasks only).
     """

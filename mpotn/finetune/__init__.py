@@ -1,9 +1,13 @@
-"""Fine-tuning compressed models: strategies, the Trainer wrapper, dimension squeezing.
+"""Fine-tuning compressed models: strategies, the Trainer wrapper, squeezing, healing.
 
-* :mod:`mpotn.finetune.strategies` -- which parameters each strategy trains;
-* :mod:`mpotn.finetune.training` -- :func:`finetune` with the transformers ``Trainer``;
-* :mod:`mpotn.finetune.squeeze` -- Algorithm 2 (:class:`Squeezer`) and the direct ablation;
-* :mod:`mpotn.finetune.core_changes` -- how far training moved central and auxiliary tensors.
+* [mpotn.finetune.strategies][] -- which parameters each strategy trains;
+* [mpotn.finetune.training][] -- [finetune][mpotn.finetune.training.finetune] with the transformers
+  ``Trainer``;
+* [mpotn.finetune.squeeze][] -- Algorithm 2 ([Squeezer][mpotn.finetune.squeeze.Squeezer]) and the
+  direct ablation;
+* [mpotn.finetune.heal][] -- healing: distilling the original model into the compressed one
+  on unlabelled text;
+* [mpotn.finetune.core_changes][] -- how far training moved central and auxiliary tensors.
 
 ``mpotn.finetune.squeeze`` as an attribute is the function; import from the
 module with ``from mpotn.finetune.squeeze import ...``.

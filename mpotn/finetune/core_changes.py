@@ -1,7 +1,8 @@
-"""How far training moved each MPO layer's cores: :func:`snapshot_cores` before,
-:func:`core_changes` after (the paper's Table 1 argument).
+"""How far training moved each MPO layer's cores:
+[snapshot_cores][mpotn.finetune.core_changes.snapshot_cores] before,
+[core_changes][mpotn.finetune.core_changes.core_changes] after (the paper's Table 1 argument).
 
-Training records these; :mod:`mpotn.analysis` and the command line read them
+Training records these; [mpotn.analysis][] and the command line read them
 from here.
 """
 
@@ -58,7 +59,8 @@ def core_changes(before: dict[str, list[torch.Tensor]], model: nn.Module) -> Tab
 
 
 def snapshot_cores(model: nn.Module) -> dict[str, list[torch.Tensor]]:
-    """Copies of the cores of every MPO layer, by module name (for :func:`core_changes`)."""
+    """Copies of the cores of every MPO layer, by module name (for
+    [core_changes][mpotn.finetune.core_changes.core_changes])."""
     return {name: [c.detach().clone() for c in module.cores]
             for name, module in model.named_modules()
             if isinstance(getattr(module, "cores", None), nn.ParameterList)}

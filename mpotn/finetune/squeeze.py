@@ -1,10 +1,10 @@
-"""Dimension squeezing (SPEC §3, Algorithm 2), with checkpoints and the ``direct`` ablation.
+r"""Dimension squeezing (SPEC §3, Algorithm 2), with checkpoints and the ``direct`` ablation.
 
-Starting from a fine-tuned MPO model with task score ``P``, each step
+Starting from a fine-tuned MPO model with task score $P$, each step
 
 1. estimates, for every matrix allowed to shrink, the error of its next cut
-   of the central bond (``d -> d - c``) from its *stored* singular values
-   (Eq. 3: ``eps = sqrt(sum of the cut lambda_k^2)``; no matrix is rebuilt);
+   of the central bond ($d \to d - c$) from its *stored* singular values
+   (Eq. 3: $\epsilon = \sqrt{\sum_{d - c < k \le d} \lambda_k^2}$; no matrix is rebuilt);
 2. cuts the matrix with the least estimated error (relative to its norm by
    default), by TT-rounding its current cores, which refreshes that matrix's
    stored spectrum; with a per-step parameter ``budget`` (a generalization
@@ -13,16 +13,16 @@ Starting from a fine-tuned MPO model with task score ``P``, each step
    removes at least ``budget`` parameters, then cuts every chosen matrix once;
 3. fine-tunes the auxiliary tensors (with biases, norms and the task head;
    central tensors frozen) for a set number of optimizer steps;
-4. evaluates the score ``P~`` and stops once it is worse than ``P`` by more
-   than ``Delta`` (the returned model is then the last one within ``Delta``),
+4. evaluates the score $\tilde P$ and stops once it is worse than $P$ by more
+   than $\Delta$ (the returned model is then the last one within $\Delta$),
    at a target compression, at the step limit, or when nothing can be cut.
 
 Every step is checkpointed (an mpotn save plus the squeezing state, published
 by an atomic rename of ``latest.json``), so a run killed at any moment resumes
 where it stopped, with the same data order and seeds as an uninterrupted run.
 
-:func:`direct_truncation` is the paper's ``MPOP_dir`` ablation: cut every
-matrix straight to the squeezed model's bonds and fine-tune for the same
+[direct_truncation][mpotn.finetune.squeeze.direct_truncation] is the paper's ``MPOP_dir`` ablation:
+cut every matrix straight to the squeezed model's bonds and fine-tune for the same
 total number of steps.
 """
 
@@ -71,7 +71,7 @@ class SqueezeConfig:
     types:
         Matrix types that may be cut (``query``, ``key``, ``value``,
         ``attn_out``, ``ffn_in``, ``ffn_out``, ``word_emb``, ...; see
-        :func:`mpotn.compression.models.matrix_type`); ``None``: every MPO layer.
+        [mpotn.compression.models.matrix_type][]); ``None``: every MPO layer.
     cut:
         Size of one cut: an integer ``>= 1`` removes that many dimensions (the
         paper: 1); a fraction in ``(0, 1)`` removes that share of the current
@@ -85,7 +85,8 @@ class SqueezeConfig:
         paper's one-dimension rule applied repeatedly, with one fine-tuning
         and one evaluation per step instead of per dimension.
     steps_per_cut:
-        Optimizer steps of auxiliary fine-tuning after each cut.
+        Optimizer steps of auxiliary fine-tuning after each step (one
+        fine-tuning per step, however many matrices the step cut).
     max_cuts:
         Step limit (``iter`` of Algorithm 2).
     delta:
@@ -161,7 +162,8 @@ class SqueezeState:
     Attributes
     ----------
     step:
-        Cuts done so far.
+        Steps done so far (a step may cut several matrices; ``cuts`` has one
+        row per matrix cut).
     baseline:
         The score ``P`` of the starting model (monitored quantity).
     spectra:
@@ -196,7 +198,11 @@ def central_spectrum(layer: Any) -> dict[str, Any]:
 
 def estimated_error(spectrum: dict[str, Any], keep: int, relative: bool = True,
                     upto: int | None = None) -> float:
-    """Eq. 3 from stored values: ``sqrt(sum_{keep < k <= upto} lambda_k^2)`` (over ``||M||``).
+    r"""Eq. 3 from stored singular values, relative to $\|M\|$ unless ``relative=False``.
+
+    $$
+    \epsilon = \sqrt{\sum_{\mathrm{keep} < k \le \mathrm{upto}} \lambda_k^2}
+    $$
 
     ``upto`` (default: every stored value) is the bond's dimension before the
     cut, when earlier cuts of the same step already lowered it.
@@ -423,7 +429,19 @@ class Squeezer:
         return None
 
     def step(self) -> None:
-        """One step's cuts, their auxiliary fine-tuning and evaluation, then a checkpoint."""
+        """One step of Algorithm 2: plan, cut, fine-tune, evaluate, checkpoint.
+
+        Plans the step ([plan_step][mpotn.finetune.squeeze.plan_step]: the best cut alone, or
+        with a ``budget`` cuts until the step frees it), cuts every planned
+        matrix once by TT-rounding and stores its new central spectrum,
+        fine-tunes the auxiliary tensors (``lfa``) for ``steps_per_cut``
+        optimizer steps (none when it is 0; seed ``training.seed + step``),
+        evaluates, and appends one history row (the matrix, or ``"k matrices"``,
+        with the largest estimated and actual error of the step's cuts). The
+        step becomes the accepted one when its score is within ``delta`` of the
+        baseline; either way it is checkpointed. Stop conditions are checked by
+        [run][mpotn.finetune.squeeze.Squeezer.run], not here.
+        """
         start = time.perf_counter()
         plan = plan_step(self.model, self.state, self.config)
         self.state.step += 1
@@ -515,7 +533,8 @@ class Squeezer:
 def squeeze(model: MPOModel | None, tokenizer: Any, data: TaskData, config: SqueezeConfig,
             training: TrainingConfig, out: str | os.PathLike, *, resume: bool = False,
             progress: bool = True) -> SqueezeResult:
-    """Run Algorithm 2 (see :class:`Squeezer`); ``resume`` continues a stopped run."""
+    """Run Algorithm 2 (see [Squeezer][mpotn.finetune.squeeze.Squeezer]); ``resume`` continues a
+    stopped run."""
     return Squeezer(model, tokenizer, data, config, training, out, progress).run(resume)
 
 

@@ -5,7 +5,7 @@
 ``lfa``
     lightweight fine-tuning: the auxiliary tensors of every MPO layer, biases,
     normalization layers and the task head; central tensors and dense weights
-    stay frozen (:func:`mpotn.compression.parameters.lfa_parameters` plus the head).
+    stay frozen ([mpotn.compression.parameters.lfa_parameters][] plus the head).
 ``central``
     only the central tensors (and the task head, which starts untrained).
 ``last-k``
@@ -14,10 +14,10 @@
 ``lora``
     PEFT's LoRA adapters on the attention and FFN linears (and the task head),
     with a rank that can be chosen to match LFA's trainable budget
-    (:func:`lora_rank_for_budget`).
+    ([lora_rank_for_budget][mpotn.finetune.strategies.lora_rank_for_budget]).
 
-:func:`optimizer_groups` gives central and auxiliary tensors their own
-learning rates.
+[optimizer_groups][mpotn.finetune.strategies.optimizer_groups] gives central and auxiliary tensors
+their own learning rates.
 
 Examples
 --------
@@ -51,7 +51,8 @@ LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate
 
 
 def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters of the task head (modules named in :data:`HEAD_NAMES`)."""
+    """Parameters of the task head (modules named in
+    [HEAD_NAMES][mpotn.finetune.strategies.HEAD_NAMES])."""
     for name, param in model.named_parameters():
         if any(part in HEAD_NAMES for part in name.split(".")):
             yield name, param

@@ -1,14 +1,14 @@
 """Fine-tuning on a task with the transformers ``Trainer``: one path for every strategy.
 
-:func:`finetune` trains a sequence-classification (or regression) model with
-the parameters a strategy selects (:mod:`mpotn.finetune.strategies`), the central and
+[finetune][mpotn.finetune.training.finetune] trains a sequence-classification (or regression) model
+with the parameters a strategy selects ([mpotn.finetune.strategies][]), the central and
 auxiliary tensors at their own learning rates, and evaluates it on the task's
-evaluation split. Every run returns a :class:`FinetuneResult` recording the
-trainable and total parameters, the wall time, the training loss and the
+evaluation split. Every run returns a [FinetuneResult][mpotn.finetune.training.FinetuneResult]
+recording the trainable and total parameters, the wall time, the training loss and the
 task's metrics.
 
-:func:`prepare_model` builds the model a strategy needs: the pre-trained
-encoder with a new task head, decomposed into MPOs at full rank (or a budget)
+[prepare_model][mpotn.finetune.training.prepare_model] builds the model a strategy needs: the
+pre-trained encoder with a new task head, decomposed into MPOs at full rank (or a budget)
 for ``lfa`` and ``central``.
 
 Examples
@@ -68,13 +68,13 @@ class TrainingConfig:
     Attributes
     ----------
     strategy:
-        One of :data:`mpotn.types.STRATEGIES`.
+        One of [mpotn.types.STRATEGIES][].
     k:
         Layers tuned by ``last-k``.
     lora_rank:
         LoRA rank; ``None`` matches LFA's trainable budget on the same model.
     lr:
-        Learning rate; ``None`` takes :data:`DEFAULT_LR` for the strategy.
+        Learning rate; ``None`` takes [DEFAULT_LR][mpotn.types.DEFAULT_LR] for the strategy.
     central_lr, auxiliary_lr:
         Learning rates of central and auxiliary tensors (default: ``lr``).
     epochs:
@@ -135,8 +135,8 @@ class FinetuneResult:
     Attributes
     ----------
     model:
-        The trained model (PEFT-wrapped for ``lora``; an :class:`MPOModel`
-        when the model was compressed).
+        The trained model (PEFT-wrapped for ``lora``; an
+        [MPOModel][mpotn.compression.model.MPOModel] when the model was compressed).
     record:
         Strategy, trainable / total / original parameters, steps, seconds,
         training loss, evaluation loss and the task's metrics.
@@ -144,7 +144,7 @@ class FinetuneResult:
         The Trainer's log (step, loss, learning rate, ...).
     core_changes:
         For a model with MPO layers: how far training moved each matrix's
-        central and auxiliary tensors (:func:`mpotn.finetune.core_changes.core_changes`).
+        central and auxiliary tensors ([mpotn.finetune.core_changes.core_changes][]).
     """
 
     model: nn.Module
@@ -177,8 +177,9 @@ def prepare_model(
         The training configuration (its strategy and seed).
     targets, compression:
         For ``lfa`` and ``central``: what to decompose (default
-        :data:`DEFAULT_TARGETS`) and :class:`~mpotn.compression.config.CompressionConfig`
-        settings (default: full rank, ``n = 5``).
+        [DEFAULT_TARGETS][mpotn.types.DEFAULT_TARGETS]) and
+        [CompressionConfig][mpotn.compression.config.CompressionConfig] settings (default: full
+        rank, ``n = 5``).
     compress_model:
         Decompose before training; default: for ``lfa`` and ``central`` only
         (``True`` with ``full`` fine-tunes every core of the MPO model).
@@ -215,7 +216,8 @@ def tokenize(data: TaskData, tokenizer: Any, max_length: int, train_limit: int |
 
 
 def _trainable_model(model: nn.Module) -> nn.Module:
-    """The module the Trainer sees: the wrapped model of an :class:`MPOModel`."""
+    """The module the Trainer sees: the wrapped model of an
+    [MPOModel][mpotn.compression.model.MPOModel]."""
     return model.base_model if isinstance(model, MPOModel) else model
 
 
@@ -293,7 +295,8 @@ def finetune(
     """Fine-tune ``model`` on ``data.train`` with ``config.strategy`` and evaluate it.
 
     The model is modified in place (``lora`` wraps it; use ``result.model``).
-    ``tokenized`` passes the output of :func:`tokenize` for repeated runs.
+    ``tokenized`` passes the output of [tokenize][mpotn.finetune.training.tokenize] for repeated
+    runs.
 
     Raises
     ------
@@ -365,7 +368,7 @@ def lfa_budget(model: nn.Module) -> int:
     """Parameters LFA trains on ``model``: auxiliary tensors, biases, norms and the head.
 
     On a model without MPO layers, it is what LFA would train after the
-    default preparation (:data:`DEFAULT_TARGETS` at full rank, ``n = 5``),
+    default preparation ([DEFAULT_TARGETS][mpotn.types.DEFAULT_TARGETS] at full rank, ``n = 5``),
     counted from the factorizations and Eq. 2 without decomposing anything.
 
     Examples
@@ -412,9 +415,9 @@ def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
 def save_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike) -> Path:
     """Save a trained model and its tokenizer, replacing ``directory`` atomically.
 
-    An :class:`MPOModel` is an mpotn save (``mpotn.load`` and
-    :func:`prepare_model` read it back); other models use Hugging Face's
-    ``save_pretrained`` (a PEFT model saves its adapters).
+    An [MPOModel][mpotn.compression.model.MPOModel] is an mpotn save (``mpotn.load`` and
+    [prepare_model][mpotn.finetune.training.prepare_model] read it back); other models use Hugging
+    Face's ``save_pretrained`` (a PEFT model saves its adapters).
     """
     with atomic_dir(directory) as tmp:
         model.save_pretrained(str(tmp))

@@ -1,10 +1,11 @@
 """Torch modules whose weight is a decomposition.
 
-:mod:`mpotn.layers.mpo` holds :class:`MPOLinear` and :class:`MPOEmbedding`
-(the weight is an MPO; central and auxiliary tensors are parameter groups) and
-the truncation helper :func:`apply_policy`; :mod:`mpotn.layers.factorized`
-holds :class:`FactorizedLinear` and :class:`FactorizedEmbedding` (the weight is
-any :class:`~mpotn.methods.FactorNetwork`).
+[mpotn.layers.mpo][] holds [MPOLinear][mpotn.layers.mpo.MPOLinear] and
+[MPOEmbedding][mpotn.layers.mpo.MPOEmbedding] (the weight is an MPO; central and auxiliary tensors
+are parameter groups) and the truncation helper [apply_policy][mpotn.layers.mpo.apply_policy];
+[mpotn.layers.factorized][] holds [FactorizedLinear][mpotn.layers.factorized.FactorizedLinear] and
+[FactorizedEmbedding][mpotn.layers.factorized.FactorizedEmbedding] (the weight is any
+[FactorNetwork][mpotn.methods.base.FactorNetwork]).
 """
 
 from mpotn.layers.factorized import FactorizedEmbedding, FactorizedLinear

@@ -1,9 +1,10 @@
-"""Torch modules whose weight is any :class:`~mpotn.methods.FactorNetwork`.
+"""Torch modules whose weight is any [FactorNetwork][mpotn.methods.base.FactorNetwork].
 
-:class:`FactorizedLinear` and :class:`FactorizedEmbedding` hold the tensors of
-a decomposition made by a registered method (``tucker``, ``cp``, ``tt``,
-``mpo``; see :mod:`mpotn.methods`) as parameters, by node name; the forward
-pass contracts or rebuilds, whichever opt_einsum counts fewer FLOPs for.
+[FactorizedLinear][mpotn.layers.factorized.FactorizedLinear] and
+[FactorizedEmbedding][mpotn.layers.factorized.FactorizedEmbedding] hold the tensors of a
+decomposition made by a registered method (``tucker``, ``cp``, ``tt``, ``mpo``; see
+[mpotn.methods][]) as parameters, by node name; the forward pass contracts or rebuilds, whichever
+opt_einsum counts fewer FLOPs for.
 """
 
 from __future__ import annotations
@@ -28,19 +29,21 @@ class _FactorizedWeight(nn.Module):
             {name: nn.Parameter(t.detach().clone()) for name, t in network.nodes.items()})
 
     def network(self) -> FactorNetwork:
-        """The current parameters as a :class:`~mpotn.methods.FactorNetwork` (no copy)."""
+        """The current parameters as a [FactorNetwork][mpotn.methods.base.FactorNetwork] (no
+        copy)."""
         return FactorNetwork(self.method, dict(self.factors.items()), self.legs, self.row,
                              self.col)
 
 
 class FactorizedLinear(_FactorizedWeight):
-    """A linear layer whose ``in x out`` matrix is any :class:`~mpotn.methods.FactorNetwork`.
+    """A linear layer whose ``in x out`` matrix is any
+    [FactorNetwork][mpotn.methods.base.FactorNetwork].
 
     The network's tensors are the parameters (``factors``, by node name); the
     forward pass contracts the input with them or rebuilds the weight,
-    whichever opt_einsum counts fewer FLOPs for. Made by :meth:`from_linear`
-    with a registered method (``tucker``, ``cp``, ``tt``, ``mpo``) or from a
-    decomposition already computed.
+    whichever opt_einsum counts fewer FLOPs for. Made by
+    [from_linear][mpotn.layers.factorized.FactorizedLinear.from_linear] with a registered method
+    (``tucker``, ``cp``, ``tt``, ``mpo``) or from a decomposition already computed.
 
     Examples
     --------
@@ -61,7 +64,8 @@ class FactorizedLinear(_FactorizedWeight):
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str = "tucker", **options: Any
                     ) -> FactorizedLinear:
-        """Decompose ``linear.weight.T`` with ``method`` (see :func:`mpotn.methods.decompose`)."""
+        """Decompose ``linear.weight.T`` with ``method`` (see
+        [mpotn.methods.decompose][mpotn.methods.base.decompose])."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         network = decompose(linear.weight.detach().T, method, **options)
@@ -86,7 +90,8 @@ class FactorizedLinear(_FactorizedWeight):
 
 
 class FactorizedEmbedding(_FactorizedWeight):
-    """An embedding table stored as any :class:`~mpotn.methods.FactorNetwork` (rebuilt per call)."""
+    """An embedding table stored as any [FactorNetwork][mpotn.methods.base.FactorNetwork] (rebuilt
+    per call)."""
 
     def __init__(self, network: FactorNetwork, padding_idx: int | None = None) -> None:
         super().__init__(network)

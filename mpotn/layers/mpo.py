@@ -1,15 +1,27 @@
-"""Torch modules whose weight is an MPO: :class:`MPOLinear` and :class:`MPOEmbedding`.
+"""Torch modules whose weight is an MPO: [MPOLinear][mpotn.layers.mpo.MPOLinear] and
+[MPOEmbedding][mpotn.layers.mpo.MPOEmbedding].
 
 The cores are parameters, grouped as the ``central`` tensor and the
 ``auxiliary`` tensors (SPEC §2: lightweight fine-tuning trains only the
 auxiliary ones); the bias of a linear layer stays a plain parameter.
 
-The forward pass picks, per input shape, between contracting the input with
-the cores and rebuilding the weight, by FLOP count (see
-:mod:`mpotn.contraction`); compiled contraction expressions are cached per
-shape. In eval mode, when no gradient is needed, the rebuilt weight is cached
-and reused until a core changes (an optimizer step, ``load_state_dict``, or
-any in-place edit).
+In eval mode, when no gradient is needed, the rebuilt weight is cached and
+reused until a core changes (an optimizer step, ``load_state_dict``, or any
+in-place edit).
+
+[MPOLinear][mpotn.layers.mpo.MPOLinear]'s forward pass chooses between contracting the input with
+the cores and rebuilding the weight (one fused matmul with the bias), once
+per batch size, grad mode and core shapes, then looks the choice up (see
+[mpotn.contraction][]). The choice is by *modeled time*, not by FLOP count:
+[Contractor.cost][mpotn.contraction.Contractor.cost] charges each way's FLOPs
+at a rate that depends on the summed index size, plus its memory traffic and
+per-step overhead. When the weight is cached, contracting is weighed against
+the matmul with the cached weight alone; otherwise, with autotuning on
+([autotuning][mpotn.contraction.autotuning] or ``MPOTN_AUTOTUNE=1``), both
+ways are timed once and the faster is kept. [MPOEmbedding][mpotn.layers.mpo.MPOEmbedding] indexes
+the cached table when there is one, and otherwise gathers rows through
+[Contractor.lookup][mpotn.contraction.Contractor.lookup] (modeled time). Compiled contraction
+expressions are cached per shape.
 
 Examples
 --------
@@ -41,7 +53,8 @@ from mpotn.network import central_index
 from mpotn.shapes import Factorization, full_bond_dims, plan_side
 from mpotn.types import Gauge
 
-#: Keyword arguments of :meth:`MPO.truncate` accepted by ``from_linear`` / ``from_embedding``.
+#: Keyword arguments of [MPO.truncate][mpotn.mpo.MPO.truncate] accepted by ``from_linear`` /
+#: ``from_embedding``.
 TRUNCATION_KEYS = ("bond_dims", "max_bond", "tol", "ratio", "params", "allocation")
 
 
@@ -137,7 +150,7 @@ class _MPOWeight(nn.Module):
             core.requires_grad_(not frozen)
 
     def mpo(self) -> MPO:
-        """The current cores as a canonical :class:`~mpotn.mpo.MPO` (for diagnostics)."""
+        """The current cores as a canonical [MPO][mpotn.mpo.MPO] (for diagnostics)."""
         return MPO.from_cores([c.detach() for c in self.cores], (self.row.size, self.col.size))
 
     @staticmethod
@@ -282,16 +295,16 @@ class MPOLinear(_MPOWeight):
         linear:
             The layer to replace; its bias is copied.
         n, row_shape, col_shape, svd:
-            As in :meth:`MPO.from_matrix`.
+            As in [MPO.from_matrix][mpotn.mpo.MPO.from_matrix].
         mpo:
             An MPO of ``linear.weight.T`` computed already (skips the decomposition).
         gauge:
-            How the cores are stored (:meth:`MPO.gauge_cores`): ``"central"``
+            How the cores are stored ([MPO.gauge_cores][mpotn.mpo.MPO.gauge_cores]): ``"central"``
             (the central tensor carries the spectrum, auxiliary tensors are
             isometries; what LFA needs) or ``"left"`` (Algorithm 1 as printed).
         **truncation:
             One of ``bond_dims``, ``max_bond``, ``tol``, ``ratio``, ``params``
-            (and ``allocation``), as in :meth:`MPO.truncate`; full rank if none.
+            (and ``allocation``), as in [MPO.truncate][mpotn.mpo.MPO.truncate]; full rank if none.
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
@@ -389,8 +402,8 @@ class MPOEmbedding(_MPOWeight):
     ) -> MPOEmbedding:
         """Decompose a pre-trained ``nn.Embedding`` (``vocab x dim``) into an MPO layer.
 
-        Arguments as in :meth:`MPOLinear.from_linear`. ``max_norm``,
-        ``scale_grad_by_freq`` and ``sparse`` embeddings are not supported.
+        Arguments as in [MPOLinear.from_linear][mpotn.layers.mpo.MPOLinear.from_linear].
+        ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` embeddings are not supported.
         """
         if not isinstance(embedding, nn.Embedding):
             raise ValueError(

@@ -1,8 +1,8 @@
 """Decompositions of a weight matrix as plug-ins: a registry of named methods.
 
 Every method takes a matrix (the paper's ``in x out`` orientation) and returns
-a :class:`FactorNetwork`: named nodes holding tensors, legs named by what they
-connect (a leg shared by nodes is a bond, an open leg is a row or column index
+a [FactorNetwork][mpotn.methods.base.FactorNetwork]: named nodes holding tensors, legs named by what
+they connect (a leg shared by nodes is a bond, an open leg is a row or column index
 of the tensorized matrix), a compiled contraction, its parameter count and its
 actual reconstruction error. The methods shipped (SPEC §5):
 
@@ -23,7 +23,7 @@ Adding a method takes its decomposition function and one registration line::
     @register("my-method")
     def my_method(matrix, *, ratio=None, **options) -> FactorNetwork: ...
 
-tensorly runs on its numpy backend inside :func:`tensorly_numpy`, which
+tensorly runs on its numpy backend inside [tensorly_numpy][mpotn.methods.base.tensorly_numpy], which
 restores whatever global backend the caller had.
 
 Examples

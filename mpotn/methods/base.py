@@ -1,10 +1,11 @@
-"""The registry of decompositions, :class:`FactorNetwork` and the helpers methods share.
+"""The registry of decompositions, [FactorNetwork][mpotn.methods.base.FactorNetwork] and the helpers
+methods share.
 
 A method is a function ``matrix -> FactorNetwork`` added to
-:data:`DECOMPOSITIONS` by :func:`register`; :func:`decompose` looks it up by
-name. The shipped methods live in :mod:`mpotn.methods.mpo`,
-:mod:`mpotn.methods.tt`, :mod:`mpotn.methods.tucker` and
-:mod:`mpotn.methods.cp`; :mod:`mpotn.methods` imports them all, which
+[DECOMPOSITIONS][mpotn.methods.base.DECOMPOSITIONS] by [register][mpotn.methods.base.register];
+[decompose][mpotn.methods.base.decompose] looks it up by name. The shipped methods live in
+[mpotn.methods.mpo][], [mpotn.methods.tt][], [mpotn.methods.tucker][] and
+[mpotn.methods.cp][]; [mpotn.methods][] imports them all, which
 registers them.
 """
 
@@ -26,12 +27,13 @@ from mpotn.contraction import compiled
 from mpotn.network import graph_equation, graph_to_networkx
 from mpotn.shapes import Factorization, plan_side
 
-#: ``{name: decomposition function}``; see :func:`register`.
+#: ``{name: decomposition function}``; see [register][mpotn.methods.base.register].
 DECOMPOSITIONS: dict[str, Callable[..., FactorNetwork]] = {}
 
 
 def register(name: str) -> Callable[[Callable[..., FactorNetwork]], Callable[..., FactorNetwork]]:
-    """Decorator adding a decomposition function to :data:`DECOMPOSITIONS` under ``name``."""
+    """Decorator adding a decomposition function to
+    [DECOMPOSITIONS][mpotn.methods.base.DECOMPOSITIONS] under ``name``."""
     def add(function: Callable[..., FactorNetwork]) -> Callable[..., FactorNetwork]:
         if name in DECOMPOSITIONS:
             raise ValueError(f"a decomposition named {name!r} is already registered")
@@ -74,7 +76,7 @@ class FactorNetwork:
     relative_error:
         ``||M - network|| / ||M||`` against the matrix it was made from.
     details:
-        Method-specific extras (ranks, the :class:`~mpotn.mpo.MPO` object, ...).
+        Method-specific extras (ranks, the [MPO][mpotn.mpo.MPO] object, ...).
     """
 
     method: str
@@ -145,7 +147,7 @@ class FactorNetwork:
                                  self.roles)
 
     def draw(self, path: str | Path, title: str | None = None) -> Path:
-        """Draw the network (see :func:`mpotn.drawing.draw_graph`)."""
+        """Draw the network (see [mpotn.drawing.draw_graph][])."""
         from mpotn.drawing import draw_graph
 
         return draw_graph(self.to_networkx(), path,
@@ -155,7 +157,7 @@ class FactorNetwork:
 @lru_cache(maxsize=1024)
 def _equation(legs: tuple[tuple[str, tuple[str, ...]], ...], output: tuple[str, ...],
               extra: tuple[str, ...]) -> str:
-    """:func:`mpotn.network.graph_equation`, computed once per network structure."""
+    """[mpotn.network.graph_equation][], computed once per network structure."""
     return graph_equation(dict(legs), output, extra=extra or None)
 
 
@@ -197,7 +199,8 @@ def _check_ratio(ratio: float | None) -> None:
 
 
 def decompose(matrix: torch.Tensor, method: str = "mpo", **options: Any) -> FactorNetwork:
-    """Decompose ``matrix`` with a registered method (see :data:`DECOMPOSITIONS`)."""
+    """Decompose ``matrix`` with a registered method (see
+    [DECOMPOSITIONS][mpotn.methods.base.DECOMPOSITIONS])."""
     if method not in DECOMPOSITIONS:
         raise ValueError(f"unknown decomposition {method!r}; registered: {sorted(DECOMPOSITIONS)}")
     if matrix.dim() != 2:

@@ -1,0 +1,107 @@
+"""One parameter budget for a whole model (SPEC §7, model-wide budget).
+
+Each matrix offers a *path*: the sequence of cuts it would take one after
+another, each freeing some parameters at some increase of its (relative,
+squared) error. For a truncated SVD a cut is one rank (``I + J`` parameters,
+the next discarded squared singular value of the whitened matrix); for an MPO
+it is the next one-dimension bond cut of the greedy of
+[mpotn.truncation.dims_for_budget][]. [spend][mpotn.budget.spend] merges the paths:
+it keeps taking, over all matrices, the cut with the least error per freed
+parameter until the model is within budget. For paths whose cost per
+parameter grows along the path (a sorted spectrum) this is the optimum of
+the separable problem "minimise the summed relative squared error subject to
+the total parameter count".
+
+Examples
+--------
+>>> a = Path("a", params=100, steps=[(10, 0.01), (10, 0.02), (10, 0.5)])
+>>> b = Path("b", params=100, steps=[(10, 0.05), (10, 0.06)])
+>>> spend([a, b], budget=160)
+{'a': 2, 'b': 2}
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mpotn.mpo import MPO
+from mpotn.truncation import greedy_path
+
+
+@dataclass
+class Path:
+    """The cuts one matrix can take, in order.
+
+    Attributes
+    ----------
+    name:
+        The matrix (module name).
+    params:
+        Its parameter count before any cut.
+    steps:
+        ``(freed parameters, added relative squared error)`` per cut.
+    """
+
+    name: str
+    params: int
+    steps: list[tuple[int, float]] = field(default_factory=list)
+
+    def params_after(self, cuts: int) -> int:
+        """Parameters left after the first ``cuts`` cuts."""
+        return self.params - sum(freed for freed, _ in self.steps[:cuts])
+
+    def error_after(self, cuts: int) -> float:
+        """Relative squared error after the first ``cuts`` cuts."""
+        return sum(added for _, added in self.steps[:cuts])
+
+
+def svd_path(name: str, singular_values: torch.Tensor, rows: int, cols: int,
+             min_rank: int = 1) -> Path:
+    """The path of a truncated SVD: rank ``r -> r - 1`` frees ``rows + cols`` parameters
+    and adds ``s_r^2 / sum s^2`` (the whitened spectrum gives the output error)."""
+    s2 = singular_values.double() ** 2
+    total = float(s2.sum()) or 1.0
+    rank = s2.numel()
+    steps = [(rows + cols, float(s2[r - 1]) / total) for r in range(rank, min_rank, -1)]
+    return Path(name, rank * (rows + cols), steps)
+
+
+def spend(paths: Sequence[Path], budget: int) -> dict[str, int]:
+    """How many cuts each path takes so the total fits ``budget`` at least added error.
+
+    Raises
+    ------
+    ValueError
+        When every path cut to its end still exceeds the budget.
+    """
+    total = sum(p.params for p in paths)
+    taken = {p.name: 0 for p in paths}
+    heap = [(p.steps[0][1] / max(p.steps[0][0], 1), k) for k, p in enumerate(paths) if p.steps]
+    heapq.heapify(heap)
+    while total > budget and heap:
+        _, k = heapq.heappop(heap)
+        path = paths[k]
+        freed, _ = path.steps[taken[path.name]]
+        total -= freed
+        taken[path.name] += 1
+        nxt = taken[path.name]
+        if nxt < len(path.steps):
+            heapq.heappush(heap, (path.steps[nxt][1] / max(path.steps[nxt][0], 1), k))
+    if total > budget:
+        raise ValueError(
+            f"a model-wide budget of {budget:,} parameters is below the smallest model these "
+            f"matrices can reach ({total:,} parameters with every matrix cut to its end)"
+        )
+    return taken
+
+
+def mpo_path(name: str, mpo: MPO) -> Path:
+    """The path of an MPO: the greedy one-dimension bond cuts of
+    [mpotn.truncation.greedy_path][], errors relative to ``||M||_F^2``."""
+    norm_sq = mpo.norm**2 or 1.0
+    steps = greedy_path(mpo.singular_values, mpo.bond_dims, mpo.local_dims)
+    return Path(name, mpo.num_params, [(freed, added / norm_sq) for freed, added in steps])
