@@ -64,9 +64,9 @@ BUDGETS = ("matrix", "model")
 #: How an MPO with ``n > 2`` balanced factors is fitted to calibration data:
 #: ``als`` (plain truncation, then alternating least squares on Eq. 7) or
 #: ``whiten`` (Kronecker-factored whitening of the row legs).
-Calibration = Literal["als", "whiten"]
-#: The values of ``Calibration``, for runtime checks and ``choices=``.
-CALIBRATIONS = ("als", "whiten")
+Fit = Literal["als", "whiten"]
+#: The values of ``Fit``, for runtime checks and ``choices=``.
+FITS = ("als", "whiten")
 
 #: Target presets of [mpotn.compression.config.CompressionConfig][].
 Preset = Literal["embeddings", "attention", "ffn", "all-linear"]

@@ -6,7 +6,12 @@ import argparse
 import time
 
 from mpotn.cli.common import _cores, _positive_float
-from mpotn.types import ALLOCATIONS, SVD_METHODS
+from mpotn.types import ALLOCATIONS, BUDGETS, FITS, STRUCTURES, SVD_METHODS
+
+#: Mean cosine of sentence embeddings below which the saved model is called unusable as is.
+USABLE_COSINE = 0.9
+#: Held-out SST-2 dev sentences the fidelity check embeds.
+CHECK_SENTENCES = 128
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +53,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--allocation", choices=ALLOCATIONS, default="optimal",
         help="how a --ratio budget is spread over bonds (default: optimal, minimising Eq. 4)",
     )
+    compress.add_argument(
+        "--structure", choices=STRUCTURES, default="mpo",
+        help="mpo: --n cores with balanced factors; svd: the truncated SVD (an MPO with rows "
+             "(I, 1) and columns (1, J)); auto: per matrix, the one with the lower error at "
+             "the same parameter count (default: mpo)")
+    compress.add_argument(
+        "--budget", choices=BUDGETS, default="matrix",
+        help="matrix: --ratio applies to each matrix; model: one budget for all targets, "
+             "spent where it lowers the summed relative error most (default: matrix)")
+    compress.add_argument(
+        "--calibrate", nargs="?", const="", default=None, metavar="SOURCE",
+        help="truncate to minimise each matrix's output error on real inputs (SPEC Eq. 7) "
+             "instead of its weight error: SOURCE is a GLUE task name (with --data-dir, or "
+             "from the hub), a .txt file with one sentence per line, or nothing for the "
+             "shipped SST-2 training sample")
+    compress.add_argument("--samples", type=int, default=256,
+                          help="calibration sentences (default: 256)")
+    compress.add_argument("--data-dir", default=None, metavar="DIR",
+                          help="folder in GLUE's layout for --calibrate TASK")
+    compress.add_argument(
+        "--fit", choices=FITS, default="als",
+        help="how a calibrated balanced MPO is fitted: als (alternating least squares on the "
+             "output error) or whiten (Kronecker-factored whitening) (default: als)")
+    compress.add_argument("--calibrate-embeddings", action="store_true",
+                          help="also calibrate embeddings (token counts of the calibration "
+                               "text; tokens it never uses lose their rows)")
     compress.add_argument("--svd", choices=SVD_METHODS, default="auto",
                           help="SVD flavour of the decomposition (default: auto)")
     compress.add_argument("--dry-run", action="store_true",
@@ -57,11 +88,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _check_fidelity(compressed: object, original: object, tokenizer: object,
+                    calibrated: bool) -> float:
+    """Print the mean cosine of sentence embeddings (held-out SST-2 dev sentences) and warn
+    when the compressed model is not usable without fine-tuning or healing."""
+    from mpotn.analysis.fidelity import cosine_fidelity, sentence_embeddings, sst2_dev
+
+    sentences = sst2_dev()[0][:CHECK_SENTENCES]
+    fidelity = cosine_fidelity(sentence_embeddings(original, tokenizer, sentences),
+                               sentence_embeddings(compressed, tokenizer, sentences))
+    cosine = fidelity["mean_cosine"]
+    print(f"expected fidelity: mean cosine {cosine:.4f} (worst {fidelity['worst_cosine']:.4f}) "
+          f"between the compressed and the original model's mean-pooled last hidden states "
+          f"on {len(sentences)} held-out SST-2 dev sentences")
+    if cosine < USABLE_COSINE:
+        advice = "" if calibrated else "calibrate it (--calibrate), "
+        print(f"WARNING: mean cosine {cosine:.2f} < {USABLE_COSINE}: this model is not usable as "
+              f"it is; {advice}heal it (mpotn heal) or fine-tune it (mpotn finetune) before use, "
+              "or compress less")
+    return cosine
+
+
 def run(args: argparse.Namespace) -> None:
-    """Compress the model, print the report, save weights, report and plots."""
+    """Compress the model, print the report and its expected fidelity, save weights, report
+    and plots."""
     from mpotn.analysis.reports import report_table, write_compression_report
     from mpotn.compression import CompressionConfig, compress, plan
-    from mpotn.compression.models import load_model
+    from mpotn.compression.calibrate import text_batches
+    from mpotn.compression.models import load_model, load_tokenizer
+    from mpotn.data import texts
 
     start = time.perf_counter()
     if args.max_bond is not None and args.max_bond < 1:
@@ -71,17 +126,30 @@ def run(args: argparse.Namespace) -> None:
         policy["ratio"] = 0.5
     config = CompressionConfig(
         targets=args.regex or args.targets, exclude=args.exclude, n=args.n,
-        allocation=args.allocation, svd=args.svd, **policy,
+        allocation=args.allocation, svd=args.svd, structure=args.structure,
+        budget=args.budget, fit=args.fit,
+        calibrate_embeddings=args.calibrate_embeddings, **policy,
     )
     model = load_model(args.model)
     name = args.model or "all-MiniLM-L6-v2 (embedded)"
     if args.dry_run:
         print(plan(model, config).to_markdown())
         return
-    compressed = compress(model, config, progress=not args.no_progress).eval()
+    tokenizer = load_tokenizer(args.model)
+    batches = None
+    if args.calibrate is not None:
+        sentences = texts(args.calibrate or None, samples=args.samples, data_dir=args.data_dir)
+        batches = text_batches(tokenizer, sentences)
+    compressed = compress(model, config, calibration=batches,
+                          progress=not args.no_progress).eval()
     print(f"model: {name}")
     print(report_table(compressed))
     print(compressed.summary())
+    try:
+        _check_fidelity(compressed, load_model(args.model), tokenizer,
+                        calibrated=batches is not None)
+    except (ValueError, AttributeError) as error:  # no pad token, no last_hidden_state
+        print(f"fidelity check skipped: {error}")
     compressed.save_pretrained(args.out)
     paths = write_compression_report(compressed, args.out, name)
     print(f"\n{len(compressed.report())} matrices in {time.perf_counter() - start:.1f} s; "

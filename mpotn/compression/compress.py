@@ -129,7 +129,7 @@ class _Candidate:
             dtype = _cores_dtype(target.matrix)
             return MPO.from_cores([c.to(dtype) for c in restored],
                                   shape=tuple(target.matrix.shape)), cut
-        if target.covariance is not None and target.settings["calibration"] == "als":
+        if target.covariance is not None and target.settings["fit"] == "als":
             return refine(cut, target.matrix, target.covariance,
                           sweeps=target.settings["sweeps"]), cut
         return cut, cut
@@ -163,7 +163,7 @@ def _candidate(target: _Target, structure: str) -> _Candidate:
     else:
         n, row_shape, col_shape = settings["n"], settings["row_shape"], settings["col_shape"]
     whiten = target.covariance is not None and (
-        structure == "svd" or settings["calibration"] == "whiten")
+        structure == "svd" or settings["fit"] == "whiten")
     if whiten:
         calibrated = calibrated_mpo(matrix, target.covariance, n, row_shape, col_shape,
                                     pad=settings["pad"], damp=settings["damp"],
@@ -206,7 +206,7 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
     if target.covariance is None:
         calibration = "none"
     else:
-        calibration = "whitened" if whitened else target.settings["calibration"]
+        calibration = "whitened" if whitened else target.settings["fit"]
     return {
         "name": target.name,
         "type": matrix_type(target.name),
@@ -252,7 +252,7 @@ def compress(
         and every linear target is truncated to minimise the error of its
         outputs on those inputs (Eq. 7) instead of the error of its weights:
         exactly for ``structure="svd"`` (SVD-LLM's whitening), by ALS or
-        Kronecker whitening for balanced MPOs (``config.calibration``).
+        Kronecker whitening for balanced MPOs (``config.fit``).
     progress:
         Show a progress bar over the matrices.
 

@@ -33,7 +33,7 @@ from mpotn.calibration import DAMP
 from mpotn.compression.models import matrix_type
 from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
 from mpotn.methods import DECOMPOSITIONS
-from mpotn.types import BUDGETS, CALIBRATIONS, PRESETS, STRUCTURES
+from mpotn.types import BUDGETS, FITS, PRESETS, STRUCTURES
 
 SUPPORTED = (nn.Linear, nn.Embedding)
 MPO_LAYERS = (MPOLinear, MPOEmbedding)
@@ -48,7 +48,7 @@ PRESET_TYPES = {
 #: Settings that may differ per target.
 SETTING_KEYS = (
     "n", "row_shape", "col_shape", "pad", "max_bond", "tol", "ratio", "params", "bond_dims",
-    "allocation", "svd", "gauge", "method", "structure", "calibration", "sweeps", "damp",
+    "allocation", "svd", "gauge", "method", "structure", "fit", "sweeps", "damp",
 )
 
 
@@ -85,7 +85,7 @@ class CompressionConfig:
         ``"matrix"`` (default): ``ratio`` / ``params`` apply to each matrix;
         ``"model"``: one budget for all target matrices together, spent where
         it lowers the summed relative (output) error most (SPEC §7).
-    calibration, sweeps, damp:
+    fit, sweeps, damp:
         Used when [compress][mpotn.compression.compress.compress] gets calibration
         data: how a balanced MPO is fitted (``"als"``: plain truncation, then
         ``sweeps`` sweeps of [mpotn.calibration.refine][]; ``"whiten"``:
@@ -116,7 +116,7 @@ class CompressionConfig:
     method: str = "mpo"
     structure: str = "mpo"
     budget: str = "matrix"
-    calibration: str = "als"
+    fit: str = "als"
     sweeps: int = 2
     damp: float = DAMP
     calibrate_embeddings: bool = False
@@ -142,7 +142,7 @@ class CompressionConfig:
         if len(policies) > 1:
             raise ValueError(f"give at most one truncation policy, got {policies}")
         for key, allowed in (("structure", STRUCTURES), ("budget", BUDGETS),
-                             ("calibration", CALIBRATIONS)):
+                             ("fit", FITS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.budget == "model" and self.ratio is None and self.params is None:
