@@ -45,6 +45,11 @@ Allocation = Literal["optimal", "uniform"]
 #: The values of ``Allocation``, for runtime checks and ``choices=``.
 ALLOCATIONS = ("optimal", "uniform")
 
+#: What healing trains ([mpotn.finetune.heal][]): the LFA parameter set, or every parameter.
+HealTrain = Literal["auxiliary", "all"]
+#: The values of ``HealTrain``, for runtime checks and ``choices=``.
+HEAL_TRAIN = ("auxiliary", "all")
+
 # -- compression and data -----------------------------------------------------
 
 #: Matrix structures of [mpotn.compression.config.CompressionConfig][]:

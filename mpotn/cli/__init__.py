@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mpotn.cli import compare, compress, finetune, inspect, squeeze
+from mpotn.cli import compare, compress, finetune, heal, inspect, squeeze
 
 #: The subcommands, in the order ``mpotn --help`` lists them.
 COMMANDS = {
@@ -20,6 +20,7 @@ COMMANDS = {
     "compress": compress,
     "finetune": finetune,
     "squeeze": squeeze,
+    "heal": heal,
     "compare": compare,
 }
 

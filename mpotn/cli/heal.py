@@ -1,0 +1,131 @@
+"""``mpotn heal``: distil the original model into a compressed one on unlabelled text.
+
+The training options and their help texts are the fields of
+[mpotn.finetune.heal.HealConfig][] (one source of defaults). Their help
+is read from it only when shown, and an option left out keeps the config's
+default, so building the parser still imports nothing heavier than argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+class _HealOption(argparse.Action):
+    """A ``HealConfig`` field as an option: default ``None`` (the config's), lazy help."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, field: str,
+                 **kwargs: Any) -> None:
+        self.field = field
+        super().__init__(option_strings, dest, default=None, **kwargs)
+
+    @property
+    def help(self) -> str:
+        from mpotn.finetune.heal import HealConfig
+
+        return HealConfig.help(self.field).replace("%", "%%")
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        """argparse sets the help text; it comes from the config instead."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+#: ``HealConfig`` field -> (flag, argparse keywords).
+OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "steps": ("--steps", {"type": int, "metavar": "N"}),
+    "train": ("--train", {"metavar": "{auxiliary,all}"}),
+    "learning_rate": ("--lr", {"type": float, "metavar": "LR"}),
+    "logits_weight": ("--logits-weight", {"type": float, "metavar": "W"}),
+    "batch_size": ("--batch-size", {"type": int}),
+    "max_length": ("--max-length", {"type": int}),
+    "warmup_ratio": ("--warmup-ratio", {"type": float}),
+    "dropout": ("--dropout", {"nargs": 0}),
+    "heldout": ("--heldout", {"type": int, "metavar": "N"}),
+    "save_steps": ("--save-steps", {"type": int}),
+    "logging_steps": ("--logging-steps", {"type": int}),
+    "seed": ("--seed", {"type": int}),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``mpotn heal`` to ``subparsers``."""
+    heal = subparsers.add_parser(
+        "heal",
+        help="recover a compressed model's accuracy by distilling the original into it",
+        description=(
+            "Healing (SPEC §7): train a compressed model (MODEL, a folder saved by mpotn "
+            "compress, finetune or squeeze) to reproduce the hidden states of the model it "
+            "was compressed from (--teacher) at every layer, on unlabelled text: the "
+            "squared error per layer, normalised by the teacher's mean square and averaged "
+            "over layers (plus --logits-weight times the logits' MSE). Trains the auxiliary "
+            "tensors (with biases and norms) or all parameters with the transformers "
+            "Trainer, on CUDA when present. Checkpoints go to OUT/checkpoints; --resume "
+            "continues a stopped run. Writes OUT/model/, OUT/metrics.json (hidden-state "
+            "error before and after on held-out sentences, steps, seconds, trainable "
+            "parameters) and OUT/history.csv."
+        ),
+    )
+    heal.add_argument("model", help="the compressed model: a folder saved by mpotn")
+    heal.add_argument("--out", required=True, help="output folder")
+    heal.add_argument(
+        "--teacher", default=None,
+        help="the original model: local folder or hub id (default: the embedded "
+             "all-MiniLM-L6-v2). It must be the model that MODEL was compressed from",
+    )
+    text = heal.add_argument_group("texts (default: the shipped SST-2 sample sentences)")
+    text.add_argument("--texts", default=None, metavar="SOURCE",
+                      help="a GLUE task name (its training sentences) or a .txt file with one "
+                           "sentence per line")
+    text.add_argument("--samples", type=int, default=256,
+                      help="sentences used, a seeded random subset (default: 256)")
+    text.add_argument("--data-dir", default=None,
+                      help="folder in GLUE's glue_data/ layout, for a GLUE task name "
+                           "(default: the hub)")
+    train = heal.add_argument_group("training")
+    for field, (flag, keywords) in OPTIONS.items():
+        train.add_argument(flag, dest=field, action=_HealOption, field=field, **keywords)
+    heal.add_argument("--resume", action="store_true",
+                      help="continue the run checkpointed in --out (with the same texts)")
+    heal.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the student and the teacher, heal, write the run and print a summary."""
+    from pathlib import Path
+
+    from mpotn.compression import is_saved_model, load
+    from mpotn.compression.models import load_model, load_tokenizer
+    from mpotn.data.texts import texts
+    from mpotn.finetune.heal import HealConfig, heal, write_heal
+
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if not is_saved_model(args.model):
+        raise ValueError(f"{args.model} is not a model saved by mpotn (compress it first with "
+                         "mpotn compress)")
+    config = HealConfig(**{f: getattr(args, f) for f in OPTIONS
+                           if getattr(args, f) is not None})
+    student = load(args.model)
+    teacher = load_model(args.teacher)
+    own = (Path(args.model) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(args.model if own else args.teacher)
+    sentences = texts(args.texts, samples=args.samples, data_dir=args.data_dir,
+                      seed=config.seed)
+    result = heal(student, teacher, tokenizer, sentences, config, out=args.out,
+                  resume=args.resume, progress=not args.no_progress)
+    paths = write_heal(result, tokenizer, args.out)
+    print(f"\nhealed {args.model} ({result.config.train}: {result.trainable_params:,} of "
+          f"{result.total_params:,} parameters) for {result.steps} steps on "
+          f"{result.train_texts} sentences in {result.seconds:.1f} s on {result.device}")
+    print(f"hidden-state error on {result.heldout_texts} held-out sentences: "
+          f"{result.mse_before:.4g} -> {result.mse_after:.4g}"
+          + (f" ({100 * (result.mse_after / result.mse_before - 1):+.1f}%)"
+             if result.mse_before else ""))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")

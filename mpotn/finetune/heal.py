@@ -1,0 +1,638 @@
+"""Healing (SPEC §7): distil the original model into its compressed copy on unlabelled text.
+
+A compressed model (the *student*, usually an [MPOModel][mpotn.compression.model.MPOModel])
+is trained for a few hundred to a few thousand steps to reproduce the hidden
+states of the model it was compressed from (the *teacher*) at every layer,
+the embeddings' output included; optionally its output logits too. This is
+the brief retraining that tensor-network compression of large language models
+(CompactifAI, 2024) uses to recover most of what truncation lost. No labels
+are needed: any text of the domain does.
+
+The loss of a batch is, per layer ``l``, the squared error of the student's
+hidden states normalised by the teacher's mean square at that layer, over the
+real tokens only (padding is masked out with ``attention_mask``),
+
+    L_l = sum_tokens ||h_s - h_t||^2 / sum_tokens ||h_t||^2,
+
+averaged over the layers; with ``logits_weight > 0`` it adds that weight times
+the (masked) mean squared error of the logits. [heal][mpotn.finetune.heal.heal] trains either
+the LFA parameter set (``train="auxiliary"``:
+[lfa_parameters][mpotn.compression.parameters.lfa_parameters], i.e. the auxiliary
+tensors, biases and norms) or every parameter (``train="all"``) with the
+transformers ``Trainer``, which picks the device (CUDA when present).
+Checkpoints go to ``out / "checkpoints"``; ``resume=True`` continues a stopped
+run, and ends with the weights an uninterrupted run would have.
+
+Examples
+--------
+>>> import copy, torch
+>>> from transformers import BertConfig, BertModel
+>>> from mpotn.compression import compress
+>>> from mpotn.compression.models import load_tokenizer
+>>> _ = torch.manual_seed(0)
+>>> teacher = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+...                                intermediate_size=64)).eval()
+>>> student = compress(copy.deepcopy(teacher), targets=["ffn"], ratio=0.3, progress=False)
+>>> sentences = ["a fine film .", "dull and slow .", "it works .", "not at all ."] * 4
+>>> config = HealConfig(steps=4, batch_size=4, heldout=4, learning_rate=5e-4)  # tiny model
+>>> result = heal(student, teacher, load_tokenizer(), sentences, config, progress=False)
+>>> result.steps, result.mse_after < result.mse_before
+(4, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpotn.atomic import write_text
+from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.finetune.training import _trainable_model, save_model
+from mpotn.table import Table
+from mpotn.types import HEAL_TRAIN, HealTrain
+
+#: Learning rate per ``train`` choice when none is given. Measured on all-MiniLM-L6-v2
+#: compressed at rho = 0.5 (attention and FFN; held-out error 0.661 before healing), 448
+#: SST-2 sentences (64 held out), batch 16, 300 steps: auxiliary 2e-3 -> 0.224, 5e-3 -> 0.217
+#: (1e-2 was already worse than 5e-3 at 100 steps, 5e-4 and 1e-4 clearly worse); all 3e-4
+#: -> 0.220, 1e-3 -> 0.188 (3e-4 and 1e-4 worse at 100 steps).
+HEAL_LR = {"auxiliary": 2e-3, "all": 1e-3}
+
+#: File in ``out / "checkpoints"`` recording the run a resume must continue.
+STATE_NAME = "heal_state.json"
+
+
+@dataclass
+class HealConfig:
+    """How to heal; each field's ``metadata["help"]`` is its ``mpotn heal`` help text.
+
+    Examples
+    --------
+    >>> HealConfig(train="all").lr
+    0.001
+    >>> HealConfig.help("steps")
+    'optimizer steps (default: 300)'
+    """
+
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    train: HealTrain = field(default="auxiliary", metadata={
+        "help": "parameters trained: auxiliary (the LFA set: auxiliary tensors, biases and "
+                "norms; central tensors and dense weights stay frozen) or all"})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "peak learning rate (default per --train: "
+                + ", ".join(f"{k} {v:g}" for k, v in HEAL_LR.items()) + ")"})
+    batch_size: int = field(default=16, metadata={"help": "sentences per step"})
+    max_length: int = field(default=128, metadata={
+        "help": "tokens per sentence (longer ones are truncated)"})
+    logits_weight: float = field(default=0.0, metadata={
+        "help": "weight of the logits' mean squared error added to the hidden-state loss "
+                "(for models that return logits)"})
+    dropout: bool = field(default=False, metadata={
+        "help": "keep the student's dropout active while training (by default it is off, so "
+                "that the student fits the teacher's deterministic hidden states)"})
+    warmup_ratio: float = field(default=0.06, metadata={
+        "help": "share of steps with a linear warm-up (then a linear decay to 0)"})
+    heldout: int = field(default=32, metadata={
+        "help": "sentences held out to measure the hidden-state error before and after "
+                "(at most half of the texts)"})
+    save_steps: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    logging_steps: int = field(default=10, metadata={"help": "steps between logged losses"})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the held-out split, the data order and dropout"})
+
+    def __post_init__(self) -> None:
+        if self.train not in HEAL_TRAIN:
+            raise ValueError(f"unknown train {self.train!r}; choose from {HEAL_TRAIN}")
+        for name in ("steps", "batch_size", "heldout", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.logits_weight < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("logits_weight must be >= 0 and warmup_ratio in [0, 1)")
+
+    @property
+    def lr(self) -> float:
+        """``learning_rate``, or ``train``'s [HEAL_LR][mpotn.finetune.heal.HEAL_LR]."""
+        return self.learning_rate if self.learning_rate is not None else HEAL_LR[self.train]
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of field ``name``, with its default when it has one."""
+        spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+        text = spec.metadata["help"]
+        if spec.default is None or isinstance(spec.default, bool):
+            return text
+        default = f"{spec.default:g}" if isinstance(spec.default, float) else spec.default
+        return f"{text} (default: {default})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class HealResult:
+    """What a healing run produced.
+
+    Attributes
+    ----------
+    model:
+        The healed student (the object passed in, trained in place).
+    history:
+        The Trainer's log per logged step (step, loss, learning rate, gradient norm).
+    mse_before, mse_after:
+        Relative hidden-state error on the held-out sentences
+        ([hidden_state_mse][mpotn.finetune.heal.hidden_state_mse]) before and after healing.
+    layers_before, layers_after:
+        The same per hidden state (embeddings first).
+    seconds:
+        Wall time of the training (of this call, for a resumed run).
+    steps:
+        Optimizer steps the student has taken (a resumed run counts all).
+    trainable_params, total_params:
+        Parameters trained, and all parameters of the student.
+    config:
+        The configuration used (a resumed run's saved one).
+    device:
+        Where the Trainer ran.
+    train_texts, heldout_texts:
+        Sentences trained on, and held out.
+    """
+
+    model: nn.Module
+    history: Table
+    mse_before: float
+    mse_after: float
+    layers_before: list[float]
+    layers_after: list[float]
+    seconds: float
+    steps: int
+    trainable_params: int
+    total_params: int
+    config: HealConfig
+    device: str
+    train_texts: int
+    heldout_texts: int
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """Everything but the model and the history, as plain JSON-serializable values."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("model", "history", "config")}
+        record["mse_drop"] = 1 - self.mse_after / self.mse_before if self.mse_before else 0.0
+        return {**record, "learning_rate": self.config.lr, "config": self.config.to_dict()}
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _layer_errors(student: Any, teacher: Any, attention_mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per hidden state: summed squared error and summed teacher square, over real tokens."""
+    ours, theirs = student.hidden_states, teacher.hidden_states
+    if ours is None or theirs is None:
+        raise ValueError("both models must return hidden_states (output_hidden_states=True)")
+    if len(ours) != len(theirs):
+        raise ValueError(f"the student returns {len(ours)} hidden states and the teacher "
+                         f"{len(theirs)}: heal needs the model that was compressed as teacher")
+    errors, scales = [], []
+    for s, t in zip(ours, theirs):
+        if s.shape != t.shape:
+            raise ValueError(f"hidden states of shape {tuple(s.shape)} (student) and "
+                             f"{tuple(t.shape)} (teacher) differ: heal needs the model that "
+                             "was compressed as teacher")
+        t = t.to(s.dtype)
+        mask = (torch.ones(s.shape[:-1], dtype=s.dtype, device=s.device)
+                if attention_mask is None else attention_mask.to(s.dtype))[..., None]
+        errors.append(((s - t).square() * mask).sum())
+        scales.append((t.square() * mask).sum())
+    return torch.stack(errors), torch.stack(scales)
+
+
+def _logits_error(student: Any, teacher: Any, attention_mask: torch.Tensor | None
+                  ) -> torch.Tensor:
+    ours, theirs = getattr(student, "logits", None), getattr(teacher, "logits", None)
+    if ours is None or theirs is None:
+        raise ValueError("logits_weight > 0 needs a student and a teacher that return logits")
+    if ours.shape != theirs.shape:
+        raise ValueError(f"logits of shape {tuple(ours.shape)} (student) and "
+                         f"{tuple(theirs.shape)} (teacher) differ")
+    square = (ours - theirs.to(ours.dtype)).square()
+    if attention_mask is None or square.dim() != 3 or square.shape[:2] != attention_mask.shape:
+        return square.mean()
+    mask = attention_mask.to(square.dtype)[..., None]
+    return (square * mask).sum() / (mask.sum() * square.shape[-1]).clamp_min(1)
+
+
+def distillation_loss(student: Any, teacher: Any, attention_mask: torch.Tensor | None = None,
+                      logits_weight: float = 0.0) -> torch.Tensor:
+    """The healing loss of one batch, from both models' outputs.
+
+    Parameters
+    ----------
+    student, teacher:
+        Model outputs with ``hidden_states`` (and ``logits`` when
+        ``logits_weight > 0``), as returned with ``output_hidden_states=True``.
+    attention_mask:
+        ``batch x tokens``, 1 for real tokens; padding does not count.
+    logits_weight:
+        Weight of the logits' mean squared error.
+
+    Returns
+    -------
+    torch.Tensor
+        The mean over hidden states of the squared error normalised by the
+        teacher's square, plus ``logits_weight`` times the logits' MSE.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as Out
+    >>> t = Out(hidden_states=(torch.ones(1, 2, 4), 2 * torch.ones(1, 2, 4)))
+    >>> s = Out(hidden_states=(torch.zeros(1, 2, 4), 2 * torch.ones(1, 2, 4)))
+    >>> float(distillation_loss(s, t))  # layer 0 entirely wrong, layer 1 exact
+    0.5
+    """
+    errors, scales = _layer_errors(student, teacher, attention_mask)
+    loss = (errors / scales.clamp_min(torch.finfo(scales.dtype).tiny)).mean()
+    if logits_weight > 0:
+        loss = loss + logits_weight * _logits_error(student, teacher, attention_mask)
+    return loss
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+@torch.no_grad()
+def _heldout_errors(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, Any]],
+                    device: torch.device) -> list[float]:
+    """Per hidden state, squared error over teacher square, summed over all ``batches``."""
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    errors = scales = None
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            e, s = _layer_errors(student(**batch, output_hidden_states=True),
+                                 teacher(**batch, output_hidden_states=True),
+                                 batch.get("attention_mask"))
+            errors = e.double() if errors is None else errors + e.double()
+            scales = s.double() if scales is None else scales + s.double()
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    if errors is None:
+        raise ValueError("no held-out sentences to measure the hidden-state error on")
+    return (errors / scales.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list]]:
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+
+
+def _batches(tokenizer: Any, examples: list[dict[str, list]], batch_size: int
+             ) -> Iterable[dict[str, torch.Tensor]]:
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    for start in range(0, len(examples), batch_size):
+        yield dict(collate(examples[start:start + batch_size]))
+
+
+def hidden_state_mse(student: nn.Module, teacher: nn.Module, tokenizer: Any,
+                     texts: Sequence[str], *, batch_size: int = 16, max_length: int = 128,
+                     per_layer: bool = False) -> float | list[float]:
+    """Relative hidden-state error of ``student`` against ``teacher`` on ``texts``.
+
+    Per hidden state (the embeddings' output, then every layer's), the summed
+    squared error over all real tokens divided by the teacher's summed square;
+    the mean over hidden states (or the list with ``per_layer=True``). Both
+    models run in eval mode, without gradients, on the student's device (the
+    teacher is moved there and back).
+
+    Examples
+    --------
+    >>> from transformers import BertConfig, BertModel
+    >>> from mpotn.compression.models import load_tokenizer
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1,
+    ...                              num_attention_heads=2, intermediate_size=64))
+    >>> hidden_state_mse(model, model, load_tokenizer(), ["same model ."])
+    0.0
+    """
+    device, home = _device_of(student), _device_of(teacher)
+    teacher.to(device)
+    try:
+        layers = _heldout_errors(student, teacher,
+                                 _batches(tokenizer, _encode(tokenizer, texts, max_length),
+                                          batch_size), device)
+    finally:
+        teacher.to(home)
+    return layers if per_layer else sum(layers) / len(layers)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _split(texts: Sequence[str], config: HealConfig) -> tuple[list[str], list[str]]:
+    """Training and held-out sentences: a seeded random ``heldout`` (at most half)."""
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if len(texts) < 2:
+        raise ValueError(f"healing needs at least 2 non-empty sentences, got {len(texts)}")
+    count = min(config.heldout, len(texts) // 2)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(config.seed))
+    held = set(order[:count].tolist())
+    return ([t for k, t in enumerate(texts) if k not in held],
+            [t for k, t in enumerate(texts) if k in held])
+
+
+def _texts_digest(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+
+
+def _heal_arguments(config: HealConfig, output_dir: Path, progress: bool, save: bool) -> Any:
+    """``TrainingArguments`` of a healing run; the Trainer picks the device (CUDA when present).
+
+    [mpotn.finetune.training.training_arguments][] forces the CPU and
+    saves nothing, so healing builds its own.
+    """
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        max_steps=config.steps,
+        learning_rate=config.lr,
+        weight_decay=0.0,
+        warmup_steps=math.ceil(config.warmup_ratio * config.steps),
+        lr_scheduler_type="linear",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if save else "no",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class HealTrainer(Trainer):
+        """A Trainer whose loss is [distillation_loss][mpotn.finetune.heal.distillation_loss].
+
+        The teacher runs without gradients, in eval mode, on the student's device.
+        """
+
+        def __init__(self, *args: Any, teacher: nn.Module, logits_weight: float,
+                     dropout: bool, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher
+            self.logits_weight = logits_weight
+            self.dropout = dropout
+
+        def compute_loss(self, model: nn.Module, inputs: dict[str, Any],
+                         return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            if not self.dropout:
+                model.eval()  # gradients still flow; only dropout is off
+            outputs = model(**inputs, output_hidden_states=True)
+            device = outputs.hidden_states[-1].device
+            if _device_of(self.teacher) != device:
+                self.teacher.to(device)
+            self.teacher.eval()
+            with torch.no_grad():
+                target = self.teacher(**inputs, output_hidden_states=True)
+            loss = distillation_loss(outputs, target, inputs.get("attention_mask"),
+                                     self.logits_weight)
+            return (loss, outputs) if return_outputs else loss
+
+    return HealTrainer
+
+
+@contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """Hide transformers' own bars (writing checkpoints, ...) unless ``show``; restore after."""
+    from transformers.utils import logging as hf_logging
+
+    hide = not show and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
+def _select(model: nn.Module, train: str) -> list[nn.Parameter]:
+    """Set ``requires_grad`` for ``train`` and return the trained parameters."""
+    if train == "auxiliary" and not any(isinstance(m, MPO_LAYERS) for m in model.modules()):
+        raise ValueError("train='auxiliary' needs MPO layers in the student; compress it first "
+                         "or heal with train='all'")
+    chosen = (list(model.parameters()) if train == "all"
+              else [p for _, p in lfa_parameters(model)])
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in chosen:
+        param.requires_grad_(True)
+    return chosen
+
+
+def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealConfig:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    state = checkpoints / STATE_NAME
+    if not state.is_file() or get_last_checkpoint(str(checkpoints)) is None:
+        raise ValueError(f"nothing to resume: {checkpoints} holds no healing checkpoint; run "
+                         "without resume (--resume)")
+    saved = json.loads(state.read_text())
+    if saved["texts_sha256"] != digest:
+        raise ValueError(f"the texts differ from those of the run checkpointed in {checkpoints}; "
+                         "resume with the same texts (source, samples and seed)")
+    saved_config = HealConfig(**saved["config"])
+    if saved_config != config:
+        changed = sorted(k for k, v in saved_config.to_dict().items()
+                         if config.to_dict()[k] != v)
+        warnings.warn(f"resuming with the checkpointed configuration; ignoring the new values "
+                      f"of {', '.join(changed)}", stacklevel=3)
+    return saved_config
+
+
+def heal(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    config: HealConfig | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> HealResult:
+    """Distil ``teacher`` into ``student`` on ``texts``, in place.
+
+    Parameters
+    ----------
+    student:
+        The compressed model (an [MPOModel][mpotn.compression.model.MPOModel],
+        or any model with MPO layers; any model for ``train="all"``).
+    teacher:
+        The model that was compressed, with the same hidden states. It runs in
+        eval mode without gradients on the student's device, and goes back to
+        its device and mode afterwards.
+    tokenizer:
+        The models' tokenizer.
+    texts:
+        Unlabelled sentences (e.g. [mpotn.data.texts.texts][]); a seeded
+        random ``config.heldout`` of them (at most half) is held out to measure
+        the hidden-state error before and after.
+    config:
+        How to heal (default [HealConfig][mpotn.finetune.heal.HealConfig]).
+    out:
+        Folder for checkpoints (``out / "checkpoints"``, every
+        ``config.save_steps`` steps and at the end); ``None`` keeps none.
+    resume:
+        Continue the run checkpointed in ``out`` (its configuration replaces
+        ``config``; the texts must be the same). The resumed run ends with the
+        weights of an uninterrupted one. Pass the student as it was before
+        healing: its weights are read from the checkpoint.
+    progress:
+        Show the Trainer's progress bar and logs.
+
+    Returns
+    -------
+    HealResult
+        The student, the loss history, the held-out error before and after,
+        the wall time and the parameter counts.
+
+    Raises
+    ------
+    ValueError
+        For fewer than 2 sentences, ``train="auxiliary"`` without MPO layers,
+        models whose hidden states (or logits, with ``logits_weight > 0``)
+        differ in number or shape, ``resume`` without a checkpoint or with
+        other texts, and a fresh run into an ``out`` that holds one.
+
+    Notes
+    -----
+    Only the trained set changes: every other parameter stays bit-identical.
+    The student's ``requires_grad`` flags, its train/eval mode and its device
+    are restored afterwards.
+    """
+    from transformers import DataCollatorWithPadding, PrinterCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    config = config or HealConfig()
+    trained = _trainable_model(student)
+    checkpoints = Path(out) / "checkpoints" if out is not None else None
+    digest = _texts_digest(texts)
+    if resume:
+        if checkpoints is None:
+            raise ValueError("resume needs out, the folder of the run to continue")
+        config = _resume_config(checkpoints, config, digest)
+    elif checkpoints is not None and checkpoints.is_dir() and get_last_checkpoint(
+            str(checkpoints)):
+        raise ValueError(f"{out} already holds a healing run; pass resume=True (--resume) to "
+                         "continue it, or choose another folder")
+    train_texts, held_texts = _split(texts, config)
+    flags = {id(p): p.requires_grad for p in student.parameters()}
+    modes = student.training, teacher.training
+    homes = _device_of(student), _device_of(teacher)
+    scratch = tempfile.TemporaryDirectory(prefix="mpotn-heal-") if checkpoints is None else None
+    try:
+        chosen = _select(trained, config.train)
+        output_dir = Path(scratch.name) if scratch else checkpoints
+        args = _heal_arguments(config, output_dir, progress, save=scratch is None)
+        device = args.device
+        held = _encode(tokenizer, held_texts, config.max_length)
+        student.to(device)
+        teacher.to(device)
+        before = _heldout_errors(student, teacher, _batches(tokenizer, held, config.batch_size),
+                                 device)
+        if config.logits_weight > 0:  # fail before training if either lacks logits
+            probe = next(iter(_batches(tokenizer, held[:1], 1)))
+            probe = {k: v.to(device) for k, v in probe.items()}
+            with torch.no_grad():
+                _logits_error(student(**probe), teacher(**probe), probe.get("attention_mask"))
+        trainer = _trainer_class()(
+            model=trained,
+            args=args,
+            train_dataset=_encode(tokenizer, train_texts, config.max_length),
+            data_collator=DataCollatorWithPadding(tokenizer),
+            teacher=teacher,
+            logits_weight=config.logits_weight,
+            dropout=config.dropout,
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)
+        if checkpoints is not None and not resume:
+            write_text(checkpoints / STATE_NAME, json.dumps(
+                {"config": config.to_dict(), "texts_sha256": digest, "texts": len(texts)},
+                indent=2))
+        start = time.perf_counter()
+        with _progress_bars(progress):
+            output = trainer.train(resume_from_checkpoint=get_last_checkpoint(str(checkpoints))
+                                   if resume else None)
+        seconds = time.perf_counter() - start
+        after = _heldout_errors(student, teacher, _batches(tokenizer, held, config.batch_size),
+                                device)
+    finally:
+        for param in student.parameters():
+            param.requires_grad_(flags.get(id(param), param.requires_grad))
+        student.to(homes[0]).train(modes[0])
+        teacher.to(homes[1]).train(modes[1])
+        if scratch is not None:
+            scratch.cleanup()
+    history = Table({k: v for k, v in row.items()} for row in trainer.state.log_history
+                    if "loss" in row)
+    return HealResult(
+        model=student,
+        history=history,
+        mse_before=sum(before) / len(before),
+        mse_after=sum(after) / len(after),
+        layers_before=before,
+        layers_after=after,
+        seconds=seconds,
+        steps=int(output.global_step),
+        trainable_params=count_parameters(chosen),
+        total_params=count_parameters(trained.parameters()),
+        config=config,
+        device=str(device),
+        train_texts=len(train_texts),
+        heldout_texts=len(held_texts),
+    )
+
+
+def write_heal(result: HealResult, tokenizer: Any, out: str | os.PathLike) -> dict[str, Path]:
+    """Write ``out/model/`` (student and tokenizer), ``metrics.json`` and ``history.csv``."""
+    out = Path(out)
+    return {
+        "model": save_model(result.model, tokenizer, out / "model"),
+        "metrics": write_text(out / "metrics.json", json.dumps(result.record, indent=2)),
+        "history": write_text(out / "history.csv", result.history.to_csv()),
+    }

@@ -1,0 +1,176 @@
+"""Healing (SPEC §7): distilling the original tiny BERT into its compressed copy."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mpotn
+from mpotn.compression.parameters import lfa_parameters
+from mpotn.data.texts import texts
+from mpotn.finetune.heal import HealConfig, heal, hidden_state_mse
+from mpotn.finetune.strategies import central_parameters
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model's matrices gain nothing from more (and lose much
+    on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_bert):
+    """The tiny BERT (teacher), its compressed copy (student) and the tokenizer."""
+    from transformers import BertModel
+
+    from mpotn.compression.models import load_tokenizer
+
+    teacher = BertModel.from_pretrained(tiny_bert).eval()
+    student = mpotn.compress(copy.deepcopy(teacher), targets=["attention", "ffn"], ratio=0.3,
+                             progress=False)
+    return teacher, student, load_tokenizer(tiny_bert)
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    return texts(samples=96)
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_healing_the_auxiliary_tensors_lowers_the_held_out_error(models, sentences):
+    teacher, original, tokenizer = models
+    student = copy.deepcopy(original)
+    student.train()
+    for param in student.base_model.embeddings.parameters():
+        param.requires_grad_(False)  # a frozen/trainable state the call must give back
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    teacher_before = state(teacher)
+    student_before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    config = HealConfig(steps=30, batch_size=8, max_length=32, heldout=16)
+    result = heal(student, teacher, tokenizer, sentences, config, progress=False)
+
+    assert result.steps == 30 and result.model is student
+    assert result.train_texts == 80 and result.heldout_texts == 16
+    assert result.mse_after <= 0.8 * result.mse_before  # measured: about 0.5x
+    assert len(result.layers_before) == 3  # embeddings and two layers
+    assert result.mse_before == pytest.approx(sum(result.layers_before) / 3)
+    assert [r["step"] for r in result.history][:2] == [1, 10]
+    # only the LFA set moved: central tensors and dense weights are bit-identical
+    after = dict(student.named_parameters())
+    lfa = {n for n, _ in lfa_parameters(student)}
+    centrals = {f"base_model.{n}" for n, _ in central_parameters(student.base_model)}
+    assert len(centrals) == 12 and not centrals & lfa
+    for name, before in student_before.items():
+        if name not in lfa:
+            assert torch.equal(after[name], before), name
+    assert any(not torch.equal(after[n], student_before[n]) for n in lfa)
+    # the teacher is untouched, the student's flags and mode are restored
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    assert not teacher.training and student.training
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
+    assert hidden_state_mse(original, teacher, tokenizer, sentences[:8]) > 0
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(models, sentences,
+                                                                     tmp_path):
+    teacher, original, tokenizer = models
+    config = HealConfig(steps=6, train="all", batch_size=8, max_length=32, heldout=16,
+                        save_steps=3, logging_steps=2)
+    whole = heal(copy.deepcopy(original), teacher, tokenizer, sentences, config,
+                 out=tmp_path / "whole", progress=False)
+    assert whole.trainable_params == whole.total_params
+    # a run killed after its step-3 checkpoint: drop the later one, resume a fresh student
+    run = tmp_path / "stopped"
+    heal(copy.deepcopy(original), teacher, tokenizer, sentences, config, out=run,
+         progress=False)
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-3", "checkpoint-6"]
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+    with pytest.raises(ValueError, match="already holds a healing run"):
+        heal(copy.deepcopy(original), teacher, tokenizer, sentences, config, out=run,
+             progress=False)
+    resumed = heal(copy.deepcopy(original), teacher, tokenizer, sentences, config, out=run,
+                   resume=True, progress=False)
+    assert resumed.steps == 6
+    assert resumed.mse_after == pytest.approx(whole.mse_after, rel=1e-5)
+    ours, theirs = state(resumed.model), state(whole.model)
+    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-6, atol=1e-7) for k in ours)
+    assert not all(torch.equal(ours[k], v) for k, v in state(original).items())
+    with pytest.raises(ValueError, match="texts differ"):
+        heal(copy.deepcopy(original), teacher, tokenizer, sentences[1:], config, out=run,
+             resume=True, progress=False)
+
+
+def test_bad_requests_fail_before_training(models, sentences, tmp_path):
+    teacher, original, tokenizer = models
+    with pytest.raises(ValueError, match="nothing to resume"):
+        heal(copy.deepcopy(original), teacher, tokenizer, sentences, out=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="return logits"):
+        heal(copy.deepcopy(original), teacher, tokenizer, sentences,
+             HealConfig(steps=1, logits_weight=1.0), progress=False)
+    with pytest.raises(ValueError, match="MPO layers"):
+        heal(copy.deepcopy(teacher), teacher, tokenizer, sentences, progress=False)
+    with pytest.raises(ValueError, match="unknown train"):
+        HealConfig(train="central")
+
+
+def test_the_cli_heals_a_saved_model_end_to_end(models, tiny_bert, tmp_path):
+    _, original, _ = models
+    original.save_pretrained(str(tmp_path / "compressed"))
+    out = tmp_path / "healed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mpotn.cli", "heal", str(tmp_path / "compressed"), "--out",
+         str(out), "--teacher", str(tiny_bert), "--samples", "24", "--steps", "4",
+         "--batch-size", "4", "--max-length", "32", "--heldout", "4", "--logging-steps", "2",
+         "--lr", "5e-4",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "hidden-state error on 4 held-out sentences" in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["trainable_params"] > 0
+    assert metrics["mse_after"] < metrics["mse_before"]
+    assert {"seconds", "config", "train_texts"} <= set(metrics)
+    assert (out / "history.csv").read_text().splitlines()[0].split(",")[:2] == ["loss",
+                                                                                "grad_norm"]
+    healed = mpotn.load(out / "model")
+    assert (out / "model" / "tokenizer_config.json").is_file()
+    assert healed.totals()["total_params"] == original.totals()["total_params"]
+
+
+def test_the_loss_is_the_masked_relative_error_per_layer_plus_weighted_logits():
+    from types import SimpleNamespace as Out
+
+    from mpotn.finetune.heal import distillation_loss
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    teacher = Out(hidden_states=(torch.randn(2, 4, 8), torch.randn(2, 4, 8)),
+                  logits=torch.randn(2, 4, 5))
+    student = Out(hidden_states=tuple(h + 0.1 * torch.randn_like(h)
+                                      for h in teacher.hidden_states),
+                  logits=teacher.logits + 1.0)
+    # padding (mask 0) does not count, whatever the student does there
+    student.hidden_states[0][0, 3] += 100.0
+    student.logits[1, 2:] += 100.0
+    real = mask.bool()
+    expected = sum(float((s[real] - t[real]).square().sum() / t[real].square().sum())
+                   for s, t in zip(student.hidden_states, teacher.hidden_states)) / 2
+    assert float(distillation_loss(student, teacher, mask)) == pytest.approx(expected, rel=1e-5)
+    assert float(distillation_loss(student, teacher, mask, logits_weight=0.5)) == pytest.approx(
+        expected + 0.5 * 1.0, rel=1e-5)
