@@ -80,3 +80,18 @@ def test_core_changes_experiment_quick_mode(tmp_path):
                for r in report["matrices"])
     assert {r["matrix type"] for r in report["summary"]} == {
         "query", "key", "value", "attn_out", "ffn_in", "ffn_out"}
+
+
+def test_calibrated_fidelity_benchmark_skips_finished_rows_and_reports_them(tmp_path):
+    """Rows already in the JSON are not recomputed; the table lists every stored row."""
+    bench = load_benchmark("fidelity_calibrated")
+    rows = [{"config": name, "size": size, "mean_cosine": 0.5, "worst_cosine": 0.1,
+             "rte_mean_cosine": None, "#To": 1, "#To/original": size,
+             "mean_output_error": None, "seconds": 1.0}
+            for size in bench.SIZES for name in bench.CONFIGS]
+    out = tmp_path / "fidelity_calibrated.json"
+    out.write_text(json.dumps({"original_params": 10, "rows": rows}))
+    assert bench.main(["--out", str(out)]) == 0  # every row done: loads models, computes none
+    assert json.loads(out.read_text())["rows"] == rows
+    table = (tmp_path / "fidelity_calibrated.md").read_text()
+    assert table.count("| svd, embeddings calibrated ") == len(bench.SIZES)
