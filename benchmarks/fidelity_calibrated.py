@@ -100,13 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    parser.add_argument("--config", choices=list(CONFIGS), default=None,
+                        help="compute only this configuration's rows")
+    parser.add_argument("--size", type=float, choices=SIZES, default=None,
+                        help="compute only rows of this size")
     parser.add_argument("--report-only", action="store_true",
                         help="print the table from the JSON, compute nothing")
     args = parser.parse_args(argv)
     results = _load(args.out)
     done = {(r["config"], r["size"]) for r in results["rows"]}
     todo = [row for row in (QUICK if args.quick else [(c, s) for s in SIZES for c in CONFIGS])
-            if row not in done]
+            if row not in done and args.config in (None, row[0]) and args.size in (None, row[1])]
     if todo and not args.report_only:
         tokenizer = load_tokenizer()
         sentences, _ = sst2_dev()
