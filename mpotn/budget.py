@@ -2,12 +2,13 @@
 
 Each matrix offers a *path*: the sequence of cuts it would take one after
 another, each freeing some parameters at some increase of its (relative,
-squared) error. For a truncated SVD a cut is one rank (``I + J`` parameters,
-the next discarded squared singular value of the whitened matrix); for an MPO
-it is the next one-dimension bond cut of the greedy of
-[mpotn.truncation.dims_for_budget][]. [spend][mpotn.budget.spend] merges the paths:
-it keeps taking, over all matrices, the cut with the least error per freed
-parameter until the model is within budget. For paths whose cost per
+squared) error: for an MPO, the next one-dimension bond cut of the greedy of
+[mpotn.truncation.dims_for_budget][] ([mpo_path][mpotn.budget.mpo_path]; a
+truncated SVD is the MPO with rows ``(I, 1)`` and columns ``(1, J)``, whose
+cuts are its ranks, and a whitened MPO's errors are output errors).
+[spend][mpotn.budget.spend] merges the paths: it keeps taking, over all
+matrices, the cut with the least error per freed parameter until the model is
+within budget. For paths whose cost per
 parameter grows along the path (a sorted spectrum) this is the optimum of
 the separable problem "minimise the summed relative squared error subject to
 the total parameter count".
@@ -25,8 +26,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import torch
 
 from mpotn.mpo import MPO
 from mpotn.truncation import greedy_path
@@ -53,21 +52,6 @@ class Path:
     def params_after(self, cuts: int) -> int:
         """Parameters left after the first ``cuts`` cuts."""
         return self.params - sum(freed for freed, _ in self.steps[:cuts])
-
-    def error_after(self, cuts: int) -> float:
-        """Relative squared error after the first ``cuts`` cuts."""
-        return sum(added for _, added in self.steps[:cuts])
-
-
-def svd_path(name: str, singular_values: torch.Tensor, rows: int, cols: int,
-             min_rank: int = 1) -> Path:
-    """The path of a truncated SVD: rank ``r -> r - 1`` frees ``rows + cols`` parameters
-    and adds ``s_r^2 / sum s^2`` (the whitened spectrum gives the output error)."""
-    s2 = singular_values.double() ** 2
-    total = float(s2.sum()) or 1.0
-    rank = s2.numel()
-    steps = [(rows + cols, float(s2[r - 1]) / total) for r in range(rank, min_rank, -1)]
-    return Path(name, rank * (rows + cols), steps)
 
 
 def spend(paths: Sequence[Path], budget: int) -> dict[str, int]:

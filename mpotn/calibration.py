@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from mpotn.mpo import MPO, _right_orthogonalize
+from mpotn.mpo import MPO, _compute_dtype, _right_orthogonalize
 from mpotn.shapes import Factorization, plan_side
 
 #: Default damping: ``damp * mean(diag C_k)`` is added to each Kronecker factor
@@ -251,6 +251,11 @@ class Whitening:
             out.append(torch.einsum("ab,xbjy->xajy", inv_t, core))
         return out
 
+    def restore(self, whitened: MPO, shape: tuple[int, int], dtype: torch.dtype) -> MPO:
+        """The MPO of ``M`` (canonical form, same bonds) from an MPO of ``L^T M``."""
+        cores = self.restore_cores(whitened.cores)
+        return MPO.from_cores([c.to(dtype) for c in cores], shape=shape)
+
 
 @dataclass
 class CalibratedMPO:
@@ -279,18 +284,6 @@ class CalibratedMPO:
         """Relative output error ``||L^T (M - M')|| / ||L^T M||`` (Eq. 4 on the whitened MPO)."""
         norm = self.full_whitened.norm
         return self.whitened.error_bound / norm if norm else 0.0
-
-    def truncate(self, **policy: Any) -> CalibratedMPO:
-        """Another truncation of the same whitened MPO (``MPO.truncate``'s policies)."""
-        whitened = self.full_whitened.truncate(**policy)
-        return CalibratedMPO(_restore(whitened, self.whitening, self.mpo.shape, self.mpo.dtype),
-                             whitened, self.full_whitened, self.whitening)
-
-
-def _restore(whitened: MPO, whitening: Whitening, shape: tuple[int, int], dtype: torch.dtype
-             ) -> MPO:
-    cores = whitening.restore_cores(whitened.cores)
-    return MPO.from_cores([c.to(dtype) for c in cores], shape=shape)
 
 
 def calibrated_mpo(
@@ -335,9 +328,8 @@ def calibrated_mpo(
                            col.factors, pad=False, svd=svd)
     active = {k: v for k, v in policy.items() if v is not None and k != "allocation"}
     whitened = full.truncate(**policy) if active else full
-    dtype = matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
-    return CalibratedMPO(_restore(whitened, whitening, tuple(matrix.shape), dtype), whitened,
-                         full, whitening)
+    return CalibratedMPO(whitening.restore(whitened, tuple(matrix.shape), _compute_dtype(matrix)),
+                         whitened, full, whitening)
 
 
 def output_error(matrix: torch.Tensor, approximation: torch.Tensor, covariance: torch.Tensor

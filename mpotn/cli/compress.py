@@ -89,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_fidelity(compressed: object, original: object, tokenizer: object,
-                    calibrated: bool) -> float:
+                    calibrated: bool) -> None:
     """Print the mean cosine of sentence embeddings (held-out SST-2 dev sentences) and warn
     when the compressed model is not usable without fine-tuning or healing."""
     from mpotn.analysis.fidelity import cosine_fidelity, sentence_embeddings, sst2_dev
@@ -106,7 +106,6 @@ def _check_fidelity(compressed: object, original: object, tokenizer: object,
         print(f"WARNING: mean cosine {cosine:.2f} < {USABLE_COSINE}: this model is not usable as "
               f"it is; {advice}heal it (mpotn heal) or fine-tune it (mpotn finetune) before use, "
               "or compress less")
-    return cosine
 
 
 def run(args: argparse.Namespace) -> None:

@@ -44,7 +44,7 @@ def text_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
                  max_length: int = 128) -> list[dict[str, torch.Tensor]]:
     """Tokenizer outputs for ``texts``, batched by length (little padding)."""
     if not texts:
-        raise ValueError("no calibration texts: give at least one sentence")
+        raise ValueError("no texts to tokenize: give at least one sentence")
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     return [
         dict(tokenizer([texts[k] for k in order[s:s + batch_size]], padding=True,

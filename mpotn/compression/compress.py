@@ -43,7 +43,7 @@ from mpotn.layers import (
     apply_policy,
 )
 from mpotn.methods import decompose
-from mpotn.mpo import MPO
+from mpotn.mpo import MPO, _compute_dtype
 from mpotn.table import Table
 
 
@@ -125,10 +125,8 @@ class _Candidate:
         """``(MPO of M, the truncation its spectra read)`` under ``policy``."""
         cut = apply_policy(self.full, policy)
         if self.whitening is not None:
-            restored = self.whitening.restore_cores(cut.cores)
-            dtype = _cores_dtype(target.matrix)
-            return MPO.from_cores([c.to(dtype) for c in restored],
-                                  shape=tuple(target.matrix.shape)), cut
+            return self.whitening.restore(cut, tuple(target.matrix.shape),
+                                          _compute_dtype(target.matrix)), cut
         if target.covariance is not None and target.settings["fit"] == "als":
             return refine(cut, target.matrix, target.covariance,
                           sweeps=target.settings["sweeps"]), cut
@@ -143,17 +141,15 @@ class _Target:
     settings: dict[str, Any]
     covariance: torch.Tensor | None = None
 
+    def weight_error(self, mpo: MPO) -> float:
+        """``||M - MPO|| / ||M||``."""
+        return mpo.reconstruction_error(self.matrix) / (float(self.matrix.double().norm()) or 1.0)
+
     def error(self, mpo: MPO) -> float:
         """Relative output error (Eq. 7) with a covariance, relative weight error without."""
-        approximation = mpo.to_matrix()
         if self.covariance is None:
-            norm = float(self.matrix.norm()) or 1.0
-            return float((approximation - self.matrix.to(approximation)).norm()) / norm
-        return output_error(self.matrix, approximation, self.covariance)
-
-
-def _cores_dtype(matrix: torch.Tensor) -> torch.dtype:
-    return matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
+            return self.weight_error(mpo)
+        return output_error(self.matrix, mpo.to_matrix(), self.covariance)
 
 
 def _candidate(target: _Target, structure: str) -> _Candidate:
@@ -201,7 +197,6 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
 def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: nn.Module,
             error: float) -> dict[str, Any]:
     matrix, full = target.matrix, candidate.full
-    norm = float(matrix.double().norm()) or 1.0
     whitened = candidate.whitening is not None
     if target.covariance is None:
         calibration = "none"
@@ -222,7 +217,7 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
         "ratio": layer.compression_ratio,
         "central_entropy": full.entropy(full.central_bond),
         "relative_bound": None if whitened else cut.error_bound / (full.norm or 1.0),
-        "relative_error": mpo.reconstruction_error(matrix) / norm,
+        "relative_error": error if target.covariance is None else target.weight_error(mpo),
         "calibration": calibration,
         "output_error": error if target.covariance is not None else None,
     }

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from mpotn.atomic import write_text
+from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.finetune.training import _trainable_model, save_model
@@ -310,15 +311,6 @@ def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[
     return [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
 
 
-def _batches(tokenizer: Any, examples: list[dict[str, list]], batch_size: int
-             ) -> Iterable[dict[str, torch.Tensor]]:
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    for start in range(0, len(examples), batch_size):
-        yield dict(collate(examples[start:start + batch_size]))
-
-
 def hidden_state_mse(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                      texts: Sequence[str], *, batch_size: int = 16, max_length: int = 128,
                      per_layer: bool = False) -> float | list[float]:
@@ -343,8 +335,7 @@ def hidden_state_mse(student: nn.Module, teacher: nn.Module, tokenizer: Any,
     teacher.to(device)
     try:
         layers = _heldout_errors(student, teacher,
-                                 _batches(tokenizer, _encode(tokenizer, texts, max_length),
-                                          batch_size), device)
+                                 text_batches(tokenizer, texts, batch_size, max_length), device)
     finally:
         teacher.to(home)
     return layers if per_layer else sum(layers) / len(layers)
@@ -569,13 +560,12 @@ def heal(
         output_dir = Path(scratch.name) if scratch else checkpoints
         args = _heal_arguments(config, output_dir, progress, save=scratch is None)
         device = args.device
-        held = _encode(tokenizer, held_texts, config.max_length)
+        held = text_batches(tokenizer, held_texts, config.batch_size, config.max_length)
         student.to(device)
         teacher.to(device)
-        before = _heldout_errors(student, teacher, _batches(tokenizer, held, config.batch_size),
-                                 device)
+        before = _heldout_errors(student, teacher, held, device)
         if config.logits_weight > 0:  # fail before training if either lacks logits
-            probe = next(iter(_batches(tokenizer, held[:1], 1)))
+            probe = text_batches(tokenizer, held_texts[:1], 1, config.max_length)[0]
             probe = {k: v.to(device) for k, v in probe.items()}
             with torch.no_grad():
                 _logits_error(student(**probe), teacher(**probe), probe.get("attention_mask"))
@@ -599,8 +589,7 @@ def heal(
             output = trainer.train(resume_from_checkpoint=get_last_checkpoint(str(checkpoints))
                                    if resume else None)
         seconds = time.perf_counter() - start
-        after = _heldout_errors(student, teacher, _batches(tokenizer, held, config.batch_size),
-                                device)
+        after = _heldout_errors(student, teacher, held, device)
     finally:
         for param in student.parameters():
             param.requires_grad_(flags.get(id(param), param.requires_grad))
