@@ -95,3 +95,42 @@ def test_calibrated_fidelity_benchmark_skips_finished_rows_and_reports_them(tmp_
     assert json.loads(out.read_text())["rows"] == rows
     table = (tmp_path / "fidelity_calibrated.md").read_text()
     assert table.count("| svd, embeddings calibrated ") == len(bench.SIZES)
+
+
+def test_glue_small_quick_mode_runs_every_row_then_skips_them(tmp_path):
+    """Every row of the Table 4 experiment runs once; a second call recomputes none of them."""
+    bench = load_benchmark("glue_small")
+    out = tmp_path / "glue_small.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["row"] for r in runs] == list(bench.ROWS)
+    sizes = {r["row"]: r["total_over_dense"] for r in runs}
+    assert sizes["dense"] == 1.0 and sizes["squeeze"] == sizes["direct"] < 1.0
+    assert sizes["calibrated-lfa"] == sizes["healed-lfa"] < 1.0
+    assert {r["steps"] for r in runs if r["row"] != "squeeze"} == {2}
+    assert not (tmp_path / "glue_small_work").exists()  # its own scratch folder, removed
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"] == runs
+    assert "| sst2-sample | squeeze" in (tmp_path / "glue_small.md").read_text()
+
+
+def test_glue_small_verdicts_need_a_gap_beyond_the_seed_spread():
+    """A claim is decided only when its gap (plus margin) exceeds the larger seed spread."""
+    bench = load_benchmark("glue_small")
+
+    def row(name, score, sd, seeds=3):
+        return {"task": "rte", "row": name, "seeds": seeds, "metric %": score,
+                "spread (sd)": sd, "#To/dense": 0.65}
+
+    table = [row("dense", 70.0, 1.0), row("squeeze", 66.0, 1.5), row("direct", 65.0, 0.5),
+             row("calibrated-lfa", 69.5, 0.2), row("svd-llm-ft", 67.0, 0.4)]
+    lines = bench.findings(table)
+
+    def verdict(claim):
+        (line,) = [line for line in lines if claim in line]
+        return line.rsplit("): ", 1)[1]
+
+    assert verdict("squeezing beats direct").startswith("**not decided**")  # +1 vs sd 1.5
+    assert verdict("squeezed to at most 0.65") == "**refuted**."  # -4 + 1 beyond 1.5
+    assert verdict("beats SVD-LLM") == "**confirmed**."  # +2.5 beyond 0.4
+    assert len(lines) == 5  # no mpo-lfa row: its claim is left out

@@ -1,0 +1,388 @@
+"""Experiment: the paper's Table 4 on MiniLM, on RTE, MRPC and SST-2 from GLUE's own files.
+
+Run from the repository root (hours of CPU; every finished run is written at
+once and runs already in the JSON are skipped, so a stopped run continues)::
+
+    python benchmarks/glue_small.py                     # every run not yet in the JSON
+    python benchmarks/glue_small.py --task rte --row dense --seed 0   # chosen runs
+    python benchmarks/glue_small.py --report-only       # the table and verdicts
+    python benchmarks/glue_small.py --quick --out /tmp/g.json  # smoke run (tests)
+
+Model: the embedded all-MiniLM-L6-v2 (22.7M parameters) with a new
+classification head; matrices decomposed: attention, FFN and the embeddings
+(word, position, token type), so that the model can shrink to 0.65 of its size.
+Data: ``../shared/data/glue`` (GLUE's ``glue_data/`` layout): RTE (2,490
+training pairs, 277 dev) and MRPC (3,667 / 408) with seeds 0, 1, 2, 3 epochs,
+128 tokens; SST-2 with the first 20,000 rows of its official training file, one
+epoch, 64 tokens, seed 0. The GLUE metric is measured on the official dev set
+(MRPC: F1, as GLUE reports it first).
+
+Rows (``SIZE`` = 0.65 of the dense model's parameters):
+
+``dense``
+    full fine-tuning of the dense model;
+``mpo-lfa``
+    the full-rank MPO model (``n = 5``), LFA (auxiliary tensors, biases,
+    norms and the head);
+``squeeze``
+    MPOP (Algorithm 2) from that seed's LFA model down to ``SIZE``: each step
+    cuts central bonds by least estimated error (Eq. 3) until 6% of the
+    original's parameters go, then fine-tunes the auxiliary tensors for 40
+    steps; ``Delta`` off so that every seed ends at the same size;
+``direct``
+    MPOP_dir: the same LFA model truncated straight to the squeezed bonds,
+    fine-tuned for as many steps;
+``calibrated-lfa``
+    mpotn's calibrated compression straight to ``SIZE`` (truncated SVD per
+    matrix whitened by the task's training text, 256 sentences; word embedding
+    weighted by token counts; one model-wide budget), then LFA;
+``healed-lfa``
+    the same, healed for 300 steps (all parameters, hidden-state distillation
+    from the dense model on the task's training text), then LFA;
+``svd-llm-ft``
+    the anchor: SVD-LLM (truncated SVD whitened per linear, the embeddings
+    truncated on their weights, the same ratio for every matrix) at ``SIZE``,
+    then fine-tuning of every parameter.
+
+Writes ``benchmarks/results/glue_small.json`` (every run) and ``glue_small.md``
+(mean and spread over seeds per task, then the paper's claims as verdicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpotn import Table, compress, load
+from mpotn.atomic import write_text
+from mpotn.compression.calibrate import text_batches
+from mpotn.compression.config import CompressionConfig, select_targets
+from mpotn.compression.model import MPOModel
+from mpotn.compression.models import load_classifier, load_tokenizer
+from mpotn.data import TaskData, load_glue, sst2_sample, texts
+from mpotn.finetune.heal import HealConfig, heal
+from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
+from mpotn.finetune.training import TrainingConfig, finetune, lfa_budget
+
+RESULTS = Path(__file__).parent / "results" / "glue_small.json"
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+WORK = Path(__file__).parent / "work" / "glue_small"
+TARGETS = ["attention", "ffn", "embeddings"]
+SIZE = 0.65
+ROWS = ("dense", "mpo-lfa", "squeeze", "direct", "calibrated-lfa", "healed-lfa", "svd-llm-ft")
+#: ``{task: (seeds, training settings)}``
+TASKS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
+    "rte": ((0, 1, 2), {"epochs": 3.0, "max_length": 128}),
+    "mrpc": ((0, 1, 2), {"epochs": 3.0, "max_length": 128}),
+    "sst2": ((0,), {"epochs": 1.0, "max_length": 64, "train_limit": 20_000}),
+}
+CALIBRATED = {"structure": "svd", "calibrate_embeddings": True, "budget": "model"}
+SVD_LLM = {"structure": "svd"}
+HEAL_STEPS = 300
+SQUEEZE = SqueezeConfig(cut=1, budget=0.06, steps_per_cut=40, max_cuts=40, delta=1.0,
+                        target_ratio=SIZE)
+QUICK_TASK = "sst2-sample"
+
+
+class Bench:
+    """Settings of one invocation (full or quick) and the task data, loaded once per task."""
+
+    def __init__(self, quick: bool, work: Path) -> None:
+        self.quick = quick
+        self.work = work
+        self.targets = ["attention"] if quick else TARGETS
+        self.squeeze = (SqueezeConfig(cut=1, budget=0.05, steps_per_cut=1, max_cuts=2,
+                                      delta=1.0, target_ratio=SIZE) if quick else SQUEEZE)
+        self.heal_steps = 2 if quick else HEAL_STEPS
+        self.tokenizer = load_tokenizer()
+        self._data: dict[str, TaskData] = {}
+
+    def data(self, task: str) -> TaskData:
+        if task not in self._data:
+            self._data[task] = sst2_sample() if task == QUICK_TASK else load_glue(task, GLUE)
+        return self._data[task]
+
+    def training(self, task: str, strategy: str, seed: int, **extra: Any) -> TrainingConfig:
+        settings = ({"max_steps": 2, "train_limit": 64, "eval_limit": 64, "batch_size": 16}
+                    if self.quick else TASKS[task][1])
+        return TrainingConfig(strategy=strategy, seed=seed, **{**settings, **extra})
+
+    def texts(self, task: str, samples: int | None) -> list[str]:
+        if task == QUICK_TASK:
+            return texts(None, samples=16)
+        return texts(task, samples=samples, data_dir=GLUE)
+
+    def classifier(self, task: str, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)  # the new task head
+        return load_classifier(None, self.data(task).num_labels)
+
+    def ratio(self, model: torch.nn.Module) -> float:
+        """Per-target ratio that brings the whole model to ``SIZE`` of its parameters
+        (``SIZE`` itself in the quick run, whose few targets cannot)."""
+        if self.quick:
+            return SIZE
+        total = sum(p.numel() for p in model.parameters())
+        targets = select_targets(model, CompressionConfig(targets=self.targets))
+        inside = sum(module.weight.numel() for _, module in targets)
+        return (SIZE * total - (total - inside)) / inside
+
+
+def _lfa_dir(bench: Bench, task: str, seed: int) -> Path:
+    return bench.work / f"{task}-lfa-{seed}"
+
+
+def _metric(data: TaskData, record: dict[str, Any]) -> float:
+    return record[data.spec.metrics[0]]
+
+
+def _train(bench: Bench, task: str, row: str, seed: int, model: torch.nn.Module,
+           strategy: str, prep_seconds: float, original: int) -> dict[str, Any]:
+    """Fine-tune a prepared model; the run's record."""
+    data = bench.data(task)
+    result = finetune(model, bench.tokenizer, data, bench.training(task, strategy, seed),
+                      progress=False)
+    if row == "mpo-lfa":
+        result.model.save_pretrained(str(_lfa_dir(bench, task, seed)))
+    trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
+    total = sum(p.numel() for p in trained.parameters())
+    record = result.record
+    return {
+        "task": task, "row": row, "seed": seed, "metric": _metric(data, record),
+        **{m: record[m] for m in data.spec.metrics}, "loss": record["loss"],
+        "total_params": total, "total_over_dense": total / original,
+        "trainable_params": record.get("trainable_params"), "steps": record["steps"],
+        "prep_seconds": prep_seconds, "seconds": prep_seconds + record["train_seconds"],
+    }
+
+
+def _compressed(bench: Bench, task: str, seed: int, settings: dict[str, Any],
+                heal_steps: int) -> tuple[torch.nn.Module, int]:
+    """A calibrated compressed classifier (healed when asked) and the dense size."""
+    dense = bench.classifier(task, seed)
+    original = sum(p.numel() for p in dense.parameters())
+    calibration = text_batches(bench.tokenizer, bench.texts(task, 256))
+    model = compress(bench.classifier(task, seed), targets=bench.targets,
+                     ratio=bench.ratio(dense), calibration=calibration, progress=False,
+                     **settings)
+    if heal_steps:
+        heal(model, dense, bench.tokenizer, bench.texts(task, None),
+             HealConfig(steps=heal_steps, train="all", max_length=128), progress=False)
+    return model, original
+
+
+def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
+    """One run of the table: prepare the row's model, fine-tune it, evaluate it."""
+    start = time.perf_counter()
+    if row in ("dense", "mpo-lfa"):
+        model = bench.classifier(task, seed)
+        original = sum(p.numel() for p in model.parameters())
+        if row == "mpo-lfa":
+            model = compress(model, targets=bench.targets, progress=False)
+        return _train(bench, task, row, seed, model, "full" if row == "dense" else "lfa",
+                      time.perf_counter() - start, original)
+    if row in ("calibrated-lfa", "healed-lfa", "svd-llm-ft"):
+        settings = SVD_LLM if row == "svd-llm-ft" else CALIBRATED
+        heal_steps = bench.heal_steps if row == "healed-lfa" else 0
+        model, original = _compressed(bench, task, seed, settings, heal_steps)
+        return _train(bench, task, row, seed, model, "full" if row == "svd-llm-ft" else "lfa",
+                      time.perf_counter() - start, original)
+    raise ValueError(f"unknown row {row!r}")
+
+
+def run_squeeze(bench: Bench, task: str, seed: int, squeezed: dict[str, Any] | None,
+                ) -> list[dict[str, Any]]:
+    """The squeeze run (unless given) and the direct ablation at its bonds."""
+    data = bench.data(task)
+    lfa = _lfa_dir(bench, task, seed)
+    if not lfa.is_dir():  # the LFA model of this seed (its row may be in the JSON already)
+        run(bench, task, "mpo-lfa", seed)
+    config = bench.training(task, "lfa", seed)
+    runs = []
+    if squeezed is None:
+        out = bench.work / f"{task}-squeeze-{seed}"
+        start = time.perf_counter()
+        squeezer = Squeezer(load(lfa), bench.tokenizer, data, bench.squeeze, config, out,
+                            progress=False)
+        result = squeezer.run(resume=squeezer.has_checkpoint())
+        record = result.record
+        squeezed = {
+            "task": task, "row": "squeeze", "seed": seed, "metric": _metric(data, record),
+            **{m: record[m] for m in data.spec.metrics}, "loss": record["loss"],
+            "total_params": record["params"], "total_over_dense": record["params_over_original"],
+            "trainable_params": lfa_budget(result.model.base_model),
+            "steps": record["fine_tuning_steps"], "squeeze_steps": record["accepted_step"],
+            "stop_reason": record["stop_reason"], "bond_dims": record["bond_dims"],
+            "prep_seconds": 0.0, "seconds": time.perf_counter() - start,
+        }
+        runs.append(squeezed)
+    start = time.perf_counter()
+    direct = direct_truncation(load(lfa), bench.tokenizer, data, squeezed["bond_dims"], config,
+                               squeezed["steps"], progress=False)
+    runs.append({
+        "task": task, "row": "direct", "seed": seed, "metric": _metric(data, direct),
+        **{m: direct[m] for m in data.spec.metrics}, "loss": direct["loss"],
+        "total_params": direct["params"], "total_over_dense": direct["params_over_original"],
+        "trainable_params": direct["trainable_params"], "steps": direct["fine_tuning_steps"],
+        "prep_seconds": 0.0, "seconds": time.perf_counter() - start,
+    })
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]]) -> Table:
+    """Mean and spread (sample standard deviation, in points) of every row over its seeds."""
+    table = Table()
+    for task in dict.fromkeys(r["task"] for r in runs):
+        for row in ROWS:
+            group = [r for r in runs if r["task"] == task and r["row"] == row]
+            if not group:
+                continue
+            scores = [100 * r["metric"] for r in group]
+            table.append({
+                "task": task, "row": row, "seeds": len(group),
+                "metric %": statistics.mean(scores),
+                "spread (sd)": statistics.stdev(scores) if len(group) > 1 else float("nan"),
+                "#To": round(statistics.mean(r["total_params"] for r in group)),
+                "#To/dense": statistics.mean(r["total_over_dense"] for r in group),
+                "#Pr (trained)": round(statistics.mean(r["trainable_params"] or 0
+                                                       for r in group)),
+                "steps": round(statistics.mean(r["steps"] for r in group)),
+                "time s": statistics.mean(r["seconds"] for r in group),
+            })
+    return table
+
+
+def _compare(a: dict[str, Any], b: dict[str, Any], margin: float) -> tuple[float, float, str]:
+    """Gap ``a - b`` in points, the noise (larger seed spread, 1 point on one seed) and the
+    verdict on the claim ``a >= b - margin``."""
+    gap = a["metric %"] - b["metric %"]
+    spreads = [r["spread (sd)"] for r in (a, b) if r["seeds"] > 1]
+    noise = max(spreads) if len(spreads) == 2 else 1.0
+    if gap + margin >= noise:
+        verdict = "**confirmed**"
+    elif gap + margin <= -noise:
+        verdict = "**refuted**"
+    else:
+        verdict = f"**not decided** (within the seed spread, {noise:.2f} points)"
+    return gap, noise, verdict
+
+
+#: ``(a, b, margin, claim)``: the claim ``a >= b - margin`` (points of the GLUE metric);
+#: ``best`` is the better of the two calibrated rows.
+CLAIMS = (
+    ("mpo-lfa", "dense", 1.0, "LFA of the full-rank MPO is within a point of full fine-tuning"),
+    ("squeeze", "dense", 1.0, "MPOP squeezed to at most 0.65 of the size is within a point of "
+                             "dense (Table 4)"),
+    ("squeeze", "direct", 0.0, "squeezing beats direct truncation to the same bonds"),
+    ("calibrated-lfa", "direct", 0.0, "calibrated compression beats plain truncation (direct, "
+                                      "at the squeezed size) after LFA"),
+    ("best", "dense", 1.0, "goal: the best calibrated row is within a point of dense"),
+    ("best", "svd-llm-ft", 0.0, "goal: the best calibrated row beats SVD-LLM + fine-tuning "
+                                "at equal size"),
+)
+
+
+def findings(table: Table) -> list[str]:
+    """The paper's claims (and the issue's goal) checked per task, one Markdown bullet each."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in table):
+        rows = {r["row"]: r for r in table if r["task"] == task}
+        calibrated = [r for r in ("calibrated-lfa", "healed-lfa") if r in rows]
+        if calibrated:
+            rows["best"] = max((rows[r] for r in calibrated), key=lambda r: r["metric %"])
+        for a, b, margin, text in CLAIMS:
+            if a not in rows or b not in rows:
+                continue
+            gap, _, verdict = _compare(rows[a], rows[b], margin)
+            name = rows[a]["row"]
+            lines.append(f"- {task}: {text} ({name} {rows[a]['metric %']:.2f} vs {b} "
+                         f"{rows[b]['metric %']:.2f}, gap {gap:+.2f} points, at "
+                         f"{rows[a]['#To/dense']:.3f} and {rows[b]['#To/dense']:.3f} of the "
+                         f"dense size): {verdict}.")
+    return lines
+
+
+def write_report(out: Path, results: dict[str, Any]) -> str:
+    """Table and findings to ``out`` (with the runs) and ``out.with_suffix('.md')``."""
+    order = {name: k for k, name in enumerate(ROWS)}
+    results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
+    table = summarize(results["runs"])
+    claims = findings(table)
+    results.update(summary=list(table), findings=claims)
+    markdown = (table.to_markdown(floatfmt=".4g") + "\n\nThe paper's claims and the goal, "
+                "computed from the table by `benchmarks/glue_small.py` (a claim is decided "
+                "when the gap is beyond the larger seed spread, one point on one seed):\n\n"
+                + "\n".join(claims) + "\n")
+    write_text(out, json.dumps(results, indent=2))
+    write_text(out.with_suffix(".md"), markdown)
+    return markdown
+
+
+def plan(tasks: list[str], rows: list[str], seeds: list[int] | None) -> list[tuple[str, str, int]]:
+    """Runs in the order they are computed: seed by seed, so every row gets a first seed."""
+    chosen = []
+    for seed in range(3):
+        for task in tasks:
+            task_seeds = TASKS[task][0] if task in TASKS else (0,)
+            if seed in task_seeds and (seeds is None or seed in seeds):
+                chosen += [(task, row, seed) for row in rows]
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--row", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--seed", type=int, nargs="+", default=None,
+                        help="only these seeds (default: each task's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every row on the shipped SST-2 sample, 64 examples, 2 steps")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    parser.add_argument("--work", type=Path, default=None,
+                        help=f"folder of the LFA and squeeze models (default: {WORK}, or next "
+                             "to --out with --quick)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the table and verdicts from the JSON, train nothing")
+    args = parser.parse_args(argv)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
+    done = {(r["task"], r["row"], r["seed"]): r for r in results["runs"]}
+    tasks = [QUICK_TASK] if args.quick else args.task
+    todo = [key for key in plan(tasks, args.row, args.seed) if key not in done]
+    if todo and not args.report_only:
+        work = args.work or (args.out.parent / "glue_small_work" if args.quick else WORK)
+        bench = Bench(args.quick, work)
+        work.mkdir(parents=True, exist_ok=True)
+        results.update(model="all-MiniLM-L6-v2 (embedded)", size=SIZE, targets=bench.targets,
+                       tasks={t: TASKS.get(t, ((0,), {}))[1] for t in tasks},
+                       squeeze=bench.squeeze.to_dict(), heal_steps=bench.heal_steps,
+                       threads=torch.get_num_threads())
+        for task, row, seed in todo:
+            if (task, row, seed) in done:  # the squeeze run also made its direct row
+                continue
+            if row in ("squeeze", "direct"):
+                new = run_squeeze(bench, task, seed, done.get((task, "squeeze", seed)))
+            else:
+                new = [run(bench, task, row, seed)]
+            for record in new:
+                done[(record["task"], record["row"], record["seed"])] = record
+                results["runs"].append(record)
+                print(f"{task} {record['row']} seed {seed}: {100 * record['metric']:.2f} at "
+                      f"{record['total_over_dense']:.3f} of dense ({record['seconds']:.0f} s)",
+                      file=sys.stderr, flush=True)
+            write_text(args.out, json.dumps(results, indent=2))
+        if args.quick and args.work is None:  # the smoke run's own scratch folder
+            shutil.rmtree(work)
+    print(write_report(args.out, results))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
