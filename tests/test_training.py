@@ -140,3 +140,12 @@ def test_inspect_changes_compares_two_saves(tiny_bert, data, tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 0
     rows = (tmp_path / "out" / "core_changes.csv").read_text().splitlines()
     assert len(rows) == 13 and all(r.split(",")[3] == "0.0" for r in rows[1:])  # LFA
+
+
+def test_training_arguments_leave_the_device_to_the_trainer(tmp_path):
+    """No run is forced onto the CPU: with CUDA present, the Trainer would use it."""
+    from mpotn.finetune.training import training_arguments
+
+    args = training_arguments(TrainingConfig(), tmp_path, progress=False, steps=10)
+    assert args.use_cpu is False
+    assert args.max_steps == 10 and args.warmup_steps == 1

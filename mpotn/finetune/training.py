@@ -231,7 +231,10 @@ def _metric_fn(data: TaskData) -> Any:
 
 def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, progress: bool,
                        steps: int) -> Any:
-    """``transformers.TrainingArguments`` for a CPU run that saves nothing by itself."""
+    """``transformers.TrainingArguments`` that save nothing by themselves.
+
+    The Trainer picks the device: CUDA when present (every visible GPU), else the CPU.
+    """
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -250,7 +253,6 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, pr
         report_to=[],
         seed=config.seed,
         data_seed=config.seed,
-        use_cpu=True,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
