@@ -4,34 +4,58 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import mpotn
 from mpotn.cli import main
-from mpotn.compression.models import load_model
+from mpotn.compression.calibrate import text_batches
+from mpotn.compression.models import load_model, load_tokenizer
+from mpotn.data import texts
 
 
 def test_compress_embedded_model_saves_a_model_that_loads_back_identically(tmp_path, capsys):
+    """The default: calibrated truncated SVDs at rho = 0.5, saved and loaded exactly."""
     out = tmp_path / "minilm-mpo"
-    assert main(["compress", "--ratio", "0.5", "--out", str(out), "--no-progress"]) == 0
+    with pytest.warns(UserWarning, match="embeddings.token_type_embeddings"):  # 2 x 384
+        assert main(["compress", "--ratio", "0.5", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
+    assert "calibrating on 256 sentences of the shipped SST-2 training sample" in printed
     assert "embeddings.word_embeddings" in printed and "#Pr" in printed
     report = json.loads((out / "report.json").read_text())
     assert len(report["matrices"]) == 40
-    assert all(m["ratio"] <= 0.5 for m in report["matrices"])
+    assert {m["structure"] for m in report["matrices"]} == {"svd"}
+    assert {m["calibration"] for m in report["matrices"]} == {"whitened"}
+    ratios = {m["name"]: m["ratio"] for m in report["matrices"]}
+    assert ratios.pop("embeddings.token_type_embeddings") == pytest.approx(386 / 768)
+    assert all(r <= 0.5 for r in ratios.values())
     assert 0.45 < report["totals"]["total_over_original"] < 0.55
     for name in ("errors.png", "entropy_heatmap.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     assert (out / "report.md").read_text().startswith("# mpotn compress")
 
     loaded = mpotn.load(out)
-    reference = mpotn.compress(load_model(), targets=["all-linear", "embeddings"], ratio=0.5,
-                               progress=False).eval()
+    with pytest.warns(UserWarning):
+        reference = mpotn.compress(
+            load_model(), targets=["all-linear", "embeddings"], ratio=0.5, structure="svd",
+            calibrate_embeddings=True, calibration=text_batches(load_tokenizer(), texts()),
+            progress=False).eval()
     ids = torch.randint(0, 30522, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a = loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         b = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
     assert float((a - b).abs().max()) == 0.0
+
+
+def test_compress_no_calibrate_truncates_balanced_mpos_by_their_weights(tiny_bert, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "plain"
+    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--no-calibrate", "--out",
+                 str(out), "--no-progress"]) == 0
+    assert "calibrating" not in capsys.readouterr().out
+    report = mpotn.load(out).report()
+    assert {r["structure"] for r in report} == {"mpo"}
+    assert {r["calibration"] for r in report} == {"none"}
 
 
 def test_compress_dry_run_lists_targets_and_writes_nothing(tmp_path, capsys):

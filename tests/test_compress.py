@@ -189,3 +189,15 @@ def test_lfa_parameters_are_auxiliary_cores_biases_and_norms():
     compressed = compress(model, targets=["0"], n=3, progress=False)
     names = [n for n, _ in lfa_parameters(compressed.base_model)]
     assert names == ["0.cores.0", "0.cores.2", "0.bias", "1.weight", "1.bias"]
+
+
+def test_a_matrix_that_cannot_reach_the_ratio_is_cut_to_bonds_of_one_with_a_warning():
+    """At ratio 0.5 a 2 x 384 SVD needs rank 1 (0.503 of it): it is floored, and said so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 384), nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match=r"1 matrices cannot reach their ratio .*: 0 \("):
+        compressed = compress(model, targets=["0", "1"], ratio=0.5, structure="svd",
+                              progress=False)
+    small, square = compressed.report()
+    assert small["bond_dims"] == "1" and small["ratio"] == pytest.approx(386 / 768)
+    assert square["bond_dims"] == "16" and square["ratio"] == 0.5

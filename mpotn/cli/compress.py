@@ -20,11 +20,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "compress",
         help="replace a model's matrices by MPO layers and save the compressed model",
         description=(
-            "Decompose the targeted matrices of MODEL into MPOs, truncate them by one "
-            "policy, print the report (shape, factorization, bonds, ratio, central-bond "
-            "entropy, Eq. 4 bound and actual error per matrix; #To and #Pr totals), and "
-            "save the model to --out with report.md, report.json and plots. Load it back "
-            "with mpotn.load(OUT)."
+            "Decompose the targeted matrices of MODEL into MPOs (by default the truncated "
+            "SVD, calibrated on 256 sentences so that each matrix keeps its outputs; "
+            "--no-calibrate for the paper's weight truncation of balanced MPOs), truncate "
+            "them by one policy, print the report (shape, factorization, bonds, ratio, "
+            "central-bond entropy, Eq. 4 bound and actual error per matrix; #To and #Pr "
+            "totals), and save the model to --out with report.md, report.json and plots. "
+            "Load it back with mpotn.load(OUT)."
         ),
     )
     compress.add_argument(
@@ -54,20 +56,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="how a --ratio budget is spread over bonds (default: optimal, minimising Eq. 4)",
     )
     compress.add_argument(
-        "--structure", choices=STRUCTURES, default="mpo",
+        "--structure", choices=STRUCTURES, default=None,
         help="mpo: --n cores with balanced factors; svd: the truncated SVD (an MPO with rows "
              "(I, 1) and columns (1, J)); auto: per matrix, the one with the lower error at "
-             "the same parameter count (default: mpo)")
+             "the same parameter count (default: svd when calibrating, the structure that "
+             "keeps a compressed model working best in docs/compression.md; mpo with "
+             "--no-calibrate)")
     compress.add_argument(
         "--budget", choices=BUDGETS, default="matrix",
         help="matrix: --ratio applies to each matrix; model: one budget for all targets, "
              "spent where it lowers the summed relative error most (default: matrix)")
-    compress.add_argument(
-        "--calibrate", nargs="?", const="", default=None, metavar="SOURCE",
+    calibration = compress.add_mutually_exclusive_group()
+    calibration.add_argument(
+        "--calibrate", nargs="?", const="", default="", metavar="SOURCE",
         help="truncate to minimise each matrix's output error on real inputs (SPEC Eq. 7) "
              "instead of its weight error: SOURCE is a GLUE task name (with --data-dir, or "
              "from the hub), a .txt file with one sentence per line, or nothing for the "
-             "shipped SST-2 training sample")
+             "shipped SST-2 training sample (default: calibrate on that sample)")
+    calibration.add_argument(
+        "--no-calibrate", dest="calibrate", action="store_const", const=None,
+        help="truncate the weights as the paper does (Eq. 4), without calibration text")
     compress.add_argument("--samples", type=int, default=256,
                           help="calibration sentences (default: 256)")
     compress.add_argument("--data-dir", default=None, metavar="DIR",
@@ -76,9 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--fit", choices=FITS, default="als",
         help="how a calibrated balanced MPO is fitted: als (alternating least squares on the "
              "output error) or whiten (Kronecker-factored whitening) (default: als)")
-    compress.add_argument("--calibrate-embeddings", action="store_true",
+    compress.add_argument("--calibrate-embeddings", action=argparse.BooleanOptionalAction,
+                          default=None,
                           help="also calibrate embeddings (token counts of the calibration "
-                               "text; tokens it never uses lose their rows)")
+                               "text; tokens it never uses lose their rows) (default: yes "
+                               "when calibrating)")
     compress.add_argument("--svd", choices=SVD_METHODS, default="auto",
                           help="SVD flavour of the decomposition (default: auto)")
     compress.add_argument("--dry-run", action="store_true",
@@ -123,11 +133,14 @@ def run(args: argparse.Namespace) -> None:
     policy = {"max_bond": args.max_bond, "tol": args.tol, "ratio": args.ratio}
     if not args.full_rank and all(v is None for v in policy.values()):
         policy["ratio"] = 0.5
+    calibrating = args.calibrate is not None
     config = CompressionConfig(
         targets=args.regex or args.targets, exclude=args.exclude, n=args.n,
-        allocation=args.allocation, svd=args.svd, structure=args.structure,
+        allocation=args.allocation, svd=args.svd,
+        structure=args.structure or ("svd" if calibrating else "mpo"),
         budget=args.budget, fit=args.fit,
-        calibrate_embeddings=args.calibrate_embeddings, **policy,
+        calibrate_embeddings=(calibrating if args.calibrate_embeddings is None
+                              else args.calibrate_embeddings), **policy,
     )
     model = load_model(args.model)
     name = args.model or "all-MiniLM-L6-v2 (embedded)"
@@ -136,9 +149,11 @@ def run(args: argparse.Namespace) -> None:
         return
     tokenizer = load_tokenizer(args.model)
     batches = None
-    if args.calibrate is not None:
+    if calibrating:
         sentences = texts(args.calibrate or None, samples=args.samples, data_dir=args.data_dir)
         batches = text_batches(tokenizer, sentences)
+        print(f"calibrating on {len(sentences)} sentences of "
+              f"{args.calibrate or 'the shipped SST-2 training sample'}")
     compressed = compress(model, config, calibration=batches,
                           progress=not args.no_progress).eval()
     print(f"model: {name}")

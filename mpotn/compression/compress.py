@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -182,16 +183,32 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
         paths = [mpo_path(t.name, candidates[t.name][0].full) for t in targets]
         cuts = spend(paths, budget)
         return {p.name: {"params": p.params_after(cuts[p.name])} for p in paths}
-    policies = {}
+    policies, floored = {}, []
     for t in targets:
         settings = t.settings
         if settings["structure"] == "auto":  # equal parameter counts for both structures
             params = settings["params"] or int(settings["ratio"] * t.matrix.numel())
             policies[t.name] = {"params": params}
+        elif settings["ratio"] is not None and _below_smallest(candidates[t.name][0].full,
+                                                               settings["ratio"]):
+            policies[t.name] = {"max_bond": 1}
+            floored.append(t.name)
         else:
             policies[t.name] = {k: settings[k] for k in ("max_bond", "tol", "ratio", "params",
                                                          "bond_dims", "allocation")}
+    if floored:
+        warnings.warn(
+            f"{len(floored)} matrices cannot reach their ratio even with every bond at 1 and "
+            f"are cut to bonds of 1 instead: {', '.join(floored[:5])}"
+            f"{' ...' if len(floored) > 5 else ''} (the report shows their ratios; exclude them "
+            "or use budget='model' to spend the same total elsewhere)", stacklevel=3)
     return policies
+
+
+def _below_smallest(full: MPO, ratio: float) -> bool:
+    """Whether ``ratio`` of the (padded) matrix is less than the MPO with every bond at 1."""
+    smallest = sum(core.numel() for core in full.truncate(max_bond=1).cores)
+    return ratio * full.padded_shape[0] * full.padded_shape[1] < smallest
 
 
 def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: nn.Module,
