@@ -33,8 +33,9 @@ Configurations (``mpotn.compress`` settings):
 ``mpo + als, model budget``
     one budget for all matrices, then ALS;
 ``... + heal``
-    then 300 steps of healing (``mpotn.finetune.heal``, all parameters, on the
-    2,000 shipped SST-2 training sentences; none of them is a dev sentence).
+    then 300 steps (``heal 1000``: 1,000) of healing (``mpotn.finetune.heal``,
+    all parameters, on the 2,000 shipped SST-2 training sentences; none of
+    them is a dev sentence).
 
 At 0.5 the token-type embedding (2 x 384) cannot reach a per-matrix ratio of
 0.5 (rank 1 is 0.503 of it): SVD configurations without the model budget cut it to
@@ -79,6 +80,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
     "svd, embeddings calibrated, model budget + heal": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 300}, True),
     "mpo + als, model budget + heal": ({"fit": "als", "budget": "model", "heal": 300}, True),
+    "svd, embeddings calibrated, model budget + heal 1000": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 1000}, True),
     "plain mpo + heal": ({"heal": 300}, False),
 }
 SMALLEST_TOKEN_TYPE = 386 / 768  # the rank-1 token-type embedding, over its dense size
