@@ -32,14 +32,51 @@ of the documentation for one line per module and the path of a matrix from
 [compress][mpotn.compression.compress.compress] to ``forward``.
 """
 
-from mpotn.compression.compress import compress
-from mpotn.compression.config import CompressionConfig
-from mpotn.compression.model import MPOModel, load
-from mpotn.contraction import ContractionCost
-from mpotn.layers import MPOEmbedding, MPOLinear
-from mpotn.mpo import MPO
-from mpotn.shapes import Factorization, factorize, full_bond_dims, pad_to_factorable
-from mpotn.table import Table
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported on first use (below), so that ``mpotn --help`` stays fast
+    from mpotn.compression.compress import compress
+    from mpotn.compression.config import CompressionConfig
+    from mpotn.compression.model import MPOModel, load
+    from mpotn.contraction import ContractionCost
+    from mpotn.layers import MPOEmbedding, MPOLinear
+    from mpotn.mpo import MPO
+    from mpotn.shapes import Factorization, factorize, full_bond_dims, pad_to_factorable
+    from mpotn.table import Table
+
+#: Where each re-exported name lives; ``import mpotn`` imports none of them (nor torch).
+_EXPORTS = {
+    "compress": "mpotn.compression.compress",
+    "CompressionConfig": "mpotn.compression.config",
+    "MPOModel": "mpotn.compression.model",
+    "load": "mpotn.compression.model",
+    "ContractionCost": "mpotn.contraction",
+    "MPOEmbedding": "mpotn.layers",
+    "MPOLinear": "mpotn.layers",
+    "MPO": "mpotn.mpo",
+    "Factorization": "mpotn.shapes",
+    "factorize": "mpotn.shapes",
+    "full_bond_dims": "mpotn.shapes",
+    "pad_to_factorable": "mpotn.shapes",
+    "Table": "mpotn.table",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The re-exported names, imported from their module on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mpotn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "MPO",

@@ -14,6 +14,8 @@ tier and is no tier itself (nothing inside the package may import it).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -170,3 +172,26 @@ def test_the_checks_pass_a_good_layout():
                "pkg.compression.compress": "from pkg.compression.serialization import save\n"
                                            "from pkg.layers import MPOLinear\n"}
     assert violations(import_graph(sources, SYNTHETIC), SYNTHETIC) == []
+
+
+def test_the_command_line_parses_without_importing_torch_or_transformers():
+    """``mpotn --help`` builds every subcommand's parser from light modules only."""
+    code = ("import sys; from mpotn.cli import build_parser; build_parser(); import mpotn; "
+            "print(sorted(m for m in ('torch', 'transformers', 'tensornetwork') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_package_exports_resolve_on_first_use():
+    """``mpotn.MPO`` and the other re-exports are the objects of their home modules."""
+    import importlib
+
+    import mpotn
+
+    for name, module in mpotn._EXPORTS.items():
+        assert getattr(mpotn, name) is getattr(importlib.import_module(module), name)
+    assert sorted(mpotn.__all__) == sorted(mpotn._EXPORTS)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        mpotn.nothing  # noqa: B018
