@@ -100,3 +100,28 @@ def test_hub_id_resolves_through_the_hub_cache_offline(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["40", "22713216"]
+
+
+def test_load_pretrained_keeps_the_head_its_config_names(tmp_path):
+    """A classifier comes back as a classifier; an unknown architecture name falls back to
+    AutoModel without importing anything named in the folder."""
+    import json
+
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from mpotn.analysis.fidelity import sentence_embeddings
+    from mpotn.compression.models import load_pretrained, load_tokenizer
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    model = load_pretrained(tmp_path / "clf")
+    assert type(model) is BertForSequenceClassification and model.classifier.out_features == 3
+    embeddings = sentence_embeddings(model, load_tokenizer(), ["a fine film .", "dull ."])
+    assert embeddings.shape == (2, 32)
+
+    saved = json.loads((tmp_path / "clf" / "config.json").read_text())
+    saved["architectures"] = ["evil.Payload"]
+    (tmp_path / "clf" / "config.json").write_text(json.dumps(saved))
+    assert type(load_pretrained(tmp_path / "clf")) is BertModel

@@ -38,8 +38,10 @@ def sentence_embeddings(
 ) -> torch.Tensor:
     """Mean-pooled last hidden states, one row per sentence (in input order).
 
-    Sentences are batched by length to keep padding small; padding tokens are
-    excluded from the mean through the attention mask.
+    The last of the model's ``hidden_states``, so that a model with a head (a
+    classifier, a causal LM) is compared by its body's output too. Sentences
+    are batched by length to keep padding small; padding tokens are excluded
+    from the mean through the attention mask.
     """
     model.eval()
     order = sorted(range(len(sentences)), key=lambda k: len(sentences[k]))
@@ -48,7 +50,7 @@ def sentence_embeddings(
         chunk = order[start : start + batch_size]
         batch = tokenizer([sentences[k] for k in chunk], padding=True, truncation=True,
                           max_length=max_length, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
         for k, row in zip(chunk, pooled):

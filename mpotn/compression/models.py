@@ -97,6 +97,35 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> nn.Module:
     return model.eval()
 
 
+def load_pretrained(name_or_path: str | os.PathLike | None = None) -> nn.Module:
+    """Load a pre-trained model with its head, in eval mode.
+
+    The class is the first of ``config.architectures`` when transformers has a
+    model class of that name (``GPT2LMHeadModel``, ``BertForSequenceClassification``,
+    ...), so that a causal LM keeps its ``lm_head`` and a classifier its
+    classifier; ``AutoModel`` otherwise. Only transformers' own classes are
+    used: nothing named in the folder is imported.
+
+    Examples
+    --------
+    >>> type(load_pretrained()).__name__  # the embedded model's config names BertModel
+    'BertModel'
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+    source = resolve_model(name_or_path)
+    try:
+        architectures = AutoConfig.from_pretrained(source).architectures or []
+        named = getattr(transformers, architectures[0], None) if architectures else None
+        cls = named if isinstance(named, type) and issubclass(named, PreTrainedModel) else (
+            AutoModel)
+        model = cls.from_pretrained(source)
+    except OSError as error:
+        raise ValueError(_unloadable(source)) from error
+    return model.eval()
+
+
 def load_classifier(
     name_or_path: str | os.PathLike | None = None, num_labels: int = 2
 ) -> nn.Module:
