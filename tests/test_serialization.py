@@ -134,6 +134,13 @@ def test_files_that_disagree_with_the_config_are_clear_errors(saved, tmp_path):
     config = json.loads((target / CONFIG_NAME).read_text())
     config["layers"]["encoder.layer.0.intermediate.dense"]["bond_dims"][2] += 1
     (target / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mpotn_config\.json was edited after it was saved"):
+        load(target)
+    # the same edit of a save whose weights record no config hash (an older save)
+    weights = target / config["weights"]
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), weights)
+    config["sha256"] = serialization._sha256(weights)
+    (target / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"the weights disagree with mpotn_config\.json"):
         load(target)
     # missing weights

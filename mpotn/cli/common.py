@@ -81,6 +81,9 @@ def _add_training(parser: argparse.ArgumentParser, epochs: float, default_out: s
                        help="use only the first N evaluation examples (default: all)")
     train.add_argument("--out", default=default_out,
                        help=f"output folder (default: ./{default_out})")
+    train.add_argument("--overwrite", action="store_true",
+                       help="write OUT/model/ even if it holds files mpotn did not write (they "
+                            "are kept; without this flag that is an error)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

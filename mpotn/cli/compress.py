@@ -95,6 +95,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="list what would be replaced, with sizes, and stop")
     compress.add_argument("--out", default="mpotn-compressed",
                           help="output folder (default: ./mpotn-compressed)")
+    compress.add_argument("--overwrite", action="store_true",
+                          help="save into --out even if it holds files mpotn did not write, "
+                               "such as a Hugging Face model (they are kept; without this flag "
+                               "that is an error)")
     compress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -124,10 +128,13 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.analysis.reports import report_table, write_compression_report
     from mpotn.compression import CompressionConfig, compress, plan
     from mpotn.compression.calibrate import text_batches
-    from mpotn.compression.models import load_model, load_tokenizer
+    from mpotn.compression.models import load_pretrained, load_tokenizer
+    from mpotn.compression.serialization import check_save_target
     from mpotn.data import texts
 
     start = time.perf_counter()
+    if not args.dry_run:
+        check_save_target(args.out, args.overwrite)
     if args.max_bond is not None and args.max_bond < 1:
         raise ValueError(f"--max-bond must be >= 1, got {args.max_bond}")
     policy = {"max_bond": args.max_bond, "tol": args.tol, "ratio": args.ratio}
@@ -142,8 +149,9 @@ def run(args: argparse.Namespace) -> None:
         calibrate_embeddings=(calibrating if args.calibrate_embeddings is None
                               else args.calibrate_embeddings), **policy,
     )
-    model = load_model(args.model)
+    model = load_pretrained(args.model)
     name = args.model or "all-MiniLM-L6-v2 (embedded)"
+    print(f"loaded {name} as {type(model).__name__} (its config's architecture)")
     if args.dry_run:
         print(plan(model, config).to_markdown())
         return
@@ -160,11 +168,11 @@ def run(args: argparse.Namespace) -> None:
     print(report_table(compressed))
     print(compressed.summary())
     try:
-        _check_fidelity(compressed, load_model(args.model), tokenizer,
+        _check_fidelity(compressed, load_pretrained(args.model), tokenizer,
                         calibrated=batches is not None)
     except (ValueError, AttributeError) as error:  # no pad token, no last_hidden_state
         print(f"fidelity check skipped: {error}")
-    compressed.save_pretrained(args.out)
+    compressed.save_pretrained(args.out, overwrite=args.overwrite)
     paths = write_compression_report(compressed, args.out, name)
     print(f"\n{len(compressed.report())} matrices in {time.perf_counter() - start:.1f} s; "
           f"saved the model to {args.out} (load it with mpotn.load({args.out!r})); wrote:")

@@ -45,8 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Prepare the model for the strategy, fine-tune, evaluate, write the run."""
+    from pathlib import Path
+
+    from mpotn.atomic import check_writable
     from mpotn.finetune.training import finetune, prepare_model, write_run
 
+    check_writable(Path(args.out) / "model", args.overwrite)
     data = common.load_task(args)
     config = common.training_config(args, args.strategy, k=args.k, lora_rank=args.lora_rank)
     compression = {k: v for k, v in (("ratio", args.ratio), ("max_bond", args.max_bond))
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> None:
                                      compress_model=args.compress or None,
                                      progress=not args.no_progress)
     result = finetune(model, tokenizer, data, config, progress=not args.no_progress)
-    paths = write_run(result, tokenizer, args.out, f"fine-tuning ({args.strategy})")
+    paths = write_run(result, tokenizer, args.out, f"fine-tuning ({args.strategy})",
+                      overwrite=args.overwrite)
     common._print_record(result.record, f"{data.spec.name}, strategy {args.strategy}:")
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

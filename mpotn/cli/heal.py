@@ -72,6 +72,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     heal.add_argument("model", help="the compressed model: a folder saved by mpotn")
     heal.add_argument("--out", required=True, help="output folder")
+    heal.add_argument("--overwrite", action="store_true",
+                      help="write OUT/model/ even if it holds files mpotn did not write (they "
+                           "are kept; without this flag that is an error)")
     heal.add_argument(
         "--teacher", default=None,
         help="the original model: local folder or hub id (default: the embedded "
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> None:
     """Load the student and the teacher, heal, write the run and print a summary."""
     from pathlib import Path
 
+    from mpotn.atomic import check_writable
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_model, load_tokenizer
     from mpotn.data.texts import texts
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    check_writable(Path(args.out) / "model", args.overwrite)
     if not is_saved_model(args.model):
         raise ValueError(f"{args.model} is not a model saved by mpotn (compress it first with "
                          "mpotn compress)")
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
                       seed=config.seed)
     result = heal(student, teacher, tokenizer, sentences, config, out=args.out,
                   resume=args.resume, progress=not args.no_progress)
-    paths = write_heal(result, tokenizer, args.out)
+    paths = write_heal(result, tokenizer, args.out, overwrite=args.overwrite)
     print(f"\nhealed {args.model} ({result.config.train}: {result.trainable_params:,} of "
           f"{result.total_params:,} parameters) for {result.steps} steps on "
           f"{result.train_texts} sentences in {result.seconds:.1f} s on {result.device}")

@@ -60,12 +60,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Fine-tune first if needed, squeeze, optionally run the direct ablation."""
-    from mpotn.atomic import write_text
+    from mpotn.atomic import check_writable, write_text
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_tokenizer
     from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
     from mpotn.finetune.training import finetune, prepare_model
 
+    check_writable(Path(args.out) / "model", args.overwrite)
     data = common.load_task(args)
     types = None if args.types == ["all"] else args.types
     config = SqueezeConfig(types=types, cut=args.cut, budget=args.budget or None,
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
                            target_ratio=args.target_ratio)
     training = common.training_config(args, "lfa")
     squeezer = Squeezer(None, None, data, config, training, args.out,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, overwrite=args.overwrite)
     if args.resume:
         if not squeezer.has_checkpoint():
             raise ValueError(f"nothing to resume: {args.out} holds no squeeze checkpoint; run "

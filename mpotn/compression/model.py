@@ -112,9 +112,10 @@ class MPOModel(nn.Module):
         """Print [summary][mpotn.compression.model.MPOModel.summary]."""
         print(self.summary())
 
-    def save_pretrained(self, directory: str) -> None:
-        """Save weights and plan atomically; see [mpotn.compression.serialization.save][]."""
-        save(self, directory)
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
+        """Save weights and plan atomically; see [mpotn.compression.serialization.save][]
+        (``overwrite`` lets it write into a folder that holds files mpotn did not write)."""
+        save(self, directory, overwrite)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None

@@ -6,14 +6,29 @@ A save directory holds
 * ``mpotn_config.json`` -- format and version, the compression config, every
   MPO layer's factorization and bonds, the report, the base model's class and
   Hugging Face config, and the name and SHA-256 of the weights file;
-* ``model-<sha12>.safetensors`` -- the whole state dict (cores and the rest).
+* ``model-<sha12>.safetensors`` -- the whole state dict (cores and the rest),
+  each tensor in its own dtype, with the SHA-256 of the rest of the config in
+  its metadata (``mpotn_config_sha256``).
 
-A save is atomic: the weights go to a new content-addressed file first, then
-``mpotn_config.json`` is replaced in one rename, and only then are weights files
-it no longer names removed. A crash at any point leaves the earlier save (its
-config and the weights it names) valid. [read][mpotn.compression.serialization.read] rebuilds the
-model from the config alone -- the original weights are not needed -- and checks that the
-files agree with it.
+A save is atomic: the weights go to a hidden temporary file, then to a new
+content-addressed file, then ``mpotn_config.json`` is replaced in one rename, and
+only then are the weights files it no longer names removed -- those whose
+content matches their name (``model-`` and the first 12 hex digits of their
+SHA-256), the only files mpotn can prove it wrote; a Hugging Face model's
+``model-00001-of-00003.safetensors`` is never touched. A crash at any point
+leaves the earlier save (its config and the weights it names) valid, and the
+next successful save removes what the crash left. A folder that is not an
+mpotn save and holds files mpotn did not write is refused unless
+``overwrite=True``.
+
+[read][mpotn.compression.serialization.read] rebuilds the model from the config
+alone -- the original weights are not needed -- and treats the folder as
+untrusted input: the config must have exactly the fields mpotn writes, every
+path in it must stay inside the folder, the model class must be one of
+transformers' own (nothing named in the file is imported), the weights must
+match their SHA-256 and the config the SHA-256 in the weights (older saves
+without it are read without that check), and every rebuilt layer must fit the
+module it replaces. Each failure is one ``ValueError`` that names the file.
 
 Nothing here knows [MPOModel][mpotn.compression.model.MPOModel]:
 [save][mpotn.compression.serialization.save] takes any object with its attributes (``base_model``,
@@ -26,25 +41,48 @@ Nothing here knows [MPOModel][mpotn.compression.model.MPOModel]:
 from __future__ import annotations
 
 import hashlib
-import importlib
+import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mpotn.atomic import atomic_path, write_text
+from mpotn.atomic import check_writable, publish, remove_stale_temps, temp_path, write_text
 from mpotn.compression.config import FACTORIZED_LAYERS, CompressionConfig, replace_module
 from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
-from mpotn.methods import FactorNetwork
+from mpotn.methods import DECOMPOSITIONS, FactorNetwork
 from mpotn.shapes import Factorization
 
 CONFIG_NAME = "mpotn_config.json"
 FORMAT = "mpotn"
 FORMAT_VERSION = 1
+#: The fields of ``mpotn_config.json``, all required.
+FIELDS = ("format", "format_version", "weights", "sha256", "dtype", "base_model", "compression",
+          "original_params", "layers", "report")
+#: The dtypes a save may name, with safetensors' code for each.
+DTYPES = {"float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16),
+          "float32": ("F32", torch.float32), "float64": ("F64", torch.float64)}
+#: Every layer kind a save may name, with the fields of its entry in ``layers``.
+LAYER_KINDS = {
+    "linear": {"kind", "in_features", "out_features", "bias", "row_shape", "col_shape",
+               "bond_dims"},
+    "embedding": {"kind", "num_embeddings", "embedding_dim", "padding_idx", "row_shape",
+                  "col_shape", "bond_dims"},
+    "factorized-linear": {"kind", "bias", "method", "legs", "shapes", "rows", "cols"},
+    "factorized-embedding": {"kind", "padding_idx", "method", "legs", "shapes", "rows", "cols"},
+}
+#: Key of the weights file's metadata that holds the SHA-256 of the config.
+DIGEST_KEY = "mpotn_config_sha256"
+#: Temporary name of the weights while they are written (hidden, see mpotn.atomic).
+_WEIGHTS_TEMP = "model.safetensors"
+_WEIGHTS_NAME = re.compile(r"model-([0-9a-f]{12})\.safetensors")
+_FIX = "the file was edited or damaged; save the model again with MPOModel.save_pretrained"
 
 
 class SavedModel(NamedTuple):
@@ -112,36 +150,73 @@ def _base_model_spec(model: nn.Module) -> dict[str, Any] | None:
     return {"class": cls.__name__, "module": cls.__module__, "config": config.to_dict()}
 
 
-def save(model: Any, directory: str | os.PathLike) -> Path:
+def _config_digest(config: dict[str, Any]) -> str:
+    """SHA-256 of the config without the fields that name the weights (canonical JSON)."""
+    body = {k: v for k, v in config.items() if k not in ("weights", "sha256")}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _own_weights(directory: Path) -> list[Path]:
+    """Weights files of earlier saves in ``directory``: content-addressed, content matching."""
+    return [path for path in directory.iterdir()
+            if (match := _WEIGHTS_NAME.fullmatch(path.name)) and path.is_file()
+            and not path.is_symlink() and _sha256(path).startswith(match.group(1))]
+
+
+def check_save_target(directory: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse ``directory`` as a place to save in, before any work: a file, or a folder that
+    is not an mpotn save and holds files mpotn did not write (unless ``overwrite``; see
+    [mpotn.atomic.check_writable][])."""
+    if not is_saved_model(directory):
+        check_writable(directory, overwrite)
+
+
+def save(model: Any, directory: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model`` (an [MPOModel][mpotn.compression.model.MPOModel]) to ``directory``
-    atomically (see the module docstring)."""
+    atomically (see the module docstring).
+
+    Parameters
+    ----------
+    model:
+        The compressed model.
+    directory:
+        A new folder, an empty one or an earlier mpotn save.
+    overwrite:
+        Also write into a folder that holds files mpotn did not write (a Hugging
+        Face model, say); they are left as they are.
+
+    Raises
+    ------
+    ValueError
+        If ``directory`` is a file, or holds files mpotn did not write and
+        ``overwrite`` is false.
+    """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} exists and is not a directory")
+    check_save_target(directory, overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     base = model.base_model
-    written = directory / "model.safetensors"
-    with atomic_path(written) as tmp:
-        save_model(base, str(tmp))
-    digest = _sha256(written)
-    weights = directory / f"model-{digest[:12]}.safetensors"
-    os.replace(written, weights)
-    dtype = next(base.parameters()).dtype
-    config = {
+    config = json.loads(json.dumps({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "weights": weights.name,
-        "sha256": digest,
-        "dtype": str(dtype).removeprefix("torch."),
+        "weights": None,
+        "sha256": None,
+        "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
         "base_model": _base_model_spec(base),
         "compression": model.config.to_dict(),
         "original_params": model.original_params,
         "layers": {name: _layer_spec(layer)
                    for name, layer in model.compressed_layers().items()},
         "report": list(model.report()),
-    }
+    }))
+    with temp_path(directory / _WEIGHTS_TEMP) as tmp:
+        save_model(base, str(tmp), metadata={DIGEST_KEY: _config_digest(config)})
+        digest = _sha256(tmp)
+        weights = publish(tmp, directory / f"model-{digest[:12]}.safetensors")
+    config["weights"], config["sha256"] = weights.name, digest
     write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
-    for stale in directory.glob("model-*.safetensors"):
+    remove_stale_temps(directory / _WEIGHTS_TEMP)
+    for stale in _own_weights(directory):
         if stale.name != weights.name:
             stale.unlink()
     return directory
@@ -152,7 +227,57 @@ def is_saved_model(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
+def resolve_inside(folder: Path, name: Any, source: str) -> Path:
+    """``folder / name`` for a name read from ``source``, refused unless it is a plain name
+    that resolves inside ``folder`` (no separators, no ``..``, no absolute path, no
+    symbolic link that leads out)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name
+            or (folder / name).resolve().parent != folder.resolve()):
+        raise ValueError(f"{source} names {name!r}, which is not a file inside {folder}; "
+                         f"{_FIX}")
+    return folder / name
+
+
+def _is_count(value: Any, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_count(v) for v in value)
+
+
+def _check_layer(name: str, spec: Any, path: Path) -> None:
+    """Check one entry of ``layers`` against its kind's fields and types."""
+    where = f"{path}: layer {name!r}"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} is {type(spec).__name__}, not an object; {_FIX}")
+    kind = spec.get("kind")
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"{where} has the unknown kind {kind!r} (mpotn writes "
+                         f"{', '.join(LAYER_KINDS)}); {_FIX}")
+    fields = LAYER_KINDS[kind]
+    if spec.keys() != fields:
+        raise ValueError(f"{where} ({kind}) lacks {sorted(fields - spec.keys())} and has the "
+                         f"unknown {sorted(spec.keys() - fields)}; {_FIX}")
+    wrong = [key for key, value in spec.items() if not (
+        key == "kind"
+        or (key in ("in_features", "out_features", "num_embeddings", "embedding_dim")
+            and _is_count(value))
+        or (key == "bias" and isinstance(value, bool))
+        or (key == "padding_idx" and (value is None or _is_count(value, 0)))
+        or (key in ("row_shape", "col_shape", "bond_dims", "rows", "cols") and _counts(value))
+        or (key == "method" and value in DECOMPOSITIONS)
+        or (key == "shapes" and isinstance(value, dict) and all(map(_counts, value.values())))
+        or (key == "legs" and isinstance(value, dict) and all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in value.values())))]
+    if wrong:
+        raise ValueError(f"{where} has invalid {', '.join(f'{k}={spec[k]!r}' for k in wrong)} "
+                         f"(sizes are whole numbers >= 1, bias true or false, the method one of "
+                         f"{', '.join(DECOMPOSITIONS)}); {_FIX}")
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
+    """Read ``mpotn_config.json`` and check its fields, their types and the layers."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise ValueError(
@@ -160,9 +285,13 @@ def _read_config(directory: Path) -> dict[str, Any]:
             "MPOModel.save_pretrained or `mpotn compress --out`)"
         )
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); {_FIX}") from error
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; {_FIX}")
     if config.get("format") != FORMAT:
         raise ValueError(f"{path} is not an mpotn config (format {config.get('format')!r})")
     if config.get("format_version") != FORMAT_VERSION:
@@ -170,10 +299,52 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"{path} has format version {config.get('format_version')}; this mpotn reads "
             f"version {FORMAT_VERSION}"
         )
+    missing, extra = set(FIELDS) - config.keys(), config.keys() - set(FIELDS)
+    if missing or extra:
+        raise ValueError(f"{path} lacks the fields {sorted(missing)} and has the unknown fields "
+                         f"{sorted(extra)}; {_FIX}")
+    base = config["base_model"]
+    checks = {
+        "sha256": isinstance(config["sha256"], str),
+        "dtype": config["dtype"] in DTYPES,
+        "base_model": base is None or (isinstance(base, dict)
+                                       and base.keys() == {"class", "module", "config"}
+                                       and isinstance(base["class"], str)
+                                       and isinstance(base["module"], str)
+                                       and isinstance(base["config"], dict)),
+        "compression": isinstance(config["compression"], dict),
+        "original_params": _is_count(config["original_params"], 0),
+        "layers": isinstance(config["layers"], dict),
+        "report": isinstance(config["report"], list),
+    }
+    wrong = [key for key, ok in checks.items() if not ok]
+    if wrong:
+        raise ValueError(f"{path} has invalid {', '.join(f'{k}={config[k]!r:.80}' for k in wrong)}"
+                         f" (dtype is one of {', '.join(DTYPES)}); {_FIX}")
+    for name, spec in config["layers"].items():
+        _check_layer(name, spec, path)
     return config
 
 
-def _base_model(spec: dict[str, Any] | None, model: nn.Module | None) -> nn.Module:
+def _model_class(spec: dict[str, Any], path: Path) -> type[nn.Module]:
+    """The transformers model class a save names; nothing named in the file is imported."""
+    import transformers
+
+    name, module = spec["class"], spec["module"]
+    cls = None
+    if name.isidentifier() and not name.startswith("_") and (
+            module == "transformers" or module.startswith("transformers.")):
+        cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(
+            f"{path} names the model class {module}.{name}, which is not one of transformers' "
+            "model classes; mpotn never imports a module named in a save. If you trust this "
+            "save, pass an uncompressed instance of its architecture as "
+            "load(directory, model=...)")
+    return cls
+
+
+def _base_model(spec: dict[str, Any] | None, model: nn.Module | None, path: Path) -> nn.Module:
     if model is not None:
         return model
     if spec is None:
@@ -181,12 +352,69 @@ def _base_model(spec: dict[str, Any] | None, model: nn.Module | None) -> nn.Modu
             "this save was made from a model without a Hugging Face config; pass an "
             "uncompressed instance of its architecture as load(directory, model=...)"
         )
-    cls = getattr(importlib.import_module(spec["module"]), spec["class"])
-    return cls(cls.config_class.from_dict(spec["config"]))
+    cls = _model_class(spec, path)
+    try:
+        return cls(cls.config_class.from_dict(spec["config"]))
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
+        raise ValueError(f"{path}: the base model's config does not build a {cls.__name__} "
+                         f"({error}); {_FIX}") from error
+
+
+def _matrix(module: nn.Module) -> tuple[str, int, int] | None:
+    """``(kind, rows, cols)`` of a linear layer or embedding, as its constructor takes them."""
+    if isinstance(module, (nn.Linear, MPOLinear, FactorizedLinear)):
+        return "linear", module.in_features, module.out_features
+    if isinstance(module, (nn.Embedding, MPOEmbedding, FactorizedEmbedding)):
+        return "embedding", module.num_embeddings, module.embedding_dim
+    return None
+
+
+def _layer(base: nn.Module, name: str, spec: dict[str, Any], dtype: torch.dtype,
+           path: Path) -> nn.Module:
+    """Build the layer ``spec`` describes and check that it fits the module it replaces."""
+    try:
+        target = base.get_submodule(name)
+    except AttributeError as error:
+        raise ValueError(f"{path}: the model has no module {name!r} to replace") from error
+    try:
+        layer = _build_layer(spec, dtype)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        raise ValueError(f"{path}: layer {name!r} cannot be built ({error}); {_FIX}") from error
+    if _matrix(layer) != _matrix(target):
+        raise ValueError(
+            f"{path}: layer {name!r} is a {_matrix(layer)} (kind, in, out) but the model's "
+            f"{type(target).__name__} there is {_matrix(target)}; {_FIX}")
+    return layer
+
+
+def _cast_like_file(base: nn.Module, weights: Path) -> None:
+    """Give every floating parameter and buffer the dtype its tensor has in ``weights``."""
+    with safe_open(str(weights), framework="pt") as handle:
+        names = handle.keys()  # a safe_open handle is not iterable
+        codes = {key: handle.get_slice(key).get_dtype() for key in names}
+    by_code = dict(DTYPES.values())
+    for name, tensor in itertools.chain(base.named_parameters(remove_duplicate=False),
+                                        base.named_buffers(remove_duplicate=False)):
+        dtype = by_code.get(codes.get(name, ""))
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def _check_digest(weights: Path, config: dict[str, Any], path: Path) -> None:
+    with safe_open(str(weights), framework="pt") as handle:
+        recorded = (handle.metadata() or {}).get(DIGEST_KEY)
+    if recorded is not None and recorded != _config_digest(config):
+        raise ValueError(
+            f"{path} was edited after it was saved: it no longer matches the SHA-256 recorded "
+            f"in {weights.name} (an edited architecture, dtype or layer would load a different "
+            "model); restore the file, or save the model again with MPOModel.save_pretrained")
 
 
 def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedModel:
     """Rebuild a compressed module from a save directory, without the original weights.
+
+    Nothing named in the save is imported, and no path in it may lead outside
+    ``directory``; every parameter and buffer gets the dtype it was saved in.
 
     Parameters
     ----------
@@ -194,19 +422,27 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
         A folder written by ``save_pretrained``.
     model:
         An uncompressed instance of the architecture; needed only for models
-        without a Hugging Face config (it is modified in place).
+        without a Hugging Face config, or whose class is not one of
+        transformers' own (it is modified in place).
 
     Raises
     ------
     ValueError
-        If the folder is not an mpotn save, or its files disagree with its
-        config (missing or altered weights, shapes that differ from the plan).
+        If the folder is not an mpotn save, or its config is not what mpotn
+        writes (a missing or unknown field, a wrong type, an unknown layer kind,
+        a dtype other than float16, bfloat16, float32 or float64, a path out of
+        the folder, a model class that is not transformers'), or its files
+        disagree with each other (missing or altered weights, an edited config,
+        layers that do not fit the model).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory} is not a directory")
     config = _read_config(directory)
-    weights = directory / config["weights"]
+    path = directory / CONFIG_NAME
+    if model is None and config["base_model"] is not None:
+        _model_class(config["base_model"], path)
+    weights = resolve_inside(directory, config["weights"], f"{path} 'weights'")
     if not weights.is_file():
         raise ValueError(f"{directory}: {CONFIG_NAME} names {weights.name}, which is missing")
     if _sha256(weights) != config["sha256"]:
@@ -214,14 +450,16 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
             f"{directory}: {weights.name} does not match the SHA-256 in {CONFIG_NAME}; the "
             "weights were altered or belong to another save"
         )
-    base = _base_model(config["base_model"], model)
-    dtype = getattr(torch, config["dtype"])
+    _check_digest(weights, config, path)
+    try:
+        compression = CompressionConfig.from_dict(config["compression"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: 'compression' is invalid ({error}); {_FIX}") from error
+    base = _base_model(config["base_model"], model, path)
+    dtype = DTYPES[config["dtype"]][1]
     for name, spec in config["layers"].items():
-        try:
-            base.get_submodule(name)
-        except AttributeError as error:
-            raise ValueError(f"{directory}: the model has no module {name!r} to replace") from error
-        replace_module(base, name, _build_layer(spec, dtype))
+        replace_module(base, name, _layer(base, name, spec, dtype, path))
+    _cast_like_file(base, weights)
     try:
         load_model(base, str(weights), strict=True)
     except RuntimeError as error:
@@ -229,5 +467,4 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
             f"{directory}: the weights disagree with {CONFIG_NAME}: {error}"
         ) from error
     base.eval()
-    compression = CompressionConfig.from_dict(config["compression"])
     return SavedModel(base, compression, config["report"], config["original_params"])

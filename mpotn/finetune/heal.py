@@ -617,11 +617,13 @@ def heal(
     )
 
 
-def write_heal(result: HealResult, tokenizer: Any, out: str | os.PathLike) -> dict[str, Path]:
-    """Write ``out/model/`` (student and tokenizer), ``metrics.json`` and ``history.csv``."""
+def write_heal(result: HealResult, tokenizer: Any, out: str | os.PathLike,
+               overwrite: bool = False) -> dict[str, Path]:
+    """Write ``out/model/`` (student and tokenizer; ``overwrite`` as for
+    [save_model][mpotn.finetune.training.save_model]), ``metrics.json`` and ``history.csv``."""
     out = Path(out)
     return {
-        "model": save_model(result.model, tokenizer, out / "model"),
+        "model": save_model(result.model, tokenizer, out / "model", overwrite),
         "metrics": write_text(out / "metrics.json", json.dumps(result.record, indent=2)),
         "history": write_text(out / "history.csv", result.history.to_csv()),
     }

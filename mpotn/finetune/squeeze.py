@@ -33,6 +33,7 @@ import heapq
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,10 +42,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mpotn.atomic import write_text
+from mpotn.atomic import check_writable, write_text
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import matrix_type
 from mpotn.compression.parameters import count_parameters
+from mpotn.compression.serialization import is_saved_model, resolve_inside
 from mpotn.data.tasks import TaskData
 from mpotn.drawing import draw_history
 from mpotn.finetune.training import (
@@ -60,6 +62,8 @@ from mpotn.table import Table
 from mpotn.types import ERRORS, MONITORS
 
 STATE_NAME = "latest.json"
+#: Name of a step's checkpoint folder in ``out / "checkpoints"``.
+_CHECKPOINT = re.compile(r"step-(\d{4,})")
 
 
 @dataclass
@@ -338,17 +342,21 @@ class Squeezer:
         its seed plus the step number seeds each step).
     out:
         Output directory.
+    overwrite:
+        Let the final ``out / "model"`` be written beside files mpotn did not
+        write (see [save_model][mpotn.finetune.training.save_model]).
     """
 
     def __init__(self, model: MPOModel | None, tokenizer: Any, data: TaskData,
                  config: SqueezeConfig, training: TrainingConfig, out: str | os.PathLike,
-                 progress: bool = True) -> None:
+                 progress: bool = True, overwrite: bool = False) -> None:
         self.model, self.tokenizer, self.data = model, tokenizer, data
         self.config = config
         self.training = dataclasses.replace(training, strategy="lfa",
                                             max_steps=config.steps_per_cut)
         self.out = Path(out)
         self.progress = progress
+        self.overwrite = overwrite
         self.state = SqueezeState()
         self._tokenized: tuple[Any, Any] | None = None
 
@@ -370,20 +378,57 @@ class Squeezer:
             "state": dataclasses.asdict(self.state),
         }, indent=2))
         keep = {0, self.state.step, self.state.accepted}
-        for old in self.checkpoints.glob("step-*"):
-            if int(old.name.removeprefix("step-")) not in keep:
+        for old in self.checkpoints.iterdir():
+            match = _CHECKPOINT.fullmatch(old.name)
+            if (match and int(match.group(1)) not in keep and old.is_dir()
+                    and not old.is_symlink() and is_saved_model(old)):
                 shutil.rmtree(old, ignore_errors=True)
 
     def resume(self) -> None:
-        """Continue from the latest checkpoint (its configs replace the given ones)."""
+        """Continue from the latest checkpoint (its configs replace the given ones).
+
+        Raises
+        ------
+        ValueError
+            If ``latest.json`` is missing, not JSON (a truncated file), lacks or
+            adds a field, holds a setting these classes do not have or an
+            invalid value, or names a checkpoint that is not a ``step-NNNN``
+            folder inside ``checkpoints``.
+        """
         path = self.checkpoints / STATE_NAME
         if not path.is_file():
             raise ValueError(f"nothing to resume: {path} does not exist; run without --resume")
-        saved = json.loads(path.read_text())
-        self.config = SqueezeConfig(**saved["config"])
-        self.training = TrainingConfig(**saved["training"])
-        self.state = SqueezeState(**saved["state"])
-        self.model = load(self.checkpoints / saved["checkpoint"])
+        damaged = (f"the checkpoint state is damaged; start a new run in another folder (the "
+                   f"saves in {self.checkpoints} are loadable with mpotn.load)")
+        try:
+            saved = json.loads(path.read_bytes().decode("utf-8"))
+        except ValueError as error:  # bad UTF-8 or a truncated file
+            raise ValueError(f"{path} is not valid JSON ({error}); {damaged}") from error
+        fields = {"checkpoint", "config", "training", "state"}
+        if not isinstance(saved, dict) or saved.keys() != fields:
+            raise ValueError(f"{path} is not a squeeze state (an object with the fields "
+                             f"{sorted(fields)}); {damaged}")
+        parts = {}
+        for key, cls in (("config", SqueezeConfig), ("training", TrainingConfig),
+                         ("state", SqueezeState)):
+            known = {f.name for f in dataclasses.fields(cls)}
+            value = saved[key]
+            if not isinstance(value, dict) or value.keys() - known:
+                unknown = sorted(value.keys() - known) if isinstance(value, dict) else value
+                raise ValueError(f"{path}: '{key}' has unknown settings {unknown!r} "
+                                 f"({cls.__name__} has {sorted(known)}); {damaged}")
+            try:
+                parts[key] = cls(**value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path}: '{key}' is invalid ({error}); {damaged}") from error
+        name = saved["checkpoint"]
+        checkpoint = resolve_inside(self.checkpoints, name, f"{path} 'checkpoint'")
+        if not _CHECKPOINT.fullmatch(name) or not is_saved_model(checkpoint):
+            raise ValueError(f"{path} names the checkpoint {name!r}, which is not a step-NNNN "
+                             f"save in {self.checkpoints}; {damaged}")
+        self.config, self.training, self.state = (parts["config"], parts["training"],
+                                                  parts["state"])
+        self.model = load(checkpoint)
 
     def has_checkpoint(self) -> bool:
         """Whether ``out`` already holds a squeeze run."""
@@ -473,7 +518,11 @@ class Squeezer:
         self.save_checkpoint()
 
     def run(self, resume: bool = False) -> SqueezeResult:
-        """Squeeze until a stop condition; write the history, plot, metrics and model."""
+        """Squeeze until a stop condition; write the history, plot, metrics and model.
+
+        ``out / "model"`` is checked first: a folder holding files mpotn did not
+        write is refused before any work unless ``overwrite``.
+        """
         if resume:
             self.resume()
         elif self.has_checkpoint():
@@ -481,6 +530,7 @@ class Squeezer:
                 f"{self.out} already holds a squeeze run; pass resume=True (--resume) to "
                 "continue it, or choose another output directory"
             )
+        check_writable(self.out / "model", self.overwrite)
         self._tokenized = tokenize(self.data, self.tokenizer, self.training.max_length,
                                    self.training.train_limit, self.training.eval_limit)
         if not self.state.history:
@@ -526,16 +576,17 @@ class Squeezer:
         draw_history(history, "step", [metric, "params_over_original"],
                      self.out / "history.png", "dimension squeezing (Algorithm 2)",
                      marks=["matrix"] if len(history) <= 40 else [])
-        save_model(model, self.tokenizer, self.out / "model")
+        save_model(model, self.tokenizer, self.out / "model", self.overwrite)
         return SqueezeResult(model, history, record)
 
 
 def squeeze(model: MPOModel | None, tokenizer: Any, data: TaskData, config: SqueezeConfig,
             training: TrainingConfig, out: str | os.PathLike, *, resume: bool = False,
-            progress: bool = True) -> SqueezeResult:
+            progress: bool = True, overwrite: bool = False) -> SqueezeResult:
     """Run Algorithm 2 (see [Squeezer][mpotn.finetune.squeeze.Squeezer]); ``resume`` continues a
     stopped run."""
-    return Squeezer(model, tokenizer, data, config, training, out, progress).run(resume)
+    return Squeezer(model, tokenizer, data, config, training, out, progress,
+                    overwrite).run(resume)
 
 
 def direct_truncation(model: MPOModel, tokenizer: Any, data: TaskData,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpotn.atomic import atomic_dir, write_text
+from mpotn.atomic import atomic_dir, check_writable, write_text
 from mpotn.compression.compress import compress
 from mpotn.compression.config import MPO_LAYERS, CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel, load
@@ -397,9 +397,11 @@ def lfa_budget(model: nn.Module) -> int:
 
 
 def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
-              title: str) -> dict[str, Path]:
-    """Write ``metrics.json``, ``history.csv`` / ``.json``, ``history.png`` and ``model/``."""
+              title: str, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``metrics.json``, ``history.csv`` / ``.json``, ``history.png`` and ``model/``
+    (see [save_model][mpotn.finetune.training.save_model] for ``overwrite``)."""
     out = Path(out)
+    check_writable(out / "model", overwrite)
     paths = {
         "metrics": write_text(out / "metrics.json", json.dumps(result.record, indent=2)),
         "history_json": write_text(out / "history.json", json.dumps(list(result.history),
@@ -410,18 +412,26 @@ def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
         paths["core_changes"] = write_text(out / "core_changes.csv", result.core_changes.to_csv())
     if len(result.history):
         paths["plot"] = draw_history(result.history, "step", ["loss"], out / "history.png", title)
-    paths["model"] = save_model(result.model, tokenizer, out / "model")
+    paths["model"] = save_model(result.model, tokenizer, out / "model", overwrite)
     return paths
 
 
-def save_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike) -> Path:
-    """Save a trained model and its tokenizer, replacing ``directory`` atomically.
+def save_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike,
+               overwrite: bool = False) -> Path:
+    """Save a trained model and its tokenizer, replacing what mpotn wrote in ``directory``
+    atomically ([mpotn.atomic.atomic_dir][]).
 
     An [MPOModel][mpotn.compression.model.MPOModel] is an mpotn save (``mpotn.load`` and
     [prepare_model][mpotn.finetune.training.prepare_model] read it back); other models use Hugging
     Face's ``save_pretrained`` (a PEFT model saves its adapters).
+
+    Raises
+    ------
+    ValueError
+        If ``directory`` holds files mpotn did not write (its manifest does not
+        list them) and ``overwrite`` is false; with it they are kept.
     """
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, overwrite) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return Path(directory)
