@@ -157,11 +157,13 @@ def _config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _own_weights(directory: Path) -> list[Path]:
-    """Weights files of earlier saves in ``directory``: content-addressed, content matching."""
+def _own_weights(directory: Path, keep: str) -> list[Path]:
+    """Weights files of earlier saves in ``directory`` other than ``keep``: content-addressed
+    files whose content matches their name."""
     return [path for path in directory.iterdir()
-            if (match := _WEIGHTS_NAME.fullmatch(path.name)) and path.is_file()
-            and not path.is_symlink() and _sha256(path).startswith(match.group(1))]
+            if (match := _WEIGHTS_NAME.fullmatch(path.name)) and path.name != keep
+            and path.is_file() and not path.is_symlink()
+            and _sha256(path).startswith(match.group(1))]
 
 
 def check_save_target(directory: str | os.PathLike, overwrite: bool = False) -> None:
@@ -216,9 +218,8 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False) -> P
     config["weights"], config["sha256"] = weights.name, digest
     write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
     remove_stale_temps(directory / _WEIGHTS_TEMP)
-    for stale in _own_weights(directory):
-        if stale.name != weights.name:
-            stale.unlink()
+    for stale in _own_weights(directory, weights.name):
+        stale.unlink()
     return directory
 
 
@@ -440,8 +441,7 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
         raise ValueError(f"{directory} is not a directory")
     config = _read_config(directory)
     path = directory / CONFIG_NAME
-    if model is None and config["base_model"] is not None:
-        _model_class(config["base_model"], path)
+    base = _base_model(config["base_model"], model, path)
     weights = resolve_inside(directory, config["weights"], f"{path} 'weights'")
     if not weights.is_file():
         raise ValueError(f"{directory}: {CONFIG_NAME} names {weights.name}, which is missing")
@@ -455,7 +455,6 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
         compression = CompressionConfig.from_dict(config["compression"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: 'compression' is invalid ({error}); {_FIX}") from error
-    base = _base_model(config["base_model"], model, path)
     dtype = DTYPES[config["dtype"]][1]
     for name, spec in config["layers"].items():
         replace_module(base, name, _layer(base, name, spec, dtype, path))
