@@ -2,7 +2,7 @@
 and mpotn never deletes a file it cannot prove it wrote.
 
 Temporary files are hidden and named after their target (``.{name}.XXXXXXXX{suffix}``,
-``XXXXXXXX`` as [tempfile.mkstemp][] makes them); a write that was killed
+``XXXXXXXX`` as ``tempfile.mkstemp`` makes them); a write that was killed
 leaves one behind, and the next successful write of the same target removes
 it. A directory written by [atomic_dir][mpotn.atomic.atomic_dir] lists its
 files in a manifest ([MANIFEST_NAME][mpotn.atomic.MANIFEST_NAME]): those are
