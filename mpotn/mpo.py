@@ -62,6 +62,8 @@ from mpotn.network import build_network, central_index, core_name, to_networkx
 from mpotn.shapes import Factorization, full_bond_dims, plan_side
 from mpotn.table import Table
 from mpotn.truncation import (
+    POLICY_KEYS,
+    TruncationPolicy,
     check_bond_request,
     dims_for_budget,
     dims_for_tolerance,
@@ -69,7 +71,6 @@ from mpotn.truncation import (
     uniform_dims_for_budget,
 )
 from mpotn.types import (
-    ALLOCATIONS,
     GAUGES,
     SVD_METHODS,
     Allocation,
@@ -92,6 +93,13 @@ def _contractor(row: Factorization, col: Factorization) -> Contractor:
 def _compute_dtype(matrix: torch.Tensor) -> torch.dtype:
     if matrix.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
+    if matrix.is_complex():
+        raise ValueError(
+            f"matrix must be real (float16/bfloat16/float32/float64), got {matrix.dtype}; "
+            "MPOs of complex matrices are not supported. Choose what to keep: .real (the "
+            "real part), .abs() (the magnitudes), or decompose .real and .imag separately "
+            "(.float() would silently drop the imaginary part)"
+        )
     if matrix.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"matrix must be a floating-point tensor (float16/bfloat16/float32/"
@@ -570,20 +578,33 @@ class MPO:
         Raises
         ------
         ValueError
-            For no or several policies, bonds outside ``1..n-1``, dimensions
-            below 1, ``ratio <= 0``, ``tol < 0`` or a budget smaller than the
+            For no or several policies, a value the policy does not allow
+            ([TruncationPolicy][mpotn.truncation.TruncationPolicy]: NaN, infinity, a string,
+            a fraction for ``max_bond`` / ``params`` / a bond, ``ratio <= 0``,
+            ``tol < 0``), bonds outside ``1..n-1`` or a budget smaller than the
             smallest MPO of this shape. Dimensions above a bond's current size
             are clamped with a warning naming the bond.
         """
-        given = [p for p in (bond_dims, max_bond, tol, ratio, params) if p is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one truncation policy: bond_dims, max_bond, tol, "
-                f"ratio or params (got {len(given)})"
-            )
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        policy = TruncationPolicy(bond_dims, max_bond, tol, ratio, params, allocation)
+        if policy.key is None:
+            raise ValueError(f"give exactly one truncation policy: {', '.join(POLICY_KEYS)} "
+                             "(got none)")
+        return self.truncate_to(policy, svd)
+
+    def truncate_to(self, policy: TruncationPolicy, svd: SVDMethod = "full") -> MPO:
+        """A copy truncated by ``policy`` (validated when it was made); this MPO itself when
+        the policy is full rank.
+
+        Raises
+        ------
+        ValueError
+            For bonds outside ``1..n-1`` or a budget smaller than the smallest
+            MPO of this shape (see [truncate][mpotn.mpo.MPO.truncate]).
+        """
+        if policy.key is None:
+            return self
         current, local = self.bond_dims, self.local_dims
+        bond_dims, ratio, params = policy.bond_dims, policy.ratio, policy.params
         if bond_dims is not None:
             if isinstance(bond_dims, Mapping):
                 for k in bond_dims:
@@ -593,23 +614,14 @@ class MPO:
                         )
                 bond_dims = [bond_dims.get(k, current[k]) for k in range(1, self.n)]
             dims = check_bond_request(list(bond_dims), current, self.full_bond_dims)
-        elif max_bond is not None:
-            if max_bond < 1:
-                raise ValueError(f"max_bond must be >= 1, got {max_bond}")
-            dims = (1, *(min(max_bond, d) for d in current[1:-1]), 1)
-        elif tol is not None:
-            if tol < 0:
-                raise ValueError(f"tol is a relative error and must be >= 0, got {tol}")
+        elif policy.max_bond is not None:
+            dims = (1, *(min(policy.max_bond, d) for d in current[1:-1]), 1)
+        elif policy.tol is not None:
             dims = dims_for_tolerance(
-                self.singular_values, current, local, (tol * self.norm) ** 2
+                self.singular_values, current, local, (policy.tol * self.norm) ** 2
             )
         else:
             if ratio is not None:
-                if ratio <= 0:
-                    raise ValueError(
-                        f"ratio must be > 0 (Eq. 5: core entries over matrix entries; "
-                        f"this MPO is at {self.compression_ratio:.4g}), got {ratio}"
-                    )
                 size = self.padded_shape[0] * self.padded_shape[1]
                 smallest = params_of((1,) * (self.n + 1), local)
                 if ratio * size < smallest:
@@ -618,9 +630,7 @@ class MPO:
                         f"(ratio {smallest / size:.3g}, every bond at 1); ask for more"
                     )
                 params = math.floor(ratio * size)
-            if params < 1:
-                raise ValueError(f"params must be >= 1, got {params}")
-            if allocation == "optimal":
+            if policy.allocation == "optimal":
                 dims = dims_for_budget(self.singular_values, current, local, params)
             else:
                 dims = uniform_dims_for_budget(current, local, params)

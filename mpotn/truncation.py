@@ -21,6 +21,10 @@ Uniform allocation
     ([uniform_dims_for_budget][mpotn.truncation.uniform_dims_for_budget]), the baseline the optimal
     allocation is measured against.
 
+Which policy applies is a [TruncationPolicy][mpotn.truncation.TruncationPolicy]: at
+most one of ``bond_dims``, ``max_bond``, ``tol``, ``ratio``, ``params`` (none:
+full rank) and the ``allocation`` of a budget, validated once when it is made.
+
 Examples
 --------
 >>> import torch
@@ -33,10 +37,149 @@ Examples
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from mpotn.types import ALLOCATIONS
+
+#: The truncation policies, in the order [TruncationPolicy][mpotn.truncation.TruncationPolicy]
+#: names them (also the keyword names of ``MPO.truncate``, ``compress`` and the CLI's flags).
+POLICY_KEYS = ("bond_dims", "max_bond", "tol", "ratio", "params")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _count(key: str, value: Any) -> int:
+    if not _is_integer(value) or value < 1:
+        raise ValueError(f"{key} must be >= 1 (an integer), got {value!r}")
+    return int(value)
+
+
+def _finite(key: str, value: Any, rule: str) -> float:
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number {rule}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TruncationPolicy:
+    """How far to truncate an MPO: at most one policy, validated when made.
+
+    Attributes
+    ----------
+    bond_dims:
+        Kept dimension per inner bond: a sequence for bonds ``1..n-1`` or a
+        mapping ``{k: d_k}`` (integers >= 1; which bonds exist is checked by
+        [MPO.truncate_to][mpotn.mpo.MPO.truncate_to], bond by bond).
+    max_bond:
+        One maximum for every bond, an integer >= 1.
+    tol:
+        Relative tolerance of the Eq. 4 bound, a finite number >= 0.
+    ratio:
+        Target compression ratio ``rho`` (Eq. 5), a finite number > 0.
+    params:
+        Parameter budget (core entries), an integer >= 1.
+    allocation:
+        For ``ratio`` / ``params``, one of [ALLOCATIONS][mpotn.types.ALLOCATIONS].
+
+    Raises
+    ------
+    ValueError
+        For several policies, or a value that is not allowed (NaN, infinity, a
+        string, a fraction where an integer is needed, a value out of range),
+        saying what is allowed.
+
+    Examples
+    --------
+    >>> TruncationPolicy(ratio=0.5).describe(), TruncationPolicy().describe()
+    ('ratio=0.5', 'full rank')
+    >>> TruncationPolicy(max_bond=2.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_bond must be >= 1 (an integer), got 2.5
+    """
+
+    bond_dims: Sequence[int] | Mapping[int, int] | None = None
+    max_bond: int | None = None
+    tol: float | None = None
+    ratio: float | None = None
+    params: int | None = None
+    allocation: str = "optimal"
+
+    def __post_init__(self) -> None:
+        given = [key for key in POLICY_KEYS if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one truncation policy ({', '.join(POLICY_KEYS)}), "
+                             f"got {given}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        checked: dict[str, Any] = {}
+        if self.bond_dims is not None:
+            checked["bond_dims"] = _bond_dims(self.bond_dims)
+        if self.max_bond is not None:
+            checked["max_bond"] = _count("max_bond", self.max_bond)
+        if self.params is not None:
+            checked["params"] = _count("params", self.params)
+        if self.tol is not None:
+            tol = _finite("tol", self.tol, "(a relative error) >= 0")
+            if tol < 0:
+                raise ValueError(f"tol is a relative error and must be >= 0, got {self.tol!r}")
+            checked["tol"] = tol
+        if self.ratio is not None:
+            ratio = _finite("ratio", self.ratio, "> 0 (Eq. 5: core entries over matrix entries)")
+            if ratio <= 0:
+                raise ValueError(f"ratio must be > 0 (Eq. 5: core entries over matrix entries), "
+                                 f"got {self.ratio!r}")
+            checked["ratio"] = ratio
+        for key, value in checked.items():
+            object.__setattr__(self, key, value)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], strict: bool = False
+                      ) -> TruncationPolicy:
+        """The policy of a settings mapping (a target's settings, a layer's keyword arguments).
+
+        Keys other than the policies and ``allocation`` are ignored, or with
+        ``strict`` a ``ValueError`` naming them; ``None`` values are unset and
+        a missing or ``None`` allocation is ``"optimal"``.
+        """
+        fields = (*POLICY_KEYS, "allocation")
+        unknown = sorted(set(settings) - set(fields))
+        if strict and unknown:
+            raise ValueError(f"unknown truncation settings {unknown}; use {fields}")
+        chosen = {k: settings[k] for k in POLICY_KEYS if settings.get(k) is not None}
+        return cls(**chosen, allocation=settings.get("allocation") or "optimal")
+
+    @property
+    def key(self) -> str | None:
+        """The name of the policy that is set; ``None`` for full rank."""
+        return next((k for k in POLICY_KEYS if getattr(self, k) is not None), None)
+
+    def describe(self) -> str:
+        """``"ratio=0.5"``, ``"max_bond=8"``, ... or ``"full rank"``."""
+        return "full rank" if self.key is None else f"{self.key}={getattr(self, self.key)}"
+
+
+def _bond_dims(value: Any) -> tuple[int, ...] | dict[int, int]:
+    """A copy of a bond request; its entries are checked against the MPO by
+    [check_bond_request][mpotn.truncation.check_bond_request]."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError("bond_dims must be a sequence of integers >= 1 (one per inner bond) "
+                         f"or a mapping {{bond: integer >= 1}}, got {value!r}")
+    return tuple(value)
 
 
 def effective_dims(dims: Sequence[int], local: Sequence[int]) -> tuple[int, ...]:

@@ -78,4 +78,5 @@ def test_compress_cli_errors_are_messages_not_tracebacks(tmp_path):
                             text=True)
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
     result = subprocess.run([*run, "--max-bond", "0"], capture_output=True, text=True)
-    assert result.returncode == 2 and "--max-bond must be >= 1" in result.stderr
+    assert result.returncode == 2
+    assert "argument --max-bond: must be an integer >= 1, got '0'" in result.stderr

@@ -131,8 +131,8 @@ def test_request_above_current_dimension_clamps_and_warns_naming_the_bond(real):
     ("kwargs", "message"),
     [
         ({}, "exactly one truncation policy"),
-        ({"max_bond": 4, "tol": 0.1}, "exactly one truncation policy"),
-        ({"ratio": 0.0}, r"ratio must be > 0 .* this MPO is at"),
+        ({"max_bond": 4, "tol": 0.1}, r"at most one truncation policy .*got \[.max_bond., .tol.\]"),
+        ({"ratio": 0.0}, r"ratio must be > 0 \(Eq. 5: core entries over matrix entries\), got 0.0"),
         ({"ratio": -1.0}, "ratio must be > 0"),
         ({"tol": -0.1}, "tol is a relative error and must be >= 0"),
         ({"params": 0}, "params must be >= 1"),

@@ -63,6 +63,10 @@ def load_matrix(source: str | os.PathLike | None = None, model: str | None = Non
     text = None if source is None else str(source)
     if text is not None and (text.endswith(".npy") or ".safetensors" in text):
         path, _, key = text.partition(".safetensors:")
+        file = Path(path + ".safetensors" if key else text)
+        if not file.is_file():
+            raise ValueError(f"matrix file {file} does not exist; give a .npy or .safetensors "
+                             "file, or a module name of the model")
         if text.endswith(".npy"):
             array = torch.from_numpy(np.load(text))
             name = Path(text).name

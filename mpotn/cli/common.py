@@ -7,6 +7,10 @@ parsed arguments into data and configs import the library when called.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mpotn.types import DEFAULT_LR
@@ -17,17 +21,34 @@ if TYPE_CHECKING:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    """A finite number > 0 (NaN, infinity and words are argument errors: exit code 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+def _integer(text: str, lowest: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = lowest - 1
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _integer(text, 1, "must be an integer >= 1")
 
 
 def _cores(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"an MPO needs at least 2 cores, got {text}")
-    return value
+    """A number of MPO cores: an integer >= 2."""
+    return _integer(text, 2, "an MPO needs at least 2 cores (an integer)")
 
 
 def _add_model_and_task(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +106,31 @@ def _add_training(parser: argparse.ArgumentParser, epochs: float, default_out: s
                        help="write OUT/model/ even if it holds files mpotn did not write (they "
                             "are kept; without this flag that is an error)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """Refuse ``--out`` before any work when it is a file or cannot be written.
+
+    The nearest folder that exists on the way to ``out`` must take a new file:
+    a temporary file is created there and removed at once.
+
+    Raises
+    ------
+    ValueError
+        Naming ``--out``, the folder and the reason (a file, read-only, no permission).
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written ({existing}: "
+                         f"{error.strerror or error}); choose a writable folder") from None
 
 
 def _column(value: str | None) -> str | int | None:

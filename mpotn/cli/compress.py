@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mpotn.cli.common import _cores, _positive_float
+from mpotn.cli.common import _cores, _positive_float, _positive_int, check_out
 from mpotn.types import ALLOCATIONS, BUDGETS, FITS, STRUCTURES, SVD_METHODS
 
 #: Mean cosine of sentence embeddings below which the saved model is called unusable as is.
@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     policy = compress.add_mutually_exclusive_group()
     policy.add_argument("--ratio", type=_positive_float,
                         help="compression ratio rho per matrix, Eq. 5 (default: 0.5)")
-    policy.add_argument("--max-bond", type=int, help="one maximum for every bond")
+    policy.add_argument("--max-bond", type=_positive_int, help="one maximum for every bond")
     policy.add_argument("--tol", type=_positive_float,
                         help="relative error tolerance: fewest parameters with Eq. 4 <= tol")
     policy.add_argument("--full-rank", action="store_true", help="no truncation (exact)")
@@ -129,14 +129,17 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression import CompressionConfig, compress, plan
     from mpotn.compression.calibrate import text_batches
     from mpotn.compression.models import load_pretrained, load_tokenizer
-    from mpotn.compression.serialization import check_save_target
+    from mpotn.compression.serialization import check_save_target, is_saved_model
     from mpotn.data import texts
 
     start = time.perf_counter()
+    if args.model is not None and is_saved_model(args.model):
+        raise ValueError(f"{args.model} is already a compressed model (an mpotn save); compress "
+                         "the original model instead, or cut this one further with mpotn "
+                         "squeeze")
     if not args.dry_run:
+        check_out(args.out)
         check_save_target(args.out, args.overwrite)
-    if args.max_bond is not None and args.max_bond < 1:
-        raise ValueError(f"--max-bond must be >= 1, got {args.max_bond}")
     policy = {"max_bond": args.max_bond, "tol": args.tol, "ratio": args.ratio}
     if not args.full_rank and all(v is None for v in policy.values()):
         policy["ratio"] = 0.5

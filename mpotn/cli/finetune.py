@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cut = finetune.add_mutually_exclusive_group()
     cut.add_argument("--ratio", type=common._positive_float, default=None,
                      help="compress the MPO matrices to this rho first (default: full rank)")
-    cut.add_argument("--max-bond", type=int, default=None,
+    cut.add_argument("--max-bond", type=common._positive_int, default=None,
                      help="compress the MPO matrices to this bond first (default: full rank)")
     common._add_training(finetune, epochs=3.0, default_out="mpotn-finetune")
 
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.atomic import check_writable
     from mpotn.finetune.training import finetune, prepare_model, write_run
 
+    common.check_out(args.out)
     check_writable(Path(args.out) / "model", args.overwrite)
     data = common.load_task(args)
     config = common.training_config(args, args.strategy, k=args.k, lora_rank=args.lora_rank)

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from mpotn.cli.common import _cores, _positive_float
+from mpotn.cli.common import _cores, _positive_float, check_out
 from mpotn.types import ALLOCATIONS, DEFAULT_RATIO, SVD_METHODS
 
 
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.analysis.inspection import inspect_model
     from mpotn.compression.models import load_model, resolve_model, weight_matrices
 
+    check_out(args.out)
     if args.changes:
         run_core_changes(*args.changes, args.out)
         return

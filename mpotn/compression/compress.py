@@ -32,27 +32,21 @@ from tqdm.auto import tqdm
 from mpotn.budget import mpo_path, spend
 from mpotn.calibration import Whitening, calibrated_mpo, output_error, refine
 from mpotn.compression.calibrate import calibrate
-from mpotn.compression.config import CompressionConfig, replace_module, select_targets
+from mpotn.compression.config import (
+    FACTORIZED_LAYERS,
+    MPO_LAYERS,
+    CompressionConfig,
+    replace_module,
+    select_targets,
+)
 from mpotn.compression.model import MPOModel
 from mpotn.compression.models import layer_index, matrix_type
 from mpotn.compression.parameters import count_parameters
-from mpotn.layers import (
-    FactorizedEmbedding,
-    FactorizedLinear,
-    MPOEmbedding,
-    MPOLinear,
-    apply_policy,
-)
+from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
 from mpotn.methods import decompose
 from mpotn.mpo import MPO, _compute_dtype
 from mpotn.table import Table
-
-
-def _policy(settings: dict[str, Any]) -> str:
-    for key in ("max_bond", "tol", "ratio", "params", "bond_dims"):
-        if settings[key] is not None:
-            return f"{key}={settings[key]}"
-    return "full rank"
+from mpotn.truncation import TruncationPolicy
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
@@ -63,10 +57,10 @@ def _matrix(module: nn.Module) -> torch.Tensor:
 def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: dict[str, Any]
                 ) -> tuple[nn.Module, dict[str, Any]]:
     """A non-MPO layer for one target (``settings["method"]``) and its report row."""
-    others = [k for k in ("max_bond", "tol", "params", "bond_dims") if settings[k] is not None]
-    if others:
+    policy = TruncationPolicy.from_settings(settings)
+    if policy.key not in (None, "ratio"):
         raise ValueError(f"method {settings['method']!r} is truncated by ratio only, got "
-                         f"{others}")
+                         f"{[policy.key]}")
     network = decompose(matrix, settings["method"], n=settings["n"], ratio=settings["ratio"])
     if isinstance(module, nn.Embedding):
         layer = FactorizedEmbedding(network, module.padding_idx)
@@ -109,7 +103,7 @@ def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: An
             "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
             "params": matrix.numel(),
             "n": settings["n"],
-            "policy": _policy(settings),
+            "policy": TruncationPolicy.from_settings(settings).describe(),
         })
     return rows
 
@@ -122,9 +116,9 @@ class _Candidate:
     full: MPO  # of M, or of the whitened L^T M when ``whitening`` is set
     whitening: Whitening | None = None
 
-    def finish(self, policy: dict[str, Any], target: _Target) -> tuple[MPO, MPO]:
+    def finish(self, policy: TruncationPolicy, target: _Target) -> tuple[MPO, MPO]:
         """``(MPO of M, the truncation its spectra read)`` under ``policy``."""
-        cut = apply_policy(self.full, policy)
+        cut = self.full.truncate_to(policy)
         if self.whitening is not None:
             return self.whitening.restore(cut, tuple(target.matrix.shape),
                                           _compute_dtype(target.matrix)), cut
@@ -175,27 +169,26 @@ def _structures(structure: str) -> tuple[str, ...]:
 
 
 def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
-              config: CompressionConfig) -> dict[str, dict[str, Any]]:
+              config: CompressionConfig) -> dict[str, TruncationPolicy]:
     """The truncation policy of each target: its own settings, or its share of one budget."""
     if config.budget == "model":
         entries = sum(t.matrix.numel() for t in targets)
         budget = config.params if config.params is not None else int(config.ratio * entries)
         paths = [mpo_path(t.name, candidates[t.name][0].full) for t in targets]
         cuts = spend(paths, budget)
-        return {p.name: {"params": p.params_after(cuts[p.name])} for p in paths}
+        return {p.name: TruncationPolicy(params=p.params_after(cuts[p.name])) for p in paths}
     policies, floored = {}, []
     for t in targets:
         settings = t.settings
         if settings["structure"] == "auto":  # equal parameter counts for both structures
             params = settings["params"] or int(settings["ratio"] * t.matrix.numel())
-            policies[t.name] = {"params": params}
+            policies[t.name] = TruncationPolicy(params=params)
         elif settings["ratio"] is not None and _below_smallest(candidates[t.name][0].full,
                                                                settings["ratio"]):
-            policies[t.name] = {"max_bond": 1}
+            policies[t.name] = TruncationPolicy(max_bond=1)
             floored.append(t.name)
         else:
-            policies[t.name] = {k: settings[k] for k in ("max_bond", "tol", "ratio", "params",
-                                                         "bond_dims", "allocation")}
+            policies[t.name] = TruncationPolicy.from_settings(settings)
     if floored:
         warnings.warn(
             f"{len(floored)} matrices cannot reach their ratio even with every bond at 1 and "
@@ -240,6 +233,21 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
     }
 
 
+def _refuse_compressed(model: nn.Module) -> None:
+    """Refuse a model that holds compressed layers: its parameter count is not the original's."""
+    base = model.base_model if isinstance(model, MPOModel) else model
+    layers = [name for name, m in base.named_modules()
+              if isinstance(m, MPO_LAYERS + FACTORIZED_LAYERS)]
+    if isinstance(model, MPOModel) or layers:
+        shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3
+                                         else "")
+        raise ValueError(
+            f"this model is already compressed ({len(layers)} compressed layers: {shown}); "
+            "compress the original model instead (all targets in one call), or cut the "
+            "compressed one further with mpotn squeeze or "
+            "layer.load_mpo(layer.mpo().truncate(...))")
+
+
 def compress(
     model: nn.Module,
     config: CompressionConfig | None = None,
@@ -274,10 +282,18 @@ def compress(
         The model (wrapping the same, modified ``model``) with its report; the
         report's ``output_error`` is the relative error of each matrix's
         outputs on the calibration inputs.
+
+    Raises
+    ------
+    ValueError
+        For invalid settings, targets that match nothing, or a model that is
+        already compressed (an ``MPOModel``, or one holding MPO or factorized
+        layers): its parameter count would be reported as the original's.
     """
     if config is not None and kwargs:
         raise ValueError("give a CompressionConfig or keyword settings, not both")
     config = config or CompressionConfig(**kwargs)
+    _refuse_compressed(model)
     original = count_parameters(model.parameters())
     selected = select_targets(model, config)
     covariances: dict[str, torch.Tensor] = {}

@@ -33,6 +33,7 @@ from mpotn.calibration import DAMP
 from mpotn.compression.models import matrix_type
 from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
 from mpotn.methods import DECOMPOSITIONS
+from mpotn.truncation import POLICY_KEYS, TruncationPolicy
 from mpotn.types import BUDGETS, FITS, PRESETS, STRUCTURES
 
 SUPPORTED = (nn.Linear, nn.Embedding)
@@ -47,8 +48,8 @@ PRESET_TYPES = {
 
 #: Settings that may differ per target.
 SETTING_KEYS = (
-    "n", "row_shape", "col_shape", "pad", "max_bond", "tol", "ratio", "params", "bond_dims",
-    "allocation", "svd", "gauge", "method", "structure", "fit", "sweeps", "damp",
+    "n", "row_shape", "col_shape", "pad", *POLICY_KEYS, "allocation", "svd", "gauge", "method",
+    "structure", "fit", "sweeps", "damp",
 )
 
 
@@ -123,10 +124,10 @@ class CompressionConfig:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, (list, tuple)):
-            self.targets = list(self.targets)
-            if not self.targets:
-                raise ValueError("targets is empty: name presets, suffixes or give a regex")
+        self.targets = _check_spec("targets", self.targets)
+        if not self.targets:
+            raise ValueError("targets is empty: name presets, suffixes or give a regex")
+        self.exclude = _check_spec("exclude", self.exclude)
         for key, settings in self.overrides.items():
             unknown = set(settings) - set(SETTING_KEYS)
             if unknown:
@@ -137,10 +138,12 @@ class CompressionConfig:
         if self.method not in DECOMPOSITIONS:
             raise ValueError(f"unknown method {self.method!r}; registered: "
                              f"{sorted(DECOMPOSITIONS)}")
-        policies = [k for k in ("max_bond", "tol", "ratio", "params", "bond_dims")
-                    if getattr(self, k) is not None]
-        if len(policies) > 1:
-            raise ValueError(f"give at most one truncation policy, got {policies}")
+        TruncationPolicy.from_settings({k: getattr(self, k) for k in SETTING_KEYS})
+        for key, settings in self.overrides.items():
+            try:
+                TruncationPolicy.from_settings(settings)
+            except ValueError as error:
+                raise ValueError(f"override {key!r}: {error}") from None
         for key, allowed in (("structure", STRUCTURES), ("budget", BUDGETS),
                              ("fit", FITS)):
             if getattr(self, key) not in allowed:
@@ -171,11 +174,28 @@ class CompressionConfig:
         settings = {key: getattr(self, key) for key in SETTING_KEYS}
         for key, override in self.overrides.items():
             if _matches_one(key, name, module):
-                if any(k in override for k in ("max_bond", "tol", "ratio", "params", "bond_dims")):
-                    for policy in ("max_bond", "tol", "ratio", "params", "bond_dims"):
-                        settings[policy] = None
+                if any(k in override for k in POLICY_KEYS):
+                    settings.update(dict.fromkeys(POLICY_KEYS))
                 settings.update(override)
         return settings
+
+
+def _check_spec(key: str, spec: Any) -> str | list[str] | None:
+    """``spec`` (``targets`` / ``exclude``) as a valid regular expression or a list of names."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as error:
+            raise ValueError(f"{key} {spec!r} is not a valid regular expression ({error}); "
+                             "escape special characters such as ( and . with a backslash, "
+                             "or give a list of presets and suffixes") from None
+        return spec
+    if isinstance(spec, (list, tuple)) and all(isinstance(s, str) for s in spec):
+        return list(spec)
+    raise ValueError(f"{key} must be a regular expression (a string) or a list of presets and "
+                     f"module-name suffixes (strings), got {spec!r}")
 
 
 def _matches_one(spec: str, name: str, module: nn.Module) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,11 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> str:
     return str(name_or_path)
 
 
-def _unloadable(source: str) -> str:
+def _unloadable(source: str, error: OSError) -> str:
+    if Path(source).is_dir():
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"could not load the model in {source}: {reason} Fix its config.json and "
+                "weights (as save_pretrained writes them), or pass another folder.")
     return (f"could not load model {source!r}: it is not a local folder and the hub did not "
             "provide it (offline, or not cached). Pass a local folder, or leave MODEL out to "
             "use the embedded all-MiniLM-L6-v2.")
@@ -93,7 +98,7 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> nn.Module:
     try:
         model = AutoModel.from_pretrained(source)
     except OSError as error:
-        raise ValueError(_unloadable(source)) from error
+        raise ValueError(_unloadable(source, error)) from error
     return model.eval()
 
 
@@ -122,16 +127,19 @@ def load_pretrained(name_or_path: str | os.PathLike | None = None) -> nn.Module:
             AutoModel)
         model = cls.from_pretrained(source)
     except OSError as error:
-        raise ValueError(_unloadable(source)) from error
+        raise ValueError(_unloadable(source, error)) from error
     return model.eval()
 
 
 def load_classifier(
-    name_or_path: str | os.PathLike | None = None, num_labels: int = 2
+    name_or_path: str | os.PathLike | None = None, num_labels: int = 2,
+    label_names: Sequence[str] | None = None,
 ) -> nn.Module:
     """A pre-trained encoder with a new sequence-classification head, on the CPU.
 
-    ``num_labels = 1`` makes a regression head (STS-B). The head is freshly
+    ``num_labels = 1`` makes a regression head (STS-B). ``label_names`` (one
+    per class) become the config's ``id2label`` / ``label2id``, saved with the
+    model. The head is freshly
     initialized from torch's global generator: seed it for reproducible runs.
     Transformers' notice that the head is untrained is silenced, since a new
     head is the point.
@@ -146,13 +154,20 @@ def load_classifier(
 
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    names = {}
+    if label_names is not None:
+        if len(label_names) != num_labels:
+            raise ValueError(f"{len(label_names)} label names for {num_labels} labels")
+        names = {"id2label": dict(enumerate(label_names)),
+                 "label2id": {name: k for k, name in enumerate(label_names)}}
     source = resolve_model(name_or_path)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
+                                                                  **names)
     except OSError as error:
-        raise ValueError(_unloadable(source)) from error
+        raise ValueError(_unloadable(source, error)) from error
     finally:
         logging.set_verbosity(verbosity)
 

@@ -16,12 +16,13 @@ files and one trained from the hub agree; specs and metrics are
 from __future__ import annotations
 
 import csv
+import io
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpotn.data.local import _dataset
+from mpotn.data.local import _dataset, read_text
 from mpotn.data.tasks import GLUE_TASKS, TaskData
 
 
@@ -129,9 +130,9 @@ def _read_split(path: Path, files: GlueFiles) -> tuple[dict[str, list], int]:
         raise ValueError(f"{path} does not exist; GLUE's {files.folder} folder holds "
                          f"train.tsv and {files.dev} (download GLUE, or omit data_dir to use "
                          "the hub)")
-    # utf-8-sig drops MRPC's byte-order mark; QUOTE_NONE keeps GLUE's quote characters as text
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = [row for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+    # read_text drops MRPC's byte-order mark; QUOTE_NONE keeps GLUE's quote characters as text
+    rows = [row for row in csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t",
+                                      quoting=csv.QUOTE_NONE) if row]
     start = 0 if files.header is None else 1
     if len(rows) <= start:
         raise ValueError(f"{path} is empty (no {'' if start == 0 else 'data '}rows); "

@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,19 +23,86 @@ from mpotn.types import METRICS
 RESOURCES = Path(__file__).parents[1] / "resources"
 
 
-def _read(path: str | os.PathLike, header: bool) -> pd.DataFrame:
+#: Label-column names that mark a first row as a header (see ``header=False``).
+HEADER_WORDS = ("label", "labels", "class", "category", "target", "score", "gold_label", "y")
+#: Label names shown at most in an error message.
+SHOWN_LABELS = 20
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of a data file (a byte-order mark is dropped).
+
+    Raises
+    ------
+    ValueError
+        For a missing file, a folder, or a byte that is not UTF-8 (naming the
+        file, the line and the byte).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a data file; give the file inside it")
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}, line {line}: byte 0x{data[error.start]:02x} is not UTF-8; "
+                         "save the file as UTF-8") from None
+
+
+def _table(path: Path, text: str, header: bool) -> pd.DataFrame:
+    """Rows of a TSV (quote characters are text) or CSV file; every row has the first's fields."""
+    tsv = path.suffix.lower() == ".tsv"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    rows = []
+    for row in reader:
+        if row:  # blank lines are skipped
+            rows.append((reader.line_num, row))
+    if not rows:
+        raise ValueError(f"{path} is empty; it needs {'a header row and ' if header else ''}"
+                         "one example per line")
+    width = len(rows[0][1])
+    for line, row in rows:
+        if len(row) != width:
+            hint = ("a tab inside a text field?" if tsv else
+                    "quote fields that contain commas")
+            raise ValueError(f"{path}, line {line}: {len(row)} fields, but the first row has "
+                             f"{width} ({hint}); every row needs the same columns")
+    if not header:
+        return pd.DataFrame([row for _, row in rows], dtype=str)
+    names = rows[0][1]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{path}: the header names {twice} more than once; name each "
+                         "column once")
+    if len(rows) == 1:
+        raise ValueError(f"{path} has a header row but no examples")
+    return pd.DataFrame([row for _, row in rows[1:]], columns=names, dtype=str)
+
+
+def _read(path: str | os.PathLike, header: bool) -> pd.DataFrame:
+    path = Path(path)
     suffix = path.suffix.lower()
-    head = 0 if header else None
+    if suffix not in (".tsv", ".csv", ".json", ".jsonl"):
+        raise ValueError(f"{path.name}: data files must be .tsv, .csv, .json or .jsonl")
+    text = read_text(path)
     if suffix in (".tsv", ".csv"):
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", header=head,
-                           quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
-                           keep_default_na=False, dtype=str)
-    if suffix in (".json", ".jsonl"):
-        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-    raise ValueError(f"{path.name}: data files must be .tsv, .csv, .json or .jsonl")
+        return _table(path, text, header)
+    if not text.strip():
+        form = "one JSON object per line" if suffix == ".jsonl" else "a JSON list of records"
+        raise ValueError(f"{path} is empty; it needs {form}")
+    try:
+        frame = pd.read_json(io.StringIO(text), lines=suffix == ".jsonl", dtype=False)
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON{' Lines' if suffix == '.jsonl' else ''} "
+                         f"({error}); write a list of records, or one object per line in "
+                         ".jsonl") from None
+    if frame.empty:
+        raise ValueError(f"{path} holds no examples")
+    return frame
 
 
 def _column(frame: pd.DataFrame, name: str | int, path: str | os.PathLike) -> pd.Series:
@@ -46,28 +116,67 @@ def _column(frame: pd.DataFrame, name: str | int, path: str | os.PathLike) -> pd
     return frame[key]
 
 
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _shown(names: Sequence[str]) -> str:
+    """At most [SHOWN_LABELS][mpotn.data.local.SHOWN_LABELS] names, each cut to 40 characters."""
+    cut = [n if len(n) <= 40 else n[:37] + "..." for n in names[:SHOWN_LABELS]]
+    more = len(names) - SHOWN_LABELS
+    return f"{cut}" + (f" and {more} more ({len(names)} in all)" if more > 0 else "")
+
+
+def _check_no_header(labels: list[str], regression: bool, path: str | os.PathLike) -> None:
+    """Refuse a first row that looks like a header when the file is read without one."""
+    first, rest = labels[0], labels[1:]
+    typed = _is_number if regression else _is_int
+    header = (rest and all(typed(t) for t in rest) and not typed(first)) or (
+        first.lower() in HEADER_WORDS and first not in rest)
+    if header:
+        raise ValueError(
+            f"{Path(path).name}: its first row looks like a header (label {first!r}), but "
+            "the file is read without one (--no-header / header=False) and that row would be "
+            "an example; drop --no-header (header=True) and name the columns by that header, "
+            "or delete the row")
+
+
 def _labels(values: pd.Series, regression: bool, names: list[str] | None,
-            path: str | os.PathLike) -> tuple[list, list[str] | None]:
-    if regression:
-        try:
-            return [float(v) for v in values], None
-        except ValueError as error:
-            raise ValueError(f"{Path(path).name}: regression labels must be numbers: {error}") \
-                from error
+            path: str | os.PathLike, given: bool) -> tuple[list, list[str] | None]:
+    """Label values as ids (classes: the ``names`` given, else the labels that occur, ordered:
+    numerically when all are integers), or floats for regression."""
     text = [str(v).strip() for v in values]
+    if regression:
+        bad = [t for t in text if not _is_number(t)]
+        if bad:
+            raise ValueError(f"{Path(path).name}: regression labels must be numbers (finite), "
+                             f"got {_shown(sorted(set(bad)))}")
+        return [float(t) for t in text], None
+    if "" in text:
+        raise ValueError(f"{Path(path).name}, example {text.index('') + 1}: the label is empty; "
+                         "every example needs a label")
+    if all(_is_int(t) for t in text):
+        text = [str(int(t)) for t in text]
     if names is None:
-        if all(t.lstrip("-").isdigit() for t in text):
-            top = max(int(t) for t in text)
-            names = [str(k) for k in range(top + 1)]
-        else:
-            names = sorted(set(text))
+        found = set(text)
+        names = ([str(k) for k in sorted(int(t) for t in found)]
+                 if all(_is_int(t) for t in found) else sorted(found))
     index = {name: k for k, name in enumerate(names)}
     unknown = sorted(set(text) - set(index))
     if unknown:
-        raise ValueError(
-            f"{Path(path).name} has labels {unknown[:10]} that the training data does not "
-            f"have; known labels: {names}"
-        )
+        where = "label_names" if given else "the training data"
+        hint = (" (real-valued labels? pass --regression / regression=True)"
+                if all(_is_number(t) for t in unknown) and not all(_is_int(t) for t in unknown)
+                else "")
+        raise ValueError(f"{Path(path).name} has labels {_shown(unknown)} that {where} does "
+                         f"not have; known labels: {_shown(names)}{hint}")
     return [index[t] for t in text], names
 
 
@@ -98,20 +207,28 @@ def load_local(
     text, text_pair, label:
         Column names, or 0-based positions for files without a header row.
     header:
-        Whether TSV/CSV files start with a header row.
+        Whether TSV/CSV files start with a header row. Without one, a first
+        row that looks like a header (a word label above numeric ones, or a
+        label such as ``label`` that occurs nowhere else) is an error.
     regression:
         Real-valued labels.
     metrics:
         Metric names (default: accuracy, or Pearson/Spearman for regression).
     label_names:
-        Class names by id; by default the sorted distinct labels of the
-        training file (integer labels ``0..K-1`` keep their ids).
+        Class names by id; by default the labels that occur in the training
+        file (the evaluation file without one), ordered: numerically when all
+        are integers (labels ``1..4`` are the classes ``0..3`` named
+        ``"1"..."4"``; ``0..K-1`` keep their ids), else as strings.
 
     Raises
     ------
     ValueError
-        For a missing file or column (listing the columns there are), an
-        unsupported format, or evaluation labels the training data lacks.
+        Naming the file (and line) for a missing file or column (listing the
+        columns there are), a folder, an unsupported format, a file with no
+        examples, a byte that is not UTF-8, a row with more or fewer fields
+        than the first, a header read as an example, an empty label, or labels
+        the training data (or ``label_names``) lacks (at most
+        [SHOWN_LABELS][mpotn.data.local.SHOWN_LABELS] of them listed).
     """
     metrics = tuple(metrics or (("pearson", "spearmanr") if regression else ("accuracy",)))
     unknown = set(metrics) - set(METRICS)
@@ -126,10 +243,14 @@ def load_local(
             splits[split] = None
             continue
         frame = _read(path, header)
+        labels = _column(frame, label, path)
+        if not header:
+            _check_no_header([str(v).strip() for v in labels], regression, path)
         columns = {"text": [str(v) for v in _column(frame, text, path)]}
         if text_pair is not None:
             columns["text_pair"] = [str(v) for v in _column(frame, text_pair, path)]
-        columns["label"], names = _labels(_column(frame, label, path), regression, names, path)
+        columns["label"], names = _labels(labels, regression, names, path,
+                                          label_names is not None)
         splits[split] = _dataset(columns)
     return TaskData(spec, splits["train"], splits["eval"], names)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from mpotn.data.glue_files import glue_task
 from mpotn.data.hub import load_glue
-from mpotn.data.local import sst2_sample
+from mpotn.data.local import read_text, sst2_sample
 
 
 def _task_texts(data) -> list[str]:
@@ -34,8 +34,7 @@ def _file_texts(path: Path) -> list[str]:
             f"text file {path} does not exist; pass a GLUE task name "
             "(sst2, rte, ...) or a .txt file with one sentence per line"
         )
-    # utf-8-sig: a leading byte-order mark is not part of the first sentence
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    return [line.strip() for line in read_text(path).splitlines()]
 
 
 def texts(

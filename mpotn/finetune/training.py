@@ -84,7 +84,8 @@ class TrainingConfig:
     batch_size, max_length:
         Examples per step; tokens per example (longer ones are truncated).
     weight_decay, warmup_ratio:
-        AdamW weight decay; share of steps with a linear warm-up.
+        AdamW weight decay; share of steps with a linear warm-up (at most all
+        steps but the last, so that a one-step run trains).
     seed:
         Seeds the task head, the data order and dropout.
     train_limit, eval_limit:
@@ -117,6 +118,10 @@ class TrainingConfig:
             raise ValueError("batch_size must be >= 1 and max_length >= 2")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("give max_steps > 0 or epochs > 0")
+        for key in ("train_limit", "eval_limit"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (examples used) or None (all), got "
+                                 f"{getattr(self, key)}")
 
     @property
     def learning_rate(self) -> float:
@@ -185,9 +190,11 @@ def prepare_model(
         (``True`` with ``full`` fine-tunes every core of the MPO model).
     """
     if model is not None and is_saved_model(model):
-        return load(model), load_tokenizer(model)
+        saved = load(model)
+        _check_labels(saved, data, model)
+        return saved, load_tokenizer(model)
     torch.manual_seed(config.seed)  # the new task head
-    classifier = load_classifier(model, data.num_labels)
+    classifier = load_classifier(model, data.num_labels, data.label_names)
     tokenizer = load_tokenizer(model)
     if compress_model is None:
         compress_model = config.strategy in ("lfa", "central")
@@ -195,6 +202,18 @@ def prepare_model(
         settings = {"targets": list(targets or DEFAULT_TARGETS), **(compression or {})}
         return compress(classifier, CompressionConfig(**settings), progress=progress), tokenizer
     return classifier, tokenizer
+
+
+def _check_labels(model: nn.Module, data: TaskData, source: str | os.PathLike) -> None:
+    """Refuse a saved classifier whose class names (``id2label``) are not the task's."""
+    saved = getattr(getattr(_trainable_model(model), "config", None), "id2label", None)
+    if data.label_names is None or not saved:
+        return
+    names = [saved[k] for k in sorted(saved)]
+    if names != [f"LABEL_{k}" for k in range(len(names))] and names != list(data.label_names):
+        raise ValueError(f"{source} was trained on the classes {names}, but the task's classes "
+                         f"are {list(data.label_names)}; train it on the same labels, or start "
+                         "from the pre-trained model")
 
 
 def tokenize(data: TaskData, tokenizer: Any, max_length: int, train_limit: int | None = None,
@@ -245,7 +264,7 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, pr
         max_steps=steps,
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
-        warmup_steps=math.ceil(config.warmup_ratio * steps),
+        warmup_steps=warmup_steps(config, steps),
         lr_scheduler_type="linear",
         logging_steps=max(1, steps // 20),
         save_strategy="no",
@@ -256,6 +275,19 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, pr
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
+
+
+def warmup_steps(config: TrainingConfig, steps: int) -> int:
+    """Warm-up steps of a run of ``steps``: ``warmup_ratio`` of them, rounded up, but never
+    every step (the first warm-up step has learning rate 0, so a one-step run has none).
+
+    Examples
+    --------
+    >>> config = TrainingConfig()
+    >>> warmup_steps(config, 1), warmup_steps(config, 2), warmup_steps(config, 100)
+    (0, 1, 6)
+    """
+    return max(0, min(math.ceil(config.warmup_ratio * steps), steps - 1))
 
 
 def planned_steps(config: TrainingConfig, train_size: int) -> int:
@@ -272,6 +304,9 @@ def evaluate(model: nn.Module, tokenizer: Any, data: TaskData, config: TrainingC
 
     if eval_set is None:
         _, eval_set = tokenize(data, tokenizer, config.max_length, 0, config.eval_limit)
+    if eval_set is None or len(eval_set) == 0:
+        raise ValueError("the task has no evaluation examples to score; give an evaluation "
+                         "file with examples")
     with tempfile.TemporaryDirectory(prefix="mpotn-eval-") as scratch:
         trainer = Trainer(
             model=_trainable_model(model),
@@ -320,6 +355,8 @@ def finetune(
     start_cores = snapshot_cores(trained)
     train_set, eval_set = tokenized or tokenize(data, tokenizer, config.max_length,
                                                 config.train_limit, config.eval_limit)
+    if len(train_set) == 0:
+        raise ValueError("the task's training split has no examples to fine-tune on")
     steps = planned_steps(config, len(train_set))
     optimizer = torch.optim.AdamW(optimizer_groups(
         trained, config.learning_rate, config.central_lr, config.auxiliary_lr,
@@ -352,6 +389,9 @@ def finetune(
     }
     if "rank" in selection:
         record["lora_rank"] = record.pop("rank")
+    if data.label_names is not None:
+        record["id2label"] = dict(enumerate(data.label_names))
+        record["label2id"] = {name: k for k, name in enumerate(data.label_names)}
     if evaluate_after:
         start = time.perf_counter()
         record.update(evaluate(result_model, tokenizer, data, config, eval_set))

@@ -51,22 +51,8 @@ from mpotn.diagnostics import compression_ratio
 from mpotn.mpo import MPO
 from mpotn.network import central_index
 from mpotn.shapes import Factorization, full_bond_dims, plan_side
+from mpotn.truncation import TruncationPolicy
 from mpotn.types import Gauge
-
-#: Keyword arguments of [MPO.truncate][mpotn.mpo.MPO.truncate] accepted by ``from_linear`` /
-#: ``from_embedding``.
-TRUNCATION_KEYS = ("bond_dims", "max_bond", "tol", "ratio", "params", "allocation")
-
-
-def apply_policy(mpo: MPO, truncation: dict[str, Any]) -> MPO:
-    """Apply at most one truncation policy (``TRUNCATION_KEYS``) to ``mpo``; none keeps it."""
-    policy = {k: v for k, v in truncation.items() if v is not None and k != "allocation"}
-    unknown = set(truncation) - set(TRUNCATION_KEYS)
-    if unknown:
-        raise ValueError(f"unknown truncation settings {sorted(unknown)}; use {TRUNCATION_KEYS}")
-    if not policy:
-        return mpo
-    return mpo.truncate(**policy, allocation=truncation.get("allocation") or "optimal")
 
 
 class _MPOWeight(nn.Module):
@@ -156,10 +142,12 @@ class _MPOWeight(nn.Module):
     @staticmethod
     def _decomposed(matrix: torch.Tensor, mpo: MPO | None, truncation: dict[str, Any],
                     **decomposition: Any) -> MPO:
-        """``mpo`` (or Algorithm 1 on ``matrix``) with the truncation policy applied."""
+        """``mpo`` (or Algorithm 1 on ``matrix``) truncated by the policy in ``truncation``
+        (keyword arguments of [TruncationPolicy][mpotn.truncation.TruncationPolicy])."""
+        policy = TruncationPolicy.from_settings(truncation, strict=True)
         if mpo is None:
             mpo = MPO.from_matrix(matrix, **decomposition)
-        return apply_policy(mpo, truncation)
+        return mpo.truncate_to(policy)
 
     def _load_cores(self, mpo: MPO, gauge: Gauge) -> None:
         with torch.no_grad():

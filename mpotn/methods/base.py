@@ -26,6 +26,7 @@ import torch
 from mpotn.contraction import compiled
 from mpotn.network import graph_equation, graph_to_networkx
 from mpotn.shapes import Factorization, plan_side
+from mpotn.truncation import TruncationPolicy
 
 #: ``{name: decomposition function}``; see [register][mpotn.methods.base.register].
 DECOMPOSITIONS: dict[str, Callable[..., FactorNetwork]] = {}
@@ -194,8 +195,8 @@ def _largest_rank(params: Callable[[int], int], budget: float, top: int) -> int:
 
 
 def _check_ratio(ratio: float | None) -> None:
-    if ratio is not None and ratio <= 0:
-        raise ValueError(f"ratio must be > 0, got {ratio}")
+    """Refuse a ratio [TruncationPolicy][mpotn.truncation.TruncationPolicy] does not allow."""
+    TruncationPolicy(ratio=ratio)
 
 
 def decompose(matrix: torch.Tensor, method: str = "mpo", **options: Any) -> FactorNetwork:

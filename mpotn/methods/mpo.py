@@ -7,14 +7,10 @@ from typing import Any
 
 import torch
 
-from mpotn.methods.base import (
-    FactorNetwork,
-    _check_ratio,
-    _finish,
-    register,
-)
+from mpotn.methods.base import FactorNetwork, _finish, register
 from mpotn.mpo import MPO
 from mpotn.network import core_name
+from mpotn.truncation import TruncationPolicy
 
 
 @register("mpo")
@@ -22,11 +18,8 @@ def mpo_method(matrix: torch.Tensor, *, n: int = 5, ratio: float | None = None,
                max_bond: int | None = None, allocation: str = "optimal",
                **options: Any) -> FactorNetwork:
     """Algorithm 1 and a truncation (``ratio`` with budget-optimal bonds, or ``max_bond``)."""
-    _check_ratio(ratio)
-    full = MPO.from_matrix(matrix, n=n, **options)
-    policy = {"ratio": ratio, "allocation": allocation} if ratio is not None else (
-        {"max_bond": max_bond} if max_bond is not None else {})
-    mpo = full.truncate(**policy) if policy else full
+    policy = TruncationPolicy(max_bond=max_bond, ratio=ratio, allocation=allocation)
+    mpo = MPO.from_matrix(matrix, n=n, **options).truncate_to(policy)
     cores = mpo.gauge_cores("central")
     cores = [cores[0][0], *cores[1:-1], cores[-1][..., 0]] if n > 1 else cores
     names = [core_name(k, n) for k in range(n)]
