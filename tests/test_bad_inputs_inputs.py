@@ -388,11 +388,11 @@ def argparse_error(capsys, *argv) -> str:
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--tol", "nan", "argument --tol: must be a finite number > 0, got 'nan'"),
-        ("--tol", "inf", "argument --tol: must be a finite number > 0, got 'inf'"),
-        ("--ratio", "inf", "argument --ratio: must be a finite number > 0, got 'inf'"),
-        ("--ratio", "nan", "argument --ratio: must be a finite number > 0, got 'nan'"),
-        ("--ratio", "half", "argument --ratio: must be a finite number > 0, got 'half'"),
+        ("--tol", "nan", "argument --tol: must be > 0 (a finite number), got 'nan'"),
+        ("--tol", "inf", "argument --tol: must be > 0 (a finite number), got 'inf'"),
+        ("--ratio", "inf", "argument --ratio: must be > 0 (a finite number), got 'inf'"),
+        ("--ratio", "nan", "argument --ratio: must be > 0 (a finite number), got 'nan'"),
+        ("--ratio", "half", "argument --ratio: must be > 0 (a finite number), got 'half'"),
         ("--max-bond", "2.5", "argument --max-bond: must be an integer >= 1, got '2.5'"),
         ("--n", "x", "argument --n: an MPO needs at least 2 cores (an integer), got 'x'"),
     ],
@@ -404,7 +404,7 @@ def test_cli_nan_inf_and_non_numbers_exit_2(capsys, tmp_path, flag, value, messa
 
 
 def test_cli_finetune_flags_refuse_nan_and_fractions(capsys):
-    assert "argument --ratio: must be a finite number > 0, got 'nan'" in argparse_error(
+    assert "argument --ratio: must be > 0 (a finite number), got 'nan'" in argparse_error(
         capsys, "finetune", "--ratio", "nan")
     assert "argument --max-bond: must be an integer >= 1, got '0'" in argparse_error(
         capsys, "finetune", "--max-bond", "0")

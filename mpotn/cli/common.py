@@ -27,7 +27,7 @@ def _positive_float(text: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be > 0 (a finite number), got {text!r}")
     return value
 
 
