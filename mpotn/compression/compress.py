@@ -84,7 +84,7 @@ def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: di
         "ratio": network.compression_ratio,
         "central_entropy": float("nan"),
         "relative_bound": float("nan"),
-        "relative_error": network.relative_error,
+        "relative_error": layer.network().relative_error_to(matrix),  # of the layer built
     }
 
 

@@ -18,21 +18,27 @@ from mpotn.methods import FactorNetwork, decompose
 
 
 class _FactorizedWeight(nn.Module):
-    """Shared machinery: the network's tensors as parameters (``factors``), by node name."""
+    """Shared machinery: the network's tensors as parameters (``factors``), by node name.
+
+    ``legs`` keeps the network's node order and ``network()`` looks every parameter up
+    by its name in that order, so the order ``factors`` lists its keys in (an
+    ``nn.ParameterDict`` may sort them: ``factor_10`` before ``factor_2``) never pairs
+    a tensor with another node's legs.
+    """
 
     def __init__(self, network: FactorNetwork) -> None:
         super().__init__()
         self.method = network.method
-        self.legs = dict(network.legs)
+        self.legs = {name: tuple(network.legs[name]) for name in network.nodes}
         self.row, self.col = network.row, network.col
         self.factors = nn.ParameterDict(
-            {name: nn.Parameter(t.detach().clone()) for name, t in network.nodes.items()})
+            [(name, nn.Parameter(t.detach().clone())) for name, t in network.nodes.items()])
 
     def network(self) -> FactorNetwork:
         """The current parameters as a [FactorNetwork][mpotn.methods.base.FactorNetwork] (no
-        copy)."""
-        return FactorNetwork(self.method, dict(self.factors.items()), self.legs, self.row,
-                             self.col)
+        copy), nodes in the order of ``legs``."""
+        return FactorNetwork(self.method, {name: self.factors[name] for name in self.legs},
+                             self.legs, self.row, self.col)
 
 
 class FactorizedLinear(_FactorizedWeight):

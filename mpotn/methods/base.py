@@ -65,10 +65,11 @@ class FactorNetwork:
     method:
         The registered method that made it.
     nodes:
-        ``{node name: tensor}``, in a fixed order.
+        ``{node name: tensor}``; the contractions take the tensors in this order.
     legs:
-        ``{node name: leg names in axis order}``; a leg shared by nodes is
-        contracted, the open legs are ``row_k`` / ``col_k``.
+        ``{node name: leg names in axis order}``, matched to ``nodes`` by name (its
+        own order is irrelevant); a leg shared by nodes is contracted, the open legs
+        are ``row_k`` / ``col_k``.
     row, col:
         Factorizations of the matrix sides (with their zero-padding).
     roles:
@@ -111,17 +112,37 @@ class FactorNetwork:
         """Parameters over the entries of the (unpadded) matrix."""
         return self.num_params / (self.row.size * self.col.size)
 
+    def _node_legs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """``(node name, its legs)`` in the order of ``nodes``: each tensor is paired with its
+        legs by name, whatever order ``legs`` lists them in."""
+        missing = set(self.nodes) ^ set(self.legs)
+        if missing:
+            raise ValueError(f"nodes and legs name different tensors: {sorted(missing)}")
+        return tuple((name, tuple(self.legs[name])) for name in self.nodes)
+
     def rebuild_equation(self) -> str:
-        """Einsum equation ``nodes -> (i_1..i_n, j_1..j_n)``."""
-        return _equation(tuple(self.legs.items()), self.row_legs + self.col_legs, ())
+        """Einsum equation ``nodes -> (i_1..i_n, j_1..j_n)``, operands in the order of
+        ``nodes``."""
+        return _equation(self._node_legs(), self.row_legs + self.col_legs, ())
 
     def apply_equation(self) -> str:
-        """Einsum equation ``x[b, i_1..i_n], nodes -> y[b, j_1..j_n]``."""
-        return _equation(tuple(self.legs.items()), ("batch", *self.col_legs),
+        """Einsum equation ``x[b, i_1..i_n], nodes -> y[b, j_1..j_n]``, operands in the order
+        of ``nodes``."""
+        return _equation(self._node_legs(), ("batch", *self.col_legs),
                          ("batch", *self.row_legs))
 
+    def relative_error_to(self, matrix: torch.Tensor) -> float:
+        """``||matrix - network|| / ||matrix||``, both in float64 on the CPU (``1.0`` as the
+        norm of a zero matrix)."""
+        reference = matrix.detach().double().cpu()
+        exact = FactorNetwork(self.method, {k: v.detach().double().cpu()
+                                            for k, v in self.nodes.items()},
+                              self.legs, self.row, self.col).rebuild()
+        return float((exact - reference).norm()) / (float(reference.norm()) or 1.0)
+
     def rebuild(self, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The ``I x J`` matrix (``tensors`` replaces the stored ones, e.g. parameters)."""
+        """The ``I x J`` matrix (``tensors``, in the order of ``nodes``, replaces the stored
+        ones)."""
         tensors = list(self.nodes.values()) if tensors is None else tensors
         plan = compiled(self.rebuild_equation(), tuple(tuple(t.shape) for t in tensors))
         full = plan.expression(*tensors).reshape(self.row.padded_size, self.col.padded_size)
@@ -129,7 +150,8 @@ class FactorNetwork:
 
     def apply(self, x: torch.Tensor, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``x @ M`` for ``x`` of shape ``(..., I)``: contract or rebuild, whichever needs
-        fewer FLOPs (opt_einsum's count)."""
+        fewer FLOPs (opt_einsum's count); ``tensors`` as in
+        [rebuild][mpotn.methods.base.FactorNetwork.rebuild]."""
         tensors = list(self.nodes.values()) if tensors is None else tensors
         lead, batch = x.shape[:-1], math.prod(x.shape[:-1])
         shapes = tuple(tuple(t.shape) for t in tensors)
@@ -176,11 +198,7 @@ def _finish(method: str, tensors: dict[str, np.ndarray | torch.Tensor],
     nodes = {name: torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t)
              .to(matrix.dtype) for name, t in tensors.items()}
     net = FactorNetwork(method, nodes, legs, row, col, roles, details=details)
-    reference = matrix.detach().double().cpu()
-    exact = FactorNetwork(method, {k: v.double().cpu() for k, v in nodes.items()}, legs, row,
-                          col).rebuild()
-    norm = float(reference.norm()) or 1.0
-    net.relative_error = float((exact - reference).norm()) / norm
+    net.relative_error = net.relative_error_to(matrix)
     return net
 
 
