@@ -211,7 +211,8 @@ class MPO:
             float64; cores come back in float64 for float64 input and in
             float32 otherwise (float16/bfloat16 included).
         n:
-            Number of cores (``n >= 2``; ``n = 2`` is the SVD).
+            Number of cores (``n >= 2``; ``n = 2`` with ``row_shape=(I, 1)`` and
+            ``col_shape=(1, J)`` is the truncated SVD: the ``svd`` method).
         row_shape, col_shape:
             Explicit factors ``(i_1..i_n)`` / ``(j_1..j_n)``; a product larger
             than the side zero-pads it. Chosen automatically when omitted.
@@ -244,7 +245,7 @@ class MPO:
         if matrix.numel() == 0:
             raise ValueError(f"matrix is empty (shape {tuple(matrix.shape)})")
         if not isinstance(n, int) or n < 2:
-            raise ValueError(f"an MPO needs n >= 2 cores (n = 2 is the SVD), got n={n!r}")
+            raise ValueError(f"an MPO needs n >= 2 cores, got n={n!r}")
         if svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
         dtype = _compute_dtype(matrix)

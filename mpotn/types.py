@@ -117,9 +117,12 @@ DEFAULT_LR = {"full": 5e-5, "lfa": 5e-4, "central": 5e-4, "last-k": 1e-4, "lora"
 DEFAULT_TARGETS = ("attention", "ffn")
 
 #: The paper's Fig. 2 line-up compared by [mpotn.analysis.comparison.compare][]:
-#: ``(label, method, options)``; ``svd`` is the two-core MPO with trivial second factors.
+#: ``(label, method, options)``. ``SVD`` is the ``svd`` method (the two-core MPO with
+#: rows ``(I, 1)`` and columns ``(1, J)``); ``MPO n=2 (Kronecker)`` is the two-core MPO
+#: with balanced factors, a sum of Kronecker products.
 COMPARE_METHODS: list[tuple[str, str, dict[str, object]]] = [
-    ("SVD", "mpo", {"n": 2}),
+    ("SVD", "svd", {}),
+    ("MPO n=2 (Kronecker)", "mpo", {"n": 2}),
     ("MPO n=3", "mpo", {"n": 3}),
     ("MPO n=5", "mpo", {"n": 5}),
     ("MPO n=7", "mpo", {"n": 7}),

@@ -3,15 +3,22 @@
 Every test is named ``test_methods_<case>``.
 """
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
 import mpotn
+from mpotn.analysis.comparison import compare
+from mpotn.cli import main
 from mpotn.compression.compress import compress
 from mpotn.layers import FactorizedLinear
-from mpotn.methods import FactorNetwork, decompose
+from mpotn.methods import FactorNetwork, decompose, svd_shapes
+from mpotn.methods.cp import WorkLimitError
+from mpotn.types import COMPARE_METHODS
 
 #: (method, options) whose networks hold 10 or more tensors on a 32 x 32 matrix
 MANY = [("tt", {"n": 5}), ("tucker", {"n": 5}), ("cp", {"n": 5, "rank": 40}),
@@ -108,3 +115,91 @@ def test_methods_a_saved_model_with_eleven_tensor_layers_loads_alike(tmp_path):
     with torch.no_grad():
         again = mpotn.load(tmp_path)(input_ids=ids).last_hidden_state
     assert float((again - got).abs().max()) == 0.0
+
+
+def _matrix(rows: int = 48, cols: int = 80) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+
+
+def test_methods_svd_is_the_truncated_svd_and_mpo_n2_is_not():
+    matrix = _matrix()
+    s = torch.linalg.svdvals(matrix)
+    svd = decompose(matrix, "svd", max_bond=10)
+    assert svd.method == "svd" and svd.details["rank"] == 10
+    assert (svd.row.factors, svd.col.factors) == ((48, 1), (1, 80))
+    assert svd.relative_error == pytest.approx(float(s[10:].norm() / s.norm()), rel=1e-9)
+    assert svd.num_params == 10 * (48 + 80)
+    at_ratio = decompose(matrix, "svd", ratio=0.2)  # rank floor(0.2 * 3840 / 128) = 6
+    assert at_ratio.details["rank"] == 6
+    assert at_ratio.relative_error == pytest.approx(float(s[6:].norm() / s.norm()), rel=1e-9)
+    kronecker = decompose(matrix, "mpo", n=2, ratio=0.2)  # balanced factors on both sides
+    assert min(kronecker.row.factors) > 1 and min(kronecker.col.factors) > 1
+    assert kronecker.relative_error > at_ratio.relative_error
+
+
+def test_methods_structure_svd_and_method_svd_build_the_same_factorization():
+    assert svd_shapes(48, 80) == (2, (48, 1), (1, 80))
+    rows = {}
+    for key, options in (("structure", {"structure": "svd", "max_bond": 5}),
+                         ("method", {"method": "svd", "ratio": 5 * (48 + 80) / (48 * 80)})):
+        torch.manual_seed(0)
+        model = compress(nn.Sequential(nn.Linear(48, 80)), targets=["0"], progress=False,
+                         **options)
+        rows[key] = model.report()[0]
+    assert rows["structure"]["factorization"] == rows["method"]["factorization"] == "48·1 x 1·80"
+    assert rows["method"]["method"] == "svd" and rows["method"]["bond_dims"] == "5"
+    assert rows["method"]["relative_error"] == pytest.approx(rows["structure"]["relative_error"],
+                                                             rel=1e-4)
+
+
+def test_methods_cp_refuses_minutes_of_work_with_the_limit_and_how_to_raise_it():
+    matrix = _matrix(384, 1536)
+    with pytest.raises(WorkLimitError, match=r"cp at rank \d+ on a 384 x 1536 matrix \(n=5, 100 "
+                       r"iterations\) needs about .* above the limit of 1\.2e\+10 .*max_work="):
+        decompose(matrix, "cp", n=5, ratio=0.05)
+    with pytest.raises(ValueError, match=r"above the limit of 1\.2e\+10.*MAX_WORK"):
+        compress(nn.Sequential(nn.Linear(384, 1536)), targets=["0"], method="cp", ratio=0.05,
+                 progress=False)
+    small = _matrix(24, 24)
+    with pytest.raises(WorkLimitError, match="above the limit of 1e\\+03"):
+        decompose(small, "cp", n=2, rank=4, max_work=1e3)
+    assert decompose(small, "cp", n=2, rank=4, iterations=5, max_work=1e9).details["rank"] == 4
+
+
+def test_methods_compare_says_which_points_it_skipped_and_why():
+    methods = [("SVD", "svd", {}), ("CP n=2", "cp", {"n": 2, "iterations": 2})]
+    with pytest.warns(UserWarning, match=r"compare skipped 2 of 4 points: CP n=2 at 0\.1, 0\.2 "
+                      r"\(work limit: cp at rank"):
+        table = compare(_matrix(), ratios=[0.1, 0.2], methods=methods, batch=2, repeats=1,
+                        max_cp_work=10)
+    assert [r["label"] for r in table] == ["dense", "SVD", "SVD"]
+    assert [(p["label"], p["target"], p["why"]) for p in table.skipped] == [
+        ("CP n=2", 0.1, "work limit"), ("CP n=2", 0.2, "work limit")]
+
+
+def test_methods_compare_command_fails_when_nothing_was_computed(tmp_path, capsys):
+    np.save(tmp_path / "m.npy", _matrix().numpy())
+    out = tmp_path / "out"
+    assert main(["compare", str(tmp_path / "m.npy"), "--methods", "CP n=3", "--ratios", "0.1",
+                 "--max-cp-work", "10", "--batch", "2", "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing computed: all 1 points were skipped (raise CP's limit with --max-cp-work" in err
+    assert "CP n=3 at 0.1 (work limit: cp at rank" in err
+    assert not out.exists()
+    assert main(["compare", str(tmp_path / "m.npy"), "--methods", "SVD", "CP n=3", "--ratios",
+                 "0.1", "--max-cp-work", "10", "--batch", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 points (raise CP's limit" in captured.err
+    assert "1 decompositions (1 points skipped)" in captured.out
+    report = json.loads((out / "compare.json").read_text())
+    assert [r["label"] for r in report["rows"]] == ["dense", "SVD"]
+    assert [(p["label"], p["why"]) for p in report["skipped"]] == [("CP n=3", "work limit")]
+
+
+def test_methods_compare_line_up_names_the_svd_and_the_kronecker_mpo():
+    line_up = {label: (method, options) for label, method, options in COMPARE_METHODS}
+    assert line_up["SVD"] == ("svd", {})
+    assert line_up["MPO n=2 (Kronecker)"] == ("mpo", {"n": 2})

@@ -18,8 +18,13 @@ def low_rank_plus_noise(rows=120, cols=90, rank=6):
 
 
 def test_svd_wins_on_a_low_rank_matrix_and_errors_fall_with_the_budget():
-    table = compare(low_rank_plus_noise(), ratios=[0.15, 0.4], batch=4, repeats=1)
+    with pytest.warns(UserWarning, match=r"compare skipped 4 of 16 points: MPO n=5 at 0\.15, "
+                      r"0\.4 \(refused: no size between 90 and 95 factors into 5"):
+        table = compare(low_rank_plus_noise(), ratios=[0.15, 0.4], batch=4, repeats=1)
+    assert {(p["label"], p["why"]) for p in table.skipped} == {("MPO n=5", "refused"),
+                                                               ("MPO n=7", "refused")}
     rows = {(r["label"], r["target"]): r for r in table}
+    assert rows[("MPO n=2 (Kronecker)", 0.15)]["relative_error"] > 0.5  # not the SVD
     assert rows[("dense", 1.0)]["flops"] == 2 * 4 * 120 * 90
     for label in ("SVD", "MPO n=3", "TT n=3", "Tucker n=3"):
         assert rows[(label, 0.4)]["relative_error"] <= rows[(label, 0.15)]["relative_error"]

@@ -2,7 +2,8 @@
 
 [compare][mpotn.analysis.comparison.compare] decomposes one matrix with every method at a range of
 compression ratios (the paper's Fig. 2a/2b: the truncated SVD, MPO with
-n = 3, 5, 7, TT, Tucker and CP) and records, per point, the parameters, the
+n = 3, 5, 7, TT, Tucker and CP; also the balanced n = 2 MPO, a sum of Kronecker
+products) and records, per point, the parameters, the
 actual relative Frobenius error, the FLOPs of the cheaper way to apply the
 network to a batch (the paper's Table 2, counted by opt_einsum) and the
 measured time of that product. [load_matrix][mpotn.analysis.comparison.load_matrix] reads the
@@ -13,16 +14,19 @@ Examples
 --------
 >>> import torch
 >>> table = compare(torch.randn(96, 64, dtype=torch.float64), ratios=[0.3],
-...                 methods=[("svd", "mpo", {"n": 2}), ("Tucker n=2", "tucker", {"n": 2})],
+...                 methods=[("SVD", "svd", {}), ("Tucker n=2", "tucker", {"n": 2})],
 ...                 batch=8, repeats=1)
 >>> [row["label"] for row in table], all(row["ratio"] <= 0.3 for row in table[1:])
-(['dense', 'svd', 'Tucker n=2'], True)
+(['dense', 'SVD', 'Tucker n=2'], True)
+>>> table.skipped
+[]
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,7 @@ import torch
 from mpotn.compression.models import load_model, weight_matrices
 from mpotn.contraction import best_time, compiled
 from mpotn.methods import decompose
-from mpotn.shapes import plan_side
+from mpotn.methods.cp import WorkLimitError
 from mpotn.table import Table
 from mpotn.types import COMPARE_METHODS, COMPARE_RATIOS
 
@@ -41,10 +45,17 @@ from mpotn.types import COMPARE_METHODS, COMPARE_RATIOS
 METHODS: list[tuple[str, str, dict[str, Any]]] = COMPARE_METHODS
 RATIOS = COMPARE_RATIOS
 
-#: CP's ALS costs about ``entries x rank`` per sweep and mode; points where that
-#: product exceeds this are skipped (on the 11.7M-entry word embedding, every
-#: ratio above 1e-5; on a 384 x 1536 FFN matrix, ratios up to about 0.03 run).
-MAX_CP_WORK = 2e8
+
+class Comparison(Table):
+    """The rows [compare][mpotn.analysis.comparison.compare] computed (a
+    [Table][mpotn.table.Table]) and ``skipped``: the points it did not, each
+    ``{"label", "method", "target", "why", "reason"}`` (``why``: ``"work limit"`` or
+    ``"refused"``, ``reason``: the method's message)."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (),
+                 skipped: Iterable[dict[str, Any]] = ()) -> None:
+        super().__init__(rows)
+        self.skipped = Table(skipped)
 
 
 def load_matrix(source: str | os.PathLike | None = None, model: str | None = None
@@ -96,17 +107,20 @@ def load_matrix(source: str | os.PathLike | None = None, model: str | None = Non
 
 def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
             methods: Sequence[tuple[str, str, dict[str, Any]]] = tuple(METHODS),
-            batch: int = 128, repeats: int = 3, progress: bool = False) -> Table:
+            batch: int = 128, repeats: int = 3, progress: bool = False,
+            max_cp_work: float | None = None) -> Comparison:
     """Every method at every ratio: parameters, relative error, FLOPs and time of ``x @ M``.
 
     The dense product's FLOPs and time are measured too (``label="dense"``).
-    Points a method cannot reach (a budget below its smallest network) or that
-    would take too long (CP beyond [MAX_CP_WORK][mpotn.analysis.comparison.MAX_CP_WORK]) are left
-    out.
+    A point whose method refuses it (a budget below its smallest network, or CP's
+    ALS above its work limit: ``max_cp_work``, default
+    [mpotn.methods.cp.MAX_WORK][]) has no row: it is listed in the result's
+    ``skipped``, with the method's message, and a warning says how many were
+    skipped and why.
     """
     from tqdm.auto import tqdm
 
-    rows = Table()
+    rows = Comparison()
     x32 = torch.randn(batch, matrix.shape[0])
     dense = matrix.float()
     rows.append({"label": "dense", "method": "dense", "target": 1.0, "ratio": 1.0,
@@ -117,15 +131,15 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
             for ratio in ratios]
     for label, method, options, ratio in tqdm(jobs, desc="decomposing", disable=not progress):
         options = dict(options)
-        if method == "mpo" and options.get("n") == 2:
-            options.update(row_shape=(matrix.shape[0], 1), col_shape=(1, matrix.shape[1]))
-        if method == "cp":
-            per_rank = sum(decompose_shape(matrix, options["n"]))
-            if ratio * matrix.numel() / per_rank * matrix.numel() > MAX_CP_WORK:
-                continue
+        if method == "cp" and max_cp_work is not None:
+            options["max_work"] = max_cp_work
         try:
             net = decompose(matrix, method, ratio=ratio, **options)
-        except ValueError:  # below the smallest network of this method
+        except ValueError as error:  # below the smallest network, or too much work
+            rows.skipped.append({
+                "label": label, "method": method, "target": ratio,
+                "why": "work limit" if isinstance(error, WorkLimitError) else "refused",
+                "reason": str(error)})
             continue
         tensors = [t.float() for t in net.nodes.values()]
         shapes = tuple(tuple(t.shape) for t in tensors)
@@ -137,12 +151,30 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
                      "relative_error": net.relative_error, "flops": min(contract, rebuild),
                      "path": "contract" if contract < rebuild else "rebuild",
                      "ms_per_batch": 1e3 * seconds})
+    if rows.skipped:
+        warnings.warn(f"compare skipped {len(rows.skipped)} of {len(jobs)} points: "
+                      f"{describe_skipped(rows.skipped)}", stacklevel=2)
     return rows
 
 
-def decompose_shape(matrix: torch.Tensor, n: int) -> tuple[int, ...]:
-    """Mode sizes of the tensorized matrix ``(i_1..i_n, j_1..j_n)`` (with padding)."""
-    return (*plan_side(matrix.shape[0], n).factors, *plan_side(matrix.shape[1], n).factors)
+def describe_skipped(skipped: Sequence[dict[str, Any]]) -> str:
+    """One line per label: the ratios skipped and why (the first reason in full).
+
+    Examples
+    --------
+    >>> print(describe_skipped([
+    ...     {"label": "CP n=3", "target": 0.1, "why": "work limit", "reason": "too much"},
+    ...     {"label": "CP n=3", "target": 0.2, "why": "work limit", "reason": "more"}]))
+    CP n=3 at 0.1, 0.2 (work limit: too much)
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for point in skipped:
+        groups.setdefault((point["label"], point["why"]), []).append(point)
+    lines = []
+    for (label, why), points in groups.items():
+        targets = ", ".join(format(p["target"], "g") for p in points)
+        lines.append(f"{label} at {targets} ({why}: {points[0]['reason']})")
+    return "\n".join(lines)
 
 
 def draw_comparison(table: Table, path: str | Path, title: str) -> Path:

@@ -43,7 +43,7 @@ from mpotn.compression.model import MPOModel
 from mpotn.compression.models import layer_index, matrix_type
 from mpotn.compression.parameters import count_parameters
 from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
-from mpotn.methods import decompose
+from mpotn.methods import decompose, svd_shapes
 from mpotn.mpo import MPO, _compute_dtype
 from mpotn.table import Table
 from mpotn.truncation import TruncationPolicy
@@ -150,7 +150,7 @@ class _Target:
 def _candidate(target: _Target, structure: str) -> _Candidate:
     settings, matrix = target.settings, target.matrix
     if structure == "svd":
-        n, row_shape, col_shape = 2, (matrix.shape[0], 1), (1, matrix.shape[1])
+        n, row_shape, col_shape = svd_shapes(*matrix.shape)
     else:
         n, row_shape, col_shape = settings["n"], settings["row_shape"], settings["col_shape"]
     whiten = target.covariance is not None and (

@@ -7,7 +7,11 @@ of the tensorized matrix), a compiled contraction, its parameter count and its
 actual reconstruction error. The methods shipped (SPEC §5):
 
 ``mpo``
-    the matrix product operator of Algorithm 1 (``n = 2`` is the truncated SVD);
+    the matrix product operator of Algorithm 1 (with ``n = 2`` and automatic shapes,
+    balanced factors on both sides: a sum of Kronecker products, not the SVD);
+``svd``
+    the truncated SVD: the ``n = 2`` MPO with the trivial factorization
+    ``(I, 1) x (1, J)`` ([svd_shapes][mpotn.methods.svd.svd_shapes]);
 ``tt``
     a tensor train over the ``2n`` modes ``(i_1..i_n, j_1..j_n)`` of the
     tensorized matrix (tensorly's TT-SVD);
@@ -34,12 +38,12 @@ Examples
 >>> net.method, net.compression_ratio <= 0.5, net.relative_error < 1
 ('tucker', True, True)
 >>> sorted(DECOMPOSITIONS)
-['cp', 'mpo', 'tt', 'tucker']
+['cp', 'mpo', 'svd', 'tt', 'tucker']
 """
 
 from __future__ import annotations
 
-from mpotn.methods import cp, mpo, tt, tucker  # noqa: F401  (importing registers them)
+from mpotn.methods import cp, mpo, svd, tt, tucker  # noqa: F401  (importing registers them)
 from mpotn.methods.base import (
     DECOMPOSITIONS,
     FactorNetwork,
@@ -47,5 +51,7 @@ from mpotn.methods.base import (
     register,
     tensorly_numpy,
 )
+from mpotn.methods.svd import svd_shapes
 
-__all__ = ["DECOMPOSITIONS", "FactorNetwork", "decompose", "register", "tensorly_numpy"]
+__all__ = ["DECOMPOSITIONS", "FactorNetwork", "decompose", "register", "svd_shapes",
+           "tensorly_numpy"]

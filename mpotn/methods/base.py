@@ -4,9 +4,8 @@ methods share.
 A method is a function ``matrix -> FactorNetwork`` added to
 [DECOMPOSITIONS][mpotn.methods.base.DECOMPOSITIONS] by [register][mpotn.methods.base.register];
 [decompose][mpotn.methods.base.decompose] looks it up by name. The shipped methods live in
-[mpotn.methods.mpo][], [mpotn.methods.tt][], [mpotn.methods.tucker][] and
-[mpotn.methods.cp][]; [mpotn.methods][] imports them all, which
-registers them.
+[mpotn.methods.mpo][], [mpotn.methods.svd][], [mpotn.methods.tt][], [mpotn.methods.tucker][]
+and [mpotn.methods.cp][]; [mpotn.methods][] imports them all, which registers them.
 """
 
 from __future__ import annotations

@@ -17,11 +17,46 @@ from mpotn.methods.base import (
     tensorly_numpy,
 )
 
+#: The most work [cp_method][mpotn.methods.cp.cp_method] starts by default, in multiply-adds
+#: of its ALS sweeps (see [als_work][mpotn.methods.cp.als_work]): about a minute on one core
+#: with ``n = 3``, several with ``n = 5`` (small modes run slower per multiply-add).
+#: Raise it per call with ``max_work=`` or for the session by setting this attribute.
+MAX_WORK = 1.2e10
+
+
+class WorkLimitError(ValueError):
+    """A decomposition refused because its estimated work is above its limit."""
+
+
+def als_work(entries: int, n: int, rank: int, iterations: int) -> int:
+    """Multiply-adds of ``iterations`` ALS sweeps at ``rank`` on a tensorized matrix of
+    ``entries`` entries: each sweep updates ``2n`` factors, each update costs about
+    ``entries x rank``.
+
+    Examples
+    --------
+    >>> als_work(384 * 1536, n=3, rank=100, iterations=10)
+    3538944000
+    """
+    return 2 * n * entries * rank * iterations
+
 
 @register("cp")
 def cp_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
-              rank: int | None = None, iterations: int = 100, seed: int = 0) -> FactorNetwork:
-    """Rank-``R`` CP of the tensorized matrix by alternating least squares."""
+              rank: int | None = None, iterations: int = 100, seed: int = 0,
+              max_work: float | None = None) -> FactorNetwork:
+    """Rank-``R`` CP of the tensorized matrix by alternating least squares.
+
+    Raises
+    ------
+    ValueError
+        When neither ``rank`` nor ``ratio`` is given.
+    WorkLimitError
+        When the ALS sweeps would take more than ``max_work`` multiply-adds
+        ([als_work][mpotn.methods.cp.als_work]; default
+        [MAX_WORK][mpotn.methods.cp.MAX_WORK]): the message names the work, the limit and
+        how to lower the one or raise the other.
+    """
     from tensorly.decomposition import parafac
 
     _check_ratio(ratio)
@@ -31,6 +66,15 @@ def cp_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
         if ratio is None:
             raise ValueError("cp has no exact rank to default to: give rank or ratio")
         rank = max(1, math.floor(ratio * matrix.numel() / per_rank))
+    limit = MAX_WORK if max_work is None else max_work
+    work = als_work(tensor.size, n, rank, iterations)
+    if work > limit:
+        raise WorkLimitError(
+            f"cp at rank {rank} on a {matrix.shape[0]} x {matrix.shape[1]} matrix (n={n}, "
+            f"{iterations} iterations) needs about {work:.2g} multiply-adds of ALS, above the "
+            f"limit of {limit:.2g} (1.2e10 takes about a minute); lower ratio, rank, "
+            "iterations or n, or raise the limit: decompose(..., max_work=...) or "
+            "mpotn.methods.cp.MAX_WORK = ...")
     with tensorly_numpy(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)  # rank > mode
         weights, factors = parafac(tensor, rank=rank, n_iter_max=iterations, init="svd",

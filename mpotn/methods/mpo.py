@@ -1,5 +1,6 @@
-"""``mpo``: the matrix product operator of Algorithm 1, truncated
-(``n = 2`` is the truncated SVD)."""
+"""``mpo``: the matrix product operator of Algorithm 1, truncated (``n = 2`` with the trivial
+factorization ``(I, 1) x (1, J)`` is the truncated SVD: the ``svd`` method,
+[mpotn.methods.svd][])."""
 
 from __future__ import annotations
 
