@@ -2,7 +2,7 @@
 
 [FactorizedLinear][mpotn.layers.factorized.FactorizedLinear] and
 [FactorizedEmbedding][mpotn.layers.factorized.FactorizedEmbedding] hold the tensors of a
-decomposition made by a registered method (``tucker``, ``cp``, ``tt``, ``mpo``; see
+decomposition made by a registered method (``tucker``, ``cp``, ``tt``, ``mpo``, ``svd``; see
 [mpotn.methods][]) as parameters, by node name; the forward pass contracts or rebuilds, whichever
 opt_einsum counts fewer FLOPs for.
 """
@@ -49,7 +49,7 @@ class FactorizedLinear(_FactorizedWeight):
     forward pass contracts the input with them or rebuilds the weight,
     whichever opt_einsum counts fewer FLOPs for. Made by
     [from_linear][mpotn.layers.factorized.FactorizedLinear.from_linear] with a registered method
-    (``tucker``, ``cp``, ``tt``, ``mpo``) or from a decomposition already computed.
+    (``tucker``, ``cp``, ``tt``, ``mpo``, ``svd``) or from a decomposition already computed.
 
     Examples
     --------
