@@ -51,6 +51,7 @@ Writes ``benchmarks/results/glue_small.json`` (every run) and ``glue_small.md``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -68,6 +69,7 @@ from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel
 from mpotn.compression.models import load_classifier, load_tokenizer
+from mpotn.compression.parameters import count_parameters
 from mpotn.data import TaskData, compute_metrics, load_glue, sst2_sample, texts
 from mpotn.finetune.heal import HealConfig, heal
 from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
@@ -124,10 +126,10 @@ class Bench:
             self._data[task] = load_task(task)
         return self._data[task]
 
-    def training(self, task: str, strategy: str, seed: int, **extra: Any) -> TrainingConfig:
+    def training(self, task: str, strategy: str, seed: int) -> TrainingConfig:
         settings = ({"max_steps": 2, "train_limit": 64, "eval_limit": 64, "batch_size": 16}
                     if self.quick else TASKS[task][1])
-        return TrainingConfig(strategy=strategy, seed=seed, **{**settings, **extra})
+        return TrainingConfig(strategy=strategy, seed=seed, **settings)
 
     def texts(self, task: str, samples: int | None) -> list[str]:
         if task == QUICK_TASK:
@@ -143,7 +145,7 @@ class Bench:
         (``SIZE`` itself in the quick run, whose few targets cannot)."""
         if self.quick:
             return SIZE
-        total = sum(p.numel() for p in model.parameters())
+        total = count_parameters(model.parameters())
         targets = select_targets(model, CompressionConfig(targets=self.targets))
         inside = sum(module.weight.numel() for _, module in targets)
         return (SIZE * total - (total - inside)) / inside
@@ -153,8 +155,16 @@ def _lfa_dir(bench: Bench, task: str, seed: int) -> Path:
     return bench.work / f"{task}-lfa-{seed}"
 
 
-def _metric(data: TaskData, record: dict[str, Any]) -> float:
-    return record[data.spec.metrics[0]]
+def _run_record(task: str, row: str, seed: int, data: TaskData, scores: dict[str, Any], *,
+                total: int, over_dense: float, trainable: int | None, steps: int,
+                seconds: float, prep_seconds: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """One run as the JSON stores it; ``scores`` holds the task's metrics and ``loss``."""
+    return {
+        "task": task, "row": row, "seed": seed, "metric": scores[data.spec.metrics[0]],
+        **{m: scores[m] for m in data.spec.metrics}, "loss": scores["loss"],
+        "total_params": total, "total_over_dense": over_dense, "trainable_params": trainable,
+        "steps": steps, **extra, "prep_seconds": prep_seconds, "seconds": seconds,
+    }
 
 
 def _train(bench: Bench, task: str, row: str, seed: int, model: torch.nn.Module,
@@ -166,24 +176,21 @@ def _train(bench: Bench, task: str, row: str, seed: int, model: torch.nn.Module,
     if row == "mpo-lfa":
         result.model.save_pretrained(str(_lfa_dir(bench, task, seed)))
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
-    total = sum(p.numel() for p in trained.parameters())
+    total = count_parameters(trained.parameters())
     record = result.record
-    return {
-        "task": task, "row": row, "seed": seed, "metric": _metric(data, record),
-        **{m: record[m] for m in data.spec.metrics}, "loss": record["loss"],
-        "total_params": total, "total_over_dense": total / original,
-        "trainable_params": record.get("trainable_params"), "steps": record["steps"],
-        "prep_seconds": prep_seconds, "seconds": prep_seconds + record["train_seconds"],
-    }
+    return _run_record(task, row, seed, data, record, total=total, over_dense=total / original,
+                       trainable=record.get("trainable_params"), steps=record["steps"],
+                       prep_seconds=prep_seconds,
+                       seconds=prep_seconds + record["train_seconds"])
 
 
 def _compressed(bench: Bench, task: str, seed: int, settings: dict[str, Any],
                 heal_steps: int) -> tuple[torch.nn.Module, int]:
     """A calibrated compressed classifier (healed when asked) and the dense size."""
     dense = bench.classifier(task, seed)
-    original = sum(p.numel() for p in dense.parameters())
+    original = count_parameters(dense.parameters())
     calibration = text_batches(bench.tokenizer, bench.texts(task, 256))
-    model = compress(bench.classifier(task, seed), targets=bench.targets,
+    model = compress(copy.deepcopy(dense), targets=bench.targets,
                      ratio=bench.ratio(dense), calibration=calibration, progress=False,
                      **settings)
     if heal_steps:
@@ -197,7 +204,7 @@ def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     if row in ("dense", "mpo-lfa"):
         model = bench.classifier(task, seed)
-        original = sum(p.numel() for p in model.parameters())
+        original = count_parameters(model.parameters())
         if row == "mpo-lfa":
             model = compress(model, targets=bench.targets, progress=False)
         return _train(bench, task, row, seed, model, "full" if row == "dense" else "lfa",
@@ -227,26 +234,20 @@ def run_squeeze(bench: Bench, task: str, seed: int, squeezed: dict[str, Any] | N
                             progress=False)
         result = squeezer.run(resume=squeezer.has_checkpoint())
         record = result.record
-        squeezed = {
-            "task": task, "row": "squeeze", "seed": seed, "metric": _metric(data, record),
-            **{m: record[m] for m in data.spec.metrics}, "loss": record["loss"],
-            "total_params": record["params"], "total_over_dense": record["params_over_original"],
-            "trainable_params": lfa_budget(result.model.base_model),
-            "steps": record["fine_tuning_steps"], "squeeze_steps": record["accepted_step"],
-            "stop_reason": record["stop_reason"], "bond_dims": record["bond_dims"],
-            "prep_seconds": 0.0, "seconds": time.perf_counter() - start,
-        }
+        squeezed = _run_record(
+            task, "squeeze", seed, data, record, total=record["params"],
+            over_dense=record["params_over_original"],
+            trainable=lfa_budget(result.model.base_model), steps=record["fine_tuning_steps"],
+            seconds=time.perf_counter() - start, squeeze_steps=record["accepted_step"],
+            stop_reason=record["stop_reason"], bond_dims=record["bond_dims"])
         runs.append(squeezed)
     start = time.perf_counter()
     direct = direct_truncation(load(lfa), bench.tokenizer, data, squeezed["bond_dims"], config,
                                squeezed["steps"], progress=False)
-    runs.append({
-        "task": task, "row": "direct", "seed": seed, "metric": _metric(data, direct),
-        **{m: direct[m] for m in data.spec.metrics}, "loss": direct["loss"],
-        "total_params": direct["params"], "total_over_dense": direct["params_over_original"],
-        "trainable_params": direct["trainable_params"], "steps": direct["fine_tuning_steps"],
-        "prep_seconds": 0.0, "seconds": time.perf_counter() - start,
-    })
+    runs.append(_run_record(
+        task, "direct", seed, data, direct, total=direct["params"],
+        over_dense=direct["params_over_original"], trainable=direct["trainable_params"],
+        steps=direct["fine_tuning_steps"], seconds=time.perf_counter() - start))
     return runs
 
 

@@ -353,6 +353,20 @@ class MPO:
         return tuple(i * j for i, j in zip(self.row_shape, self.col_shape))
 
     @property
+    def smallest_ratio(self) -> float:
+        """The lowest ``ratio`` (Eq. 5) this shape reaches: every bond at 1, over the padded
+        matrix's entries.
+
+        Examples
+        --------
+        >>> MPO.from_matrix(torch.randn(2, 384), n=2, row_shape=(2, 1),
+        ...                 col_shape=(1, 384)).smallest_ratio
+        0.5026041666666666
+        """
+        size = self.padded_shape[0] * self.padded_shape[1]
+        return params_of((1,) * (self.n + 1), self.local_dims) / size
+
+    @property
     def bond_dims(self) -> tuple[int, ...]:
         """Kept bond dimensions ``(d_0, d_1, ..., d_n)``, ``d_0 = d_n = 1``."""
         return (1, *(int(c.shape[3]) for c in self.cores))
@@ -623,14 +637,12 @@ class MPO:
             )
         else:
             if ratio is not None:
-                size = self.padded_shape[0] * self.padded_shape[1]
-                smallest = params_of((1,) * (self.n + 1), local)
-                if ratio * size < smallest:
+                if ratio < self.smallest_ratio:
                     raise ValueError(
                         f"ratio {ratio:g} is below the smallest MPO of this shape "
-                        f"(ratio {smallest / size:.3g}, every bond at 1); ask for more"
+                        f"(ratio {self.smallest_ratio:.3g}, every bond at 1); ask for more"
                     )
-                params = math.floor(ratio * size)
+                params = math.floor(ratio * self.padded_shape[0] * self.padded_shape[1])
             if policy.allocation == "optimal":
                 dims = dims_for_budget(self.singular_values, current, local, params)
             else:

@@ -183,8 +183,8 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
         if settings["structure"] == "auto":  # equal parameter counts for both structures
             params = settings["params"] or int(settings["ratio"] * t.matrix.numel())
             policies[t.name] = TruncationPolicy(params=params)
-        elif settings["ratio"] is not None and _below_smallest(candidates[t.name][0].full,
-                                                               settings["ratio"]):
+        elif (settings["ratio"] is not None
+              and settings["ratio"] < candidates[t.name][0].full.smallest_ratio):
             policies[t.name] = TruncationPolicy(max_bond=1)
             floored.append(t.name)
         else:
@@ -196,12 +196,6 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
             f"{' ...' if len(floored) > 5 else ''} (the report shows their ratios; exclude them "
             "or use budget='model' to spend the same total elsewhere)", stacklevel=3)
     return policies
-
-
-def _below_smallest(full: MPO, ratio: float) -> bool:
-    """Whether ``ratio`` of the (padded) matrix is less than the MPO with every bond at 1."""
-    smallest = sum(core.numel() for core in full.truncate(max_bond=1).cores)
-    return ratio * full.padded_shape[0] * full.padded_shape[1] < smallest
 
 
 def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: nn.Module,
