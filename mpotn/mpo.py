@@ -144,7 +144,118 @@ def _right_orthogonalize(cores: Sequence[torch.Tensor], center: int = 0) -> list
     return cores
 
 
-class MPO:
+class MPOStructure:
+    """The structure of a chain of MPO cores, read off ``cores``, ``row`` and ``col``.
+
+    Shared by [MPO][mpotn.mpo.MPO] (cores as tensors) and the MPO layers of
+    [mpotn.layers.mpo][] (cores as parameters), so that both state bonds, the central
+    and auxiliary tensors, parameter counts and the ratio of Eq. 5 the same way. A
+    class using it sets ``cores`` (a sequence of ``T_k[d_{k-1}, i_k, j_k, d_k]``),
+    ``row`` and ``col`` (the [Factorization][mpotn.shapes.Factorization] of each side).
+
+    Examples
+    --------
+    >>> mpo = MPO.from_matrix(torch.randn(12, 10), n=2, row_shape=(3, 4), col_shape=(2, 5))
+    >>> mpo.bond_dims, mpo.central_index, mpo.num_params, mpo.central_params
+    ((1, 6, 1), 0, 156, 36)
+    """
+
+    cores: Sequence[torch.Tensor]
+    row: Factorization
+    col: Factorization
+
+    @property
+    def n(self) -> int:
+        """Number of cores."""
+        return len(self.cores)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """``(i_1, ..., i_n)``."""
+        return self.row.factors
+
+    @property
+    def col_shape(self) -> tuple[int, ...]:
+        """``(j_1, ..., j_n)``."""
+        return self.col.factors
+
+    @property
+    def local_dims(self) -> tuple[int, ...]:
+        """``(i_1 j_1, ..., i_n j_n)``."""
+        return tuple(i * j for i, j in zip(self.row_shape, self.col_shape))
+
+    @property
+    def bond_dims(self) -> tuple[int, ...]:
+        """Kept bond dimensions ``(d_0, d_1, ..., d_n)``, ``d_0 = d_n = 1``."""
+        return (1, *(int(c.shape[3]) for c in self.cores))
+
+    @property
+    def full_bond_dims(self) -> tuple[int, ...]:
+        """Full bond dimensions of Eq. 2 for this factorization."""
+        return full_bond_dims(self.row_shape, self.col_shape)
+
+    @property
+    def central_index(self) -> int:
+        """0-based index ``(n - 1) // 2`` of the central tensor."""
+        return central_index(self.n)
+
+    @property
+    def central_bond(self) -> int:
+        """The central tensor's bond with the larger full dimension (Eq. 2).
+
+        For ``n = 5`` that is bond 2 or 3 (ties go to the left one); it is the
+        bond squeezing cuts and whose entropy is reported as *central*.
+
+        Examples
+        --------
+        >>> import torch
+        >>> MPO.from_matrix(torch.randn(768, 3072), row_shape=(3, 4, 4, 4, 4),
+        ...                 col_shape=(4, 4, 8, 6, 4)).central_bond
+        3
+        """
+        c = self.central_index
+        candidates = [k for k in (c, c + 1) if 1 <= k <= self.n - 1]
+        return max(candidates, key=lambda k: (self.full_bond_dims[k], -k))
+
+    @property
+    def central(self) -> torch.Tensor:
+        """The central tensor."""
+        return self.cores[self.central_index]
+
+    @property
+    def auxiliary(self) -> tuple[torch.Tensor, ...]:
+        """The auxiliary tensors, in chain order."""
+        c = self.central_index
+        return tuple(core for k, core in enumerate(self.cores) if k != c)
+
+    @property
+    def core_names(self) -> tuple[str, ...]:
+        """``auxiliary_k`` / ``central`` for each core."""
+        return tuple(core_name(k, self.n) for k in range(self.n))
+
+    # ----------------------------------------------------------- parameters
+    @property
+    def num_params(self) -> int:
+        """Entries of all cores."""
+        return sum(c.numel() for c in self.cores)
+
+    @property
+    def central_params(self) -> int:
+        """Entries of the central tensor."""
+        return self.central.numel()
+
+    @property
+    def auxiliary_params(self) -> int:
+        """Entries of the auxiliary tensors."""
+        return self.num_params - self.central_params
+
+    @property
+    def compression_ratio(self) -> float:
+        """``rho`` of Eq. 5 (core entries over padded-matrix entries)."""
+        return diagnostics.compression_ratio(self.bond_dims, self.row_shape, self.col_shape)
+
+
+class MPO(MPOStructure):
     """A matrix as a chain of cores ``T_k[d_{k-1}, i_k, j_k, d_k]`` (Eq. 1).
 
     Build one with [from_matrix][mpotn.mpo.MPO.from_matrix] (Algorithm 1) or
@@ -323,11 +434,6 @@ class MPO:
 
     # ------------------------------------------------------------- structure
     @property
-    def n(self) -> int:
-        """Number of cores."""
-        return len(self.cores)
-
-    @property
     def shape(self) -> tuple[int, int]:
         """The (unpadded) matrix shape ``(I, J)``."""
         return (self.row.size, self.col.size)
@@ -336,21 +442,6 @@ class MPO:
     def padded_shape(self) -> tuple[int, int]:
         """``(prod i_k, prod j_k)``: the shape including zero-padding."""
         return (self.row.padded_size, self.col.padded_size)
-
-    @property
-    def row_shape(self) -> tuple[int, ...]:
-        """``(i_1, ..., i_n)``."""
-        return self.row.factors
-
-    @property
-    def col_shape(self) -> tuple[int, ...]:
-        """``(j_1, ..., j_n)``."""
-        return self.col.factors
-
-    @property
-    def local_dims(self) -> tuple[int, ...]:
-        """``(i_1 j_1, ..., i_n j_n)``."""
-        return tuple(i * j for i, j in zip(self.row_shape, self.col_shape))
 
     @property
     def smallest_ratio(self) -> float:
@@ -367,81 +458,12 @@ class MPO:
         return params_of((1,) * (self.n + 1), self.local_dims) / size
 
     @property
-    def bond_dims(self) -> tuple[int, ...]:
-        """Kept bond dimensions ``(d_0, d_1, ..., d_n)``, ``d_0 = d_n = 1``."""
-        return (1, *(int(c.shape[3]) for c in self.cores))
-
-    @property
-    def full_bond_dims(self) -> tuple[int, ...]:
-        """Full bond dimensions of Eq. 2."""
-        return full_bond_dims(self.row_shape, self.col_shape)
-
-    @property
-    def central_index(self) -> int:
-        """0-based index ``(n - 1) // 2`` of the central tensor."""
-        return central_index(self.n)
-
-    @property
-    def central_bond(self) -> int:
-        """The central tensor's bond with the larger full dimension (Eq. 2).
-
-        For ``n = 5`` that is bond 2 or 3 (ties go to the left one); it is the
-        bond squeezing cuts and whose entropy is reported as *central*.
-
-        Examples
-        --------
-        >>> import torch
-        >>> MPO.from_matrix(torch.randn(768, 3072), row_shape=(3, 4, 4, 4, 4),
-        ...                 col_shape=(4, 4, 8, 6, 4)).central_bond
-        3
-        """
-        c = self.central_index
-        candidates = [k for k in (c, c + 1) if 1 <= k <= self.n - 1]
-        return max(candidates, key=lambda k: (self.full_bond_dims[k], -k))
-
-    @property
-    def central(self) -> torch.Tensor:
-        """The central tensor."""
-        return self.cores[self.central_index]
-
-    @property
-    def auxiliary(self) -> tuple[torch.Tensor, ...]:
-        """The auxiliary tensors, in chain order."""
-        return tuple(c for k, c in enumerate(self.cores) if k != self.central_index)
-
-    @property
-    def core_names(self) -> tuple[str, ...]:
-        """``auxiliary_k`` / ``central`` for each core."""
-        return tuple(core_name(k, self.n) for k in range(self.n))
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.cores[0].dtype
 
     @property
     def device(self) -> torch.device:
         return self.cores[0].device
-
-    # ----------------------------------------------------------- parameters
-    @property
-    def num_params(self) -> int:
-        """Entries of all cores."""
-        return sum(c.numel() for c in self.cores)
-
-    @property
-    def central_params(self) -> int:
-        """Entries of the central tensor."""
-        return self.central.numel()
-
-    @property
-    def auxiliary_params(self) -> int:
-        """Entries of the auxiliary tensors."""
-        return self.num_params - self.central_params
-
-    @property
-    def compression_ratio(self) -> float:
-        """``rho`` of Eq. 5 (core entries over padded-matrix entries)."""
-        return diagnostics.compression_ratio(self.bond_dims, self.row_shape, self.col_shape)
 
     # ------------------------------------------------------------ diagnostics
     def _check_bond(self, bond: int) -> None:

@@ -47,26 +47,47 @@ import torch
 from torch import nn
 
 from mpotn.contraction import Contractor, autotune_enabled
-from mpotn.diagnostics import compression_ratio
-from mpotn.mpo import MPO
-from mpotn.network import central_index
-from mpotn.shapes import Factorization, full_bond_dims, plan_side
+from mpotn.mpo import MPO, MPOStructure
+from mpotn.shapes import full_bond_dims, plan_side
 from mpotn.truncation import TruncationPolicy
 from mpotn.types import Gauge
 
 
-class _MPOWeight(nn.Module):
-    """Shared machinery: cores as parameters, groups, freezing, cached rebuild."""
+class _MPOWeight(MPOStructure, nn.Module):
+    """Shared machinery: cores as parameters, groups, freezing, cached rebuild.
+
+    The structure (``bond_dims``, ``central``, ``auxiliary``, parameter counts,
+    ``compression_ratio``, ...) is [MPOStructure][mpotn.mpo.MPOStructure]'s, as for an
+    [MPO][mpotn.mpo.MPO].
+
+    Parameters
+    ----------
+    rows, cols:
+        Sizes of the matrix's two sides (``I``, ``J``).
+    row_shape, col_shape:
+        Factors of ``rows`` / ``cols`` (products may exceed them: zero-padding);
+        chosen automatically when omitted.
+    bond_dims:
+        ``(1, d_1, ..., d_{n-1}, 1)``; the full bonds of Eq. 2 when omitted.
+    n:
+        Number of cores when the shapes are chosen automatically.
+    """
 
     def __init__(
         self,
-        row: Factorization,
-        col: Factorization,
-        bond_dims: Sequence[int],
+        rows: int,
+        cols: int,
+        row_shape: Sequence[int] | None,
+        col_shape: Sequence[int] | None,
+        bond_dims: Sequence[int] | None,
+        n: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        n = len(row_shape) if row_shape is not None else n
+        row, col = plan_side(rows, n, row_shape), plan_side(cols, n, col_shape)
+        bond_dims = bond_dims or full_bond_dims(row.factors, col.factors)
         n = len(row.factors)
         if len(bond_dims) != n + 1 or bond_dims[0] != 1 or bond_dims[-1] != 1:
             raise ValueError(
@@ -83,44 +104,25 @@ class _MPOWeight(nn.Module):
         self._cache: tuple[tuple, torch.Tensor] | None = None
         self._methods: dict[tuple, str] = {}
 
-    # ----------------------------------------------------------- structure
-    @property
-    def n(self) -> int:
-        return len(self.cores)
-
-    @property
-    def bond_dims(self) -> tuple[int, ...]:
-        """``(d_0, ..., d_n)``."""
-        return (1, *(int(c.shape[3]) for c in self.cores))
-
-    @property
-    def full_bond_dims(self) -> tuple[int, ...]:
-        """Full bond dimensions of Eq. 2 for this factorization."""
-        return full_bond_dims(self.row.factors, self.col.factors)
-
-    @property
-    def central(self) -> nn.Parameter:
-        """The central tensor."""
-        return self.cores[central_index(self.n)]
-
-    @property
-    def auxiliary(self) -> list[nn.Parameter]:
-        """The auxiliary tensors, in chain order."""
-        c = central_index(self.n)
-        return [core for k, core in enumerate(self.cores) if k != c]
-
-    @property
-    def central_params(self) -> int:
-        return self.central.numel()
-
-    @property
-    def auxiliary_params(self) -> int:
-        return sum(core.numel() for core in self.auxiliary)
-
-    @property
-    def compression_ratio(self) -> float:
-        """``rho`` of Eq. 5."""
-        return compression_ratio(self.bond_dims, self.row.factors, self.col.factors)
+    @classmethod
+    def _from_matrix(cls, matrix: torch.Tensor, mpo: MPO | None, gauge: Gauge,
+                     truncation: dict[str, Any], decomposition: dict[str, Any],
+                     **options: Any) -> Any:
+        """A layer of ``matrix``'s shape holding ``mpo`` (or Algorithm 1 on ``matrix``),
+        truncated by ``truncation`` (keyword arguments of
+        [TruncationPolicy][mpotn.truncation.TruncationPolicy]) and stored in ``gauge``;
+        ``decomposition`` goes to [MPO.from_matrix][mpotn.mpo.MPO.from_matrix] and
+        ``options`` (``bias``, ``padding_idx``) to the constructor."""
+        policy = TruncationPolicy.from_settings(truncation, strict=True)
+        if mpo is None:
+            mpo = MPO.from_matrix(matrix, **decomposition)
+        mpo = mpo.truncate_to(policy)
+        layer = cls(*matrix.shape, mpo.row_shape, mpo.col_shape, mpo.bond_dims,
+                    dtype=matrix.dtype, device=matrix.device, **options)
+        with torch.no_grad():
+            for param, core in zip(layer.cores, mpo.gauge_cores(gauge)):
+                param.copy_(core)
+        return layer
 
     def num_trainable(self) -> int:
         """Parameters of this module that require a gradient."""
@@ -138,21 +140,6 @@ class _MPOWeight(nn.Module):
     def mpo(self) -> MPO:
         """The current cores as a canonical [MPO][mpotn.mpo.MPO] (for diagnostics)."""
         return MPO.from_cores([c.detach() for c in self.cores], (self.row.size, self.col.size))
-
-    @staticmethod
-    def _decomposed(matrix: torch.Tensor, mpo: MPO | None, truncation: dict[str, Any],
-                    **decomposition: Any) -> MPO:
-        """``mpo`` (or Algorithm 1 on ``matrix``) truncated by the policy in ``truncation``
-        (keyword arguments of [TruncationPolicy][mpotn.truncation.TruncationPolicy])."""
-        policy = TruncationPolicy.from_settings(truncation, strict=True)
-        if mpo is None:
-            mpo = MPO.from_matrix(matrix, **decomposition)
-        return mpo.truncate_to(policy)
-
-    def _load_cores(self, mpo: MPO, gauge: Gauge) -> None:
-        with torch.no_grad():
-            for param, core in zip(self.cores, mpo.gauge_cores(gauge)):
-                param.copy_(core)
 
     def load_mpo(self, mpo: MPO, gauge: Gauge = "central") -> None:
         """Take ``mpo``'s cores (in ``gauge``) as this layer's parameters.
@@ -252,11 +239,8 @@ class MPOLinear(_MPOWeight):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        n = len(row_shape) if row_shape is not None else n
-        row = plan_side(in_features, n, row_shape)
-        col = plan_side(out_features, n, col_shape)
-        bond_dims = bond_dims or full_bond_dims(row.factors, col.factors)
-        super().__init__(row, col, bond_dims, dtype, device)
+        super().__init__(in_features, out_features, row_shape, col_shape, bond_dims, n, dtype,
+                         device)
         self.in_features, self.out_features = in_features, out_features
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -296,13 +280,10 @@ class MPOLinear(_MPOWeight):
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight.detach()
-        mpo = cls._decomposed(weight.T, mpo, truncation, n=n, row_shape=row_shape,
-                              col_shape=col_shape, svd=svd)
-        layer = cls(linear.in_features, linear.out_features, mpo.row_shape, mpo.col_shape,
-                    mpo.bond_dims, bias=linear.bias is not None, dtype=weight.dtype,
-                    device=weight.device)
-        layer._load_cores(mpo, gauge)
+        layer = cls._from_matrix(
+            linear.weight.detach().T, mpo, gauge, truncation,
+            {"n": n, "row_shape": row_shape, "col_shape": col_shape, "svd": svd},
+            bias=linear.bias is not None)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -366,11 +347,8 @@ class MPOEmbedding(_MPOWeight):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        n = len(row_shape) if row_shape is not None else n
-        row = plan_side(num_embeddings, n, row_shape)
-        col = plan_side(embedding_dim, n, col_shape)
-        bond_dims = bond_dims or full_bond_dims(row.factors, col.factors)
-        super().__init__(row, col, bond_dims, dtype, device)
+        super().__init__(num_embeddings, embedding_dim, row_shape, col_shape, bond_dims, n,
+                         dtype, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         self._init_random(1.0)  # nn.Embedding's N(0, 1)
@@ -402,14 +380,10 @@ class MPOEmbedding(_MPOWeight):
                 "embeddings with max_norm, scale_grad_by_freq or sparse gradients cannot "
                 "be decomposed; rebuild the nn.Embedding without them first"
             )
-        weight = embedding.weight.detach()
-        mpo = cls._decomposed(weight, mpo, truncation, n=n, row_shape=row_shape,
-                              col_shape=col_shape, svd=svd)
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, mpo.row_shape,
-                    mpo.col_shape, mpo.bond_dims, padding_idx=embedding.padding_idx,
-                    dtype=weight.dtype, device=weight.device)
-        layer._load_cores(mpo, gauge)
-        return layer
+        return cls._from_matrix(
+            embedding.weight.detach(), mpo, gauge, truncation,
+            {"n": n, "row_shape": row_shape, "col_shape": col_shape, "svd": svd},
+            padding_idx=embedding.padding_idx)
 
     @property
     def weight(self) -> torch.Tensor:
