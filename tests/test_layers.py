@@ -135,3 +135,26 @@ def test_left_and_central_gauges_give_the_same_layer(ffn):
     norm = float(central.matrix().norm())
     assert float(central.central.norm()) == pytest.approx(norm, rel=1e-4)
     assert float(left.cores[-1].norm()) == pytest.approx(norm, rel=1e-4)
+
+
+def test_every_layer_describes_itself_and_the_registry_rebuilds_it():
+    from mpotn.layers import (
+        LAYER_KINDS,
+        FactorizedEmbedding,
+        FactorizedLinear,
+        layer_from_spec,
+    )
+
+    layers = [MPOLinear(12, 10, n=2, bias=False), MPOEmbedding(20, 6, n=2, padding_idx=0),
+              FactorizedLinear.from_linear(nn.Linear(12, 10), "tucker", n=2),
+              FactorizedEmbedding.from_embedding(nn.Embedding(20, 6), "cp", n=2, rank=3)]
+    assert list(LAYER_KINDS) == ["linear", "embedding", "factorized-linear",
+                                 "factorized-embedding"]
+    for layer in layers:
+        spec = layer.spec()
+        assert LAYER_KINDS[spec["kind"]] is type(layer) and spec.keys() == layer.SPEC_FIELDS
+        again = layer_from_spec(spec, torch.float64)
+        assert type(again) is type(layer) and again.spec() == spec
+        assert all(p.dtype == torch.float64 for p in again.parameters())
+    with pytest.raises(ValueError, match="unknown layer kind 'lora'; known: linear, embedding"):
+        layer_from_spec({"kind": "lora"})

@@ -4,8 +4,9 @@
 A save directory holds
 
 * ``mpotn_config.json`` -- format and version, the compression config, every
-  MPO layer's factorization and bonds, the report, the base model's class and
-  Hugging Face config, and the name and SHA-256 of the weights file;
+  compressed layer's ``spec()`` (its kind, sizes, factorization and bonds; see
+  [mpotn.layers][]), the report, the base model's class and Hugging Face config,
+  and the name and SHA-256 of the weights file;
 * ``model-<sha12>.safetensors`` -- the whole state dict (cores and the rest),
   each tensor in its own dtype, with the SHA-256 of the rest of the config in
   its metadata (``mpotn_config_sha256``).
@@ -54,10 +55,16 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mpotn.atomic import check_writable, publish, remove_stale_temps, temp_path, write_text
-from mpotn.compression.config import FACTORIZED_LAYERS, CompressionConfig, replace_module
-from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
-from mpotn.methods import DECOMPOSITIONS, FactorNetwork
-from mpotn.shapes import Factorization
+from mpotn.compression.config import CompressionConfig, replace_module
+from mpotn.layers import (
+    LAYER_KINDS,
+    FactorizedEmbedding,
+    FactorizedLinear,
+    MPOEmbedding,
+    MPOLinear,
+    layer_from_spec,
+)
+from mpotn.methods import DECOMPOSITIONS
 
 CONFIG_NAME = "mpotn_config.json"
 FORMAT = "mpotn"
@@ -68,15 +75,6 @@ FIELDS = ("format", "format_version", "weights", "sha256", "dtype", "base_model"
 #: The dtypes a save may name, with safetensors' code for each.
 DTYPES = {"float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16),
           "float32": ("F32", torch.float32), "float64": ("F64", torch.float64)}
-#: Every layer kind a save may name, with the fields of its entry in ``layers``.
-LAYER_KINDS = {
-    "linear": {"kind", "in_features", "out_features", "bias", "row_shape", "col_shape",
-               "bond_dims"},
-    "embedding": {"kind", "num_embeddings", "embedding_dim", "padding_idx", "row_shape",
-                  "col_shape", "bond_dims"},
-    "factorized-linear": {"kind", "bias", "method", "legs", "shapes", "rows", "cols"},
-    "factorized-embedding": {"kind", "padding_idx", "method", "legs", "shapes", "rows", "cols"},
-}
 #: Key of the weights file's metadata that holds the SHA-256 of the config.
 DIGEST_KEY = "mpotn_config_sha256"
 #: Temporary name of the weights while they are written (hidden, see mpotn.atomic).
@@ -101,45 +99,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _layer_spec(layer: nn.Module) -> dict[str, Any]:
-    if isinstance(layer, FACTORIZED_LAYERS):
-        spec = {"method": layer.method, "legs": {k: list(v) for k, v in layer.legs.items()},
-                "shapes": {k: list(p.shape) for k, p in layer.factors.items()},
-                "rows": [layer.row.size, *layer.row.factors],
-                "cols": [layer.col.size, *layer.col.factors]}
-        if isinstance(layer, FactorizedLinear):
-            return {"kind": "factorized-linear", "bias": layer.bias is not None, **spec}
-        return {"kind": "factorized-embedding", "padding_idx": layer.padding_idx, **spec}
-    spec = {
-        "row_shape": list(layer.row.factors),
-        "col_shape": list(layer.col.factors),
-        "bond_dims": list(layer.bond_dims),
-    }
-    if isinstance(layer, MPOLinear):
-        return {"kind": "linear", "in_features": layer.in_features,
-                "out_features": layer.out_features, "bias": layer.bias is not None, **spec}
-    return {"kind": "embedding", "num_embeddings": layer.num_embeddings,
-            "embedding_dim": layer.embedding_dim, "padding_idx": layer.padding_idx, **spec}
-
-
-def _build_layer(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    if spec["kind"].startswith("factorized"):
-        network = FactorNetwork(
-            spec["method"], {k: torch.zeros(v, dtype=dtype) for k, v in spec["shapes"].items()},
-            {k: tuple(v) for k, v in spec["legs"].items()},
-            Factorization(spec["rows"][0], tuple(spec["rows"][1:])),
-            Factorization(spec["cols"][0], tuple(spec["cols"][1:])))
-        if spec["kind"] == "factorized-linear":
-            return FactorizedLinear(network, bias=spec["bias"])
-        return FactorizedEmbedding(network, spec["padding_idx"])
-    shapes = (spec["row_shape"], spec["col_shape"], spec["bond_dims"])
-    if spec["kind"] == "linear":
-        return MPOLinear(spec["in_features"], spec["out_features"], *shapes,
-                         bias=spec["bias"], dtype=dtype)
-    return MPOEmbedding(spec["num_embeddings"], spec["embedding_dim"], *shapes,
-                        padding_idx=spec["padding_idx"], dtype=dtype)
 
 
 def _base_model_spec(model: nn.Module) -> dict[str, Any] | None:
@@ -207,8 +166,7 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False) -> P
         "base_model": _base_model_spec(base),
         "compression": model.config.to_dict(),
         "original_params": model.original_params,
-        "layers": {name: _layer_spec(layer)
-                   for name, layer in model.compressed_layers().items()},
+        "layers": {name: layer.spec() for name, layer in model.compressed_layers().items()},
         "report": list(model.report()),
     }))
     with temp_path(directory / _WEIGHTS_TEMP) as tmp:
@@ -248,7 +206,8 @@ def _counts(value: Any) -> bool:
 
 
 def _check_layer(name: str, spec: Any, path: Path) -> None:
-    """Check one entry of ``layers`` against its kind's fields and types."""
+    """Check one entry of ``layers`` against its kind's fields
+    ([LAYER_KINDS][mpotn.layers.LAYER_KINDS]: the class's ``SPEC_FIELDS``) and types."""
     where = f"{path}: layer {name!r}"
     if not isinstance(spec, dict):
         raise ValueError(f"{where} is {type(spec).__name__}, not an object; {_FIX}")
@@ -256,7 +215,7 @@ def _check_layer(name: str, spec: Any, path: Path) -> None:
     if kind not in LAYER_KINDS:
         raise ValueError(f"{where} has the unknown kind {kind!r} (mpotn writes "
                          f"{', '.join(LAYER_KINDS)}); {_FIX}")
-    fields = LAYER_KINDS[kind]
+    fields = LAYER_KINDS[kind].SPEC_FIELDS
     if spec.keys() != fields:
         raise ValueError(f"{where} ({kind}) lacks {sorted(fields - spec.keys())} and has the "
                          f"unknown {sorted(spec.keys() - fields)}; {_FIX}")
@@ -378,7 +337,7 @@ def _layer(base: nn.Module, name: str, spec: dict[str, Any], dtype: torch.dtype,
     except AttributeError as error:
         raise ValueError(f"{path}: the model has no module {name!r} to replace") from error
     try:
-        layer = _build_layer(spec, dtype)
+        layer = layer_from_spec(spec, dtype)
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
         raise ValueError(f"{path}: layer {name!r} cannot be built ({error}); {_FIX}") from error
     if _matrix(layer) != _matrix(target):

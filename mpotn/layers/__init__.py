@@ -1,4 +1,4 @@
-"""Torch modules whose weight is a decomposition.
+"""Torch modules whose weight is a decomposition, and the registry of their kinds.
 
 [mpotn.layers.mpo][] holds [MPOLinear][mpotn.layers.mpo.MPOLinear] and
 [MPOEmbedding][mpotn.layers.mpo.MPOEmbedding] (the weight is an MPO; central and auxiliary tensors
@@ -6,14 +6,59 @@ are parameter groups; a [TruncationPolicy][mpotn.truncation.TruncationPolicy] cu
 [mpotn.layers.factorized][] holds [FactorizedLinear][mpotn.layers.factorized.FactorizedLinear] and
 [FactorizedEmbedding][mpotn.layers.factorized.FactorizedEmbedding] (the weight is any
 [FactorNetwork][mpotn.methods.base.FactorNetwork]).
+
+Every layer class describes itself: ``spec()`` is a JSON-ready ``dict`` of its
+structure (``kind`` and the keys of its ``SPEC_FIELDS``) and the classmethod
+``from_spec(spec, dtype)`` builds an untrained layer of that structure.
+[LAYER_KINDS][mpotn.layers.LAYER_KINDS] maps each ``kind`` to its class, and
+[layer_from_spec][mpotn.layers.layer_from_spec] builds whichever a spec names; saving and
+loading ([mpotn.compression.serialization][]) go through them alone. A new layer kind is a
+class with ``KIND``, ``SPEC_FIELDS``, ``spec`` and ``from_spec``, added to ``LAYER_KINDS``.
+
+Examples
+--------
+>>> layer = MPOLinear(6, 4, n=2)
+>>> again = layer_from_spec(layer.spec())
+>>> type(again).__name__, again.bond_dims == layer.bond_dims
+('MPOLinear', True)
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
 
 from mpotn.layers.factorized import FactorizedEmbedding, FactorizedLinear
 from mpotn.layers.mpo import MPOEmbedding, MPOLinear
 
+#: ``{kind: layer class}``: every layer kind a save may name, in the order errors list them.
+LAYER_KINDS: dict[str, type[nn.Module]] = {
+    layer.KIND: layer for layer in (MPOLinear, MPOEmbedding, FactorizedLinear,
+                                    FactorizedEmbedding)
+}
+
+
+def layer_from_spec(spec: dict[str, Any], dtype: torch.dtype | None = None) -> nn.Module:
+    """The untrained layer ``spec`` (a layer's ``spec()``) describes, in ``dtype``.
+
+    Raises
+    ------
+    ValueError
+        If ``spec["kind"]`` is not one of [LAYER_KINDS][mpotn.layers.LAYER_KINDS].
+    """
+    kind = spec.get("kind")
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"unknown layer kind {kind!r}; known: {', '.join(LAYER_KINDS)}")
+    return LAYER_KINDS[kind].from_spec(spec, dtype)
+
+
 __all__ = [
+    "LAYER_KINDS",
     "FactorizedEmbedding",
     "FactorizedLinear",
     "MPOEmbedding",
     "MPOLinear",
+    "layer_from_spec",
 ]

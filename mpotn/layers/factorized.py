@@ -9,12 +9,13 @@ opt_einsum counts fewer FLOPs for.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mpotn.methods import FactorNetwork, decompose
+from mpotn.shapes import Factorization
 
 
 class _FactorizedWeight(nn.Module):
@@ -25,6 +26,13 @@ class _FactorizedWeight(nn.Module):
     ``nn.ParameterDict`` may sort them: ``factor_10`` before ``factor_2``) never pairs
     a tensor with another node's legs.
     """
+
+    #: The layer's kind in a save (see [mpotn.layers.LAYER_KINDS][]).
+    KIND: ClassVar[str]
+    #: The keys of ``spec()``, all needed by ``from_spec``.
+    SPEC_FIELDS: ClassVar[frozenset[str]]
+    #: The keys every factorized layer's spec ends with: the network's structure.
+    NETWORK_FIELDS = frozenset({"method", "legs", "shapes", "rows", "cols"})
 
     def __init__(self, network: FactorNetwork) -> None:
         super().__init__()
@@ -39,6 +47,23 @@ class _FactorizedWeight(nn.Module):
         copy), nodes in the order of ``legs``."""
         return FactorNetwork(self.method, {name: self.factors[name] for name in self.legs},
                              self.legs, self.row, self.col)
+
+    def _network_spec(self) -> dict[str, Any]:
+        """The network's structure, as ``spec()`` ends: method, legs and shape of every
+        tensor, and the two sides (size, then factors)."""
+        return {"method": self.method, "legs": {k: list(v) for k, v in self.legs.items()},
+                "shapes": {k: list(p.shape) for k, p in self.factors.items()},
+                "rows": [self.row.size, *self.row.factors],
+                "cols": [self.col.size, *self.col.factors]}
+
+    @staticmethod
+    def _network_from_spec(spec: dict[str, Any], dtype: torch.dtype | None) -> FactorNetwork:
+        """A network of zeros with the structure ``spec`` describes (weights load later)."""
+        return FactorNetwork(
+            spec["method"], {k: torch.zeros(v, dtype=dtype) for k, v in spec["shapes"].items()},
+            {k: tuple(v) for k, v in spec["legs"].items()},
+            Factorization(spec["rows"][0], tuple(spec["rows"][1:])),
+            Factorization(spec["cols"][0], tuple(spec["cols"][1:])))
 
 
 class FactorizedLinear(_FactorizedWeight):
@@ -59,6 +84,9 @@ class FactorizedLinear(_FactorizedWeight):
     >>> bool(torch.allclose(layer(x), linear(x), atol=1e-5))
     True
     """
+
+    KIND = "factorized-linear"
+    SPEC_FIELDS = frozenset({"kind", "bias"}) | _FactorizedWeight.NETWORK_FIELDS
 
     def __init__(self, network: FactorNetwork, bias: bool = True) -> None:
         super().__init__(network)
@@ -81,6 +109,17 @@ class FactorizedLinear(_FactorizedWeight):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer's structure (its entry in a save's ``layers``): kind
+        ``"factorized-linear"``, bias or not, and the network's structure."""
+        return {"kind": self.KIND, "bias": self.bias is not None, **self._network_spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None
+                  ) -> FactorizedLinear:
+        """An untrained layer of the structure ``spec`` describes, in ``dtype``."""
+        return cls(cls._network_from_spec(spec, dtype), bias=spec["bias"])
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense ``out x in`` weight (rebuilt)."""
@@ -99,6 +138,9 @@ class FactorizedEmbedding(_FactorizedWeight):
     """An embedding table stored as any [FactorNetwork][mpotn.methods.base.FactorNetwork] (rebuilt
     per call)."""
 
+    KIND = "factorized-embedding"
+    SPEC_FIELDS = frozenset({"kind", "padding_idx"}) | _FactorizedWeight.NETWORK_FIELDS
+
     def __init__(self, network: FactorNetwork, padding_idx: int | None = None) -> None:
         super().__init__(network)
         self.num_embeddings, self.embedding_dim = network.shape
@@ -113,6 +155,17 @@ class FactorizedEmbedding(_FactorizedWeight):
                 f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
         return cls(decompose(embedding.weight.detach(), method, **options),
                    embedding.padding_idx)
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer's structure (its entry in a save's ``layers``): kind
+        ``"factorized-embedding"``, ``padding_idx``, and the network's structure."""
+        return {"kind": self.KIND, "padding_idx": self.padding_idx, **self._network_spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None
+                  ) -> FactorizedEmbedding:
+        """An untrained layer of the structure ``spec`` describes, in ``dtype``."""
+        return cls(cls._network_from_spec(spec, dtype), spec["padding_idx"])
 
     @property
     def weight(self) -> torch.Tensor:

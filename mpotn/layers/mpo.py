@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -72,6 +72,11 @@ class _MPOWeight(MPOStructure, nn.Module):
     n:
         Number of cores when the shapes are chosen automatically.
     """
+
+    #: The layer's kind in a save (see [mpotn.layers.LAYER_KINDS][]).
+    KIND: ClassVar[str]
+    #: The keys of [spec][mpotn.layers.mpo.MPOLinear.spec], all needed by ``from_spec``.
+    SPEC_FIELDS: ClassVar[frozenset[str]]
 
     def __init__(
         self,
@@ -123,6 +128,11 @@ class _MPOWeight(MPOStructure, nn.Module):
             for param, core in zip(layer.cores, mpo.gauge_cores(gauge)):
                 param.copy_(core)
         return layer
+
+    def _structure_spec(self) -> dict[str, list[int]]:
+        """The factorization and bonds, as [spec][mpotn.layers.mpo.MPOLinear.spec] ends."""
+        return {"row_shape": list(self.row.factors), "col_shape": list(self.col.factors),
+                "bond_dims": list(self.bond_dims)}
 
     def num_trainable(self) -> int:
         """Parameters of this module that require a gradient."""
@@ -226,6 +236,10 @@ class MPOLinear(_MPOWeight):
         Whether to learn an additive bias.
     """
 
+    KIND = "linear"
+    SPEC_FIELDS = frozenset({"kind", "in_features", "out_features", "bias", "row_shape",
+                             "col_shape", "bond_dims"})
+
     def __init__(
         self,
         in_features: int,
@@ -289,6 +303,28 @@ class MPOLinear(_MPOWeight):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer's structure (its entry in a save's ``layers``): kind
+        ``"linear"``, sizes, bias or not, factorization and bonds; see
+        [from_spec][mpotn.layers.mpo.MPOLinear.from_spec].
+
+        Examples
+        --------
+        >>> MPOLinear(6, 4, n=2).spec()  # doctest: +NORMALIZE_WHITESPACE
+        {'kind': 'linear', 'in_features': 6, 'out_features': 4, 'bias': True,
+         'row_shape': [2, 3], 'col_shape': [2, 2], 'bond_dims': [1, 4, 1]}
+        """
+        return {"kind": self.KIND, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None,
+                **self._structure_spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None) -> MPOLinear:
+        """An untrained layer of the structure [spec][mpotn.layers.mpo.MPOLinear.spec]
+        describes, its parameters in ``dtype`` (the weights are loaded afterwards)."""
+        return cls(spec["in_features"], spec["out_features"], spec["row_shape"],
+                   spec["col_shape"], spec["bond_dims"], bias=spec["bias"], dtype=dtype)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense ``out x in`` weight, as ``nn.Linear`` stores it (rebuilt)."""
@@ -333,6 +369,10 @@ class MPOEmbedding(_MPOWeight):
     ``padding_idx`` is kept for reference only: the row it names is a product
     of shared cores, so its gradient cannot be masked as ``nn.Embedding`` does.
     """
+
+    KIND = "embedding"
+    SPEC_FIELDS = frozenset({"kind", "num_embeddings", "embedding_dim", "padding_idx",
+                             "row_shape", "col_shape", "bond_dims"})
 
     def __init__(
         self,
@@ -384,6 +424,22 @@ class MPOEmbedding(_MPOWeight):
             embedding.weight.detach(), mpo, gauge, truncation,
             {"n": n, "row_shape": row_shape, "col_shape": col_shape, "svd": svd},
             padding_idx=embedding.padding_idx)
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this layer's structure (its entry in a save's ``layers``): kind
+        ``"embedding"``, sizes, ``padding_idx``, factorization and bonds."""
+        return {"kind": self.KIND, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx,
+                **self._structure_spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None
+                  ) -> MPOEmbedding:
+        """An untrained layer of the structure [spec][mpotn.layers.mpo.MPOEmbedding.spec]
+        describes, its parameters in ``dtype``."""
+        return cls(spec["num_embeddings"], spec["embedding_dim"], spec["row_shape"],
+                   spec["col_shape"], spec["bond_dims"], padding_idx=spec["padding_idx"],
+                   dtype=dtype)
 
     @property
     def weight(self) -> torch.Tensor:
