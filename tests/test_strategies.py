@@ -108,3 +108,20 @@ def test_optimizer_groups_give_central_and_auxiliary_their_own_learning_rates():
 def test_bad_strategy_arguments_are_clear_errors(strategy, kwargs, message):
     with pytest.raises(ValueError, match=message):
         apply_strategy(classifier(), strategy, **kwargs)
+
+
+def test_what_lfa_counts_differs_only_by_the_head_argument():
+    from mpotn.compression.model import MPOModel
+    from mpotn.compression.parameters import head_parameters, lfa_parameters
+    from mpotn.finetune.training import lfa_budget
+
+    model = classifier()
+    wrapped = compress(model, targets=["all-linear", "embeddings"], exclude=["classifier"],
+                       n=3, max_bond=6, progress=False)
+    assert isinstance(wrapped, MPOModel)
+    without = sum(p.numel() for _, p in lfa_parameters(model, head=False))
+    with_head = sum(p.numel() for _, p in lfa_parameters(model, head=True))
+    head_weights = sum(p.numel() for n, p in head_parameters(model) if not n.endswith("bias"))
+    assert wrapped.totals()["lfa_trainable_params"] == without  # #Pr: no head weights
+    assert with_head == without + head_weights == lfa_budget(model)
+    assert apply_strategy(model, "lfa")["trainable_params"] == with_head

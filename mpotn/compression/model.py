@@ -73,18 +73,21 @@ class MPOModel(nn.Module):
         * ``total_params`` (#To) and ``total_over_original``: every parameter
           of ``base_model`` now.
         * ``lfa_trainable_params`` (#Pr) and ``lfa_over_original``: what
-          [lfa_parameters][mpotn.compression.parameters.lfa_parameters] selects -- the auxiliary
-          tensors of every MPO layer, every bias and every normalization
-          layer's parameters. A task head's weights are *not* counted (its
-          bias is, as every bias), although ``apply_strategy(model, "lfa")``
-          ([apply_strategy][mpotn.finetune.strategies.apply_strategy]) trains them too.
+          [lfa_parameters][mpotn.compression.parameters.lfa_parameters] selects with
+          ``head=False`` -- the auxiliary tensors of every MPO layer, every bias and
+          every normalization layer's parameters. A task head's weights are *not*
+          counted (its bias is, as every bias): #Pr is a property of the compressed
+          model, while ``apply_strategy(model, "lfa")``
+          ([apply_strategy][mpotn.finetune.strategies.apply_strategy]) and
+          [lfa_budget][mpotn.finetune.training.lfa_budget] count what a run trains,
+          the new head included (``head=True``).
         * ``central_params`` / ``auxiliary_params``: summed over the MPO layers.
         * ``trainable_params``: parameters that require a gradient now.
         * ``compressed_matrices``: replaced modules, MPO and factorized layers.
         """
         params = list(self.base_model.parameters())
         total = count_parameters(params)
-        pr = count_parameters(p for _, p in lfa_parameters(self.base_model))
+        pr = count_parameters(p for _, p in lfa_parameters(self.base_model, head=False))
         mpo = list(self.mpo_layers().values())
         return {
             "original_params": self.original_params,

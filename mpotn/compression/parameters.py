@@ -1,8 +1,27 @@
-"""Which parameters are which: counts and the set lightweight fine-tuning trains.
+"""Which parameters are which: counts, the task head, and the set lightweight fine-tuning trains.
 
 This lives in compression, not in [mpotn.finetune][], because
 [mpotn.compression.model.MPOModel.totals][] (#Pr) needs it and imports only
-go down; [mpotn.finetune.strategies][] imports it from here.
+go down; [mpotn.finetune.strategies][] and [mpotn.finetune.training][] import it
+from here.
+
+[lfa_parameters][mpotn.compression.parameters.lfa_parameters] is the one
+definition of what LFA trains; whether the task head belongs to it is the
+caller's explicit ``head`` argument: #Pr (``MPOModel.totals``) counts the
+compressed model without its head's weights (``head=False``), while
+``apply_strategy(model, "lfa")`` and ``lfa_budget`` count what a fine-tuning run
+trains, the new head included (``head=True``).
+
+Examples
+--------
+>>> from torch import nn
+>>> model = nn.Sequential()
+>>> model.add_module("body", nn.Linear(4, 4))
+>>> model.add_module("classifier", nn.Linear(4, 2))
+>>> [name for name, _ in lfa_parameters(model, head=False)]
+['body.bias', 'classifier.bias']
+>>> [name for name, _ in lfa_parameters(model, head=True)]
+['body.bias', 'classifier.bias', 'classifier.weight']
 """
 
 from __future__ import annotations
@@ -14,17 +33,42 @@ from torch import nn
 
 from mpotn.compression.config import MPO_LAYERS
 
+#: Module-name components that mark a task head (trained by every strategy).
+HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs")
+
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
 
 
-def lfa_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters of the task head (modules named in
+    [HEAD_NAMES][mpotn.compression.parameters.HEAD_NAMES])."""
+    for name, param in model.named_parameters():
+        if any(part in HEAD_NAMES for part in name.split(".")):
+            yield name, param
+
+
+def lfa_parameters(model: nn.Module, *, head: bool = False
+                   ) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters lightweight fine-tuning (SPEC §2) updates, each once.
 
     The auxiliary tensors of every MPO layer, every bias, and every
     normalization layer's parameters; central tensors and dense weights stay
-    frozen (a task head added later is trained as well, by the training code).
+    frozen.
+
+    Parameters
+    ----------
+    model:
+        The (compressed) model.
+    head:
+        Also yield the task head's parameters
+        ([head_parameters][mpotn.compression.parameters.head_parameters]), after the
+        rest: what a fine-tuning run trains, the head starting untrained
+        (``apply_strategy(model, "lfa")``, ``lfa_budget``). Without it (the
+        default) the head's weights are left out -- its biases are in, as every
+        bias -- which is what #Pr counts (``MPOModel.totals``) and what healing
+        trains.
     """
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -41,6 +85,11 @@ def lfa_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             if id(param) not in seen:
                 seen.add(id(param))
                 yield (f"{module_name}.{local}" if module_name else local), param
+    if head:
+        for name, param in head_parameters(model):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield name, param
 
 
 def count_parameters(params: Any) -> int:

@@ -447,7 +447,7 @@ def _select(model: nn.Module, train: str) -> list[nn.Parameter]:
         raise ValueError("train='auxiliary' needs MPO layers in the student; compress it first "
                          "or heal with train='all'")
     chosen = (list(model.parameters()) if train == "all"
-              else [p for _, p in lfa_parameters(model)])
+              else [p for _, p in lfa_parameters(model, head=False)])
     for param in model.parameters():
         param.requires_grad_(False)
     for param in chosen:

@@ -5,7 +5,8 @@
 ``lfa``
     lightweight fine-tuning: the auxiliary tensors of every MPO layer, biases,
     normalization layers and the task head; central tensors and dense weights
-    stay frozen ([mpotn.compression.parameters.lfa_parameters][] plus the head).
+    stay frozen ([mpotn.compression.parameters.lfa_parameters][] with
+    ``head=True``).
 ``central``
     only the central tensors (and the task head, which starts untrained).
 ``last-k``
@@ -38,24 +39,18 @@ from torch import nn
 
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.models import layer_index
-from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.compression.parameters import (
+    HEAD_NAMES,
+    count_parameters,
+    head_parameters,
+    lfa_parameters,
+)
 from mpotn.types import STRATEGIES
-
-#: Module-name components that mark a task head (trained by every strategy).
-HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs")
 
 #: Linear layers LoRA adapts, by suffix (BERT, ALBERT and DistilBERT naming).
 LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
                 "output.dense", "q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2", "ffn",
                 "ffn_output")
-
-
-def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters of the task head (modules named in
-    [HEAD_NAMES][mpotn.finetune.strategies.HEAD_NAMES])."""
-    for name, param in model.named_parameters():
-        if any(part in HEAD_NAMES for part in name.split(".")):
-            yield name, param
 
 
 def central_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -102,6 +97,14 @@ def apply_strategy(
 ) -> Any:
     """Set ``requires_grad`` for a fine-tuning strategy.
 
+    Every strategy trains the task head
+    ([head_parameters][mpotn.compression.parameters.head_parameters]), which starts
+    untrained; ``lfa`` trains [lfa_parameters][mpotn.compression.parameters.lfa_parameters]
+    with ``head=True`` (so ``trainable_params`` is
+    [lfa_budget][mpotn.finetune.training.lfa_budget], and more than #Pr of
+    [MPOModel.totals][mpotn.compression.model.MPOModel.totals], which leaves the head's
+    weights out).
+
     Returns ``{"strategy", "trainable_params", "total_params"}``; for ``lora``
     also the PEFT-wrapped ``"model"`` (use it instead of ``model``) and the rank.
 
@@ -120,9 +123,11 @@ def apply_strategy(
         return _apply_lora(model, lora_rank, lora_alpha)
     for param in model.parameters():
         param.requires_grad_(strategy == "full")
-    chosen: list[tuple[str, nn.Parameter]] = list(head_parameters(model))
+    # every strategy trains the task head, which starts untrained
+    chosen: list[tuple[str, nn.Parameter]] = ([] if strategy == "lfa"
+                                              else list(head_parameters(model)))
     if strategy == "lfa":
-        chosen += list(lfa_parameters(model))
+        chosen += list(lfa_parameters(model, head=True))
     elif strategy == "central":
         chosen += list(central_parameters(model))
     elif strategy == "last-k":

@@ -44,17 +44,12 @@ from mpotn.compression.compress import compress
 from mpotn.compression.config import MPO_LAYERS, CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import load_classifier, load_tokenizer
-from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.compression.parameters import count_parameters, head_parameters, lfa_parameters
 from mpotn.compression.serialization import is_saved_model
 from mpotn.data.tasks import TaskData, compute_metrics
 from mpotn.drawing import draw_history
 from mpotn.finetune.core_changes import core_changes, snapshot_cores
-from mpotn.finetune.strategies import (
-    apply_strategy,
-    head_parameters,
-    lora_rank_for_budget,
-    optimizer_groups,
-)
+from mpotn.finetune.strategies import apply_strategy, lora_rank_for_budget, optimizer_groups
 from mpotn.network import central_index
 from mpotn.shapes import full_bond_dims, plan_side
 from mpotn.table import Table
@@ -409,6 +404,11 @@ def finetune(
 def lfa_budget(model: nn.Module) -> int:
     """Parameters LFA trains on ``model``: auxiliary tensors, biases, norms and the head.
 
+    That is [lfa_parameters][mpotn.compression.parameters.lfa_parameters] with
+    ``head=True`` (what ``apply_strategy(model, "lfa")`` trains), not #Pr of
+    [MPOModel.totals][mpotn.compression.model.MPOModel.totals], which leaves the head's
+    weights out.
+
     On a model without MPO layers, it is what LFA would train after the
     default preparation ([DEFAULT_TARGETS][mpotn.types.DEFAULT_TARGETS] at full rank, ``n = 5``),
     counted from the factorizations and Eq. 2 without decomposing anything.
@@ -419,9 +419,7 @@ def lfa_budget(model: nn.Module) -> int:
     >>> lfa_budget(model)
     1271642
     """
-    chosen = {id(p): p for _, p in head_parameters(model)}
-    chosen.update((id(p), p) for _, p in lfa_parameters(model))
-    trained = count_parameters(chosen.values())
+    trained = count_parameters(p for _, p in lfa_parameters(model, head=True))
     if any(isinstance(m, MPO_LAYERS) for m in model.modules()):
         return trained
     config = CompressionConfig(targets=list(DEFAULT_TARGETS))
