@@ -30,7 +30,7 @@ def test_full_rank_methods_are_exact(matrix, method, options):
 def test_every_method_meets_a_budget_and_reports_its_true_error(matrix, method):
     net = decompose(matrix, method, n=2, ratio=0.3)
     assert isinstance(net, FactorNetwork) and net.method == method
-    assert net.compression_ratio <= 0.3
+    assert net.params_ratio <= 0.3
     assert net.num_params == sum(t.numel() for t in net.nodes.values())
     true = float((net.rebuild() - matrix).norm() / matrix.norm())
     assert net.relative_error == pytest.approx(true, rel=1e-9)

@@ -111,7 +111,10 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
             max_cp_work: float | None = None) -> Comparison:
     """Every method at every ratio: parameters, relative error, FLOPs and time of ``x @ M``.
 
-    The dense product's FLOPs and time are measured too (``label="dense"``).
+    Each row's ``ratio`` is the network's
+    [params_ratio][mpotn.methods.base.FactorNetwork.params_ratio] (parameters over the
+    unpadded matrix's entries, the same measure for every method). The dense product's
+    FLOPs and time are measured too (``label="dense"``).
     A point whose method refuses it (a budget below its smallest network, or CP's
     ALS above its work limit: ``max_cp_work``, default
     [mpotn.methods.cp.MAX_WORK][]) has no row: it is listed in the result's
@@ -147,7 +150,7 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
         rebuild = compiled(net.rebuild_equation(), shapes).flops + 2 * batch * matrix.numel()
         seconds = best_time(lambda net=net, tensors=tensors: net.apply(x32, tensors), repeats)
         rows.append({"label": label, "method": method, "target": ratio,
-                     "ratio": net.compression_ratio, "params": net.num_params,
+                     "ratio": net.params_ratio, "params": net.num_params,
                      "relative_error": net.relative_error, "flops": min(contract, rebuild),
                      "path": "contract" if contract < rebuild else "rebuild",
                      "ms_per_batch": 1e3 * seconds})

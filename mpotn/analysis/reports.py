@@ -20,7 +20,8 @@ from mpotn.atomic import write_text
 from mpotn.compression.model import MPOModel
 from mpotn.drawing import draw_entropy_heatmap, draw_errors
 
-#: Printed columns of the compression report and their headers.
+#: Printed columns of the compression report and their headers. ``ratio`` is Eq. 5 for MPO
+#: layers and ``FactorNetwork.params_ratio`` (over the unpadded matrix) for other methods'.
 COLUMNS = {
     "name": "matrix",
     "shape": "shape",

@@ -81,7 +81,7 @@ def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: di
         "bond_dims": ",".join(map(str, ranks)),
         "params": network.num_params,
         "original_params": matrix.numel(),
-        "ratio": network.compression_ratio,
+        "ratio": network.params_ratio,
         "central_entropy": float("nan"),
         "relative_bound": float("nan"),
         "relative_error": layer.network().relative_error_to(matrix),  # of the layer built

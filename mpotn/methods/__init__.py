@@ -35,7 +35,7 @@ Examples
 >>> import torch
 >>> matrix = torch.randn(64, 96, dtype=torch.float64)
 >>> net = decompose(matrix, "tucker", n=2, ratio=0.5)
->>> net.method, net.compression_ratio <= 0.5, net.relative_error < 1
+>>> net.method, net.params_ratio <= 0.5, net.relative_error < 1
 ('tucker', True, True)
 >>> sorted(DECOMPOSITIONS)
 ['cp', 'mpo', 'svd', 'tt', 'tucker']

@@ -107,8 +107,13 @@ class FactorNetwork:
         return sum(t.numel() for t in self.nodes.values())
 
     @property
-    def compression_ratio(self) -> float:
-        """Parameters over the entries of the (unpadded) matrix."""
+    def params_ratio(self) -> float:
+        """Parameters over the entries of the *unpadded* ``I x J`` matrix.
+
+        Not Eq. 5's ratio ([mpotn.diagnostics.compression_ratio][], ``MPO.compression_ratio``),
+        which divides by the padded matrix's entries: the methods compare by what the
+        network stores against what the matrix holds.
+        """
         return self.num_params / (self.row.size * self.col.size)
 
     def _node_legs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
