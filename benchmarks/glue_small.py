@@ -90,7 +90,7 @@ TASKS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {  # the order runs a
 CALIBRATED = {"structure": "svd", "calibrate_embeddings": True, "budget": "model"}
 SVD_LLM = {"structure": "svd"}
 HEAL_STEPS = 300
-SQUEEZE = SqueezeConfig(cut=1, budget=0.06, steps_per_cut=40, max_cuts=40, delta=1.0,
+SQUEEZE = SqueezeConfig(cut=1, budget=0.06, training_steps=40, step_limit=40, delta=1.0,
                         target_ratio=SIZE)
 QUICK_TASK = "sst2-sample"
 
@@ -115,7 +115,7 @@ class Bench:
         self.quick = quick
         self.work = work
         self.targets = ["attention"] if quick else TARGETS
-        self.squeeze = (SqueezeConfig(cut=1, budget=0.05, steps_per_cut=1, max_cuts=2,
+        self.squeeze = (SqueezeConfig(cut=1, budget=0.05, training_steps=1, step_limit=2,
                                       delta=1.0, target_ratio=SIZE) if quick else SQUEEZE)
         self.heal_steps = 2 if quick else HEAL_STEPS
         self.tokenizer = load_tokenizer()

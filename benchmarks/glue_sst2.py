@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = sst2_sample()
     settings = {"epochs": args.epochs}
-    squeeze = SqueezeConfig(cut=1, budget=args.budget, steps_per_cut=40, max_cuts=40,
+    squeeze = SqueezeConfig(cut=1, budget=args.budget, training_steps=40, step_limit=40,
                             delta=1.0, target_ratio=args.target)
     if args.quick:
         settings = {"max_steps": 2, "train_limit": 64, "eval_limit": 64, "batch_size": 16}
-        squeeze = SqueezeConfig(cut=1, budget=0.005, steps_per_cut=1, max_cuts=2, delta=1.0)
+        squeeze = SqueezeConfig(cut=1, budget=0.005, training_steps=1, step_limit=2, delta=1.0)
     reuse = args.work is not None and all((args.work / f"lfa-{seed}").is_dir()
                                           for seed in args.seeds)
     wanted = set(args.rows)

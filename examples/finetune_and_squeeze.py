@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"parameters; largest change of a central tensor: {moved}")
 
     settings = SqueezeConfig(cut=1, budget=0.002 if args.fast else 0.014,
-                             steps_per_cut=2 if args.fast else 40,
-                             max_cuts=3 if args.fast else 4,
+                             training_steps=2 if args.fast else 40,
+                             step_limit=3 if args.fast else 4,
                              delta=1.0 if args.fast else 0.05)  # 64 eval examples: noise
     squeezed = squeeze(model, tokenizer, data, settings, config, args.out)
     history = squeezed.history.select({

@@ -112,15 +112,15 @@ def test_cut_sizes_and_settings():
 
 def test_squeeze_cuts_only_allowed_types_and_writes_its_history(tiny_bert, data, tmp_path):
     model, tokenizer = fresh(tiny_bert, data)
-    config = SqueezeConfig(types=["ffn_in", "ffn_out"], cut=0.5, steps_per_cut=2, max_cuts=3,
-                           delta=1.0)
+    config = SqueezeConfig(types=["ffn_in", "ffn_out"], cut=0.5, budget=None, training_steps=2,
+                           step_limit=3, delta=1.0)
     result = Squeezer(model, tokenizer, data, config, TRAINING, tmp_path, False).run()
     history = result.history
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert all(r["matrix"].endswith(("intermediate.dense", "output.dense"))
                and "attention" not in r["matrix"] for r in history[1:])
     assert [r["params"] for r in history] == sorted((r["params"] for r in history), reverse=True)
-    assert result.record["stop_reason"] == "max_cuts"
+    assert result.record["stop_reason"] == "step_limit"
     assert result.record["fine_tuning_steps"] == 6 and result.record["matrix_cuts"] == 3
     cuts = (tmp_path / "cuts.csv").read_text().splitlines()
     assert len(cuts) == 4 and [line.split(",")[1] for line in cuts[1:]] == [
@@ -143,7 +143,7 @@ class ScriptedScores(Squeezer):
 def test_a_drop_beyond_delta_stops_and_returns_the_last_model_within_it(tiny_bert, data,
                                                                         tmp_path):
     model, tokenizer = fresh(tiny_bert, data)
-    config = SqueezeConfig(cut=0.5, steps_per_cut=0, max_cuts=3, delta=0.02)
+    config = SqueezeConfig(cut=0.5, budget=None, training_steps=0, step_limit=3, delta=0.02)
     squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
     squeezer._tokenized = (None, None)
     squeezer.start()
@@ -151,7 +151,7 @@ def test_a_drop_beyond_delta_stops_and_returns_the_last_model_within_it(tiny_ber
     after_first = {n: m.bond_dims for n, m in model.mpo_layers().items()}
     result = squeezer.run(resume=True)  # 0.90 -> 0.85: beyond delta, stop
     assert result.record["stop_reason"] == "delta"
-    assert result.record["cuts"] == 2 and result.record["accepted_step"] == 1
+    assert result.record["squeeze_steps"] == 2 and result.record["accepted_step"] == 1
     assert result.record["accuracy"] == 0.89 and result.record["fine_tuning_steps"] == 0
     assert {n: m.bond_dims for n, m in result.model.mpo_layers().items()} == after_first
     assert {n: m.bond_dims for n, m in squeezer.model.mpo_layers().items()} != after_first
@@ -173,7 +173,7 @@ def test_direct_truncation_reaches_the_given_bonds(tiny_bert, data):
 def squeeze_command(model, out, *extra):
     return [sys.executable, "-m", "mpotn.cli", "squeeze", str(model), "--out", str(out),
             "--types", "ffn_in", "ffn_out", "--cut", "0.25", "--budget", "0",
-            "--steps-per-cut", "2", "--max-cuts", "6", "--delta", "1", "--init-epochs", "0.5",
+            "--training-steps", "2", "--step-limit", "6", "--delta", "1", "--init-epochs", "0.5",
             "--batch-size", "8", "--train-limit", "48", "--eval-limit", "32", "--no-progress",
             *extra]
 
@@ -233,3 +233,35 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_bert):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "nothing to resume" in result.stderr
+
+
+def test_a_checkpoint_saved_with_the_old_setting_names_resumes(tiny_bert, data, tmp_path):
+    """latest.json of earlier versions names steps_per_cut and max_cuts: read as today's."""
+    model, tokenizer = fresh(tiny_bert, data)
+    config = SqueezeConfig(cut=0.5, budget=None, training_steps=3, step_limit=5, delta=0.02)
+    squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
+    squeezer._tokenized = (None, None)
+    squeezer.start()
+    path = squeezer.checkpoints / "latest.json"
+    saved = json.loads(path.read_text())
+    saved["config"]["steps_per_cut"] = saved["config"].pop("training_steps")
+    saved["config"]["max_cuts"] = saved["config"].pop("step_limit")
+    path.write_text(json.dumps(saved))
+    resumed = Squeezer(None, tokenizer, data, SqueezeConfig(), TRAINING, tmp_path, False)
+    resumed.resume()
+    assert resumed.config == config and resumed.training.max_steps == 3
+    assert resumed.state.step == 0 and resumed.model is not None
+
+
+def test_the_command_takes_its_squeeze_defaults_and_help_from_the_config():
+    from mpotn.cli import build_parser
+    from mpotn.cli.squeeze import OPTIONS
+
+    parser = build_parser()
+    assert all(getattr(parser.parse_args(["squeeze"]), field) is None for field in OPTIONS)
+    old = parser.parse_args(["squeeze", "--steps-per-cut", "3", "--max-cuts", "5"])
+    assert (old.training_steps, old.step_limit) == (3, 5)
+    squeeze = next(a for a in parser._subparsers._group_actions[0].choices["squeeze"]._actions
+                   if a.dest == "step_limit" and a.option_strings == ["--step-limit"])
+    assert squeeze.help == SqueezeConfig.help("step_limit").replace("%", "%%")
+    assert "(default: 4)" in squeeze.help

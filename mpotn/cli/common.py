@@ -7,11 +7,12 @@ parsed arguments into data and configs import the library when called.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mpotn.types import DEFAULT_LR
 
@@ -49,6 +50,60 @@ def _positive_int(text: str) -> int:
 def _cores(text: str) -> int:
     """A number of MPO cores: an integer >= 2."""
     return _integer(text, 2, "an MPO needs at least 2 cores (an integer)")
+
+
+class ConfigOption(argparse.Action):
+    """A field of a config dataclass as an option: its default and help text are the
+    config's own.
+
+    The option's default is ``None`` ("not given": the config keeps its default), and
+    its help is the field's ``metadata["help"]`` with the default
+    ([FieldHelp.help][mpotn.finetune.training.FieldHelp.help]), read only when help is
+    shown, so that building the parser imports nothing heavier than argparse (the
+    config's module imports torch). [config_settings][mpotn.cli.common.config_settings]
+    collects the given ones.
+
+    Parameters
+    ----------
+    config:
+        ``"module:Class"`` of the config, e.g. ``"mpotn.finetune.heal:HealConfig"``.
+    field:
+        The config's field the option sets (also its ``dest``).
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, *, config: str, field: str,
+                 **kwargs: Any) -> None:
+        self.config, self.field = config, field
+        super().__init__(option_strings, dest, default=None, **kwargs)
+
+    @property
+    def help(self) -> str:
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name).help(self.field).replace("%", "%%")
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        """argparse sets the help text; it comes from the config instead."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def add_config_options(group: argparse._ActionsContainer, config: str,
+                       options: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    """Add ``options`` (``{field: (flag, argparse keywords)}``) of ``config``
+    (``"module:Class"``) to ``group`` as [ConfigOption][mpotn.cli.common.ConfigOption]s."""
+    for field, (flag, keywords) in options.items():
+        group.add_argument(flag, dest=field, action=ConfigOption, config=config, field=field,
+                           **keywords)
+
+
+def config_settings(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """The config fields among ``options`` that the command line gave (the rest keep the
+    config's defaults)."""
+    return {field: getattr(args, field) for field in options
+            if getattr(args, field) is not None}
 
 
 def _add_model_and_task(parser: argparse.ArgumentParser) -> None:

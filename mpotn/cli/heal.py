@@ -1,9 +1,10 @@
 """``mpotn heal``: distil the original model into a compressed one on unlabelled text.
 
 The training options and their help texts are the fields of
-[mpotn.finetune.heal.HealConfig][] (one source of defaults). Their help
-is read from it only when shown, and an option left out keeps the config's
-default, so building the parser still imports nothing heavier than argparse.
+[mpotn.finetune.heal.HealConfig][] (one source of defaults), as
+[ConfigOption][mpotn.cli.common.ConfigOption]s: their help is read from it only
+when shown, and an option left out keeps the config's default, so building the
+parser still imports nothing heavier than argparse.
 """
 
 from __future__ import annotations
@@ -11,29 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
-class _HealOption(argparse.Action):
-    """A ``HealConfig`` field as an option: default ``None`` (the config's), lazy help."""
-
-    def __init__(self, option_strings: list[str], dest: str, *, field: str,
-                 **kwargs: Any) -> None:
-        self.field = field
-        super().__init__(option_strings, dest, default=None, **kwargs)
-
-    @property
-    def help(self) -> str:
-        from mpotn.finetune.heal import HealConfig
-
-        return HealConfig.help(self.field).replace("%", "%%")
-
-    @help.setter
-    def help(self, value: str | None) -> None:
-        """argparse sets the help text; it comes from the config instead."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        setattr(namespace, self.dest, True if self.nargs == 0 else values)
-
+from mpotn.cli import common
 
 #: ``HealConfig`` field -> (flag, argparse keywords).
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -89,9 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     text.add_argument("--data-dir", default=None,
                       help="folder in GLUE's glue_data/ layout, for a GLUE task name "
                            "(default: the hub)")
-    train = heal.add_argument_group("training")
-    for field, (flag, keywords) in OPTIONS.items():
-        train.add_argument(flag, dest=field, action=_HealOption, field=field, **keywords)
+    common.add_config_options(heal.add_argument_group("training"),
+                              "mpotn.finetune.heal:HealConfig", OPTIONS)
     heal.add_argument("--resume", action="store_true",
                       help="continue the run checkpointed in --out (with the same texts)")
     heal.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -115,8 +93,7 @@ def run(args: argparse.Namespace) -> None:
     if not is_saved_model(args.model):
         raise ValueError(f"{args.model} is not a model saved by mpotn (compress it first with "
                          "mpotn compress)")
-    config = HealConfig(**{f: getattr(args, f) for f in OPTIONS
-                           if getattr(args, f) is not None})
+    config = HealConfig(**common.config_settings(args, OPTIONS))
     student = load(args.model)
     teacher = load_model(args.teacher)
     own = (Path(args.model) / "tokenizer_config.json").is_file()

@@ -1,4 +1,12 @@
-"""``mpotn squeeze``: dimension squeezing of a fine-tuned MPO model (Algorithm 2)."""
+"""``mpotn squeeze``: dimension squeezing of a fine-tuned MPO model (Algorithm 2).
+
+The squeezing options, their defaults and help texts are the fields of
+[mpotn.finetune.squeeze.SqueezeConfig][] (one source), as
+[ConfigOption][mpotn.cli.common.ConfigOption]s, as ``mpotn heal`` does with its config.
+A *step* is one round of Algorithm 2 and a *cut* one matrix's bond lowered once;
+the flags of earlier versions, ``--steps-per-cut`` and ``--max-cuts``, are still
+accepted (unlisted) for ``--training-steps`` and ``--step-limit``.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,24 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from mpotn.cli import common
 from mpotn.types import MONITORS
+
+#: ``SqueezeConfig`` field -> (flag, argparse keywords).
+OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "types": ("--types", {"nargs": "+", "metavar": "TYPE"}),
+    "cut": ("--cut", {"type": common._positive_float}),
+    "budget": ("--budget", {"type": float}),
+    "training_steps": ("--training-steps", {"type": int, "metavar": "N"}),
+    "step_limit": ("--step-limit", {"type": int, "metavar": "N"}),
+    "delta": ("--delta", {"type": float}),
+    "monitor": ("--monitor", {"choices": MONITORS}),
+    "target_ratio": ("--target-ratio", {"type": common._positive_float}),
+}
+#: Flags of earlier versions, still accepted: old flag -> ``SqueezeConfig`` field.
+OLD_FLAGS = {"--steps-per-cut": "training_steps", "--max-cuts": "step_limit"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,35 +43,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Algorithm 2: repeatedly cut the central bond of the matrix whose cut has the "
             "least estimated error (Eq. 3 from stored singular values), fine-tune the "
             "auxiliary tensors, evaluate, and stop when the score drops by more than "
-            "--delta, at --target-ratio, or after --max-cuts. MODEL is the model/ folder "
-            "of `mpotn finetune --strategy lfa`, or a pre-trained model, which is then "
+            "--delta, at --target-ratio, or after --step-limit steps. MODEL is the model/ "
+            "folder of `mpotn finetune --strategy lfa`, or a pre-trained model, which is then "
             "decomposed at full rank and LFA-fine-tuned for --init-epochs first. Every "
             "step is checkpointed; --resume continues a stopped run. Writes metrics.json, "
             "history.csv/json, history.png and model/ to --out."
         ),
     )
     common._add_model_and_task(squeeze)
-    squeeze.add_argument("--types", nargs="+", default=["all"], metavar="TYPE",
-                         help="matrix types that may be cut: query key value attn_out ffn_in "
-                              "ffn_out word_emb, or all (default: all)")
-    squeeze.add_argument("--cut", type=common._positive_float, default=1,
-                         help="dimensions removed per cut: an integer (the paper: 1) or a "
-                              "fraction of the current bond (default: 1)")
-    squeeze.add_argument("--budget", type=float, default=0.014,
-                         help="parameters one step removes, by repeated least-error cuts over "
-                              "all matrices: a count, or a fraction of the original model's "
-                              "parameters; 0 cuts one matrix per step (default: 0.014)")
-    squeeze.add_argument("--steps-per-cut", type=int, default=40,
-                         help="auxiliary fine-tuning steps after each step's cuts (default: 40)")
-    squeeze.add_argument("--max-cuts", type=int, default=4,
-                         help="step limit, iter of Algorithm 2 (default: 4)")
-    squeeze.add_argument("--delta", type=float, default=0.05,
-                         help="tolerated drop of the monitored score (default: 0.05)")
-    squeeze.add_argument("--monitor", choices=MONITORS, default="metric",
-                         help="score watched by --delta: the task metric or the eval loss "
-                              "(default: metric)")
-    squeeze.add_argument("--target-ratio", type=common._positive_float, default=None,
-                         help="stop when parameters / original reach this (default: none)")
+    group = squeeze.add_argument_group("squeezing")
+    common.add_config_options(group, "mpotn.finetune.squeeze:SqueezeConfig", OPTIONS)
+    for flag, field in OLD_FLAGS.items():
+        group.add_argument(flag, dest=field, type=int, help=argparse.SUPPRESS,
+                           default=argparse.SUPPRESS)
     squeeze.add_argument("--init-epochs", type=float, default=1.0,
                          help="LFA epochs before squeezing a pre-trained MODEL (default: 1)")
     squeeze.add_argument("--direct", action="store_true",
@@ -68,11 +75,12 @@ def run(args: argparse.Namespace) -> None:
 
     check_writable(Path(args.out) / "model", args.overwrite)
     data = common.load_task(args)
-    types = None if args.types == ["all"] else args.types
-    config = SqueezeConfig(types=types, cut=args.cut, budget=args.budget or None,
-                           steps_per_cut=args.steps_per_cut,
-                           max_cuts=args.max_cuts, delta=args.delta, monitor=args.monitor,
-                           target_ratio=args.target_ratio)
+    settings = common.config_settings(args, OPTIONS)
+    if settings.get("types") == ["all"]:
+        settings["types"] = None  # every MPO layer
+    if settings.get("budget") == 0:
+        settings["budget"] = None  # one matrix per step
+    config = SqueezeConfig(**settings)
     training = common.training_config(args, "lfa")
     squeezer = Squeezer(None, None, data, config, training, args.out,
                         progress=not args.no_progress, overwrite=args.overwrite)

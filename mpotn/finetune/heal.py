@@ -63,7 +63,7 @@ from mpotn.atomic import write_text
 from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.parameters import count_parameters, lfa_parameters
-from mpotn.finetune.training import _trainable_model, save_model
+from mpotn.finetune.training import FieldHelp, _trainable_model, save_model
 from mpotn.table import Table
 from mpotn.types import HEAL_TRAIN, HealTrain
 
@@ -79,7 +79,7 @@ STATE_NAME = "heal_state.json"
 
 
 @dataclass
-class HealConfig:
+class HealConfig(FieldHelp):
     """How to heal; each field's ``metadata["help"]`` is its ``mpotn heal`` help text.
 
     Examples
@@ -133,20 +133,6 @@ class HealConfig:
     def lr(self) -> float:
         """``learning_rate``, or ``train``'s [HEAL_LR][mpotn.finetune.heal.HEAL_LR]."""
         return self.learning_rate if self.learning_rate is not None else HEAL_LR[self.train]
-
-    @classmethod
-    def help(cls, name: str) -> str:
-        """The help text of field ``name``, with its default when it has one."""
-        spec = {f.name: f for f in dataclasses.fields(cls)}[name]
-        text = spec.metadata["help"]
-        if spec.default is None or isinstance(spec.default, bool):
-            return text
-        default = f"{spec.default:g}" if isinstance(spec.default, float) else spec.default
-        return f"{text} (default: {default})"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serializable form."""
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -17,6 +17,9 @@ Starting from a fine-tuned MPO model with task score $P$, each step
    than $\Delta$ (the returned model is then the last one within $\Delta$),
    at a target compression, at the step limit, or when nothing can be cut.
 
+A *step* is that whole round; a *cut* is one matrix's central bond lowered once
+(a step makes one cut, or with a budget one per chosen matrix).
+
 Every step is checkpointed (an mpotn save plus the squeezing state, published
 by an atomic rename of ``latest.json``), so a run killed at any moment resumes
 where it stopped, with the same data order and seeds as an uninterrupted run.
@@ -38,7 +41,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
@@ -50,6 +53,7 @@ from mpotn.compression.serialization import is_saved_model, resolve_inside
 from mpotn.data.tasks import TaskData
 from mpotn.drawing import draw_history
 from mpotn.finetune.training import (
+    FieldHelp,
     FinetuneResult,
     TrainingConfig,
     evaluate,
@@ -67,8 +71,13 @@ _CHECKPOINT = re.compile(r"step-(\d{4,})")
 
 
 @dataclass
-class SqueezeConfig:
-    """How to squeeze.
+class SqueezeConfig(FieldHelp):
+    """How to squeeze; each field's ``metadata["help"]`` is its ``mpotn squeeze`` help text
+    (the command takes its defaults from here).
+
+    A *step* is one round of Algorithm 2 (cut, fine-tune, evaluate); a *cut* is one
+    matrix's central bond lowered once. A step makes one cut, or with a ``budget`` one
+    cut of each matrix it chose.
 
     Attributes
     ----------
@@ -88,11 +97,11 @@ class SqueezeConfig:
         of the original model's parameters). With ``cut=1`` every step is the
         paper's one-dimension rule applied repeatedly, with one fine-tuning
         and one evaluation per step instead of per dimension.
-    steps_per_cut:
+    training_steps:
         Optimizer steps of auxiliary fine-tuning after each step (one
         fine-tuning per step, however many matrices the step cut).
-    max_cuts:
-        Step limit (``iter`` of Algorithm 2).
+    step_limit:
+        Most steps a run takes (``iter`` of Algorithm 2).
     delta:
         Tolerated degradation ``Delta`` of the monitored score.
     monitor:
@@ -105,18 +114,46 @@ class SqueezeConfig:
     error:
         Rank candidates by ``"relative"`` (``eps / ||M||``) or ``"absolute"``
         (``eps``) estimated error.
+
+    The defaults are the command's: a step frees 1.4% of the original model's
+    parameters, 40 fine-tuning steps follow it, and four steps bring a full-rank MPO
+    model of MiniLM down to the dense model's size (see the fine-tuning guide).
+
+    Examples
+    --------
+    >>> SqueezeConfig.help("step_limit")
+    'most squeeze steps, iter of Algorithm 2 (default: 4)'
+    >>> SqueezeConfig.from_dict({"steps_per_cut": 8, "max_cuts": 2}).training_steps
+    8
     """
 
-    types: list[str] | None = None
-    cut: float = 1
-    budget: float | None = None
-    steps_per_cut: int = 20
-    max_cuts: int = 100
-    delta: float = 0.01
-    monitor: str = "metric"
-    target_ratio: float | None = None
-    min_bond: int = 1
-    error: str = "relative"
+    types: list[str] | None = field(default=None, metadata={
+        "help": "matrix types that may be cut: query key value attn_out ffn_in ffn_out "
+                "word_emb, or all (default: all)"})
+    cut: float = field(default=1, metadata={
+        "help": "dimensions one cut removes from a central bond: an integer (the paper: 1) "
+                "or a fraction of the current bond"})
+    budget: float | None = field(default=0.014, metadata={
+        "help": "parameters one step removes, by repeated least-error cuts over all "
+                "matrices: a count, or a fraction of the original model's parameters; 0 "
+                "cuts one matrix per step"})
+    training_steps: int = field(default=40, metadata={
+        "help": "auxiliary fine-tuning steps after each squeeze step's cuts"})
+    step_limit: int = field(default=4, metadata={
+        "help": "most squeeze steps, iter of Algorithm 2"})
+    delta: float = field(default=0.05, metadata={
+        "help": "tolerated drop of the monitored score"})
+    monitor: str = field(default="metric", metadata={
+        "help": "score watched by --delta: the task metric or the eval loss"})
+    target_ratio: float | None = field(default=None, metadata={
+        "help": "stop when parameters / original reach this (default: none)"})
+    min_bond: int = field(default=1, metadata={"help": "no central bond is cut below this"})
+    error: str = field(default="relative", metadata={
+        "help": "rank cuts by relative (eps / ||M||) or absolute (eps) estimated error"})
+
+    #: Names earlier versions saved (``latest.json``), read as today's.
+    RENAMED: ClassVar[dict[str, str]] = {"steps_per_cut": "training_steps",
+                                         "max_cuts": "step_limit"}
 
     def __post_init__(self) -> None:
         if self.cut <= 0 or (self.cut >= 1 and self.cut != int(self.cut)):
@@ -130,8 +167,8 @@ class SqueezeConfig:
                 f"budget must be a whole number of parameters >= 1 or a fraction in (0, 1) "
                 f"of the original model's parameters, got {self.budget}"
             )
-        if self.steps_per_cut < 0 or self.max_cuts < 1:
-            raise ValueError("steps_per_cut must be >= 0 and max_cuts >= 1")
+        if self.training_steps < 0 or self.step_limit < 1:
+            raise ValueError("training_steps must be >= 0 and step_limit >= 1")
         if self.delta < 0:
             raise ValueError(f"delta is a tolerance and must be >= 0, got {self.delta}")
         if self.monitor not in MONITORS:
@@ -143,6 +180,21 @@ class SqueezeConfig:
         if self.target_ratio is not None and self.target_ratio <= 0:
             raise ValueError(f"target_ratio must be > 0, got {self.target_ratio}")
 
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> SqueezeConfig:
+        """The config of ``settings`` (its [to_dict][mpotn.finetune.training.FieldHelp.to_dict]),
+        also as earlier versions saved it (``steps_per_cut``, ``max_cuts``; see ``RENAMED``).
+
+        Raises
+        ------
+        ValueError
+            If a setting is given under its old and its new name at once.
+        """
+        renamed = {cls.RENAMED.get(key, key): value for key, value in settings.items()}
+        if len(renamed) < len(settings):
+            raise ValueError(f"settings name a field twice (old and new name): {sorted(settings)}")
+        return cls(**renamed)
+
     def next_dim(self, dim: int) -> int:
         """Central-bond dimension after one cut of a bond of size ``dim``."""
         removed = int(self.cut) if self.cut >= 1 else max(1, math.floor(self.cut * dim))
@@ -153,10 +205,6 @@ class SqueezeConfig:
         if self.budget is None:
             return 0
         return int(self.budget) if self.budget >= 1 else math.ceil(self.budget * original_params)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serializable form."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -337,8 +385,8 @@ class Squeezer:
     config:
         Squeezing settings.
     training:
-        Settings of the auxiliary fine-tuning between cuts (its strategy is
-        forced to ``lfa`` and its ``max_steps`` to ``config.steps_per_cut``;
+        Settings of the auxiliary fine-tuning after each step's cuts (its strategy
+        is forced to ``lfa`` and its ``max_steps`` to ``config.training_steps``;
         its seed plus the step number seeds each step).
     out:
         Output directory.
@@ -353,7 +401,7 @@ class Squeezer:
         self.model, self.tokenizer, self.data = model, tokenizer, data
         self.config = config
         self.training = dataclasses.replace(training, strategy="lfa",
-                                            max_steps=config.steps_per_cut)
+                                            max_steps=config.training_steps)
         self.out = Path(out)
         self.progress = progress
         self.overwrite = overwrite
@@ -387,6 +435,10 @@ class Squeezer:
     def resume(self) -> None:
         """Continue from the latest checkpoint (its configs replace the given ones).
 
+        A ``latest.json`` written before the squeeze settings were renamed
+        (``steps_per_cut``, ``max_cuts``) resumes too: old names are read as the new
+        ([SqueezeConfig.from_dict][mpotn.finetune.squeeze.SqueezeConfig.from_dict]).
+
         Raises
         ------
         ValueError
@@ -409,16 +461,19 @@ class Squeezer:
             raise ValueError(f"{path} is not a squeeze state (an object with the fields "
                              f"{sorted(fields)}); {damaged}")
         parts = {}
-        for key, cls in (("config", SqueezeConfig), ("training", TrainingConfig),
-                         ("state", SqueezeState)):
+        readers = {"config": (SqueezeConfig, SqueezeConfig.from_dict, SqueezeConfig.RENAMED),
+                   "training": (TrainingConfig, lambda v: TrainingConfig(**v), {}),
+                   "state": (SqueezeState, lambda v: SqueezeState(**v), {})}
+        for key, (cls, build, old_names) in readers.items():
             known = {f.name for f in dataclasses.fields(cls)}
             value = saved[key]
-            if not isinstance(value, dict) or value.keys() - known:
-                unknown = sorted(value.keys() - known) if isinstance(value, dict) else value
+            if not isinstance(value, dict) or value.keys() - known - old_names.keys():
+                unknown = (sorted(value.keys() - known - old_names.keys())
+                           if isinstance(value, dict) else value)
                 raise ValueError(f"{path}: '{key}' has unknown settings {unknown!r} "
                                  f"({cls.__name__} has {sorted(known)}); {damaged}")
             try:
-                parts[key] = cls(**value)
+                parts[key] = build(value)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{path}: '{key}' is invalid ({error}); {damaged}") from error
         name = saved["checkpoint"]
@@ -467,8 +522,8 @@ class Squeezer:
         if (self.config.target_ratio is not None
                 and last["params_over_original"] <= self.config.target_ratio):
             return "target_ratio"
-        if self.state.step >= self.config.max_cuts:
-            return "max_cuts"
+        if self.state.step >= self.config.step_limit:
+            return "step_limit"
         if not candidates(self.model, self.state, self.config):
             return "nothing_to_cut"
         return None
@@ -479,7 +534,7 @@ class Squeezer:
         Plans the step ([plan_step][mpotn.finetune.squeeze.plan_step]: the best cut alone, or
         with a ``budget`` cuts until the step frees it), cuts every planned
         matrix once by TT-rounding and stores its new central spectrum,
-        fine-tunes the auxiliary tensors (``lfa``) for ``steps_per_cut``
+        fine-tunes the auxiliary tensors (``lfa``) for ``training_steps``
         optimizer steps (none when it is 0; seed ``training.seed + step``),
         evaluates, and appends one history row (the matrix, or ``"k matrices"``,
         with the largest estimated and actual error of the step's cuts). The
@@ -497,7 +552,7 @@ class Squeezer:
             self.state.cuts.append({"step": self.state.step, **row})
         first = plan[0] if len(plan) == 1 else dict.fromkeys(("bond", "dim", "new_dim"))
         train_loss = None
-        if self.config.steps_per_cut:
+        if self.config.training_steps:
             config = dataclasses.replace(self.training, seed=self.training.seed
                                          + self.state.step)
             result: FinetuneResult = finetune(self.model, self.tokenizer, self.data, config,
@@ -535,8 +590,8 @@ class Squeezer:
                                    self.training.train_limit, self.training.eval_limit)
         if not self.state.history:
             self.start()
-        bar = tqdm(total=self.config.max_cuts, initial=self.state.step, desc="squeezing",
-                   unit="cut", disable=not self.progress)
+        bar = tqdm(total=self.config.step_limit, initial=self.state.step, desc="squeezing",
+                   unit="step", disable=not self.progress)
         while (reason := self._stop_reason()) is None:
             self.step()
             last = self.state.history[-1]
@@ -557,13 +612,13 @@ class Squeezer:
         final = history[accepted]
         record = {
             "stop_reason": self.state.stop_reason,
-            "cuts": self.state.step,
+            "squeeze_steps": self.state.step,
             "accepted_step": accepted,
             "matrix_cuts": sum(1 for row in self.state.cuts if row["step"] <= accepted),
             "baseline": self.state.baseline,
             "monitor": self.config.monitor,
-            "steps_per_cut": self.config.steps_per_cut,
-            "fine_tuning_steps": accepted * self.config.steps_per_cut,
+            "training_steps": self.config.training_steps,
+            "fine_tuning_steps": accepted * self.config.training_steps,
             "bond_dims": {name: list(layer.bond_dims)
                           for name, layer in model.mpo_layers().items()},
             **{k: v for k, v in final.items() if k not in ("matrix", "bond", "dim", "new_dim")},

@@ -56,6 +56,31 @@ from mpotn.table import Table
 from mpotn.types import DEFAULT_LR, DEFAULT_TARGETS, STRATEGIES
 
 
+class FieldHelp:
+    """A dataclass whose fields carry their command-line help, as PEFT's configs do.
+
+    Each field has ``metadata={"help": ...}``; [help][mpotn.finetune.training.FieldHelp.help]
+    adds the field's default, so that a command's options take their defaults and help
+    texts from the config alone ([HealConfig][mpotn.finetune.heal.HealConfig],
+    [SqueezeConfig][mpotn.finetune.squeeze.SqueezeConfig]; see ``mpotn.cli.common.ConfigOption``).
+    """
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of field ``name``, with its default when it has one (``None`` and
+        switches have none to show)."""
+        spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+        text = spec.metadata["help"]
+        if spec.default is None or isinstance(spec.default, bool):
+            return text
+        default = f"{spec.default:g}" if isinstance(spec.default, float) else spec.default
+        return f"{text} (default: {default})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable form."""
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class TrainingConfig:
     """How to fine-tune.
