@@ -20,7 +20,7 @@ from mpotn.compression import CompressionConfig, compress
 from mpotn.data import load_local
 from mpotn.finetune.training import (
     TrainingConfig,
-    evaluate,
+    evaluate_task,
     finetune,
     prepare_model,
     save_model,
@@ -362,7 +362,7 @@ def test_api_evaluation_without_examples_is_an_error(tiny_bert, tmp_path):
     model, tokenizer = prepare_model(str(tiny_bert), data, config, progress=False)
     data.eval = data.eval.select([])
     with pytest.raises(ValueError, match="the task has no evaluation examples to score"):
-        evaluate(model, tokenizer, data, config)
+        evaluate_task(model, tokenizer, data, config)
 
 
 @pytest.mark.parametrize("key", ["train_limit", "eval_limit"])

@@ -25,7 +25,7 @@ from mpotn.finetune.strategies import apply_strategy, optimizer_groups
 from mpotn.finetune.training import (
     FinetuneResult,
     TrainingConfig,
-    evaluate,
+    evaluate_task,
     finetune,
     prepare_model,
     write_run,
@@ -40,7 +40,7 @@ __all__ = [
     "apply_strategy",
     "core_changes",
     "direct_truncation",
-    "evaluate",
+    "evaluate_task",
     "finetune",
     "optimizer_groups",
     "prepare_model",

@@ -56,7 +56,7 @@ from mpotn.finetune.training import (
     FieldHelp,
     FinetuneResult,
     TrainingConfig,
-    evaluate,
+    evaluate_task,
     finetune,
     lfa_budget,
     save_model,
@@ -491,7 +491,8 @@ class Squeezer:
 
     # ------------------------------------------------------------------ steps
     def _evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.tokenizer, self.data, self.training, self._tokenized[1])
+        return evaluate_task(self.model, self.tokenizer, self.data, self.training,
+                             self._tokenized[1])
 
     def _row(self, scores: dict[str, float], **extra: Any) -> dict[str, Any]:
         total = count_parameters(self.model.base_model.parameters())
@@ -659,7 +660,7 @@ def direct_truncation(model: MPOModel, tokenizer: Any, data: TaskData,
     if steps:
         record = finetune(model, tokenizer, data, config, progress=progress).record
     else:
-        record = evaluate(model, tokenizer, data, config)
+        record = evaluate_task(model, tokenizer, data, config)
     total = count_parameters(model.base_model.parameters())
     return {**record, "strategy": "direct", "fine_tuning_steps": steps, "params": total,
             "trainable_params": lfa_budget(model.base_model),

@@ -317,9 +317,13 @@ def planned_steps(config: TrainingConfig, train_size: int) -> int:
     return max(1, math.ceil(config.epochs * math.ceil(train_size / config.batch_size)))
 
 
-def evaluate(model: nn.Module, tokenizer: Any, data: TaskData, config: TrainingConfig,
-             eval_set: Any | None = None) -> dict[str, float]:
-    """Evaluation loss and the task's metrics on the evaluation split."""
+def evaluate_task(model: nn.Module, tokenizer: Any, data: TaskData, config: TrainingConfig,
+                  eval_set: Any | None = None) -> dict[str, float]:
+    """The task scores: evaluation loss and the task's metrics on the evaluation split.
+
+    (How faithfully a compressed model keeps the original's outputs, without labels, is
+    [mpotn.analysis.fidelity][] instead.)
+    """
     from transformers import DataCollatorWithPadding, Trainer
 
     if eval_set is None:
@@ -414,7 +418,7 @@ def finetune(
         record["label2id"] = {name: k for k, name in enumerate(data.label_names)}
     if evaluate_after:
         start = time.perf_counter()
-        record.update(evaluate(result_model, tokenizer, data, config, eval_set))
+        record.update(evaluate_task(result_model, tokenizer, data, config, eval_set))
         record["eval_seconds"] = time.perf_counter() - start
     history = Table({k: v for k, v in row.items()} for row in trainer.state.log_history
                     if "loss" in row)
