@@ -6,8 +6,8 @@ function-level ones included, and checks both):
 
 0. **core** (flat modules): [mpotn.types][] (allowed values),
    [mpotn.shapes][] (factorizations, Eq. 2), [mpotn.linalg][] (SVDs),
-   [mpotn.diagnostics][] (Eqs. 3-6), [mpotn.truncation][] (choosing
-   bond dimensions), [mpotn.network][] (the tensornetwork graph),
+   [mpotn.diagnostics][] (Eqs. 3-6), [mpotn.truncation][] (the truncation
+   policy and choosing bond dimensions), [mpotn.network][] (the tensornetwork graph),
    [mpotn.contraction][] (compiled contractions), [mpotn.mpo][] (the MPO
    object), [mpotn.calibration][] (truncation that minimises the output
    error, Eq. 7) and [mpotn.budget][] (one parameter budget for a whole
@@ -17,8 +17,9 @@ function-level ones included, and checks both):
    package [mpotn.data][] (specs, metrics, local and GLUE-layout files, the
    hub, unlabelled text) imports only core and counts as core.
 1. [mpotn.methods][] -- decompositions as registered plug-ins (``mpo``,
-   ``tt``, ``tucker``, ``cp``) and [FactorNetwork][mpotn.methods.base.FactorNetwork].
-2. [mpotn.layers][] -- torch modules: MPO and factorized layers.
+   ``svd``, ``tt``, ``tucker``, ``cp``) and [FactorNetwork][mpotn.methods.base.FactorNetwork].
+2. [mpotn.layers][] -- torch modules: MPO and factorized layers, and the registry of
+   their kinds (saves go through each layer's ``spec()``).
 3. [mpotn.compression][] -- targets, [MPOModel][mpotn.compression.model.MPOModel],
    [compress][mpotn.compression.compress.compress], calibration statistics, saving and loading,
    Hugging Face helpers.

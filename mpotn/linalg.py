@@ -44,16 +44,12 @@ class SVDCut:
         The kept factors, ``S`` descending.
     error:
         ``||A - U diag(S) Vh||_F`` (a 0-d tensor), exact for every method.
-    spectrum:
-        Every singular value known: all of them for a full SVD, the
-        ``r + oversample`` estimates for a randomized one.
     """
 
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
     error: torch.Tensor
-    spectrum: torch.Tensor
 
 
 def _lapack_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,6 +129,6 @@ def truncated_svd(
         u, s, vh = u[:, :rank], s[:rank], v[:, :rank].mT
         total = matrix.norm() ** 2
         error = (total - (s**2).sum()).clamp_min(0).sqrt()
-        return SVDCut(u, s, vh, error, s)
+        return SVDCut(u, s, vh, error)
     u, s, vh = svd(matrix)
-    return SVDCut(u[:, :rank], s[:rank], vh[:rank], s[rank:].norm(), s)
+    return SVDCut(u[:, :rank], s[:rank], vh[:rank], s[rank:].norm())

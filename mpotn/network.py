@@ -269,7 +269,6 @@ def graph_to_networkx(legs: Mapping[str, Sequence[str]], shapes: Mapping[str, Se
 
 def to_networkx(
     cores: Sequence[Any],
-    node_attributes: Mapping[str, Mapping[str, Any]] | None = None,
     bond_attributes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> nx.Graph:
     """The network as a ``networkx.Graph``.
@@ -279,7 +278,6 @@ def to_networkx(
     ``"open"``. Edges carry ``name``, ``dim`` and any extra attributes given
     per edge name in ``bond_attributes`` (entropies, truncation errors, ...).
     """
-    node_attributes = node_attributes or {}
     bond_attributes = bond_attributes or {}
     nodes = build_network([np.zeros(tuple(c.shape)) for c in cores], backend="numpy")
     graph = nx.Graph()
@@ -291,7 +289,6 @@ def to_networkx(
             index=k,
             shape=tuple(node.shape),
             params=int(np.prod(node.shape)),
-            **node_attributes.get(node.name, {}),
         )
     for edge in tn.get_all_edges(nodes):
         if edge.is_dangling():

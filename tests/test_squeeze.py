@@ -246,6 +246,7 @@ def test_a_checkpoint_saved_with_the_old_setting_names_resumes(tiny_bert, data, 
     saved = json.loads(path.read_text())
     saved["config"]["steps_per_cut"] = saved["config"].pop("training_steps")
     saved["config"]["max_cuts"] = saved["config"].pop("step_limit")
+    saved["training"]["extra"] = {}  # a field earlier versions had and never read
     path.write_text(json.dumps(saved))
     resumed = Squeezer(None, tokenizer, data, SqueezeConfig(), TRAINING, tmp_path, False)
     resumed.resume()

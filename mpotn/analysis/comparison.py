@@ -32,9 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from mpotn.compression.models import load_model, weight_matrices
 from mpotn.contraction import best_time, compiled
+from mpotn.drawing import draw_lines
 from mpotn.methods import decompose
 from mpotn.methods.cp import WorkLimitError
 from mpotn.table import Table
@@ -82,8 +85,6 @@ def load_matrix(source: str | os.PathLike | None = None, model: str | None = Non
             array = torch.from_numpy(np.load(text))
             name = Path(text).name
         else:
-            from safetensors.torch import load_file
-
             tensors = load_file(path + ".safetensors" if key else text)
             if not key:
                 if len(tensors) != 1:
@@ -121,8 +122,6 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
     ``skipped``, with the method's message, and a warning says how many were
     skipped and why.
     """
-    from tqdm.auto import tqdm
-
     rows = Comparison()
     x32 = torch.randn(batch, matrix.shape[0])
     dense = matrix.float()
@@ -182,8 +181,6 @@ def describe_skipped(skipped: Sequence[dict[str, Any]]) -> str:
 
 def draw_comparison(table: Table, path: str | Path, title: str) -> Path:
     """Relative error against compression ratio, one line per method (log-scaled ratio)."""
-    from mpotn.drawing import draw_lines
-
     series = {}
     for row in table:
         if row["label"] != "dense":

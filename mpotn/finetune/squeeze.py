@@ -437,7 +437,9 @@ class Squeezer:
 
         A ``latest.json`` written before the squeeze settings were renamed
         (``steps_per_cut``, ``max_cuts``) resumes too: old names are read as the new
-        ([SqueezeConfig.from_dict][mpotn.finetune.squeeze.SqueezeConfig.from_dict]).
+        ([SqueezeConfig.from_dict][mpotn.finetune.squeeze.SqueezeConfig.from_dict]), and
+        the training config's unused ``extra`` is dropped
+        ([TrainingConfig.from_dict][mpotn.finetune.training.TrainingConfig.from_dict]).
 
         Raises
         ------
@@ -461,14 +463,17 @@ class Squeezer:
             raise ValueError(f"{path} is not a squeeze state (an object with the fields "
                              f"{sorted(fields)}); {damaged}")
         parts = {}
-        readers = {"config": (SqueezeConfig, SqueezeConfig.from_dict, SqueezeConfig.RENAMED),
-                   "training": (TrainingConfig, lambda v: TrainingConfig(**v), {}),
-                   "state": (SqueezeState, lambda v: SqueezeState(**v), {})}
+        # each part's reader, and the names earlier versions saved that it still accepts
+        readers = {"config": (SqueezeConfig, SqueezeConfig.from_dict,
+                              set(SqueezeConfig.RENAMED)),
+                   "training": (TrainingConfig, TrainingConfig.from_dict,
+                                set(TrainingConfig.REMOVED)),
+                   "state": (SqueezeState, lambda v: SqueezeState(**v), set())}
         for key, (cls, build, old_names) in readers.items():
             known = {f.name for f in dataclasses.fields(cls)}
             value = saved[key]
-            if not isinstance(value, dict) or value.keys() - known - old_names.keys():
-                unknown = (sorted(value.keys() - known - old_names.keys())
+            if not isinstance(value, dict) or value.keys() - known - old_names:
+                unknown = (sorted(value.keys() - known - old_names)
                            if isinstance(value, dict) else value)
                 raise ValueError(f"{path}: '{key}' has unknown settings {unknown!r} "
                                  f"({cls.__name__} has {sorted(known)}); {damaged}")

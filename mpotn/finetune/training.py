@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -127,7 +127,9 @@ class TrainingConfig:
     seed: int = 0
     train_limit: int | None = None
     eval_limit: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    #: Fields earlier versions saved that no longer exist (``extra`` was never read).
+    REMOVED: ClassVar[frozenset[str]] = frozenset({"extra"})
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -147,6 +149,12 @@ class TrainingConfig:
     def learning_rate(self) -> float:
         """``lr``, or the strategy's default."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> TrainingConfig:
+        """The config of ``settings`` (its ``to_dict()``), also as earlier versions saved
+        it: fields in ``REMOVED`` are dropped."""
+        return cls(**{k: v for k, v in settings.items() if k not in cls.REMOVED})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable form."""

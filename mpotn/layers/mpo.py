@@ -3,7 +3,11 @@
 
 The cores are parameters, grouped as the ``central`` tensor and the
 ``auxiliary`` tensors (SPEC §2: lightweight fine-tuning trains only the
-auxiliary ones); the bias of a linear layer stays a plain parameter.
+auxiliary ones); the bias of a linear layer stays a plain parameter. The
+layers' structure (bonds, central and auxiliary tensors, parameter counts, the
+ratio of Eq. 5) is [MPOStructure][mpotn.mpo.MPOStructure]'s, as an
+[MPO][mpotn.mpo.MPO]'s is, and ``spec()`` / ``from_spec()`` describe and rebuild
+it for saves (see [mpotn.layers][]).
 
 In eval mode, when no gradient is needed, the rebuilt weight is cached and
 reused until a core changes (an optimizer step, ``load_state_dict``, or any

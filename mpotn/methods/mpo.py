@@ -22,7 +22,7 @@ def mpo_method(matrix: torch.Tensor, *, n: int = 5, ratio: float | None = None,
     policy = TruncationPolicy(max_bond=max_bond, ratio=ratio, allocation=allocation)
     mpo = MPO.from_matrix(matrix, n=n, **options).truncate_to(policy)
     cores = mpo.gauge_cores("central")
-    cores = [cores[0][0], *cores[1:-1], cores[-1][..., 0]] if n > 1 else cores
+    cores = [cores[0][0], *cores[1:-1], cores[-1][..., 0]]  # n >= 2: drop d_0 = d_n = 1
     names = [core_name(k, n) for k in range(n)]
     legs = {}
     for k, name in enumerate(names, start=1):
