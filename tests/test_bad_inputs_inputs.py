@@ -425,8 +425,9 @@ def test_cli_out_that_is_a_file_exits_2_before_working(capsys, tmp_path, monkeyp
 
     monkeypatch.setattr(models, "load_pretrained", lambda *a: pytest.fail("loaded a model"))
     out = write(tmp_path / "out", "mine")
-    for command in ("compress", "inspect", "finetune"):
-        code, err = cli(capsys, command, "--out", str(out))
+    for command in ("compress", "inspect", "finetune", "heal", "squeeze"):
+        code, err = cli(capsys, command, *(["saved"] if command == "heal" else []),
+                        "--out", str(out))
         assert code == 2 and f"--out {out} is a file, not a folder; choose a folder" in err
     assert out.read_text() == "mine"
 

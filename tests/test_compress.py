@@ -148,14 +148,16 @@ def test_any_module_of_linears_and_embeddings():
 
 
 def test_pattern_matching_nothing_lists_candidates():
-    with pytest.raises(ValueError, match=r"match no nn\.Linear .* Candidates \(40\): "
-                                         r"embeddings\.word_embeddings"):
+    with pytest.raises(ValueError, match=r"match no nn\.Linear, Conv1D or nn\.Embedding .* "
+                                         r"The model's matrices \(40, with their types\): "
+                                         r"embeddings\.word_embeddings \(word_emb\)"):
         plan(load_model(), targets=["nonexistent"])
 
 
 def test_unsupported_modules_are_skipped_with_a_warning_naming_them():
     model = nn.Sequential(nn.Conv1d(4, 4, 1), nn.Linear(4, 4))
-    with pytest.warns(UserWarning, match="skipping 0: Conv1d is not nn.Linear or nn.Embedding"):
+    skipped = "skipping 0: Conv1d is not nn.Linear, Conv1D or nn.Embedding"
+    with pytest.warns(UserWarning, match=skipped):
         compressed = compress(model, targets=r"\d", n=2, progress=False)
     assert list(compressed.mpo_layers()) == ["1"]
 

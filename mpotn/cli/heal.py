@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    common.check_out(args.out)
     check_writable(Path(args.out) / "model", args.overwrite)
     if not is_saved_model(args.model):
         raise ValueError(f"{args.model} is not a model saved by mpotn (compress it first with "

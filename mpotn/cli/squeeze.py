@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
     from mpotn.finetune.training import finetune, prepare_model
 
+    common.check_out(args.out)
     check_writable(Path(args.out) / "model", args.overwrite)
     data = common.load_task(args)
     settings = common.config_settings(args, OPTIONS)

@@ -31,6 +31,13 @@ from tqdm.auto import tqdm
 
 from mpotn.budget import mpo_path, spend
 from mpotn.calibration import Whitening, calibrated_mpo, output_error, refine
+from mpotn.compression.architectures import (
+    as_linear,
+    is_conv1d,
+    layer_index,
+    linear_matrix,
+    matrix_type,
+)
 from mpotn.compression.calibrate import calibrate
 from mpotn.compression.config import (
     FACTORIZED_LAYERS,
@@ -40,7 +47,6 @@ from mpotn.compression.config import (
     select_targets,
 )
 from mpotn.compression.model import MPOModel
-from mpotn.compression.models import layer_index, matrix_type
 from mpotn.compression.parameters import count_parameters
 from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
 from mpotn.methods import decompose, svd_shapes
@@ -50,8 +56,24 @@ from mpotn.truncation import TruncationPolicy
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
-    weight = module.weight.detach()
-    return weight if isinstance(module, nn.Embedding) else weight.T
+    return module.weight.detach() if isinstance(module, nn.Embedding) else linear_matrix(module)
+
+
+def _as_linears(model: nn.Module, selected: list[tuple[str, nn.Module]]
+                ) -> list[tuple[str, nn.Module]]:
+    """``selected`` with every ``Conv1D`` replaced, in ``model`` too, by the equal
+    ``nn.Linear`` (a module shared by several parents stays shared)."""
+    converted: dict[int, nn.Module] = {}
+    out = []
+    for name, module in selected:
+        if is_conv1d(module):
+            linear = converted.setdefault(id(module), as_linear(module))
+            for other, candidate in list(model.named_modules(remove_duplicate=False)):
+                if candidate is module:
+                    replace_module(model, other, linear)
+            module = linear
+        out.append((name, module))
+    return out
 
 
 def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: dict[str, Any]
@@ -255,7 +277,8 @@ def compress(
     Parameters
     ----------
     model:
-        A Hugging Face model or any module built of ``nn.Linear`` / ``nn.Embedding``.
+        A Hugging Face model or any module built of ``nn.Linear`` / ``nn.Embedding``
+        (GPT-2's ``Conv1D`` layers become MPO layers too, orientation handled).
     config:
         What and how; keyword arguments build one when omitted
         (``compress(model, targets=["ffn"], ratio=0.5)``).
@@ -289,7 +312,7 @@ def compress(
     config = config or CompressionConfig(**kwargs)
     _refuse_compressed(model)
     original = count_parameters(model.parameters())
-    selected = select_targets(model, config)
+    selected = _as_linears(model, select_targets(model, config))
     covariances: dict[str, torch.Tensor] = {}
     if calibration is not None:
         observed = {name: module for name, module in selected

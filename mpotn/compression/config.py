@@ -5,16 +5,19 @@ Targets are chosen the way PEFT chooses them:
 
 * a **list** of presets and module-name suffixes -- ``["ffn", "query", "value"]``;
   the presets are ``embeddings`` (every ``nn.Embedding``), ``attention``
-  (query/key/value/attention-output linears), ``ffn`` (the two FFN linears)
-  and ``all-linear`` (every ``nn.Linear``);
+  (query/key/value, fused QKV and attention-output linears), ``ffn`` (the FFN's
+  gate, up and down linears) and ``all-linear`` (every ``nn.Linear`` and
+  ``Conv1D``); ``attention`` and ``ffn`` read the matrix types of
+  [mpotn.compression.architectures][], one table for BERT, GPT-2, GPT-NeoX,
+  Llama-style and T5 models;
 * a **string** is a regular expression the whole module name must match;
 * ``exclude`` takes the same forms; ``overrides`` maps a preset or suffix to
   per-target settings (``n``, shapes, ``max_bond`` / ``tol`` / ``ratio`` /
   ``params`` / ``bond_dims``, ``allocation``, ``svd``).
 
 A module shared by several parents (ALBERT's layer group) is selected once. A
-matched module that is not ``nn.Linear`` / ``nn.Embedding``, or whose weight
-is tied to another module, is skipped with a warning that names it.
+matched module that is not ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``, or
+whose weight is tied to another module, is skipped with a warning that names it.
 """
 
 from __future__ import annotations
@@ -30,20 +33,22 @@ import torch
 from torch import nn
 
 from mpotn.calibration import DAMP
-from mpotn.compression.models import matrix_type
+from mpotn.compression.architectures import is_linear, known_architecture, matrix_type
 from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
 from mpotn.methods import DECOMPOSITIONS
 from mpotn.truncation import POLICY_KEYS, TruncationPolicy
 from mpotn.types import BUDGETS, FITS, PRESETS, STRUCTURES
 
+#: Module classes mpotn compresses (and ``transformers``' ``Conv1D``: see
+#: [is_supported][mpotn.compression.config.is_supported]).
 SUPPORTED = (nn.Linear, nn.Embedding)
 MPO_LAYERS = (MPOLinear, MPOEmbedding)
 FACTORIZED_LAYERS = (FactorizedLinear, FactorizedEmbedding)
 
 #: Matrix types (see [mpotn.compression.models.matrix_type][]) of the presets.
 PRESET_TYPES = {
-    "attention": {"query", "key", "value", "attn_out"},
-    "ffn": {"ffn_in", "ffn_out"},
+    "attention": {"query", "key", "value", "qkv", "attn_out"},
+    "ffn": {"ffn_gate", "ffn_in", "ffn_out"},
 }
 
 #: Settings that may differ per target.
@@ -71,9 +76,10 @@ class CompressionConfig:
     method:
         A registered decomposition
         ([mpotn.methods.DECOMPOSITIONS][mpotn.methods.base.DECOMPOSITIONS]): ``"mpo"`` (default; MPO
-        layers) or another (``tucker``, ``cp``, ``tt``;
+        layers) or another (``svd``, the truncated SVD; ``tucker``, ``cp``, ``tt``;
         [FactorizedLinear][mpotn.layers.factorized.FactorizedLinear] layers, truncated by ``ratio``
-        with ``n`` tensorization factors per side).
+        with ``n`` tensorization factors per side). ``cp`` refuses work above
+        [mpotn.methods.cp.MAX_WORK][] multiply-adds; raise that attribute for longer runs.
     max_bond, tol, ratio, params, bond_dims, allocation:
         Truncation policy, at most one (see [mpotn.mpo.MPO.truncate][]);
         full rank when none is set.
@@ -180,6 +186,11 @@ class CompressionConfig:
         return settings
 
 
+def is_supported(module: nn.Module) -> bool:
+    """Whether mpotn can compress ``module``: ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``."""
+    return isinstance(module, nn.Embedding) or is_linear(module)
+
+
 def _check_spec(key: str, spec: Any) -> str | list[str] | None:
     """``spec`` (``targets`` / ``exclude``) as a valid regular expression or a list of names."""
     if spec is None:
@@ -203,9 +214,9 @@ def _matches_one(spec: str, name: str, module: nn.Module) -> bool:
     if spec == "embeddings":
         return isinstance(module, nn.Embedding)
     if spec == "all-linear":
-        return isinstance(module, nn.Linear)
+        return is_linear(module)
     if spec in PRESET_TYPES:
-        return isinstance(module, SUPPORTED) and matrix_type(name) in PRESET_TYPES[spec]
+        return is_supported(module) and matrix_type(name) in PRESET_TYPES[spec]
     return name == spec or name.endswith("." + spec)
 
 
@@ -241,10 +252,10 @@ def select_targets(model: nn.Module, config: CompressionConfig) -> list[tuple[st
             continue
         if _matches(config.exclude, name, module):
             continue
-        if not isinstance(module, SUPPORTED):
+        if not is_supported(module):
             if isinstance(config.targets, str) or not module._modules:
                 warnings.warn(
-                    f"skipping {name}: {type(module).__name__} is not nn.Linear or "
+                    f"skipping {name}: {type(module).__name__} is not nn.Linear, Conv1D or "
                     "nn.Embedding", stacklevel=3,
                 )
             continue
@@ -257,14 +268,27 @@ def select_targets(model: nn.Module, config: CompressionConfig) -> list[tuple[st
             continue
         selected.append((name, module))
     if not selected:
-        candidates = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
-        shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
-        raise ValueError(
-            f"targets {config.targets!r} (exclude {config.exclude!r}) match no nn.Linear or "
-            f"nn.Embedding module. Presets: {', '.join(PRESETS)}. Candidates "
-            f"({len(candidates)}): {shown}"
-        )
+        raise ValueError(_nothing_selected(model, config))
     return selected
+
+
+def _nothing_selected(model: nn.Module, config: CompressionConfig) -> str:
+    """Why ``config`` selects nothing in ``model``, with the model's matrices and their types."""
+    candidates = [f"{n} ({matrix_type(n)})" for n, m in model.named_modules()
+                  if n and is_supported(m)]
+    shown = ", ".join(candidates[:30]) + (" ..." if len(candidates) > 30 else "")
+    presets = {"attention", "ffn"} & set(config.targets if isinstance(config.targets, list)
+                                           else [])
+    unknown = ""
+    if presets and not known_architecture(model):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        unknown = (f" The presets {sorted(presets)} read matrix types from module names, and "
+                   f"architecture {model_type!r} is not in mpotn's table "
+                   "(mpotn.compression.architectures); name its matrices as suffixes or a "
+                   "regular expression instead.")
+    return (f"targets {config.targets!r} (exclude {config.exclude!r}) match no nn.Linear, "
+            f"Conv1D or nn.Embedding module.{unknown} Presets: {', '.join(PRESETS)}. "
+            f"The model's matrices ({len(candidates)}, with their types): {shown}")
 
 
 def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:

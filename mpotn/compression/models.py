@@ -5,8 +5,10 @@ package, loaded from its folder without any network. A local folder or a hub
 id works the same way (hub ids need a network or a populated HF cache).
 
 Matrices follow the paper's orientation: an ``nn.Embedding`` weight as stored
-(``vocab x hidden``), an ``nn.Linear`` weight transposed to ``in x out``, so
-that BERT's FFN up-projection is the SPEC's ``768 x 3072`` matrix.
+(``vocab x hidden``), an ``nn.Linear`` weight transposed to ``in x out`` (a
+``Conv1D`` weight as stored), so that BERT's FFN up-projection is the SPEC's
+``768 x 3072`` matrix. Matrix types and layer numbers come from
+[mpotn.compression.architectures][].
 
 Examples
 --------
@@ -19,7 +21,6 @@ Examples
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,26 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpotn.compression.architectures import is_linear, layer_index, linear_matrix, matrix_type
+
 #: Hub id of the embedded default model.
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-# Short matrix types, by module-name suffix, for BERT-, ALBERT- and
-# DistilBERT-style names; anything else is typed by its last name component.
-_TYPES = [
-    (r"word_embeddings$", "word_emb"),
-    (r"position_embeddings$", "position_emb"),
-    (r"token_type_embeddings$", "token_type_emb"),
-    (r"embedding_hidden_mapping_in$", "emb_proj"),
-    (r"(query|q_lin)$", "query"),
-    (r"(key|k_lin)$", "key"),
-    (r"(value|v_lin)$", "value"),
-    (r"(attention\.output\.dense|attention\.dense|out_lin)$", "attn_out"),
-    (r"(intermediate\.dense|ffn\.lin1|\.ffn)$", "ffn_in"),
-    (r"(output\.dense|ffn\.lin2|ffn_output)$", "ffn_out"),
-    (r"pooler\.dense$", "pooler"),
-]
-_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
-
 
 def default_model_path() -> Path:
     """Folder of the embedded all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
@@ -217,43 +202,15 @@ class WeightMatrix:
         return tuple(self.matrix.shape)
 
 
-def matrix_type(name: str) -> str:
-    """Short type of a module name.
-
-    Examples
-    --------
-    >>> matrix_type("encoder.layer.3.attention.self.query")
-    'query'
-    >>> matrix_type("encoder.layer.3.output.dense")
-    'ffn_out'
-    """
-    for pattern, short in _TYPES:
-        if re.search(pattern, name):
-            return short
-    return name.rsplit(".", 1)[-1]
-
-
-def layer_index(name: str) -> int | None:
-    """Layer number in a module name, if any.
-
-    Examples
-    --------
-    >>> layer_index("encoder.layer.11.output.dense"), layer_index("pooler.dense")
-    (11, None)
-    """
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
 def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
-    """Every ``nn.Embedding`` and ``nn.Linear`` weight, each shared weight once."""
+    """Every ``nn.Embedding``, ``nn.Linear`` and ``Conv1D`` weight, each shared weight once."""
     seen: set[int] = set()
     out = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             kind, matrix = "embedding", module.weight.detach()
-        elif isinstance(module, nn.Linear):
-            kind, matrix = "linear", module.weight.detach().T
+        elif is_linear(module):
+            kind, matrix = "linear", linear_matrix(module)
         else:
             continue
         if id(module.weight) in seen:

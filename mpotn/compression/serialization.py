@@ -55,6 +55,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mpotn.atomic import check_writable, publish, remove_stale_temps, temp_path, write_text
+from mpotn.compression.architectures import is_conv1d
 from mpotn.compression.config import CompressionConfig, replace_module
 from mpotn.layers import (
     LAYER_KINDS,
@@ -324,6 +325,8 @@ def _matrix(module: nn.Module) -> tuple[str, int, int] | None:
     """``(kind, rows, cols)`` of a linear layer or embedding, as its constructor takes them."""
     if isinstance(module, (nn.Linear, MPOLinear, FactorizedLinear)):
         return "linear", module.in_features, module.out_features
+    if is_conv1d(module):  # weight in x out
+        return "linear", *module.weight.shape
     if isinstance(module, (nn.Embedding, MPOEmbedding, FactorizedEmbedding)):
         return "embedding", module.num_embeddings, module.embedding_dim
     return None

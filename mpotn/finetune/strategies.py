@@ -37,7 +37,8 @@ from typing import Any
 
 from torch import nn
 
-from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.architectures import is_linear, linear_matrix, matrix_type
+from mpotn.compression.config import MPO_LAYERS, PRESET_TYPES
 from mpotn.compression.models import layer_index
 from mpotn.compression.parameters import (
     HEAD_NAMES,
@@ -47,10 +48,14 @@ from mpotn.compression.parameters import (
 )
 from mpotn.types import STRATEGIES
 
-#: Linear layers LoRA adapts, by suffix (BERT, ALBERT and DistilBERT naming).
-LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
-                "output.dense", "q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2", "ffn",
-                "ffn_output")
+#: Matrix types LoRA adapts: the attention and FFN linears of
+#: [mpotn.compression.architectures][] (``nn.Linear`` or ``Conv1D``), in every family.
+LORA_TYPES = frozenset(PRESET_TYPES["attention"] | PRESET_TYPES["ffn"])
+
+
+def lora_targets(model: nn.Module, types: frozenset[str] = LORA_TYPES) -> list[str]:
+    """Names of the linear layers (``nn.Linear`` or ``Conv1D``) of ``types`` in ``model``."""
+    return [n for n, m in model.named_modules() if is_linear(m) and matrix_type(n) in types]
 
 
 def central_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -74,16 +79,16 @@ def last_k_parameters(model: nn.Module, k: int) -> Iterator[tuple[str, nn.Parame
             yield name, param
 
 
-def lora_rank_for_budget(model: nn.Module, budget: int, targets: tuple[str, ...] = LORA_TARGETS
+def lora_rank_for_budget(model: nn.Module, budget: int, types: frozenset[str] = LORA_TYPES
                          ) -> int:
-    """LoRA rank whose adapters on ``targets`` hold about ``budget`` parameters.
+    """LoRA rank whose adapters on the linears of ``types`` hold about ``budget`` parameters.
 
     A rank-``r`` adapter on an ``in x out`` linear has ``r (in + out)`` parameters.
     """
-    width = sum(m.in_features + m.out_features for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets))
+    width = sum(sum(linear_matrix(model.get_submodule(n)).shape)
+                for n in lora_targets(model, types))
     if width == 0:
-        raise ValueError(f"no nn.Linear in the model matches the LoRA targets {targets}")
+        raise ValueError(f"no linear layer in the model has a LoRA type {sorted(types)}")
     return max(1, round(budget / width))
 
 
@@ -148,10 +153,10 @@ def _apply_lora(model: nn.Module, rank: int | None, alpha: int | None) -> dict[s
         raise ValueError(f"strategy 'lora' needs a rank >= 1, got {rank!r}")
     from peft import LoraConfig, get_peft_model
 
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    targets = sorted({t for t in LORA_TARGETS for n in names if n.endswith(t)})
+    names = [n for n, m in model.named_modules() if is_linear(m)]
     heads = sorted({part for n in names for part in n.split(".") if part in HEAD_NAMES})
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets,
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
+                        target_modules=lora_targets(model),
                         modules_to_save=heads or None)
     wrapped = get_peft_model(model, config)
     trainable = count_parameters(p for p in wrapped.parameters() if p.requires_grad)

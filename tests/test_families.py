@@ -1,0 +1,152 @@
+"""Every architecture family of mpotn's matrix table, from random-weight configs: the
+presets find every attention and FFN matrix, full-rank compression keeps the outputs
+and greedy generation, and a save loads back exactly."""
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+from mpotn import compress, load
+from mpotn.compression.architectures import ARCHITECTURES, is_linear, matrix_type
+
+SMALL = {"vocab_size": 97}
+ENCODER = {**SMALL, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 48}
+DECODER = {**ENCODER, "num_key_value_heads": 1}
+BERT_TYPES = {"query", "key", "value", "attn_out", "ffn_in", "ffn_out"}
+LLAMA_TYPES = BERT_TYPES | {"ffn_gate"}
+FUSED_TYPES = {"qkv", "attn_out", "ffn_in", "ffn_out"}
+
+#: ``model_type: (model class, config, attention and FFN types per layer)``
+FAMILIES = {
+    "bert": (tf.BertModel, tf.BertConfig(**ENCODER), BERT_TYPES),
+    "roberta": (tf.RobertaModel, tf.RobertaConfig(**ENCODER), BERT_TYPES),
+    "electra": (tf.ElectraModel, tf.ElectraConfig(**ENCODER, embedding_size=16), BERT_TYPES),
+    "albert": (tf.AlbertModel, tf.AlbertConfig(**ENCODER, embedding_size=16), BERT_TYPES),
+    "distilbert": (tf.DistilBertModel, tf.DistilBertConfig(
+        vocab_size=97, dim=32, n_layers=2, n_heads=2, hidden_dim=48), BERT_TYPES),
+    "mobilebert": (tf.MobileBertModel, tf.MobileBertConfig(
+        **ENCODER, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16),
+        BERT_TYPES),
+    "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2),
+             FUSED_TYPES),
+    "gptj": (tf.GPTJForCausalLM, tf.GPTJConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=2,
+                                               rotary_dim=8), BERT_TYPES),
+    "gpt_neox": (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**ENCODER), FUSED_TYPES),
+    "llama": (tf.LlamaForCausalLM, tf.LlamaConfig(**DECODER), LLAMA_TYPES),
+    "mistral": (tf.MistralForCausalLM, tf.MistralConfig(**DECODER), LLAMA_TYPES),
+    "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config(**DECODER), LLAMA_TYPES),
+    "gemma": (tf.GemmaForCausalLM, tf.GemmaConfig(**DECODER, head_dim=16), LLAMA_TYPES),
+    "phi": (tf.PhiForCausalLM, tf.PhiConfig(**ENCODER), BERT_TYPES),
+    "t5": (tf.T5ForConditionalGeneration, tf.T5Config(
+        vocab_size=97, d_model=32, num_layers=2, num_heads=2, d_ff=48, d_kv=16,
+        decoder_start_token_id=0), BERT_TYPES),
+}
+#: Linear layers inside the layer stack that are neither attention nor FFN.
+OTHER_TYPES = {"bottleneck_in", "bottleneck_out"}
+#: Linear layers outside the layer stack.
+OUTSIDE = {"pooler", "emb_proj", "lm_head"}
+
+
+def _build(model_type: str) -> nn.Module:
+    cls, config, _ = FAMILIES[model_type]
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+def _outputs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, decoder_input_ids=ids).logits
+        out = model(input_ids=ids)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _greedy(model: nn.Module, ids: torch.Tensor) -> list[int] | None:
+    if not model.can_generate():
+        return None
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              eos_token_id=None).tolist()
+
+
+def test_the_family_table_covers_every_model_type_tested_here():
+    covered = {t for types in ARCHITECTURES.values() for t in types}
+    assert set(FAMILIES) <= covered
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_presets_find_every_attention_and_ffn_matrix(model_type):
+    model = _build(model_type)
+    expected = FAMILIES[model_type][2]
+    layered = {name: matrix_type(name) for name, m in model.named_modules()
+               if is_linear(m) and matrix_type(name) not in OUTSIDE}
+    assert set(layered.values()) - OTHER_TYPES == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tied embeddings are reported, not compressed
+        compressed = compress(model, targets=["attention", "ffn"], n=3, progress=False)
+    names = {r["name"] for r in compressed.report()}
+    assert names == {n for n, t in layered.items() if t in expected}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_full_rank_compression_keeps_outputs_generation_and_saves(model_type, tmp_path):
+    model = _build(model_type)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    before, greedy = _outputs(model, ids), _greedy(model, ids[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = compress(model, targets=["attention", "ffn", "embeddings"], n=3,
+                              progress=False)
+    after = _outputs(compressed.base_model, ids)
+    torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-4)
+    assert _greedy(compressed.base_model, ids[:1]) == greedy
+    compressed.save_pretrained(tmp_path / "saved")
+    loaded = load(tmp_path / "saved")
+    assert type(loaded.base_model) is type(model)
+    torch.testing.assert_close(_outputs(loaded.base_model, ids), after, atol=0, rtol=0)
+
+
+def test_gpt2_conv1d_layers_become_mpo_layers_in_the_right_orientation():
+    model = _build("gpt2")
+    conv = model.transformer.h[0].mlp.c_fc  # Conv1D, weight 32 x 128 (in x out)
+    weight = conv.weight.detach().clone()
+    compressed = compress(model, targets=["h.0.mlp.c_fc"], n=3, progress=False)
+    layer = compressed.base_model.transformer.h[0].mlp.c_fc
+    assert (layer.in_features, layer.out_features) == (32, 128)
+    torch.testing.assert_close(layer.weight, weight.T, atol=1e-6, rtol=0)
+    assert compressed.report()[0]["shape"] == "32x128"
+
+
+def test_an_unknown_architecture_lists_its_matrices_with_their_types():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Linear(8, 8)
+            self.spread = nn.Linear(8, 16)
+
+    model = nn.Sequential(Block())
+    with pytest.raises(ValueError, match=r"match no nn\.Linear, Conv1D or nn\.Embedding module\. "
+                                         r"The presets \['attention', 'ffn'\] read matrix types "
+                                         r"from module names, and architecture None is not in "
+                                         r"mpotn's table .* \(2, with their types\): 0\.mix "
+                                         r"\(mix\), 0\.spread \(spread\)"):
+        compress(model, targets=["attention", "ffn"], progress=False)
+
+
+@pytest.mark.parametrize(("model_type", "adapted"), [
+    ("gpt2", {"c_attn", "c_proj", "c_fc"}),
+    ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+])
+def test_lora_adapts_the_attention_and_ffn_linears_of_each_family(model_type, adapted):
+    from mpotn.finetune.strategies import apply_strategy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT notes Conv1D's fan_in_fan_out
+        wrapped = apply_strategy(_build(model_type), "lora", lora_rank=2)["model"]
+    lora = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters()
+            if ".lora_A." in n}
+    assert lora == adapted
