@@ -161,6 +161,13 @@ def _add_training(parser: argparse.ArgumentParser, epochs: float, default_out: s
                        help="write OUT/model/ even if it holds files mpotn did not write (they "
                             "are kept; without this flag that is an error)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_device(train, "mpotn.finetune.training:TrainingConfig")
+
+
+def add_device(group: argparse._ActionsContainer, config: str) -> None:
+    """Add ``--device`` to ``group``: the ``device`` field of ``config`` (``"module:Class"``),
+    as a [ConfigOption][mpotn.cli.common.ConfigOption] (its help is the field's)."""
+    add_config_options(group, config, {"device": ("--device", {"metavar": "DEVICE"})})
 
 
 def check_out(out: str | os.PathLike) -> None:
@@ -223,7 +230,8 @@ def training_config(args: argparse.Namespace, strategy: str, **extra: object) ->
         strategy=strategy, lr=args.lr, central_lr=args.central_lr,
         auxiliary_lr=args.auxiliary_lr, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        train_limit=args.train_limit, eval_limit=args.eval_limit, **extra,
+        train_limit=args.train_limit, eval_limit=args.eval_limit,
+        device=getattr(args, "device", None), **extra,
     )
 
 

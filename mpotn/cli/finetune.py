@@ -7,6 +7,10 @@ import argparse
 from mpotn.cli import common
 from mpotn.types import DEFAULT_TARGETS, STRATEGIES
 
+#: Default of ``--save-steps`` (``mpotn.finetune.training.SAVE_STEPS``, which the parser does
+#: not import: building it imports nothing heavier than argparse).
+SAVE_STEPS = 500
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``mpotn finetune`` to ``subparsers``."""
@@ -17,8 +21,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Fine-tune MODEL on a task with the transformers Trainer. lfa and central "
             "first decompose the word embedding, attention and FFN matrices into MPOs "
             "(full rank unless --ratio / --max-bond) and train the auxiliary (lfa) or "
-            "central tensors only. Writes metrics.json (metric, trainable and total "
-            "parameters, wall time), history.csv/json, history.png and model/ to --out."
+            "central tensors only, on --device (default: CUDA when present). Trainer "
+            "checkpoints go to OUT/checkpoints (every --save-steps steps and at the end, the "
+            "last two kept); --resume continues a stopped run. Writes metrics.json (metric, "
+            "trainable and total parameters, wall time), history.csv/json, history.png and "
+            "model/ to --out."
         ),
     )
     common._add_model_and_task(finetune)
@@ -41,6 +48,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cut.add_argument("--max-bond", type=common._positive_int, default=None,
                      help="compress the MPO matrices to this bond first (default: full rank)")
     common._add_training(finetune, epochs=3.0, default_out="mpotn-finetune")
+    checkpoints = finetune.add_argument_group("checkpoints")
+    checkpoints.add_argument("--save-steps", type=common._positive_int, default=None,
+                             metavar="N",
+                             help=f"optimizer steps between checkpoints in OUT/checkpoints "
+                                  f"(default: {SAVE_STEPS})")
+    checkpoints.add_argument("--resume", action="store_true",
+                             help="continue the run checkpointed in --out from its latest "
+                                  "checkpoint (same model, task and settings; --device may "
+                                  "change)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -48,9 +64,19 @@ def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mpotn.atomic import check_writable
-    from mpotn.finetune.training import finetune, prepare_model, write_run
+    from mpotn.finetune.training import (
+        SAVE_STEPS,
+        check_device,
+        finetune,
+        is_main_process,
+        prepare_model,
+        resume_checkpoint,
+        write_run,
+    )
 
     common.check_out(args.out)
+    check_device(args.device)
+    resume_checkpoint(args.out, args.resume)  # nothing to resume, or a run already there
     check_writable(Path(args.out) / "model", args.overwrite)
     data = common.load_task(args)
     config = common.training_config(args, args.strategy, k=args.k, lora_rank=args.lora_rank)
@@ -60,7 +86,10 @@ def run(args: argparse.Namespace) -> None:
                                      compression=compression,
                                      compress_model=args.compress or None,
                                      progress=not args.no_progress)
-    result = finetune(model, tokenizer, data, config, progress=not args.no_progress)
+    result = finetune(model, tokenizer, data, config, progress=not args.no_progress,
+                      out=args.out, resume=args.resume, save_steps=args.save_steps or SAVE_STEPS)
+    if not is_main_process():
+        return  # the main process of a distributed launch writes and reports the run
     paths = write_run(result, tokenizer, args.out, f"fine-tuning ({args.strategy})",
                       overwrite=args.overwrite)
     common._print_record(result.record, f"{data.spec.name}, strategy {args.strategy}:")

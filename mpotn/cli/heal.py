@@ -28,6 +28,7 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "save_steps": ("--save-steps", {"type": int}),
     "logging_steps": ("--logging-steps", {"type": int}),
     "seed": ("--seed", {"type": int}),
+    "device": ("--device", {"metavar": "DEVICE"}),
 }
 
 
@@ -43,10 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "squared error per layer, normalised by the teacher's mean square and averaged "
             "over layers (plus --logits-weight times the logits' MSE). Trains the auxiliary "
             "tensors (with biases and norms) or all parameters with the transformers "
-            "Trainer, on CUDA when present. Checkpoints go to OUT/checkpoints; --resume "
-            "continues a stopped run. Writes OUT/model/, OUT/metrics.json (hidden-state "
-            "error before and after on held-out sentences, steps, seconds, trainable "
-            "parameters) and OUT/history.csv."
+            "Trainer, on --device (default: CUDA when present). Checkpoints go to "
+            "OUT/checkpoints; --resume continues a stopped run. Writes OUT/model/, "
+            "OUT/metrics.json (hidden-state error before and after on held-out sentences, "
+            "steps, seconds, trainable parameters) and OUT/history.csv."
         ),
     )
     heal.add_argument("model", help="the compressed model: a folder saved by mpotn")
@@ -84,17 +85,19 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression.models import load_model, load_tokenizer
     from mpotn.data.texts import texts
     from mpotn.finetune.heal import HealConfig, heal, write_heal
+    from mpotn.finetune.training import check_device, is_main_process
 
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     common.check_out(args.out)
+    config = HealConfig(**common.config_settings(args, OPTIONS))
+    check_device(config.device)
     check_writable(Path(args.out) / "model", args.overwrite)
     if not is_saved_model(args.model):
         raise ValueError(f"{args.model} is not a model saved by mpotn (compress it first with "
                          "mpotn compress)")
-    config = HealConfig(**common.config_settings(args, OPTIONS))
     student = load(args.model)
     teacher = load_model(args.teacher)
     own = (Path(args.model) / "tokenizer_config.json").is_file()
@@ -103,6 +106,8 @@ def run(args: argparse.Namespace) -> None:
                       seed=config.seed)
     result = heal(student, teacher, tokenizer, sentences, config, out=args.out,
                   resume=args.resume, progress=not args.no_progress)
+    if not is_main_process():
+        return  # the main process of a distributed launch writes and reports the run
     paths = write_heal(result, tokenizer, args.out, overwrite=args.overwrite)
     print(f"\nhealed {args.model} ({result.config.train}: {result.trainable_params:,} of "
           f"{result.total_params:,} parameters) for {result.steps} steps on "

@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "--delta, at --target-ratio, or after --step-limit steps. MODEL is the model/ "
             "folder of `mpotn finetune --strategy lfa`, or a pre-trained model, which is then "
             "decomposed at full rank and LFA-fine-tuned for --init-epochs first. Every "
-            "step is checkpointed; --resume continues a stopped run. Writes metrics.json, "
+            "step is checkpointed; --resume continues a stopped run (on the --device given "
+            "now). Fine-tunes on --device (default: CUDA when present). Writes metrics.json, "
             "history.csv/json, history.png and model/ to --out."
         ),
     )
@@ -71,9 +72,10 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_tokenizer
     from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
-    from mpotn.finetune.training import finetune, prepare_model
+    from mpotn.finetune.training import check_device, finetune, is_main_process, prepare_model
 
     common.check_out(args.out)
+    check_device(args.device)
     check_writable(Path(args.out) / "model", args.overwrite)
     data = common.load_task(args)
     settings = common.config_settings(args, OPTIONS)
@@ -100,18 +102,24 @@ def run(args: argparse.Namespace) -> None:
             init = dataclasses.replace(training, epochs=args.init_epochs, max_steps=-1)
             finetune(squeezer.model, squeezer.tokenizer, data, init,
                      progress=not args.no_progress)
-        squeezer.tokenizer.save_pretrained(str(squeezer.checkpoints / "tokenizer"))
+        if is_main_process():
+            squeezer.tokenizer.save_pretrained(str(squeezer.checkpoints / "tokenizer"))
     result = squeezer.run(resume=args.resume)
-    common._print_record(result.record, f"squeezing: stopped by {result.record['stop_reason']}")
-    print(result.history.select({k: k for k in (
-        "step", "matrix", "dim", "new_dim", "estimated_error", "params_over_original",
-        "loss", data.spec.metrics[0])}).to_markdown())
-    if args.direct:
+    main = is_main_process()  # in a distributed launch, the main process writes and reports
+    if main:
+        common._print_record(result.record,
+                             f"squeezing: stopped by {result.record['stop_reason']}")
+        print(result.history.select({k: k for k in (
+            "step", "matrix", "dim", "new_dim", "estimated_error", "params_over_original",
+            "loss", data.spec.metrics[0])}).to_markdown())
+    if args.direct:  # every process trains
         start = load(squeezer.checkpoints / "step-0000")
         direct = direct_truncation(start, squeezer.tokenizer, data, result.record["bond_dims"],
                                    squeezer.training, result.record["fine_tuning_steps"],
                                    progress=not args.no_progress)
-        write_text(Path(args.out) / "direct" / "metrics.json", json.dumps(direct, indent=2))
-        common._print_record(direct, "direct truncation to the same bonds:")
-    print(f"\nwrote {args.out}/metrics.json, history.csv, history.json, cuts.csv, "
-          "history.png, model/")
+        if main:
+            write_text(Path(args.out) / "direct" / "metrics.json", json.dumps(direct, indent=2))
+            common._print_record(direct, "direct truncation to the same bonds:")
+    if main:
+        print(f"\nwrote {args.out}/metrics.json, history.csv, history.json, cuts.csv, "
+              "history.png, model/")

@@ -19,7 +19,8 @@ the (masked) mean squared error of the logits. [heal][mpotn.finetune.heal.heal] 
 the LFA parameter set (``train="auxiliary"``:
 [lfa_parameters][mpotn.compression.parameters.lfa_parameters], i.e. the auxiliary
 tensors, biases and norms) or every parameter (``train="all"``) with the
-transformers ``Trainer``, which picks the device (CUDA when present).
+transformers ``Trainer``, on ``config.device`` (default: the Trainer's choice, CUDA when
+present; see [trainer_arguments][mpotn.finetune.training.trainer_arguments]).
 Checkpoints go to ``out / "checkpoints"``; ``resume=True`` continues a stopped
 run, and ends with the weights an uninterrupted run would have.
 
@@ -54,7 +55,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -63,7 +64,16 @@ from mpotn.atomic import write_text
 from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.parameters import count_parameters, lfa_parameters
-from mpotn.finetune.training import FieldHelp, _trainable_model, save_model
+from mpotn.finetune.training import (
+    DEVICE_HELP,
+    FieldHelp,
+    _trainable_model,
+    check_device,
+    is_main_process,
+    parse_device,
+    save_model,
+    trainer_arguments,
+)
 from mpotn.table import Table
 from mpotn.types import HEAL_TRAIN, HealTrain
 
@@ -115,6 +125,10 @@ class HealConfig(FieldHelp):
     logging_steps: int = field(default=10, metadata={"help": "steps between logged losses"})
     seed: int = field(default=0, metadata={
         "help": "seeds the held-out split, the data order and dropout"})
+    device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
+
+    #: Fields that say where a run goes, not what it computes: a resume keeps the given ones.
+    PLACEMENT: ClassVar[frozenset[str]] = frozenset({"device"})
 
     def __post_init__(self) -> None:
         if self.train not in HEAL_TRAIN:
@@ -128,6 +142,7 @@ class HealConfig(FieldHelp):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.logits_weight < 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("logits_weight must be >= 0 and warmup_ratio in [0, 1)")
+        parse_device(self.device)
 
     @property
     def lr(self) -> float:
@@ -347,14 +362,12 @@ def _texts_digest(texts: Sequence[str]) -> str:
 
 
 def _heal_arguments(config: HealConfig, output_dir: Path, progress: bool, save: bool) -> Any:
-    """``TrainingArguments`` of a healing run; the Trainer picks the device (CUDA when present).
-
-    [mpotn.finetune.training.training_arguments][] forces the CPU and
-    saves nothing, so healing builds its own.
+    """``TrainingArguments`` of a healing run, on ``config.device``
+    ([trainer_arguments][mpotn.finetune.training.trainer_arguments]: ``None`` lets the
+    Trainer use CUDA when present), saving a checkpoint every ``save_steps`` with ``save``.
     """
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
+    return trainer_arguments(
+        config.device,
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         max_steps=config.steps,
@@ -373,7 +386,6 @@ def _heal_arguments(config: HealConfig, output_dir: Path, progress: bool, save: 
         data_seed=config.seed,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
     )
 
@@ -452,7 +464,8 @@ def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealCo
     if saved["texts_sha256"] != digest:
         raise ValueError(f"the texts differ from those of the run checkpointed in {checkpoints}; "
                          "resume with the same texts (source, samples and seed)")
-    saved_config = HealConfig(**saved["config"])
+    given = {k: getattr(config, k) for k in HealConfig.PLACEMENT}
+    saved_config = HealConfig(**{**saved["config"], **given})  # earlier runs lack device
     if saved_config != config:
         changed = sorted(k for k, v in saved_config.to_dict().items()
                          if config.to_dict()[k] != v)
@@ -495,9 +508,11 @@ def heal(
         ``config.save_steps`` steps and at the end); ``None`` keeps none.
     resume:
         Continue the run checkpointed in ``out`` (its configuration replaces
-        ``config``; the texts must be the same). The resumed run ends with the
-        weights of an uninterrupted one. Pass the student as it was before
-        healing: its weights are read from the checkpoint.
+        ``config``, but for ``config.device``; the texts must be the same). The resumed
+        run ends with the weights of an uninterrupted one. Pass the student as it was
+        before healing: its weights are read from the checkpoint (safetensors; the
+        optimizer, scheduler and random states are torch files the run wrote, read with
+        ``torch.load(weights_only=True)``).
     progress:
         Show the Trainer's progress bar and logs.
 
@@ -513,18 +528,21 @@ def heal(
         For fewer than 2 sentences, ``train="auxiliary"`` without MPO layers,
         models whose hidden states (or logits, with ``logits_weight > 0``)
         differ in number or shape, ``resume`` without a checkpoint or with
-        other texts, and a fresh run into an ``out`` that holds one.
+        other texts, a fresh run into an ``out`` that holds one, and a
+        ``config.device`` that is not here.
 
     Notes
     -----
     Only the trained set changes: every other parameter stays bit-identical.
     The student's ``requires_grad`` flags, its train/eval mode and its device
-    are restored afterwards.
+    are restored afterwards. Both models run on ``config.device`` (``None``: the
+    Trainer's choice, CUDA when present).
     """
     from transformers import DataCollatorWithPadding, PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     config = config or HealConfig()
+    check_device(config.device)
     trained = _trainable_model(student)
     checkpoints = Path(out) / "checkpoints" if out is not None else None
     digest = _texts_digest(texts)
@@ -566,7 +584,7 @@ def heal(
         )
         if not progress:
             trainer.remove_callback(PrinterCallback)
-        if checkpoints is not None and not resume:
+        if checkpoints is not None and not resume and is_main_process():
             write_text(checkpoints / STATE_NAME, json.dumps(
                 {"config": config.to_dict(), "texts_sha256": digest, "texts": len(texts)},
                 indent=2))

@@ -24,6 +24,12 @@ Every step is checkpointed (an mpotn save plus the squeezing state, published
 by an atomic rename of ``latest.json``), so a run killed at any moment resumes
 where it stopped, with the same data order and seeds as an uninterrupted run.
 
+Fine-tuning and evaluation run on the training config's ``device`` (default: the
+Trainer's choice, CUDA when present; see
+[trainer_arguments][mpotn.finetune.training.trainer_arguments]); cuts happen on the
+device the model is on. In a distributed launch (``accelerate launch``) every process
+takes the same steps and only the main one writes files.
+
 [direct_truncation][mpotn.finetune.squeeze.direct_truncation] is the paper's ``MPOP_dir`` ablation:
 cut every matrix straight to the squeezed model's bonds and fine-tune for the same
 total number of steps.
@@ -58,6 +64,7 @@ from mpotn.finetune.training import (
     TrainingConfig,
     evaluate_task,
     finetune,
+    is_main_process,
     lfa_budget,
     save_model,
     tokenize,
@@ -417,7 +424,13 @@ class Squeezer:
         return self.checkpoints / f"step-{step:04d}"
 
     def save_checkpoint(self) -> None:
-        """Save the model of this step, then publish it with the state (atomic rename)."""
+        """Save the model of this step, then publish it with the state (atomic rename).
+
+        Only the main process writes (see
+        [is_main_process][mpotn.finetune.training.is_main_process]).
+        """
+        if not is_main_process():
+            return
         self.model.save_pretrained(str(self._checkpoint_dir(self.state.step)))
         write_text(self.checkpoints / STATE_NAME, json.dumps({
             "checkpoint": self._checkpoint_dir(self.state.step).name,
@@ -433,12 +446,14 @@ class Squeezer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def resume(self) -> None:
-        """Continue from the latest checkpoint (its configs replace the given ones).
+        """Continue from the latest checkpoint (its configs replace the given ones, but for
+        the training config's ``device``: the run goes where it is told now).
 
         A ``latest.json`` written before the squeeze settings were renamed
         (``steps_per_cut``, ``max_cuts``) resumes too: old names are read as the new
-        ([SqueezeConfig.from_dict][mpotn.finetune.squeeze.SqueezeConfig.from_dict]), and
-        the training config's unused ``extra`` is dropped
+        ([SqueezeConfig.from_dict][mpotn.finetune.squeeze.SqueezeConfig.from_dict]), the
+        training config's unused ``extra`` is dropped and its ``device``, which earlier
+        versions did not save, is the given one
         ([TrainingConfig.from_dict][mpotn.finetune.training.TrainingConfig.from_dict]).
 
         Raises
@@ -486,8 +501,8 @@ class Squeezer:
         if not _CHECKPOINT.fullmatch(name) or not is_saved_model(checkpoint):
             raise ValueError(f"{path} names the checkpoint {name!r}, which is not a step-NNNN "
                              f"save in {self.checkpoints}; {damaged}")
-        self.config, self.training, self.state = (parts["config"], parts["training"],
-                                                  parts["state"])
+        training = dataclasses.replace(parts["training"], device=self.training.device)
+        self.config, self.training, self.state = parts["config"], training, parts["state"]
         self.model = load(checkpoint)
 
     def has_checkpoint(self) -> bool:
@@ -610,7 +625,8 @@ class Squeezer:
         return self.finish()
 
     def finish(self) -> SqueezeResult:
-        """The accepted model, and the output files of the run."""
+        """The accepted model, and the output files of the run (written by the main
+        process only)."""
         accepted = self.state.accepted
         model = self.model if accepted == self.state.step else load(
             self._checkpoint_dir(accepted))
@@ -629,15 +645,16 @@ class Squeezer:
                           for name, layer in model.mpo_layers().items()},
             **{k: v for k, v in final.items() if k not in ("matrix", "bond", "dim", "new_dim")},
         }
-        write_text(self.out / "metrics.json", json.dumps(record, indent=2))
-        write_text(self.out / "history.json", json.dumps(list(history), indent=2))
-        write_text(self.out / "history.csv", history.to_csv())
-        write_text(self.out / "cuts.csv", Table(self.state.cuts).to_csv())
-        metric = "loss" if self.config.monitor == "loss" else self.data.spec.metrics[0]
-        draw_history(history, "step", [metric, "params_over_original"],
-                     self.out / "history.png", "dimension squeezing (Algorithm 2)",
-                     marks=["matrix"] if len(history) <= 40 else [])
-        save_model(model, self.tokenizer, self.out / "model", self.overwrite)
+        if is_main_process():
+            write_text(self.out / "metrics.json", json.dumps(record, indent=2))
+            write_text(self.out / "history.json", json.dumps(list(history), indent=2))
+            write_text(self.out / "history.csv", history.to_csv())
+            write_text(self.out / "cuts.csv", Table(self.state.cuts).to_csv())
+            metric = "loss" if self.config.monitor == "loss" else self.data.spec.metrics[0]
+            draw_history(history, "step", [metric, "params_over_original"],
+                         self.out / "history.png", "dimension squeezing (Algorithm 2)",
+                         marks=["matrix"] if len(history) <= 40 else [])
+            save_model(model, self.tokenizer, self.out / "model", self.overwrite)
         return SqueezeResult(model, history, record)
 
 

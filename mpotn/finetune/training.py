@@ -11,6 +11,13 @@ task's metrics.
 pre-trained encoder with a new task head, decomposed into MPOs at full rank (or a budget)
 for ``lfa`` and ``central``.
 
+Devices: ``TrainingConfig.device`` (``--device``) is the user's choice; left at ``None``
+the Trainer picks CUDA when present (every visible GPU; one per process under
+``accelerate launch``), else the CPU. [trainer_arguments][mpotn.finetune.training.trainer_arguments]
+is the one place a device becomes ``TrainingArguments``: fine-tuning, evaluation,
+squeezing and healing all build theirs with it. Given ``out``, fine-tuning saves Trainer
+checkpoints in ``out / "checkpoints"`` and ``resume=True`` continues from the latest one.
+
 Examples
 --------
 >>> from torch import nn
@@ -26,6 +33,8 @@ Examples
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -55,14 +64,31 @@ from mpotn.shapes import full_bond_dims, plan_side
 from mpotn.table import Table
 from mpotn.types import DEFAULT_LR, DEFAULT_TARGETS, STRATEGIES
 
+#: Help of the ``device`` setting ([TrainingConfig][mpotn.finetune.training.TrainingConfig],
+#: [HealConfig][mpotn.finetune.heal.HealConfig]) and of ``--device``.
+DEVICE_HELP = ("where to train: cpu, cuda (every visible GPU) or cuda:N (one GPU); by "
+               "default CUDA when present, else the CPU, and under accelerate launch each "
+               "process's own GPU")
+
+#: Fine-tuning checkpoints are saved every this many optimizer steps (and at the end).
+SAVE_STEPS = 500
+
+#: File in ``out / "checkpoints"`` recording the fine-tuning run a resume must continue.
+FINETUNE_STATE = "finetune_state.json"
+#: The Trainer's state in each of its checkpoints (JSON: step, log history, ...).
+STATE_FILE = "trainer_state.json"
+
 
 class FieldHelp:
     """A dataclass whose fields carry their command-line help, as PEFT's configs do.
 
-    Each field has ``metadata={"help": ...}``; [help][mpotn.finetune.training.FieldHelp.help]
-    adds the field's default, so that a command's options take their defaults and help
-    texts from the config alone ([HealConfig][mpotn.finetune.heal.HealConfig],
-    [SqueezeConfig][mpotn.finetune.squeeze.SqueezeConfig]; see ``mpotn.cli.common.ConfigOption``).
+    A field that is an option has ``metadata={"help": ...}``;
+    [help][mpotn.finetune.training.FieldHelp.help] adds the field's default, so that a
+    command's options take their defaults and help texts from the config alone
+    ([HealConfig][mpotn.finetune.heal.HealConfig],
+    [SqueezeConfig][mpotn.finetune.squeeze.SqueezeConfig], and ``device`` of
+    [TrainingConfig][mpotn.finetune.training.TrainingConfig]; see
+    ``mpotn.cli.common.ConfigOption``).
     """
 
     @classmethod
@@ -82,7 +108,7 @@ class FieldHelp:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(FieldHelp):
     """How to fine-tune.
 
     Attributes
@@ -110,6 +136,12 @@ class TrainingConfig:
         Seeds the task head, the data order and dropout.
     train_limit, eval_limit:
         Use only the first examples of each split (``None``: all).
+    device:
+        Where to train and evaluate: ``"cpu"``, ``"cuda"`` (every visible GPU) or
+        ``"cuda:N"`` (that GPU only); ``None`` lets the Trainer choose (CUDA when present,
+        every visible GPU, else the CPU). Checked when the Trainer's arguments are built
+        ([check_device][mpotn.finetune.training.check_device]). Where a run goes, not what
+        it computes: a resumed squeeze or healing run keeps the device it is given.
     """
 
     strategy: str = "lfa"
@@ -127,6 +159,7 @@ class TrainingConfig:
     seed: int = 0
     train_limit: int | None = None
     eval_limit: int | None = None
+    device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
 
     #: Fields earlier versions saved that no longer exist (``extra`` was never read).
     REMOVED: ClassVar[frozenset[str]] = frozenset({"extra"})
@@ -144,6 +177,7 @@ class TrainingConfig:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (examples used) or None (all), got "
                                  f"{getattr(self, key)}")
+        parse_device(self.device)
 
     @property
     def learning_rate(self) -> float:
@@ -153,12 +187,9 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> TrainingConfig:
         """The config of ``settings`` (its ``to_dict()``), also as earlier versions saved
-        it: fields in ``REMOVED`` are dropped."""
+        it: fields in ``REMOVED`` are dropped, fields they did not have (``device``) take
+        their defaults."""
         return cls(**{k: v for k, v in settings.items() if k not in cls.REMOVED})
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serializable form."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -171,10 +202,12 @@ class FinetuneResult:
         The trained model (PEFT-wrapped for ``lora``; an
         [MPOModel][mpotn.compression.model.MPOModel] when the model was compressed).
     record:
-        Strategy, trainable / total / original parameters, steps, seconds,
-        training loss, evaluation loss and the task's metrics.
+        Strategy, trainable / total / original parameters, steps (of the whole run),
+        seconds and training loss (of the steps this call trained; ``train_loss`` is
+        ``None`` when a resume found the run at its last step), evaluation loss and the
+        task's metrics; a resumed run adds ``resumed_from``, its checkpoint.
     history:
-        The Trainer's log (step, loss, learning rate, ...).
+        The Trainer's log (step, loss, learning rate, ...), of the whole run.
     core_changes:
         For a model with MPO layers: how far training moved each matrix's
         central and auxiliary tensors ([mpotn.finetune.core_changes.core_changes][]).
@@ -276,15 +309,161 @@ def _metric_fn(data: TaskData) -> Any:
     return metrics
 
 
-def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, progress: bool,
-                       steps: int) -> Any:
-    """``transformers.TrainingArguments`` that save nothing by themselves.
+def parse_device(device: str | None) -> torch.device | None:
+    """The device ``device`` names (``None`` stays ``None``), without asking whether it is here.
 
-    The Trainer picks the device: CUDA when present (every visible GPU), else the CPU.
+    Raises
+    ------
+    ValueError
+        If ``device`` is not a device name, or names a device type mpotn does not train
+        on (anything but ``cpu`` and ``cuda``; left at ``None`` the Trainer also finds
+        MPS, XPU, ...).
+
+    Examples
+    --------
+    >>> parse_device("cuda:1"), parse_device(None)
+    (device(type='cuda', index=1), None)
+    >>> parse_device("gpu")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --device 'gpu' is not a device name; pass cpu, cuda or cuda:N, or omit ...
+    """
+    if device is None:
+        return None
+    if not isinstance(device, str):
+        raise ValueError(f"--device must be a device name (cpu, cuda or cuda:N), got "
+                         f"{device!r}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name; pass cpu, cuda or cuda:N, "
+                         "or omit --device (CUDA when present, else the CPU)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: mpotn trains on cpu, cuda or cuda:N; omit "
+                         f"--device to let the Trainer choose (it uses {parsed.type} when "
+                         "present and CUDA is not)")
+    return parsed
+
+
+def check_device(device: str | None) -> torch.device | None:
+    """[parse_device][mpotn.finetune.training.parse_device], then check the device is here.
+
+    Returns
+    -------
+    torch.device or None
+        The device, ``None`` for the Trainer's choice.
+
+    Raises
+    ------
+    ValueError
+        For a bad name; for ``cuda`` or ``cuda:N`` when no CUDA device is visible;
+        for ``cuda:N`` beyond the visible devices; for ``cuda:N`` in one process of a
+        distributed launch (``WORLD_SIZE`` > 1: each process uses its own GPU).
+
+    Examples
+    --------
+    >>> check_device("cpu")
+    device(type='cpu')
+    """
+    parsed = parse_device(device)
+    if parsed is None or parsed.type == "cpu":
+        return parsed
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible "
+                         "(torch.cuda.is_available() is False); omit --device or pass "
+                         "--device cpu")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"--device {device}: only {count} CUDA device(s) are visible "
+                         f"(cuda:0 to cuda:{count - 1}); pass one of them, or cuda for all")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if parsed.index is not None and world > 1:
+        raise ValueError(f"--device {device} pins one GPU, but this is one of {world} "
+                         "processes of a distributed launch (accelerate launch, torchrun), "
+                         "where each process uses the GPU of its LOCAL_RANK; pass --device "
+                         "cuda or omit --device")
+    return parsed
+
+
+@functools.cache
+def _pinned_arguments() -> type:
+    """``TrainingArguments`` on one GPU, ``cuda:pinned_gpu``, whatever else is visible.
+
+    The Trainer of a single process takes ``cuda:0`` and wraps the model in
+    ``DataParallel`` over every visible GPU; this class sets the current CUDA device to
+    ``pinned_gpu`` after the Trainer's own device setup and counts one GPU.
     """
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    @dataclass
+    class PinnedTrainingArguments(TrainingArguments):
+        pinned_gpu: int = 0
+
+        @functools.cached_property
+        def _setup_devices(self) -> torch.device:
+            TrainingArguments._setup_devices.func(self)
+            device = torch.device("cuda", self.pinned_gpu)
+            torch.cuda.set_device(device)
+            self._n_gpu = 1
+            return device
+
+    return PinnedTrainingArguments
+
+
+def trainer_arguments(device: str | None, **options: Any) -> Any:
+    """``transformers.TrainingArguments(**options)`` that run on ``device``.
+
+    Every Trainer of mpotn (fine-tuning, evaluation, squeezing, healing) gets its arguments
+    here, so that the device is chosen in one place:
+
+    - ``None``: the Trainer's choice, CUDA when present (``cuda:0``, and ``DataParallel``
+      over every visible GPU in a single process; under ``accelerate launch`` or
+      ``torchrun`` one GPU per process, with ``DistributedDataParallel``), else the CPU;
+    - ``"cpu"``: ``use_cpu=True``, even when a GPU is present;
+    - ``"cuda"``: as ``None``, but an error when no CUDA device is visible;
+    - ``"cuda:N"``: that GPU only.
+
+    Batches are copied to pinned memory only when they go to a GPU.
+
+    Raises
+    ------
+    ValueError
+        From [check_device][mpotn.finetune.training.check_device]: a bad device name, or a
+        CUDA device that is not visible.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as scratch:
+    ...     args = trainer_arguments("cpu", output_dir=scratch, report_to=[])
+    >>> args.use_cpu, str(args.device)
+    (True, 'cpu')
+    """
+    from transformers import TrainingArguments
+
+    parsed = check_device(device)
+    on_cpu = parsed is not None and parsed.type == "cpu"
+    options.setdefault("dataloader_pin_memory", torch.cuda.is_available() and not on_cpu)
+    if on_cpu:
+        return TrainingArguments(use_cpu=True, **options)
+    if parsed is not None and parsed.index is not None:
+        return _pinned_arguments()(pinned_gpu=parsed.index, **options)
+    return TrainingArguments(**options)
+
+
+def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, progress: bool,
+                       steps: int, save_steps: int | None = None) -> Any:
+    """``transformers.TrainingArguments`` of a fine-tuning (or evaluation) run.
+
+    The device is ``config.device`` ([trainer_arguments][mpotn.finetune.training.trainer_arguments]:
+    ``None`` lets the Trainer use CUDA when present, every visible GPU). With
+    ``save_steps`` the Trainer saves a checkpoint in ``output_dir`` every ``save_steps``
+    steps and at the end, keeping the last two; without it, it saves nothing.
+    """
+    saving = ({"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 2}
+              if save_steps is not None else {"save_strategy": "no"})
+    return trainer_arguments(
+        config.device,
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=max(64, config.batch_size),
@@ -295,13 +474,13 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, pr
         warmup_steps=warmup_steps(config, steps),
         lr_scheduler_type="linear",
         logging_steps=max(1, steps // 20),
-        save_strategy="no",
         eval_strategy="no",
         report_to=[],
         seed=config.seed,
         data_seed=config.seed,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
+        **saving,
     )
 
 
@@ -318,11 +497,38 @@ def warmup_steps(config: TrainingConfig, steps: int) -> int:
     return max(0, min(math.ceil(config.warmup_ratio * steps), steps - 1))
 
 
-def planned_steps(config: TrainingConfig, train_size: int) -> int:
-    """Optimizer steps of a run: ``max_steps``, or ``epochs`` over ``train_size`` examples."""
+def planned_steps(config: TrainingConfig, train_size: int, replicas: int = 1) -> int:
+    """Optimizer steps of a run: ``max_steps``, or ``epochs`` over ``train_size`` examples.
+
+    ``replicas`` is how many batches of ``batch_size`` one step takes: the processes of a
+    distributed launch, or the GPUs one process spreads its batch over (``DataParallel``).
+
+    Examples
+    --------
+    >>> config = TrainingConfig(epochs=2, batch_size=32)
+    >>> planned_steps(config, 100), planned_steps(config, 100, replicas=4)
+    (8, 2)
+    """
     if config.max_steps > 0:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * math.ceil(train_size / config.batch_size)))
+    per_epoch = math.ceil(train_size / (config.batch_size * replicas))
+    return max(1, math.ceil(config.epochs * per_epoch))
+
+
+def _task_trainer(model: nn.Module, args: Any, tokenizer: Any, **options: Any) -> Any:
+    """A ``Trainer`` of a task model, batches padded by ``DataCollatorWithPadding``.
+
+    A task model's loss is the mean over its own batch (transformers' sequence-classification
+    heads ignore ``num_items_in_batch``, though their ``forward`` takes ``**kwargs``), so the
+    Trainer must not scale it for averaging over devices: it would multiply the loss, and the
+    gradients, by the number of processes (``accelerate launch``) or GPUs (``DataParallel``).
+    """
+    from transformers import DataCollatorWithPadding, Trainer
+
+    trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
+                      **options)
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def evaluate_task(model: nn.Module, tokenizer: Any, data: TaskData, config: TrainingConfig,
@@ -332,23 +538,104 @@ def evaluate_task(model: nn.Module, tokenizer: Any, data: TaskData, config: Trai
     (How faithfully a compressed model keeps the original's outputs, without labels, is
     [mpotn.analysis.fidelity][] instead.)
     """
-    from transformers import DataCollatorWithPadding, Trainer
-
     if eval_set is None:
         _, eval_set = tokenize(data, tokenizer, config.max_length, 0, config.eval_limit)
     if eval_set is None or len(eval_set) == 0:
         raise ValueError("the task has no evaluation examples to score; give an evaluation "
                          "file with examples")
     with tempfile.TemporaryDirectory(prefix="mpotn-eval-") as scratch:
-        trainer = Trainer(
-            model=_trainable_model(model),
-            args=training_arguments(config, scratch, False, 1),
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=_metric_fn(data),
-        )
+        trainer = _task_trainer(_trainable_model(model), training_arguments(config, scratch,
+                                                                            False, 1),
+                                tokenizer, compute_metrics=_metric_fn(data))
         output = trainer.predict(eval_set)
     return {k.removeprefix("test_"): float(v) for k, v in output.metrics.items()
             if k in ("test_loss", *(f"test_{m}" for m in data.spec.metrics))}
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files: always, except in the processes of a
+    distributed launch (``accelerate launch``, ``torchrun``) other than rank 0."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def resume_checkpoint(out: str | os.PathLike | None, resume: bool) -> str | None:
+    """The Trainer checkpoint a fine-tuning run into ``out`` continues from.
+
+    Returns
+    -------
+    str or None
+        With ``resume``, the latest ``checkpoint-N`` folder in ``out / "checkpoints"``;
+        otherwise ``None`` (a fresh run).
+
+    Raises
+    ------
+    ValueError
+        With ``resume``: when ``out`` is ``None`` or holds no fine-tuning checkpoint.
+        Without it: when ``out / "checkpoints"`` already holds a Trainer checkpoint (mpotn
+        never writes over a run; pass ``resume`` or choose another folder).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if out is None:
+        if resume:
+            raise ValueError("resume needs out, the folder of the run to continue (--out)")
+        return None
+    checkpoints = Path(out) / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if resume and (last is None or not (checkpoints / FINETUNE_STATE).is_file()):
+        raise ValueError(f"nothing to resume: {checkpoints} holds no fine-tuning checkpoint "
+                         "(a checkpoint-N folder and " + FINETUNE_STATE + "); run without "
+                         "--resume")
+    if not resume and last is not None:
+        raise ValueError(f"{out} already holds checkpoints of a run ({last}); pass --resume "
+                         "(resume=True) to continue it, or choose another --out")
+    return last
+
+
+def _checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The optimizer step a Trainer checkpoint was saved at (its ``trainer_state.json``)."""
+    return int(json.loads((Path(checkpoint) / STATE_FILE).read_text())["global_step"])
+
+
+def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
+                   replicas: int) -> dict[str, Any]:
+    """What a resumed fine-tuning run must share with the checkpointed one: the settings
+    that change training (all but ``device`` and ``eval_limit``), the trained model's
+    parameters (names, shapes, trained or frozen), the tokenized training set and the
+    number of batches one step takes (processes or GPUs)."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "eval_limit")}
+    params = hashlib.sha256()
+    for name, param in trained.named_parameters():
+        params.update(f"{name}:{tuple(param.shape)}:{param.requires_grad};".encode())
+    examples = hashlib.sha256()
+    for ids in train_set["input_ids"]:
+        examples.update(np.asarray(ids, dtype=np.int64).tobytes() + b";")
+    examples.update(np.asarray(train_set["label"]).tobytes())
+    return {"config": settings, "parameters_sha256": params.hexdigest(),
+            "train_examples": len(train_set), "train_sha256": examples.hexdigest(),
+            "replicas": replicas}
+
+
+def _check_resumed_run(checkpoints: Path, signature: dict[str, Any]) -> None:
+    """Refuse to resume a run with other settings, another model or other data."""
+    saved = json.loads((checkpoints / FINETUNE_STATE).read_text())
+    before, now = saved.get("config", {}), signature["config"]
+    changed = [f"{k} ({before.get(k)!r} -> {now[k]!r})" for k in sorted(now)
+               if before.get(k) != now[k]]
+    reasons = [f"settings {', '.join(changed)}"] if changed else []
+    if saved.get("parameters_sha256") != signature["parameters_sha256"]:
+        reasons.append("the trained model (other targets, ratio, strategy or model)")
+    if (saved.get("train_examples"), saved.get("train_sha256")) != (
+            signature["train_examples"], signature["train_sha256"]):
+        reasons.append(f"the training examples ({saved.get('train_examples')} -> "
+                       f"{signature['train_examples']})")
+    if saved.get("replicas") != signature["replicas"]:
+        reasons.append(f"the processes or GPUs one step uses ({saved.get('replicas')} -> "
+                       f"{signature['replicas']})")
+    if reasons:
+        raise ValueError(f"the run checkpointed in {checkpoints} differs in "
+                         f"{'; '.join(reasons)}; resume with the same model, task and "
+                         "settings, or choose another --out")
 
 
 def finetune(
@@ -360,23 +647,54 @@ def finetune(
     progress: bool = True,
     evaluate_after: bool = True,
     tokenized: tuple[Any, Any] | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    save_steps: int = SAVE_STEPS,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data.train`` with ``config.strategy`` and evaluate it.
 
     The model is modified in place (``lora`` wraps it; use ``result.model``).
     ``tokenized`` passes the output of [tokenize][mpotn.finetune.training.tokenize] for repeated
-    runs.
+    runs. The device is ``config.device`` (``None``: CUDA when present, every visible GPU;
+    see [trainer_arguments][mpotn.finetune.training.trainer_arguments]); the trained model
+    stays there.
+
+    Parameters
+    ----------
+    out:
+        Folder of the run's Trainer checkpoints, ``out / "checkpoints"``: one every
+        ``save_steps`` optimizer steps and one at the end, the last two kept (with
+        ``finetune_state.json``, what a resume must match). ``None`` keeps none.
+    resume:
+        Continue the run checkpointed in ``out`` from its latest checkpoint: pass the
+        model as it was before that run (the same model, task and ``config``; only
+        ``device`` and ``eval_limit`` may change). Its weights, optimizer, scheduler and
+        random states are read from the checkpoint, so the run ends with the weights of an
+        uninterrupted one. Model weights are safetensors; the optimizer, scheduler and
+        random states are torch files this run wrote, read by the Trainer with
+        ``torch.load(weights_only=True)`` (tensors and plain containers, no code).
+    save_steps:
+        Optimizer steps between checkpoints (with ``out``).
 
     Raises
     ------
     ValueError
         For a strategy the model cannot take (``lfa`` without MPO layers, ...)
-        or a task without a training split.
+        or a task without a training split; for ``resume`` without a checkpoint in
+        ``out`` or with another model, task or settings; for a fresh run into an
+        ``out`` that holds checkpoints (pass ``resume`` or choose another folder);
+        for a device that is not here.
     """
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+    from transformers import PrinterCallback, TrainerState
+    from transformers.trainer_utils import TrainOutput
 
     if data.train is None:
         raise ValueError("the task has no training split to fine-tune on")
+    if save_steps < 1:
+        raise ValueError(f"save_steps must be >= 1, got {save_steps}")
+    check_device(config.device)
+    checkpoint = resume_checkpoint(out, resume)
+    checkpoints = Path(out) / "checkpoints" if out is not None else None
     trained = _trainable_model(model)
     lora_rank = config.lora_rank
     if config.strategy == "lora" and lora_rank is None:
@@ -389,22 +707,33 @@ def finetune(
                                                 config.train_limit, config.eval_limit)
     if len(train_set) == 0:
         raise ValueError("the task's training split has no examples to fine-tune on")
-    steps = planned_steps(config, len(train_set))
     optimizer = torch.optim.AdamW(optimizer_groups(
         trained, config.learning_rate, config.central_lr, config.auxiliary_lr,
         config.weight_decay))
     with tempfile.TemporaryDirectory(prefix="mpotn-train-") as scratch:
-        trainer = Trainer(
-            model=trained,
-            args=training_arguments(config, scratch, progress, steps),
-            train_dataset=train_set,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            optimizers=(optimizer, None),
-        )
+        output_dir, save = checkpoints or scratch, save_steps if checkpoints else None
+        args = training_arguments(config, output_dir, progress, 1, save)
+        replicas = args.world_size * max(1, args.n_gpu)  # batches per optimizer step
+        steps = planned_steps(config, len(train_set), replicas)
+        if checkpoints is not None:
+            signature = _run_signature(trained, config, train_set, replicas)
+            if resume:
+                _check_resumed_run(checkpoints, signature)
+            elif is_main_process():
+                write_text(checkpoints / FINETUNE_STATE, json.dumps(signature, indent=2))
+        trainer = _task_trainer(
+            trained, training_arguments(config, output_dir, progress, steps, save), tokenizer,
+            train_dataset=train_set, optimizers=(optimizer, None))
         if not progress:
             trainer.remove_callback(PrinterCallback)
         start = time.perf_counter()
-        output = trainer.train()
+        if checkpoint is not None and _checkpoint_step(checkpoint) >= steps:
+            # the run's last step: the Trainer would take one more, so load it here
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / STATE_FILE))
+            output = TrainOutput(trainer.state.global_step, math.nan, {})
+        else:
+            output = trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
     trained.eval()
     result_model = model if trained is _trainable_model(model) else trained
@@ -417,8 +746,11 @@ def finetune(
         "steps": int(output.global_step),
         "train_examples": len(train_set),
         "train_seconds": seconds,
-        "train_loss": float(output.training_loss),
+        "train_loss": (None if math.isnan(output.training_loss)
+                       else float(output.training_loss)),
     }
+    if checkpoint is not None:
+        record["resumed_from"] = Path(checkpoint).name
     if "rank" in selection:
         record["lora_rank"] = record.pop("rank")
     if data.label_names is not None:
