@@ -325,7 +325,8 @@ def test_load_a_bond_of_minus_one_is_a_clear_error(saved):
 def test_load_an_unknown_kind_is_a_clear_error(saved):
     edit(saved, lambda c: c["layers"]["encoder.layer.0.output.dense"].__setitem__("kind", "lora"))
     with pytest.raises(ValueError, match=r"has the unknown kind 'lora' \(mpotn writes linear, "
-                                         r"embedding, factorized-linear, factorized-embedding\)"):
+                                         r"embedding, tied-linear, factorized-linear, "
+                                         r"factorized-embedding\)"):
         load(saved)
 
 

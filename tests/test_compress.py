@@ -162,15 +162,23 @@ def test_unsupported_modules_are_skipped_with_a_warning_naming_them():
     assert list(compressed.mpo_layers()) == ["1"]
 
 
-def test_tied_weights_are_skipped_with_a_warning():
+def test_a_head_tied_to_an_embedding_follows_it_and_other_ties_are_skipped_with_a_warning():
     embedding = nn.Embedding(40, 8)
     head = nn.Linear(8, 40, bias=False)
     head.weight = embedding.weight
     model = nn.Sequential(embedding, head)
+    compressed = compress(model, targets=["embeddings", "all-linear"], n=2, progress=False)
+    assert [(r["name"], r["tied"]) for r in compressed.report()] == [("0", "1")]
+    ids = torch.tensor([[3, 7, 39]])
+    with torch.no_grad():
+        dense = embedding(ids) @ embedding.weight.T
+        torch.testing.assert_close(compressed(ids), dense, atol=1e-5, rtol=1e-5)
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
     with pytest.warns(UserWarning, match=r"skipping 0: its weight is tied to \['1'\]"), \
             pytest.warns(UserWarning, match=r"skipping 1: its weight is tied to \['0'\]"), \
             pytest.raises(ValueError, match="match no"):
-        compress(model, targets=["embeddings", "all-linear"], n=2, progress=False)
+        compress(nn.Sequential(first, second), targets=["all-linear"], n=2, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from torch import nn
 
 from mpotn import compress, load
 from mpotn.compression.architectures import ARCHITECTURES, is_linear, matrix_type
+from mpotn.layers import MPOEmbedding, TiedMPOLinear
 
 SMALL = {"vocab_size": 97}
 ENCODER = {**SMALL, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -47,6 +48,8 @@ FAMILIES = {
 }
 #: Linear layers inside the layer stack that are neither attention nor FFN.
 OTHER_TYPES = {"bottleneck_in", "bottleneck_out"}
+#: Families whose input embedding changes nn.Embedding's forward (a scale): not compressed.
+SCALED_EMBEDDINGS = {"gemma"}
 #: Linear layers outside the layer stack.
 OUTSIDE = {"pooler", "emb_proj", "lm_head"}
 
@@ -97,10 +100,23 @@ def test_full_rank_compression_keeps_outputs_generation_and_saves(model_type, tm
     model = _build(model_type)
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     before, greedy = _outputs(model, ids), _greedy(model, ids[:1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    scaled = model_type in SCALED_EMBEDDINGS
+    tied = (model.config.tie_word_embeddings and model.get_output_embeddings() is not None
+            and not scaled)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # tied embeddings are compressed, not skipped
         compressed = compress(model, targets=["attention", "ffn", "embeddings"], n=3,
                               progress=False)
+    base = compressed.base_model
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == scaled, messages
+    assert all("changes the forward pass of nn.Embedding" in m for m in messages)
+    assert sum(isinstance(m, nn.Embedding) for m in base.modules()) == scaled
+    assert isinstance(base.get_input_embeddings(), MPOEmbedding) != scaled
+    head = base.get_output_embeddings()
+    assert isinstance(head, TiedMPOLinear) == bool(tied)
+    if tied:
+        assert head.embedding is base.get_input_embeddings()
     after = _outputs(compressed.base_model, ids)
     torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-4)
     assert _greedy(compressed.base_model, ids[:1]) == greedy
@@ -108,6 +124,9 @@ def test_full_rank_compression_keeps_outputs_generation_and_saves(model_type, tm
     loaded = load(tmp_path / "saved")
     assert type(loaded.base_model) is type(model)
     torch.testing.assert_close(_outputs(loaded.base_model, ids), after, atol=0, rtol=0)
+    if tied:
+        again = loaded.base_model
+        assert again.get_output_embeddings().embedding is again.get_input_embeddings()
 
 
 def test_gpt2_conv1d_layers_become_mpo_layers_in_the_right_orientation():
@@ -150,3 +169,76 @@ def test_lora_adapts_the_attention_and_ffn_linears_of_each_family(model_type, ad
     lora = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters()
             if ".lora_A." in n}
     assert lora == adapted
+
+
+def _compress_quietly(model: nn.Module, **settings):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compressed = compress(model, n=3, progress=False, **settings)
+    return compressed, [str(w.message) for w in caught]
+
+
+def test_a_tied_head_reads_the_embedding_cores_through_training_and_counts_once():
+    model = _build("gpt2")
+    original = sum(p.numel() for p in model.parameters())  # wte counted once
+    compressed, messages = _compress_quietly(model, targets=["embeddings"])
+    assert messages == []
+    base = compressed.base_model
+    wte, head = base.transformer.wte, base.lm_head
+    assert compressed.report()[0]["tied"] == "lm_head"
+    assert compressed.totals()["compressed_matrices"] == 2  # wte and wpe; lm_head shares wte
+    cores = sum(c.numel() for c in wte.cores) + sum(c.numel() for c in base.transformer.wpe.cores)
+    assert compressed.totals()["total_params"] == original - 97 * 32 - 1024 * 32 + cores
+    base.train()
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.SGD(base.parameters(), lr=0.1)
+    base(input_ids=ids, labels=ids).loss.backward()
+    assert all(c.grad is not None for c in wte.cores)
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(head.weight, wte.weight, atol=0, rtol=0)
+        hidden = torch.randn(3, 32)
+        torch.testing.assert_close(head(hidden), hidden @ wte.weight.T, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tied_head_without_its_embedding_or_with_another_method_is_skipped_with_a_reason():
+    _, messages = _compress_quietly(_build("gpt2"), targets=["lm_head", "attention"])
+    assert messages == ["skipping lm_head: its weight is tied to the embedding transformer.wte; "
+                        "select transformer.wte (the 'embeddings' preset) to compress both, tied"]
+    compressed, messages = _compress_quietly(_build("gpt2"), targets=["wte", "attention"],
+                                             method="tucker")
+    assert messages == ["skipping transformer.wte: its weight is tied to ['lm_head'], which only "
+                        "method 'mpo' keeps tied; compress it with method 'mpo' or untie it"]
+    assert "transformer.wte" not in {r["name"] for r in compressed.report()}
+
+
+def test_t5_shares_one_embedding_layer_among_its_stacks_after_compress_and_load(tmp_path):
+    compressed, _ = _compress_quietly(_build("t5"), targets=["shared"])
+    assert compressed.report()[0]["tied"] == "encoder.embed_tokens,decoder.embed_tokens,lm_head"
+    compressed.save_pretrained(tmp_path)
+    for model in (compressed.base_model, load(tmp_path).base_model):
+        assert model.encoder.embed_tokens is model.shared is model.decoder.embed_tokens
+        assert model.lm_head.embedding is model.shared
+
+
+def test_a_save_whose_tied_head_names_no_embedding_is_refused(tmp_path):
+    import json
+
+    compressed, _ = _compress_quietly(_build("gpt2"), targets=["embeddings"])
+    compressed.save_pretrained(tmp_path)
+    path = tmp_path / "mpotn_config.json"
+    config = json.loads(path.read_text())
+    config["layers"]["lm_head"]["tied_to"] = "transformer.h"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"invalid tied_to='transformer\.h'"):
+        load(tmp_path)
+    config["layers"]["lm_head"]["tied_to"] = "transformer.wpe"  # an embedding of another shape
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="edited after it was saved"):
+        load(tmp_path)
+    head = TiedMPOLinear("transformer.wpe", 32, 97)
+    with pytest.raises(ValueError, match=r"needs an MPOEmbedding of 97 x 32 at 'transformer\.wpe', "
+                                         r"got MPOEmbedding of 1024 x 32"):
+        head.tie(compressed.base_model.transformer.wpe)
+    with pytest.raises(RuntimeError, match=r"not tied to its embedding 'transformer\.wpe' yet"):
+        head(torch.randn(1, 32))

@@ -20,6 +20,7 @@ is); import from the module with ``from mpotn.compression.compress import ...``.
 
 from mpotn.compression.compress import compress, plan
 from mpotn.compression.config import (
+    COMPRESSED_LAYERS,
     FACTORIZED_LAYERS,
     MPO_LAYERS,
     PRESET_TYPES,
@@ -28,6 +29,7 @@ from mpotn.compression.config import (
     CompressionConfig,
     replace_module,
     select_targets,
+    tied_modules,
 )
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import (
@@ -43,6 +45,7 @@ from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.compression.serialization import is_saved_model, read, save
 
 __all__ = [
+    "COMPRESSED_LAYERS",
     "FACTORIZED_LAYERS",
     "MPO_LAYERS",
     "PRESET_TYPES",
@@ -66,5 +69,6 @@ __all__ = [
     "replace_module",
     "save",
     "select_targets",
+    "tied_modules",
     "weight_matrices",
 ]

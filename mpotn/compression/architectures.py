@@ -171,6 +171,25 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def overrides_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is a subclass of ``nn.Linear`` / ``nn.Embedding`` that changes its
+    forward pass (Gemma's ``GemmaTextScaledWordEmbedding`` scales its output, a quantized
+    linear dequantizes): an MPO layer of its weight would not compute what it does.
+
+    Examples
+    --------
+    >>> class Scaled(nn.Embedding):
+    ...     def forward(self, ids):
+    ...         return 2 * super().forward(ids)
+    >>> overrides_forward(Scaled(4, 2)), overrides_forward(nn.Embedding(4, 2))
+    (True, False)
+    """
+    for base in (nn.Linear, nn.Embedding):
+        if isinstance(module, base):
+            return type(module).forward is not base.forward
+    return False
+
+
 def linear_matrix(module: nn.Module) -> torch.Tensor:
     """The weight of a linear layer in the paper's ``in x out`` orientation (a view)."""
     weight = module.weight.detach()

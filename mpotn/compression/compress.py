@@ -4,7 +4,10 @@
 [compress][mpotn.compression.compress.compress] the replacement; what to replace, and with which
 settings, is a [CompressionConfig][mpotn.compression.config.CompressionConfig] (targets by preset,
 suffix or regular expression, as PEFT chooses them). A module shared by
-several parents (ALBERT's layer group) is decomposed once and stays shared.
+several parents (ALBERT's layer group, T5's ``shared`` embedding) is decomposed
+once and stays shared; an output layer tied to a compressed embedding (GPT-2's
+``lm_head``) becomes a [TiedMPOLinear][mpotn.layers.mpo.TiedMPOLinear] that reads
+the embedding's cores.
 
 Examples
 --------
@@ -40,15 +43,21 @@ from mpotn.compression.architectures import (
 )
 from mpotn.compression.calibrate import calibrate
 from mpotn.compression.config import (
-    FACTORIZED_LAYERS,
-    MPO_LAYERS,
+    COMPRESSED_LAYERS,
     CompressionConfig,
     replace_module,
     select_targets,
+    tied_modules,
 )
 from mpotn.compression.model import MPOModel
 from mpotn.compression.parameters import count_parameters
-from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
+from mpotn.layers import (
+    FactorizedEmbedding,
+    FactorizedLinear,
+    MPOEmbedding,
+    MPOLinear,
+    TiedMPOLinear,
+)
 from mpotn.methods import decompose, svd_shapes
 from mpotn.mpo import MPO, _compute_dtype
 from mpotn.table import Table
@@ -63,15 +72,11 @@ def _as_linears(model: nn.Module, selected: list[tuple[str, nn.Module]]
                 ) -> list[tuple[str, nn.Module]]:
     """``selected`` with every ``Conv1D`` replaced, in ``model`` too, by the equal
     ``nn.Linear`` (a module shared by several parents stays shared)."""
-    converted: dict[int, nn.Module] = {}
     out = []
     for name, module in selected:
         if is_conv1d(module):
-            linear = converted.setdefault(id(module), as_linear(module))
-            for other, candidate in list(model.named_modules(remove_duplicate=False)):
-                if candidate is module:
-                    replace_module(model, other, linear)
-            module = linear
+            module = as_linear(module)
+            replace_module(model, name, module)
         out.append((name, module))
     return out
 
@@ -107,6 +112,7 @@ def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: di
         "central_entropy": float("nan"),
         "relative_bound": float("nan"),
         "relative_error": layer.network().relative_error_to(matrix),  # of the layer built
+        "tied": "",  # only MPO embeddings keep their output layers tied
     }
 
 
@@ -221,7 +227,7 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
 
 
 def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: nn.Module,
-            error: float) -> dict[str, Any]:
+            error: float, tied: list[str]) -> dict[str, Any]:
     matrix, full = target.matrix, candidate.full
     whitened = candidate.whitening is not None
     if target.covariance is None:
@@ -246,14 +252,14 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
         "relative_error": error if target.covariance is None else target.weight_error(mpo),
         "calibration": calibration,
         "output_error": error if target.covariance is not None else None,
+        "tied": ",".join(tied),
     }
 
 
 def _refuse_compressed(model: nn.Module) -> None:
     """Refuse a model that holds compressed layers: its parameter count is not the original's."""
     base = model.base_model if isinstance(model, MPOModel) else model
-    layers = [name for name, m in base.named_modules()
-              if isinstance(m, MPO_LAYERS + FACTORIZED_LAYERS)]
+    layers = [name for name, m in base.named_modules() if isinstance(m, COMPRESSED_LAYERS)]
     if isinstance(model, MPOModel) or layers:
         shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3
                                          else "")
@@ -343,8 +349,13 @@ def compress(
         build = MPOEmbedding.from_embedding if isinstance(t.module, nn.Embedding) else (
             MPOLinear.from_linear)
         layer = build(t.module, mpo=mpo, gauge=t.settings["gauge"])
+        tied = tied_modules(model, t.module) if isinstance(t.module, nn.Embedding) else []
         replace_module(model, t.name, layer)
-        records.append(_record(t, candidate, mpo, cut, layer, error))
+        for other_name, other in tied:  # tied embeddings share the layer, heads read it
+            replace_module(model, other_name, layer if isinstance(other, nn.Embedding) else
+                           TiedMPOLinear.from_linear(other, layer, t.name))
+        records.append(_record(t, candidate, mpo, cut, layer, error,
+                               tied=[name for name, _ in tied]))
     order = {name: k for k, (name, _) in enumerate(selected)}
     records.sort(key=lambda r: order[r["name"]])
     return MPOModel(model, config, records, original)

@@ -15,9 +15,14 @@ Targets are chosen the way PEFT chooses them:
   per-target settings (``n``, shapes, ``max_bond`` / ``tol`` / ``ratio`` /
   ``params`` / ``bond_dims``, ``allocation``, ``svd``).
 
-A module shared by several parents (ALBERT's layer group) is selected once. A
+A module shared by several parents (ALBERT's layer group, T5's ``shared``
+embedding that is also each stack's ``embed_tokens``) is selected once and
+replaced everywhere. An output layer whose weight is tied to an input embedding
+(GPT-2's and T5's ``lm_head``) follows the embedding: when the embedding is
+compressed with ``method="mpo"``, the head becomes a
+[TiedMPOLinear][mpotn.layers.mpo.TiedMPOLinear] that reads the same cores. A
 matched module that is not ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``, or
-whose weight is tied to another module, is skipped with a warning that names it.
+whose weight is tied some other way, is skipped with a warning that names it.
 """
 
 from __future__ import annotations
@@ -33,8 +38,19 @@ import torch
 from torch import nn
 
 from mpotn.calibration import DAMP
-from mpotn.compression.architectures import is_linear, known_architecture, matrix_type
-from mpotn.layers import FactorizedEmbedding, FactorizedLinear, MPOEmbedding, MPOLinear
+from mpotn.compression.architectures import (
+    is_linear,
+    known_architecture,
+    matrix_type,
+    overrides_forward,
+)
+from mpotn.layers import (
+    FactorizedEmbedding,
+    FactorizedLinear,
+    MPOEmbedding,
+    MPOLinear,
+    TiedMPOLinear,
+)
 from mpotn.methods import DECOMPOSITIONS
 from mpotn.truncation import POLICY_KEYS, TruncationPolicy
 from mpotn.types import BUDGETS, FITS, PRESETS, STRUCTURES
@@ -44,6 +60,8 @@ from mpotn.types import BUDGETS, FITS, PRESETS, STRUCTURES
 SUPPORTED = (nn.Linear, nn.Embedding)
 MPO_LAYERS = (MPOLinear, MPOEmbedding)
 FACTORIZED_LAYERS = (FactorizedLinear, FactorizedEmbedding)
+#: Every module [compress][mpotn.compression.compress.compress] puts in a model.
+COMPRESSED_LAYERS = (*MPO_LAYERS, *FACTORIZED_LAYERS, TiedMPOLinear)
 
 #: Matrix types (see [mpotn.compression.models.matrix_type][]) of the presets.
 PRESET_TYPES = {
@@ -187,8 +205,11 @@ class CompressionConfig:
 
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether mpotn can compress ``module``: ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``."""
-    return isinstance(module, nn.Embedding) or is_linear(module)
+    """Whether mpotn can compress ``module``: ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``,
+    not a subclass that changes their forward pass
+    ([overrides_forward][mpotn.compression.architectures.overrides_forward])."""
+    return (isinstance(module, nn.Embedding) or is_linear(module)) and not (
+        overrides_forward(module))
 
 
 def _check_spec(key: str, spec: Any) -> str | list[str] | None:
@@ -228,24 +249,66 @@ def _matches(spec: str | Sequence[str] | None, name: str, module: nn.Module) -> 
     return any(_matches_one(s, name, module) for s in spec)
 
 
-def _tied(model: nn.Module) -> dict[int, list[str]]:
-    owners: dict[int, list[str]] = {}
+def _weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``{id(weight): [(name, module), ...]}`` over the distinct modules of ``model``."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor):
-            owners.setdefault(id(weight), []).append(name)
+            owners.setdefault(id(weight), []).append((name, module))
     return owners
+
+
+def tied_modules(model: nn.Module, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The other ``nn.Linear`` / ``nn.Embedding`` modules of ``model`` whose weight is
+    ``module``'s, as ``(name, module)``: T5's ``encoder.embed_tokens`` and ``lm_head``
+    for ``shared``, GPT-2's ``lm_head`` for ``transformer.wte``."""
+    return [(name, other) for name, other in model.named_modules()
+            if isinstance(other, (nn.Linear, nn.Embedding)) and other is not module
+            and other.weight is module.weight]
+
+
+def _chosen(config: CompressionConfig, name: str, module: nn.Module) -> bool:
+    return (is_supported(module) and _matches(config.targets, name, module)
+            and not _matches(config.exclude, name, module))
+
+
+def _tie_problem(config: CompressionConfig, name: str, module: nn.Module,
+                 group: list[tuple[str, nn.Module]]) -> str | None:
+    """For ``module`` in ``group`` (the modules sharing its weight, in model order):
+    ``None`` when it is compressed (and the others follow it), ``""`` when it follows
+    another embedding of the group, a warning when it cannot be compressed."""
+    names = [o for o, m in group if m is not module]
+    plain = all(isinstance(m, (nn.Linear, nn.Embedding)) and not overrides_forward(m)
+                for _, m in group)
+    embeddings = [o for o, m in group if isinstance(m, nn.Embedding)]
+    if not plain or not embeddings:
+        return f"skipping {name}: its weight is tied to {names}; untie it to compress it"
+    chosen = [o for o, m in group if isinstance(m, nn.Embedding) and _chosen(config, o, m)]
+    if chosen and chosen[0] != name:
+        return ""
+    if not chosen:
+        return (f"skipping {name}: its weight is tied to the embedding {embeddings[0]}; "
+                f"select {embeddings[0]} (the 'embeddings' preset) to compress both, tied")
+    if config.settings_for(name, module)["method"] != "mpo":
+        return (f"skipping {name}: its weight is tied to {names}, which only method 'mpo' "
+                "keeps tied; compress it with method 'mpo' or untie it")
+    return None
 
 
 def select_targets(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs ``config`` selects, with warnings for skipped ones.
+
+    Of modules that share one weight (see
+    [tied_modules][mpotn.compression.config.tied_modules]), only the first selected
+    embedding is listed: the others follow it.
 
     Raises
     ------
     ValueError
         When nothing matches; the message lists candidate module names.
     """
-    owners = _tied(model)
+    owners = _weight_owners(model)  # shared weights, whatever module holds them
     selected = []
     for name, module in model.named_modules():  # shared modules come once
         if not name or not _matches(config.targets, name, module):
@@ -253,18 +316,25 @@ def select_targets(model: nn.Module, config: CompressionConfig) -> list[tuple[st
         if _matches(config.exclude, name, module):
             continue
         if not is_supported(module):
-            if isinstance(config.targets, str) or not module._modules:
+            kind = type(module).__name__
+            if overrides_forward(module):
                 warnings.warn(
-                    f"skipping {name}: {type(module).__name__} is not nn.Linear, Conv1D or "
-                    "nn.Embedding", stacklevel=3,
+                    f"skipping {name}: {kind} changes the forward pass of "
+                    f"nn.{'Embedding' if isinstance(module, nn.Embedding) else 'Linear'} "
+                    "(an MPO layer of its weight would "
+                    "drop what it adds, such as a scale); exclude it to silence this",
+                    stacklevel=3)
+            elif isinstance(config.targets, str) or not module._modules:
+                warnings.warn(
+                    f"skipping {name}: {kind} is not nn.Linear, Conv1D or nn.Embedding",
+                    stacklevel=3,
                 )
             continue
-        others = [o for o in owners[id(module.weight)] if o != name]
-        if others:
-            warnings.warn(
-                f"skipping {name}: its weight is tied to {others}; untie it to compress it",
-                stacklevel=3,
-            )
+        group = owners[id(module.weight)]
+        problem = _tie_problem(config, name, module, group) if len(group) > 1 else None
+        if problem is not None:
+            if problem:
+                warnings.warn(problem, stacklevel=3)
             continue
         selected.append((name, module))
     if not selected:
@@ -292,7 +362,22 @@ def _nothing_selected(model: nn.Module, config: CompressionConfig) -> str:
 
 
 def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
-    """Put ``layer`` in place of the submodule ``name`` of ``model``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, layer)
+    """Put ``layer`` in place of the submodule ``name`` of ``model``, and wherever else
+    ``model`` holds that same module (T5's ``shared`` is also each stack's
+    ``embed_tokens``), so that a shared module stays shared.
+
+    Examples
+    --------
+    >>> shared = nn.Linear(2, 2)
+    >>> model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared)})
+    >>> replace_module(model, "a", nn.Identity())
+    >>> type(model["b"][0]).__name__
+    'Identity'
+    """
+    old = model.get_submodule(name)
+    paths = [path for path, module in model.named_modules(remove_duplicate=False)
+             if module is old and path]
+    for path in paths or [name]:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)

@@ -8,9 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from mpotn.compression.config import FACTORIZED_LAYERS, MPO_LAYERS, CompressionConfig
+from mpotn.compression.config import COMPRESSED_LAYERS, MPO_LAYERS, CompressionConfig
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.compression.serialization import read, save
+from mpotn.layers import TiedMPOLinear
 from mpotn.table import Table
 
 
@@ -58,9 +59,9 @@ class MPOModel(nn.Module):
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MPO_LAYERS)}
 
     def compressed_layers(self) -> dict[str, nn.Module]:
-        """Every replaced module: MPO layers and layers of other methods."""
-        kinds = MPO_LAYERS + FACTORIZED_LAYERS
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, kinds)}
+        """Every replaced module: MPO layers, tied output layers and layers of other methods."""
+        return {n: m for n, m in self.base_model.named_modules()
+                if isinstance(m, COMPRESSED_LAYERS)}
 
     def report(self) -> Table:
         """Per matrix: name, shape, factorization, bonds, ratio, entropy, bound, error."""
@@ -83,7 +84,9 @@ class MPOModel(nn.Module):
           the new head included (``head=True``).
         * ``central_params`` / ``auxiliary_params``: summed over the MPO layers.
         * ``trainable_params``: parameters that require a gradient now.
-        * ``compressed_matrices``: replaced modules, MPO and factorized layers.
+        * ``compressed_matrices``: replaced modules, MPO and factorized layers (an
+          output layer tied to a compressed embedding shares its matrix and is not
+          counted again).
         """
         params = list(self.base_model.parameters())
         total = count_parameters(params)
@@ -98,7 +101,8 @@ class MPOModel(nn.Module):
             "central_params": sum(m.central_params for m in mpo),
             "auxiliary_params": sum(m.auxiliary_params for m in mpo),
             "trainable_params": count_parameters(p for p in params if p.requires_grad),
-            "compressed_matrices": len(self.compressed_layers()),
+            "compressed_matrices": sum(not isinstance(m, TiedMPOLinear)
+                                       for m in self.compressed_layers().values()),
         }
 
     def summary(self) -> str:

@@ -56,14 +56,16 @@ from torch import nn
 
 from mpotn.atomic import check_writable, publish, remove_stale_temps, temp_path, write_text
 from mpotn.compression.architectures import is_conv1d
-from mpotn.compression.config import CompressionConfig, replace_module
+from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
 from mpotn.layers import (
     LAYER_KINDS,
     FactorizedEmbedding,
     FactorizedLinear,
     MPOEmbedding,
     MPOLinear,
+    TiedMPOLinear,
     layer_from_spec,
+    tie_layers,
 )
 from mpotn.methods import DECOMPOSITIONS
 
@@ -206,9 +208,10 @@ def _counts(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(_is_count(v) for v in value)
 
 
-def _check_layer(name: str, spec: Any, path: Path) -> None:
+def _check_layer(name: str, spec: Any, path: Path, names: dict[str, Any]) -> None:
     """Check one entry of ``layers`` against its kind's fields
-    ([LAYER_KINDS][mpotn.layers.LAYER_KINDS]: the class's ``SPEC_FIELDS``) and types."""
+    ([LAYER_KINDS][mpotn.layers.LAYER_KINDS]: the class's ``SPEC_FIELDS``) and types; a tied
+    layer's ``tied_to`` must be one of the save's ``names``."""
     where = f"{path}: layer {name!r}"
     if not isinstance(spec, dict):
         raise ValueError(f"{where} is {type(spec).__name__}, not an object; {_FIX}")
@@ -222,6 +225,7 @@ def _check_layer(name: str, spec: Any, path: Path) -> None:
                          f"unknown {sorted(spec.keys() - fields)}; {_FIX}")
     wrong = [key for key, value in spec.items() if not (
         key == "kind"
+        or (key == "tied_to" and isinstance(value, str) and value in names)
         or (key in ("in_features", "out_features", "num_embeddings", "embedding_dim")
             and _is_count(value))
         or (key == "bias" and isinstance(value, bool))
@@ -234,7 +238,8 @@ def _check_layer(name: str, spec: Any, path: Path) -> None:
     if wrong:
         raise ValueError(f"{where} has invalid {', '.join(f'{k}={spec[k]!r}' for k in wrong)} "
                          f"(sizes are whole numbers >= 1, bias true or false, the method one of "
-                         f"{', '.join(DECOMPOSITIONS)}); {_FIX}")
+                         f"{', '.join(DECOMPOSITIONS)}, tied_to another layer of the save); "
+                         f"{_FIX}")
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -283,7 +288,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{path} has invalid {', '.join(f'{k}={config[k]!r:.80}' for k in wrong)}"
                          f" (dtype is one of {', '.join(DTYPES)}); {_FIX}")
     for name, spec in config["layers"].items():
-        _check_layer(name, spec, path)
+        _check_layer(name, spec, path, config["layers"])
     return config
 
 
@@ -323,7 +328,7 @@ def _base_model(spec: dict[str, Any] | None, model: nn.Module | None, path: Path
 
 def _matrix(module: nn.Module) -> tuple[str, int, int] | None:
     """``(kind, rows, cols)`` of a linear layer or embedding, as its constructor takes them."""
-    if isinstance(module, (nn.Linear, MPOLinear, FactorizedLinear)):
+    if isinstance(module, (nn.Linear, MPOLinear, TiedMPOLinear, FactorizedLinear)):
         return "linear", module.in_features, module.out_features
     if is_conv1d(module):  # weight in x out
         return "linear", *module.weight.shape
@@ -419,7 +424,17 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
         raise ValueError(f"{path}: 'compression' is invalid ({error}); {_FIX}") from error
     dtype = DTYPES[config["dtype"]][1]
     for name, spec in config["layers"].items():
-        replace_module(base, name, _layer(base, name, spec, dtype, path))
+        layer = _layer(base, name, spec, dtype, path)
+        tied = tied_modules(base, base.get_submodule(name)) if isinstance(
+            layer, MPOEmbedding) else []
+        replace_module(base, name, layer)
+        for other, _ in tied:  # compress shared the layer with the embeddings tied to it
+            if other not in config["layers"]:
+                replace_module(base, other, layer)
+    try:
+        tie_layers(base)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}; {_FIX}") from error
     _cast_like_file(base, weights)
     try:
         load_model(base, str(weights), strict=True)

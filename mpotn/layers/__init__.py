@@ -3,6 +3,8 @@
 [mpotn.layers.mpo][] holds [MPOLinear][mpotn.layers.mpo.MPOLinear] and
 [MPOEmbedding][mpotn.layers.mpo.MPOEmbedding] (the weight is an MPO; central and auxiliary tensors
 are parameter groups; a [TruncationPolicy][mpotn.truncation.TruncationPolicy] cuts them);
+[TiedMPOLinear][mpotn.layers.mpo.TiedMPOLinear] is an output layer whose weight is an
+``MPOEmbedding``'s table (a tied language-model head);
 [mpotn.layers.factorized][] holds [FactorizedLinear][mpotn.layers.factorized.FactorizedLinear] and
 [FactorizedEmbedding][mpotn.layers.factorized.FactorizedEmbedding] (the weight is any
 [FactorNetwork][mpotn.methods.base.FactorNetwork]).
@@ -31,11 +33,11 @@ import torch
 from torch import nn
 
 from mpotn.layers.factorized import FactorizedEmbedding, FactorizedLinear
-from mpotn.layers.mpo import MPOEmbedding, MPOLinear
+from mpotn.layers.mpo import MPOEmbedding, MPOLinear, TiedMPOLinear
 
 #: ``{kind: layer class}``: every layer kind a save may name, in the order errors list them.
 LAYER_KINDS: dict[str, type[nn.Module]] = {
-    layer.KIND: layer for layer in (MPOLinear, MPOEmbedding, FactorizedLinear,
+    layer.KIND: layer for layer in (MPOLinear, MPOEmbedding, TiedMPOLinear, FactorizedLinear,
                                     FactorizedEmbedding)
 }
 
@@ -54,11 +56,33 @@ def layer_from_spec(spec: dict[str, Any], dtype: torch.dtype | None = None) -> n
     return LAYER_KINDS[kind].from_spec(spec, dtype)
 
 
+def tie_layers(model: nn.Module) -> None:
+    """Link every [TiedMPOLinear][mpotn.layers.mpo.TiedMPOLinear] of ``model`` to the embedding
+    its ``tied_to`` names (after a load, or after its embedding was replaced).
+
+    Raises
+    ------
+    ValueError
+        If ``tied_to`` names no module of ``model``, or one that is not an
+        ``MPOEmbedding`` of the layer's shape.
+    """
+    for name, layer in model.named_modules():
+        if isinstance(layer, TiedMPOLinear):
+            try:
+                embedding = model.get_submodule(layer.tied_to)
+            except AttributeError:
+                raise ValueError(f"{name} is tied to {layer.tied_to!r}, which is not a module "
+                                 "of the model") from None
+            layer.tie(embedding)
+
+
 __all__ = [
     "LAYER_KINDS",
     "FactorizedEmbedding",
     "FactorizedLinear",
     "MPOEmbedding",
     "MPOLinear",
+    "TiedMPOLinear",
     "layer_from_spec",
+    "tie_layers",
 ]

@@ -461,3 +461,131 @@ class MPOEmbedding(_MPOWeight):
             f"{self.num_embeddings}, {self.embedding_dim}, row_shape={list(self.row.factors)}, "
             f"col_shape={list(self.col.factors)}, bond_dims={list(self.bond_dims)}"
         )
+
+
+class TiedMPOLinear(nn.Module):
+    """An output layer ``y = x E^T + b`` whose weight is the table ``E`` of an
+    [MPOEmbedding][mpotn.layers.mpo.MPOEmbedding]: a language model's head tied to its input
+    embedding (GPT-2's ``lm_head`` and ``wte``, T5's ``lm_head`` and ``shared``).
+
+    It owns no cores: it reads the embedding's, so compressing, fine-tuning or
+    squeezing the embedding changes both, as tying does in the dense model, and
+    the shared matrix is counted once. The embedding is referenced, not held as
+    a submodule (its parameters appear once in ``state_dict``); a save records
+    its module name (``tied_to``) and [tie_layers][mpotn.layers.tie_layers]
+    links the two again after loading.
+
+    Parameters
+    ----------
+    tied_to:
+        Module name of the embedding in the model.
+    in_features, out_features:
+        ``embedding_dim`` and ``num_embeddings`` of the embedding.
+    bias:
+        Whether to learn an additive bias (of ``out_features``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> table = nn.Embedding(40, 12)
+    >>> embedding = MPOEmbedding.from_embedding(table, n=2)
+    >>> head = TiedMPOLinear("wte", 12, 40, bias=False)
+    >>> head.tie(embedding)
+    >>> x = torch.randn(3, 12)
+    >>> with torch.no_grad():
+    ...     float((head(x) - x @ table.weight.T).abs().max()) < 1e-5
+    True
+    """
+
+    KIND = "tied-linear"
+    SPEC_FIELDS = frozenset({"kind", "tied_to", "in_features", "out_features", "bias"})
+
+    def __init__(self, tied_to: str, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None
+                 ) -> None:
+        super().__init__()
+        self.tied_to, self.in_features, self.out_features = tied_to, in_features, out_features
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        )
+        self._embedding: tuple[MPOEmbedding, ...] = ()  # a reference, not a submodule
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, embedding: MPOEmbedding, tied_to: str
+                    ) -> TiedMPOLinear:
+        """The layer replacing ``linear`` (whose weight was ``embedding``'s table), tied to
+        ``embedding`` (the module named ``tied_to``); the bias is copied."""
+        layer = cls(tied_to, linear.in_features, linear.out_features, linear.bias is not None,
+                    dtype=linear.weight.dtype, device=linear.weight.device)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        layer.tie(embedding)
+        return layer
+
+    def tie(self, embedding: nn.Module) -> None:
+        """Read the weight from ``embedding`` from now on.
+
+        Raises
+        ------
+        ValueError
+            If ``embedding`` is not an ``MPOEmbedding`` of ``out_features x in_features``.
+        """
+        if not isinstance(embedding, MPOEmbedding) or (
+                embedding.num_embeddings, embedding.embedding_dim) != (
+                self.out_features, self.in_features):
+            raise ValueError(
+                f"a tied output layer of {self.in_features} -> {self.out_features} needs an "
+                f"MPOEmbedding of {self.out_features} x {self.in_features} at {self.tied_to!r}, "
+                f"got {type(embedding).__name__}"
+                + (f" of {embedding.num_embeddings} x {embedding.embedding_dim}"
+                   if isinstance(embedding, MPOEmbedding) else ""))
+        self._embedding = (embedding,)
+
+    @property
+    def embedding(self) -> MPOEmbedding:
+        """The embedding whose table is the weight."""
+        if not self._embedding:
+            raise RuntimeError(f"this output layer is not tied to its embedding "
+                               f"{self.tied_to!r} yet; call mpotn.layers.tie_layers(model)")
+        return self._embedding[0]
+
+    def spec(self) -> dict[str, Any]:
+        """Kind ``"tied-linear"``, the embedding's module name, sizes and bias or not.
+
+        Examples
+        --------
+        >>> TiedMPOLinear("wte", 12, 40).spec()  # doctest: +NORMALIZE_WHITESPACE
+        {'kind': 'tied-linear', 'tied_to': 'wte', 'in_features': 12, 'out_features': 40,
+         'bias': False}
+        """
+        return {"kind": self.KIND, "tied_to": self.tied_to, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None
+                  ) -> TiedMPOLinear:
+        """An untied layer of the structure [spec][mpotn.layers.mpo.TiedMPOLinear.spec]
+        describes; [tie_layers][mpotn.layers.tie_layers] links it to its embedding."""
+        return cls(spec["tied_to"], spec["in_features"], spec["out_features"], spec["bias"],
+                   dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``out x in`` weight: the embedding's table (rebuilt or cached)."""
+        return self.embedding.matrix()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedding = self.embedding
+        cores = embedding._core_tensors()
+        batch = math.prod(x.shape[:-1])
+        if (embedding._cache_usable(cores) or embedding.contractor.cost(
+                batch, [c.shape for c in cores], over="cols").method == "rebuild"):
+            return nn.functional.linear(x, embedding.matrix(), self.bias)
+        y = embedding.contractor.apply(x, cores, over="cols", method="contract")
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"tied_to={self.tied_to!r}, bias={self.bias is not None}")
