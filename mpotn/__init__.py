@@ -18,9 +18,11 @@ function-level ones included, and checks both):
    hub, unlabelled text) imports only core and counts as core.
 1. [mpotn.methods][] -- decompositions as registered plug-ins (``mpo``,
    ``svd``, ``tt``, ``tucker``, ``cp``) and [FactorNetwork][mpotn.methods.base.FactorNetwork].
-2. [mpotn.layers][] -- torch modules: MPO and factorized layers, and the registry of
-   their kinds (saves go through each layer's ``spec()``).
-3. [mpotn.compression][] -- targets, [MPOModel][mpotn.compression.model.MPOModel],
+2. [mpotn.layers][] -- torch modules: MPO layers (and the output layer tied to an MPO
+   embedding), factorized layers, and the registry of their kinds (saves go through
+   each layer's ``spec()``).
+3. [mpotn.compression][] -- targets and the matrix types of each architecture family,
+   [MPOModel][mpotn.compression.model.MPOModel],
    [compress][mpotn.compression.compress.compress], calibration statistics, saving and loading,
    Hugging Face helpers.
 4. [mpotn.finetune][] -- strategies, the Trainer wrapper, squeezing, healing.

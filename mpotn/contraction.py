@@ -7,11 +7,9 @@ reaches every core and nothing is re-planned on the hot path.
 
 Applying an MPO to ``B`` vectors can go two ways:
 
-``contract``
-    contract the reshaped input with the cores in the planned order;
-``rebuild``
-    contract the cores into the ``I x J`` matrix, then one matmul
-    (``2 B I J`` FLOPs more).
+- ``contract``: contract the reshaped input with the cores in the planned order;
+- ``rebuild``: contract the cores into the ``I x J`` matrix, then one matmul
+  (``2 B I J`` FLOPs more).
 
 Rebuilding sweeps the chain left to right (Eq. 1), keeping the partial product
 in the layout ``(i_1..i_k, j_1..j_k, d_k)`` so that every step is one GEMM and
@@ -77,24 +75,32 @@ from mpotn.types import CONTRACTION_METHODS as METHODS
 from mpotn.types import SIDES, Side
 from mpotn.types import ContractionMethod as Method
 
-#: opt_einsum optimizer planning every contraction: exhaustive search up to 6
-#: tensors (n <= 5 cores and the input), dynamic programming over FLOPs beyond.
+#: opt_einsum optimizer planning every contraction: exhaustive search up to 5
+#: tensors (an MPO of n <= 4 cores and the input), dynamic programming over FLOPs
+#: from 6 to 16 tensors, random greedy beyond.
 OPTIMIZER = "auto-hq"
 
-#: Cost model of one pairwise step (see the module docstring): GEMM FLOP rate
-#: (per second), the summed size at which half of it is reached, seconds per
-#: element read or written, seconds of overhead per step.
+# Cost model of one pairwise step (see the module docstring and step_seconds).
+#: Pairwise-step model: the GEMM FLOP rate (per second) of a large summed size.
 PEAK = 200e9
+#: Pairwise-step model: the summed index size at which half of ``PEAK`` is reached.
 K0 = 127
+#: Pairwise-step model: seconds per element read or written.
 ELEMENT_COST = 3.0e-10
+#: Pairwise-step model: seconds of overhead per step.
 STEP_COST = 2.8e-5
 
-#: Cost model of the rebuild sweep (see ``_sweep_cost``), fitted on 49
-#: measured sweeps (seven shapes from 384 x 1536 to 384 x 30720, bonds 4 to
-#: full) on a two-core CPU; worst misprediction 1.6 times.
+# Cost model of the rebuild sweep (see _sweep_cost).
+#: Rebuild-sweep model, fitted on 49 measured sweeps (seven shapes from 384 x 1536
+#: to 384 x 30720, bonds 4 to full) on a two-core CPU, worst misprediction 1.6
+#: times: seconds per FLOP of a sweep step's GEMM.
 SWEEP_FLOP_COST = 7.1e-12
+#: Rebuild-sweep model: seconds per element written (twice per step: GEMM and copy).
 SWEEP_ELEMENT_COST = 2.9e-10
+#: Rebuild-sweep model: seconds per element written for arrays above ``LARGE_ARRAY``
+#: elements (fresh pages from the OS on every call).
 LARGE_ELEMENT_COST = 1.5e-9
+#: Rebuild-sweep model: the array size (elements) above which ``LARGE_ELEMENT_COST`` applies.
 LARGE_ARRAY = 2**23
 
 
@@ -119,7 +125,7 @@ def modeled_seconds(info: Any) -> float:
 
 @dataclass(frozen=True)
 class ContractionCost:
-    """FLOPs of applying an MPO to a batch, both ways.
+    """FLOPs and modeled times of applying an MPO to a batch, both ways.
 
     Attributes
     ----------

@@ -1,11 +1,11 @@
-"""The ``inspect`` job: decompose every weight matrix of a model, report bonds.
+r"""The ``inspect`` job: decompose every weight matrix of a model, report bonds.
 
 For each ``nn.Embedding`` / ``nn.Linear`` weight (in the paper's orientation,
 see [mpotn.compression.models][]) it runs Algorithm 1 at full rank and records the
 factorization, the full bonds (Eq. 2), the central-bond entropy (Eq. 6), and,
 at a default budget (compression ratio, Eq. 5, allocated to minimise Eq. 4),
 the kept bonds, the Eq. 4 bound and the actual error, both relative to
-``||M||_F``. It writes the table as Markdown and JSON, an entropy heatmap
+$\|M\|_F$. It writes the table as Markdown and JSON, an entropy heatmap
 across layers and matrix types, and a drawing of one network.
 
 Examples

@@ -79,7 +79,7 @@ _CHECKPOINT = re.compile(r"step-(\d{4,})")
 
 @dataclass
 class SqueezeConfig(FieldHelp):
-    """How to squeeze; each field's ``metadata["help"]`` is its ``mpotn squeeze`` help text
+    r"""How to squeeze; each field's ``metadata["help"]`` is its ``mpotn squeeze`` help text
     (the command takes its defaults from here).
 
     A *step* is one round of Algorithm 2 (cut, fine-tune, evaluate); a *cut* is one
@@ -110,7 +110,7 @@ class SqueezeConfig(FieldHelp):
     step_limit:
         Most steps a run takes (``iter`` of Algorithm 2).
     delta:
-        Tolerated degradation ``Delta`` of the monitored score.
+        Tolerated degradation $\Delta$ of the monitored score.
     monitor:
         ``"metric"`` (the task's headline metric, higher is better) or
         ``"loss"`` (evaluation loss, lower is better).
@@ -119,7 +119,7 @@ class SqueezeConfig(FieldHelp):
     min_bond:
         No central bond is cut below this.
     error:
-        Rank candidates by ``"relative"`` (``eps / ||M||``) or ``"absolute"``
+        Rank candidates by ``"relative"`` ($\epsilon / \|M\|$) or ``"absolute"``
         (``eps``) estimated error.
 
     The defaults are the command's: a step frees 1.4% of the original model's
@@ -216,7 +216,7 @@ class SqueezeConfig(FieldHelp):
 
 @dataclass
 class SqueezeState:
-    """Everything a resumed run needs besides the model's weights.
+    r"""Everything a resumed run needs besides the model's weights.
 
     Attributes
     ----------
@@ -224,7 +224,7 @@ class SqueezeState:
         Steps done so far (a step may cut several matrices; ``cuts`` has one
         row per matrix cut).
     baseline:
-        The score ``P`` of the starting model (monitored quantity).
+        The score $P$ of the starting model (monitored quantity).
     spectra:
         ``{matrix: {"bond": k, "values": [lambda_1, ...], "norm": ||M||}}``,
         the stored central-bond singular values.
@@ -234,7 +234,7 @@ class SqueezeState:
         One row per matrix cut: step, matrix, bond, dimensions, estimated and
         actual error.
     accepted:
-        Step of the last model within ``Delta``.
+        Step of the last model within $\Delta$.
     stop_reason:
         Why the run ended (``None`` while it runs).
     """
@@ -524,7 +524,7 @@ class Squeezer:
         }
 
     def start(self) -> None:
-        """Step 0: store every candidate's central spectrum and the baseline score ``P``."""
+        """Step 0: store every candidate's central spectrum and the baseline score $P$."""
         for name, layer in self.model.mpo_layers().items():
             self.state.spectra[name] = central_spectrum(layer)
         scores = self._evaluate()

@@ -6,26 +6,23 @@ they connect (a leg shared by nodes is a bond, an open leg is a row or column in
 of the tensorized matrix), a compiled contraction, its parameter count and its
 actual reconstruction error. The methods shipped (SPEC §5):
 
-``mpo``
-    the matrix product operator of Algorithm 1 (with ``n = 2`` and automatic shapes,
-    balanced factors on both sides: a sum of Kronecker products, not the SVD);
-``svd``
-    the truncated SVD: the ``n = 2`` MPO with the trivial factorization
-    ``(I, 1) x (1, J)`` ([svd_shapes][mpotn.methods.svd.svd_shapes]);
-``tt``
-    a tensor train over the ``2n`` modes ``(i_1..i_n, j_1..j_n)`` of the
-    tensorized matrix (tensorly's TT-SVD);
-``tucker``
-    a Tucker core with one factor per mode (tensorly; HOSVD with
-    ``iterations=0``, HOOI otherwise);
-``cp``
-    a rank-``R`` CP decomposition by ALS (tensorly); its rank index is a
-    hyperedge shared by every factor.
+- ``mpo``: the matrix product operator of Algorithm 1 (with ``n = 2`` and automatic
+  shapes, balanced factors on both sides: a sum of Kronecker products, not the SVD);
+- ``svd``: the truncated SVD, the ``n = 2`` MPO with the trivial factorization
+  ``(I, 1) x (1, J)`` ([svd_shapes][mpotn.methods.svd.svd_shapes]);
+- ``tt``: a tensor train over the ``2n`` modes ``(i_1..i_n, j_1..j_n)`` of the
+  tensorized matrix (tensorly's TT-SVD);
+- ``tucker``: a Tucker core with one factor per mode (tensorly; HOSVD with
+  ``iterations=0``, HOOI otherwise);
+- ``cp``: a rank-``R`` CP decomposition by ALS (tensorly); its rank index is a
+  hyperedge shared by every factor.
 
-Adding a method takes its decomposition function and one registration line::
+Adding a method takes its decomposition function and one registration line:
 
-    @register("my-method")
-    def my_method(matrix, *, ratio=None, **options) -> FactorNetwork: ...
+```python
+@register("my-method")
+def my_method(matrix, *, ratio=None, **options) -> FactorNetwork: ...
+```
 
 tensorly runs on its numpy backend inside [tensorly_numpy][mpotn.methods.base.tensorly_numpy], which
 restores whatever global backend the caller had.

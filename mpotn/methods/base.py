@@ -57,7 +57,7 @@ def tensorly_numpy() -> Iterator[Any]:
 
 @dataclass
 class FactorNetwork:
-    """A matrix as a network of named tensors.
+    r"""A matrix as a network of named tensors.
 
     Attributes
     ----------
@@ -75,7 +75,8 @@ class FactorNetwork:
         ``{node name: role}`` for drawing (``central``, ``auxiliary``, ``core``,
         ``factor``).
     relative_error:
-        ``||M - network|| / ||M||`` against the matrix it was made from.
+        $\|M - \tilde M\|_F / \|M\|_F$, with $M$ the matrix it was made from and
+        $\tilde M$ the network's.
     details:
         Method-specific extras (ranks, the [MPO][mpotn.mpo.MPO] object, ...).
     """
@@ -136,8 +137,8 @@ class FactorNetwork:
                          ("batch", *self.row_legs))
 
     def relative_error_to(self, matrix: torch.Tensor) -> float:
-        """``||matrix - network|| / ||matrix||``, both in float64 on the CPU (``1.0`` as the
-        norm of a zero matrix)."""
+        r"""$\|M - \tilde M\|_F / \|M\|_F$ for $M$ = ``matrix`` and $\tilde M$ the network's
+        matrix, both in float64 on the CPU (``1.0`` as the norm of a zero matrix)."""
         reference = matrix.detach().double().cpu()
         exact = FactorNetwork(self.method, {k: v.detach().double().cpu()
                                             for k, v in self.nodes.items()},
