@@ -130,8 +130,12 @@ def test_saves_refuse_a_folder_holding_another_model(original, tmp_path):
 def test_saves_with_overwrite_keep_every_hugging_face_shard(original, tmp_path):
     folder = tmp_path / "hf"
     files = hugging_face_shards(folder)
-    original[0].save_pretrained(folder, overwrite=True)
-    compress(tiny_bert(), targets=["ffn"], max_bond=2, progress=False).save_pretrained(folder)
+    with pytest.warns(UserWarning, match=r"already holds config\.json, which mpotn did not "
+                                         r"write: kept as they are"):
+        original[0].save_pretrained(folder, overwrite=True)
+    with pytest.warns(UserWarning, match="already holds config.json"):
+        compress(tiny_bert(), targets=["ffn"], max_bond=2, progress=False).save_pretrained(
+            folder)
     for name, content in files.items():
         assert (folder / name).read_bytes() == content
     weights = json.loads((folder / CONFIG_NAME).read_text())["weights"]
@@ -178,7 +182,7 @@ def test_saves_run_folder_with_only_mpotn_files_is_replaced(original, tmp_path):
     save_model(compress(tiny_bert(), targets=["ffn"], max_bond=2, progress=False), tokenizer,
                directory)
     weights = json.loads((directory / CONFIG_NAME).read_text())["weights"]
-    assert names(directory) == sorted([CONFIG_NAME, MANIFEST_NAME, weights])
+    assert names(directory) == sorted([CONFIG_NAME, MANIFEST_NAME, weights, "config.json"])
     assert names(tmp_path) == ["model"]
 
 

@@ -41,7 +41,14 @@ def test_save_writes_config_and_one_content_addressed_weights_file(saved):
     _, folder = saved
     config = json.loads((folder / CONFIG_NAME).read_text())
     assert config["format"] == "mpotn" and config["base_model"]["class"] == "BertModel"
-    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, config["weights"]])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [CONFIG_NAME, config["weights"], "config.json", "mpotn_files.json"])  # no generation
+    from transformers import AutoConfig
+
+    written = json.loads(json.dumps(AutoConfig.from_pretrained(folder).to_dict()))
+    recorded = config["base_model"]["config"]
+    assert {k: v for k, v in written.items() if k != "_name_or_path"} == {
+        k: v for k, v in recorded.items() if k != "_name_or_path"}
     assert config["layers"]["embeddings.word_embeddings"]["row_shape"] == [6, 8, 10, 8, 8]
 
 

@@ -45,7 +45,8 @@ def write_compression_report(model: MPOModel, out: str | Path, model_name: str) 
     """Write ``report.md``, ``report.json``, ``entropy_heatmap.png`` and ``errors.png``."""
     out = Path(out)
     totals = model.totals()
-    policy = {k: v for k, v in model.config.to_dict().items() if v not in (None, {}, [])}
+    policy = {k: v for k, v in model.compression_config.to_dict().items()
+              if v not in (None, {}, [])}
     markdown = (
         f"# mpotn compress: {model_name}\n\n"
         f"Settings: `{json.dumps(policy)}`\n\n{model.summary()}\n\n{report_table(model)}\n"
@@ -53,7 +54,7 @@ def write_compression_report(model: MPOModel, out: str | Path, model_name: str) 
     paths = {
         "markdown": write_text(out / "report.md", markdown),
         "json": write_text(out / "report.json", json.dumps(
-            {"model": model_name, "config": model.config.to_dict(), "totals": totals,
+            {"model": model_name, "config": model.compression_config.to_dict(), "totals": totals,
              "matrices": list(model.report())}, indent=2)),
         "errors": draw_errors(model.report(), out / "errors.png",
                               f"reconstruction error per matrix, {model_name}"),

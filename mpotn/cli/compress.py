@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
                         calibrated=batches is not None)
     except (ValueError, AttributeError) as error:  # no pad token, no last_hidden_state
         print(f"fidelity check skipped: {error}")
-    compressed.save_pretrained(args.out, overwrite=args.overwrite)
+    compressed.save_pretrained(args.out, overwrite=args.overwrite, tokenizer=tokenizer)
     paths = write_compression_report(compressed, args.out, name)
     print(f"\n{len(compressed.report())} matrices in {time.perf_counter() - start:.1f} s; "
           f"saved the model to {args.out} (load it with mpotn.load({args.out!r})); wrote:")

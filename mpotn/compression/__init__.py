@@ -12,6 +12,10 @@ saving, Hugging Face helpers.
   ([calibrate][mpotn.compression.calibrate.calibrate]), for calibrated truncation;
 * [mpotn.compression.serialization][] -- the save format
   ([save][mpotn.compression.serialization.save], [read][mpotn.compression.serialization.read]);
+* [mpotn.compression.adapters][] -- adapter saves: what fine-tuning trained, on a
+  compressed base;
+* [mpotn.compression.merge][] -- back to a dense model
+  ([merge][mpotn.compression.merge.merge]);
 * [mpotn.compression.models][] -- loading Hugging Face models, naming their matrices.
 
 ``mpotn.compression.compress`` as an attribute is the function (as ``mpotn.compress``
@@ -31,6 +35,7 @@ from mpotn.compression.config import (
     select_targets,
     tied_modules,
 )
+from mpotn.compression.merge import merge
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import (
     WeightMatrix,
@@ -64,6 +69,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "matrix_type",
+    "merge",
     "plan",
     "read",
     "replace_module",

@@ -85,9 +85,8 @@ def merge(model: nn.Module) -> nn.Module:
     ...     float((dense(x) - before).abs().max()) < 1e-6
     True
     """
-    from mpotn.compression.model import MPOModel  # model.py may import this module
-
-    base = model.base_model if isinstance(model, MPOModel) else model
+    # an MPOModel (which imports this module) is known by its compression config
+    base = model.base_model if hasattr(model, "compression_config") else model
     if isinstance(base, COMPRESSED_LAYERS):  # a bare layer: nothing to replace it in
         return _dense_layer(base, {}, False)
     layers = [(name, module) for name, module in base.named_modules()

@@ -8,9 +8,11 @@ from typing import Any
 
 from torch import nn
 
+from mpotn.compression.adapters import is_adapter, read_adapter, save_adapter
 from mpotn.compression.config import COMPRESSED_LAYERS, MPO_LAYERS, CompressionConfig
+from mpotn.compression.merge import merge
 from mpotn.compression.parameters import count_parameters, lfa_parameters
-from mpotn.compression.serialization import read, save
+from mpotn.compression.serialization import read, resolve_save, save
 from mpotn.layers import TiedMPOLinear
 from mpotn.table import Table
 
@@ -18,32 +20,38 @@ from mpotn.table import Table
 class MPOModel(nn.Module):
     """A model whose selected matrices are MPO layers, with its report.
 
-    Calls and unknown attributes go to the wrapped ``base_model``.
+    Calls and unknown attributes go to the wrapped ``base_model``: ``model.config``
+    is the Hugging Face model's config (``model.config.id2label``), ``generate``
+    its ``generate``.
 
     Attributes
     ----------
     base_model:
         The compressed model (modified in place by [compress][mpotn.compression.compress.compress]).
-    config:
-        The [CompressionConfig][mpotn.compression.config.CompressionConfig] used.
+    compression_config:
+        The [CompressionConfig][mpotn.compression.config.CompressionConfig] used (mpotn's plan).
     records:
         Per-matrix report rows (see [report][mpotn.compression.model.MPOModel.report]).
     original_params:
         Parameters of the model before compression.
+    source:
+        The save (folder or Hub id) this model was loaded from, ``None`` for a model
+        compressed here; an adapter save refers to it.
     """
 
     def __init__(
         self,
         base_model: nn.Module,
-        config: CompressionConfig,
+        compression_config: CompressionConfig,
         records: list[dict[str, Any]],
         original_params: int,
     ) -> None:
         super().__init__()
         self.base_model = base_model
-        self.config = config
+        self.compression_config = compression_config
         self.records = Table(records)
         self.original_params = original_params
+        self.source: str | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
@@ -119,26 +127,84 @@ class MPOModel(nn.Module):
         """Print [summary][mpotn.compression.model.MPOModel.summary]."""
         print(self.summary())
 
-    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
-        """Save weights and plan atomically; see [mpotn.compression.serialization.save][]
-        (``overwrite`` lets it write into a folder that holds files mpotn did not write)."""
-        save(self, directory, overwrite)
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False,
+                        tokenizer: Any | None = None, adapter_only: bool = False,
+                        base: str | os.PathLike | None = None) -> None:
+        """Save the model atomically, whole or as an adapter.
+
+        Whole (the default): weights and plan, the Hugging Face ``config.json`` and,
+        when given, the ``tokenizer``; see [mpotn.compression.serialization.save][].
+        With ``adapter_only``: only the parameters that require a gradient (what
+        LFA trains), referencing the compressed save ``base`` -- by default the one
+        this model was loaded from ([source][mpotn.compression.model.MPOModel]); see
+        [mpotn.compression.adapters.save_adapter][]. ``overwrite`` lets either write
+        into a folder that holds files mpotn did not write.
+
+        Raises
+        ------
+        ValueError
+            With ``adapter_only``, when there is no base (the model was not loaded
+            from a save and ``base`` is not given) or the model differs from it
+            outside what it trains; and the errors of the two savers.
+        """
+        if not adapter_only:
+            if base is not None:
+                raise ValueError("base applies to adapter_only=True saves")
+            save(self, directory, overwrite, tokenizer)
+            return
+        base = base if base is not None else self.source
+        if base is None:
+            raise ValueError(
+                "adapter_only=True needs the compressed save this model was fine-tuned from, "
+                "and this model was not loaded from one: save the compressed model "
+                "(save_pretrained), load it with mpotn.load, fine-tune, then save the adapter "
+                "-- or pass base=<that save>")
+        save_adapter(self.base_model, directory, base, overwrite)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+
+    def merge(self) -> nn.Module:
+        """The dense model: every compressed layer of ``base_model`` replaced, in place, by
+        the ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` of its weight (exact; ties kept),
+        and ``base_model`` returned -- a plain transformers model for a Hugging Face base;
+        see [mpotn.compression.merge.merge][]. Do not use this ``MPOModel`` afterwards."""
+        return merge(self)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None
+    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
+                        revision: str | None = None, base: str | os.PathLike | None = None
                         ) -> MPOModel:
-        """Rebuild a compressed model from a save directory, without the original weights.
+        """Rebuild a compressed model from a save directory or a Hugging Face Hub id,
+        without the original weights; or an adapter save on top of its ``base``.
 
-        The arguments and the errors are those of
-        [mpotn.compression.serialization.read][], which rebuilds the module
-        (``model`` is modified in place); this wraps it with its config and report.
+        A ``directory`` that is not a folder here and looks like a Hub id
+        (``"user/minilm-mpo"``) is fetched with ``huggingface_hub.snapshot_download``
+        (``revision``: a branch, tag or commit), JSON, safetensors and tokenizer
+        files only; the folder is then read as a local one. The other arguments and
+        the errors are those of [mpotn.compression.serialization.read][], which
+        rebuilds the module (``model`` is modified in place); this wraps it with its
+        compression config and report. An adapter folder
+        ([mpotn.compression.adapters][]) needs ``base``, the compressed save it was
+        trained on, and comes back frozen as it was trained.
         """
-        saved = read(directory, model)
-        return cls(saved.model, saved.config, saved.report, saved.original_params)
+        folder = resolve_save(directory, revision)
+        if is_adapter(folder):
+            if model is not None:
+                raise ValueError("model applies to whole saves; an adapter takes base=")
+            saved, source = read_adapter(folder, base), base
+        else:
+            if base is not None:
+                raise ValueError(f"{directory} is a whole save, not an adapter; base applies "
+                                 "to adapter saves")
+            saved, source = read(folder, model), directory
+        loaded = cls(saved.model, saved.config, saved.report, saved.original_params)
+        loaded.source = str(source)
+        return loaded
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None) -> MPOModel:
-    """Rebuild a compressed model from a save directory (see
+def load(directory: str | os.PathLike, model: nn.Module | None = None,
+         revision: str | None = None, base: str | os.PathLike | None = None) -> MPOModel:
+    """Rebuild a compressed model from a save directory or Hub id (see
     [MPOModel.from_pretrained][mpotn.compression.model.MPOModel.from_pretrained]).
 
     Examples
@@ -156,4 +222,4 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> MPOMod
     ...     bool(torch.equal(again(x), model(x)))
     True
     """
-    return MPOModel.from_pretrained(directory, model)
+    return MPOModel.from_pretrained(directory, model, revision, base)

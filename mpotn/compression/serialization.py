@@ -9,7 +9,14 @@ A save directory holds
   and the name and SHA-256 of the weights file;
 * ``model-<sha12>.safetensors`` -- the whole state dict (cores and the rest),
   each tensor in its own dtype, with the SHA-256 of the rest of the config in
-  its metadata (``mpotn_config_sha256``).
+  its metadata (``mpotn_config_sha256``);
+* for a Hugging Face model, its ``config.json`` (and ``generation_config.json``
+  for a model that generates), and the tokenizer's files when one is given, so
+  that ``AutoConfig`` and ``AutoTokenizer`` read the folder as they read any
+  model's (listed in ``mpotn_files.json``; a file of the same name that mpotn
+  did not write is kept). mpotn itself rebuilds the model from
+  ``mpotn_config.json`` alone (whose copy of the config the weights' digest
+  covers); ``config.json`` is there for the tools that expect it.
 
 A save is atomic: the weights go to a hidden temporary file, then to a new
 content-addressed file, then ``mpotn_config.json`` is replaced in one rename, and
@@ -33,7 +40,7 @@ module it replaces. Each failure is one ``ValueError`` that names the file.
 
 Nothing here knows [MPOModel][mpotn.compression.model.MPOModel]:
 [save][mpotn.compression.serialization.save] takes any object with its attributes (``base_model``,
-``config``, ``original_params``, ``compressed_layers()``, ``report()``) and
+``compression_config``, ``original_params``, ``compressed_layers()``, ``report()``) and
 [read][mpotn.compression.serialization.read] returns the rebuilt module with what the save recorded;
 [mpotn.compression.model.MPOModel.from_pretrained][] (and
 [mpotn.load][mpotn.compression.model.load]) wraps it.
@@ -46,6 +53,9 @@ import itertools
 import json
 import os
 import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,7 +64,16 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mpotn.atomic import check_writable, publish, remove_stale_temps, temp_path, write_text
+from mpotn.atomic import (
+    MANIFEST_NAME,
+    atomic_path,
+    check_writable,
+    publish,
+    remove_stale_temps,
+    temp_path,
+    write_text,
+    written_files,
+)
 from mpotn.compression.architectures import is_conv1d
 from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
 from mpotn.layers import (
@@ -94,6 +113,40 @@ class SavedModel(NamedTuple):
     config: CompressionConfig
     report: list[dict[str, Any]]
     original_params: int
+
+
+#: Files of a save fetched from the Hub (weights, configs, tokenizer; never code).
+HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_save(directory: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local folder of a save: ``directory`` itself, or the snapshot of a Hub id.
+
+    Raises
+    ------
+    ValueError
+        If ``directory`` is neither a folder here nor a Hub id, or the Hub (or the
+        local cache, offline) has no such repository.
+    """
+    path = Path(directory)
+    if path.is_dir() or not HUB_ID.fullmatch(str(directory)) or path.exists():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub ids; {directory} is a "
+                             "local path")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(str(directory), revision=revision,
+                                      allow_patterns=list(HUB_FILES)))
+    except (OSError, HFValidationError) as error:  # hub and cache errors are OSErrors
+        raise ValueError(
+            f"{directory} is not a folder here, and fetching it as a Hugging Face Hub id "
+            f"failed ({type(error).__name__}: {error}); check the path or the repository "
+            "name (offline, HF_HUB_OFFLINE=1, only repositories already in the cache load)"
+        ) from error
 
 
 def _sha256(path: Path) -> str:
@@ -136,7 +189,41 @@ def check_save_target(directory: str | os.PathLike, overwrite: bool = False) -> 
         check_writable(directory, overwrite)
 
 
-def save(model: Any, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+def _write_hugging_face_files(base: nn.Module, directory: Path, tokenizer: Any | None) -> None:
+    """``config.json``, ``generation_config.json`` and the tokenizer's files, each atomically,
+    listed in the folder's manifest ([MANIFEST_NAME][mpotn.atomic.MANIFEST_NAME]); a file of
+    the same name that mpotn did not write is kept, with a warning."""
+    with tempfile.TemporaryDirectory() as staging:
+        config = getattr(base, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            Path(staging, "config.json").write_text(config.to_json_string())
+            generation = getattr(base, "generation_config", None)
+            if generation is not None and base.can_generate():
+                Path(staging, "generation_config.json").write_text(generation.to_json_string())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        own = written_files(directory)
+        written, kept = [], []
+        for file in sorted(Path(staging).iterdir()):
+            if not file.is_file():
+                continue
+            if (directory / file.name).exists() and file.name not in own:
+                kept.append(file.name)
+                continue
+            with atomic_path(directory / file.name) as tmp:
+                shutil.copyfile(file, tmp)
+            written.append(file.name)
+    if written:
+        write_text(directory / MANIFEST_NAME, json.dumps({"files": sorted(own | set(written))},
+                                                         indent=2))
+    if kept:
+        warnings.warn(f"{directory} already holds {', '.join(kept)}, which mpotn did not write: "
+                      "kept as they are (AutoConfig and AutoTokenizer read those; mpotn.load "
+                      f"reads {CONFIG_NAME})", stacklevel=4)
+
+
+def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
+         tokenizer: Any | None = None) -> Path:
     """Write ``model`` (an [MPOModel][mpotn.compression.model.MPOModel]) to ``directory``
     atomically (see the module docstring).
 
@@ -148,7 +235,10 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False) -> P
         A new folder, an empty one or an earlier mpotn save.
     overwrite:
         Also write into a folder that holds files mpotn did not write (a Hugging
-        Face model, say); they are left as they are.
+        Face model, say); they are left as they are (its own ``config.json`` and
+        tokenizer files too, with a warning).
+    tokenizer:
+        A tokenizer to save beside the model (its ``save_pretrained`` files).
 
     Raises
     ------
@@ -167,7 +257,7 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False) -> P
         "sha256": None,
         "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
         "base_model": _base_model_spec(base),
-        "compression": model.config.to_dict(),
+        "compression": model.compression_config.to_dict(),
         "original_params": model.original_params,
         "layers": {name: layer.spec() for name, layer in model.compressed_layers().items()},
         "report": list(model.report()),
@@ -177,6 +267,7 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False) -> P
         digest = _sha256(tmp)
         weights = publish(tmp, directory / f"model-{digest[:12]}.safetensors")
     config["weights"], config["sha256"] = weights.name, digest
+    _write_hugging_face_files(base, directory, tokenizer)
     write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
     remove_stale_temps(directory / _WEIGHTS_TEMP)
     for stale in _own_weights(directory, weights.name):

@@ -355,7 +355,7 @@ def cut(model: MPOModel, name: str, bond: int, dim: int) -> dict[str, Any]:
     layer = model.base_model.get_submodule(name)
     mpo = layer.mpo()
     truncated = mpo.truncate(bond_dims={bond: dim})
-    layer.load_mpo(truncated, model.config.gauge)
+    layer.load_mpo(truncated, model.compression_config.gauge)
     spectrum = {"bond": bond, "values": truncated.singular_values[bond - 1].tolist(),
                 "norm": truncated.norm}
     spectrum["error"] = truncated.error_bound / mpo.norm if mpo.norm > 0 else 0.0
@@ -677,7 +677,8 @@ def direct_truncation(model: MPOModel, tokenizer: Any, data: TaskData,
     for name, dims in bond_dims.items():
         layer = model.base_model.get_submodule(name)
         if tuple(dims) != layer.bond_dims:
-            layer.load_mpo(layer.mpo().truncate(bond_dims=list(dims)[1:-1]), model.config.gauge)
+            layer.load_mpo(layer.mpo().truncate(bond_dims=list(dims)[1:-1]),
+                           model.compression_config.gauge)
     config = dataclasses.replace(training, strategy="lfa", max_steps=steps)
     if steps:
         record = finetune(model, tokenizer, data, config, progress=progress).record

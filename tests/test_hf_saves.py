@@ -1,0 +1,91 @@
+"""A compressed save is a Hugging Face folder: ``config.json`` and the tokenizer beside
+mpotn's files, ``model.config`` the transformers config, Hub ids where folders go."""
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+
+from mpotn import compress, load
+from mpotn.compression import CompressionConfig, MPOModel
+from mpotn.compression.models import load_tokenizer
+
+
+def _gpt2() -> tf.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2,
+                           id2label={0: "neg", 1: "pos"})
+    return tf.GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt2-mpo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = compress(_gpt2(), targets=["attention", "ffn", "embeddings"], n=3,
+                              ratio=0.6, progress=False)
+    compressed.save_pretrained(folder, tokenizer=load_tokenizer(None))
+    return folder, compressed
+
+
+def test_a_save_is_read_by_auto_config_and_auto_tokenizer(saved):
+    folder, _ = saved
+    config = tf.AutoConfig.from_pretrained(folder)
+    assert (config.model_type, config.n_embd, config.id2label) == ("gpt2", 32, {0: "neg",
+                                                                                1: "pos"})
+    assert tf.GenerationConfig.from_pretrained(folder).to_dict() == (
+        _gpt2().generation_config.to_dict())
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder)
+    expected = load_tokenizer(None)("a compressed model")["input_ids"]
+    assert tokenizer("a compressed model")["input_ids"] == expected
+    names = {p.name for p in folder.iterdir()}
+    assert {"mpotn_config.json", "config.json", "generation_config.json",
+            "tokenizer_config.json"} <= names
+
+
+def test_model_config_is_the_transformers_config_and_the_plan_has_its_own_name(saved):
+    folder, compressed = saved
+    for model in (compressed, load(folder), MPOModel.from_pretrained(folder)):
+        assert isinstance(model.config, tf.GPT2Config)
+        assert model.config.id2label == {0: "neg", 1: "pos"}
+        assert isinstance(model.compression_config, CompressionConfig)
+        assert model.compression_config.ratio == 0.6
+    ids = torch.tensor([[5, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(load(folder)(input_ids=ids).logits,
+                                   compressed.eval()(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_a_hub_id_is_fetched_with_snapshot_download_and_read_like_a_folder(saved, monkeypatch):
+    import huggingface_hub
+
+    folder, _ = saved
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = load("someone/gpt2-mpo", revision="v1")
+    assert model.config.model_type == "gpt2"
+    assert calls == [("someone/gpt2-mpo", "v1",
+                      ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])]
+
+
+def test_a_missing_hub_id_offline_and_a_revision_for_a_folder_are_clear_errors(saved,
+                                                                                 monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **options):  # what the Hub client raises offline, cache empty
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match=r"no-such-user/no-such-model is not a folder here, and "
+                                         r"fetching it as a Hugging Face Hub id failed"):
+        load("no-such-user/no-such-model")
+    with pytest.raises(ValueError, match=r"revision='main' applies to Hub ids"):
+        load(saved[0], revision="main")
