@@ -174,3 +174,11 @@ def test_the_loss_is_the_masked_relative_error_per_layer_plus_weighted_logits():
     assert float(distillation_loss(student, teacher, mask)) == pytest.approx(expected, rel=1e-5)
     assert float(distillation_loss(student, teacher, mask, logits_weight=0.5)) == pytest.approx(
         expected + 0.5 * 1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(1, 0), (2, 1), (100, 6)])
+def test_a_heal_run_never_spends_every_step_warming_up(steps, warmup, tmp_path):
+    from mpotn.finetune.heal import HealConfig, _heal_arguments
+
+    arguments = _heal_arguments(HealConfig(steps=steps), tmp_path, progress=False, save=False)
+    assert arguments.warmup_steps == warmup

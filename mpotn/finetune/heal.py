@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -73,6 +72,7 @@ from mpotn.finetune.training import (
     parse_device,
     save_model,
     trainer_arguments,
+    warmup_steps,
 )
 from mpotn.table import Table
 from mpotn.types import HEAL_TRAIN, HealTrain
@@ -373,7 +373,7 @@ def _heal_arguments(config: HealConfig, output_dir: Path, progress: bool, save: 
         max_steps=config.steps,
         learning_rate=config.lr,
         weight_decay=0.0,
-        warmup_steps=math.ceil(config.warmup_ratio * config.steps),
+        warmup_steps=warmup_steps(config, config.steps),
         lr_scheduler_type="linear",
         logging_steps=config.logging_steps,
         logging_first_step=True,

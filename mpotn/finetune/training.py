@@ -484,9 +484,10 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, pr
     )
 
 
-def warmup_steps(config: TrainingConfig, steps: int) -> int:
-    """Warm-up steps of a run of ``steps``: ``warmup_ratio`` of them, rounded up, but never
-    every step (the first warm-up step has learning rate 0, so a one-step run has none).
+def warmup_steps(config: Any, steps: int) -> int:
+    """Warm-up steps of a run of ``steps``: ``config.warmup_ratio`` of them (a
+    ``TrainingConfig`` or ``HealConfig``), rounded up, but never every step (the first
+    warm-up step has learning rate 0, so a one-step run has none).
 
     Examples
     --------
