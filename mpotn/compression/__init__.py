@@ -14,6 +14,8 @@ saving, Hugging Face helpers.
   ([save][mpotn.compression.serialization.save], [read][mpotn.compression.serialization.read]);
 * [mpotn.compression.adapters][] -- adapter saves: what fine-tuning trained, on a
   compressed base;
+* ``mpotn.compression.sharing`` -- central tensors shared across layers
+  (``share_centrals``, MPOBERT);
 * [mpotn.compression.merge][] -- back to a dense model
   ([merge][mpotn.compression.merge.merge]);
 * [mpotn.compression.models][] -- loading Hugging Face models, naming their matrices.
@@ -48,6 +50,7 @@ from mpotn.compression.models import (
 )
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.compression.serialization import is_saved_model, read, save
+from mpotn.compression.sharing import share_centrals, shared_central_groups
 
 __all__ = [
     "COMPRESSED_LAYERS",
@@ -75,6 +78,8 @@ __all__ = [
     "replace_module",
     "save",
     "select_targets",
+    "share_centrals",
+    "shared_central_groups",
     "tied_modules",
     "weight_matrices",
 ]

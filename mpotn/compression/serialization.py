@@ -6,9 +6,14 @@ A save directory holds
 * ``mpotn_config.json`` -- format and version, the compression config, every
   compressed layer's ``spec()`` (its kind, sizes, factorization and bonds; see
   [mpotn.layers][]), the report, the base model's class and Hugging Face config,
-  and the name and SHA-256 of the weights file;
+  and the name and SHA-256 of the weights file; for a model whose MPO layers share
+  central tensors (``mpotn.compression.sharing``), also ``shared_centrals``: the
+  module names of each group of layers using one central tensor (an optional
+  field, written only then, so that saves without sharing are as before and
+  older saves read unchanged; the format version stays 1);
 * ``model-<sha12>.safetensors`` -- the whole state dict (cores and the rest),
-  each tensor in its own dtype, with the SHA-256 of the rest of the config in
+  each tensor in its own dtype and a shared tensor once (under the first of its
+  names), with the SHA-256 of the rest of the config in
   its metadata (``mpotn_config_sha256``);
 * for a Hugging Face model, its ``config.json`` (and ``generation_config.json``
   for a model that generates), and the tokenizer's files when one is given, so
@@ -76,6 +81,7 @@ from mpotn.atomic import (
 )
 from mpotn.compression.architectures import is_conv1d
 from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
+from mpotn.compression.sharing import shared_central_groups, tie_centrals
 from mpotn.layers import (
     LAYER_KINDS,
     FactorizedEmbedding,
@@ -94,6 +100,9 @@ FORMAT_VERSION = 1
 #: The fields of ``mpotn_config.json``, all required.
 FIELDS = ("format", "format_version", "weights", "sha256", "dtype", "base_model", "compression",
           "original_params", "layers", "report")
+#: Fields written only when they apply: ``shared_centrals``, the groups of MPO layers
+#: sharing one central tensor (lists of module names; see ``mpotn.compression.sharing``).
+OPTIONAL_FIELDS = ("shared_centrals",)
 #: The dtypes a save may name, with safetensors' code for each.
 DTYPES = {"float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16),
           "float32": ("F32", torch.float32), "float64": ("F64", torch.float64)}
@@ -262,6 +271,9 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
         "layers": {name: layer.spec() for name, layer in model.compressed_layers().items()},
         "report": list(model.report()),
     }))
+    shared = shared_central_groups(base)
+    if shared:
+        config["shared_centrals"] = shared
     with temp_path(directory / _WEIGHTS_TEMP) as tmp:
         save_model(base, str(tmp), metadata={DIGEST_KEY: _config_digest(config)})
         digest = _sha256(tmp)
@@ -356,7 +368,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"{path} has format version {config.get('format_version')}; this mpotn reads "
             f"version {FORMAT_VERSION}"
         )
-    missing, extra = set(FIELDS) - config.keys(), config.keys() - set(FIELDS)
+    missing = set(FIELDS) - config.keys()
+    extra = config.keys() - set(FIELDS) - set(OPTIONAL_FIELDS)
     if missing or extra:
         raise ValueError(f"{path} lacks the fields {sorted(missing)} and has the unknown fields "
                          f"{sorted(extra)}; {_FIX}")
@@ -380,7 +393,26 @@ def _read_config(directory: Path) -> dict[str, Any]:
                          f" (dtype is one of {', '.join(DTYPES)}); {_FIX}")
     for name, spec in config["layers"].items():
         _check_layer(name, spec, path, config["layers"])
+    _check_shared(config, path)
     return config
+
+
+def _check_shared(config: dict[str, Any], path: Path) -> None:
+    """``shared_centrals``, when present: lists of two or more names of the save's MPO
+    layers (kind ``linear`` or ``embedding``), no name twice."""
+    groups = config.get("shared_centrals")
+    if groups is None:
+        return
+    layers = config["layers"]
+    names = [name for group in groups for name in group] if isinstance(groups, list) and all(
+        isinstance(group, list) for group in groups) else None
+    if (not groups or names is None or any(len(group) < 2 for group in groups)
+            or len(set(names)) != len(names)
+            or not all(isinstance(name, str) and isinstance(layers.get(name), dict)
+                       and layers[name].get("kind") in ("linear", "embedding")
+                       for name in names)):
+        raise ValueError(f"{path} has invalid shared_centrals={groups!r:.120} (groups of two "
+                         "or more MPO layers of the save, each in one group); " + _FIX)
 
 
 def _model_class(spec: dict[str, Any], path: Path) -> type[nn.Module]:
@@ -524,6 +556,7 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
                 replace_module(base, other, layer)
     try:
         tie_layers(base)
+        tie_centrals(base, config.get("shared_centrals", []))
     except ValueError as error:
         raise ValueError(f"{path}: {error}; {_FIX}") from error
     _cast_like_file(base, weights)

@@ -56,6 +56,7 @@ from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import matrix_type
 from mpotn.compression.parameters import count_parameters
 from mpotn.compression.serialization import is_saved_model, resolve_inside
+from mpotn.compression.sharing import shared_central_groups
 from mpotn.data.tasks import TaskData
 from mpotn.drawing import draw_history
 from mpotn.finetune.training import (
@@ -352,6 +353,7 @@ def cut(model: MPOModel, name: str, bond: int, dim: int) -> dict[str, Any]:
     The returned spectrum also carries ``error``: the cut's actual relative
     error against the matrix before the cut.
     """
+    refuse_shared(model)
     layer = model.base_model.get_submodule(name)
     mpo = layer.mpo()
     truncated = mpo.truncate(bond_dims={bond: dim})
@@ -360,6 +362,25 @@ def cut(model: MPOModel, name: str, bond: int, dim: int) -> dict[str, Any]:
                 "norm": truncated.norm}
     spectrum["error"] = truncated.error_bound / mpo.norm if mpo.norm > 0 else 0.0
     return spectrum
+
+
+def refuse_shared(model: MPOModel) -> None:
+    """Refuse a model whose MPO layers share central tensors
+    (``mpotn.compression.sharing.share_centrals``), before any work.
+
+    Raises
+    ------
+    ValueError
+        Naming the groups: cutting one layer's central bond would give it its own copy
+        of the shared tensor and silently unshare it.
+    """
+    groups = shared_central_groups(model)
+    if groups:
+        raise ValueError(
+            f"this model's MPO layers share central tensors ({len(groups)} group(s), e.g. "
+            f"{groups[0]}); squeezing cuts one layer's central bond at a time and would "
+            "silently unshare them. Squeezing shared centrals is not supported yet: squeeze "
+            "(or truncate) the model before share_centrals")
 
 
 def _score(scores: dict[str, float], data: TaskData, monitor: str) -> float:
@@ -606,6 +627,8 @@ class Squeezer:
                 f"{self.out} already holds a squeeze run; pass resume=True (--resume) to "
                 "continue it, or choose another output directory"
             )
+        if self.model is not None:
+            refuse_shared(self.model)
         check_writable(self.out / "model", self.overwrite)
         self._tokenized = tokenize(self.data, self.tokenizer, self.training.max_length,
                                    self.training.train_limit, self.training.eval_limit)
@@ -672,8 +695,10 @@ def direct_truncation(model: MPOModel, tokenizer: Any, data: TaskData,
                       steps: int, *, progress: bool = True) -> dict[str, Any]:
     """The ``direct`` ablation: cut straight to ``bond_dims``, fine-tune ``steps``, evaluate.
 
-    ``model`` (the squeeze's starting model) is modified in place.
+    ``model`` (the squeeze's starting model) is modified in place; a model with shared
+    central tensors is refused ([refuse_shared][mpotn.finetune.squeeze.refuse_shared]).
     """
+    refuse_shared(model)
     for name, dims in bond_dims.items():
         layer = model.base_model.get_submodule(name)
         if tuple(dims) != layer.bond_dims:

@@ -168,7 +168,21 @@ class _MPOWeight(MPOStructure, nn.Module):
         >>> layer.load_mpo(layer.mpo().truncate(bond_dims={1: 2}))
         >>> layer.bond_dims
         (1, 2, 4, 1)
+
+        Raises
+        ------
+        ValueError
+            If the MPO's factorization differs from this layer's, or this layer's
+            central tensor is shared with other layers
+            (``mpotn.compression.sharing.share_centrals``): new cores
+            here would silently give this layer its own copy.
         """
+        shared = getattr(self, "_shared_central", None)
+        if shared is not None and shared[0] is self.central:
+            raise ValueError(
+                f"this layer's central tensor is shared by {shared[1]} layers; load_mpo would "
+                "give this layer its own copy and silently unshare it. Cutting a shared bond "
+                "is not supported yet: truncate or squeeze the layers before share_centrals")
         if mpo.row_shape != self.row.factors or mpo.col_shape != self.col.factors:
             raise ValueError(
                 f"the MPO is {list(mpo.row_shape)} x {list(mpo.col_shape)} but this layer is "

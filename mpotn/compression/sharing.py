@@ -1,0 +1,400 @@
+r"""Central tensors shared across layers (MPOBERT, SPEC §4; issue 14).
+
+The central tensor $C$ of an MPO holds most of a matrix's parameters and the
+auxiliary tensors $A_1, \dots$ hold what is specific to it, so one central tensor
+can serve many matrices: [share_centrals][mpotn.compression.sharing.share_centrals]
+gives every MPO layer of a group the *same* ``nn.Parameter`` at the central
+position of its ``cores`` (as PEFT's VeRA hands one ``vera_A`` to every layer), and
+each layer keeps its own auxiliary tensors, so that layer $l$ computes
+
+$$
+M_l = \mathrm{MPO}(A_l, C, B_l), \qquad
+A_l = (T_{l,1}, \dots, T_{l,c-1}),\ B_l = (T_{l,c+1}, \dots, T_{l,n})
+$$
+
+with $c$ the central index. Sharing is the identity of that one ``Parameter``:
+``model.parameters()`` yields it once (so #To counts it once), an optimizer step
+updates it once and every user sees it, and
+[shared_central_groups][mpotn.compression.sharing.shared_central_groups] reads the
+groups back off the model. A save records them (the optional ``shared_centrals``
+field of ``mpotn_config.json``, see [mpotn.compression.serialization][]); the
+weights file stores the tensor once and [read][mpotn.compression.serialization.read]
+ties the layers again ([tie_centrals][mpotn.compression.sharing.tie_centrals]).
+
+Cutting the bond of a shared central is not supported yet: ``load_mpo`` on such a
+layer and squeezing a model with shared centrals raise ``ValueError`` rather than
+silently give one layer its own copy.
+
+Examples
+--------
+>>> import torch
+>>> from transformers import BertConfig, BertModel
+>>> from mpotn.compression import compress
+>>> torch.manual_seed(0) and None
+>>> bert = BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3,
+...                             num_attention_heads=2, intermediate_size=48))
+>>> model = compress(bert, targets=["ffn"], n=3, progress=False)
+>>> before = model.totals()["total_params"]
+>>> report = share_centrals(model, init="fit")
+>>> [row["group"] for row in report if row["kind"] == "group"]
+['ffn_in', 'ffn_out']
+>>> layers = model.mpo_layers()
+>>> layers["encoder.layer.0.output.dense"].central is layers["encoder.layer.2.output.dense"].central
+True
+>>> saved = sum(row["saved_params"] for row in report if row["kind"] == "group")
+>>> before - model.totals()["total_params"] == saved
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpotn.compression.architectures import layer_index, matrix_type
+from mpotn.compression.config import MPO_LAYERS
+from mpotn.mpo import SWEEP_DTYPE, _interleaved
+from mpotn.table import Table
+
+#: The initialisations of the shared central tensor.
+INITS = ("fit", "layer")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The module holding the layers: an MPOModel's ``base_model``, or ``model`` itself."""
+    return model.base_model if callable(getattr(type(model), "mpo_layers", None)) else model
+
+
+def _mpo_layers(base: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in base.named_modules() if isinstance(m, MPO_LAYERS)}
+
+
+def shared_central_groups(model: nn.Module) -> list[list[str]]:
+    """Module names of the MPO layers that use one central tensor, per tensor (groups of
+    two or more, in module order); ``[]`` when nothing is shared.
+
+    ``model`` is an [MPOModel][mpotn.compression.model.MPOModel] (names relative to its
+    ``base_model``) or any module.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, layer in _mpo_layers(_base(model)).items():
+        groups.setdefault(id(layer.central), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _mark(base: nn.Module) -> None:
+    """Record on every MPO layer whether its central tensor is shared, and by how many
+    layers (``layer._shared_central = (tensor, users)``, which ``load_mpo`` checks)."""
+    layers = _mpo_layers(base)
+    users: dict[int, int] = {}
+    for layer in layers.values():
+        users[id(layer.central)] = users.get(id(layer.central), 0) + 1
+    for layer in layers.values():
+        count = users[id(layer.central)]
+        if count > 1:
+            layer._shared_central = (layer.central, count)  # a tuple: not registered
+        elif hasattr(layer, "_shared_central"):
+            del layer._shared_central
+
+
+def _check_group(base: nn.Module, names: Sequence[str], layers: dict[str, nn.Module]) -> None:
+    if isinstance(names, str) or len(names) < 2:
+        raise ValueError(f"a group of layers sharing a central tensor lists two or more "
+                         f"module names, got {names!r}")
+    for name in names:
+        if name not in layers:
+            raise ValueError(f"{name!r} is not an MPO layer of the model (MPOLinear or "
+                             "MPOEmbedding); compress it first, or leave it out of the group")
+    first = layers[names[0]]
+    for name in names[1:]:
+        layer = layers[name]
+        for what in ("row_shape", "col_shape", "bond_dims"):
+            if getattr(layer, what) != getattr(first, what):
+                raise ValueError(
+                    f"layers sharing a central tensor need equal row/col factorizations and "
+                    f"bond dimensions, but {what} of {name!r} is {list(getattr(layer, what))} "
+                    f"and of {names[0]!r} {list(getattr(first, what))}; compress them with the "
+                    "same n, row_shape / col_shape and bond_dims (or max_bond)")
+        if type(layer) is not type(first):
+            raise ValueError(f"{name!r} is an {type(layer).__name__} and {names[0]!r} an "
+                             f"{type(first).__name__}; a group shares among one kind")
+
+
+def default_groups(model: nn.Module) -> list[list[str]]:
+    """One group per matrix type over the numbered layers: every MPO layer of a
+    ``...layer.N...`` module, grouped by
+    [matrix_type][mpotn.compression.architectures.matrix_type] in layer order; types
+    found in fewer than two layers are left out."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in _mpo_layers(_base(model)):
+        index = layer_index(name)
+        if index is not None:
+            groups.setdefault(matrix_type(name), []).append((index, name))
+    return [[name for _, name in sorted(members)] for members in groups.values()
+            if len(members) > 1]
+
+
+def tie_centrals(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
+    """Make the layers of each group use the first one's central ``Parameter`` (its values
+    are the group's); used after a load, where the weights file holds it once.
+
+    Raises
+    ------
+    ValueError
+        For a name that is no MPO layer, a group of fewer than two, or layers of
+        different factorizations or bond dimensions.
+    """
+    base = _base(model)
+    layers = _mpo_layers(base)
+    for names in groups:
+        _check_group(base, names, layers)
+        shared = layers[names[0]].central
+        for name in names[1:]:
+            layer = layers[name]
+            layer.cores[layer.central_index] = shared
+            layer._cache = None
+    _mark(base)
+
+
+# ------------------------------------------------------------------ fitting
+def _cores3(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Cores as ``(d_{k-1}, i_k j_k, d_k)`` in float64."""
+    return [c.detach().to(SWEEP_DTYPE).reshape(c.shape[0], -1, c.shape[3]) for c in cores]
+
+
+def _left(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """``E``: cores ``0..k-1`` contracted, ``(P_{<k}, d_k)``."""
+    env = torch.ones(1, 1, dtype=SWEEP_DTYPE, device=cores[0].device)
+    for core in cores[:k]:
+        env = torch.einsum("pa,amb->pmb", env, core).reshape(-1, core.shape[2])
+    return env
+
+
+def _right(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """``F``: cores ``k+1..n-1`` contracted, ``(d_{k+1}, P_{>k})``."""
+    env = torch.ones(1, 1, dtype=SWEEP_DTYPE, device=cores[0].device)
+    for core in reversed(cores[k + 1:]):
+        env = torch.einsum("amb,bq->amq", core, env).reshape(core.shape[0], -1)
+    return env
+
+
+def _normal(cores: Sequence[torch.Tensor], k: int, target: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normal equations of core ``k`` in ``||T - E T_k F||^2``: ``G = E^T E``,
+    ``X = E^T T F^T`` and ``H = F F^T``, so the least-squares core solves
+    ``G T_k H = X``."""
+    left, right = _left(cores, k), _right(cores, k)
+    t = target.reshape(left.shape[0], cores[k].shape[1], right.shape[1])
+    x = torch.einsum("pa,pmq,bq->amb", left, t, right)
+    return left.T @ left, x, right @ right.T
+
+
+def _sandwich(g: torch.Tensor, core: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ab,bmc,cd->amd", g, core, h)
+
+
+def _solve_shared(systems: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  start: torch.Tensor, iterations: int = 500, tol: float = 1e-13
+                  ) -> torch.Tensor:
+    r"""The shared central minimising $\sum_l \|T_l - E_l C F_l\|^2$: the solution of
+    $\sum_l G_l C H_l = \sum_l X_l$ by preconditioned conjugate gradients from ``start``
+    (preconditioner $\bar G^+ R \bar H^+$, exact when the layers' Gram matrices agree).
+    Every iterate lowers the objective, so the result is never worse than ``start``."""
+    rhs = sum(x for _, x, _ in systems)
+    g_inv = torch.linalg.pinv(sum(g for g, _, _ in systems) / len(systems), hermitian=True)
+    h_inv = torch.linalg.pinv(sum(h for _, _, h in systems) / len(systems), hermitian=True)
+
+    def apply(c: torch.Tensor) -> torch.Tensor:
+        return sum(_sandwich(g, c, h) for g, _, h in systems)
+
+    c = start.clone()
+    r = rhs - apply(c)
+    scale = float(rhs.norm()) or 1.0
+    z = _sandwich(g_inv, r, h_inv)
+    p = z.clone()
+    rz = float((r * z).sum())
+    for _ in range(iterations):
+        if float(r.norm()) <= tol * scale:
+            break
+        ap = apply(p)
+        curvature = float((p * ap).sum())
+        if curvature <= 0:
+            break
+        alpha = rz / curvature
+        c = c + alpha * p
+        r = r - alpha * ap
+        z = _sandwich(g_inv, r, h_inv)
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p if rz else z
+        rz = rz_new
+    return c
+
+
+def _dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    return _left(cores, len(cores)).reshape(-1)
+
+
+def _objective(chains: list[list[torch.Tensor]], targets: list[torch.Tensor]) -> float:
+    return sum(float((t - _dense(c)).pow(2).sum()) for c, t in zip(chains, targets))
+
+
+def _fit(chains: list[list[torch.Tensor]], targets: list[torch.Tensor], center: int,
+         sweeps: int) -> torch.Tensor:
+    """Alternating least squares on $\\sum_l \\|T_l - \\mathrm{MPO}(A_l, C, B_l)\\|^2$, in
+    place on ``chains`` (whose central entries all become the fitted $C$)."""
+    def central_step() -> None:
+        systems = [_normal(chain, center, t) for chain, t in zip(chains, targets)]
+        shared = _solve_shared(systems, chains[0][center])
+        for chain in chains:
+            chain[center] = shared
+
+    central_step()
+    previous = _objective(chains, targets)
+    for _ in range(sweeps):
+        for chain, target in zip(chains, targets):
+            for k in range(len(chain)):
+                if k != center:
+                    g, x, h = _normal(chain, k, target)
+                    chain[k] = _sandwich(torch.linalg.pinv(g, hermitian=True), x,
+                                         torch.linalg.pinv(h, hermitian=True))
+        central_step()
+        now = _objective(chains, targets)
+        if previous - now <= 1e-12 * max(previous, 1e-300):
+            break
+        previous = now
+    return chains[0][center]
+
+
+def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = None,
+                   init: str = "fit", sweeps: int = 5) -> Table:
+    r"""Make each group of MPO layers share one central tensor (MPOBERT), each layer
+    keeping its own auxiliary tensors; the model is changed in place.
+
+    Parameters
+    ----------
+    model:
+        A compressed model ([MPOModel][mpotn.compression.model.MPOModel], or a module
+        holding MPO layers).
+    groups:
+        Lists of module names (relative to ``base_model``) whose layers share one
+        central tensor $C$, e.g. consecutive layers; by default one group per matrix
+        type over all numbered layers
+        ([default_groups][mpotn.compression.sharing.default_groups]). The layers of a
+        group must have equal row and column factorizations and bond dimensions.
+    init:
+        ``"layer"``: $C$ is the central tensor of the group's first layer, the other
+        layers' auxiliary tensors unchanged (what the MPOBERT reference code does).
+        ``"fit"``: alternating least squares on
+        $\sum_l \|M_l - \mathrm{MPO}(A_l, C, B_l)\|_F^2$ over the group, $M_l$ each
+        layer's matrix before sharing (zero-padded, as Algorithm 1 has it): $C$ in
+        closed form given every layer's auxiliary tensors ($C$ enters linearly; the
+        normal equations $\sum_l G_l C H_l = \sum_l X_l$ are solved by conjugate
+        gradients), then each auxiliary tensor of each layer given the rest, for
+        ``sweeps`` sweeps, in float64. It starts from the layers' own auxiliary
+        tensors, so its total error is never above ``"layer"``'s.
+    sweeps:
+        Most ALS sweeps of ``"fit"`` (it stops early once the error stops falling).
+
+    Returns
+    -------
+    Table
+        One row per layer (``kind`` ``"layer"``): its ``group`` (the matrix type, or
+        ``group <i>``), ``name``, ``norm`` $\|M_l\|_F$, the relative error
+        $\|M_l - \mathrm{MPO}_l\|_F / \|M_l\|_F$ of the ``"layer"`` initialisation
+        (``layer_init_error``; its first layer's is 0) and of the chosen one
+        (``error``; before sharing every error is 0, $M_l$ being the layer's own
+        matrix); then one row per group (``kind`` ``"group"``) with the same errors
+        over the whole group ($\sqrt{\sum_l \|M_l - \mathrm{MPO}_l\|^2 / \sum_l
+        \|M_l\|^2}$), the shared tensor's ``central_params`` $|C|$ and the
+        ``saved_params`` $(L - 1)|C|$ for its $L$ layers.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``init``, a name that is not an MPO layer, a name in two
+        groups, a group of fewer than two layers, or layers of one group whose
+        factorizations or bond dimensions differ.
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps must be a whole number >= 0, got {sweeps!r}")
+    base = _base(model)
+    layers = _mpo_layers(base)
+    named = groups is None
+    groups = default_groups(base) if groups is None else [list(g) for g in groups]
+    if not groups:
+        raise ValueError("no two numbered MPO layers of one matrix type to share a central "
+                         "tensor; compress the model's layers first, or pass groups=")
+    seen: set[str] = set()
+    for names in groups:
+        _check_group(base, names, layers)
+        twice = seen.intersection(names)
+        if twice:
+            raise ValueError(f"{sorted(twice)} appear in more than one group")
+        seen.update(names)
+    report = Table()
+    for index, names in enumerate(groups):
+        label = matrix_type(names[0]) if named else f"group {index}"
+        report.extend(_share_group([layers[n] for n in names], names, label, init, sweeps))
+    _mark(base)
+    return report
+
+
+@torch.no_grad()
+def _share_group(group: list[nn.Module], names: list[str], label: str, init: str,
+                 sweeps: int) -> list[dict[str, Any]]:
+    first = group[0]
+    center = first.central_index
+    matrices = [layer.matrix().detach().to(SWEEP_DTYPE) for layer in group]
+    targets = [_interleaved(m, layer.row, layer.col).reshape(-1)
+               for m, layer in zip(matrices, group)]
+    chains = [_cores3(layer._core_tensors()) for layer in group]
+    central = chains[0][center]
+
+    def errors(shared: torch.Tensor, chains: list[list[torch.Tensor]]) -> list[float]:
+        out = []
+        for layer, chain, m in zip(group, chains, matrices):
+            cores = [shared if k == center else c for k, c in enumerate(chain)]
+            cores = [c.reshape(c.shape[0], i, j, c.shape[2])
+                     for c, i, j in zip(cores, layer.row.factors, layer.col.factors)]
+            rebuilt = layer.contractor.rebuild(cores)
+            out.append(float((m - rebuilt).norm()))
+        return out
+
+    layer_errors = errors(central, chains)
+    if init == "fit":
+        fitted = [list(chain) for chain in chains]
+        central = _fit(fitted, targets, center, sweeps)
+        chains = fitted
+    final = layer_errors if init == "layer" else errors(central, chains)
+    reference = first.central
+    shared = nn.Parameter(
+        central.reshape(reference.shape).to(reference.device, reference.dtype).clone(),
+        requires_grad=any(layer.central.requires_grad for layer in group))
+    with torch.no_grad():
+        for layer, chain in zip(group, chains):
+            for k, (param, core) in enumerate(zip(layer._core_tensors(), chain)):
+                if k != center:
+                    param.copy_(core.reshape(param.shape))
+            layer.cores[center] = shared
+            layer._cache = None
+    norms = [float(m.norm()) for m in matrices]
+    rows = [{"kind": "layer", "group": label, "name": name, "norm": norm,
+             "layer_init_error": e0 / norm if norm else 0.0,
+             "error": e / norm if norm else 0.0,
+             "central_params": None, "saved_params": None}
+            for name, norm, e0, e in zip(names, norms, layer_errors, final)]
+    total = sum(n * n for n in norms) ** 0.5
+
+    def pooled(errs: list[float]) -> float:
+        return sum(e * e for e in errs) ** 0.5 / total if total else 0.0
+
+    rows.append({"kind": "group", "group": label, "name": f"{len(group)} layers",
+                 "norm": total, "layer_init_error": pooled(layer_errors),
+                 "error": pooled(final), "central_params": shared.numel(),
+                 "saved_params": (len(group) - 1) * shared.numel()})
+    return rows

@@ -1,0 +1,261 @@
+"""Central tensors shared across layers (issue 14, MPOBERT): share_centrals, counts,
+training, save/load, and the refusals of load_mpo and squeezing."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from mpotn.compression import compress, load
+from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.compression.serialization import CONFIG_NAME
+from mpotn.compression.sharing import share_centrals, shared_central_groups
+from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, cut, direct_truncation
+from mpotn.finetune.strategies import apply_strategy
+from mpotn.finetune.training import TrainingConfig
+
+#: Layers of the tiny BERT, and the central tensor sizes |C| of its matrix types
+#: (32 x 32: bonds (1, 4, 16, 1), C is 4 x 4 x 4 x 16; 32 x 48 / 48 x 32: 6 x 4 x 4 x 16).
+LAYERS = 3
+CENTRAL = {"query": 1024, "key": 1024, "value": 1024, "attn_out": 1024, "ffn_in": 1536,
+           "ffn_out": 1536}
+SAVED = (LAYERS - 1) * sum(CENTRAL.values())  # 14336
+QUERY = [f"encoder.layer.{i}.attention.self.query" for i in range(LAYERS)]
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=LAYERS,
+                                num_attention_heads=2, intermediate_size=48)).eval()
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_bert()
+
+
+def compressed(bert):
+    return compress(copy.deepcopy(bert), targets=["attention", "ffn"], n=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def shared_layer(bert):
+    model = compressed(bert)
+    before = {"totals": model.totals(),
+              "matrices": {n: m.matrix().detach().clone() for n, m in model.mpo_layers().items()}}
+    report = share_centrals(model, init="layer")
+    return model, report, before
+
+
+@pytest.fixture(scope="module")
+def shared_fit(bert):
+    model = compressed(bert)
+    matrices = {n: m.matrix().detach().clone() for n, m in model.mpo_layers().items()}
+    report = share_centrals(model, init="fit", sweeps=3)
+    return model, report, matrices
+
+
+def ids():
+    return torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def output(model):
+    with torch.no_grad():
+        return model(input_ids=ids()).last_hidden_state
+
+
+def test_one_parameter_object_is_the_central_of_every_layer_of_a_group(shared_layer):
+    model, report, _ = shared_layer
+    layers = model.mpo_layers()
+    groups = shared_central_groups(model)
+    assert [row["group"] for row in report if row["kind"] == "group"] == list(CENTRAL)
+    assert len(groups) == 6 and groups[0] == QUERY
+    for names in groups:
+        shared = layers[names[0]].central
+        assert isinstance(shared, nn.Parameter) and shared.numel() == CENTRAL[
+            report[[r["name"] for r in report].index(names[0])]["group"]]
+        for name in names:
+            layer = layers[name]
+            assert layer.central is shared and layer.cores[layer.central_index] is shared
+            assert layer.central.data_ptr() == shared.data_ptr()
+        auxiliary = [id(c) for name in names for c in layers[name].auxiliary]
+        assert len(set(auxiliary)) == 2 * LAYERS  # each layer keeps its own
+    assert sum(p is layers[QUERY[0]].central for p in model.parameters()) == 1
+
+
+def test_counts_take_a_shared_central_once(shared_layer):
+    model, report, before = shared_layer
+    totals = model.totals()
+    assert before["totals"]["total_params"] == 48200
+    assert totals["total_params"] == 48200 - SAVED == 33864
+    assert sum(row["saved_params"] for row in report if row["kind"] == "group") == SAVED
+    assert count_parameters(model.parameters()) == totals["total_params"]
+    # #Pr (auxiliary tensors, biases, norms) does not change: no central is in it
+    assert totals["lfa_trainable_params"] == before["totals"]["lfa_trainable_params"]
+    names = [name for name, _ in lfa_parameters(model.base_model)]
+    assert not any(name.endswith("cores.1") for name in names)
+
+
+def test_strategies_train_the_shared_central_once(bert):
+    model = compressed(bert)
+    share_centrals(model, init="layer")
+    central = apply_strategy(model.base_model, "central")
+    assert central["trainable_params"] == sum(CENTRAL.values()) == 7168
+    lfa = apply_strategy(model.base_model, "lfa")
+    assert lfa["trainable_params"] == model.totals()["lfa_trainable_params"]
+    assert all(not layer.central.requires_grad for layer in model.mpo_layers().values())
+
+
+def test_layer_init_takes_the_first_layers_central(shared_layer):
+    model, report, before = shared_layer
+    rows = {row["name"]: row for row in report if row["kind"] == "layer"}
+    for names in shared_central_groups(model):
+        assert rows[names[0]]["layer_init_error"] < 1e-6  # its own central, unchanged
+        for name in names[1:]:  # random layers: another layer's central is far off
+            assert rows[name]["layer_init_error"] > 1.2
+            assert rows[name]["error"] == rows[name]["layer_init_error"]
+    for name, layer in model.mpo_layers().items():
+        m = before["matrices"][name]
+        actual = float((layer.matrix().detach() - m).norm() / m.norm())
+        assert actual == pytest.approx(rows[name]["error"], rel=1e-4, abs=1e-6)
+
+
+def test_fit_init_is_closer_than_layer_init_on_every_group(shared_fit):
+    model, report, matrices = shared_fit
+    groups = [row for row in report if row["kind"] == "group"]
+    assert len(groups) == 6
+    for row in groups:
+        assert row["error"] <= row["layer_init_error"]
+        assert row["layer_init_error"] > 1.1 and row["error"] < 0.7
+    rows = {row["name"]: row for row in report if row["kind"] == "layer"}
+    for name, layer in model.mpo_layers().items():
+        m = matrices[name]
+        actual = float((layer.matrix().detach() - m).norm() / m.norm())
+        assert actual == pytest.approx(rows[name]["error"], rel=1e-4, abs=1e-6)
+    assert model.totals()["total_params"] == 48200 - SAVED
+
+
+def test_fit_reproduces_identical_layers_exactly():
+    bert = tiny_bert(1)
+    with torch.no_grad():
+        for layer in bert.encoder.layer[1:]:
+            layer.load_state_dict(bert.encoder.layer[0].state_dict())
+    model = compressed(bert)
+    matrices = {n: m.matrix().detach().clone() for n, m in model.mpo_layers().items()}
+    report = share_centrals(model, init="fit", sweeps=2)
+    assert max(row["error"] for row in report) < 1e-6
+    for name, layer in model.mpo_layers().items():
+        assert float((layer.matrix().detach() - matrices[name]).abs().max()) < 1e-6
+
+
+def test_explicit_groups_of_consecutive_layers(bert):
+    model = compressed(bert)
+    report = share_centrals(model, groups=[QUERY[:2]], init="fit", sweeps=1)
+    assert [row["group"] for row in report] == ["group 0"] * 3
+    assert shared_central_groups(model) == [QUERY[:2]]
+    layers = model.mpo_layers()
+    assert layers[QUERY[2]].central is not layers[QUERY[0]].central
+    assert model.totals()["total_params"] == 48200 - CENTRAL["query"]
+
+
+def test_mismatched_or_bad_groups_are_refused(bert):
+    model = compressed(bert)
+    mismatched = [QUERY[0], "encoder.layer.0.intermediate.dense"]
+    with pytest.raises(ValueError, match=r"col_shape of 'encoder.layer.0.intermediate.dense' "
+                                         r"is \[3, 4, 4\].*compress them with the same n"):
+        share_centrals(model, groups=[mismatched])
+    with pytest.raises(ValueError, match="not an MPO layer"):
+        share_centrals(model, groups=[[QUERY[0], "pooler.dense"]])
+    with pytest.raises(ValueError, match="more than one group"):
+        share_centrals(model, groups=[QUERY[:2], QUERY[1:]])
+    with pytest.raises(ValueError, match="two or more"):
+        share_centrals(model, groups=[QUERY[:1]])
+    with pytest.raises(ValueError, match="init must be one of"):
+        share_centrals(model, init="mean")
+    assert shared_central_groups(model) == []  # nothing was changed
+
+
+def test_a_training_step_updates_the_shared_central_once(bert):
+    model = compressed(bert)
+    share_centrals(model, init="layer")
+    model.eval()  # no dropout: both models compute the same function
+    untied = copy.deepcopy(model)  # the same values, each layer its own central
+    for layer in untied.mpo_layers().values():
+        layer.cores[layer.central_index] = nn.Parameter(layer.central.detach().clone())
+    assert shared_central_groups(untied) == []
+    weights = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
+    for m in (model, untied):  # (the squared norm of a LayerNorm output is constant)
+        m.zero_grad()
+        (m(input_ids=ids()).last_hidden_state * weights).sum().backward()
+    layers, separate = model.mpo_layers(), untied.mpo_layers()
+    shared = layers[QUERY[0]].central
+    expected = sum(separate[name].central.grad for name in QUERY)
+    assert float(expected.norm()) > 1e-3
+    assert torch.allclose(shared.grad, expected, atol=1e-6)
+    before = {name: layers[name].matrix().detach().clone() for name in QUERY}
+    value = shared.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.step()
+    assert torch.allclose(shared, value - 0.1 * expected, atol=1e-6)  # one step, not three
+    for name in QUERY:
+        assert layers[name].central is shared
+        assert not torch.equal(layers[name].matrix(), before[name])  # every user sees it
+
+
+def test_save_and_load_keep_the_sharing(shared_fit, tmp_path):
+    model, _, _ = shared_fit
+    model.eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["format_version"] == 1
+    assert config["shared_centrals"] == shared_central_groups(model)
+    with safe_open(str(tmp_path / config["weights"]), framework="pt") as handle:
+        names = handle.keys()  # a safe_open handle is not iterable
+    centrals = [k for k in names if k.endswith("cores.1")]
+    assert len(centrals) == 6  # one tensor per group, not per layer
+    again = load(tmp_path)
+    assert shared_central_groups(again) == shared_central_groups(model)
+    layers = again.mpo_layers()
+    for names in shared_central_groups(again):
+        assert all(layers[n].central is layers[names[0]].central for n in names)
+        assert len({layers[n].central.data_ptr() for n in names}) == 1
+    assert torch.equal(output(again), output(model))
+    assert again.totals() == model.totals()
+    with pytest.raises(ValueError, match="shared by 3 layers"):
+        layers[QUERY[1]].load_mpo(layers[QUERY[1]].mpo())
+
+
+def test_saves_without_sharing_have_no_new_field(bert, tmp_path):
+    model = compressed(bert)
+    model.save_pretrained(tmp_path)
+    assert "shared_centrals" not in json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert shared_central_groups(load(tmp_path)) == []
+
+
+def test_load_mpo_refuses_a_shared_central_and_keeps_working_elsewhere(bert):
+    model = compressed(bert)
+    share_centrals(model, groups=[QUERY[:2]], init="layer")
+    layers = model.mpo_layers()
+    with pytest.raises(ValueError, match="this layer's central tensor is shared by 2 layers"):
+        layers[QUERY[0]].load_mpo(layers[QUERY[0]].mpo().truncate(max_bond=2))
+    assert layers[QUERY[0]].central is layers[QUERY[1]].central
+    assert layers[QUERY[0]].bond_dims == (1, 4, 16, 1)
+    layers[QUERY[2]].load_mpo(layers[QUERY[2]].mpo().truncate(max_bond=2))  # not shared
+    assert layers[QUERY[2]].bond_dims == (1, 2, 2, 1)
+
+
+def test_squeezing_refuses_shared_centrals(shared_layer, tmp_path):
+    model, _, _ = shared_layer
+    dims = {QUERY[0]: [1, 4, 8, 1]}
+    with pytest.raises(ValueError, match=r"share central tensors .*would silently unshare"):
+        cut(model, QUERY[0], 2, 8)
+    with pytest.raises(ValueError, match="share central tensors"):
+        direct_truncation(model, None, None, dims, TrainingConfig(), 0)
+    with pytest.raises(ValueError, match="share central tensors"):
+        Squeezer(model, None, None, SqueezeConfig(), TrainingConfig(), tmp_path).run()
+    assert model.mpo_layers()[QUERY[0]].bond_dims == (1, 4, 16, 1)
+    assert not (tmp_path / "checkpoints").exists()
