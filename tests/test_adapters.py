@@ -103,3 +103,15 @@ def test_an_adapter_needs_a_base_save(tmp_path):
                          progress=False)
     with pytest.raises(ValueError, match="adapter_only=True needs the compressed save"):
         model.save_pretrained(tmp_path, adapter_only=True)
+
+
+def test_the_cli_refuses_adapter_only_for_a_model_that_is_not_a_compressed_save(tmp_path,
+                                                                                capsys):
+    from mpotn.cli import main
+
+    code = main(["finetune", "--adapter-only", "--strategy", "lfa", "--max-steps", "1",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert ("--adapter-only needs MODEL to be a compressed save, the adapter's base; the "
+            "embedded model is not one") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -82,6 +82,16 @@ def test_core_changes_experiment_quick_mode(tmp_path):
         "query", "key", "value", "attn_out", "ffn_in", "ffn_out"}
 
 
+def test_adapter_size_experiment_reloads_the_adapter_exactly_at_a_twentieth_of_the_save(
+        tmp_path):
+    out = tmp_path / "adapter_size.json"
+    assert load_benchmark("adapter_size").main(["--quick", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["max_abs_logit_difference"] == 0.0 and row["frozen_as_trained"]
+    assert 0.03 < row["adapter_over_whole"] < 0.07
+    assert abs(row["adapter_bytes"] - 4 * row["trainable_params"]) < 65536
+
+
 def test_calibrated_fidelity_benchmark_skips_finished_rows_and_reports_them(tmp_path):
     """Rows already in the JSON are not recomputed; the table lists every stored row."""
     bench = load_benchmark("fidelity_calibrated")

@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "checkpoints go to OUT/checkpoints (every --save-steps steps and at the end, the "
             "last two kept); --resume continues a stopped run. Writes metrics.json (metric, "
             "trainable and total parameters, wall time), history.csv/json, history.png and "
-            "model/ to --out."
+            "model/ (or, with --adapter-only, adapter/) to --out."
         ),
     )
     common._add_model_and_task(finetune)
@@ -47,6 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="compress the MPO matrices to this rho first (default: full rank)")
     cut.add_argument("--max-bond", type=common._positive_int, default=None,
                      help="compress the MPO matrices to this bond first (default: full rank)")
+    finetune.add_argument("--adapter-only", action="store_true",
+                          help="save only what training changed, to OUT/adapter, as an adapter "
+                               "of MODEL, which must be a compressed save (mpotn compress "
+                               "--out DIR); mpotn.load(OUT/adapter, base=MODEL) reads it")
     common._add_training(finetune, epochs=3.0, default_out="mpotn-finetune")
     checkpoints = finetune.add_argument_group("checkpoints")
     checkpoints.add_argument("--save-steps", type=common._positive_int, default=None,
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mpotn.atomic import check_writable
+    from mpotn.compression.serialization import is_saved_model
     from mpotn.finetune.training import (
         SAVE_STEPS,
         check_device,
@@ -75,9 +80,15 @@ def run(args: argparse.Namespace) -> None:
     )
 
     common.check_out(args.out)
+    if args.adapter_only and not (args.model and is_saved_model(args.model)):
+        raise ValueError(
+            f"--adapter-only needs MODEL to be a compressed save, the adapter's base; "
+            f"{args.model or 'the embedded model'} is not one: compress it first "
+            "(mpotn compress MODEL --out DIR) and fine-tune DIR")
     check_device(args.device)
     resume_checkpoint(args.out, args.resume)  # nothing to resume, or a run already there
-    check_writable(Path(args.out) / "model", args.overwrite)
+    check_writable(Path(args.out) / ("adapter" if args.adapter_only else "model"),
+                   args.overwrite)
     data = common.load_task(args)
     config = common.training_config(args, args.strategy, k=args.k, lora_rank=args.lora_rank)
     compression = {k: v for k, v in (("ratio", args.ratio), ("max_bond", args.max_bond))
@@ -91,6 +102,6 @@ def run(args: argparse.Namespace) -> None:
     if not is_main_process():
         return  # the main process of a distributed launch writes and reports the run
     paths = write_run(result, tokenizer, args.out, f"fine-tuning ({args.strategy})",
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, adapter_only=args.adapter_only)
     common._print_record(result.record, f"{data.spec.name}, strategy {args.strategy}:")
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

@@ -805,11 +805,16 @@ def lfa_budget(model: nn.Module) -> int:
 
 
 def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
-              title: str, overwrite: bool = False) -> dict[str, Path]:
+              title: str, overwrite: bool = False, adapter_only: bool = False
+              ) -> dict[str, Path]:
     """Write ``metrics.json``, ``history.csv`` / ``.json``, ``history.png`` and ``model/``
-    (see [save_model][mpotn.finetune.training.save_model] for ``overwrite``)."""
+    -- or, with ``adapter_only``, ``adapter/``: only the trained parameters, an adapter of
+    the compressed save the model was loaded from
+    ([mpotn.compression.adapters][]); see [save_model][mpotn.finetune.training.save_model]
+    for ``overwrite``."""
     out = Path(out)
-    check_writable(out / "model", overwrite)
+    folder = out / ("adapter" if adapter_only else "model")
+    check_writable(folder, overwrite)
     paths = {
         "metrics": write_text(out / "metrics.json", json.dumps(result.record, indent=2)),
         "history_json": write_text(out / "history.json", json.dumps(list(result.history),
@@ -820,18 +825,21 @@ def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
         paths["core_changes"] = write_text(out / "core_changes.csv", result.core_changes.to_csv())
     if len(result.history):
         paths["plot"] = draw_history(result.history, "step", ["loss"], out / "history.png", title)
-    paths["model"] = save_model(result.model, tokenizer, out / "model", overwrite)
+    paths["adapter" if adapter_only else "model"] = save_model(
+        result.model, tokenizer, folder, overwrite, adapter_only)
     return paths
 
 
 def save_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, adapter_only: bool = False) -> Path:
     """Save a trained model and its tokenizer, replacing what mpotn wrote in ``directory``
     atomically ([mpotn.atomic.atomic_dir][]).
 
     An [MPOModel][mpotn.compression.model.MPOModel] is an mpotn save (``mpotn.load`` and
     [prepare_model][mpotn.finetune.training.prepare_model] read it back); other models use Hugging
-    Face's ``save_pretrained`` (a PEFT model saves its adapters).
+    Face's ``save_pretrained`` (a PEFT model saves its adapters). ``adapter_only``
+    writes an MPOModel's trained parameters alone, as an adapter of the save it was
+    loaded from (``mpotn.load(directory, base=...)`` reads it).
 
     Raises
     ------
@@ -840,6 +848,9 @@ def save_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike,
         list them) and ``overwrite`` is false; with it they are kept.
     """
     with atomic_dir(directory, overwrite) as tmp:
-        model.save_pretrained(str(tmp))
+        if adapter_only:  # an MPOModel loaded from a compressed save
+            model.save_pretrained(str(tmp), adapter_only=True)
+        else:
+            model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return Path(directory)
