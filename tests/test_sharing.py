@@ -259,3 +259,36 @@ def test_squeezing_refuses_shared_centrals(shared_layer, tmp_path):
         Squeezer(model, None, None, SqueezeConfig(), TrainingConfig(), tmp_path).run()
     assert model.mpo_layers()[QUERY[0]].bond_dims == (1, 4, 16, 1)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_edited_shared_centrals_field_is_refused(shared_layer, tmp_path):
+    model, _, _ = shared_layer
+    model.save_pretrained(tmp_path)
+    path = tmp_path / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config["shared_centrals"] = [QUERY[:1]]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="invalid shared_centrals"):
+        load(tmp_path)
+    config["shared_centrals"] = [QUERY[:2]]  # well-formed, but not what was saved
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="was edited after it was saved"):
+        load(tmp_path)
+
+
+def test_adapters_and_merge_respect_the_sharing(bert, tmp_path):
+    model = compressed(bert)
+    share_centrals(model, init="layer")
+    model.save_pretrained(tmp_path / "base")
+    tuned = load(tmp_path / "base")
+    assert apply_strategy(tuned.base_model, "central")["trainable_params"] == 7168
+    with torch.no_grad():
+        for layer in tuned.mpo_layers().values():
+            layer.central.add_(0.01)  # three times on each shared tensor
+    tuned.save_pretrained(tmp_path / "adapter", adapter_only=True)
+    again = load(tmp_path / "adapter", base=tmp_path / "base")
+    assert shared_central_groups(again) == shared_central_groups(tuned)
+    assert torch.equal(output(again), output(tuned.eval()))
+    expected = output(tuned)
+    dense = copy.deepcopy(tuned).merge()
+    assert float((output(dense) - expected).abs().max()) < 1e-5
