@@ -94,6 +94,7 @@ def test_counts_take_a_shared_central_once(shared_layer):
     assert totals["total_params"] == 48200 - SAVED == 33864
     assert sum(row["saved_params"] for row in report if row["kind"] == "group") == SAVED
     assert count_parameters(model.parameters()) == totals["total_params"]
+    assert totals["central_params"] == before["totals"]["central_params"] - SAVED
     # #Pr (auxiliary tensors, biases, norms) does not change: no central is in it
     assert totals["lfa_trainable_params"] == before["totals"]["lfa_trainable_params"]
     names = [name for name, _ in lfa_parameters(model.base_model)]

@@ -90,7 +90,9 @@ class MPOModel(nn.Module):
           ([apply_strategy][mpotn.finetune.strategies.apply_strategy]) and
           [lfa_budget][mpotn.finetune.training.lfa_budget] count what a run trains,
           the new head included (``head=True``).
-        * ``central_params`` / ``auxiliary_params``: summed over the MPO layers.
+        * ``central_params`` / ``auxiliary_params``: summed over the MPO layers, a
+          central tensor shared by several layers
+          ([share_centrals][mpotn.compression.sharing.share_centrals]) once.
         * ``trainable_params``: parameters that require a gradient now.
         * ``compressed_matrices``: replaced modules, MPO and factorized layers (an
           output layer tied to a compressed embedding shares its matrix and is not
@@ -106,7 +108,8 @@ class MPOModel(nn.Module):
             "total_over_original": total / self.original_params,
             "lfa_trainable_params": pr,
             "lfa_over_original": pr / self.original_params,
-            "central_params": sum(m.central_params for m in mpo),
+            "central_params": count_parameters({id(m.central): m.central
+                                                for m in mpo}.values()),
             "auxiliary_params": sum(m.auxiliary_params for m in mpo),
             "trainable_params": count_parameters(p for p in params if p.requires_grad),
             "compressed_matrices": sum(not isinstance(m, TiedMPOLinear)
