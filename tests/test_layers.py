@@ -142,13 +142,15 @@ def test_every_layer_describes_itself_and_the_registry_rebuilds_it():
         LAYER_KINDS,
         FactorizedEmbedding,
         FactorizedLinear,
+        TiedMPOLinear,
         layer_from_spec,
     )
 
     layers = [MPOLinear(12, 10, n=2, bias=False), MPOEmbedding(20, 6, n=2, padding_idx=0),
+              TiedMPOLinear("embeddings", 6, 20, bias=True),
               FactorizedLinear.from_linear(nn.Linear(12, 10), "tucker", n=2),
               FactorizedEmbedding.from_embedding(nn.Embedding(20, 6), "cp", n=2, rank=3)]
-    assert list(LAYER_KINDS) == ["linear", "embedding", "factorized-linear",
+    assert list(LAYER_KINDS) == ["linear", "embedding", "tied-linear", "factorized-linear",
                                  "factorized-embedding"]
     for layer in layers:
         spec = layer.spec()
