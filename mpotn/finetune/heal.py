@@ -368,24 +368,19 @@ def _heal_arguments(config: HealConfig, output_dir: Path, progress: bool, save: 
     """
     return trainer_arguments(
         config.device,
+        seed=config.seed,
+        progress=progress,
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         max_steps=config.steps,
         learning_rate=config.lr,
         weight_decay=0.0,
         warmup_steps=warmup_steps(config, config.steps),
-        lr_scheduler_type="linear",
         logging_steps=config.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if save else "no",
         save_steps=config.save_steps,
         save_total_limit=2,
-        eval_strategy="no",
-        report_to=[],
-        seed=config.seed,
-        data_seed=config.seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
         remove_unused_columns=False,
     )
 

@@ -410,11 +410,14 @@ def _pinned_arguments() -> type:
     return PinnedTrainingArguments
 
 
-def trainer_arguments(device: str | None, **options: Any) -> Any:
+def trainer_arguments(device: str | None, *, seed: int = 42, progress: bool = True,
+                      **options: Any) -> Any:
     """``transformers.TrainingArguments(**options)`` that run on ``device``.
 
     Every Trainer of mpotn (fine-tuning, evaluation, squeezing, healing) gets its arguments
-    here, so that the device is chosen in one place:
+    here, with what they share: ``seed`` (also the data order's), a progress bar or not,
+    no evaluation, no reporting, a linear schedule and no dataloader workers unless
+    ``options`` say otherwise. The device is chosen here too:
 
     - ``None``: the Trainer's choice, CUDA when present (``cuda:0``, and ``DataParallel``
       over every visible GPU in a single process; under ``accelerate launch`` or
@@ -435,13 +438,16 @@ def trainer_arguments(device: str | None, **options: Any) -> Any:
     --------
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as scratch:
-    ...     args = trainer_arguments("cpu", output_dir=scratch, report_to=[])
+    ...     args = trainer_arguments("cpu", output_dir=scratch)
     >>> args.use_cpu, str(args.device)
     (True, 'cpu')
     """
     from transformers import TrainingArguments
 
     parsed = check_device(device)
+    options = {"eval_strategy": "no", "report_to": [], "lr_scheduler_type": "linear",
+               "dataloader_num_workers": 0, "seed": seed, "data_seed": seed,
+               "disable_tqdm": not progress, **options}
     on_cpu = parsed is not None and parsed.type == "cpu"
     options.setdefault("dataloader_pin_memory", torch.cuda.is_available() and not on_cpu)
     if on_cpu:
@@ -464,6 +470,8 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, pr
               if save_steps is not None else {"save_strategy": "no"})
     return trainer_arguments(
         config.device,
+        seed=config.seed,
+        progress=progress,
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=max(64, config.batch_size),
@@ -472,14 +480,7 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, pr
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         warmup_steps=warmup_steps(config, steps),
-        lr_scheduler_type="linear",
         logging_steps=max(1, steps // 20),
-        eval_strategy="no",
-        report_to=[],
-        seed=config.seed,
-        data_seed=config.seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
         **saving,
     )
 
