@@ -16,6 +16,8 @@ saving, Hugging Face helpers.
   compressed base;
 * ``mpotn.compression.sharing`` -- central tensors shared across layers
   (``share_centrals``, MPOBERT);
+* ``mpotn.compression.deepen`` -- deeper models whose new layers share the central
+  tensors (``deepen``, MPOBERT);
 * [mpotn.compression.merge][] -- back to a dense model
   ([merge][mpotn.compression.merge.merge]);
 * [mpotn.compression.models][] -- loading Hugging Face models, naming their matrices.
@@ -37,6 +39,7 @@ from mpotn.compression.config import (
     select_targets,
     tied_modules,
 )
+from mpotn.compression.deepen import deepen
 from mpotn.compression.merge import merge
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import (
@@ -64,6 +67,7 @@ __all__ = [
     "WeightMatrix",
     "compress",
     "count_parameters",
+    "deepen",
     "is_saved_model",
     "layer_index",
     "lfa_parameters",
