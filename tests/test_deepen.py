@@ -216,3 +216,19 @@ def test_roberta_classifier_and_electra(tmp_path):
     assert all(row["dense_params"] == 4 * 32 * 32 and row["shared_centrals"] == 2
                for row in report)
     assert electra.totals()["total_params"] - before == sum(row["params"] for row in report)
+
+
+def test_a_deeper_model_heals_from_its_shallow_original_at_matched_layers():
+    from mpotn.compression.models import load_tokenizer
+    from mpotn.finetune.heal import HealConfig, heal, matched_layers
+
+    assert matched_layers(6, 3) == [0, 2, 4, 6]
+    torch.manual_seed(0)  # the tokenizer's vocabulary, so that real sentences fit
+    bert = BertModel(BertConfig(**{**TINY, "vocab_size": 30522})).eval()
+    model = shared(bert)
+    deepen(model, depth=6)
+    sentences = ["a fine film .", "dull and slow .", "it works .", "not at all ."] * 4
+    config = HealConfig(steps=4, batch_size=4, heldout=4, learning_rate=5e-4)
+    result = heal(model, bert, load_tokenizer(), sentences, config, progress=False)
+    assert result.steps == 4 and result.mse_after < result.mse_before
+    assert len(model.encoder.layer) == 6

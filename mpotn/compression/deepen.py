@@ -18,8 +18,8 @@ sharing included.
 
 Healing afterwards -- distilling the original model into the deeper one so that it
 starts close to it -- is [heal][mpotn.finetune.heal.heal] (``mpotn heal MODEL --teacher
-ORIGINAL``); it compares the two models' hidden states one to one today, so it refuses
-a student deeper than its teacher until it learns a mapping of the layers.
+ORIGINAL``), which compares a deeper student at matched hidden states
+([matched_layers][mpotn.finetune.heal.matched_layers]).
 
 Examples
 --------
@@ -180,9 +180,8 @@ def deepen(model: nn.Module, depth: int, placement: str = "interleave") -> Table
     not compressed). ``original_params`` stays the shallower original's.
 
     Heal the deeper model afterwards by distillation from the original
-    ([heal][mpotn.finetune.heal.heal], ``mpotn heal MODEL --teacher ORIGINAL``); note
-    that heal matches hidden states one to one and so refuses, for now, a student
-    deeper than its teacher.
+    ([heal][mpotn.finetune.heal.heal], ``mpotn heal MODEL --teacher ORIGINAL``), which
+    compares teacher layer ``j`` with student layer ``round(j L_s / L_t)``.
 
     Parameters
     ----------

@@ -208,13 +208,17 @@ class HealResult:
 
 def _layer_errors(student: Any, teacher: Any, attention_mask: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per hidden state: summed squared error and summed teacher square, over real tokens."""
+    """Per hidden state of the teacher: summed squared error and summed teacher square, over
+    real tokens. A deeper student (``deepen``) is compared at its matched hidden states
+    ([matched_layers][mpotn.finetune.heal.matched_layers])."""
     ours, theirs = student.hidden_states, teacher.hidden_states
     if ours is None or theirs is None:
         raise ValueError("both models must return hidden_states (output_hidden_states=True)")
-    if len(ours) != len(theirs):
+    if len(ours) < len(theirs):
         raise ValueError(f"the student returns {len(ours)} hidden states and the teacher "
-                         f"{len(theirs)}: heal needs the model that was compressed as teacher")
+                         f"{len(theirs)}: heal needs the model that was compressed (or "
+                         "deepened) as teacher")
+    ours = [ours[k] for k in matched_layers(len(ours) - 1, len(theirs) - 1)]
     errors, scales = [], []
     for s, t in zip(ours, theirs):
         if s.shape != t.shape:
@@ -227,6 +231,21 @@ def _layer_errors(student: Any, teacher: Any, attention_mask: torch.Tensor | Non
         errors.append(((s - t).square() * mask).sum())
         scales.append((t.square() * mask).sum())
     return torch.stack(errors), torch.stack(scales)
+
+
+def matched_layers(student_layers: int, teacher_layers: int) -> list[int]:
+    """The student's hidden state compared with each of the teacher's: the embeddings with
+    the embeddings, teacher layer ``j`` with student layer ``round(j L_s / L_t)`` (the uniform
+    layer map of TinyBERT's distillation, here for a student as deep or deeper, as
+    [deepen][mpotn.compression.deepen.deepen] makes it), so the last with the last.
+
+    Examples
+    --------
+    >>> matched_layers(6, 6), matched_layers(12, 6)
+    ([0, 1, 2, 3, 4, 5, 6], [0, 2, 4, 6, 8, 10, 12])
+    """
+    return [round(j * student_layers / teacher_layers) if teacher_layers else 0
+            for j in range(teacher_layers + 1)]
 
 
 def _logits_error(student: Any, teacher: Any, attention_mask: torch.Tensor | None
