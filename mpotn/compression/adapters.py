@@ -41,6 +41,7 @@ from mpotn.compression.serialization import (
     CONFIG_NAME,
     SavedModel,
     _config_digest,
+    _own_weights,
     _read_config,
     _sha256,
     read,
@@ -160,11 +161,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     config["weights"], config["sha256"] = written.name, own
     write_text(directory / ADAPTER_NAME, json.dumps(config, indent=2))
     remove_stale_temps(directory / _ADAPTER_TEMP)
-    for path in directory.iterdir():
-        match = _ADAPTER_WEIGHTS.fullmatch(path.name)
-        if (match and path.name != written.name and path.is_file() and not path.is_symlink()
-                and _sha256(path).startswith(match.group(1))):
-            path.unlink()
+    for stale in _own_weights(directory, written.name, _ADAPTER_WEIGHTS):
+        stale.unlink()
     return directory
 
 

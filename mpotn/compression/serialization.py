@@ -181,11 +181,13 @@ def _config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _own_weights(directory: Path, keep: str) -> list[Path]:
+def _own_weights(directory: Path, keep: str, names: re.Pattern[str] = _WEIGHTS_NAME
+                 ) -> list[Path]:
     """Weights files of earlier saves in ``directory`` other than ``keep``: content-addressed
-    files whose content matches their name."""
+    files (named as ``names`` says, its group the first hex digits of the SHA-256) whose
+    content matches their name."""
     return [path for path in directory.iterdir()
-            if (match := _WEIGHTS_NAME.fullmatch(path.name)) and path.name != keep
+            if (match := names.fullmatch(path.name)) and path.name != keep
             and path.is_file() and not path.is_symlink()
             and _sha256(path).startswith(match.group(1))]
 

@@ -1,5 +1,7 @@
 """Torch modules whose weight is an MPO: [MPOLinear][mpotn.layers.mpo.MPOLinear] and
-[MPOEmbedding][mpotn.layers.mpo.MPOEmbedding].
+[MPOEmbedding][mpotn.layers.mpo.MPOEmbedding], and
+[TiedMPOLinear][mpotn.layers.mpo.TiedMPOLinear], an output layer that reads an
+``MPOEmbedding``'s cores (a tied language-model head).
 
 The cores are parameters, grouped as the ``central`` tensor and the
 ``auxiliary`` tensors (SPEC §2: lightweight fine-tuning trains only the
@@ -24,7 +26,10 @@ the matmul with the cached weight alone; otherwise, with autotuning on
 ([autotuning][mpotn.contraction.autotuning] or ``MPOTN_AUTOTUNE=1``), both
 ways are timed once and the faster is kept. [MPOEmbedding][mpotn.layers.mpo.MPOEmbedding] indexes
 the cached table when there is one, and otherwise gathers rows through
-[Contractor.lookup][mpotn.contraction.Contractor.lookup] (modeled time). Compiled contraction
+[Contractor.lookup][mpotn.contraction.Contractor.lookup] (modeled time).
+[TiedMPOLinear][mpotn.layers.mpo.TiedMPOLinear] multiplies by the embedding's cached table
+when there is one, and otherwise contracts or rebuilds by modeled time (decided once per
+batch size and core shapes, without autotuning). Compiled contraction
 expressions are cached per shape.
 
 Examples
@@ -524,6 +529,7 @@ class TiedMPOLinear(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         )
         self._embedding: tuple[MPOEmbedding, ...] = ()  # a reference, not a submodule
+        self._methods: dict[tuple, str] = {}  # contract or rebuild, per batch and core shapes
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, embedding: MPOEmbedding, tied_to: str
@@ -593,9 +599,13 @@ class TiedMPOLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding = self.embedding
         cores = embedding._core_tensors()
-        batch = math.prod(x.shape[:-1])
-        if (embedding._cache_usable(cores) or embedding.contractor.cost(
-                batch, [c.shape for c in cores], over="cols").method == "rebuild"):
+        shapes = tuple(c.shape for c in cores)
+        key = (math.prod(x.shape[:-1]), shapes)
+        method = self._methods.get(key)
+        if method is None:  # decided once per batch size and core shapes, then looked up
+            method = self._methods[key] = embedding.contractor.cost(
+                key[0], shapes, over="cols").method
+        if method == "rebuild" or embedding._cache_usable(cores):
             return nn.functional.linear(x, embedding.matrix(), self.bias)
         y = embedding.contractor.apply(x, cores, over="cols", method="contract")
         return y if self.bias is None else y + self.bias
