@@ -18,6 +18,8 @@ saving, Hugging Face helpers.
   (``share_centrals``, MPOBERT);
 * ``mpotn.compression.deepen`` -- deeper models whose new layers share the central
   tensors (``deepen``, MPOBERT);
+* ``mpotn.compression.experts`` -- feed-forward blocks made mixtures of experts that
+  share their central tensors (``upcycle_experts``, MPOE);
 * [mpotn.compression.merge][] -- back to a dense model
   ([merge][mpotn.compression.merge.merge]);
 * [mpotn.compression.models][] -- loading Hugging Face models, naming their matrices.
@@ -40,6 +42,7 @@ from mpotn.compression.config import (
     tied_modules,
 )
 from mpotn.compression.deepen import deepen
+from mpotn.compression.experts import upcycle_experts
 from mpotn.compression.merge import merge
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import (
@@ -85,5 +88,6 @@ __all__ = [
     "share_centrals",
     "shared_central_groups",
     "tied_modules",
+    "upcycle_experts",
     "weight_matrices",
 ]

@@ -147,6 +147,45 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+#: Names of the modules that are a whole feed-forward block (input matrices,
+#: activation, output matrix; ``(..., hidden) -> (..., hidden)``): GPT-2's, Llama's and
+#: GPT-NeoX's ``mlp``, T5's ``DenseReluDense``, DistilBERT's ``ffn``.
+FEED_FORWARD_NAMES = ("mlp", "DenseReluDense", "ffn")
+
+
+def feed_forward_blocks(model: nn.Module) -> list[tuple[str, str | None]]:
+    """The feed-forward block of every numbered layer, as ``(block, output)`` names.
+
+    A whole block (a module named as in
+    [FEED_FORWARD_NAMES][mpotn.compression.architectures.FEED_FORWARD_NAMES] that holds
+    two or more matrices) gives ``(name, None)``. BERT-style layers split the block:
+    ``intermediate`` holds the input matrix and the activation, ``output.dense`` the
+    output matrix (``output`` then adds the residual and normalises); they give
+    ``("<layer>.intermediate", "<layer>.output.dense")``.
+
+    Examples
+    --------
+    >>> from transformers import BertConfig, BertModel
+    >>> bert = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2,
+    ...                             num_attention_heads=2, intermediate_size=16))
+    >>> feed_forward_blocks(bert)[0]
+    ('encoder.layer.0.intermediate', 'encoder.layer.0.output.dense')
+    """
+    blocks = []
+    for name, module in model.named_modules():
+        if layer_index(name) is None:
+            continue
+        children = dict(module.named_children())
+        intermediate, output = children.get("intermediate"), children.get("output")
+        if (intermediate is not None and output is not None
+                and hasattr(intermediate, "dense") and hasattr(output, "dense")):
+            blocks.append((f"{name}.intermediate", f"{name}.output.dense"))
+        elif (name.rsplit(".", 1)[-1] in FEED_FORWARD_NAMES and not is_linear(module)
+              and sum(is_linear(m) or hasattr(m, "cores") for m in module.modules()) >= 2):
+            blocks.append((name, None))
+    return blocks
+
+
 def known_architecture(model: nn.Module) -> bool:
     """Whether the table covers ``model``'s ``config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

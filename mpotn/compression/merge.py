@@ -18,6 +18,7 @@ from torch import nn
 
 from mpotn.compression.architectures import conv1d_class, is_conv1d
 from mpotn.compression.config import COMPRESSED_LAYERS, replace_module
+from mpotn.compression.experts import experts_spec
 from mpotn.layers import (
     FactorizedEmbedding,
     FactorizedLinear,
@@ -47,6 +48,10 @@ def merge(model: nn.Module) -> nn.Module:
     ``c_attn``, ``c_proj``, ``c_fc``; compression made them ``nn.Linear``) gets a ``Conv1D``
     there again (weight ``in x out``), so that its ``save_pretrained`` checkpoint loads into
     its class's ``from_pretrained``. Other modules get ``nn.Linear``.
+
+    A model with mixtures of experts (``mpotn.compression.experts``) keeps them, each
+    expert's layers made dense; transformers has no class for that structure, so
+    ``merge`` warns that the result saves with mpotn only.
 
     New weights require a gradient when the layer's own parameters did (for a tied head:
     when the embedding's did), biases as the old bias did; each new layer is in the
@@ -89,6 +94,10 @@ def merge(model: nn.Module) -> nn.Module:
     base = model.base_model if hasattr(model, "compression_config") else model
     if isinstance(base, COMPRESSED_LAYERS):  # a bare layer: nothing to replace it in
         return _dense_layer(base, {}, False)
+    if experts_spec(base):
+        warnings.warn("the model's feed-forward blocks are mixtures of experts, which merge "
+                      "keeps (their experts made dense); no transformers class loads that "
+                      "structure, so save it with mpotn", stacklevel=2)
     layers = [(name, module) for name, module in base.named_modules()
               if isinstance(module, COMPRESSED_LAYERS)]
     conv_paths = _conv1d_paths(base) if any(

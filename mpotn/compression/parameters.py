@@ -32,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from mpotn.compression.config import MPO_LAYERS
+from mpotn.layers.experts import MixtureOfExperts
 
 #: Module-name components that mark a task head (trained by every strategy).
 HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs")
@@ -53,9 +54,10 @@ def lfa_parameters(model: nn.Module, *, head: bool = False
                    ) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters lightweight fine-tuning (SPEC §2) updates, each once.
 
-    The auxiliary tensors of every MPO layer, every bias, and every
-    normalization layer's parameters; central tensors and dense weights stay
-    frozen.
+    The auxiliary tensors of every MPO layer, every bias, every
+    normalization layer's parameters and the router of every mixture of experts
+    ([MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts], MPOE); central
+    tensors and dense weights stay frozen.
 
     Parameters
     ----------
@@ -79,6 +81,8 @@ def lfa_parameters(model: nn.Module, *, head: bool = False
                 chosen.append(("bias", module.bias))
         elif _is_norm(module):
             chosen = list(module.named_parameters(recurse=False))
+        elif isinstance(module, MixtureOfExperts):
+            chosen = [("router.weight", module.router.weight)]
         else:
             chosen = [(n, p) for n, p in module.named_parameters(recurse=False) if n == "bias"]
         for local, param in chosen:

@@ -10,7 +10,11 @@ A save directory holds
   central tensors (``mpotn.compression.sharing``), also ``shared_centrals``: the
   module names of each group of layers using one central tensor (an optional
   field, written only then, so that saves without sharing are as before and
-  older saves read unchanged; the format version stays 1);
+  older saves read unchanged; the format version stays 1); for a model whose
+  feed-forward blocks were made mixtures of experts
+  (``mpotn.compression.experts``), also ``experts``: each block's name, output
+  module and routing (another optional field), which a read rebuilds before it
+  puts the layers back;
 * ``model-<sha12>.safetensors`` -- the whole state dict (cores and the rest),
   each tensor in its own dtype and a shared tensor once (under the first of its
   names), with the SHA-256 of the rest of the config in
@@ -81,6 +85,8 @@ from mpotn.atomic import (
 )
 from mpotn.compression.architectures import is_conv1d
 from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
+from mpotn.compression.experts import SPEC_KEYS as EXPERT_KEYS
+from mpotn.compression.experts import experts_spec, rebuild_experts
 from mpotn.compression.sharing import shared_central_groups, tie_centrals
 from mpotn.layers import (
     LAYER_KINDS,
@@ -101,8 +107,9 @@ FORMAT_VERSION = 1
 FIELDS = ("format", "format_version", "weights", "sha256", "dtype", "base_model", "compression",
           "original_params", "layers", "report")
 #: Fields written only when they apply: ``shared_centrals``, the groups of MPO layers
-#: sharing one central tensor (lists of module names; see ``mpotn.compression.sharing``).
-OPTIONAL_FIELDS = ("shared_centrals",)
+#: sharing one central tensor (lists of module names; see ``mpotn.compression.sharing``),
+#: and ``experts``, the blocks made mixtures of experts (``mpotn.compression.experts``).
+OPTIONAL_FIELDS = ("shared_centrals", "experts")
 #: The dtypes a save may name, with safetensors' code for each.
 DTYPES = {"float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16),
           "float32": ("F32", torch.float32), "float64": ("F64", torch.float64)}
@@ -276,6 +283,8 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
     shared = shared_central_groups(base)
     if shared:
         config["shared_centrals"] = shared
+    if experts_spec(base):
+        config["experts"] = experts_spec(base)
     with temp_path(directory / _WEIGHTS_TEMP) as tmp:
         save_model(base, str(tmp), metadata={DIGEST_KEY: _config_digest(config)})
         digest = _sha256(tmp)
@@ -396,7 +405,32 @@ def _read_config(directory: Path) -> dict[str, Any]:
     for name, spec in config["layers"].items():
         _check_layer(name, spec, path, config["layers"])
     _check_shared(config, path)
+    _check_experts(config, path)
     return config
+
+
+def _check_experts(config: dict[str, Any], path: Path) -> None:
+    """``experts``, when present: ``{block: {output, experts, top_k, capacity_factor,
+    router_loss_weight}}`` with names and numbers of the right types."""
+    spec = config.get("experts")
+    if spec is None:
+        return
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    valid = isinstance(spec, dict) and spec and all(
+        isinstance(block, str) and isinstance(entry, dict)
+        and set(entry) == set(EXPERT_KEYS)
+        and (entry["output"] is None or isinstance(entry["output"], str))
+        and all(isinstance(entry[k], int) and not isinstance(entry[k], bool)
+                for k in ("experts", "top_k"))
+        and (entry["capacity_factor"] is None or number(entry["capacity_factor"]))
+        and number(entry["router_loss_weight"])
+        for block, entry in spec.items())
+    if not valid:
+        raise ValueError(f"{path} has invalid experts={spec!r:.120} (per block: "
+                         f"{', '.join(EXPERT_KEYS)}); " + _FIX)
 
 
 def _check_shared(config: dict[str, Any], path: Path) -> None:
@@ -548,6 +582,10 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: 'compression' is invalid ({error}); {_FIX}") from error
     dtype = DTYPES[config["dtype"]][1]
+    try:
+        rebuild_experts(base, config.get("experts", {}))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}; {_FIX}") from error
     for name, spec in config["layers"].items():
         layer = _layer(base, name, spec, dtype, path)
         tied = tied_modules(base, base.get_submodule(name)) if isinstance(

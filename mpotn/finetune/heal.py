@@ -74,6 +74,7 @@ from mpotn.finetune.training import (
     trainer_arguments,
     warmup_steps,
 )
+from mpotn.layers.experts import add_router_loss
 from mpotn.table import Table
 from mpotn.types import HEAL_TRAIN, HealTrain
 
@@ -408,7 +409,9 @@ def _trainer_class() -> type:
     from transformers import Trainer
 
     class HealTrainer(Trainer):
-        """A Trainer whose loss is [distillation_loss][mpotn.finetune.heal.distillation_loss].
+        """A Trainer whose loss is [distillation_loss][mpotn.finetune.heal.distillation_loss]
+        (plus the load-balancing loss of any mixture of experts,
+        [add_router_loss][mpotn.layers.experts.add_router_loss]).
 
         The teacher runs without gradients, in eval mode, on the student's device.
         """
@@ -431,8 +434,8 @@ def _trainer_class() -> type:
             self.teacher.eval()
             with torch.no_grad():
                 target = self.teacher(**inputs, output_hidden_states=True)
-            loss = distillation_loss(outputs, target, inputs.get("attention_mask"),
-                                     self.logits_weight)
+            loss = add_router_loss(distillation_loss(
+                outputs, target, inputs.get("attention_mask"), self.logits_weight), model)
             return (loss, outputs) if return_outputs else loss
 
     return HealTrainer

@@ -59,6 +59,7 @@ from mpotn.data.tasks import TaskData, compute_metrics
 from mpotn.drawing import draw_history
 from mpotn.finetune.core_changes import core_changes, snapshot_cores
 from mpotn.finetune.strategies import apply_strategy, lora_rank_for_budget, optimizer_groups
+from mpotn.layers.experts import add_router_loss
 from mpotn.network import central_index
 from mpotn.shapes import full_bond_dims, plan_side
 from mpotn.table import Table
@@ -524,11 +525,23 @@ def _task_trainer(model: nn.Module, args: Any, tokenizer: Any, **options: Any) -
     heads ignore ``num_items_in_batch``, though their ``forward`` takes ``**kwargs``), so the
     Trainer must not scale it for averaging over devices: it would multiply the loss, and the
     gradients, by the number of processes (``accelerate launch``) or GPUs (``DataParallel``).
+    The training loss of a model with mixtures of experts includes their load-balancing
+    loss ([add_router_loss][mpotn.layers.experts.add_router_loss]); evaluation losses
+    are the task's own.
     """
     from transformers import DataCollatorWithPadding, Trainer
 
-    trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
-                      **options)
+    class TaskTrainer(Trainer):
+        def compute_loss(self, model: nn.Module, inputs: dict[str, Any],
+                         return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if model.training:
+                loss = add_router_loss(loss, model)
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = TaskTrainer(model=model, args=args,
+                          data_collator=DataCollatorWithPadding(tokenizer), **options)
     trainer.model_accepts_loss_kwargs = False
     return trainer
 

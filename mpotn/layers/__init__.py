@@ -7,7 +7,9 @@ are parameter groups; a [TruncationPolicy][mpotn.truncation.TruncationPolicy] cu
 ``MPOEmbedding``'s table (a tied language-model head);
 [mpotn.layers.factorized][] holds [FactorizedLinear][mpotn.layers.factorized.FactorizedLinear] and
 [FactorizedEmbedding][mpotn.layers.factorized.FactorizedEmbedding] (the weight is any
-[FactorNetwork][mpotn.methods.base.FactorNetwork]).
+[FactorNetwork][mpotn.methods.base.FactorNetwork]); [mpotn.layers.experts][] holds
+[MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts] (routed feed-forward experts,
+MPOE).
 
 Every layer class describes itself: ``spec()`` is a JSON-ready ``dict`` of its
 structure (``kind`` and the keys of its ``SPEC_FIELDS``) and the classmethod
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpotn.layers.experts import MixtureOfExperts
 from mpotn.layers.factorized import FactorizedEmbedding, FactorizedLinear
 from mpotn.layers.mpo import MPOEmbedding, MPOLinear, TiedMPOLinear
 
@@ -82,6 +85,7 @@ __all__ = [
     "FactorizedLinear",
     "MPOEmbedding",
     "MPOLinear",
+    "MixtureOfExperts",
     "TiedMPOLinear",
     "layer_from_spec",
     "tie_layers",

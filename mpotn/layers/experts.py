@@ -1,0 +1,210 @@
+r"""A routed mixture of feed-forward experts (Switch / GShard style; MPOE, SPEC §4).
+
+[MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts] replaces one feed-forward
+block by $E$ experts and a router $W_r$ (``hidden x E``, no bias). For the tokens
+$x_t$ of a batch it computes router probabilities $p_t = \mathrm{softmax}(x_t W_r)$,
+sends each token to its ``top_k`` experts, and returns
+
+$$
+y_t = \sum_{e \in \mathrm{top}_k(p_t)} g_{t,e}\, \mathrm{FFN}_e(x_t),
+$$
+
+with gate $g_{t,e} = p_{t,e}$ for ``top_k = 1`` (Switch Transformer) and the top-k
+probabilities renormalised to sum to 1 for ``top_k >= 2`` (GShard, Mixtral).
+With ``capacity_factor`` $c$, an expert takes at most
+$\lceil c \cdot T k / E \rceil$ of the $T$ tokens (first choices before second
+choices, in token order); a token over capacity gets nothing from that expert
+(its residual connection carries it, as in Switch). ``None`` means no limit.
+
+Each forward pass stores the load-balancing loss of Switch Transformer,
+
+$$
+\mathcal{L}_{\mathrm{aux}} = E \sum_{e=1}^{E} f_e P_e ,
+$$
+
+$f_e$ the share of the $T k$ assignments that chose expert $e$ and $P_e$ its mean
+router probability, in ``aux_loss`` (1 when the load is even, up to $E$ when one
+expert takes everything); [router_loss][mpotn.layers.experts.router_loss] sums
+``router_loss_weight`` times it over a model, and mpotn's fine-tuning and healing add
+that to the task loss ([add_router_loss][mpotn.layers.experts.add_router_loss]). The
+experts are any modules mapping ``(..., hidden)`` to ``(..., hidden)``; in MPOE they
+are feed-forward blocks whose MPO layers share one central tensor and own their
+auxiliary tensors ([upcycle_experts][mpotn.compression.experts.upcycle_experts]).
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> torch.manual_seed(0) and None
+>>> ffn = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+>>> moe = MixtureOfExperts([ffn], hidden_size=8)
+>>> x = torch.randn(2, 5, 8)
+>>> torch.equal(moe(x), ffn(x)), float(moe.aux_loss)
+(True, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+#: Switch Transformer's weight of the load-balancing loss.
+ROUTER_LOSS_WEIGHT = 0.01
+#: Switch Transformer's training capacity factor.
+CAPACITY_FACTOR = 1.25
+
+
+class SplitFeedForward(nn.Module):
+    """A feed-forward block whose output matrix lives in another module, as one expert.
+
+    BERT-style layers compute the block as ``intermediate`` (input matrix and
+    activation) and then ``output.dense`` inside ``output``, which also adds the
+    residual and normalises. An expert holds the two matrix stages only:
+    ``forward(x) = output.dense(intermediate(x))``; the residual and the norm stay in
+    the layer's own ``output``, whose ``dense`` becomes ``nn.Identity``. The attribute
+    names keep the module paths (``...intermediate.dense``, ``...output.dense``) that
+    [matrix_type][mpotn.compression.architectures.matrix_type] reads.
+    """
+
+    def __init__(self, intermediate: nn.Module, dense: nn.Module) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.output = nn.Module()
+        self.output.dense = dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output.dense(self.intermediate(x))
+
+
+class MixtureOfExperts(nn.Module):
+    """Routed experts in place of one feed-forward block (see the module docstring).
+
+    Parameters
+    ----------
+    experts:
+        The ``E`` expert modules, each mapping ``(..., hidden_size)`` to
+        ``(..., hidden_size)``.
+    hidden_size:
+        Width of the tokens the router reads.
+    top_k:
+        Experts per token (1: Switch; 2: GShard).
+    capacity_factor:
+        Capacity per expert as a multiple of an even share of the token
+        assignments; ``None``: no limit.
+    router_loss_weight:
+        Weight of ``aux_loss`` in [router_loss][mpotn.layers.experts.router_loss].
+    router_std:
+        Standard deviation of the router's initial weights.
+
+    Raises
+    ------
+    ValueError
+        If there are no experts, ``top_k`` is not between 1 and ``E``, or
+        ``capacity_factor`` is not positive.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], hidden_size: int, top_k: int = 1,
+                 capacity_factor: float | None = CAPACITY_FACTOR,
+                 router_loss_weight: float = ROUTER_LOSS_WEIGHT, router_std: float = 0.02
+                 ) -> None:
+        super().__init__()
+        check_routing(len(experts), top_k, capacity_factor)
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.router_loss_weight = router_loss_weight
+        self.router = nn.Linear(hidden_size, len(experts), bias=False)
+        reference = next(iter(self.experts[0].parameters()), None)
+        if reference is not None:
+            self.router.to(reference.device, reference.dtype)
+        nn.init.normal_(self.router.weight, std=router_std)
+        self.aux_loss: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        """``E``."""
+        return len(self.experts)
+
+    def capacity(self, tokens: int) -> int:
+        r"""Most token assignments one expert takes: $\lceil c\, T k / E \rceil$ (all
+        ``tokens`` when ``capacity_factor`` is ``None``)."""
+        if self.capacity_factor is None:
+            return tokens
+        return min(tokens, math.ceil(self.capacity_factor * tokens * self.top_k
+                                     / self.num_experts))
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router output for ``(T, hidden)`` tokens: gates ``(T, k)`` (zero where a token
+        is over an expert's capacity), chosen experts ``(T, k)`` and the load-balancing
+        loss (a scalar)."""
+        probs = torch.softmax(self.router(tokens).float(), dim=-1)
+        top, chosen = probs.topk(self.top_k, dim=-1)
+        gates = top if self.top_k == 1 else top / top.sum(-1, keepdim=True)
+        one_hot = nn.functional.one_hot(chosen, self.num_experts)  # (T, k, E)
+        share = one_hot.float().mean(dim=(0, 1))
+        loss = self.num_experts * (share * probs.mean(0)).sum()
+        # place of each assignment in its expert's queue: first choices, then second ...
+        order = one_hot.transpose(0, 1).reshape(-1, self.num_experts)  # (k T, E)
+        place = (order.cumsum(0) - 1).reshape(self.top_k, -1, self.num_experts)
+        place = (place.transpose(0, 1) * one_hot).sum(-1)  # (T, k)
+        kept = place < self.capacity(tokens.shape[0])
+        return gates * kept, chosen, loss
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        tokens = hidden.reshape(-1, shape[-1])
+        gates, chosen, self.aux_loss = self.route(tokens)
+        out = None
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.nonzero((chosen == e) & (gates > 0), as_tuple=True)
+            if token.numel() == 0:
+                continue
+            y = expert(tokens[token]) * gates[token, slot, None].to(tokens.dtype)
+            if out is None:
+                out = y.new_zeros(tokens.shape[0], y.shape[-1])
+            out = out.index_add(0, token, y)
+        if out is None:  # every token over capacity
+            out = tokens.new_zeros(tokens.shape)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, "
+                f"capacity_factor={self.capacity_factor}")
+
+
+def check_routing(experts: int, top_k: int, capacity_factor: float | None) -> None:
+    """Refuse a routing that cannot work, saying what to change.
+
+    Raises
+    ------
+    ValueError
+        If ``experts`` < 1, ``top_k`` is not in ``1..experts``, or ``capacity_factor``
+        is not ``None`` or positive.
+    """
+    if not isinstance(experts, int) or experts < 1:
+        raise ValueError(f"experts must be a whole number >= 1, got {experts!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
+        raise ValueError(f"top_k must be a whole number from 1 to the number of experts "
+                         f"({experts}), got {top_k!r}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be positive (Switch trains at 1.25) or None "
+                         f"for no limit, got {capacity_factor!r}")
+
+
+def router_loss(model: nn.Module) -> torch.Tensor | None:
+    """``router_loss_weight * aux_loss`` summed over the model's
+    [MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts] layers, from their last
+    forward pass; ``None`` when the model has none (or none has run)."""
+    losses = [m.router_loss_weight * m.aux_loss for m in model.modules()
+              if isinstance(m, MixtureOfExperts) and m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def add_router_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``loss`` plus [router_loss][mpotn.layers.experts.router_loss]; ``loss`` itself for a
+    model without experts."""
+    extra = router_loss(model)
+    return loss if extra is None else loss + extra.to(loss.device, loss.dtype)

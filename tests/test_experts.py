@@ -1,0 +1,242 @@
+"""Mixtures of experts whose MPOs share one central tensor (issue 14, MPOE): routing,
+the load-balancing loss, upcycling, parameter counts, gradients and save/load."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from mpotn.compression import compress, load
+from mpotn.compression.experts import experts_spec, upcycle_experts
+from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.layers.experts import MixtureOfExperts, router_loss
+
+HIDDEN, INTERMEDIATE, LAYERS = 32, 48, 2
+#: One BERT feed-forward block: 32 x 48 and 48 x 32 matrices with their biases.
+BLOCK = 32 * 48 + 48 + 48 * 32 + 32
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=97, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                num_attention_heads=2, intermediate_size=INTERMEDIATE)).eval()
+
+
+def ids(seed=1, batch=3, length=7):
+    torch.manual_seed(seed)
+    return torch.randint(0, 97, (batch, length))
+
+
+def expert_layers(model, layer=0):
+    moe = model.get_submodule(f"encoder.layer.{layer}.intermediate")
+    return moe, [e.intermediate.dense for e in moe.experts], [e.output.dense for e in moe.experts]
+
+
+def test_one_expert_equals_the_dense_feed_forward_block():
+    dense = tiny_bert()
+    model = compress(copy.deepcopy(dense), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=1, top_k=1)
+    x = ids()
+    with torch.no_grad():
+        expected = dense(x).last_hidden_state
+        got = model(x).last_hidden_state
+    assert float((got - expected).abs().max()) < 1e-5
+    assert float(router_loss(model)) == pytest.approx(LAYERS * 0.01)  # E f P = 1 per block
+
+
+def test_experts_share_one_central_parameter_and_it_is_counted_once():
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    before = model.totals()["total_params"]
+    report = upcycle_experts(model, experts=4, top_k=2)
+    _, ins, outs = expert_layers(model)
+    assert len({layer.central.data_ptr() for layer in ins}) == 1
+    assert all(layer.central is ins[0].central for layer in ins)
+    assert all(layer.central is outs[0].central for layer in outs)
+    assert len({layer.cores[0].data_ptr() for layer in ins}) == 4  # each owns its auxiliary tensors
+    row = report[0]
+    own = sum(c.numel() for c in ins[1].cores if c is not ins[1].central) + INTERMEDIATE \
+        + sum(c.numel() for c in outs[1].cores if c is not outs[1].central) + HIDDEN
+    assert row["expert_params"] == own
+    assert row["router_params"] == HIDDEN * 4
+    assert row["moe_params"] == row["block_params"] + 3 * own + HIDDEN * 4
+    assert model.totals()["total_params"] == before + LAYERS * (3 * own + HIDDEN * 4)
+    assert model.totals()["central_params"] == LAYERS * (ins[0].central.numel()
+                                                        + outs[0].central.numel())
+    assert row["ffn_params_multiple"] < 2  # four experts for less than two blocks
+
+
+def test_plain_experts_are_full_copies_from_the_same_code():
+    model = tiny_bert()
+    report = upcycle_experts(model, experts=4, top_k=1, share_central=False)
+    assert [r["block_params"] for r in report] == [BLOCK] * LAYERS
+    assert [r["moe_params"] for r in report] == [4 * BLOCK + 4 * HIDDEN] * LAYERS
+    assert report[0]["ffn_params_multiple"] == pytest.approx(4 + 4 * HIDDEN / BLOCK)
+    _, ins, _ = expert_layers(model)
+    a, b = ins[0].weight.detach(), ins[1].weight.detach()
+    diff = (b - a).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()
+    assert 0.005 < float(diff) < 0.02  # perturbed by noise = 0.01 in relative RMS
+
+
+def test_top_two_upcycled_experts_start_as_the_block_itself():
+    dense = tiny_bert()
+    model = compress(copy.deepcopy(dense), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=4, top_k=2, noise=0.0, capacity_factor=None)
+    x = ids()
+    with torch.no_grad():
+        diff = (model(x).last_hidden_state - dense(x).last_hidden_state).abs().max()
+    assert float(diff) < 1e-5
+
+
+def test_router_loss_and_gradients_reach_every_expert_and_the_shared_central():
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=4, top_k=2, capacity_factor=None)
+    model.train()
+    output = model(ids(batch=8, length=16)).last_hidden_state
+    loss = output.pow(2).mean() + router_loss(model)
+    loss.backward()
+    moe, ins, outs = expert_layers(model)
+    assert moe.router.weight.grad is not None and float(moe.router.weight.grad.abs().sum()) > 0
+    for layer in ins + outs:
+        for core in layer.cores:
+            assert core.grad is not None and float(core.grad.abs().sum()) > 0
+    assert ins[0].central.grad is ins[3].central.grad  # one tensor, one gradient
+
+
+def test_load_balancing_loss_is_one_when_even_and_e_when_one_expert_takes_all():
+    experts = [nn.Linear(4, 4) for _ in range(4)]
+    moe = MixtureOfExperts(experts, hidden_size=4, top_k=1, capacity_factor=None)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[2] = 10.0  # every token with positive sum goes to expert 2
+    x = torch.rand(32, 4) + 0.1
+    with torch.no_grad():
+        moe(x)
+        p2 = float(torch.softmax(moe.router(x), -1)[:, 2].mean())
+    assert float(moe.aux_loss) == pytest.approx(4 * 1.0 * p2, rel=1e-6)  # f_2 = 1
+    assert float(moe.aux_loss) > 3.9
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities: f and P even
+        moe(x)
+    assert float(moe.aux_loss) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_capacity_drops_the_tokens_over_it_and_top_two_gates_sum_to_one():
+    experts = [nn.Linear(4, 4) for _ in range(2)]
+    moe = MixtureOfExperts(experts, hidden_size=4, top_k=1, capacity_factor=0.5)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 1.0  # all 8 tokens choose expert 0
+    x = torch.rand(8, 4) + 0.1
+    assert moe.capacity(8) == 2
+    gates, chosen, _ = moe.route(x)
+    assert gates[:, 0].gt(0).sum() == 2 and bool((chosen == 0).all())
+    y = moe(x)
+    assert bool((y[2:] == 0).all()) and bool((y[:2] != 0).any())
+    top2 = MixtureOfExperts(experts, hidden_size=4, top_k=2, capacity_factor=None)
+    gates, _, _ = top2.route(x)
+    assert torch.allclose(gates.sum(-1), torch.ones(8))
+
+
+def test_lfa_trains_the_router_and_the_auxiliary_tensors_not_the_central():
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=2, top_k=1)
+    moe, ins, _ = expert_layers(model)
+    chosen = {id(p) for _, p in lfa_parameters(model.base_model)}
+    assert id(moe.router.weight) in chosen
+    assert id(ins[1].cores[0]) in chosen and id(ins[1].central) not in chosen
+
+
+def test_save_and_load_rebuild_the_experts_with_one_central(tmp_path):
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=3, top_k=2)
+    model.eval()
+    x = ids()
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+    model.save_pretrained(tmp_path / "moe")
+    again = load(tmp_path / "moe")
+    with torch.no_grad():
+        assert torch.equal(again(x).last_hidden_state, expected)
+    _, ins, outs = expert_layers(again, layer=1)
+    assert len({layer.central.data_ptr() for layer in ins}) == 1
+    assert len({layer.central.data_ptr() for layer in outs}) == 1
+    assert experts_spec(again) == experts_spec(model)
+    assert again.totals()["total_params"] == model.totals()["total_params"]
+
+
+def test_gpt2_mlp_blocks_become_experts():
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)).eval()
+    model = compress(copy.deepcopy(gpt), targets=["ffn"], n=3, progress=False)
+    report = upcycle_experts(model, experts=1, top_k=1)
+    assert [r["name"] for r in report] == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+    x = ids()
+    with torch.no_grad():
+        assert float((model(x).logits - gpt(x).logits).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"experts": 0}, "experts must be"),
+    ({"experts": 2, "top_k": 3}, "top_k must be"),
+    ({"capacity_factor": 0.0}, "capacity_factor must be positive"),
+    ({"layers": [7]}, "layers \\[7\\] have no feed-forward block"),
+    ({"noise": -1.0}, "noise must be"),
+])
+def test_upcycle_refuses_bad_settings(kwargs, message):
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    with pytest.raises(ValueError, match=message):
+        upcycle_experts(model, **kwargs)
+
+
+def test_sharing_needs_compressed_blocks():
+    with pytest.raises(ValueError, match=r"holds no MPO layer.*share_central=False"):
+        upcycle_experts(tiny_bert(), experts=2)
+
+
+def test_capacity_formula():
+    moe = MixtureOfExperts([nn.Identity()] * 4, hidden_size=4, top_k=2, capacity_factor=1.25)
+    assert moe.capacity(10) == math.ceil(1.25 * 10 * 2 / 4)
+    assert count_parameters(moe.parameters()) == 16
+
+
+def test_the_training_loss_adds_the_router_loss_and_evaluation_does_not(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from mpotn.finetune.training import _task_trainer, trainer_arguments
+
+    torch.manual_seed(0)
+    classifier = BertForSequenceClassification(BertConfig(
+        vocab_size=97, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2,
+        intermediate_size=INTERMEDIATE, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
+    model = compress(classifier, targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=2, top_k=1, router_loss_weight=0.5)
+    trainer = _task_trainer(model, trainer_arguments("cpu", output_dir=tmp_path), None)
+    inputs = {"input_ids": ids(), "labels": torch.tensor([0, 1, 0])}
+    model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, inputs)
+        task = model(**inputs).loss
+        assert float(loss) == pytest.approx(float(task + router_loss(model)), rel=1e-6)
+        assert float(router_loss(model)) > 0
+        model.eval()
+        assert float(trainer.compute_loss(model, inputs)) == pytest.approx(
+            float(model(**inputs).loss), rel=1e-6)
+
+
+def test_merge_keeps_the_experts_dense_and_warns():
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=2, top_k=1)
+    x = ids()
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+    with pytest.warns(UserWarning, match="mixtures of experts"):
+        dense = model.merge()
+    _, ins, _ = expert_layers(dense)
+    assert all(type(layer) is nn.Linear for layer in ins)
+    with torch.no_grad():
+        assert float((dense(x).last_hidden_state - expected).abs().max()) < 1e-5
