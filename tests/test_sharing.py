@@ -1,5 +1,5 @@
 """Central tensors shared across layers (issue 14, MPOBERT): share_centrals, counts,
-training, save/load, and the refusals of load_mpo and squeezing."""
+training, save/load, cutting a shared bond (squeezing) and the refusal of load_mpo."""
 
 import copy
 import json
@@ -13,8 +13,19 @@ from transformers import BertConfig, BertModel
 from mpotn.compression import compress, load
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.compression.serialization import CONFIG_NAME
-from mpotn.compression.sharing import share_centrals, shared_central_groups
-from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, cut, direct_truncation
+from mpotn.compression.sharing import (
+    cut_shared_bond,
+    share_centrals,
+    shared_bond_spectrum,
+    shared_central_groups,
+)
+from mpotn.finetune.squeeze import (
+    SqueezeConfig,
+    Squeezer,
+    cut,
+    direct_truncation,
+    estimated_error,
+)
 from mpotn.finetune.strategies import apply_strategy
 from mpotn.finetune.training import TrainingConfig
 
@@ -249,17 +260,93 @@ def test_load_mpo_refuses_a_shared_central_and_keeps_working_elsewhere(bert):
     assert layers[QUERY[2]].bond_dims == (1, 2, 2, 1)
 
 
-def test_squeezing_refuses_shared_centrals(shared_layer, tmp_path):
-    model, _, _ = shared_layer
-    dims = {QUERY[0]: [1, 4, 8, 1]}
-    with pytest.raises(ValueError, match=r"share central tensors .*would silently unshare"):
-        cut(model, QUERY[0], 2, 8)
-    with pytest.raises(ValueError, match="share central tensors"):
-        direct_truncation(model, None, None, dims, TrainingConfig(), 0)
-    with pytest.raises(ValueError, match="share central tensors"):
-        Squeezer(model, None, None, SqueezeConfig(), TrainingConfig(), tmp_path).run()
-    assert model.mpo_layers()[QUERY[0]].bond_dims == (1, 4, 16, 1)
-    assert not (tmp_path / "checkpoints").exists()
+def identical_queries(bert):
+    """The compressed tiny BERT with every layer's query set to layer 0's, shared."""
+    twin = copy.deepcopy(bert)
+    for layer in twin.encoder.layer[1:]:
+        layer.attention.self.query.load_state_dict(
+            twin.encoder.layer[0].attention.self.query.state_dict())
+    model = compressed(twin)
+    share_centrals(model, groups=[QUERY], init="layer")
+    return model
+
+
+def test_cutting_a_shared_bond_cuts_every_layer_with_one_projection(bert):
+    model = identical_queries(bert)
+    layers = [model.mpo_layers()[name] for name in QUERY]
+    single = layers[0].mpo()  # each layer alone, in its canonical form
+    best = single.truncate(bond_dims={2: 8}).to_matrix().double()
+    bound = single.truncate(bond_dims={2: 8}).error_bound / single.norm
+    spectrum = shared_bond_spectrum(layers, 2)
+    # three identical layers: each value is sqrt(3) times the bond's singular value
+    expected = [3 ** 0.5 * v for v in single.singular_values[1].tolist()]
+    assert spectrum["values"][:16] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert spectrum["norm"] == pytest.approx(3 ** 0.5 * single.norm, rel=1e-5)
+    result = cut(model, QUERY[0], 2, 8)
+    assert len({layer.central.data_ptr() for layer in layers}) == 1
+    assert all(layer.bond_dims == (1, 4, 8, 1) for layer in layers)
+    for layer in layers:  # identical layers: the optimal single-bond cut of each
+        assert torch.allclose(layer.matrix().detach().double(), best, atol=1e-5)
+    assert result["error"] == pytest.approx(bound, rel=1e-4)
+    assert result["error"] == pytest.approx(estimated_error(spectrum, 8), rel=1e-4)
+    with pytest.raises(ValueError, match="this layer's central tensor is shared by 3 layers"):
+        layers[1].load_mpo(layers[1].mpo())
+
+
+def test_cutting_a_shared_bond_of_different_layers_counts_the_central_once(bert):
+    model = compressed(bert)
+    share_centrals(model, init="fit", sweeps=2)
+    layers = [model.mpo_layers()[name] for name in QUERY]
+    before = model.totals()["total_params"]
+    matrices = [layer.matrix().detach().double() for layer in layers]
+    result = cut(model, QUERY[1], 1, 2)  # the left bond of C, from 4 to 2
+    assert len({layer.central.data_ptr() for layer in layers}) == 1
+    assert layers[0].central.shape == (2, 4, 4, 16)
+    # freed per unit of the bond: each layer's first core (1 x i1 x j1, i1 j1 = 4) and the
+    # central's 4 x 4 x 16, once
+    assert before - model.totals()["total_params"] == 2 * (3 * 4 + 256)
+    lost = sum(float((layer.matrix().detach().double() - m).pow(2).sum())
+               for layer, m in zip(layers, matrices))
+    assert result["error"] == pytest.approx((lost / sum(float(m.pow(2).sum())
+                                                        for m in matrices)) ** 0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="pass the whole group"):
+        cut_shared_bond(layers[:2], 2, 4)
+    with pytest.raises(ValueError, match="not a bond of the shared central"):
+        cut_shared_bond(layers, 3, 1)
+
+
+def test_a_squeeze_step_and_direct_truncation_keep_the_sharing(tiny_bert, tmp_path):
+    from mpotn.data import sst2_sample
+    from mpotn.finetune.training import prepare_model
+
+    data = sst2_sample()
+    training = TrainingConfig(strategy="lfa", batch_size=8, train_limit=16, eval_limit=16)
+    model, tokenizer = prepare_model(tiny_bert, data, training, targets=["attention", "ffn"],
+                                     progress=False)
+    share_centrals(model, init="layer")
+    groups = shared_central_groups(model)
+    squeezer = Squeezer(model, tokenizer, data, SqueezeConfig(cut=0.5, step_limit=1,
+                                                              training_steps=1),
+                        training, tmp_path / "run", progress=False)
+    result = squeezer.run()
+    cutting = squeezer.state.cuts[0]
+    group = next(g for g in groups if cutting["matrix"] in g)
+    layers = [result.model.mpo_layers()[name] for name in group]
+    assert len({layer.central.data_ptr() for layer in layers}) == 1
+    assert {layer.bond_dims[cutting["bond"]] for layer in layers} == {cutting["new_dim"]}
+    assert shared_central_groups(result.model) == groups
+    again = load(tmp_path / "run" / "model")
+    assert shared_central_groups(again) == groups
+    dims = {name: list(layer.bond_dims) for name, layer in result.model.mpo_layers().items()}
+    fresh, _ = prepare_model(tiny_bert, data, training, targets=["attention", "ffn"],
+                             progress=False)
+    share_centrals(fresh, init="layer")
+    direct_truncation(fresh, tokenizer, data, dims, training, 0, progress=False)
+    assert {n: list(m.bond_dims) for n, m in fresh.mpo_layers().items()} == dims
+    assert shared_central_groups(fresh) == groups
+    uneven = {**dims, group[0]: [1, 1, 1, 1]}
+    with pytest.raises(ValueError, match="must all be given the same bond dimensions"):
+        direct_truncation(fresh, tokenizer, data, uneven, training, 0, progress=False)
 
 
 def test_an_edited_shared_centrals_field_is_refused(shared_layer, tmp_path):

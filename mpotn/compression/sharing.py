@@ -21,9 +21,12 @@ field of ``mpotn_config.json``, see [mpotn.compression.serialization][]); the
 weights file stores the tensor once and [read][mpotn.compression.serialization.read]
 ties the layers again ([tie_centrals][mpotn.compression.sharing.tie_centrals]).
 
-Cutting the bond of a shared central is not supported yet: ``load_mpo`` on such a
-layer and squeezing a model with shared centrals raise ``ValueError`` rather than
-silently give one layer its own copy.
+A bond of the shared central is cut for the whole group at once:
+[shared_bond_spectrum][mpotn.compression.sharing.shared_bond_spectrum] and
+[cut_shared_bond][mpotn.compression.sharing.cut_shared_bond] (what squeezing calls)
+keep one projection of that bond for every layer, so the layers still share one
+(smaller) central ``Parameter``. ``load_mpo`` on one layer of a group raises
+``ValueError`` rather than silently give it its own copy.
 
 Examples
 --------
@@ -398,3 +401,170 @@ def _share_group(group: list[nn.Module], names: list[str], label: str, init: str
                  "error": pooled(final), "central_params": shared.numel(),
                  "saved_params": (len(group) - 1) * shared.numel()})
     return rows
+
+
+
+# ------------------------------------------------------------------ cutting a shared bond
+def _sqrt_and_inverse(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X = G^{1/2}`` and its pseudo-inverse, for a symmetric positive semi-definite
+    ``G``."""
+    values, vectors = torch.linalg.eigh(gram)
+    floor = float(values.max().clamp(min=0)) * 1e-12
+    root = values.clamp(min=0).sqrt()
+    inverse = torch.where(values > floor, 1 / root.clamp(min=1e-300), torch.zeros_like(root))
+    return (vectors * root) @ vectors.T, (vectors * inverse) @ vectors.T
+
+
+def _bond_side(layers: Sequence[nn.Module], bond: int) -> str:
+    center = layers[0].central_index
+    if bond == center:
+        return "left"
+    if bond == center + 1:
+        return "right"
+    raise ValueError(f"bond {bond} is not a bond of the shared central tensor (core "
+                     f"{center}); its bonds are {center} and {center + 1}")
+
+
+def _bond_system(layers: Sequence[nn.Module], bond: int
+                 ) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    r"""The group's joint weight on a bond of its shared central.
+
+    For the bond left of $C$ (``bond`` = central index $c$), with $L_l$ the layer's
+    cores $0..c-1$ contracted (``P x d``) and $R_l$ cores $c..n-1$ (``d x Q``):
+    $X = \bar G^{1/2}$ for the mean Gram matrix $\bar G$ of the $L_l$, and
+    $K = \sum_l X R_l R_l^T X$; the right bond mirrors it. When every $L_l$ is
+    orthonormal ($\bar G = I$, as a left-canonical chain is), $M_l = L_l R_l$ and
+    keeping the top eigenvectors $U$ of $K$ loses exactly
+    $\sum_l \|L_l (I - UU^T) R_l\|^2 = \sum_{\mathrm{dropped}} \lambda$.
+    Returns the side, $X$, $X^+$, $K$ and $\sum_l \|M_l\|^2$.
+    """
+    side = _bond_side(layers, bond)
+    center = layers[0].central_index
+    grams, parts, energy = [], [], 0.0
+    for layer in layers:
+        cores = _cores3(layer._core_tensors())
+        if side == "left":
+            outer = _left(cores, center)  # (P, d)
+            inner = torch.einsum("amb,bq->amq", cores[center], _right(cores, center)
+                                 ).reshape(cores[center].shape[0], -1)  # (d, Q)
+            grams.append(outer.T @ outer)
+            parts.append(inner @ inner.T)
+            energy += float(((outer @ inner) ** 2).sum())
+        else:
+            inner = _left(cores, center + 1)  # (P, d'): cores 0..c
+            outer = _right(cores, center)  # (d', Q): cores c+1..n-1
+            grams.append(outer @ outer.T)
+            parts.append(inner.T @ inner)
+            energy += float(((inner @ outer) ** 2).sum())
+    root, inverse = _sqrt_and_inverse(sum(grams) / len(grams))
+    weight = sum(root @ part @ root for part in parts)
+    return side, root, inverse, weight, energy
+
+
+def shared_bond_spectrum(layers: Sequence[nn.Module], bond: int) -> dict[str, Any]:
+    r"""The spectrum of a bond of a group's shared central tensor: ``{"bond", "values",
+    "norm"}`` with ``values`` $\sqrt{\lambda_k}$ of the group's joint weight (see
+    [cut_shared_bond][mpotn.compression.sharing.cut_shared_bond]), largest first, and
+    ``norm`` $\sqrt{\sum_l \|M_l\|^2}$ -- the form squeezing's Eq. 3 estimate reads.
+    For one layer in left- or right-canonical form these are the bond's singular
+    values.
+
+    Raises
+    ------
+    ValueError
+        If ``bond`` is not one of the central tensor's two bonds.
+    """
+    with torch.no_grad():
+        _, _, _, weight, energy = _bond_system(layers, bond)
+    values = torch.linalg.eigvalsh(weight).flip(0).clamp(min=0).sqrt()
+    return {"bond": bond, "values": values.tolist(), "norm": energy ** 0.5}
+
+
+@torch.no_grad()
+def cut_shared_bond(layers: Sequence[nn.Module], bond: int, dim: int) -> dict[str, Any]:
+    r"""Cut a bond of the central tensor the ``layers`` share to ``dim``, for all of them.
+
+    One projection serves every layer: with the group's joint weight $K$ on the bond
+    (left of $C$: $X = \bar G^{1/2}$ of the left chains' mean Gram matrix,
+    $K = \sum_l X R_l R_l^T X$; right of $C$ mirrored) and $U$ its top ``dim``
+    eigenvectors, the shared central becomes $U^T X C$ and each layer's neighbouring
+    auxiliary tensor $A_l X^+ U$ (right bond: $C X U$ and $U^T X^+ B_l$), so that
+    $M_l \to L_l X^+ U U^T X R_l$. The layers then hold one new central
+    ``nn.Parameter`` (same ``data_ptr`` for all) and new auxiliary tensors, each
+    keeping its trainable state, dtype and device.
+
+    Returns
+    -------
+    dict
+        The bond's new spectrum (as
+        [shared_bond_spectrum][mpotn.compression.sharing.shared_bond_spectrum]) and
+        ``error``: the actual relative error $\sqrt{\sum_l \|M_l - M_l'\|^2 /
+        \sum_l \|M_l\|^2}$ of the cut.
+
+    Raises
+    ------
+    ValueError
+        If the layers do not share one central tensor, ``bond`` is not one of its
+        bonds, or ``dim`` is not between 1 and the bond's dimension.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mpotn.layers import MPOLinear
+    >>> torch.manual_seed(0) and None
+    >>> layers = [MPOLinear.from_linear(torch.nn.Linear(16, 16), n=3) for _ in range(2)]
+    >>> layers[1].cores[1] = layers[0].cores[1]
+    >>> spectrum = cut_shared_bond(layers, 1, 2)
+    >>> layers[0].bond_dims, layers[0].central is layers[1].central
+    ((1, 2, 4, 1), True)
+    """
+    if len({id(layer.central) for layer in layers}) != 1:
+        raise ValueError("cut_shared_bond needs layers that share one central tensor "
+                         "(share_centrals)")
+    marked = getattr(layers[0], "_shared_central", None)
+    if marked is not None and marked[0] is layers[0].central and marked[1] != len(layers):
+        raise ValueError(f"the central tensor is shared by {marked[1]} layers but "
+                         f"{len(layers)} were given; pass the whole group "
+                         "(shared_central_groups) so that every user keeps sharing it")
+    full = layers[0].bond_dims[bond]
+    if not isinstance(dim, int) or not 1 <= dim <= full:
+        raise ValueError(f"dim must be a whole number from 1 to the bond's dimension {full}, "
+                         f"got {dim!r}")
+    before = [layer.matrix().detach().to(SWEEP_DTYPE) for layer in layers]
+    side, root, inverse, weight, _ = _bond_system(layers, bond)
+    _, vectors = torch.linalg.eigh(weight)
+    keep = vectors.flip(1)[:, :dim]
+    center = layers[0].central_index
+    old = layers[0].central
+    central = _cores3([old])[0]
+    if side == "left":
+        central = torch.einsum("ba,bmc->amc", root @ keep, central)
+        neighbour, map_ = center - 1, inverse @ keep
+    else:
+        central = torch.einsum("amb,bc->amc", central, root @ keep)
+        neighbour, map_ = center + 1, keep.T @ inverse
+    shared = nn.Parameter(
+        central.reshape(dim if side == "left" else old.shape[0], *old.shape[1:3],
+                        old.shape[3] if side == "left" else dim
+                        ).to(old.device, old.dtype),
+        requires_grad=old.requires_grad)
+    for layer in layers:
+        previous = layer._core_tensors()[neighbour]
+        core = _cores3([previous])[0]
+        core = (torch.einsum("amb,bc->amc", core, map_) if side == "left"
+                else torch.einsum("ab,bmc->amc", map_, core))
+        shape = ((*previous.shape[:3], dim) if side == "left"
+                 else (dim, *previous.shape[1:]))
+        layer.cores[neighbour] = nn.Parameter(core.reshape(shape).to(previous.device,
+                                                                     previous.dtype),
+                                              requires_grad=previous.requires_grad)
+        layer.cores[center] = shared
+        layer._cache = None
+        if marked is not None:
+            layer._shared_central = (shared, len(layers))
+    after = [layer.matrix().detach().to(SWEEP_DTYPE) for layer in layers]
+    lost = sum(float((a - b).pow(2).sum()) for a, b in zip(before, after))
+    total = sum(float(m.pow(2).sum()) for m in before)
+    spectrum = shared_bond_spectrum(layers, bond)
+    spectrum["error"] = (lost / total) ** 0.5 if total else 0.0
+    return spectrum

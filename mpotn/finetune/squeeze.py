@@ -56,7 +56,11 @@ from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import matrix_type
 from mpotn.compression.parameters import count_parameters
 from mpotn.compression.serialization import is_saved_model, resolve_inside
-from mpotn.compression.sharing import shared_central_groups
+from mpotn.compression.sharing import (
+    cut_shared_bond,
+    shared_bond_spectrum,
+    shared_central_groups,
+)
 from mpotn.data.tasks import TaskData
 from mpotn.drawing import draw_history
 from mpotn.finetune.training import (
@@ -256,6 +260,30 @@ def central_spectrum(layer: Any) -> dict[str, Any]:
     return {"bond": bond, "values": mpo.singular_values[bond - 1].tolist(), "norm": mpo.norm}
 
 
+def squeeze_units(model: MPOModel) -> dict[str, list[str]]:
+    """What squeezing cuts as one: ``{unit: module names}``, every MPO layer alone, and
+    the layers sharing a central tensor
+    ([shared_central_groups][mpotn.compression.sharing.shared_central_groups]) as one
+    unit named by its first layer, whose shared bond is cut for all of them
+    ([cut_shared_bond][mpotn.compression.sharing.cut_shared_bond])."""
+    grouped = {name: group for group in shared_central_groups(model) for name in group}
+    units: dict[str, list[str]] = {}
+    for name in model.mpo_layers():
+        group = grouped.get(name, [name])
+        units.setdefault(group[0], group)
+    return units
+
+
+def unit_spectrum(model: MPOModel, names: list[str]) -> dict[str, Any]:
+    """The central spectrum of a unit: its layer's
+    ([central_spectrum][mpotn.finetune.squeeze.central_spectrum]), or its group's shared
+    bond ([shared_bond_spectrum][mpotn.compression.sharing.shared_bond_spectrum])."""
+    layers = [model.base_model.get_submodule(name) for name in names]
+    if len(layers) == 1:
+        return central_spectrum(layers[0])
+    return shared_bond_spectrum(layers, layers[0].central_bond)
+
+
 def estimated_error(spectrum: dict[str, Any], keep: int, relative: bool = True,
                     upto: int | None = None) -> float:
     r"""Eq. 3 from stored singular values, relative to $\|M\|$ unless ``relative=False``.
@@ -279,34 +307,45 @@ def estimated_error(spectrum: dict[str, Any], keep: int, relative: bool = True,
     return eps / spectrum["norm"] if relative and spectrum["norm"] > 0 else eps
 
 
-def _removed_params(layer: Any, bond: int, dim: int, new_dim: int) -> int:
-    """Core entries freed by cutting ``bond`` from ``dim`` to ``new_dim`` (its two cores)."""
-    left, right = layer.cores[bond - 1].shape, layer.cores[bond].shape
-    return (dim - new_dim) * (math.prod(left[:3]) + math.prod(right[1:]))
+def _removed_params(layers: list[Any], bond: int, dim: int, new_dim: int) -> int:
+    """Core entries freed by cutting ``bond`` from ``dim`` to ``new_dim`` in every layer of
+    a unit (the two cores at the bond, a shared one once)."""
+    left = {id(layer.cores[bond - 1]): layer.cores[bond - 1].shape for layer in layers}
+    right = {id(layer.cores[bond]): layer.cores[bond].shape for layer in layers}
+    return (dim - new_dim) * (sum(math.prod(shape[:3]) for shape in left.values())
+                              + sum(math.prod(shape[1:]) for shape in right.values()))
 
 
-def _next_cut(name: str, layer: Any, spectrum: dict[str, Any], dim: int,
+def _next_cut(name: str, layers: list[Any], spectrum: dict[str, Any], dim: int,
               config: SqueezeConfig) -> dict[str, Any] | None:
-    """The next cut of ``name``'s central bond from ``dim`` (``None``: it cannot shrink)."""
+    """The next cut of unit ``name``'s central bond from ``dim`` (``None``: it cannot
+    shrink)."""
     new = config.next_dim(dim)
     if new >= dim:
         return None
     bond = spectrum["bond"]
     return {"matrix": name, "bond": bond, "dim": dim, "new_dim": new,
             "estimated_error": estimated_error(spectrum, new, config.error == "relative", dim),
-            "removed_params": _removed_params(layer, bond, dim, new)}
+            "removed_params": _removed_params(layers, bond, dim, new)}
+
+
+def _unit_layers(model: MPOModel) -> dict[str, list[Any]]:
+    return {unit: [model.base_model.get_submodule(n) for n in names]
+            for unit, names in squeeze_units(model).items()}
 
 
 def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> Table:
-    """Every matrix that may be cut, with its next cut and estimated error, best first."""
+    """Every unit ([squeeze_units][mpotn.finetune.squeeze.squeeze_units]: a matrix, or the
+    matrices sharing a central tensor) that may be cut, with its next cut and estimated
+    error, best first."""
     rows = Table()
-    for name, layer in model.mpo_layers().items():
+    for name, layers in _unit_layers(model).items():
         if config.types is not None and matrix_type(name) not in config.types:
             continue
         spectrum = state.spectra.get(name)
         if spectrum is None:
             continue
-        row = _next_cut(name, layer, spectrum, layer.bond_dims[spectrum["bond"]], config)
+        row = _next_cut(name, layers, spectrum, layers[0].bond_dims[spectrum["bond"]], config)
         if row is not None:
             rows.append(row)
     rows.sort(key=lambda r: (r["estimated_error"], r["matrix"]))
@@ -323,7 +362,7 @@ def plan_step(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> Ta
     once, with ``estimated_error`` the Eq. 3 error of its whole cut.
     """
     budget = config.step_budget(model.original_params)
-    layers = model.mpo_layers()
+    layers = _unit_layers(model)
     queue = [(row["estimated_error"], row["matrix"], row)
              for row in candidates(model, state, config)]  # sorted, hence a heap
     chosen: dict[str, dict[str, Any]] = {}
@@ -351,9 +390,15 @@ def cut(model: MPOModel, name: str, bond: int, dim: int) -> dict[str, Any]:
     """Cut ``bond`` of matrix ``name`` to ``dim`` (TT-rounding); return its new spectrum.
 
     The returned spectrum also carries ``error``: the cut's actual relative
-    error against the matrix before the cut.
+    error against the matrix before the cut. When ``name`` is a layer whose central
+    tensor is shared, its whole group is cut as one
+    ([cut_shared_bond][mpotn.compression.sharing.cut_shared_bond]; ``error`` over the
+    group), so that the layers keep sharing it.
     """
-    refuse_shared(model)
+    for names in shared_central_groups(model):
+        if name in names:
+            return cut_shared_bond([model.base_model.get_submodule(n) for n in names],
+                                   bond, dim)
     layer = model.base_model.get_submodule(name)
     mpo = layer.mpo()
     truncated = mpo.truncate(bond_dims={bond: dim})
@@ -362,25 +407,6 @@ def cut(model: MPOModel, name: str, bond: int, dim: int) -> dict[str, Any]:
                 "norm": truncated.norm}
     spectrum["error"] = truncated.error_bound / mpo.norm if mpo.norm > 0 else 0.0
     return spectrum
-
-
-def refuse_shared(model: MPOModel) -> None:
-    """Refuse a model whose MPO layers share central tensors
-    (``mpotn.compression.sharing.share_centrals``), before any work.
-
-    Raises
-    ------
-    ValueError
-        Naming the groups: cutting one layer's central bond would give it its own copy
-        of the shared tensor and silently unshare it.
-    """
-    groups = shared_central_groups(model)
-    if groups:
-        raise ValueError(
-            f"this model's MPO layers share central tensors ({len(groups)} group(s), e.g. "
-            f"{groups[0]}); squeezing cuts one layer's central bond at a time and would "
-            "silently unshare them. Squeezing shared centrals is not supported yet: squeeze "
-            "(or truncate) the model before share_centrals")
 
 
 def _score(scores: dict[str, float], data: TaskData, monitor: str) -> float:
@@ -546,8 +572,8 @@ class Squeezer:
 
     def start(self) -> None:
         """Step 0: store every candidate's central spectrum and the baseline score $P$."""
-        for name, layer in self.model.mpo_layers().items():
-            self.state.spectra[name] = central_spectrum(layer)
+        for name, names in squeeze_units(self.model).items():
+            self.state.spectra[name] = unit_spectrum(self.model, names)
         scores = self._evaluate()
         self.state.baseline = _score(scores, self.data, self.config.monitor)
         self.state.history.append(self._row(scores, matrix=None, bond=None, dim=None,
@@ -627,8 +653,6 @@ class Squeezer:
                 f"{self.out} already holds a squeeze run; pass resume=True (--resume) to "
                 "continue it, or choose another output directory"
             )
-        if self.model is not None:
-            refuse_shared(self.model)
         check_writable(self.out / "model", self.overwrite)
         self._tokenized = tokenize(self.data, self.tokenizer, self.training.max_length,
                                    self.training.train_limit, self.training.eval_limit)
@@ -695,15 +719,40 @@ def direct_truncation(model: MPOModel, tokenizer: Any, data: TaskData,
                       steps: int, *, progress: bool = True) -> dict[str, Any]:
     """The ``direct`` ablation: cut straight to ``bond_dims``, fine-tune ``steps``, evaluate.
 
-    ``model`` (the squeeze's starting model) is modified in place; a model with shared
-    central tensors is refused ([refuse_shared][mpotn.finetune.squeeze.refuse_shared]).
+    ``model`` (the squeeze's starting model) is modified in place. Layers sharing a
+    central tensor are cut as one unit
+    ([cut_shared_bond][mpotn.compression.sharing.cut_shared_bond], the bonds of the
+    central tensor only, as squeezing cuts them).
+
+    Raises
+    ------
+    ValueError
+        If the layers of a shared group are given different bonds, or bonds other
+        than their central tensor's.
     """
-    refuse_shared(model)
-    for name, dims in bond_dims.items():
-        layer = model.base_model.get_submodule(name)
-        if tuple(dims) != layer.bond_dims:
-            layer.load_mpo(layer.mpo().truncate(bond_dims=list(dims)[1:-1]),
-                           model.compression_config.gauge)
+    for unit, names in squeeze_units(model).items():
+        layers = [model.base_model.get_submodule(name) for name in names]
+        targets = {tuple(bond_dims[name]) for name in names if name in bond_dims}
+        if not targets:
+            continue
+        if len(targets) > 1 or any(name not in bond_dims for name in names):
+            raise ValueError(f"the layers sharing a central tensor with {unit!r} must all be "
+                             f"given the same bond dimensions, got {sorted(targets)}")
+        dims = targets.pop()
+        if len(layers) == 1:
+            if dims != layers[0].bond_dims:
+                layers[0].load_mpo(layers[0].mpo().truncate(bond_dims=list(dims)[1:-1]),
+                                   model.compression_config.gauge)
+            continue
+        center = layers[0].central_index
+        for bond, (now, new) in enumerate(zip(layers[0].bond_dims, dims)):
+            if now == new:
+                continue
+            if bond not in (center, center + 1):
+                raise ValueError(f"bond {bond} of {unit!r} is not a bond of its shared central "
+                                 f"tensor; only bonds {center} and {center + 1} can be cut "
+                                 "for a group")
+            cut_shared_bond(layers, bond, new)
     config = dataclasses.replace(training, strategy="lfa", max_steps=steps)
     if steps:
         record = finetune(model, tokenizer, data, config, progress=progress).record

@@ -186,8 +186,9 @@ class _MPOWeight(MPOStructure, nn.Module):
         if shared is not None and shared[0] is self.central:
             raise ValueError(
                 f"this layer's central tensor is shared by {shared[1]} layers; load_mpo would "
-                "give this layer its own copy and silently unshare it. Cutting a shared bond "
-                "is not supported yet: truncate or squeeze the layers before share_centrals")
+                "give this layer its own copy and silently unshare it. Cut a bond of the shared "
+                "central for the whole group with mpotn.compression.sharing.cut_shared_bond "
+                "(squeezing does)")
         if mpo.row_shape != self.row.factors or mpo.col_shape != self.col.factors:
             raise ValueError(
                 f"the MPO is {list(mpo.row_shape)} x {list(mpo.col_shape)} but this layer is "
