@@ -302,3 +302,45 @@ def to_networkx(
             *ends, name=edge.name, dim=edge.dimension, **bond_attributes.get(edge.name, {})
         )
     return graph
+
+
+def shared_graph(chains: Mapping[str, Sequence[Sequence[int]]]) -> nx.Graph:
+    """MPO chains that share their central tensor, as one ``networkx.Graph``: the central
+    tensor is one node (``"central"``, drawn once) with an edge to each chain's
+    neighbouring auxiliary tensors, and each chain's auxiliary tensors are nodes
+    ``"<chain>:A<k>"`` (``A_k``, 1-based ``k`` as in [core_name][mpotn.network.core_name]).
+    Nodes carry ``kind``, ``role``, ``shape`` and ``params`` (the central's once), edges
+    ``name`` and ``dim``, as [to_networkx][mpotn.network.to_networkx] gives them.
+
+    ``chains`` maps a label to the core shapes ``(d_{k-1}, i_k, j_k, d_k)`` of one
+    layer; all chains have ``n`` cores and the same central shape.
+
+    Examples
+    --------
+    >>> chain = [(1, 2, 2, 4), (4, 2, 2, 4), (4, 2, 2, 1)]
+    >>> graph = shared_graph({"layer 0": chain, "layer 1": chain})
+    >>> sorted(graph.neighbors("central"))
+    ['layer 0:A1', 'layer 0:A3', 'layer 1:A1', 'layer 1:A3']
+    >>> graph.number_of_nodes(), graph.nodes["central"]["params"]
+    (5, 64)
+    """
+    shapes = list(chains.values())
+    n = len(shapes[0])
+    center = central_index(n)
+    if any(len(s) != n or tuple(s[center]) != tuple(shapes[0][center]) for s in shapes):
+        raise ValueError("the chains sharing a central tensor need the same number of cores "
+                         "and the same central shape")
+    graph = nx.Graph()
+    central = tuple(shapes[0][center])
+    graph.add_node("central", kind="core", role="central", index=center + 1, shape=central,
+                   params=int(np.prod(central)))
+    for label, cores in chains.items():
+        names = [f"{label}:A{k + 1}" if k != center else "central" for k in range(n)]
+        for k, shape in enumerate(cores):
+            if k != center:
+                graph.add_node(names[k], kind="core", role="auxiliary", index=k + 1,
+                               shape=tuple(shape), params=int(np.prod(shape)))
+        for k in range(n - 1):
+            graph.add_edge(names[k], names[k + 1], name=f"{label}:bond_{k + 1}",
+                           dim=int(cores[k][3]))
+    return graph

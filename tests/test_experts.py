@@ -240,3 +240,13 @@ def test_merge_keeps_the_experts_dense_and_warns():
     assert all(type(layer) is nn.Linear for layer in ins)
     with torch.no_grad():
         assert float((dense(x).last_hidden_state - expected).abs().max()) < 1e-5
+
+
+def test_the_experts_shared_central_is_drawn_once(tmp_path):
+    from mpotn.analysis.inspection import draw_shared_centrals
+
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=3, top_k=2)
+    paths = draw_shared_centrals(model, tmp_path)
+    assert len(paths) == 2 * LAYERS  # one drawing per block and matrix
+    assert all(path.stat().st_size > 10_000 for path in paths.values())

@@ -380,3 +380,20 @@ def test_adapters_and_merge_respect_the_sharing(bert, tmp_path):
     expected = output(tuned)
     dense = copy.deepcopy(tuned).merge()
     assert float((output(dense) - expected).abs().max()) < 1e-5
+
+
+def test_a_shared_central_is_drawn_once_with_every_layer_chain(shared_layer, tmp_path):
+    from mpotn.analysis.inspection import draw_shared_centrals
+    from mpotn.network import shared_graph
+
+    model, _, _ = shared_layer
+    paths = draw_shared_centrals(model, tmp_path)
+    assert len(paths) == 6 and all(path.stat().st_size > 10_000 for path in paths.values())
+    layers = [model.mpo_layers()[name] for name in QUERY]
+    graph = shared_graph({f"query {i}": [tuple(c.shape) for c in layer.cores]
+                          for i, layer in enumerate(layers)})
+    assert graph.number_of_nodes() == 1 + LAYERS * 2  # the central once, two auxiliaries each
+    assert graph.degree("central") == 2 * LAYERS
+    assert graph.nodes["central"]["params"] == CENTRAL["query"]
+    assert sum(a["params"] for _, a in graph.nodes(data=True)) == sum(
+        layer.num_params for layer in layers) - (LAYERS - 1) * CENTRAL["query"]

@@ -7,6 +7,9 @@ at a default budget (compression ratio, Eq. 5, allocated to minimise Eq. 4),
 the kept bonds, the Eq. 4 bound and the actual error, both relative to
 $\|M\|_F$. It writes the table as Markdown and JSON, an entropy heatmap
 across layers and matrix types, and a drawing of one network.
+[draw_shared_centrals][mpotn.analysis.inspection.draw_shared_centrals] draws a
+compressed model's shared central tensors (MPOBERT, MPOE), each once, with the
+chains of the layers that use it.
 
 Examples
 --------
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +33,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpotn.atomic import write_text
-from mpotn.compression.models import weight_matrices
-from mpotn.drawing import draw_entropy_heatmap, draw_entropy_profiles, draw_spectra
+from mpotn.compression.models import layer_index, weight_matrices
+from mpotn.compression.sharing import shared_central_groups
+from mpotn.drawing import draw_entropy_heatmap, draw_entropy_profiles, draw_graph, draw_spectra
 from mpotn.mpo import MPO
+from mpotn.network import shared_graph
 from mpotn.table import Table
 from mpotn.types import DEFAULT_RATIO, Allocation
 
@@ -190,3 +196,38 @@ def inspect_model(
         })
     settings = {"n": n, "ratio": ratio, "allocation": allocation, "svd": svd}
     return Inspection(records, settings, networks, spectra)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.base_model if hasattr(model, "compression_config") else model
+
+
+def draw_shared_centrals(model: nn.Module, out: str | Path) -> dict[str, Path]:
+    """Draw every group of MPO layers that shares a central tensor
+    ([shared_central_groups][mpotn.compression.sharing.shared_central_groups]): the shared
+    node once, with edges to each layer's chain ([shared_graph][mpotn.network.shared_graph]),
+    to ``out/shared_<first layer>.png``.
+
+    Returns
+    -------
+    dict
+        ``{first layer of the group: path}``; empty when nothing is shared.
+    """
+    paths = {}
+    for group in shared_central_groups(model):
+        layers = _base(model)
+        chains = {}
+        for name in group:
+            index, expert = layer_index(name), re.search(r"experts\.(\d+)\.", name)
+            label = name if index is None else f"L{index}" + (
+                f"E{expert.group(1)}" if expert else "")
+            chains[label if label not in chains else name] = [
+                tuple(core.shape) for core in layers.get_submodule(name).cores]
+        central = layers.get_submodule(group[0]).central
+        title = (f"{group[0]} and {len(group) - 1} more layers (L<layer>[E<expert>]:A<k>: "
+                 f"auxiliary tensor k)\nshare one central tensor {tuple(central.shape)} "
+                 f"({central.numel():,} parameters)")
+        paths[group[0]] = draw_graph(shared_graph(chains),
+                                     Path(out) / f"shared_{group[0].replace('.', '_')}.png",
+                                     title)
+    return paths
