@@ -148,15 +148,15 @@ class Bench:
         torch.manual_seed(seed)  # the new task head
         return load_classifier(None, self.data(task).num_labels)
 
-    def ratio(self, model: torch.nn.Module) -> float:
-        """Per-target ratio that brings the whole model to ``SIZE`` of its parameters
-        (``SIZE`` itself in the quick run, whose few targets cannot)."""
+    def ratio(self, model: torch.nn.Module, size: float = SIZE) -> float:
+        """Per-target ratio that brings the whole model to ``size`` of its parameters
+        (``size`` itself in the quick run, whose few targets cannot)."""
         if self.quick:
-            return SIZE
+            return size
         total = count_parameters(model.parameters())
         targets = select_targets(model, CompressionConfig(targets=self.targets))
         inside = sum(module.weight.numel() for _, module in targets)
-        return (SIZE * total - (total - inside)) / inside
+        return (size * total - (total - inside)) / inside
 
 
 def _lfa_dir(bench: Bench, task: str, seed: int) -> Path:

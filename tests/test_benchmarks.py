@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 
 def load_benchmark(name: str):
     path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
@@ -144,3 +146,24 @@ def test_glue_small_verdicts_need_a_gap_beyond_the_seed_spread():
     assert verdict("squeezed to at most 0.65") == "**refuted**."  # -4 + 1 beyond 1.5
     assert verdict("beats SVD-LLM") == "**confirmed**."  # +2.5 beyond 0.4
     assert len(lines) == 5  # no mpo-lfa row: its claim is left out
+
+
+@pytest.mark.slow
+def test_glue_sharing_quick_mode_runs_every_row_then_skips_them(tmp_path):
+    """Every MPOBERT and MPOE row runs once on the sample (2 minutes); a second call
+    recomputes none of them, and the report holds every claim."""
+    bench = load_benchmark("glue_sharing")
+    out = tmp_path / "glue_sharing.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["row"] for r in runs] == list(bench.ROWS)
+    size = {r["row"]: r["total_params"] for r in runs}
+    assert size["shared-fit"] == size["shared-layer"] < size["deep12"] < size["dense"]
+    layers = {r["row"]: r.get("layers") for r in runs}
+    assert layers["deep12"] == 12 and layers["shared-fit"] == 6
+    multiple = {r["row"]: r["ffn_params_multiple"] for r in runs if "ffn_params_multiple" in r}
+    assert multiple["moe4"] == pytest.approx(4.0, abs=0.01)
+    assert multiple["mpoe4"] < multiple["mpoe8"] < multiple["moe4"]
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"] == runs
+    assert len(json.loads(out.read_text())["findings"]) == len(bench.CLAIMS)

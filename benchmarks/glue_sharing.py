@@ -1,0 +1,315 @@
+"""Experiment: central tensors shared across layers (MPOBERT) and experts (MPOE) on GLUE.
+
+Run from the repository root (many hours of CPU; every finished run is written at
+once and runs already in the JSON are skipped, so a stopped run continues)::
+
+    python benchmarks/glue_sharing.py                          # every run not yet done
+    python benchmarks/glue_sharing.py --task rte --row mpoe4 --seed 0   # chosen runs
+    python benchmarks/glue_sharing.py --report-only            # the tables and verdicts
+    python benchmarks/glue_sharing.py --quick --out /tmp/s.json   # smoke run (tests)
+
+Model, data and training are those of ``glue_small.py`` (the embedded
+all-MiniLM-L6-v2 with a new head; RTE and MRPC with seeds 0-2, 3 epochs, 128
+tokens; SST-2's first 20,000 training rows, one epoch, 64 tokens, seed 0; the
+official dev sets). Every row but ``dense`` and the mixtures of experts is healed
+first (``HEAL_STEPS`` steps of hidden-state distillation from the dense model on
+the task's training text, every parameter), then every row fine-tunes every
+parameter (``full``), so that the rows differ only in their structure.
+
+MPOBERT rows (attention and FFN matrices as ``n = 5`` MPOs at full rank):
+
+``dense``
+    the 6-layer dense model (taken from ``glue_small.json`` when that run exists);
+``shared-layer`` / ``shared-fit``
+    one central tensor per matrix type shared by all 6 layers, initialised from
+    layer 0 (the reference code) or fitted to every layer (ALS);
+``albert``
+    ALBERT-style full sharing: groups of consecutive layers are one module
+    repeated, as many groups as bring #To closest to ``shared-fit``'s;
+``independent``
+    independent MPOs truncated (model-wide optimal allocation) to ``shared-fit``'s #To;
+``deep12``
+    ``shared-fit`` deepened to 12 layers (each layer followed by a copy sharing its
+    centrals), healed from the 6-layer dense model.
+
+MPOE rows (FFN blocks; top-2 routing, capacity 1.25, router loss 0.01):
+
+``moe4``
+    the plain mixture of experts: 4 full copies of each FFN block, perturbed;
+``mpoe4`` / ``mpoe8``
+    4 or 8 experts whose MPOs (``n = 5``, full rank) share each block's central
+    tensors and own their auxiliary tensors.
+
+Writes ``benchmarks/results/glue_sharing.json`` (every run) and
+``glue_sharing.md`` (mean and spread per task and row, then the papers' claims as
+verdicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import glue_small  # the tasks, settings and helpers of the Table 4 benchmark
+
+from mpotn import Table, compress
+from mpotn.atomic import write_text
+from mpotn.compression.deepen import deepen
+from mpotn.compression.experts import upcycle_experts
+from mpotn.compression.model import MPOModel
+from mpotn.compression.parameters import count_parameters
+from mpotn.compression.sharing import share_centrals
+from mpotn.finetune.heal import HealConfig, heal
+from mpotn.finetune.training import finetune
+
+RESULTS = Path(__file__).parent / "results" / "glue_sharing.json"
+TARGETS = ["attention", "ffn"]
+ROWS = ("dense", "shared-layer", "shared-fit", "albert", "independent", "deep12", "moe4",
+        "mpoe4", "mpoe8")
+HEALED = ("shared-layer", "shared-fit", "albert", "independent", "deep12")
+HEAL_STEPS = 300
+FIT_SWEEPS = 3
+EXPERTS = {"moe4": (4, False), "mpoe4": (4, True), "mpoe8": (8, True)}
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    base = model.base_model if isinstance(model, MPOModel) else model
+    return base.base_model.encoder.layer
+
+
+def ffn_params(model: nn.Module) -> int:
+    """Parameters of every feed-forward block (experts and routers included), each once."""
+    seen: dict[int, int] = {}
+    for layer in _layers(model):
+        for module in (layer.intermediate, layer.output.dense):
+            for p in module.parameters():
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def albert_sharing(model: nn.Module, groups: int) -> None:
+    """ALBERT-style sharing in place: ``groups`` runs of consecutive layers, each run one
+    module (its first layer) repeated."""
+    layers = _layers(model)
+    size = -(-len(layers) // groups)
+    for i in range(len(layers)):
+        layers[i] = layers[(i // size) * size]
+
+
+class SharingBench(glue_small.Bench):
+    """``glue_small``'s settings (tasks, tokenizer, training), with healing and the
+    sharing rows."""
+
+    def __init__(self, quick: bool, work: Path) -> None:
+        super().__init__(quick, work)
+        self.targets = ["ffn"] if quick else TARGETS
+        self.heal_steps = 2 if quick else HEAL_STEPS
+        self.sweeps = 1 if quick else FIT_SWEEPS
+        #: full rank in the experiment; small bonds in the smoke run, to be quick
+        self.rank = {"max_bond": 8} if quick else {}
+
+    def heal(self, model: nn.Module, teacher: nn.Module, task: str) -> None:
+        heal(model, teacher, self.tokenizer, self.texts(task, None),
+             HealConfig(steps=self.heal_steps, train="all", max_length=128), progress=False)
+
+    def shared(self, dense: nn.Module, init: str) -> MPOModel:
+        model = compress(copy.deepcopy(dense), targets=self.targets, progress=False,
+                         **self.rank)
+        share_centrals(model, init=init, sweeps=self.sweeps)
+        return model
+
+
+def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, int]
+            ) -> tuple[nn.Module, dict[str, Any]]:
+    """The row's model before fine-tuning, and what to record about it."""
+    dense = bench.classifier(task, seed)
+    extra: dict[str, Any] = {}
+    if row in ("shared-layer", "shared-fit", "deep12"):
+        model = bench.shared(dense, "layer" if row == "shared-layer" else "fit")
+        if row == "deep12":
+            deepen(model, depth=2 * len(_layers(model)))
+    elif row == "albert":
+        goal = sizes.get("shared-fit") or count_parameters(
+            bench.shared(dense, "fit").parameters())
+        options = []
+        for groups in range(1, len(_layers(dense)) + 1):
+            trial = copy.deepcopy(dense)
+            albert_sharing(trial, groups)
+            options.append((abs(count_parameters(trial.parameters()) - goal), groups))
+        model = copy.deepcopy(dense)
+        extra["layer_groups"] = min(options)[1]
+        albert_sharing(model, extra["layer_groups"])
+    elif row == "independent":
+        goal = sizes.get("shared-fit") or count_parameters(
+            bench.shared(dense, "fit").parameters())
+        total = count_parameters(dense.parameters())
+        model = compress(copy.deepcopy(dense), targets=bench.targets, progress=False,
+                         ratio=bench.ratio(dense, goal / total), budget="model")
+    elif row in EXPERTS:
+        experts, share = EXPERTS[row]
+        model = (compress(copy.deepcopy(dense), targets=["ffn"], progress=False, **bench.rank)
+                 if share else copy.deepcopy(dense))
+        upcycle_experts(model, experts=experts, top_k=2, share_central=share, seed=seed)
+        extra["ffn_params_multiple"] = ffn_params(model) / ffn_params(dense)
+    else:
+        raise ValueError(f"unknown row {row!r}")
+    if row in HEALED:
+        bench.heal(model, dense, task)
+    return model, extra
+
+
+def run(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, int]
+        ) -> dict[str, Any]:
+    """One run: prepare the row's model, fine-tune every parameter, evaluate."""
+    if row == "dense":
+        return glue_small.run(bench, task, "dense", seed)
+    start = time.perf_counter()
+    model, extra = prepare(bench, task, row, seed, sizes)
+    prep = time.perf_counter() - start
+    original = count_parameters(bench.classifier(task, seed).parameters())
+    data = bench.data(task)
+    result = finetune(model, bench.tokenizer, data, bench.training(task, "full", seed),
+                      progress=False)
+    trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
+    total = count_parameters(trained.parameters())
+    record = result.record
+    return glue_small._run_record(
+        task, row, seed, data, record, total=total, over_dense=total / original,
+        trainable=record.get("trainable_params"), steps=record["steps"],
+        seconds_per_step=record["train_seconds"] / max(record["steps"], 1),
+        layers=len(_layers(trained)), **extra, prep_seconds=prep,
+        seconds=prep + record["train_seconds"])
+
+
+def summarize(runs: list[dict[str, Any]]) -> Table:
+    """Mean and spread (sample standard deviation, in points) of every row over its seeds."""
+    table = Table()
+    for task in dict.fromkeys(r["task"] for r in runs):
+        for row in ROWS:
+            group = [r for r in runs if r["task"] == task and r["row"] == row]
+            if not group:
+                continue
+            scores = [100 * r["metric"] for r in group]
+            multiple = [r["ffn_params_multiple"] for r in group if "ffn_params_multiple" in r]
+            table.append({
+                "task": task, "row": row, "seeds": len(group),
+                "metric %": statistics.mean(scores),
+                "spread (sd)": statistics.stdev(scores) if len(group) > 1 else float("nan"),
+                "#To": round(statistics.mean(r["total_params"] for r in group)),
+                "#To/dense": statistics.mean(r["total_over_dense"] for r in group),
+                "FFN x dense": statistics.mean(multiple) if multiple else float("nan"),
+                "#Pr (trained)": round(statistics.mean(r["trainable_params"] or 0
+                                                       for r in group)),
+                "s/step": statistics.mean(r.get("seconds_per_step", r["seconds"]
+                                                / max(r["steps"], 1)) for r in group),
+            })
+    return table
+
+
+#: ``(a, b, margin, claim)``: the claim ``a >= b - margin`` (points of the GLUE metric).
+CLAIMS = (
+    ("shared-fit", "albert", 0.0, "MPOBERT: sharing central tensors beats sharing whole layers "
+                                  "(ALBERT) at about the same size"),
+    ("shared-fit", "shared-layer", 0.0, "fitting the shared central beats taking layer 0's"),
+    ("shared-fit", "independent", 0.0, "sharing central tensors beats independent MPOs "
+                                       "truncated to the same size"),
+    ("deep12", "shared-fit", 0.0, "MPOBERT: 12 layers with shared centrals beat 6 at about "
+                                  "the same size"),
+    ("mpoe4", "moe4", 1.0, "MPOE with 4 experts matches (within a point) or beats the plain "
+                           "4-expert MoE with far fewer FFN parameters"),
+    ("mpoe8", "moe4", 1.0, "MPOE with 8 experts matches (within a point) or beats the plain "
+                           "4-expert MoE"),
+)
+
+
+def findings(table: Table) -> list[str]:
+    """The papers' claims per task, one Markdown bullet each (``glue_small``'s verdicts)."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in table):
+        rows = {r["row"]: r for r in table if r["task"] == task}
+        for a, b, margin, text in CLAIMS:
+            if a in rows and b in rows:
+                gap, _, verdict = glue_small._compare(rows[a], rows[b], margin)
+                lines.append(f"- {task}: {text} ({a} {rows[a]['metric %']:.2f} at "
+                             f"{rows[a]['#To/dense']:.3f} of dense vs {b} "
+                             f"{rows[b]['metric %']:.2f} at {rows[b]['#To/dense']:.3f}, gap "
+                             f"{gap:+.2f} points): {verdict}.")
+    return lines
+
+
+def write_report(out: Path, results: dict[str, Any]) -> str:
+    """Tables and findings to ``out`` (with the runs) and ``out.with_suffix('.md')``."""
+    order = {name: k for k, name in enumerate(ROWS)}
+    results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
+    table = summarize(results["runs"])
+    claims = findings(table)
+    results.update(summary=list(table), findings=claims)
+    markdown = (table.to_markdown(floatfmt=".4g") + "\n\nThe papers' claims, computed from "
+                "the table by `benchmarks/glue_sharing.py` (a claim is decided when the gap "
+                "is beyond the larger seed spread, one point on one seed):\n\n"
+                + ("\n".join(claims) or "- none of the claims has both its rows yet.") + "\n")
+    write_text(out, json.dumps(results, indent=2))
+    write_text(out.with_suffix(".md"), markdown)
+    return markdown
+
+
+def _borrowed_dense(task: str, seed: int) -> dict[str, Any] | None:
+    """``glue_small``'s dense run of the same task and seed (the same settings), if any."""
+    if not glue_small.RESULTS.is_file():
+        return None
+    for record in json.loads(glue_small.RESULTS.read_text())["runs"]:
+        if (record["task"], record["row"], record["seed"]) == (task, "dense", seed):
+            return {**record, "from": "glue_small.json"}
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", nargs="+", choices=list(glue_small.TASKS),
+                        default=list(glue_small.TASKS))
+    parser.add_argument("--row", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--seed", type=int, nargs="+", default=None,
+                        help="only these seeds (default: each task's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every row on the shipped SST-2 sample, 64 examples, 2 steps")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the tables and verdicts from the JSON, train nothing")
+    args = parser.parse_args(argv)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
+    done = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
+    tasks = [glue_small.QUICK_TASK] if args.quick else args.task
+    todo = [key for key in glue_small.plan(tasks, args.row, args.seed) if key not in done]
+    if todo and not args.report_only:
+        bench = SharingBench(args.quick, args.out.parent / "glue_sharing_work")
+        results.update(model="all-MiniLM-L6-v2 (embedded)", targets=bench.targets,
+                       heal_steps=bench.heal_steps, fit_sweeps=bench.sweeps,
+                       tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
+                       threads=torch.get_num_threads())
+        for task, row, seed in todo:
+            borrowed = _borrowed_dense(task, seed) if row == "dense" and not args.quick else None
+            sizes = {r["row"]: r["total_params"] for r in results["runs"]
+                     if r["task"] == task and r["seed"] == seed}
+            record = borrowed or run(bench, task, row, seed, sizes)
+            results["runs"].append(record)
+            print(f"{task} {row} seed {seed}: {100 * record['metric']:.2f} at "
+                  f"{record['total_over_dense']:.3f} of dense ({record['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
+            write_text(args.out, json.dumps(results, indent=2))
+    print(write_report(args.out, results))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
