@@ -18,6 +18,8 @@ saving, Hugging Face helpers.
   (``share_centrals``, MPOBERT);
 * ``mpotn.compression.deepen`` -- deeper models whose new layers share the central
   tensors (``deepen``, MPOBERT);
+* ``mpotn.compression.bottleneck`` -- bottleneck adapters per layer
+  (``add_bottleneck_adapters``, MPOBERT's optional adapters);
 * ``mpotn.compression.experts`` -- feed-forward blocks made mixtures of experts that
   share their central tensors (``upcycle_experts``, MPOE);
 * [mpotn.compression.merge][] -- back to a dense model
@@ -28,6 +30,7 @@ saving, Hugging Face helpers.
 is); import from the module with ``from mpotn.compression.compress import ...``.
 """
 
+from mpotn.compression.bottleneck import add_bottleneck_adapters
 from mpotn.compression.compress import compress, plan
 from mpotn.compression.config import (
     COMPRESSED_LAYERS,
@@ -68,6 +71,7 @@ __all__ = [
     "CompressionConfig",
     "MPOModel",
     "WeightMatrix",
+    "add_bottleneck_adapters",
     "compress",
     "count_parameters",
     "deepen",

@@ -128,7 +128,10 @@ def matrix_type(name: str) -> str:
     'ffn_gate'
     >>> matrix_type("some.custom.proj")
     'proj'
+    >>> matrix_type("encoder.layer.3.output.dense.layer")  # inside an adapter's wrapper
+    'ffn_out'
     """
+    name = name.removesuffix(".layer")  # a matrix inside a bottleneck adapter's wrapper
     for pattern, short in _RULES:
         if pattern.search(name):
             return short

@@ -32,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from mpotn.compression.config import MPO_LAYERS
+from mpotn.layers.bottleneck import BottleneckAdapter
 from mpotn.layers.experts import MixtureOfExperts
 
 #: Module-name components that mark a task head (trained by every strategy).
@@ -55,9 +56,10 @@ def lfa_parameters(model: nn.Module, *, head: bool = False
     """Parameters lightweight fine-tuning (SPEC §2) updates, each once.
 
     The auxiliary tensors of every MPO layer, every bias, every
-    normalization layer's parameters and the router of every mixture of experts
-    ([MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts], MPOE); central
-    tensors and dense weights stay frozen.
+    normalization layer's parameters, the router of every mixture of experts
+    ([MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts], MPOE) and every
+    bottleneck adapter ([BottleneckAdapter][mpotn.layers.bottleneck.BottleneckAdapter]);
+    central tensors and dense weights stay frozen.
 
     Parameters
     ----------
@@ -83,6 +85,8 @@ def lfa_parameters(model: nn.Module, *, head: bool = False
             chosen = list(module.named_parameters(recurse=False))
         elif isinstance(module, MixtureOfExperts):
             chosen = [("router.weight", module.router.weight)]
+        elif isinstance(module, BottleneckAdapter):
+            chosen = list(module.named_parameters())
         else:
             chosen = [(n, p) for n, p in module.named_parameters(recurse=False) if n == "bias"]
         for local, param in chosen:

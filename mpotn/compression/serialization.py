@@ -14,7 +14,9 @@ A save directory holds
   feed-forward blocks were made mixtures of experts
   (``mpotn.compression.experts``), also ``experts``: each block's name, output
   module and routing (another optional field), which a read rebuilds before it
-  puts the layers back;
+  puts the layers back; for a model with bottleneck adapters
+  (``mpotn.compression.bottleneck``), ``bottleneck_adapters``: each adapted
+  module's name and the adapter's width (optional too, rebuilt the same way);
 * ``model-<sha12>.safetensors`` -- the whole state dict (cores and the rest),
   each tensor in its own dtype and a shared tensor once (under the first of its
   names), with the SHA-256 of the rest of the config in
@@ -84,6 +86,7 @@ from mpotn.atomic import (
     written_files,
 )
 from mpotn.compression.architectures import is_conv1d
+from mpotn.compression.bottleneck import bottleneck_spec, rebuild_bottlenecks
 from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
 from mpotn.compression.experts import SPEC_KEYS as EXPERT_KEYS
 from mpotn.compression.experts import experts_spec, rebuild_experts
@@ -108,8 +111,9 @@ FIELDS = ("format", "format_version", "weights", "sha256", "dtype", "base_model"
           "original_params", "layers", "report")
 #: Fields written only when they apply: ``shared_centrals``, the groups of MPO layers
 #: sharing one central tensor (lists of module names; see ``mpotn.compression.sharing``),
-#: and ``experts``, the blocks made mixtures of experts (``mpotn.compression.experts``).
-OPTIONAL_FIELDS = ("shared_centrals", "experts")
+#: ``experts``, the blocks made mixtures of experts (``mpotn.compression.experts``), and
+#: ``bottleneck_adapters``, the modules followed by one (``mpotn.compression.bottleneck``).
+OPTIONAL_FIELDS = ("shared_centrals", "experts", "bottleneck_adapters")
 #: The dtypes a save may name, with safetensors' code for each.
 DTYPES = {"float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16),
           "float32": ("F32", torch.float32), "float64": ("F64", torch.float64)}
@@ -285,6 +289,8 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
         config["shared_centrals"] = shared
     if experts_spec(base):
         config["experts"] = experts_spec(base)
+    if bottleneck_spec(base):
+        config["bottleneck_adapters"] = bottleneck_spec(base)
     with temp_path(directory / _WEIGHTS_TEMP) as tmp:
         save_model(base, str(tmp), metadata={DIGEST_KEY: _config_digest(config)})
         digest = _sha256(tmp)
@@ -406,7 +412,20 @@ def _read_config(directory: Path) -> dict[str, Any]:
         _check_layer(name, spec, path, config["layers"])
     _check_shared(config, path)
     _check_experts(config, path)
+    _check_bottlenecks(config, path)
     return config
+
+
+def _check_bottlenecks(config: dict[str, Any], path: Path) -> None:
+    """``bottleneck_adapters``, when present: ``{module name: width >= 1}``."""
+    spec = config.get("bottleneck_adapters")
+    if spec is None:
+        return
+    if not (isinstance(spec, dict) and spec and all(
+            isinstance(name, str) and isinstance(size, int) and not isinstance(size, bool)
+            and size >= 1 for name, size in spec.items())):
+        raise ValueError(f"{path} has invalid bottleneck_adapters={spec!r:.120} (module "
+                         "names and widths >= 1); " + _FIX)
 
 
 def _check_experts(config: dict[str, Any], path: Path) -> None:
@@ -584,6 +603,7 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
     dtype = DTYPES[config["dtype"]][1]
     try:
         rebuild_experts(base, config.get("experts", {}))
+        rebuild_bottlenecks(base, config.get("bottleneck_adapters", {}))
     except ValueError as error:
         raise ValueError(f"{path}: {error}; {_FIX}") from error
     for name, spec in config["layers"].items():

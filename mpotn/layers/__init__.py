@@ -9,7 +9,8 @@ are parameter groups; a [TruncationPolicy][mpotn.truncation.TruncationPolicy] cu
 [FactorizedEmbedding][mpotn.layers.factorized.FactorizedEmbedding] (the weight is any
 [FactorNetwork][mpotn.methods.base.FactorNetwork]); [mpotn.layers.experts][] holds
 [MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts] (routed feed-forward experts,
-MPOE).
+MPOE), and [mpotn.layers.bottleneck][] the
+[BottleneckAdapter][mpotn.layers.bottleneck.BottleneckAdapter] (Houlsby adapters).
 
 Every layer class describes itself: ``spec()`` is a JSON-ready ``dict`` of its
 structure (``kind`` and the keys of its ``SPEC_FIELDS``) and the classmethod
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpotn.layers.bottleneck import Adapted, BottleneckAdapter
 from mpotn.layers.experts import MixtureOfExperts
 from mpotn.layers.factorized import FactorizedEmbedding, FactorizedLinear
 from mpotn.layers.mpo import MPOEmbedding, MPOLinear, TiedMPOLinear
@@ -81,6 +83,8 @@ def tie_layers(model: nn.Module) -> None:
 
 __all__ = [
     "LAYER_KINDS",
+    "Adapted",
+    "BottleneckAdapter",
     "FactorizedEmbedding",
     "FactorizedLinear",
     "MPOEmbedding",
