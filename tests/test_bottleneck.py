@@ -92,3 +92,15 @@ def test_bad_adapter_settings_and_edited_saves_are_refused(tmp_path):
     path.write_text(json.dumps(edited))
     with pytest.raises(ValueError, match="invalid bottleneck_adapters"):
         load(tmp_path)
+
+
+def test_merge_keeps_the_adapters_and_warns():
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    add_bottleneck_adapters(model, size=SIZE)
+    with torch.no_grad():
+        expected = model(ids()).last_hidden_state
+    with pytest.warns(UserWarning, match="bottleneck adapters"):
+        dense = model.merge()
+    assert type(dense.get_submodule("encoder.layer.0.output.dense.layer")) is torch.nn.Linear
+    with torch.no_grad():
+        assert float((dense(ids()).last_hidden_state - expected).abs().max()) < 1e-5

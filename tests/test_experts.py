@@ -218,12 +218,11 @@ def test_the_training_loss_adds_the_router_loss_and_evaluation_does_not(tmp_path
     trainer = _task_trainer(model, trainer_arguments("cpu", output_dir=tmp_path), None)
     inputs = {"input_ids": ids(), "labels": torch.tensor([0, 1, 0])}
     model.train()
-    with torch.no_grad():
-        loss = trainer.compute_loss(model, inputs)
-        task = model(**inputs).loss
-        assert float(loss) == pytest.approx(float(task + router_loss(model)), rel=1e-6)
-        assert float(router_loss(model)) > 0
-        model.eval()
+    loss = trainer.compute_loss(model, inputs).detach()  # a training step: with gradients
+    task = model(**inputs).loss.detach()
+    extra = router_loss(model).detach()
+    assert float(loss) == pytest.approx(float(task + extra), rel=1e-6) and float(extra) > 0
+    with torch.no_grad():  # an evaluation: the task's loss alone
         assert float(trainer.compute_loss(model, inputs)) == pytest.approx(
             float(model(**inputs).loss), rel=1e-6)
 
@@ -250,3 +249,33 @@ def test_the_experts_shared_central_is_drawn_once(tmp_path):
     paths = draw_shared_centrals(model, tmp_path)
     assert len(paths) == 2 * LAYERS  # one drawing per block and matrix
     assert all(path.stat().st_size > 10_000 for path in paths.values())
+
+
+def test_a_trained_mixture_deep_copies_and_deepens_then_saves_and_loads(tmp_path):
+    from mpotn.compression import deepen, share_centrals
+
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    share_centrals(model, init="layer")
+    upcycle_experts(model, experts=2, top_k=1)
+    model.train()
+    model(ids()).last_hidden_state.sum().backward()  # aux_loss now holds a graph
+    assert copy.deepcopy(model).get_submodule("encoder.layer.0.intermediate").aux_loss is None
+    deepen(model, depth=4)
+    assert sorted(experts_spec(model)) == [f"encoder.layer.{i}.intermediate" for i in range(4)]
+    assert {s["output"] for s in experts_spec(model).values()} == {
+        f"encoder.layer.{i}.output.dense" for i in range(4)}
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids()).last_hidden_state
+    model.save_pretrained(tmp_path / "deep")
+    again = load(tmp_path / "deep")
+    with torch.no_grad():
+        assert torch.equal(again(ids()).last_hidden_state, expected)
+
+
+def test_evaluation_has_no_capacity_limit():
+    moe = MixtureOfExperts([nn.Linear(4, 4) for _ in range(2)], hidden_size=4, top_k=1,
+                           capacity_factor=0.5)
+    assert moe.capacity(8) == 2
+    moe.eval()
+    assert moe.capacity(8) == 8

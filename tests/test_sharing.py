@@ -313,6 +313,8 @@ def test_cutting_a_shared_bond_of_different_layers_counts_the_central_once(bert)
         cut_shared_bond(layers[:2], 2, 4)
     with pytest.raises(ValueError, match="not a bond of the shared central"):
         cut_shared_bond(layers, 3, 1)
+    with pytest.raises(ValueError, match="is a boundary of the chain"):
+        cut_shared_bond(layers, 0, 1)
 
 
 def test_a_squeeze_step_and_direct_truncation_keep_the_sharing(tiny_bert, tmp_path):

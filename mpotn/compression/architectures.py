@@ -111,6 +111,8 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
 
 _RULES = [(re.compile(pattern), short) for rules in MATRIX_TYPES.values()
           for pattern, short in rules]
+#: An expert's part of a module name (``upcycle_experts``): ``.experts.<e>``.
+_EXPERT = re.compile(r"\.experts\.\d+(?=\.)")
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 
 
@@ -130,11 +132,14 @@ def matrix_type(name: str) -> str:
     'proj'
     >>> matrix_type("encoder.layer.3.output.dense.layer")  # inside an adapter's wrapper
     'ffn_out'
+    >>> matrix_type("transformer.h.0.mlp.experts.2.c_proj")  # an upcycled expert's
+    'ffn_out'
     """
     name = name.removesuffix(".layer")  # a matrix inside a bottleneck adapter's wrapper
-    for pattern, short in _RULES:
-        if pattern.search(name):
-            return short
+    for candidate in (name, _EXPERT.sub("", name)):  # then as if not an upcycled expert
+        for pattern, short in _RULES:
+            if pattern.search(candidate):
+                return short
     return name.rsplit(".", 1)[-1]
 
 

@@ -17,8 +17,9 @@ upcycling), their own tensors perturbed by ``noise`` so that they can diverge, a
 new router; with ``share_central=False`` the experts are full copies, the plain
 mixture of experts baseline, from the same code.
 
-The structure is recorded on the model (``experts_spec``) so that a save rebuilds
-it: [read][mpotn.compression.serialization.read] calls
+Each mixture knows its structure, which
+[experts_spec][mpotn.compression.experts.experts_spec] reads off the model so that a
+save rebuilds it: [read][mpotn.compression.serialization.read] calls
 [rebuild_experts][mpotn.compression.experts.rebuild_experts] before it puts the MPO
 layers back, and ties the shared centrals again.
 
@@ -130,6 +131,8 @@ def _build(base: nn.Module, block: str, output: str | None, settings: dict[str, 
             moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=generator)
                                     * getattr(base.config, "initializer_range", 0.02))
     if output is not None:  # first: expert 1 holds the same output module
+        parent = block.rpartition(".")[0]
+        moe.split_output = output.removeprefix(f"{parent}.") if parent else output
         replace_module(base, output, nn.Identity())
     replace_module(base, block, moe)
     return moe
@@ -226,19 +229,26 @@ def upcycle_experts(model: nn.Module, experts: int = 4, top_k: int = 2, *,
                        "block_params": before, "expert_params": extra,
                        "shared_params": shared, "router_params": router,
                        "moe_params": total, "ffn_params_multiple": total / before})
-        experts_spec(base)[block] = {"output": output, **settings}
     _mark(base)
     return report
 
 
 def experts_spec(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{block name: {output, experts, top_k, capacity_factor, router_loss_weight}}`` of
-    the model's upcycled blocks (kept on the module holding the layers; empty when it
-    has none)."""
-    base = _base(model)
-    if "_mpotn_experts" not in base.__dict__:
-        base.__dict__["_mpotn_experts"] = {}
-    return base.__dict__["_mpotn_experts"]
+    the model's mixtures of experts, read off the modules themselves (so that it follows
+    them when layers are copied or moved, as ``deepen`` does); empty when it has none."""
+    spec = {}
+    for name, module in _base(model).named_modules():
+        if isinstance(module, MixtureOfExperts):
+            parent = name.rpartition(".")[0]
+            output = module.split_output
+            spec[name] = {
+                "output": None if output is None else f"{parent}.{output}" if parent
+                else output,
+                "experts": module.num_experts, "top_k": module.top_k,
+                "capacity_factor": module.capacity_factor,
+                "router_loss_weight": module.router_loss_weight}
+    return spec
 
 
 def rebuild_experts(model: nn.Module, spec: dict[str, dict[str, Any]]) -> None:
@@ -262,4 +272,3 @@ def rebuild_experts(model: nn.Module, spec: dict[str, dict[str, Any]]) -> None:
                 raise ValueError(f"the experts of {block!r} name {name!r}, which is not a "
                                  "module of the model") from None
         _build(base, block, settings["output"], settings, False, 0.0, None)
-        experts_spec(base)[block] = dict(settings)

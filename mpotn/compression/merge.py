@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mpotn.compression.architectures import conv1d_class, is_conv1d
+from mpotn.compression.bottleneck import bottleneck_spec
 from mpotn.compression.config import COMPRESSED_LAYERS, replace_module
 from mpotn.compression.experts import experts_spec
 from mpotn.layers import (
@@ -49,9 +50,10 @@ def merge(model: nn.Module) -> nn.Module:
     there again (weight ``in x out``), so that its ``save_pretrained`` checkpoint loads into
     its class's ``from_pretrained``. Other modules get ``nn.Linear``.
 
-    A model with mixtures of experts (``mpotn.compression.experts``) keeps them, each
-    expert's layers made dense; transformers has no class for that structure, so
-    ``merge`` warns that the result saves with mpotn only.
+    A model with mixtures of experts (``mpotn.compression.experts``) or bottleneck
+    adapters (``mpotn.compression.bottleneck``) keeps them, their matrices made dense;
+    transformers has no class for that structure, so ``merge`` warns that the result
+    saves with mpotn only.
 
     New weights require a gradient when the layer's own parameters did (for a tied head:
     when the embedding's did), biases as the old bias did; each new layer is in the
@@ -94,9 +96,9 @@ def merge(model: nn.Module) -> nn.Module:
     base = model.base_model if hasattr(model, "compression_config") else model
     if isinstance(base, COMPRESSED_LAYERS):  # a bare layer: nothing to replace it in
         return _dense_layer(base, {}, False)
-    if experts_spec(base):
-        warnings.warn("the model's feed-forward blocks are mixtures of experts, which merge "
-                      "keeps (their experts made dense); no transformers class loads that "
+    if experts_spec(base) or bottleneck_spec(base):
+        warnings.warn("the model has mixtures of experts or bottleneck adapters, which merge "
+                      "keeps (their matrices made dense); no transformers class loads that "
                       "structure, so save it with mpotn", stacklevel=2)
     layers = [(name, module) for name, module in base.named_modules()
               if isinstance(module, COMPRESSED_LAYERS)]

@@ -417,6 +417,9 @@ def _sqrt_and_inverse(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _bond_side(layers: Sequence[nn.Module], bond: int) -> str:
     center = layers[0].central_index
+    if not 1 <= bond <= layers[0].n - 1:
+        raise ValueError(f"bond {bond} is a boundary of the chain (1 x 1), not a bond of the "
+                         f"shared central tensor; the chain's bonds are 1 to {layers[0].n - 1}")
     if bond == center:
         return "left"
     if bond == center + 1:

@@ -410,7 +410,7 @@ def _trainer_class() -> type:
 
     class HealTrainer(Trainer):
         """A Trainer whose loss is [distillation_loss][mpotn.finetune.heal.distillation_loss]
-        (plus the load-balancing loss of any mixture of experts,
+        (plus, in training steps, the load-balancing loss of any mixture of experts,
         [add_router_loss][mpotn.layers.experts.add_router_loss]).
 
         The teacher runs without gradients, in eval mode, on the student's device.
@@ -434,8 +434,10 @@ def _trainer_class() -> type:
             self.teacher.eval()
             with torch.no_grad():
                 target = self.teacher(**inputs, output_hidden_states=True)
-            loss = add_router_loss(distillation_loss(
-                outputs, target, inputs.get("attention_mask"), self.logits_weight), model)
+            loss = distillation_loss(outputs, target, inputs.get("attention_mask"),
+                                     self.logits_weight)
+            if torch.is_grad_enabled():  # a training step, not an evaluation
+                loss = add_router_loss(loss, model)
             return (loss, outputs) if return_outputs else loss
 
     return HealTrainer

@@ -534,9 +534,10 @@ def _task_trainer(model: nn.Module, args: Any, tokenizer: Any, **options: Any) -
     class TaskTrainer(Trainer):
         def compute_loss(self, model: nn.Module, inputs: dict[str, Any],
                          return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
-            if model.training:
+            counted = ({} if num_items_in_batch is None  # older Trainers lack the keyword
+                       else {"num_items_in_batch": num_items_in_batch})
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **counted)
+            if torch.is_grad_enabled():  # a training step, not an evaluation
                 loss = add_router_loss(loss, model)
             return (loss, outputs) if return_outputs else loss
 

@@ -12,9 +12,10 @@ $$
 with gate $g_{t,e} = p_{t,e}$ for ``top_k = 1`` (Switch Transformer) and the top-k
 probabilities renormalised to sum to 1 for ``top_k >= 2`` (GShard, Mixtral).
 With ``capacity_factor`` $c$, an expert takes at most
-$\lceil c \cdot T k / E \rceil$ of the $T$ tokens (first choices before second
-choices, in token order); a token over capacity gets nothing from that expert
-(its residual connection carries it, as in Switch). ``None`` means no limit.
+$\lceil c \cdot T k / E \rceil$ of the $T$ tokens of a training batch (first
+choices before second choices, in token order; padding tokens count too); a
+token over capacity gets nothing from that expert (its residual connection
+carries it, as in Switch). ``None`` means no limit, and evaluation has none.
 
 Each forward pass stores the load-balancing loss of Switch Transformer,
 
@@ -39,7 +40,9 @@ Examples
 >>> ffn = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
 >>> moe = MixtureOfExperts([ffn], hidden_size=8)
 >>> x = torch.randn(2, 5, 8)
->>> torch.equal(moe(x), ffn(x)), float(moe.aux_loss)
+>>> with torch.no_grad():
+...     same = torch.equal(moe(x), ffn(x))
+>>> same, float(moe.aux_loss)
 (True, 1.0)
 """
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,6 +126,14 @@ class MixtureOfExperts(nn.Module):
             self.router.to(reference.device, reference.dtype)
         nn.init.normal_(self.router.weight, std=router_std)
         self.aux_loss: torch.Tensor | None = None
+        #: For a block whose output matrix lives beside it (BERT's ``output.dense``): that
+        #: module's path relative to the block's parent, made ``nn.Identity`` there.
+        self.split_output: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state without ``aux_loss`` (a tensor of the last forward pass's graph, which
+        ``copy.deepcopy`` cannot copy and a copy should not keep)."""
+        return {**super().__getstate__(), "aux_loss": None}
 
     @property
     def num_experts(self) -> int:
@@ -129,9 +141,10 @@ class MixtureOfExperts(nn.Module):
         return len(self.experts)
 
     def capacity(self, tokens: int) -> int:
-        r"""Most token assignments one expert takes: $\lceil c\, T k / E \rceil$ (all
-        ``tokens`` when ``capacity_factor`` is ``None``)."""
-        if self.capacity_factor is None:
+        r"""Most token assignments one expert takes: $\lceil c\, T k / E \rceil$ while
+        training; all ``tokens`` when ``capacity_factor`` is ``None`` and in evaluation
+        (so that an example's output does not depend on the rest of its batch)."""
+        if self.capacity_factor is None or not self.training:
             return tokens
         return min(tokens, math.ceil(self.capacity_factor * tokens * self.top_k
                                      / self.num_experts))
