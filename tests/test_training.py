@@ -149,3 +149,21 @@ def test_training_arguments_leave_the_device_to_the_trainer(tmp_path):
     args = training_arguments(TrainingConfig(), tmp_path, progress=False, steps=10)
     assert args.use_cpu is False
     assert args.max_steps == 10 and args.warmup_steps == 1
+
+
+def test_lfa_on_two_core_mpos_defaults_to_the_smaller_learning_rate(tiny_bert, data):
+    from mpotn.compression import compress
+    from mpotn.compression.models import load_classifier, load_tokenizer
+    from mpotn.types import DEFAULT_LR, LFA_LR_TWO_CORE
+
+    tokenizer = load_tokenizer(tiny_bert)
+    runs = {}
+    for structure, lr in (("svd", None), ("mpo", None), ("svd", 1e-3)):
+        model = compress(load_classifier(tiny_bert, data.num_labels), targets=["ffn"],
+                         structure=structure, progress=False)
+        config = TrainingConfig(strategy="lfa", lr=lr, **{**SMALL, "max_steps": 1})
+        runs[(structure, lr)] = finetune(model, tokenizer, data, config,
+                                         progress=False).record["lr"]
+    assert runs[("svd", None)] == LFA_LR_TWO_CORE == 5e-5
+    assert runs[("mpo", None)] == DEFAULT_LR["lfa"] == 5e-4
+    assert runs[("svd", 1e-3)] == 1e-3  # a learning rate given is kept

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpotn.types import DEFAULT_LR
+from mpotn.types import DEFAULT_LR, LFA_LR_TWO_CORE
 
 if TYPE_CHECKING:
     from mpotn.data.tasks import TaskData
@@ -138,7 +138,9 @@ def _add_training(parser: argparse.ArgumentParser, epochs: float, default_out: s
     train = parser.add_argument_group("training")
     train.add_argument("--lr", type=_positive_float, default=None,
                        help="learning rate (default per strategy: "
-                            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+                            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+                            + f"; lfa on two-core MPOs, the truncated SVDs of "
+                            f"--structure svd: {LFA_LR_TWO_CORE:g})")
     train.add_argument("--central-lr", type=_positive_float, default=None,
                        help="learning rate of central tensors (default: --lr)")
     train.add_argument("--auxiliary-lr", type=_positive_float, default=None,

@@ -63,7 +63,7 @@ from mpotn.layers.experts import add_router_loss
 from mpotn.network import central_index
 from mpotn.shapes import full_bond_dims, plan_side
 from mpotn.table import Table
-from mpotn.types import DEFAULT_LR, DEFAULT_TARGETS, STRATEGIES
+from mpotn.types import DEFAULT_LR, DEFAULT_TARGETS, LFA_LR_TWO_CORE, STRATEGIES
 
 #: Help of the ``device`` setting ([TrainingConfig][mpotn.finetune.training.TrainingConfig],
 #: [HealConfig][mpotn.finetune.heal.HealConfig]) and of ``--device``.
@@ -121,7 +121,10 @@ class TrainingConfig(FieldHelp):
     lora_rank:
         LoRA rank; ``None`` matches LFA's trainable budget on the same model.
     lr:
-        Learning rate; ``None`` takes [DEFAULT_LR][mpotn.types.DEFAULT_LR] for the strategy.
+        Learning rate; ``None`` takes [DEFAULT_LR][mpotn.types.DEFAULT_LR] for the strategy
+        ([finetune][mpotn.finetune.training.finetune] takes
+        [LFA_LR_TWO_CORE][mpotn.types.LFA_LR_TWO_CORE] for ``lfa`` on a model whose MPO
+        layers all have two cores).
     central_lr, auxiliary_lr:
         Learning rates of central and auxiliary tensors (default: ``lr``).
     epochs:
@@ -300,6 +303,12 @@ def _trainable_model(model: nn.Module) -> nn.Module:
     """The module the Trainer sees: the wrapped model of an
     [MPOModel][mpotn.compression.model.MPOModel]."""
     return model.base_model if isinstance(model, MPOModel) else model
+
+
+def _two_core_only(model: nn.Module) -> bool:
+    """Whether the model has MPO layers and every one has two cores (truncated SVDs)."""
+    layers = [m for m in model.modules() if isinstance(m, MPO_LAYERS)]
+    return bool(layers) and all(layer.n == 2 for layer in layers)
 
 
 def _metric_fn(data: TaskData) -> Any:
@@ -712,6 +721,8 @@ def finetune(
     checkpoint = resume_checkpoint(out, resume)
     checkpoints = Path(out) / "checkpoints" if out is not None else None
     trained = _trainable_model(model)
+    if config.lr is None and config.strategy == "lfa" and _two_core_only(trained):
+        config = dataclasses.replace(config, lr=LFA_LR_TWO_CORE)
     lora_rank = config.lora_rank
     if config.strategy == "lora" and lora_rank is None:
         head = count_parameters(p for _, p in head_parameters(trained))
