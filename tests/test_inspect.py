@@ -65,3 +65,33 @@ def test_cli_bad_arguments_exit_with_a_message(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 2 and "no weight matrix named ['nope']" in result.stderr
+
+
+def test_cli_inspect_on_a_save_reports_its_kept_bonds_and_draws_shared_centrals(
+        tmp_path, capsys):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mpotn.compression import compress, share_centrals
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3,
+                                num_attention_heads=2, intermediate_size=48))
+    model = compress(bert, targets=["ffn"], n=3, max_bond=6, progress=False)
+    share_centrals(model, groups=[[f"encoder.layer.{i}.output.dense" for i in range(3)]],
+                   init="layer")
+    model.save_pretrained(tmp_path / "save")
+    assert main(["inspect", str(tmp_path / "save"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "an mpotn save" in printed and "6 MPO layers" in printed
+    records = {r["name"]: r for r in
+               json.loads((tmp_path / "out" / "inspect.json").read_text())["matrices"]}
+    assert len(records) == 6
+    assert records["encoder.layer.2.output.dense"]["shared_by"] == 3
+    assert records["encoder.layer.2.intermediate.dense"]["shared_by"] == 1
+    assert records["encoder.layer.0.intermediate.dense"]["bonds"] == "6,6"
+    assert records["encoder.layer.0.intermediate.dense"]["params"] == (
+        model.mpo_layers()["encoder.layer.0.intermediate.dense"].num_params)
+    shared = list((tmp_path / "out").glob("shared_*.png"))
+    assert [p.name for p in shared] == ["shared_encoder_layer_0_output_dense.png"]
+    assert (tmp_path / "out" / "network_encoder_layer_0_intermediate_dense.png").is_file()

@@ -13,7 +13,8 @@ chains of the layers that use it.
 
 Examples
 --------
->>> from torch import nn
+>>> import torch
+from torch import nn
 >>> result = inspect_model(nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64)), n=3,
 ...                        progress=False)
 >>> [r["name"] for r in result.records], result.records[0]["full_bonds"]
@@ -33,7 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpotn.atomic import write_text
-from mpotn.compression.models import layer_index, weight_matrices
+from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.models import layer_index, matrix_type, weight_matrices
 from mpotn.compression.sharing import shared_central_groups
 from mpotn.drawing import draw_entropy_heatmap, draw_entropy_profiles, draw_graph, draw_spectra
 from mpotn.mpo import MPO
@@ -80,19 +82,28 @@ class Inspection:
     settings: dict[str, Any]
     networks: dict[str, MPO] = field(default_factory=dict)
     spectra: dict[str, MPO] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=lambda: dict(COLUMNS))
+    shared: dict[str, Path] = field(default_factory=dict)
+    compressed: Any = None
 
     def table(self) -> Table:
         """The printed columns, with readable headers."""
-        return self.records.select(COLUMNS)
+        return self.records.select(self.columns)
+
+    def _title(self, model_name: str) -> str:
+        if self.compressed is not None:
+            return (f"# mpotn inspect: {model_name} (compressed)\n\nThe bonds the save keeps, "
+                    "with the entropies of its cores (Eq. 6).\n\n")
+        return (f"# mpotn inspect: {model_name}\n\n"
+                f"n = {self.settings['n']} cores; budget rho = {self.settings['ratio']} "
+                f"({self.settings['allocation']} allocation). Errors are relative to "
+                "||M||_F.\n\n")
 
     def write(self, out: str | Path, model_name: str) -> dict[str, Path]:
-        """Write ``inspect.md``, ``inspect.json``, the heatmap and the drawings."""
+        """Write ``inspect.md``, ``inspect.json``, the heatmap and the drawings (for a
+        compressed model, also each shared central tensor's drawing)."""
         out = Path(out)
-        title = (
-            f"# mpotn inspect: {model_name}\n\n"
-            f"n = {self.settings['n']} cores; budget rho = {self.settings['ratio']} "
-            f"({self.settings['allocation']} allocation). Errors are relative to ||M||_F.\n\n"
-        )
+        title = self._title(model_name)
         paths = {
             "markdown": write_text(out / "inspect.md", title + self.table().to_markdown() + "\n"),
             "json": write_text(
@@ -111,12 +122,17 @@ class Inspection:
             safe = name.replace(".", "_") or "matrix"
             paths[f"network:{name}"] = mpo.draw(
                 out / f"network_{safe}.png",
-                title=f"{name}: bonds at rho={self.settings['ratio']} (kept/full)",
+                title=f"{name}: bonds " + ("kept/full" if self.compressed is not None else
+                                             f"at rho={self.settings['ratio']} (kept/full)"),
             )
         for name, mpo in self.spectra.items():
             safe = name.replace(".", "_") or "matrix"
+            kind = "kept" if self.compressed is not None else "full rank"
             paths[f"spectra:{name}"] = draw_spectra(
-                mpo, out / f"spectra_{safe}.png", f"{name}: singular values per bond (full rank)")
+                mpo, out / f"spectra_{safe}.png", f"{name}: singular values per bond ({kind})")
+        if self.compressed is not None:
+            for name, path in draw_shared_centrals(self.compressed, out).items():
+                paths[f"shared:{name}"] = path
         return paths
 
 
@@ -196,6 +212,73 @@ def inspect_model(
         })
     settings = {"n": n, "ratio": ratio, "allocation": allocation, "svd": svd}
     return Inspection(records, settings, networks, spectra)
+
+
+#: Columns of the table of a compressed model
+#: ([inspect_compressed][mpotn.analysis.inspection.inspect_compressed]).
+COMPRESSED_COLUMNS = {
+    "name": "matrix",
+    "shape": "shape",
+    "factorization": "factorization (rows x cols)",
+    "bonds": "bonds kept",
+    "full_bonds": "full bonds (Eq. 2)",
+    "central_entropy": "S_central (Eq. 6)",
+    "params": "parameters (a shared central in each)",
+    "ratio": "rho (Eq. 5)",
+    "shared_by": "central shared by",
+}
+
+
+def inspect_compressed(model: nn.Module, keep: list[str] | None = None) -> Inspection:
+    """The bond structure of a compressed model's MPO layers as they are (no new
+    decomposition): per layer its factorization, kept and full bonds, the entropy of
+    every bond of its canonical form (Eq. 6), parameters, $\\rho$ (Eq. 5) and how
+    many layers share its central tensor; ``write`` also draws every shared central
+    tensor once ([draw_shared_centrals][mpotn.analysis.inspection.draw_shared_centrals]).
+
+    Parameters
+    ----------
+    model:
+        An [MPOModel][mpotn.compression.model.MPOModel] (or a module with MPO layers).
+    keep:
+        Names of layers whose MPO to keep for drawing (network and bond spectra).
+
+    Raises
+    ------
+    ValueError
+        For a model without MPO layers, or a name in ``keep`` that is not one.
+    """
+    base = _base(model)
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, MPO_LAYERS)}
+    if not layers:
+        raise ValueError("the model has no MPO layers to inspect")
+    unknown = set(keep or []) - set(layers)
+    if unknown:
+        raise ValueError(f"no MPO layer named {sorted(unknown)}; candidates: "
+                         f"{list(layers)[:12]}...")
+    users: dict[int, int] = {}
+    for layer in layers.values():
+        users[id(layer.central)] = users.get(id(layer.central), 0) + 1
+    records, networks, spectra = Table(), {}, {}
+    for name, layer in layers.items():
+        mpo = layer.mpo()  # canonical form of the detached cores
+        if name in set(keep or []):
+            networks[name] = spectra[name] = mpo
+        records.append({
+            "name": name, "type": matrix_type(name), "layer": layer_index(name),
+            "shape": f"{mpo.shape[0]}x{mpo.shape[1]}",
+            "factorization": f"{_join(mpo.row_shape, '·')} x {_join(mpo.col_shape, '·')}",
+            "bonds": _join(mpo.bond_dims[1:-1]),
+            "full_bonds": _join(mpo.full_bond_dims[1:-1]),
+            "central_bond": mpo.central_bond,
+            "central_entropy": mpo.entropy(mpo.central_bond),
+            "entropies": list(mpo.entropies),
+            "params": layer.num_params,
+            "ratio": mpo.compression_ratio,
+            "shared_by": users[id(layer.central)],
+        })
+    return Inspection(records, {"compressed": True}, networks, spectra,
+                      columns=dict(COMPRESSED_COLUMNS), compressed=model)
 
 
 def _base(model: nn.Module) -> nn.Module:

@@ -20,12 +20,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "(Algorithm 1) and report its factorization, full bonds (Eq. 2), "
             "central-bond entropy (Eq. 6) and, at a budget, the Eq. 4 error bound "
             "and the actual error. Writes inspect.md, inspect.json, an entropy "
-            "heatmap and a drawing of one network to --out."
+            "heatmap and a drawing of one network to --out. Given an mpotn save "
+            "(mpotn compress --out), it reports the bonds the save keeps instead, and "
+            "draws each central tensor shared by several layers once."
         ),
     )
     inspect.add_argument(
         "model", nargs="?", default=None,
-        help="local model folder or hub id (default: the embedded all-MiniLM-L6-v2)",
+        help="local model folder or hub id (default: the embedded all-MiniLM-L6-v2), or an "
+             "mpotn save",
     )
     inspect.add_argument("--n", type=_cores, default=5, help="cores per matrix (default: 5)")
     inspect.add_argument(
@@ -76,16 +79,41 @@ def run_core_changes(before: str, after: str, out: str) -> None:
     print(f"\nwrote {out}/core_changes.csv")
 
 
+def run_compressed(args: argparse.Namespace, start: float) -> None:
+    """Inspect an mpotn save: the bonds it keeps, and its shared central tensors."""
+    from mpotn.analysis.inspection import inspect_compressed
+    from mpotn.compression import load
+
+    model = load(args.model)
+    layers = model.mpo_layers()
+    if not layers:
+        raise ValueError(f"{args.model} has no MPO layers to inspect (it was compressed with "
+                         "another method)")
+    draw = args.draw or next((n for n in layers if n.endswith("intermediate.dense")),
+                             next(iter(layers)))
+    result = inspect_compressed(model, keep=[draw])
+    print(f"model: {args.model} (an mpotn save)")
+    print(result.table().to_markdown(floatfmt=".4g"))
+    paths = result.write(args.out, str(args.model))
+    print(f"\n{len(result.records)} MPO layers in {time.perf_counter() - start:.1f} s; wrote:")
+    for path in paths.values():
+        print(f"  {path}")
+
+
 def run(args: argparse.Namespace) -> None:
     """Load the model, inspect it, print the table and write the files."""
     from mpotn.analysis.inspection import inspect_model
     from mpotn.compression.models import load_model, resolve_model, weight_matrices
+    from mpotn.compression.serialization import is_saved_model
 
     check_out(args.out)
     if args.changes:
         run_core_changes(*args.changes, args.out)
         return
     start = time.perf_counter()
+    if args.model is not None and is_saved_model(args.model):
+        run_compressed(args, start)
+        return
     model = load_model(args.model)
     name = args.model or "all-MiniLM-L6-v2 (embedded)"
     draw = args.draw
