@@ -13,8 +13,7 @@ chains of the layers that use it.
 
 Examples
 --------
->>> import torch
-from torch import nn
+>>> from torch import nn
 >>> result = inspect_model(nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64)), n=3,
 ...                        progress=False)
 >>> [r["name"] for r in result.records], result.records[0]["full_bonds"]
