@@ -252,15 +252,8 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     order = {name: k for k, name in enumerate(ROWS)}
     results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
     table = summarize(results["runs"])
-    claims = findings(table)
-    results.update(summary=list(table), findings=claims)
-    markdown = (table.to_markdown(floatfmt=".4g") + "\n\nThe papers' claims, computed from "
-                "the table by `benchmarks/glue_sharing.py` (a claim is decided when the gap "
-                "is beyond the larger seed spread, one point on one seed):\n\n"
-                + ("\n".join(claims) or "- none of the claims has both its rows yet.") + "\n")
-    write_text(out, json.dumps(results, indent=2))
-    write_text(out.with_suffix(".md"), markdown)
-    return markdown
+    return glue_small.publish(out, results, table, findings(table), "The papers' claims, "
+                              "computed from the table by `benchmarks/glue_sharing.py`")
 
 
 def _borrowed_dense(task: str, seed: int) -> dict[str, Any] | None:

@@ -35,12 +35,12 @@ Rows (``SIZE`` = 0.65 of the dense model's parameters):
 ``calibrated-lfa``
     mpotn's calibrated compression straight to ``SIZE`` (truncated SVD per
     matrix whitened by the task's training text, 256 sentences; word embedding
-    weighted by token counts; one model-wide budget), then LFA at learning rate
-    ``CALIBRATED_LR`` (5e-5): a two-core MPO's auxiliary tensor is the
-    orthonormal ``V^T`` (entries about ``1/sqrt(J)``, 0.04), which the LFA
-    default 5e-4 moves by about 1% per step; on SST-2 that run ended at the
-    majority-class score (50.92), and over 150 steps 5e-5 scored 78.3 against
-    76.6 for 5e-4;
+    weighted by token counts; one model-wide budget), then LFA at the library's
+    default for two-core MPOs, 5e-5 (``mpotn.types.LFA_LR_TWO_CORE``): their
+    auxiliary tensor is the orthonormal ``V^T`` (entries about ``1/sqrt(J)``,
+    0.04), which 5e-4 moves by about 1% per step; on SST-2 a run at 5e-4 ended
+    at the majority-class score (50.92), and over 150 steps 5e-5 scored 78.3
+    against 76.6 for 5e-4;
 ``healed-lfa``
     the same, healed for 300 steps (all parameters, hidden-state distillation
     from the dense model on the task's training text), then LFA;
@@ -94,8 +94,6 @@ TASKS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {  # the order runs a
 }
 CALIBRATED = {"structure": "svd", "calibrate_embeddings": True, "budget": "model"}
 SVD_LLM = {"structure": "svd"}
-#: LFA learning rate of the calibrated rows (see ``calibrated-lfa`` above).
-CALIBRATED_LR = 5e-5
 HEAL_STEPS = 300
 SQUEEZE = SqueezeConfig(cut=1, budget=0.06, training_steps=40, step_limit=40, delta=1.0,
                         target_ratio=SIZE)
@@ -133,11 +131,10 @@ class Bench:
             self._data[task] = load_task(task)
         return self._data[task]
 
-    def training(self, task: str, strategy: str, seed: int, lr: float | None = None
-                 ) -> TrainingConfig:
+    def training(self, task: str, strategy: str, seed: int) -> TrainingConfig:
         settings = ({"max_steps": 2, "train_limit": 64, "eval_limit": 64, "batch_size": 16}
                     if self.quick else TASKS[task][1])
-        return TrainingConfig(strategy=strategy, seed=seed, lr=lr, **settings)
+        return TrainingConfig(strategy=strategy, seed=seed, **settings)
 
     def texts(self, task: str, samples: int | None) -> list[str]:
         if task == QUICK_TASK:
@@ -176,12 +173,11 @@ def _run_record(task: str, row: str, seed: int, data: TaskData, scores: dict[str
 
 
 def _train(bench: Bench, task: str, row: str, seed: int, model: torch.nn.Module,
-           strategy: str, prep_seconds: float, original: int, lr: float | None = None
-           ) -> dict[str, Any]:
-    """Fine-tune a prepared model (at ``lr``, default the strategy's); the run's record."""
+           strategy: str, prep_seconds: float, original: int) -> dict[str, Any]:
+    """Fine-tune a prepared model; the run's record (with the learning rate it used)."""
     data = bench.data(task)
-    config = bench.training(task, strategy, seed, lr)
-    result = finetune(model, bench.tokenizer, data, config, progress=False)
+    result = finetune(model, bench.tokenizer, data, bench.training(task, strategy, seed),
+                      progress=False)
     if row == "mpo-lfa":
         result.model.save_pretrained(str(_lfa_dir(bench, task, seed)))
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
@@ -189,7 +185,7 @@ def _train(bench: Bench, task: str, row: str, seed: int, model: torch.nn.Module,
     record = result.record
     return _run_record(task, row, seed, data, record, total=total, over_dense=total / original,
                        trainable=record.get("trainable_params"), steps=record["steps"],
-                       lr=config.learning_rate, prep_seconds=prep_seconds,
+                       lr=result.record["lr"], prep_seconds=prep_seconds,
                        seconds=prep_seconds + record["train_seconds"])
 
 
@@ -222,11 +218,8 @@ def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
         settings = SVD_LLM if row == "svd-llm-ft" else CALIBRATED
         heal_steps = bench.heal_steps if row == "healed-lfa" else 0
         model, original = _compressed(bench, task, seed, settings, heal_steps)
-        if row == "svd-llm-ft":
-            return _train(bench, task, row, seed, model, "full", time.perf_counter() - start,
-                          original)
-        return _train(bench, task, row, seed, model, "lfa", time.perf_counter() - start,
-                      original, CALIBRATED_LR)
+        return _train(bench, task, row, seed, model, "full" if row == "svd-llm-ft" else "lfa",
+                      time.perf_counter() - start, original)
     raise ValueError(f"unknown row {row!r}")
 
 
@@ -347,6 +340,19 @@ def findings(table: Table, baselines: dict[str, float] | None = None) -> list[st
     return lines
 
 
+def publish(out: Path, results: dict[str, Any], table: Table, claims: list[str],
+            intro: str) -> str:
+    """Write the runs, ``table`` and ``claims`` to ``out`` and the Markdown report (the
+    table, ``intro``, the claims as bullets) to ``out.with_suffix('.md')``."""
+    results.update(summary=list(table), findings=claims)
+    markdown = (table.to_markdown(floatfmt=".4g") + f"\n\n{intro} (a claim is decided when "
+                "the gap is beyond the larger seed spread, one point on one seed):\n\n"
+                + ("\n".join(claims) or "- none of the claims has both its rows yet.") + "\n")
+    write_text(out, json.dumps(results, indent=2))
+    write_text(out.with_suffix(".md"), markdown)
+    return markdown
+
+
 def write_report(out: Path, results: dict[str, Any]) -> str:
     """Table and findings to ``out`` (with the runs) and ``out.with_suffix('.md')``."""
     order = {name: k for k, name in enumerate(ROWS)}
@@ -355,14 +361,8 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     tasks = dict.fromkeys(r["task"] for r in results["runs"])
     claims = findings(table, {t: majority_baseline(load_task(t)) for t in tasks
                               if t == QUICK_TASK or GLUE.is_dir()})
-    results.update(summary=list(table), findings=claims)
-    markdown = (table.to_markdown(floatfmt=".4g") + "\n\nThe paper's claims and the goal, "
-                "computed from the table by `benchmarks/glue_small.py` (a claim is decided "
-                "when the gap is beyond the larger seed spread, one point on one seed):\n\n"
-                + "\n".join(claims) + "\n")
-    write_text(out, json.dumps(results, indent=2))
-    write_text(out.with_suffix(".md"), markdown)
-    return markdown
+    return publish(out, results, table, claims, "The paper's claims and the goal, computed "
+                   "from the table by `benchmarks/glue_small.py`")
 
 
 def plan(tasks: list[str], rows: list[str], seeds: list[int] | None) -> list[tuple[str, str, int]]:

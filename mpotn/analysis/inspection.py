@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpotn.atomic import write_text
-from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.config import MPO_LAYERS, layer_holder
 from mpotn.compression.models import layer_index, matrix_type, weight_matrices
 from mpotn.compression.sharing import shared_central_groups
 from mpotn.drawing import draw_entropy_heatmap, draw_entropy_profiles, draw_graph, draw_spectra
@@ -247,7 +247,7 @@ def inspect_compressed(model: nn.Module, keep: list[str] | None = None) -> Inspe
     ValueError
         For a model without MPO layers, or a name in ``keep`` that is not one.
     """
-    base = _base(model)
+    base = layer_holder(model)
     layers = {n: m for n, m in base.named_modules() if isinstance(m, MPO_LAYERS)}
     if not layers:
         raise ValueError("the model has no MPO layers to inspect")
@@ -280,10 +280,6 @@ def inspect_compressed(model: nn.Module, keep: list[str] | None = None) -> Inspe
                       columns=dict(COMPRESSED_COLUMNS), compressed=model)
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.base_model if hasattr(model, "compression_config") else model
-
-
 def draw_shared_centrals(model: nn.Module, out: str | Path) -> dict[str, Path]:
     """Draw every group of MPO layers that shares a central tensor
     ([shared_central_groups][mpotn.compression.sharing.shared_central_groups]): the shared
@@ -297,7 +293,7 @@ def draw_shared_centrals(model: nn.Module, out: str | Path) -> dict[str, Path]:
     """
     paths = {}
     for group in shared_central_groups(model):
-        layers = _base(model)
+        layers = layer_holder(model)
         chains = {}
         for name in group:
             index, expert = layer_index(name), re.search(r"experts\.(\d+)\.", name)

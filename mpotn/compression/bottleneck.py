@@ -35,17 +35,13 @@ from typing import Any
 from torch import nn
 
 from mpotn.compression.architectures import layer_index, matrix_type
-from mpotn.compression.config import replace_module
+from mpotn.compression.config import layer_holder, replace_module
 from mpotn.compression.parameters import count_parameters
 from mpotn.layers.bottleneck import Adapted, BottleneckAdapter
 from mpotn.table import Table
 
 #: Matrix types an adapter follows by default: the attention output and the FFN output.
 ADAPTER_TYPES = ("attn_out", "ffn_out")
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.base_model if callable(getattr(type(model), "mpo_layers", None)) else model
 
 
 def _width(module: nn.Module) -> int | None:
@@ -71,7 +67,7 @@ def add_bottleneck_adapters(model: nn.Module, size: int = 64,
         For a ``size`` below 1, or when no matrix of ``types`` is found (or they all
         have adapters already).
     """
-    base = _base(model)
+    base = layer_holder(model)
     chosen = [(name, module) for name, module in base.named_modules()
               if layer_index(name) is not None and matrix_type(name) in types
               and _width(module) is not None and not isinstance(module, Adapted)
@@ -94,7 +90,7 @@ def add_bottleneck_adapters(model: nn.Module, size: int = 64,
 
 def bottleneck_spec(model: nn.Module) -> dict[str, int]:
     """``{module name: adapter width}`` of every adapted module of the model."""
-    return {name: module.adapter.size for name, module in _base(model).named_modules()
+    return {name: module.adapter.size for name, module in layer_holder(model).named_modules()
             if isinstance(module, Adapted)}
 
 
@@ -107,7 +103,7 @@ def rebuild_bottlenecks(model: nn.Module, spec: dict[str, Any]) -> None:
     ValueError
         If a name is not a matrix of the model.
     """
-    base = _base(model)
+    base = layer_holder(model)
     for name, size in spec.items():
         try:
             module = base.get_submodule(name)

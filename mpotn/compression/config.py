@@ -204,6 +204,12 @@ class CompressionConfig:
         return settings
 
 
+def layer_holder(model: nn.Module) -> nn.Module:
+    """The module holding a model's layers: an MPOModel's ``base_model`` (known by its
+    ``mpo_layers`` method), or ``model`` itself."""
+    return model.base_model if callable(getattr(type(model), "mpo_layers", None)) else model
+
+
 def is_supported(module: nn.Module) -> bool:
     """Whether mpotn can compress ``module``: ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``,
     not a subclass that changes their forward pass

@@ -52,7 +52,7 @@ from typing import Any
 from torch import nn
 
 from mpotn.compression.architectures import layer_index
-from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.config import MPO_LAYERS, layer_holder
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.compression.sharing import shared_central_groups, tie_centrals
 from mpotn.table import Table
@@ -60,10 +60,6 @@ from mpotn.table import Table
 #: Where the new layers go: ``"interleave"`` spreads them evenly, each after the
 #: original layer it copies; ``"append"`` puts them all after the last layer, copies of it.
 PLACEMENTS = ("interleave", "append")
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.base_model if callable(getattr(type(model), "mpo_layers", None)) else model
 
 
 def _has_mpo(module: nn.Module) -> bool:
@@ -80,7 +76,7 @@ def find_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     ValueError
         When no such list, or more than one (encoder-decoder models), is found.
     """
-    base = _base(model)
+    base = layer_holder(model)
     expected = getattr(getattr(base, "config", None), "num_hidden_layers", None)
     found = []
     for name, module in base.named_modules():
@@ -220,7 +216,7 @@ def deepen(model: nn.Module, depth: int, placement: str = "interleave") -> Table
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if isinstance(depth, bool) or not isinstance(depth, int):
         raise ValueError(f"depth must be a whole number, got {depth!r}")
-    base = _base(model)
+    base = layer_holder(model)
     name, stack = find_stack(base)
     layers = len(stack)
     if depth < layers:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from mpotn.compression.architectures import feed_forward_blocks, layer_index
-from mpotn.compression.config import MPO_LAYERS, replace_module
+from mpotn.compression.config import MPO_LAYERS, layer_holder, replace_module
 from mpotn.compression.parameters import count_parameters
 from mpotn.compression.sharing import _mark
 from mpotn.layers.experts import (
@@ -64,10 +64,6 @@ from mpotn.table import Table
 
 #: Keys of one block's entry in ``experts_spec`` (and in a save's ``experts`` field).
 SPEC_KEYS = ("output", "experts", "top_k", "capacity_factor", "router_loss_weight")
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.base_model if callable(getattr(type(model), "mpo_layers", None)) else model
 
 
 def _hidden_size(base: nn.Module) -> int:
@@ -198,7 +194,7 @@ def upcycle_experts(model: nn.Module, experts: int = 4, top_k: int = 2, *,
     check_routing(experts, top_k, capacity_factor)
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
-    base = _base(model)
+    base = layer_holder(model)
     blocks = feed_forward_blocks(base)
     if not blocks:
         raise ValueError(f"no feed-forward block found in {type(base).__name__}; mpotn knows "
@@ -238,7 +234,7 @@ def experts_spec(model: nn.Module) -> dict[str, dict[str, Any]]:
     the model's mixtures of experts, read off the modules themselves (so that it follows
     them when layers are copied or moved, as ``deepen`` does); empty when it has none."""
     spec = {}
-    for name, module in _base(model).named_modules():
+    for name, module in layer_holder(model).named_modules():
         if isinstance(module, MixtureOfExperts):
             parent = name.rpartition(".")[0]
             output = module.split_output
@@ -262,7 +258,7 @@ def rebuild_experts(model: nn.Module, spec: dict[str, dict[str, Any]]) -> None:
         If a block or output named is not a module of the model, or a routing is
         invalid.
     """
-    base = _base(model)
+    base = layer_holder(model)
     for block, settings in spec.items():
         check_routing(settings["experts"], settings["top_k"], settings["capacity_factor"])
         for name in filter(None, (block, settings["output"])):

@@ -58,17 +58,12 @@ import torch
 from torch import nn
 
 from mpotn.compression.architectures import layer_index, matrix_type
-from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.config import MPO_LAYERS, layer_holder
 from mpotn.mpo import SWEEP_DTYPE, _interleaved
 from mpotn.table import Table
 
 #: The initialisations of the shared central tensor.
 INITS = ("fit", "layer")
-
-
-def _base(model: nn.Module) -> nn.Module:
-    """The module holding the layers: an MPOModel's ``base_model``, or ``model`` itself."""
-    return model.base_model if callable(getattr(type(model), "mpo_layers", None)) else model
 
 
 def _mpo_layers(base: nn.Module) -> dict[str, nn.Module]:
@@ -83,7 +78,7 @@ def shared_central_groups(model: nn.Module) -> list[list[str]]:
     ``base_model``) or any module.
     """
     groups: dict[int, list[str]] = {}
-    for name, layer in _mpo_layers(_base(model)).items():
+    for name, layer in _mpo_layers(layer_holder(model)).items():
         groups.setdefault(id(layer.central), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
 
@@ -132,7 +127,7 @@ def default_groups(model: nn.Module) -> list[list[str]]:
     [matrix_type][mpotn.compression.architectures.matrix_type] in layer order; types
     found in fewer than two layers are left out."""
     groups: dict[str, list[tuple[int, str]]] = {}
-    for name in _mpo_layers(_base(model)):
+    for name in _mpo_layers(layer_holder(model)):
         index = layer_index(name)
         if index is not None:
             groups.setdefault(matrix_type(name), []).append((index, name))
@@ -150,7 +145,7 @@ def tie_centrals(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
         For a name that is no MPO layer, a group of fewer than two, or layers of
         different factorizations or bond dimensions.
     """
-    base = _base(model)
+    base = layer_holder(model)
     layers = _mpo_layers(base)
     for names in groups:
         _check_group(base, names, layers)
@@ -325,7 +320,7 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps must be a whole number >= 0, got {sweeps!r}")
-    base = _base(model)
+    base = layer_holder(model)
     layers = _mpo_layers(base)
     named = groups is None
     groups = default_groups(base) if groups is None else [list(g) for g in groups]
