@@ -10,6 +10,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from mpotn.compression import compress, load
+from mpotn.compression.config import layer_holder
 from mpotn.compression.experts import experts_spec, upcycle_experts
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.layers.experts import MixtureOfExperts, router_loss
@@ -279,3 +280,95 @@ def test_evaluation_has_no_capacity_limit():
     assert moe.capacity(8) == 2
     moe.eval()
     assert moe.capacity(8) == 8
+
+
+def _no_dropout_bert(seed=0):
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=97, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                num_attention_heads=2, intermediate_size=INTERMEDIATE,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def test_padding_does_not_count_for_capacity_or_the_load_balancing_loss():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts([nn.Linear(8, 8) for _ in range(4)], 8, top_k=1,
+                           capacity_factor=1.0, router_std=1.0).train()
+    x = torch.randn(2, 7, 8)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 2:] = 0
+    real = torch.cat([x[0], x[1, :2]])[None]  # the 9 real tokens, in order, unpadded
+    with torch.no_grad():
+        alone = moe(real)  # capacity ceil(9 / 4) = 3
+        alone_loss = float(moe.aux_loss)
+        unmasked = moe(x)  # the padding counted: capacity ceil(14 / 4) = 4
+        unmasked_loss = float(moe.aux_loss)
+        moe.token_mask = mask
+        masked = moe(x)
+    got = torch.cat([masked[0], masked[1, :2]])
+    assert torch.allclose(got, alone[0], atol=1e-6)
+    assert float(masked[1, 2:].abs().max()) == 0.0  # padding gets nothing
+    assert float(moe.aux_loss) == pytest.approx(alone_loss, abs=1e-6)
+    # without the mask the same real tokens come out differently: the test can fail
+    assert not torch.allclose(torch.cat([unmasked[0], unmasked[1, :2]]), alone[0], atol=1e-6)
+    assert unmasked_loss != pytest.approx(alone_loss, abs=1e-6)
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_model_hands_its_attention_mask_to_the_experts(tmp_path, saved):
+    model = compress(_no_dropout_bert(), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=4, top_k=2, capacity_factor=None)
+    if saved:
+        model.save_pretrained(tmp_path / "moe")
+        model = load(tmp_path / "moe")
+    x = ids(batch=2, length=7)
+    mask = torch.ones_like(x)
+    mask[1, 2:] = 0
+    model.train()
+    with torch.no_grad():
+        padded = model(input_ids=x, attention_mask=mask).last_hidden_state
+        padded_loss = float(router_loss(model))
+        each = [model(input_ids=x[:1]).last_hidden_state,
+                model(input_ids=x[1:, :2]).last_hidden_state]
+    assert float((padded[0] - each[0][0]).abs().max()) < 1e-5
+    assert float((padded[1, :2] - each[1][0]).abs().max()) < 1e-5
+    # the loss of the padded batch is the loss of its 9 real tokens, padding left out
+    moe, _, _ = expert_layers(model)
+    hidden = {}
+    moe.register_forward_hook(lambda m, a, out: hidden.update(x=a[0]))
+    with torch.no_grad():
+        model(input_ids=x, attention_mask=mask)
+        real = torch.cat([hidden["x"][0], hidden["x"][1, :2]])
+        _, _, expected = moe.route(real)
+        model(input_ids=x, attention_mask=mask)
+    assert float(moe.aux_loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(router_loss(model)) == pytest.approx(padded_loss, abs=1e-6)
+    assert moe.token_mask is None  # cleared after the call
+
+
+def test_a_mask_that_does_not_fit_the_tokens_is_refused():
+    moe = MixtureOfExperts([nn.Linear(4, 4), nn.Linear(4, 4)], 4)
+    moe.token_mask = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention mask \(2, 3\) does not fit the tokens "
+                                         r"\(2, 5\)"):
+        moe(torch.randn(2, 5, 4))
+
+
+def test_t5_decoder_experts_take_the_decoders_mask_not_the_encoders():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48,
+                                             num_layers=2, num_heads=2,
+                                             decoder_start_token_id=0))
+    model = compress(t5, targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=2, top_k=1)
+    seen = []
+    for name, module in layer_holder(model).named_modules():
+        if isinstance(module, MixtureOfExperts):
+            module.register_forward_pre_hook(lambda m, a, name=name: seen.append(
+                (name.split(".")[0], None if m.token_mask is None else int(m.token_mask.sum()))))
+    x = ids(batch=2, length=7)
+    mask = torch.ones_like(x)
+    mask[1, 4:] = 0
+    with torch.no_grad():  # decoder as long as the encoder: the encoder's mask must not fit
+        model.train()(input_ids=x, attention_mask=mask, decoder_input_ids=ids(2, 2, 7))
+    assert seen == [("encoder", 11), ("encoder", 11), ("decoder", None), ("decoder", None)]

@@ -15,7 +15,9 @@ and the block computes the routed sum of
 feed-forward block of a model into $E$ experts that start as copies of it (sparse
 upcycling), their own tensors perturbed by ``noise`` so that they can diverge, and a
 new router; with ``share_central=False`` the experts are full copies, the plain
-mixture of experts baseline, from the same code.
+mixture of experts baseline, from the same code. The model's ``attention_mask``
+reaches the mixtures, so that padding tokens are not routed
+([attach_token_masks][mpotn.layers.experts.attach_token_masks]).
 
 Each mixture knows its structure, which
 [experts_spec][mpotn.compression.experts.experts_spec] reads off the model so that a
@@ -58,6 +60,7 @@ from mpotn.layers.experts import (
     ROUTER_LOSS_WEIGHT,
     MixtureOfExperts,
     SplitFeedForward,
+    attach_token_masks,
     check_routing,
 )
 from mpotn.table import Table
@@ -225,6 +228,7 @@ def upcycle_experts(model: nn.Module, experts: int = 4, top_k: int = 2, *,
                        "block_params": before, "expert_params": extra,
                        "shared_params": shared, "router_params": router,
                        "moe_params": total, "ffn_params_multiple": total / before})
+    attach_token_masks(base)
     _mark(base)
     return report
 
@@ -268,3 +272,4 @@ def rebuild_experts(model: nn.Module, spec: dict[str, dict[str, Any]]) -> None:
                 raise ValueError(f"the experts of {block!r} name {name!r}, which is not a "
                                  "module of the model") from None
         _build(base, block, settings["output"], settings, False, 0.0, None)
+    attach_token_masks(base)

@@ -13,9 +13,12 @@ with gate $g_{t,e} = p_{t,e}$ for ``top_k = 1`` (Switch Transformer) and the top
 probabilities renormalised to sum to 1 for ``top_k >= 2`` (GShard, Mixtral).
 With ``capacity_factor`` $c$, an expert takes at most
 $\lceil c \cdot T k / E \rceil$ of the $T$ tokens of a training batch (first
-choices before second choices, in token order; padding tokens count too); a
-token over capacity gets nothing from that expert (its residual connection
-carries it, as in Switch). ``None`` means no limit, and evaluation has none.
+choices before second choices, in token order); a token over capacity gets
+nothing from that expert (its residual connection carries it, as in Switch).
+``None`` means no limit, and evaluation has none. Padding tokens are not routed
+(their output is zero) and count neither for capacity nor for the loss below, as
+in Mixtral's load-balancing loss: [attach_token_masks][mpotn.layers.experts.attach_token_masks]
+hands each mixture the ``attention_mask`` its model was called with.
 
 Each forward pass stores the load-balancing loss of Switch Transformer,
 
@@ -48,6 +51,7 @@ Examples
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -126,6 +130,9 @@ class MixtureOfExperts(nn.Module):
             self.router.to(reference.device, reference.dtype)
         nn.init.normal_(self.router.weight, std=router_std)
         self.aux_loss: torch.Tensor | None = None
+        #: ``(batch, length)`` mask of the real tokens (1) of the current forward pass, set
+        #: by the hooks of ``attach_token_masks``; ``None``: every token is real.
+        self.token_mask: torch.Tensor | None = None
         #: For a block whose output matrix lives beside it (BERT's ``output.dense``): that
         #: module's path relative to the block's parent, made ``nn.Identity`` there.
         self.split_output: str | None = None
@@ -133,7 +140,7 @@ class MixtureOfExperts(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         """The state without ``aux_loss`` (a tensor of the last forward pass's graph, which
         ``copy.deepcopy`` cannot copy and a copy should not keep)."""
-        return {**super().__getstate__(), "aux_loss": None}
+        return {**super().__getstate__(), "aux_loss": None, "token_mask": None}
 
     @property
     def num_experts(self) -> int:
@@ -166,20 +173,47 @@ class MixtureOfExperts(nn.Module):
         kept = place < self.capacity(tokens.shape[0])
         return gates * kept, chosen, loss
 
+    def real_tokens(self, shape: torch.Size) -> torch.Tensor | None:
+        """Indices of the real tokens among the ``prod(shape[:-1])`` tokens of an input of
+        ``shape``, from ``token_mask`` (its last ``length`` columns, so that a mask that
+        also covers cached tokens fits); ``None`` when there is no mask.
+
+        Raises
+        ------
+        ValueError
+            If the mask is not ``(batch, >= length)`` for a ``(batch, length, hidden)``
+            input.
+        """
+        mask = self.token_mask
+        if mask is None:
+            return None
+        if len(shape) != 3 or mask.dim() != 2 or mask.shape[0] != shape[0] \
+                or mask.shape[1] < shape[1]:
+            raise ValueError(f"the attention mask {tuple(mask.shape)} does not fit the "
+                             f"tokens {tuple(shape[:-1])} of this mixture of experts; call "
+                             "the model with the attention_mask of its input_ids")
+        return torch.nonzero(mask[:, mask.shape[1] - shape[1]:].reshape(-1),
+                             as_tuple=True)[0].to(mask.device)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         tokens = hidden.reshape(-1, shape[-1])
-        gates, chosen, self.aux_loss = self.route(tokens)
+        real = self.real_tokens(shape)
+        routed = tokens if real is None else tokens[real.to(tokens.device)]
         out = None
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.nonzero((chosen == e) & (gates > 0), as_tuple=True)
-            if token.numel() == 0:
-                continue
-            y = expert(tokens[token]) * gates[token, slot, None].to(tokens.dtype)
-            if out is None:
-                out = y.new_zeros(tokens.shape[0], y.shape[-1])
-            out = out.index_add(0, token, y)
-        if out is None:  # every token over capacity
+        self.aux_loss = None
+        if routed.shape[0]:
+            gates, chosen, self.aux_loss = self.route(routed)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.nonzero((chosen == e) & (gates > 0), as_tuple=True)
+                if token.numel() == 0:
+                    continue
+                y = expert(routed[token]) * gates[token, slot, None].to(tokens.dtype)
+                if out is None:
+                    out = y.new_zeros(tokens.shape[0], y.shape[-1])
+                out = out.index_add(0, token if real is None else real[token].to(token.device),
+                                    y)
+        if out is None:  # no real token, or every token over capacity
             out = tokens.new_zeros(tokens.shape)
         return out.reshape(*shape[:-1], out.shape[-1])
 
@@ -205,6 +239,81 @@ def check_routing(experts: int, top_k: int, capacity_factor: float | None) -> No
     if capacity_factor is not None and not capacity_factor > 0:
         raise ValueError(f"capacity_factor must be positive (Switch trains at 1.25) or None "
                          f"for no limit, got {capacity_factor!r}")
+
+
+def _mask_argument(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> torch.Tensor | None:
+    """The ``attention_mask`` a module's ``forward`` is called with, by keyword or by
+    position."""
+    if "attention_mask" in kwargs:
+        return kwargs["attention_mask"]
+    names = [n for n in inspect.signature(module.forward).parameters if n != "self"]
+    position = names.index("attention_mask")
+    return args[position] if len(args) > position else None
+
+
+def _set_token_masks(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                     ) -> None:
+    """Forward pre-hook: hand a 2-D (or absent) ``attention_mask`` to the mixtures below
+    ``module``; a 4-D one (an attention bias built from it) leaves theirs as they are."""
+    mask = _mask_argument(module, args, kwargs)
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        for m in module.modules():
+            if isinstance(m, MixtureOfExperts):
+                m.token_mask = mask
+
+
+def _clear_token_masks(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    """Forward hook: forget the masks of the mixtures below ``module`` after its call."""
+    for m in module.modules():
+        if isinstance(m, MixtureOfExperts):
+            m.token_mask = None
+
+
+def attach_token_masks(model: nn.Module) -> int:
+    """Let the model's mixtures of experts skip padding tokens.
+
+    Every module above a [MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts]
+    whose ``forward`` takes an ``attention_mask`` gets two hooks: before its call it
+    hands a 2-D (``batch x length``) mask, or ``None``, to the mixtures below it (so the
+    innermost such module decides, e.g. T5's decoder stack with its own mask), and
+    after its call it clears them. A 4-D mask (an attention bias) is left alone.
+    Calling it again adds nothing.
+
+    Returns
+    -------
+    int
+        The number of modules hooked now.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> class Encoder(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.ffn = MixtureOfExperts([nn.Linear(4, 4), nn.Linear(4, 4)], 4)
+    ...     def forward(self, hidden, attention_mask=None):
+    ...         return self.ffn(hidden)
+    >>> encoder = Encoder()
+    >>> attach_token_masks(encoder), attach_token_masks(encoder)
+    (1, 0)
+    >>> mask = torch.tensor([[1, 1, 0]])
+    >>> out = encoder(torch.randn(1, 3, 4), attention_mask=mask)
+    >>> float(out[0, 2].abs().sum()), encoder.ffn.token_mask is None
+    (0.0, True)
+    """
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, MixtureOfExperts) \
+                or _set_token_masks in module._forward_pre_hooks.values():
+            continue
+        if "attention_mask" not in inspect.signature(module.forward).parameters:
+            continue
+        if any(isinstance(m, MixtureOfExperts) for m in module.modules()):
+            module.register_forward_pre_hook(_set_token_masks, with_kwargs=True)
+            module.register_forward_hook(_clear_token_masks, always_call=True)
+            hooked += 1
+    return hooked
 
 
 def router_loss(model: nn.Module) -> torch.Tensor | None:
