@@ -191,29 +191,18 @@ def run(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, in
         seconds=prep + record["train_seconds"])
 
 
+def _ffn_multiple(group: list[dict[str, Any]]) -> float:
+    multiple = [r["ffn_params_multiple"] for r in group if "ffn_params_multiple" in r]
+    return statistics.mean(multiple) if multiple else float("nan")
+
+
 def summarize(runs: list[dict[str, Any]]) -> Table:
-    """Mean and spread (sample standard deviation, in points) of every row over its seeds."""
-    table = Table()
-    for task in dict.fromkeys(r["task"] for r in runs):
-        for row in ROWS:
-            group = [r for r in runs if r["task"] == task and r["row"] == row]
-            if not group:
-                continue
-            scores = [100 * r["metric"] for r in group]
-            multiple = [r["ffn_params_multiple"] for r in group if "ffn_params_multiple" in r]
-            table.append({
-                "task": task, "row": row, "seeds": len(group),
-                "metric %": statistics.mean(scores),
-                "spread (sd)": statistics.stdev(scores) if len(group) > 1 else float("nan"),
-                "#To": round(statistics.mean(r["total_params"] for r in group)),
-                "#To/dense": statistics.mean(r["total_over_dense"] for r in group),
-                "FFN x dense": statistics.mean(multiple) if multiple else float("nan"),
-                "#Pr (trained)": round(statistics.mean(r["trainable_params"] or 0
-                                                       for r in group)),
-                "s/step": statistics.mean(r.get("seconds_per_step", r["seconds"]
-                                                / max(r["steps"], 1)) for r in group),
-            })
-    return table
+    """``glue_small``'s summary of these rows, with the FFN's size against dense and the
+    time per training step."""
+    return glue_small.summarize(runs, ROWS, {
+        "FFN x dense": _ffn_multiple,
+        "s/step": lambda group: statistics.mean(
+            r.get("seconds_per_step", r["seconds"] / max(r["steps"], 1)) for r in group)})
 
 
 #: ``(a, b, margin, claim)``: the claim ``a >= b - margin`` (points of the GLUE metric).

@@ -256,11 +256,15 @@ def run_squeeze(bench: Bench, task: str, seed: int, squeezed: dict[str, Any] | N
     return runs
 
 
-def summarize(runs: list[dict[str, Any]]) -> Table:
-    """Mean and spread (sample standard deviation, in points) of every row over its seeds."""
+def summarize(runs: list[dict[str, Any]], rows: tuple[str, ...] = ROWS,
+              extra: dict[str, Any] | None = None) -> Table:
+    """Mean and spread (sample standard deviation, in points) of every row over its seeds.
+
+    ``extra`` adds columns after ``#To/dense``: ``{name: f}`` with ``f(group)`` the value of
+    a row's seeds ``group``."""
     table = Table()
     for task in dict.fromkeys(r["task"] for r in runs):
-        for row in ROWS:
+        for row in rows:
             group = [r for r in runs if r["task"] == task and r["row"] == row]
             if not group:
                 continue
@@ -271,6 +275,7 @@ def summarize(runs: list[dict[str, Any]]) -> Table:
                 "spread (sd)": statistics.stdev(scores) if len(group) > 1 else float("nan"),
                 "#To": round(statistics.mean(r["total_params"] for r in group)),
                 "#To/dense": statistics.mean(r["total_over_dense"] for r in group),
+                **{name: f(group) for name, f in (extra or {}).items()},
                 "#Pr (trained)": round(statistics.mean(r["trainable_params"] or 0
                                                        for r in group)),
                 "steps": round(statistics.mean(r["steps"] for r in group)),
