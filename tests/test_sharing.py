@@ -22,9 +22,13 @@ from mpotn.compression.sharing import (
 from mpotn.finetune.squeeze import (
     SqueezeConfig,
     Squeezer,
+    SqueezeState,
+    candidates,
     cut,
     direct_truncation,
     estimated_error,
+    squeeze_units,
+    unit_spectrum,
 )
 from mpotn.finetune.strategies import apply_strategy
 from mpotn.finetune.training import TrainingConfig
@@ -399,3 +403,21 @@ def test_a_shared_central_is_drawn_once_with_every_layer_chain(shared_layer, tmp
     assert graph.nodes["central"]["params"] == CENTRAL["query"]
     assert sum(a["params"] for _, a in graph.nodes(data=True)) == sum(
         layer.num_params for layer in layers) - (LAYERS - 1) * CENTRAL["query"]
+
+
+def test_a_group_of_mixed_types_is_cut_only_when_every_type_may_be(bert):
+    model = compressed(bert)
+    key = "encoder.layer.0.attention.self.key"
+    share_centrals(model, groups=[[QUERY[0], key]], init="layer")
+    state = SqueezeState()
+    state.spectra = {unit: unit_spectrum(model, names)
+                     for unit, names in squeeze_units(model).items()}
+    assert squeeze_units(model)[QUERY[0]] == [QUERY[0], key]
+
+    def cut_units(types):
+        return {row["matrix"] for row in candidates(model, state, SqueezeConfig(types=types))}
+
+    assert cut_units(["query"]) == set(QUERY[1:])  # the group holds a key: left alone
+    assert cut_units(["key"]) == {f"encoder.layer.{i}.attention.self.key" for i in (1, 2)}
+    assert cut_units(["query", "key"]) == {*QUERY, "encoder.layer.1.attention.self.key",
+                                           "encoder.layer.2.attention.self.key"}

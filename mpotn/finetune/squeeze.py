@@ -96,7 +96,9 @@ class SqueezeConfig(FieldHelp):
     types:
         Matrix types that may be cut (``query``, ``key``, ``value``,
         ``attn_out``, ``ffn_in``, ``ffn_out``, ``word_emb``, ...; see
-        [mpotn.compression.models.matrix_type][]); ``None``: every MPO layer.
+        [mpotn.compression.models.matrix_type][]); ``None``: every MPO layer. A
+        central tensor shared by several layers is cut only when all their types
+        are listed.
     cut:
         Size of one cut: an integer ``>= 1`` removes that many dimensions (the
         paper: 1); a fraction in ``(0, 1)`` removes that share of the current
@@ -339,9 +341,11 @@ def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> T
     matrices sharing a central tensor) that may be cut, with its next cut and estimated
     error, best first."""
     rows = Table()
-    for name, layers in _unit_layers(model).items():
-        if config.types is not None and matrix_type(name) not in config.types:
-            continue
+    for name, names in squeeze_units(model).items():
+        if config.types is not None and not all(matrix_type(n) in config.types
+                                                for n in names):
+            continue  # a shared bond is cut only when every layer using it may be cut
+        layers = [model.base_model.get_submodule(n) for n in names]
         spectrum = state.spectra.get(name)
         if spectrum is None:
             continue
