@@ -104,3 +104,25 @@ def test_merge_keeps_the_adapters_and_warns():
     assert type(dense.get_submodule("encoder.layer.0.output.dense.layer")) is torch.nn.Linear
     with torch.no_grad():
         assert float((dense(ids()).last_hidden_state - expected).abs().max()) < 1e-5
+
+
+def test_adapters_on_t5_keep_its_feed_forward_working(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48,
+                                             num_layers=2, num_heads=2,
+                                             decoder_start_token_id=0)).eval()
+    x = torch.randint(1, 97, (2, 5))
+    with torch.no_grad():
+        expected = t5(input_ids=x, decoder_input_ids=x).logits
+    model = compress(copy.deepcopy(t5), targets=["ffn"], n=3, progress=False)
+    add_bottleneck_adapters(model, size=4)
+    wo = model.base_model.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo")
+    assert wo.weight.dtype == torch.float32  # T5 reads wo.weight: the wrapped layer's
+    assert torch.equal(wo.weight, wo.layer.weight)
+    with torch.no_grad():
+        got = model(input_ids=x, decoder_input_ids=x).logits
+    assert float((got - expected).abs().max()) < 1e-3  # full-rank MPOs, identity adapters
+    model.save_pretrained(tmp_path / "t5")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "t5")(input_ids=x, decoder_input_ids=x).logits, got)

@@ -372,3 +372,21 @@ def test_t5_decoder_experts_take_the_decoders_mask_not_the_encoders():
     with torch.no_grad():  # decoder as long as the encoder: the encoder's mask must not fit
         model.train()(input_ids=x, attention_mask=mask, decoder_input_ids=ids(2, 2, 7))
     assert seen == [("encoder", 11), ("encoder", 11), ("decoder", None), ("decoder", None)]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_routes_the_rerun_as_the_forward_pass(reentrant):
+    def gradients(checkpointing):
+        model = compress(_no_dropout_bert(), targets=["ffn"], n=3, progress=False)
+        upcycle_experts(model, experts=4, top_k=2, capacity_factor=0.5)
+        base = model.base_model.train()
+        if checkpointing:
+            base.activation_checkpointing_enable({"use_reentrant": reentrant})
+        x = ids(batch=2, length=6)
+        mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
+        base(input_ids=x, attention_mask=mask).last_hidden_state.sum().backward()
+        return {n: p.grad for n, p in base.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    assert max(float((plain[n] - checkpointed[n]).abs().max()) for n in plain) < 1e-5

@@ -421,3 +421,21 @@ def test_a_group_of_mixed_types_is_cut_only_when_every_type_may_be(bert):
     assert cut_units(["key"]) == {f"encoder.layer.{i}.attention.self.key" for i in (1, 2)}
     assert cut_units(["query", "key"]) == {*QUERY, "encoder.layer.1.attention.self.key",
                                            "encoder.layer.2.attention.self.key"}
+
+
+def test_sharing_counts_what_it_saves_and_keeps_experts_together(bert):
+    from mpotn.compression.experts import upcycle_experts
+    model = compress(copy.deepcopy(bert), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=2, top_k=1)  # each block's experts share one central
+    before = model.totals()["total_params"]
+    groups = [r for r in share_centrals(model, init="layer") if r["kind"] == "group"]
+    assert [r["name"] for r in groups] == ["6 layers", "6 layers"]
+    # 3 distinct centrals per type become 1: 2 |C| saved, not (6 - 1) |C|
+    assert [r["saved_params"] for r in groups] == [2 * CENTRAL["ffn_in"], 2 * CENTRAL["ffn_out"]]
+    assert before - model.totals()["total_params"] == sum(r["saved_params"] for r in groups)
+    fresh = compress(copy.deepcopy(bert), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(fresh, experts=2, top_k=1)
+    first = [f"encoder.layer.{i}.intermediate.experts.0.intermediate.dense" for i in range(2)]
+    with pytest.raises(ValueError, match=r"experts\.1\.intermediate\.dense.*which sharing "
+                                         r"would split; put them in the same group"):
+        share_centrals(fresh, groups=[first])

@@ -307,14 +307,16 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
         matrix); then one row per group (``kind`` ``"group"``) with the same errors
         over the whole group ($\sqrt{\sum_l \|M_l - \mathrm{MPO}_l\|^2 / \sum_l
         \|M_l\|^2}$), the shared tensor's ``central_params`` $|C|$ and the
-        ``saved_params`` $(L - 1)|C|$ for its $L$ layers.
+        ``saved_params``: the entries of the central tensors before (each distinct
+        tensor once) minus $|C|$, $(L - 1)|C|$ for $L$ layers that had their own.
 
     Raises
     ------
     ValueError
         For an unknown ``init``, a name that is not an MPO layer, a name in two
-        groups, a group of fewer than two layers, or layers of one group whose
-        factorizations or bond dimensions differ.
+        groups, a group of fewer than two layers, layers of one group whose
+        factorizations or bond dimensions differ, or a group that holds some but not
+        all of the layers already using one central tensor (the experts of a block).
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -334,12 +336,28 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
         if twice:
             raise ValueError(f"{sorted(twice)} appear in more than one group")
         seen.update(names)
+    _check_whole_groups(layers, groups)
     report = Table()
     for index, names in enumerate(groups):
         label = matrix_type(names[0]) if named else f"group {index}"
         report.extend(_share_group([layers[n] for n in names], names, label, init, sweeps))
     _mark(base)
     return report
+
+
+def _check_whole_groups(layers: dict[str, nn.Module], groups: list[list[str]]) -> None:
+    """Refuse a group that holds some, not all, of the layers using a central tensor
+    (experts of one block, layers shared before): sharing it would split them."""
+    users: dict[int, list[str]] = {}
+    for name, layer in layers.items():
+        users.setdefault(id(layer.central), []).append(name)
+    for names in groups:
+        outside = sorted({other for name in names for other in users[id(layers[name].central)]}
+                         - set(names))
+        if outside:
+            raise ValueError(f"{outside} use the central tensor of a layer of the group "
+                             f"{names}, which sharing would split; put them in the same "
+                             "group")
 
 
 @torch.no_grad()
@@ -370,6 +388,7 @@ def _share_group(group: list[nn.Module], names: list[str], label: str, init: str
         chains = fitted
     final = layer_errors if init == "layer" else errors(central, chains)
     reference = first.central
+    before = sum({id(layer.central): layer.central.numel() for layer in group}.values())
     shared = nn.Parameter(
         central.reshape(reference.shape).to(reference.device, reference.dtype).clone(),
         requires_grad=any(layer.central.requires_grad for layer in group))
@@ -394,7 +413,7 @@ def _share_group(group: list[nn.Module], names: list[str], label: str, init: str
     rows.append({"kind": "group", "group": label, "name": f"{len(group)} layers",
                  "norm": total, "layer_init_error": pooled(layer_errors),
                  "error": pooled(final), "central_params": shared.numel(),
-                 "saved_params": (len(group) - 1) * shared.numel()})
+                 "saved_params": before - shared.numel()})
     return rows
 
 

@@ -61,12 +61,25 @@ class BottleneckAdapter(nn.Module):
 
 
 class Adapted(nn.Module):
-    """``adapter(layer(x))``: a module followed by its bottleneck adapter."""
+    """``adapter(layer(x))``: a module followed by its bottleneck adapter.
+
+    Attributes it does not have itself are the layer's (``weight``, ``in_features``,
+    ...), so that model code that reads them, as T5's feed-forward block reads
+    ``wo.weight.dtype``, keeps working.
+    """
 
     def __init__(self, layer: nn.Module, adapter: BottleneckAdapter) -> None:
         super().__init__()
         self.layer = layer
         self.adapter = adapter
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("layer", "adapter"):  # not yet set (during __init__ or unpickling)
+                raise
+            return getattr(super().__getattr__("layer"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.adapter(self.layer(*args, **kwargs))

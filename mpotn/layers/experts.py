@@ -264,7 +264,12 @@ def _set_token_masks(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
 
 
 def _clear_token_masks(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-    """Forward hook: forget the masks of the mixtures below ``module`` after its call."""
+    """Forward hook: forget the masks of the mixtures below ``module`` after its call,
+    unless it trains with gradients: gradient checkpointing runs the layers again in the
+    backward pass, outside this call, and they must route as they did (the next call
+    sets the masks anew)."""
+    if module.training and torch.is_grad_enabled():
+        return
     for m in module.modules():
         if isinstance(m, MixtureOfExperts):
             m.token_mask = None
@@ -277,8 +282,9 @@ def attach_token_masks(model: nn.Module) -> int:
     whose ``forward`` takes an ``attention_mask`` gets two hooks: before its call it
     hands a 2-D (``batch x length``) mask, or ``None``, to the mixtures below it (so the
     innermost such module decides, e.g. T5's decoder stack with its own mask), and
-    after its call it clears them. A 4-D mask (an attention bias) is left alone.
-    Calling it again adds nothing.
+    after its call it clears them (in training with gradients it keeps them until the
+    next call, for gradient checkpointing's second forward pass). A 4-D mask (an
+    attention bias) is left alone. Calling it again adds nothing.
 
     Returns
     -------
