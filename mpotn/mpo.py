@@ -454,8 +454,19 @@ class MPO(MPOStructure):
         ...                 col_shape=(1, 384)).smallest_ratio
         0.5026041666666666
         """
-        size = self.padded_shape[0] * self.padded_shape[1]
-        return params_of((1,) * (self.n + 1), self.local_dims) / size
+        return self.smallest_params / (self.padded_shape[0] * self.padded_shape[1])
+
+    @property
+    def smallest_params(self) -> int:
+        """Parameters of this shape with every bond at 1: no truncation goes below.
+
+        Examples
+        --------
+        >>> MPO.from_matrix(torch.randn(2, 384), n=2, row_shape=(2, 1),
+        ...                 col_shape=(1, 384)).smallest_params
+        386
+        """
+        return params_of((1,) * (self.n + 1), self.local_dims)
 
     @property
     def dtype(self) -> torch.dtype:

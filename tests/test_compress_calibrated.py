@@ -142,3 +142,99 @@ def test_cli_compress_calibrates_from_a_text_file_and_reports_fidelity(tiny_bert
     assert "output error (Eq. 7)" in printed
     loaded = mpotn.load(out)
     assert all(r["calibration"] == "whitened" for r in loaded.report())
+
+
+def _tiny_bert_model(hidden: int = 32):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=97, hidden_size=hidden, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=48)).eval()
+
+
+def test_position_embeddings_count_each_real_token_once_and_a_pooler_every_sentence():
+    bert = _tiny_bert_model()
+    ids = torch.randint(1, 97, (4, 32))  # padded to 32 = hidden size: the pooler's trap
+    mask = torch.ones(4, 32, dtype=torch.long)
+    mask[1:, 3:] = 0  # one long sentence, three of 3 tokens
+    targets = {"position": bert.embeddings.position_embeddings,
+               "word": bert.embeddings.word_embeddings,
+               "query": bert.encoder.layer[0].attention.self.query,
+               "pooler": bert.pooler.dense}
+    stats = calibrate(bert, [{"input_ids": ids, "attention_mask": mask}], targets)
+    real = int(mask.sum())  # 41
+    expected = torch.zeros(512, dtype=torch.float64)
+    expected[:32] = mask.sum(0).double()  # position p: sentences at least p + 1 long
+    assert torch.equal(stats["position"].covariance, expected)
+    assert stats["position"].tokens == stats["word"].tokens == stats["query"].tokens == real
+    assert stats["pooler"].tokens == 4 and stats["pooler"].covariance.shape == (32, 32)
+
+
+def test_t5_is_calibrated_with_shifted_decoder_inputs_and_each_stack_its_own_mask():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(
+        vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0)).eval()
+    ids = torch.randint(1, 100, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    targets = {"encoder": t5.encoder.block[0].layer[0].SelfAttention.q,
+               "decoder": t5.decoder.block[0].layer[0].SelfAttention.q}
+    stats = calibrate(t5, [{"input_ids": ids, "attention_mask": mask}], targets)
+    # the decoder reads the start token and the inputs but the last: 5 + 3 real tokens
+    assert stats["encoder"].tokens == 7 and stats["decoder"].tokens == 8
+    given = torch.tensor([[1, 1, 1], [1, 0, 0]])  # a decoder mask of another length
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "decoder_input_ids": torch.randint(1, 100, (2, 3)), "decoder_attention_mask": given}
+    stats = calibrate(t5, [batch], targets)
+    assert stats["encoder"].tokens == 7 and stats["decoder"].tokens == 4
+
+
+def _tokenizer_without_padding():
+    """A word-level fast tokenizer with an end-of-sequence token and no padding token, as
+    GPT-2's and Llama's are."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<|endoftext|>", "a", "longer", "sentence", "b", "c", "<unk>"]
+    inner = Tokenizer(models.WordLevel({w: k for k, w in enumerate(words)}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<|endoftext|>")
+
+
+def test_a_tokenizer_without_padding_pads_with_its_end_token():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mpotn.compression.models import padding_tokenizer
+    tokenizer = _tokenizer_without_padding()
+    assert tokenizer.pad_token is None
+    batches = text_batches(tokenizer, ["a", "a longer sentence"], batch_size=2)
+    assert batches[0]["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert batches[0]["input_ids"].tolist() == [[1, 0, 0], [1, 2, 3]]  # padded with 0
+    assert tokenizer.pad_token is None  # the caller's tokenizer is left as it was
+    assert padding_tokenizer(padding_tokenizer(tokenizer)).pad_token == "<|endoftext|>"
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=7, n_embd=32, n_layer=2, n_head=2,
+                                     n_positions=64, bos_token_id=0, eos_token_id=0))
+    from mpotn.analysis.fidelity import sentence_embeddings
+    with torch.no_grad():
+        assert sentence_embeddings(gpt, tokenizer, ["a", "b c"]).shape == (2, 32)
+    dense = sum(p.numel() for p in gpt.parameters())
+    compressed = mpotn.compress(gpt, targets=["ffn"], ratio=0.5, calibration=batches,
+                                progress=False)
+    assert compressed.totals()["total_params"] < dense
+
+
+def test_structure_auto_drops_a_structure_that_cannot_shrink_enough_and_floors_at_none():
+    def token_type_row(ratio):
+        compressed = mpotn.compress(_tiny_bert_model(), targets=["embeddings"],
+                                    structure="auto", n=2, ratio=ratio, progress=False,
+                                    calibration=[{"input_ids": torch.randint(1, 97, (2, 6))}])
+        return next(r for r in compressed.report()
+                    if r["name"].endswith("token_type_embeddings"))
+
+    # 2 x 32 at 0.5: 32 parameters; the SVD needs 34 at rank 1, the MPO 1·2 x 4·8 reaches
+    row = token_type_row(0.5)
+    assert row["structure"] == "mpo" and row["params"] <= 32
+    # at 0.3 (19) neither reaches (MPO 20 and SVD 34 at bonds of 1): floored, with a warning
+    with pytest.warns(UserWarning, match="cannot reach their ratio"):
+        row = token_type_row(0.3)
+    assert row["bond_dims"] == "1" and row["params"] in (20, 34)  # n = 2: one inner bond

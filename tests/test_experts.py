@@ -207,6 +207,7 @@ def test_capacity_formula():
 def test_the_training_loss_adds_the_router_loss_and_evaluation_does_not(tmp_path):
     from transformers import BertForSequenceClassification
 
+    from mpotn.compression.models import load_tokenizer
     from mpotn.finetune.training import _task_trainer, trainer_arguments
 
     torch.manual_seed(0)
@@ -216,7 +217,8 @@ def test_the_training_loss_adds_the_router_loss_and_evaluation_does_not(tmp_path
         attention_probs_dropout_prob=0.0))
     model = compress(classifier, targets=["ffn"], n=3, progress=False)
     upcycle_experts(model, experts=2, top_k=1, router_loss_weight=0.5)
-    trainer = _task_trainer(model, trainer_arguments("cpu", output_dir=tmp_path), None)
+    trainer = _task_trainer(model, trainer_arguments("cpu", output_dir=tmp_path),
+                            load_tokenizer())
     inputs = {"input_ids": ids(), "labels": torch.tensor([0, 1, 0])}
     model.train()
     loss = trainer.compute_loss(model, inputs).detach()  # a training step: with gradients

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpotn.compression.models import padding_tokenizer
 from mpotn.data.local import sst2_sample
 
 
@@ -41,9 +42,11 @@ def sentence_embeddings(
     The last of the model's ``hidden_states``, so that a model with a head (a
     classifier, a causal LM) is compared by its body's output too. Sentences
     are batched by length to keep padding small; padding tokens are excluded
-    from the mean through the attention mask.
+    from the mean through the attention mask (a tokenizer without a padding
+    token pads with its end-of-sequence token).
     """
     model.eval()
+    tokenizer = padding_tokenizer(tokenizer)
     order = sorted(range(len(sentences)), key=lambda k: len(sentences[k]))
     out: list[torch.Tensor | None] = [None] * len(sentences)
     for start in range(0, len(order), batch_size):

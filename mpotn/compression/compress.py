@@ -198,7 +198,11 @@ def _structures(structure: str) -> tuple[str, ...]:
 
 def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
               config: CompressionConfig) -> dict[str, TruncationPolicy]:
-    """The truncation policy of each target: its own settings, or its share of one budget."""
+    """The truncation policy of each target: its own settings, or its share of one budget.
+
+    With ``structure="auto"`` a structure whose every bond at 1 is still above the
+    target's parameters is dropped from its ``candidates``; with none left the target
+    is cut to bonds of 1 and named in a warning, like a target of one structure."""
     if config.budget == "model":
         entries = sum(t.matrix.numel() for t in targets)
         budget = config.params if config.params is not None else int(config.ratio * entries)
@@ -210,7 +214,13 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
         settings = t.settings
         if settings["structure"] == "auto":  # equal parameter counts for both structures
             params = settings["params"] or int(settings["ratio"] * t.matrix.numel())
-            policies[t.name] = TruncationPolicy(params=params)
+            reachable = [c for c in candidates[t.name] if c.full.smallest_params <= params]
+            if reachable:  # a structure that cannot get down to params is not a candidate
+                candidates[t.name][:] = reachable
+                policies[t.name] = TruncationPolicy(params=params)
+            else:
+                policies[t.name] = TruncationPolicy(max_bond=1)
+                floored.append(t.name)
         elif (settings["ratio"] is not None
               and settings["ratio"] < candidates[t.name][0].full.smallest_ratio):
             policies[t.name] = TruncationPolicy(max_bond=1)

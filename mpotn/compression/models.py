@@ -20,6 +20,7 @@ Examples
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,7 +128,10 @@ def load_classifier(
     model. The head is freshly
     initialized from torch's global generator: seed it for reproducible runs.
     Transformers' notice that the head is untrained is silenced, since a new
-    head is the point.
+    head is the point. A model without a padding token id (GPT-2, Llama) pads with
+    its end-of-sequence token, as
+    [padding_tokenizer][mpotn.compression.models.padding_tokenizer] does, so that its
+    head finds each sequence's last real token.
 
     Examples
     --------
@@ -149,12 +153,18 @@ def load_classifier(
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
-                                                                  **names)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, **names)
     except OSError as error:
         raise ValueError(_unloadable(source, error)) from error
     finally:
         logging.set_verbosity(verbosity)
+    config = model.config
+    if getattr(config, "pad_token_id", None) is None and \
+            getattr(config, "eos_token_id", None) is not None:
+        # decoder classifiers read the last real token: the padding_tokenizer's padding
+        config.pad_token_id = config.eos_token_id
+    return model
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
@@ -171,6 +181,27 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
         return AutoTokenizer.from_pretrained(source)
     except OSError as error:
         raise ValueError(f"could not load a tokenizer for {source!r}: {error}") from error
+
+
+def padding_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer`` itself when it has a padding token; else a copy that pads with its
+    end-of-sequence (or unknown) token, as GPT-2 and Llama tokenizers need. mpotn's
+    batches mark padding in ``attention_mask``, so the id it carries does not matter.
+
+    Raises
+    ------
+    ValueError
+        If the tokenizer has none of the three tokens.
+    """
+    if getattr(tokenizer, "pad_token", None) is not None:
+        return tokenizer
+    fill = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+    if fill is None:
+        raise ValueError("the tokenizer has no padding, end-of-sequence or unknown token to "
+                         "pad batches with; set tokenizer.pad_token")
+    padded = copy.deepcopy(tokenizer)
+    padded.pad_token = fill
+    return padded
 
 
 @dataclass(frozen=True)

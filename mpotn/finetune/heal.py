@@ -62,6 +62,7 @@ from torch import nn
 from mpotn.atomic import write_text
 from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.models import padding_tokenizer
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.finetune.training import (
     DEVICE_HELP,
@@ -596,7 +597,7 @@ def heal(
             model=trained,
             args=args,
             train_dataset=_encode(tokenizer, train_texts, config.max_length),
-            data_collator=DataCollatorWithPadding(tokenizer),
+            data_collator=DataCollatorWithPadding(padding_tokenizer(tokenizer)),
             teacher=teacher,
             logits_weight=config.logits_weight,
             dropout=config.dropout,

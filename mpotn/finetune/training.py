@@ -52,7 +52,7 @@ from mpotn.atomic import atomic_dir, check_writable, write_text
 from mpotn.compression.compress import compress
 from mpotn.compression.config import MPO_LAYERS, CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel, load
-from mpotn.compression.models import load_classifier, load_tokenizer
+from mpotn.compression.models import load_classifier, load_tokenizer, padding_tokenizer
 from mpotn.compression.parameters import count_parameters, head_parameters, lfa_parameters
 from mpotn.compression.serialization import is_saved_model
 from mpotn.data.tasks import TaskData, compute_metrics
@@ -528,7 +528,9 @@ def planned_steps(config: TrainingConfig, train_size: int, replicas: int = 1) ->
 
 
 def _task_trainer(model: nn.Module, args: Any, tokenizer: Any, **options: Any) -> Any:
-    """A ``Trainer`` of a task model, batches padded by ``DataCollatorWithPadding``.
+    """A ``Trainer`` of a task model, batches padded by ``DataCollatorWithPadding``
+    ([padding_tokenizer][mpotn.compression.models.padding_tokenizer]: a tokenizer without a
+    padding token pads with its end-of-sequence token).
 
     A task model's loss is the mean over its own batch (transformers' sequence-classification
     heads ignore ``num_items_in_batch``, though their ``forward`` takes ``**kwargs``), so the
@@ -551,7 +553,8 @@ def _task_trainer(model: nn.Module, args: Any, tokenizer: Any, **options: Any) -
             return (loss, outputs) if return_outputs else loss
 
     trainer = TaskTrainer(model=model, args=args,
-                          data_collator=DataCollatorWithPadding(tokenizer), **options)
+                          data_collator=DataCollatorWithPadding(padding_tokenizer(tokenizer)),
+                          **options)
     trainer.model_accepts_loss_kwargs = False
     return trainer
 

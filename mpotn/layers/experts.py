@@ -39,6 +39,7 @@ Examples
 --------
 >>> import torch
 >>> from torch import nn
+
 >>> torch.manual_seed(0) and None
 >>> ffn = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
 >>> moe = MixtureOfExperts([ffn], hidden_size=8)
@@ -51,13 +52,14 @@ Examples
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from mpotn.layers.masks import attention_mask_argument, mask_sources, token_mask
 
 #: Switch Transformer's weight of the load-balancing loss.
 ROUTER_LOSS_WEIGHT = 0.01
@@ -241,23 +243,12 @@ def check_routing(experts: int, top_k: int, capacity_factor: float | None) -> No
                          f"for no limit, got {capacity_factor!r}")
 
 
-def _mask_argument(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                   ) -> torch.Tensor | None:
-    """The ``attention_mask`` a module's ``forward`` is called with, by keyword or by
-    position."""
-    if "attention_mask" in kwargs:
-        return kwargs["attention_mask"]
-    names = [n for n in inspect.signature(module.forward).parameters if n != "self"]
-    position = names.index("attention_mask")
-    return args[position] if len(args) > position else None
-
-
 def _set_token_masks(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                      ) -> None:
     """Forward pre-hook: hand a 2-D (or absent) ``attention_mask`` to the mixtures below
     ``module``; a 4-D one (an attention bias built from it) leaves theirs as they are."""
-    mask = _mask_argument(module, args, kwargs)
-    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+    usable, mask = token_mask(attention_mask_argument(module, args, kwargs))
+    if usable:
         for m in module.modules():
             if isinstance(m, MixtureOfExperts):
                 m.token_mask = mask
@@ -304,18 +295,13 @@ def attach_token_masks(model: nn.Module) -> int:
     >>> attach_token_masks(encoder), attach_token_masks(encoder)
     (1, 0)
     >>> mask = torch.tensor([[1, 1, 0]])
-    >>> out = encoder(torch.randn(1, 3, 4), attention_mask=mask)
+    >>> out = encoder.eval()(torch.randn(1, 3, 4), attention_mask=mask)
     >>> float(out[0, 2].abs().sum()), encoder.ffn.token_mask is None
     (0.0, True)
     """
     hooked = 0
-    for module in model.modules():
-        if isinstance(module, MixtureOfExperts) \
-                or _set_token_masks in module._forward_pre_hooks.values():
-            continue
-        if "attention_mask" not in inspect.signature(module.forward).parameters:
-            continue
-        if any(isinstance(m, MixtureOfExperts) for m in module.modules()):
+    for module in mask_sources(model, lambda m: isinstance(m, MixtureOfExperts)):
+        if _set_token_masks not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(_set_token_masks, with_kwargs=True)
             module.register_forward_hook(_clear_token_masks, always_call=True)
             hooked += 1
