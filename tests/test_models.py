@@ -12,6 +12,7 @@ from transformers import AlbertConfig, AlbertModel, DistilBertConfig, DistilBert
 from mpotn.compression.models import (
     default_model_path,
     layer_index,
+    load_classifier,
     load_model,
     matrix_type,
     resolve_model,
@@ -125,3 +126,18 @@ def test_load_pretrained_keeps_the_head_its_config_names(tmp_path):
     saved["architectures"] = ["evil.Payload"]
     (tmp_path / "clf" / "config.json").write_text(json.dumps(saved))
     assert type(load_pretrained(tmp_path / "clf")) is BertModel
+
+
+def test_a_decoder_classifier_without_padding_id_pads_with_its_end_token(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=11, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                               bos_token_id=10, eos_token_id=10)).save_pretrained(tmp_path)
+    classifier = load_classifier(tmp_path, num_labels=2)
+    assert classifier.config.pad_token_id == 10
+    ids = torch.tensor([[1, 2, 3, 10], [4, 5, 6, 7]])  # the first row padded with the end id
+    with torch.no_grad():
+        batch = classifier(input_ids=ids).logits
+        alone = classifier(input_ids=ids[:1, :3]).logits
+    assert torch.allclose(batch[0], alone[0], atol=1e-5)  # read at its last real token
