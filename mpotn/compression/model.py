@@ -10,6 +10,7 @@ from torch import nn
 
 from mpotn.compression.adapters import is_adapter, read_adapter, save_adapter
 from mpotn.compression.config import COMPRESSED_LAYERS, MPO_LAYERS, CompressionConfig
+from mpotn.compression.hub import push_to_hub
 from mpotn.compression.merge import merge
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.compression.serialization import read, resolve_save, save
@@ -165,6 +166,13 @@ class MPOModel(nn.Module):
         save_adapter(self.base_model, directory, base, overwrite)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload a whole save and a model card to the Hugging Face Hub repository
+        ``repo_id``; see [mpotn.compression.hub.push_to_hub][] for the keywords
+        (``tokenizer``, ``private``, ``token``, ``revision``, ``commit_message``,
+        ``create_pr``, ``base_model``). ``mpotn.load(repo_id)`` brings it back."""
+        return push_to_hub(self, repo_id, **kwargs)
 
     def merge(self) -> nn.Module:
         """The dense model: every compressed layer of ``base_model`` replaced, in place, by

@@ -182,7 +182,11 @@ def _base_model_spec(model: nn.Module) -> dict[str, Any] | None:
     if config is None or not hasattr(config, "to_dict"):
         return None
     cls = type(model)
-    return {"class": cls.__name__, "module": cls.__module__, "config": config.to_dict()}
+    settings = config.to_dict()
+    name = settings.get("_name_or_path")
+    if isinstance(name, str) and (not HUB_ID.fullmatch(name) or Path(name).exists()):
+        del settings["_name_or_path"]  # a folder of this machine, not for a shared save
+    return {"class": cls.__name__, "module": cls.__module__, "config": settings}
 
 
 def _config_digest(config: dict[str, Any]) -> str:

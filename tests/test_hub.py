@@ -1,0 +1,80 @@
+"""Pushing a compressed model to the Hugging Face Hub (the Hub replaced by a local fake)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from mpotn.compression import compress, load
+from mpotn.compression.hub import OLD_WEIGHTS
+from mpotn.compression.serialization import CONFIG_NAME
+
+
+class FakeHub:
+    """``HfApi.create_repo`` and ``upload_folder`` that copy the folder to ``root/<repo>``."""
+
+    def __init__(self, root):
+        self.root, self.calls = root, []
+
+    def create_repo(self, api, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, api, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        target = self.root / repo_id
+        shutil.copytree(folder_path, target, dirs_exist_ok=True)
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    from huggingface_hub import HfApi
+    fake = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(
+        api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw))
+    return fake
+
+
+def tiny(name_or_path):
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=48)).eval()
+    bert.config._name_or_path = name_or_path
+    return compress(bert, targets=["ffn"], n=3, ratio=0.5, progress=False)
+
+
+def test_push_uploads_a_save_that_loads_with_equal_outputs_and_a_model_card(hub):
+    model = tiny("google/bert_uncased_L-2_H-128_A-2")
+    commit = model.push_to_hub("me/tiny-mpo", private=True)
+    assert commit == "https://huggingface.co/me/tiny-mpo/commit/0"
+    (_, repo, created), (_, _, uploaded) = hub.calls
+    assert repo == "me/tiny-mpo" and created == {"private": True, "exist_ok": True}
+    assert uploaded["delete_patterns"] == [OLD_WEIGHTS]  # an earlier push's weights go
+    folder = hub.root / "me/tiny-mpo"
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: mpotn\n")
+    assert "base_model: google/bert_uncased_L-2_H-128_A-2" in card
+    assert 'mpotn.load("me/tiny-mpo")' in card
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(load(folder)(input_ids=ids).last_hidden_state,
+                           model(input_ids=ids).last_hidden_state)
+
+
+def test_a_local_original_path_stays_out_of_the_save_and_the_card(hub, tmp_path):
+    model = tiny(str(tmp_path))  # compressed from a folder of this machine
+    model.push_to_hub("me/private-origin")
+    folder = hub.root / "me/private-origin"
+    saved = json.loads((folder / CONFIG_NAME).read_text())
+    assert "_name_or_path" not in saved["base_model"]["config"]
+    card = (folder / "README.md").read_text()
+    assert "base_model:" not in card and str(tmp_path) not in card
+
+
+def test_a_bad_repo_id_is_refused_before_anything_is_written(hub):
+    with pytest.raises(ValueError, match="repo_id must be a Hub id"):
+        tiny("x").push_to_hub("no-owner")
+    assert hub.calls == []
