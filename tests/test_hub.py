@@ -78,3 +78,28 @@ def test_a_bad_repo_id_is_refused_before_anything_is_written(hub):
     with pytest.raises(ValueError, match="repo_id must be a Hub id"):
         tiny("x").push_to_hub("no-owner")
     assert hub.calls == []
+
+
+def test_cli_compress_pushes_its_save(hub, tiny_bert, tmp_path, capsys):
+    from mpotn.cli import main
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--ratio", "0.5",
+                 "--no-calibrate", "--out", str(out), "--push-to-hub", "me/cli-mpo",
+                 "--private", "--no-progress"]) == 0
+    assert "pushed to the Hub: https://huggingface.co/me/cli-mpo/commit/0" in \
+        capsys.readouterr().out
+    assert hub.calls[0][2]["private"] is True
+    pushed = hub.root / "me/cli-mpo"
+    assert (pushed / CONFIG_NAME).read_text() == (out / CONFIG_NAME).read_text()
+    assert (pushed / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--push-to-hub", "no-owner"], "--push-to-hub takes a Hub repository"),
+    (["--private"], "--private applies to --push-to-hub"),
+])
+def test_cli_push_options_are_checked_before_compressing(hub, tmp_path, capsys, argv, message):
+    from mpotn.cli import main
+    assert main(["compress", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and hub.calls == []

@@ -99,6 +99,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="save into --out even if it holds files mpotn did not write, "
                                "such as a Hugging Face model (they are kept; without this flag "
                                "that is an error)")
+    compress.add_argument("--push-to-hub", default=None, metavar="REPO",
+                          help="also upload the save, with a model card, to the Hugging Face "
+                               "Hub repository REPO (user/name; created if missing, private "
+                               "with --private; needs a login or HF_TOKEN)")
+    compress.add_argument("--private", action="store_true",
+                          help="with --push-to-hub: create the repository as private")
     compress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression import CompressionConfig, compress, plan
     from mpotn.compression.calibrate import text_batches
     from mpotn.compression.models import load_pretrained, load_tokenizer
-    from mpotn.compression.serialization import check_save_target, is_saved_model
+    from mpotn.compression.serialization import HUB_ID, check_save_target, is_saved_model
     from mpotn.data import texts
 
     start = time.perf_counter()
@@ -137,6 +143,11 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.model} is already a compressed model (an mpotn save); compress "
                          "the original model instead, or cut this one further with mpotn "
                          "squeeze")
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private applies to --push-to-hub REPO")
+    if args.push_to_hub and not HUB_ID.fullmatch(args.push_to_hub):
+        raise ValueError(f"--push-to-hub takes a Hub repository such as user/minilm-mpo, got "
+                         f"{args.push_to_hub!r}")
     if not args.dry_run:
         check_out(args.out)
         check_save_target(args.out, args.overwrite)
@@ -181,3 +192,7 @@ def run(args: argparse.Namespace) -> None:
           f"saved the model to {args.out} (load it with mpotn.load({args.out!r})); wrote:")
     for path in paths.values():
         print(f"  {path}")
+    if args.push_to_hub:
+        commit = compressed.push_to_hub(args.push_to_hub, tokenizer=tokenizer,
+                                        private=args.private or None)
+        print(f"pushed to the Hub: {getattr(commit, 'commit_url', commit)}")
