@@ -54,7 +54,7 @@ from torch import nn
 from mpotn.compression.architectures import feed_forward_blocks, layer_index
 from mpotn.compression.config import MPO_LAYERS, layer_holder, replace_module
 from mpotn.compression.parameters import count_parameters
-from mpotn.compression.sharing import _mark
+from mpotn.compression.sharing import mark_shared_centrals
 from mpotn.layers.experts import (
     CAPACITY_FACTOR,
     ROUTER_LOSS_WEIGHT,
@@ -229,7 +229,7 @@ def upcycle_experts(model: nn.Module, experts: int = 4, top_k: int = 2, *,
                        "shared_params": shared, "router_params": router,
                        "moe_params": total, "ffn_params_multiple": total / before})
     attach_token_masks(base)
-    _mark(base)
+    mark_shared_centrals(base)
     return report
 
 

@@ -60,7 +60,6 @@ Nothing here knows [MPOModel][mpotn.compression.model.MPOModel]:
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -71,8 +70,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from mpotn.atomic import (
@@ -90,7 +90,7 @@ from mpotn.compression.bottleneck import bottleneck_spec, rebuild_bottlenecks
 from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
 from mpotn.compression.experts import SPEC_KEYS as EXPERT_KEYS
 from mpotn.compression.experts import experts_spec, rebuild_experts
-from mpotn.compression.sharing import shared_central_groups, tie_centrals
+from mpotn.compression.sharing import mark_shared_centrals, shared_central_groups, tie_centrals
 from mpotn.layers import (
     LAYER_KINDS,
     FactorizedEmbedding,
@@ -501,8 +501,11 @@ def _base_model(spec: dict[str, Any] | None, model: nn.Module | None, path: Path
             "uncompressed instance of its architecture as load(directory, model=...)"
         )
     cls = _model_class(spec, path)
-    try:
-        return cls(cls.config_class.from_dict(spec["config"]))
+    try:  # parameters without memory (meta); the weights file fills them
+        with init_empty_weights(include_buffers=False):
+            base = cls(cls.config_class.from_dict(spec["config"]))
+        base.tie_weights()  # the context registers a copy of each tied tensor: tie again
+        return base
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
         raise ValueError(f"{path}: the base model's config does not build a {cls.__name__} "
                          f"({error}); {_FIX}") from error
@@ -537,17 +540,56 @@ def _layer(base: nn.Module, name: str, spec: dict[str, Any], dtype: torch.dtype,
     return layer
 
 
-def _cast_like_file(base: nn.Module, weights: Path) -> None:
-    """Give every floating parameter and buffer the dtype its tensor has in ``weights``."""
-    with safe_open(str(weights), framework="pt") as handle:
-        names = handle.keys()  # a safe_open handle is not iterable
-        codes = {key: handle.get_slice(key).get_dtype() for key in names}
-    by_code = dict(DTYPES.values())
-    for name, tensor in itertools.chain(base.named_parameters(remove_duplicate=False),
-                                        base.named_buffers(remove_duplicate=False)):
-        dtype = by_code.get(codes.get(name, ""))
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor.data = tensor.data.to(dtype)
+def _tensor_places(base: nn.Module) -> dict[int, list[tuple[str, nn.Module, str, bool]]]:
+    """Every parameter and persistent buffer of ``base`` by tensor: ``(full name, owning
+    module, attribute, is a parameter)`` for each name it has (a tied or shared tensor has
+    several)."""
+    places: dict[int, list[tuple[str, nn.Module, str, bool]]] = {}
+    for prefix, module in base.named_modules(remove_duplicate=False):
+        entries = [(key, t, True) for key, t in module._parameters.items()] + [
+            (key, t, False) for key, t in module._buffers.items()
+            if key not in module._non_persistent_buffers_set]
+        for key, tensor, is_param in entries:
+            if tensor is not None:
+                name = f"{prefix}.{key}" if prefix else key
+                places.setdefault(id(tensor), []).append((name, module, key, is_param))
+    return places
+
+
+def _load_weights(base: nn.Module, weights: Path) -> None:
+    """Put the tensors of ``weights`` in ``base``, each as the file holds it (its dtype),
+    on the device of the tensor it replaces (the CPU for one built without memory, on the
+    meta device): one tensor for all the names of a tied or shared one, which the file
+    stores once.
+
+    Raises
+    ------
+    RuntimeError
+        If a tensor is missing from the file, has another shape, or the file holds a
+        tensor the model has no place for.
+    """
+    state = load_file(str(weights))
+    used: set[str] = set()
+    for places in _tensor_places(base).values():
+        present = [name for name, *_ in places if name in state]
+        if not present:
+            raise RuntimeError(f"{places[0][0]} is missing from the weights")
+        value = state[present[0]]
+        _, module, key, is_param = places[0]
+        old = module._parameters[key] if is_param else module._buffers[key]
+        if value.shape != old.shape:
+            raise RuntimeError(f"{present[0]} has shape {tuple(value.shape)} in the weights "
+                               f"and {tuple(old.shape)} in the model")
+        if not old.is_meta:
+            value = value.to(old.device)
+        new = nn.Parameter(value, requires_grad=old.requires_grad) if is_param else value
+        for _, owner, attribute, _ in places:
+            (owner._parameters if is_param else owner._buffers)[attribute] = new
+        used.update(present)
+    unexpected = sorted(set(state) - used)
+    if unexpected:
+        raise RuntimeError(f"the weights hold tensors the model has no place for: "
+                           f"{unexpected[:5]}")
 
 
 def _check_digest(weights: Path, config: dict[str, Any], path: Path) -> None:
@@ -564,7 +606,10 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
     """Rebuild a compressed module from a save directory, without the original weights.
 
     Nothing named in the save is imported, and no path in it may lead outside
-    ``directory``; every parameter and buffer gets the dtype it was saved in.
+    ``directory``; every parameter and buffer gets the dtype it was saved in. The
+    architecture is built with its parameters on the meta device (accelerate's
+    ``init_empty_weights``), so a load never holds the dense model's weights in
+    memory: the weights file fills in each tensor, once for tied and shared ones.
 
     Parameters
     ----------
@@ -605,30 +650,31 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: 'compression' is invalid ({error}); {_FIX}") from error
     dtype = DTYPES[config["dtype"]][1]
-    try:
-        rebuild_experts(base, config.get("experts", {}))
-        rebuild_bottlenecks(base, config.get("bottleneck_adapters", {}))
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}; {_FIX}") from error
-    for name, spec in config["layers"].items():
-        layer = _layer(base, name, spec, dtype, path)
-        tied = tied_modules(base, base.get_submodule(name)) if isinstance(
-            layer, MPOEmbedding) else []
-        replace_module(base, name, layer)
-        for other, _ in tied:  # compress shared the layer with the embeddings tied to it
-            if other not in config["layers"]:
-                replace_module(base, other, layer)
-    try:
+    with init_empty_weights(include_buffers=False):  # the structure; the file fills it
+        try:
+            rebuild_experts(base, config.get("experts", {}))
+            rebuild_bottlenecks(base, config.get("bottleneck_adapters", {}))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}; {_FIX}") from error
+        for name, spec in config["layers"].items():
+            layer = _layer(base, name, spec, dtype, path)
+            tied = tied_modules(base, base.get_submodule(name)) if isinstance(
+                layer, MPOEmbedding) else []
+            replace_module(base, name, layer)
+            for other, _ in tied:  # compress shared the layer with the embeddings tied to it
+                if other not in config["layers"]:
+                    replace_module(base, other, layer)
+    try:  # outside: init_empty_weights would register a new copy of each shared tensor
         tie_layers(base)
         tie_centrals(base, config.get("shared_centrals", []))
     except ValueError as error:
         raise ValueError(f"{path}: {error}; {_FIX}") from error
-    _cast_like_file(base, weights)
     try:
-        load_model(base, str(weights), strict=True)
+        _load_weights(base, weights)
     except RuntimeError as error:
         raise ValueError(
             f"{directory}: the weights disagree with {CONFIG_NAME}: {error}"
         ) from error
+    mark_shared_centrals(base)  # the marks name the loaded tensors
     base.eval()
     return SavedModel(base, compression, config["report"], config["original_params"])

@@ -83,7 +83,7 @@ def shared_central_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def _mark(base: nn.Module) -> None:
+def mark_shared_centrals(base: nn.Module) -> None:
     """Record on every MPO layer whether its central tensor is shared, and by how many
     layers (``layer._shared_central = (tensor, users)``, which ``load_mpo`` checks)."""
     layers = _mpo_layers(base)
@@ -154,7 +154,7 @@ def tie_centrals(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
             layer = layers[name]
             layer.cores[layer.central_index] = shared
             layer._cache = None
-    _mark(base)
+    mark_shared_centrals(base)
 
 
 # ------------------------------------------------------------------ fitting
@@ -341,7 +341,7 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
     for index, names in enumerate(groups):
         label = matrix_type(names[0]) if named else f"group {index}"
         report.extend(_share_group([layers[n] for n in names], names, label, init, sweeps))
-    _mark(base)
+    mark_shared_centrals(base)
     return report
 
 
