@@ -189,6 +189,28 @@ def test_t5_is_calibrated_with_shifted_decoder_inputs_and_each_stack_its_own_mas
     assert stats["encoder"].tokens == 7 and stats["decoder"].tokens == 4
 
 
+def test_t5_cross_attention_counts_encoder_tokens_and_an_untied_head_decoder_tokens():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(
+        vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, tie_word_embeddings=False)).eval()
+    ids = torch.randint(1, 100, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])  # 9 encoder tokens
+    cross = t5.decoder.block[0].layer[1].EncDecAttention
+    targets = {"decoder.block.0.layer.1.EncDecAttention.k": cross.k,
+               "decoder.block.0.layer.1.EncDecAttention.q": cross.q, "lm_head": t5.lm_head}
+    for decoder_length in (5, 3):  # as long as the encoder, and not
+        given = torch.ones(2, decoder_length, dtype=torch.long)
+        given[1, 1:] = 0  # 1 + decoder_length decoder tokens
+        stats = calibrate(t5, [{"input_ids": ids, "attention_mask": mask,
+                                "decoder_input_ids": torch.randint(1, 100, (2, decoder_length)),
+                                "decoder_attention_mask": given}], targets)
+        assert stats["decoder.block.0.layer.1.EncDecAttention.k"].tokens == 9
+        assert stats["decoder.block.0.layer.1.EncDecAttention.q"].tokens == 1 + decoder_length
+        assert stats["lm_head"].tokens == 1 + decoder_length
+
+
 def _tokenizer_without_padding():
     """A word-level fast tokenizer with an end-of-sequence token and no padding token, as
     GPT-2's and Llama's are."""

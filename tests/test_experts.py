@@ -392,3 +392,15 @@ def test_gradient_checkpointing_routes_the_rerun_as_the_forward_pass(reentrant):
     plain, checkpointed = gradients(False), gradients(True)
     assert plain.keys() == checkpointed.keys()
     assert max(float((plain[n] - checkpointed[n]).abs().max()) for n in plain) < 1e-5
+
+
+def test_a_mixture_of_experts_save_loads_into_a_given_model(tmp_path):
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=2, top_k=1)
+    model.eval().save_pretrained(tmp_path / "moe")
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).last_hidden_state
+        again = load(tmp_path / "moe", model=tiny_bert(seed=5))  # its own, real weights
+        assert torch.equal(again(input_ids=x).last_hidden_state, expected)
+    assert not any(t.is_meta for t in [*again.parameters(), *again.buffers()])

@@ -64,6 +64,14 @@ def test_push_uploads_a_save_that_loads_with_equal_outputs_and_a_model_card(hub)
                            model(input_ids=ids).last_hidden_state)
 
 
+def test_a_hub_name_without_owner_is_the_cards_base_model(hub):
+    tiny("bert-base-uncased").push_to_hub("me/legacy")
+    folder = hub.root / "me/legacy"
+    assert "base_model: bert-base-uncased" in (folder / "README.md").read_text()
+    saved = json.loads((folder / CONFIG_NAME).read_text())
+    assert saved["base_model"]["config"]["_name_or_path"] == "bert-base-uncased"
+
+
 def test_a_local_original_path_stays_out_of_the_save_and_the_card(hub, tmp_path):
     model = tiny(str(tmp_path))  # compressed from a folder of this machine
     model.push_to_hub("me/private-origin")

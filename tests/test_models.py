@@ -141,3 +141,32 @@ def test_a_decoder_classifier_without_padding_id_pads_with_its_end_token(tmp_pat
         batch = classifier(input_ids=ids).logits
         alone = classifier(input_ids=ids[:1, :3]).logits
     assert torch.allclose(batch[0], alone[0], atol=1e-5)  # read at its last real token
+
+
+def test_several_end_tokens_give_the_first_as_padding_id(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, bos_token_id=1, eos_token_id=[2, 3],
+                                 pad_token_id=None)).save_pretrained(tmp_path)
+    assert load_classifier(tmp_path, num_labels=2).config.pad_token_id == 2
+
+
+def test_a_task_model_pads_with_the_id_its_tokenizer_pads_with(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from mpotn.data import sst2_sample
+    from mpotn.finetune.training import TrainingConfig, prepare_model
+
+    words = ["a", "b", "<unk>", "<end>"]
+    inner = Tokenizer(models.WordLevel({w: k for k, w in enumerate(words)}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<end>").save_pretrained(tmp_path)
+    torch.manual_seed(0)  # the model's own end id (0) is not the tokenizer's (3)
+    GPT2LMHeadModel(GPT2Config(vocab_size=4, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
+    model, tokenizer = prepare_model(tmp_path, sst2_sample(), TrainingConfig(strategy="full"))
+    assert tokenizer.pad_token is None and model.config.pad_token_id == 3

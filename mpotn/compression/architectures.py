@@ -98,6 +98,12 @@ MATRIX_TYPES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 
+#: Module names of cross-attention key and value projections (T5, BART-style
+#: ``encoder_attn``, BERT decoders' ``crossattention``): their inputs are the encoder's
+#: tokens although they sit in the decoder.
+CROSS_ATTENTION_INPUT = re.compile(
+    r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj|crossattention\.self\.(key|value))$")
+
 #: ``config.model_type`` values whose module names the table covers, by family.
 ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "bert": ("bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "distilbert",

@@ -5,7 +5,10 @@ outputs; task text, no labels) with a forward hook on each target and accumulate
 float64 on the module's own device, the sum of ``x^T x`` over every real
 token. Padding is excluded through the ``attention_mask`` that reaches each target:
 the innermost module above it that takes one decides
-([mpotn.layers.masks][]), so that T5's decoder uses its own; an input that is not one
+([mpotn.layers.masks][]), so that T5's decoder uses its own, except that
+cross-attention keys and values take the encoder's (they read its tokens) and, in
+an encoder-decoder, a matrix outside both stacks (an untied ``lm_head``) the
+decoder's; an input that is not one
 row per token (a pooler's) counts every row, and position ids count once per
 sentence. An encoder-decoder model given encoder inputs only gets its labels' usual
 decoder inputs, the inputs shifted right. Memory is ``I x I`` per linear layer
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpotn.compression.architectures import CROSS_ATTENTION_INPUT
 from mpotn.compression.models import padding_tokenizer
 from mpotn.layers.masks import attention_mask_argument, mask_sources, real_rows, token_mask
 
@@ -141,20 +145,30 @@ def calibrate(
 
         handles.append(module.register_forward_hook(hook))
 
-    def hand_mask(source: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        usable, mask = token_mask(attention_mask_argument(source, args, kwargs))
-        if usable:
-            masks.update({id(m): mask for m in source.modules() if id(m) in masks})
-
     for name, module in targets.items():
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             raise ValueError(f"cannot calibrate {name}: {type(module).__name__} is not "
                              "nn.Linear or nn.Embedding")
         observe(name, module)
     observed = {id(module) for module in targets.values()}
-    if isinstance(model, nn.Module):
-        handles += [source.register_forward_pre_hook(hand_mask, with_kwargs=True)
-                    for source in mask_sources(model, lambda m: id(m) in observed)]
+    # cross-attention keys and values read the encoder's tokens wherever they sit
+    encoder_side = {id(m) for name, m in targets.items() if CROSS_ATTENTION_INPUT.search(name)}
+    sources = (mask_sources(model, lambda m: id(m) in observed)
+               if isinstance(model, nn.Module) else [])
+    inner = {id(m) for source in sources if source is not model for m in source.modules()}
+    # in an encoder-decoder, what no stack holds (an untied lm_head) reads the decoder's
+    decoder_side = (observed - inner - encoder_side
+                    if getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+                    else set())
+
+    def hand_mask(source: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        usable, mask = token_mask(attention_mask_argument(source, args, kwargs))
+        if usable:
+            masks.update({id(m): mask for m in source.modules()
+                          if id(m) in masks and id(m) not in encoder_side | decoder_side})
+
+    handles += [source.register_forward_pre_hook(hand_mask, with_kwargs=True)
+                for source in sources]
     training = model.training if isinstance(model, nn.Module) else False
     if isinstance(model, nn.Module):
         model.eval()
@@ -164,6 +178,7 @@ def calibrate(
                      else v for k, v in batch.items()}
             batch = _with_decoder_inputs(model, batch)
             masks.update(dict.fromkeys(observed, batch.get("attention_mask")))
+            masks.update(dict.fromkeys(decoder_side, batch.get("decoder_attention_mask")))
             model(**batch)
     finally:
         for handle in handles:

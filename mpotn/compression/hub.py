@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mpotn.compression.serialization import HUB_ID, save
+from mpotn.compression.serialization import HUB_ID, is_hub_name, save
 
 #: Remote files an upload may replace: the weights of earlier mpotn pushes.
 OLD_WEIGHTS = "model-????????????.safetensors"
@@ -34,7 +34,7 @@ OLD_WEIGHTS = "model-????????????.safetensors"
 def _original_id(model: Any) -> str | None:
     """The Hub id the compressed model's original came from, when its config names one."""
     name = getattr(getattr(model.base_model, "config", None), "_name_or_path", None)
-    if isinstance(name, str) and HUB_ID.fullmatch(name) and not Path(name).exists():
+    if isinstance(name, str) and is_hub_name(name):
         return name
     return None
 

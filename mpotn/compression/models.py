@@ -160,10 +160,12 @@ def load_classifier(
     finally:
         logging.set_verbosity(verbosity)
     config = model.config
-    if getattr(config, "pad_token_id", None) is None and \
-            getattr(config, "eos_token_id", None) is not None:
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):  # Llama 3, Qwen: several end tokens
+        eos = eos[0] if eos else None
+    if getattr(config, "pad_token_id", None) is None and eos is not None:
         # decoder classifiers read the last real token: the padding_tokenizer's padding
-        config.pad_token_id = config.eos_token_id
+        config.pad_token_id = eos
     return model
 
 

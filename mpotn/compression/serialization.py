@@ -138,6 +138,13 @@ class SavedModel(NamedTuple):
 #: Files of a save fetched from the Hub (weights, configs, tokenizer; never code).
 HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: A model name on the Hub, with or without its owner (``gpt2``, ``google-bert/bert-base``).
+HUB_NAME = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether ``name`` names a Hub model (``gpt2``, ``user/model``), not a path here."""
+    return bool(HUB_NAME.fullmatch(name)) and not Path(name).exists()
 
 
 def resolve_save(directory: str | os.PathLike, revision: str | None = None) -> Path:
@@ -184,7 +191,7 @@ def _base_model_spec(model: nn.Module) -> dict[str, Any] | None:
     cls = type(model)
     settings = config.to_dict()
     name = settings.get("_name_or_path")
-    if isinstance(name, str) and (not HUB_ID.fullmatch(name) or Path(name).exists()):
+    if isinstance(name, str) and not is_hub_name(name):
         del settings["_name_or_path"]  # a folder of this machine, not for a shared save
     return {"class": cls.__name__, "module": cls.__module__, "config": settings}
 
@@ -558,9 +565,9 @@ def _tensor_places(base: nn.Module) -> dict[int, list[tuple[str, nn.Module, str,
 
 def _load_weights(base: nn.Module, weights: Path) -> None:
     """Put the tensors of ``weights`` in ``base``, each as the file holds it (its dtype),
-    on the device of the tensor it replaces (the CPU for one built without memory, on the
-    meta device): one tensor for all the names of a tied or shared one, which the file
-    stores once.
+    on the device of the tensor it replaces (for one built without memory, on the meta
+    device: that of the model's other parameters, given with ``model=``, else the CPU):
+    one tensor for all the names of a tied or shared one, which the file stores once.
 
     Raises
     ------
@@ -569,6 +576,7 @@ def _load_weights(base: nn.Module, weights: Path) -> None:
         tensor the model has no place for.
     """
     state = load_file(str(weights))
+    home = next((t.device for t in base.parameters() if not t.is_meta), torch.device("cpu"))
     used: set[str] = set()
     for places in _tensor_places(base).values():
         present = [name for name, *_ in places if name in state]
@@ -580,8 +588,7 @@ def _load_weights(base: nn.Module, weights: Path) -> None:
         if value.shape != old.shape:
             raise RuntimeError(f"{present[0]} has shape {tuple(value.shape)} in the weights "
                                f"and {tuple(old.shape)} in the model")
-        if not old.is_meta:
-            value = value.to(old.device)
+        value = value.to(home if old.is_meta else old.device)
         new = nn.Parameter(value, requires_grad=old.requires_grad) if is_param else value
         for _, owner, attribute, _ in places:
             (owner._parameters if is_param else owner._buffers)[attribute] = new

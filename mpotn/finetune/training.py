@@ -261,6 +261,8 @@ def prepare_model(
     torch.manual_seed(config.seed)  # the new task head
     classifier = load_classifier(model, data.num_labels, data.label_names)
     tokenizer = load_tokenizer(model)
+    if tokenizer.pad_token is None:  # the head must skip the padding the collator adds
+        classifier.config.pad_token_id = padding_tokenizer(tokenizer).pad_token_id
     if compress_model is None:
         compress_model = config.strategy in ("lfa", "central")
     if compress_model:

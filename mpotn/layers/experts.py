@@ -126,10 +126,10 @@ class MixtureOfExperts(nn.Module):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.router_loss_weight = router_loss_weight
-        self.router = nn.Linear(hidden_size, len(experts), bias=False)
         reference = next(iter(self.experts[0].parameters()), None)
-        if reference is not None:
-            self.router.to(reference.device, reference.dtype)
+        place = {} if reference is None else {"device": reference.device,
+                                              "dtype": reference.dtype}
+        self.router = nn.Linear(hidden_size, len(experts), bias=False, **place)
         nn.init.normal_(self.router.weight, std=router_std)
         self.aux_loss: torch.Tensor | None = None
         #: ``(batch, length)`` mask of the real tokens (1) of the current forward pass, set
