@@ -105,6 +105,7 @@ def test_cli_compress_pushes_its_save(hub, tiny_bert, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--push-to-hub", "no-owner"], "--push-to-hub takes a Hub repository"),
     (["--private"], "--private applies to --push-to-hub"),
+    (["--dry-run", "--push-to-hub", "me/x"], "--dry-run saves nothing"),
 ])
 def test_cli_push_options_are_checked_before_compressing(hub, tmp_path, capsys, argv, message):
     from mpotn.cli import main

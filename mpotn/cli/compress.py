@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> None:
                          "squeeze")
     if args.private and not args.push_to_hub:
         raise ValueError("--private applies to --push-to-hub REPO")
+    if args.push_to_hub and args.dry_run:
+        raise ValueError("--dry-run saves nothing, so there is nothing to --push-to-hub")
     if args.push_to_hub and not HUB_ID.fullmatch(args.push_to_hub):
         raise ValueError(f"--push-to-hub takes a Hub repository such as user/minilm-mpo, got "
                          f"{args.push_to_hub!r}")
