@@ -21,6 +21,9 @@ class FakeHub:
     def create_repo(self, api, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
 
+    def create_branch(self, api, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
     def upload_folder(self, api, *, repo_id, folder_path, **kwargs):
         self.calls.append(("upload_folder", repo_id, kwargs))
         target = self.root / repo_id
@@ -35,6 +38,8 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(
         api, repo_id, **kw))
     monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw))
+    monkeypatch.setattr(HfApi, "create_branch", lambda api, repo_id, **kw: fake.create_branch(
+        api, repo_id, **kw))
     return fake
 
 
@@ -62,6 +67,13 @@ def test_push_uploads_a_save_that_loads_with_equal_outputs_and_a_model_card(hub)
     with torch.no_grad():
         assert torch.equal(load(folder)(input_ids=ids).last_hidden_state,
                            model(input_ids=ids).last_hidden_state)
+
+
+def test_a_push_to_a_new_branch_creates_it_first(hub):
+    tiny("x").push_to_hub("me/branches", revision="squeezed")
+    assert [call[0] for call in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert hub.calls[1][2] == {"branch": "squeezed", "exist_ok": True}
+    assert hub.calls[2][2]["revision"] == "squeezed"
 
 
 def test_a_hub_name_without_owner_is_the_cards_base_model(hub):

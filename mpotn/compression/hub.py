@@ -96,7 +96,8 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any | None = None,
     token:
         A Hub token (default: the saved login).
     revision:
-        The branch to push to (default: the main branch).
+        The branch to push to, created from the main branch if missing (default: the
+        main branch).
     commit_message:
         The commit's message.
     create_pr:
@@ -123,6 +124,8 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any | None = None,
         save(model, folder, tokenizer=tokenizer)
         (Path(folder) / "README.md").write_text(model_card(model, repo_id, base_model))
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not create_pr:  # upload_folder creates no branch
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
             commit_message=commit_message or "Upload a model compressed with mpotn",
