@@ -4,15 +4,14 @@
 outputs; task text, no labels) with a forward hook on each target and accumulates, in
 float64 on the module's own device, the sum of ``x^T x`` over every real
 token. Padding is excluded through the ``attention_mask`` that reaches each target:
-the innermost module above it that takes one decides
-([mpotn.layers.masks][]), so that T5's decoder uses its own, except that
-cross-attention keys and values take the encoder's (they read its tokens) and, in
-an encoder-decoder, a matrix outside both stacks (an untied ``lm_head``) the
-decoder's; an input that is not one
-row per token (a pooler's) counts every row, and position ids count once per
-sentence. An encoder-decoder model given encoder inputs only gets its labels' usual
-decoder inputs, the inputs shifted right. Memory is ``I x I`` per linear layer
-whatever the number of tokens. An embedding's inputs are one-hot rows, so its ``C``
+the innermost module above it that takes one decides ([mpotn.layers.masks][]), so
+that T5's decoder uses its own, except that cross-attention keys and values take
+the encoder's (they read its tokens) and, in an encoder-decoder, a matrix outside
+both stacks (an untied ``lm_head``) the decoder's. An input that is not one row per
+token (a pooler's) counts every row, and position ids count once per sentence. An
+encoder-decoder model given encoder inputs only gets its labels' usual decoder
+inputs, the inputs shifted right. Memory is ``I x I`` per linear layer whatever the
+number of tokens. An embedding's inputs are one-hot rows, so its ``C``
 is diagonal: the token counts.
 
 Examples
@@ -161,11 +160,12 @@ def calibrate(
                     if getattr(getattr(model, "config", None), "is_encoder_decoder", False)
                     else set())
 
+    handed = observed - encoder_side - decoder_side  # what the sources' masks decide
+
     def hand_mask(source: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         usable, mask = token_mask(attention_mask_argument(source, args, kwargs))
         if usable:
-            masks.update({id(m): mask for m in source.modules()
-                          if id(m) in masks and id(m) not in encoder_side | decoder_side})
+            masks.update({id(m): mask for m in source.modules() if id(m) in handed})
 
     handles += [source.register_forward_pre_hook(hand_mask, with_kwargs=True)
                 for source in sources]

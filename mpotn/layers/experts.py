@@ -195,13 +195,15 @@ class MixtureOfExperts(nn.Module):
                              f"tokens {tuple(shape[:-1])} of this mixture of experts; call "
                              "the model with the attention_mask of its input_ids")
         return torch.nonzero(mask[:, mask.shape[1] - shape[1]:].reshape(-1),
-                             as_tuple=True)[0].to(mask.device)
+                             as_tuple=True)[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         tokens = hidden.reshape(-1, shape[-1])
         real = self.real_tokens(shape)
-        routed = tokens if real is None else tokens[real.to(tokens.device)]
+        if real is not None:
+            real = real.to(tokens.device)
+        routed = tokens if real is None else tokens[real]
         out = None
         self.aux_loss = None
         if routed.shape[0]:
@@ -213,8 +215,7 @@ class MixtureOfExperts(nn.Module):
                 y = expert(routed[token]) * gates[token, slot, None].to(tokens.dtype)
                 if out is None:
                     out = y.new_zeros(tokens.shape[0], y.shape[-1])
-                out = out.index_add(0, token if real is None else real[token].to(token.device),
-                                    y)
+                out = out.index_add(0, token if real is None else real[token], y)
         if out is None:  # no real token, or every token over capacity
             out = tokens.new_zeros(tokens.shape)
         return out.reshape(*shape[:-1], out.shape[-1])

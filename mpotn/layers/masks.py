@@ -33,6 +33,7 @@ tensor([0, 1])
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -41,9 +42,17 @@ import torch
 from torch import nn
 
 
+@functools.cache
+def _mask_position(cls: type) -> int | None:
+    """Position of ``attention_mask`` among the arguments of ``cls.forward`` (``self``
+    left out), read once per class; ``None`` when it has none."""
+    names = [n for n in inspect.signature(cls.forward).parameters if n != "self"]
+    return names.index("attention_mask") if "attention_mask" in names else None
+
+
 def takes_attention_mask(module: nn.Module) -> bool:
     """Whether ``module.forward`` has an ``attention_mask`` parameter."""
-    return "attention_mask" in inspect.signature(module.forward).parameters
+    return _mask_position(type(module)) is not None
 
 
 def attention_mask_argument(module: nn.Module, args: tuple[Any, ...],
@@ -52,9 +61,8 @@ def attention_mask_argument(module: nn.Module, args: tuple[Any, ...],
     position (``None`` when left out)."""
     if "attention_mask" in kwargs:
         return kwargs["attention_mask"]
-    names = [n for n in inspect.signature(module.forward).parameters if n != "self"]
-    position = names.index("attention_mask")
-    return args[position] if len(args) > position else None
+    position = _mask_position(type(module))
+    return args[position] if position is not None and len(args) > position else None
 
 
 def token_mask(mask: Any) -> tuple[bool, torch.Tensor | None]:
