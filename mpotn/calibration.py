@@ -361,6 +361,82 @@ def output_error(matrix: torch.Tensor, approximation: torch.Tensor, covariance: 
     return math.sqrt(max(energy(d), 0.0) / total) if total > 0 else 0.0
 
 
+def compensated_matrix(matrix: torch.Tensor, covariance: torch.Tensor, cross: torch.Tensor,
+                       damp: float = DAMP) -> torch.Tensor:
+    r"""The matrix to fit when a layer's inputs differ from the reference's (Eq. 7').
+
+    A layer $y = x M$ of a model whose earlier layers are already compressed
+    sees inputs $X$ where the original saw $X_0$ (the same tokens). Fitting
+    the original's outputs $X_0 M$ from the inputs it will see,
+
+    $$
+    \|X M' - X_0 M\|_F^2 = \|X (M' - M^*)\|_F^2 + \text{const},
+    \qquad M^* = C^{-1} X^T X_0 M, \quad C = X^T X,
+    $$
+
+    is Eq. 7 with $M^*$ in place of $M$: every calibrated fit applies unchanged.
+    Computed as $M + (C + \delta I)^{-1} (X^T X_0 - C) M$ with
+    $\delta = $ ``damp`` $\cdot \mathrm{tr}(C) / I$, so that $M^* = M$ exactly when
+    $X = X_0$ and a direction the inputs never take keeps $M$.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x0 = torch.randn(200, 6, dtype=torch.float64, generator=g)
+    >>> x = x0 + 0.1 * torch.randn(200, 6, dtype=torch.float64, generator=g)
+    >>> m = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    >>> torch.equal(compensated_matrix(m, x0.T @ x0, x0.T @ x0), m)
+    True
+    >>> best = compensated_matrix(m, x.T @ x, x.T @ x0, damp=0.0)
+    >>> torch.allclose(best, torch.linalg.lstsq(x, x0 @ m).solution)
+    True
+    """
+    _check_covariance(covariance, matrix.shape[0])
+    if covariance.dim() != 2 or cross.shape != covariance.shape:
+        raise ValueError("compensated_matrix needs a dense covariance and a cross moment of the "
+                         f"same shape, got {tuple(covariance.shape)} and {tuple(cross.shape)}")
+    if not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    m = matrix.detach().to(torch.float64)
+    cov = covariance.to(m.device, torch.float64)
+    shift = (cross.to(m.device, torch.float64) - cov) @ m
+    delta = damp * float(cov.trace()) / cov.shape[0]
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    if delta > 0:
+        return m + torch.linalg.solve(cov + delta * eye, shift)
+    return m + torch.linalg.lstsq(cov, shift).solution  # C may be singular
+
+
+def paired_output_error(matrix: torch.Tensor, approximation: torch.Tensor,
+                        covariance: torch.Tensor, cross: torch.Tensor,
+                        reference: torch.Tensor) -> float:
+    r"""Relative error of $X M'$ against the reference's outputs $X_0 M$.
+
+    $$
+    \sqrt{\|X M' - X_0 M\|_F^2 \,/\, \|X_0 M\|_F^2}
+    $$
+
+    from $C = X^T X$ (``covariance``), $X^T X_0$ (``cross``) and $C_0 = X_0^T X_0$
+    (``reference``): with $X = X_0$ it is [output_error][mpotn.calibration.output_error].
+
+    Examples
+    --------
+    >>> import torch
+    >>> x0 = torch.randn(50, 4, dtype=torch.float64)
+    >>> x, m = 2 * x0, torch.randn(4, 3, dtype=torch.float64)
+    >>> c, c0 = x.T @ x, x0.T @ x0
+    >>> round(paired_output_error(m, m / 2, c, x.T @ x0, c0), 12)
+    0.0
+    """
+    m = matrix.detach().to(torch.float64)
+    a = approximation.detach().to(m.device, torch.float64)
+    cov, cross, ref = (t.to(m.device, torch.float64) for t in (covariance, cross, reference))
+    total = float((m * (ref @ m)).sum())
+    error = float((a * (cov @ a)).sum()) - 2 * float((a * (cross @ m)).sum()) + total
+    return math.sqrt(max(error, 0.0) / total) if total > 0 else 0.0
+
+
 def _left_env(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     """Contraction of cores ``0..k-1`` as ``(P, Q, d_{k-1})`` (rows, columns, bond)."""
     env = torch.ones(1, 1, 1, dtype=cores[0].dtype, device=cores[0].device)

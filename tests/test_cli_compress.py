@@ -80,3 +80,19 @@ def test_compress_cli_errors_are_messages_not_tracebacks(tmp_path):
     result = subprocess.run([*run, "--max-bond", "0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "argument --max-bond: must be an integer >= 1, got '0'" in result.stderr
+
+
+def test_compress_cli_sequential_fits_in_order_and_refuses_no_calibration(tiny_bert, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "seq"
+    assert main(["compress", str(tiny_bert), "--ratio", "0.5", "--sequential", "--samples",
+                 "64", "--out", str(out), "--no-progress"]) == 0
+    assert "expected fidelity: mean cosine" in capsys.readouterr().out
+    loaded = mpotn.load(out)
+    assert loaded.compression_config.sequential
+    assert all(r["output_error"] is not None for r in loaded.report()
+               if r["calibration"] == "whitened")
+    assert main(["compress", str(tiny_bert), "--no-calibrate", "--sequential",
+                 "--out", str(tmp_path / "never")]) == 2
+    assert "drop --no-calibrate, or drop --sequential" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -89,6 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="also calibrate embeddings (token counts of the calibration "
                                "text; tokens it never uses lose their rows) (default: yes "
                                "when calibrating)")
+    compress.add_argument(
+        "--sequential", action="store_true",
+        help="fit the matrices in the order the model runs them, each to the original's "
+             "outputs from the inputs the compressed layers before it give; needs about 10 "
+             "calibration tokens per input of the widest matrix (e.g. --samples 2000 for "
+             "MiniLM) or it over-fits, and runs the model twice per group of matrices")
     compress.add_argument("--svd", choices=SVD_METHODS, default="auto",
                           help="SVD flavour of the decomposition (default: auto)")
     compress.add_argument("--dry-run", action="store_true",
@@ -150,6 +156,9 @@ def run(args: argparse.Namespace) -> None:
     if args.push_to_hub and not HUB_ID.fullmatch(args.push_to_hub):
         raise ValueError(f"--push-to-hub takes a Hub repository such as user/minilm-mpo, got "
                          f"{args.push_to_hub!r}")
+    if args.sequential and args.calibrate is None:
+        raise ValueError("--sequential fits each matrix to the original's outputs on the "
+                         "calibration text: drop --no-calibrate, or drop --sequential")
     if not args.dry_run:
         check_out(args.out)
         check_save_target(args.out, args.overwrite)
@@ -161,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
         targets=args.regex or args.targets, exclude=args.exclude, n=args.n,
         allocation=args.allocation, svd=args.svd,
         structure=args.structure or ("svd" if calibrating else "mpo"),
-        budget=args.budget, fit=args.fit,
+        budget=args.budget, fit=args.fit, sequential=args.sequential,
         calibrate_embeddings=(calibrating if args.calibrate_embeddings is None
                               else args.calibrate_embeddings), **policy,
     )

@@ -28,6 +28,7 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,54 +94,36 @@ def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
     return batch
 
 
-@torch.no_grad()
-def calibrate(
+class _StopForwardError(Exception):
+    """Raised by a hook to end a forward pass whose remaining layers nothing observes."""
+
+
+def _observe(
     model: nn.Module | Callable[..., Any],
     batches: Iterable[Mapping[str, torch.Tensor]],
     targets: Mapping[str, nn.Module],
+    on_rows: Callable[[str, torch.Tensor, bool], None],
     *,
     progress: bool = False,
-) -> dict[str, Calibration]:
-    """Accumulate each target's input second moment over ``batches``.
-
-    Parameters
-    ----------
-    model:
-        The model, called as ``model(**batch)``.
-    batches:
-        Model-input dicts (e.g. tokenizer outputs); tensors are moved to the
-        model's device. Their ``attention_mask`` (or the one the innermost module
-        above a target that takes one is called with) selects the real tokens.
-    targets:
-        ``{name: nn.Linear or nn.Embedding}`` to observe.
-    progress:
-        Show a progress bar over the batches.
-
-    Returns
-    -------
-    dict
-        ``{name: Calibration}``; a target the batches never reached raises.
-    """
+    calls: Mapping[str, int] | None = None,
+) -> None:
+    """Run ``model`` on ``batches`` and hand every call's real input rows of each target
+    to ``on_rows(name, rows, embedding)``: token ids for an embedding, ``N x I``
+    activations for a linear layer (padding removed as
+    [calibrate][mpotn.compression.calibrate.calibrate] describes). With ``calls``, a
+    batch's forward pass stops once every target has run that many times."""
     device = _device(model)
     masks: dict[int, torch.Tensor | None] = {}  # id(target) -> its mask in this batch
-    stats: dict[str, Calibration] = {}
+    counts = dict.fromkeys(targets, 0)
     handles = []
 
     def observe(name: str, module: nn.Module) -> None:
         def hook(_module: nn.Module, inputs: tuple, _output: Any) -> None:
             embedding = isinstance(module, nn.Embedding)
-            x = real_rows(inputs[0], masks.get(id(module)), embedding)
-            if embedding:
-                counts = torch.bincount(x, minlength=module.num_embeddings).to(torch.float64)
-                update, tokens = counts, x.numel()
-            else:
-                rows = x.to(torch.float64)
-                update, tokens = rows.T @ rows, rows.shape[0]
-            if name in stats:
-                stats[name].covariance += update
-                stats[name].tokens += tokens
-            else:
-                stats[name] = Calibration(update, tokens)
+            on_rows(name, real_rows(inputs[0], masks.get(id(module)), embedding), embedding)
+            counts[name] += 1
+            if calls is not None and all(counts[n] >= c for n, c in calls.items()):
+                raise _StopForwardError
 
         handles.append(module.register_forward_hook(hook))
 
@@ -179,14 +162,189 @@ def calibrate(
             batch = _with_decoder_inputs(model, batch)
             masks.update(dict.fromkeys(observed, batch.get("attention_mask")))
             masks.update(dict.fromkeys(decoder_side, batch.get("decoder_attention_mask")))
-            model(**batch)
+            counts.update(dict.fromkeys(counts, 0))
+            with suppress(_StopForwardError):  # the rest of the model changes nothing observed
+                model(**batch)
     finally:
         for handle in handles:
             handle.remove()
         if isinstance(model, nn.Module):
             model.train(training)
-    missing = [name for name in targets if name not in stats]
+
+
+def _check_reached(targets: Iterable[str], seen: Mapping[str, Any]) -> None:
+    missing = [name for name in targets if name not in seen]
     if missing:
         raise ValueError(f"the calibration batches never reached {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}: check the inputs")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module | Callable[..., Any],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    targets: Mapping[str, nn.Module],
+    *,
+    progress: bool = False,
+) -> dict[str, Calibration]:
+    """Accumulate each target's input second moment over ``batches``.
+
+    Parameters
+    ----------
+    model:
+        The model, called as ``model(**batch)``.
+    batches:
+        Model-input dicts (e.g. tokenizer outputs); tensors are moved to the
+        model's device. Their ``attention_mask`` (or the one the innermost module
+        above a target that takes one is called with) selects the real tokens.
+    targets:
+        ``{name: nn.Linear or nn.Embedding}`` to observe.
+    progress:
+        Show a progress bar over the batches.
+
+    Returns
+    -------
+    dict
+        ``{name: Calibration}`` in the order the targets first ran; a target the
+        batches never reached raises.
+    """
+    stats: dict[str, Calibration] = {}
+
+    def accumulate(name: str, x: torch.Tensor, embedding: bool) -> None:
+        if embedding:
+            counts = torch.bincount(x, minlength=targets[name].num_embeddings)
+            update, tokens = counts.to(torch.float64), x.numel()
+        else:
+            rows = x.to(torch.float64)
+            update, tokens = rows.T @ rows, rows.shape[0]
+        if name in stats:
+            stats[name].covariance += update
+            stats[name].tokens += tokens
+        else:
+            stats[name] = Calibration(update, tokens)
+
+    _observe(model, batches, targets, accumulate, progress=progress)
+    _check_reached(targets, stats)
     return stats
+
+
+@dataclass
+class PairedCalibration:
+    """What one linear target saw in a model and in its reference, token by token.
+
+    Attributes
+    ----------
+    covariance:
+        ``C = X^T X`` of the model's inputs ``X`` (``I x I``).
+    cross:
+        ``X^T X_0`` with the reference's inputs ``X_0`` for the same tokens.
+    reference:
+        ``C_0 = X_0^T X_0``.
+    tokens:
+        The number of rows.
+    """
+
+    covariance: torch.Tensor
+    cross: torch.Tensor
+    reference: torch.Tensor
+    tokens: int
+
+
+@torch.no_grad()
+def calibrate_paired(
+    model: nn.Module | Callable[..., Any],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    targets: Mapping[str, nn.Linear],
+    reference: Callable[[], AbstractContextManager[Any]],
+) -> dict[str, PairedCalibration]:
+    """Second and cross moments of each target's inputs in ``model`` and in its reference.
+
+    Each batch runs twice: inside ``reference()`` (a context in which ``model``
+    is the reference, e.g. the original model before compression) and outside
+    it. The ``k``-th call of a target in one run is paired with its ``k``-th call
+    in the other, row by row, so ``cross = X^T X_0`` compares the inputs the same
+    tokens give in both. This is what fitting a matrix to the reference's outputs
+    from the model's inputs needs (``compress(..., sequential=True)``).
+
+    Parameters
+    ----------
+    model:
+        The model, called as ``model(**batch)``.
+    batches:
+        Model-input dicts, iterated once.
+    targets:
+        ``{name: nn.Linear}``, modules of ``model`` both inside and outside
+        ``reference()``.
+    reference:
+        Returns a context manager that makes ``model`` the reference while it is
+        open.
+
+    Returns
+    -------
+    dict
+        ``{name: PairedCalibration}``.
+
+    Examples
+    --------
+    >>> import contextlib
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    >>> @contextlib.contextmanager
+    ... def doubled():  # the "reference": the first layer's outputs doubled
+    ...     model[0].weight.mul_(2); model[0].bias.mul_(2)
+    ...     yield
+    ...     model[0].weight.div_(2); model[0].bias.div_(2)
+    >>> paired = calibrate_paired(lambda input: model(input), [{"input": torch.randn(4, 3)}],
+    ...                           {"1": model[1]}, doubled)
+    >>> torch.allclose(paired["1"].cross, 2 * paired["1"].covariance)
+    True
+    """
+    for linear in targets.values():
+        if not isinstance(linear, nn.Linear):
+            raise ValueError("calibrate_paired takes nn.Linear targets, got "
+                             f"{type(linear).__name__}")
+    stats: dict[str, PairedCalibration] = {}
+    calls: dict[str, int] | None = None  # per batch, from the first: later passes stop there
+    for batch in batches:
+        calls = _pair_batch(model, batch, targets, reference, stats, calls)
+    _check_reached(targets, stats)
+    return stats
+
+
+def _pair_batch(model: nn.Module | Callable[..., Any], batch: Mapping[str, torch.Tensor],
+                targets: Mapping[str, nn.Linear],
+                reference: Callable[[], AbstractContextManager[Any]],
+                stats: dict[str, PairedCalibration], calls: dict[str, int] | None
+                ) -> dict[str, int]:
+    """Add one batch's paired moments to ``stats``; return the calls of each target (the
+    first batch's, when ``calls`` is given: both passes stop after that many)."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+    with reference():
+        _observe(model, [batch], targets,
+                 lambda name, x, _embedding: seen[name].append(x.to(torch.float64)),
+                 calls=calls)
+    if calls is None:
+        calls = {name: len(rows) for name, rows in seen.items()}
+    pending = {name: iter(rows) for name, rows in seen.items()}
+
+    def pair(name: str, x: torch.Tensor, _embedding: bool) -> None:
+        x0 = next(pending[name], None)
+        if x0 is None or x0.shape != x.shape:
+            raise ValueError(f"{name} ran differently in the model and in its reference "
+                             "on the same batch; cannot pair its inputs")
+        x = x.to(torch.float64)
+        update = (x.T @ x, x.T @ x0, x0.T @ x0)
+        if name in stats:
+            s = stats[name]
+            s.covariance += update[0]
+            s.cross += update[1]
+            s.reference += update[2]
+            s.tokens += x.shape[0]
+        else:
+            stats[name] = PairedCalibration(*update, x.shape[0])
+
+    _observe(model, [batch], targets, pair, calls=calls)
+    if any(next(rows, None) is not None for rows in pending.values()):
+        raise ValueError("a target ran more often in the reference than in the model "
+                         "on the same batch; cannot pair its inputs")
+    return calls

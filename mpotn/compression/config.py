@@ -116,6 +116,13 @@ class CompressionConfig:
         ``sweeps`` sweeps of [mpotn.calibration.refine][]; ``"whiten"``:
         [mpotn.calibration.calibrated_mpo][]), and the damping of the
         covariance (``svd`` structures are always whitened exactly).
+    sequential:
+        Used with calibration data: fit the matrices in the order the model runs
+        them, each to the original's outputs from the inputs the already
+        compressed layers before it give
+        ([compensated_matrix][mpotn.calibration.compensated_matrix]), so that later
+        layers correct the error of earlier ones. Costs two passes over the
+        calibration data per group of matrices that share an input.
     calibrate_embeddings:
         Also calibrate ``nn.Embedding`` targets (their covariance is the
         diagonal of token counts). Off by default: tokens absent from the
@@ -145,6 +152,7 @@ class CompressionConfig:
     sweeps: int = 2
     damp: float = DAMP
     calibrate_embeddings: bool = False
+    sequential: bool = False
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -181,6 +189,9 @@ class CompressionConfig:
         if self.structure != "mpo" and self.method != "mpo":
             raise ValueError(f"structure={self.structure!r} is for method='mpo', got "
                              f"method={self.method!r}")
+        for key in ("calibrate_embeddings", "sequential"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
         if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
             raise ValueError(f"sweeps must be an integer >= 0, got {self.sweeps!r}")
 
