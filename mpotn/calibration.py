@@ -405,7 +405,7 @@ def compensated_matrix(matrix: torch.Tensor, covariance: torch.Tensor, cross: to
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     if delta > 0:
         return m + torch.linalg.solve(cov + delta * eye, shift)
-    return m + torch.linalg.lstsq(cov, shift).solution  # C may be singular
+    return m + torch.linalg.pinv(cov, hermitian=True) @ shift  # C may be singular
 
 
 def paired_output_error(matrix: torch.Tensor, approximation: torch.Tensor,

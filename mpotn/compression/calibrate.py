@@ -94,6 +94,11 @@ def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
     return batch
 
 
+class UnpairedInputsError(ValueError):
+    """A target ran differently in a model and in its reference on the same batch (a
+    routed expert sees other tokens), so its inputs cannot be paired token by token."""
+
+
 class _StopForwardError(Exception):
     """Raised by a hook to end a forward pass whose remaining layers nothing observes."""
 
@@ -102,16 +107,17 @@ def _observe(
     model: nn.Module | Callable[..., Any],
     batches: Iterable[Mapping[str, torch.Tensor]],
     targets: Mapping[str, nn.Module],
-    on_rows: Callable[[str, torch.Tensor, bool], None],
+    on_rows: Callable[[str, torch.Tensor, nn.Module, torch.Tensor], None],
     *,
     progress: bool = False,
     calls: Mapping[str, int] | None = None,
 ) -> None:
     """Run ``model`` on ``batches`` and hand every call's real input rows of each target
-    to ``on_rows(name, rows, embedding)``: token ids for an embedding, ``N x I``
+    to ``on_rows(name, rows, module, source)``: token ids for an embedding, ``N x I``
     activations for a linear layer (padding removed as
-    [calibrate][mpotn.compression.calibrate.calibrate] describes). With ``calls``, a
-    batch's forward pass stops once every target has run that many times."""
+    [calibrate][mpotn.compression.calibrate.calibrate] describes); ``source`` is the
+    input tensor they come from. With ``calls``, a batch's forward pass stops once
+    every target has run that many times."""
     device = _device(model)
     masks: dict[int, torch.Tensor | None] = {}  # id(target) -> its mask in this batch
     counts = dict.fromkeys(targets, 0)
@@ -120,7 +126,8 @@ def _observe(
     def observe(name: str, module: nn.Module) -> None:
         def hook(_module: nn.Module, inputs: tuple, _output: Any) -> None:
             embedding = isinstance(module, nn.Embedding)
-            on_rows(name, real_rows(inputs[0], masks.get(id(module)), embedding), embedding)
+            on_rows(name, real_rows(inputs[0], masks.get(id(module)), embedding), module,
+                    inputs[0])
             counts[name] += 1
             if calls is not None and all(counts[n] >= c for n, c in calls.items()):
                 raise _StopForwardError
@@ -210,9 +217,10 @@ def calibrate(
     """
     stats: dict[str, Calibration] = {}
 
-    def accumulate(name: str, x: torch.Tensor, embedding: bool) -> None:
-        if embedding:
-            counts = torch.bincount(x, minlength=targets[name].num_embeddings)
+    def accumulate(name: str, x: torch.Tensor, module: nn.Module, _source: torch.Tensor
+                   ) -> None:
+        if isinstance(module, nn.Embedding):
+            counts = torch.bincount(x, minlength=module.num_embeddings)
             update, tokens = counts.to(torch.float64), x.numel()
         else:
             rows = x.to(torch.float64)
@@ -259,12 +267,13 @@ def calibrate_paired(
 ) -> dict[str, PairedCalibration]:
     """Second and cross moments of each target's inputs in ``model`` and in its reference.
 
-    Each batch runs twice: inside ``reference()`` (a context in which ``model``
-    is the reference, e.g. the original model before compression) and outside
-    it. The ``k``-th call of a target in one run is paired with its ``k``-th call
-    in the other, row by row, so ``cross = X^T X_0`` compares the inputs the same
-    tokens give in both. This is what fitting a matrix to the reference's outputs
-    from the model's inputs needs (``compress(..., sequential=True)``).
+    Each batch runs twice: inside ``reference()`` (a context in which ``model`` is the
+    reference, e.g. the original model before compression), and outside it until every
+    target has run as often as in the reference. The ``k``-th call of a target in one
+    run is paired with its ``k``-th call in the other, row by row, so that
+    ``cross = X^T X_0`` compares the inputs the same tokens give in both. This is what
+    fitting a matrix to the reference's outputs from the model's inputs needs
+    (``compress(..., sequential=True)``).
 
     Parameters
     ----------
@@ -283,6 +292,12 @@ def calibrate_paired(
     -------
     dict
         ``{name: PairedCalibration}``.
+
+    Raises
+    ------
+    UnpairedInputsError
+        When a target runs a different number of times, or on a different number
+        of rows, in the two runs of a batch (a routed expert); a ``ValueError``.
 
     Examples
     --------
@@ -304,9 +319,8 @@ def calibrate_paired(
             raise ValueError("calibrate_paired takes nn.Linear targets, got "
                              f"{type(linear).__name__}")
     stats: dict[str, PairedCalibration] = {}
-    calls: dict[str, int] | None = None  # per batch, from the first: later passes stop there
     for batch in batches:
-        calls = _pair_batch(model, batch, targets, reference, stats, calls)
+        _pair_batch(model, batch, targets, reference, stats)
     _check_reached(targets, stats)
     return stats
 
@@ -314,25 +328,30 @@ def calibrate_paired(
 def _pair_batch(model: nn.Module | Callable[..., Any], batch: Mapping[str, torch.Tensor],
                 targets: Mapping[str, nn.Linear],
                 reference: Callable[[], AbstractContextManager[Any]],
-                stats: dict[str, PairedCalibration], calls: dict[str, int] | None
-                ) -> dict[str, int]:
-    """Add one batch's paired moments to ``stats``; return the calls of each target (the
-    first batch's, when ``calls`` is given: both passes stop after that many)."""
+                stats: dict[str, PairedCalibration]) -> None:
+    """Add one batch's paired moments to ``stats``. The reference runs whole; the model
+    stops once each target has run as often as in the reference."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (source, rows): q, k, v share theirs
+
+    def keep(name: str, x: torch.Tensor, _module: nn.Module, source: torch.Tensor) -> None:
+        same = next((rows for s, rows in kept if s is source and rows.shape == x.shape), None)
+        if same is None:
+            kept.append((source, x))
+        seen[name].append(x if same is None else same)
+
     with reference():
-        _observe(model, [batch], targets,
-                 lambda name, x, _embedding: seen[name].append(x.to(torch.float64)),
-                 calls=calls)
-    if calls is None:
-        calls = {name: len(rows) for name, rows in seen.items()}
+        _observe(model, [batch], targets, keep)
+    calls = {name: len(rows) for name, rows in seen.items()}
     pending = {name: iter(rows) for name, rows in seen.items()}
 
-    def pair(name: str, x: torch.Tensor, _embedding: bool) -> None:
+    def pair(name: str, x: torch.Tensor, _module: nn.Module, _source: torch.Tensor) -> None:
         x0 = next(pending[name], None)
         if x0 is None or x0.shape != x.shape:
-            raise ValueError(f"{name} ran differently in the model and in its reference "
-                             "on the same batch; cannot pair its inputs")
-        x = x.to(torch.float64)
+            raise UnpairedInputsError(
+                f"{name} ran differently in the model and in its reference on the same "
+                "batch (a routed expert?); cannot pair its inputs")
+        x, x0 = x.to(torch.float64), x0.to(torch.float64)
         update = (x.T @ x, x.T @ x0, x0.T @ x0)
         if name in stats:
             s = stats[name]
@@ -345,6 +364,5 @@ def _pair_batch(model: nn.Module | Callable[..., Any], batch: Mapping[str, torch
 
     _observe(model, [batch], targets, pair, calls=calls)
     if any(next(rows, None) is not None for rows in pending.values()):
-        raise ValueError("a target ran more often in the reference than in the model "
-                         "on the same batch; cannot pair its inputs")
-    return calls
+        raise UnpairedInputsError("a target ran more often in the reference than in the "
+                                  "model on the same batch; cannot pair its inputs")

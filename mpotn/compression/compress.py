@@ -50,8 +50,8 @@ from mpotn.compression.architectures import (
     matrix_type,
 )
 from mpotn.compression.calibrate import (
-    Calibration,
     PairedCalibration,
+    UnpairedInputsError,
     calibrate,
     calibrate_paired,
 )
@@ -261,7 +261,7 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
             f"{len(floored)} matrices cannot reach their ratio even with every bond at 1 and "
             f"are cut to bonds of 1 instead: {', '.join(floored[:5])}"
             f"{' ...' if len(floored) > 5 else ''} (the report shows their ratios; exclude them "
-            "or use budget='model' to spend the same total elsewhere)", stacklevel=3)
+            "or use budget='model' to spend the same total elsewhere)", stacklevel=4)
     return policies
 
 
@@ -273,6 +273,7 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
         calibration = "none"
     else:
         calibration = "whitened" if whitened else target.settings["fit"]
+        calibration += ", sequential" if target.paired is not None else ""
     return {
         "name": target.name,
         "type": matrix_type(target.name),
@@ -287,7 +288,9 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
         "original_params": matrix.numel(),
         "ratio": layer.compression_ratio,
         "central_entropy": full.entropy(full.central_bond),
-        "relative_bound": None if whitened else cut.error_bound / (full.norm or 1.0),
+        # Eq. 4 bounds the weight error of the matrix fitted: not M's when that was M*
+        "relative_bound": (None if whitened or target.paired is not None
+                           else cut.error_bound / (full.norm or 1.0)),
         "relative_error": error if target.covariance is None else target.weight_error(mpo),
         "calibration": calibration,
         "output_error": error if target.covariance is not None else None,
@@ -330,68 +333,100 @@ def _input_groups(targets: list[_Target]) -> list[list[_Target]]:
     return groups
 
 
-@contextmanager
-def _original_modules(model: nn.Module, paths: Mapping[str, nn.Module]) -> Iterator[None]:
-    """Put the modules ``paths`` names back in ``model`` while the context is open."""
+def _put(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _put_back(model: nn.Module, paths: Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """Put the modules ``paths`` names back in ``model``; return ``(path, module)`` for
+    each module this took out."""
     current = dict(model.named_modules(remove_duplicate=False))
     changed = [(path, current[path]) for path, module in paths.items()
                if path in current and current[path] is not module]
-
-    def put(path: str, module: nn.Module) -> None:
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-
     for path, _ in changed:
-        put(path, paths[path])
+        _put(model, path, paths[path])
+    return changed
+
+
+@contextmanager
+def _original_modules(model: nn.Module, paths: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Put the modules ``paths`` names back in ``model`` while the context is open."""
+    changed = _put_back(model, paths)
     try:
         yield
     finally:
         for path, module in changed:
-            put(path, module)
+            _put(model, path, module)
 
 
-#: Calibration tokens per input dimension below which sequential fitting over-fits:
-#: on MiniLM at 0.75 of its size, 256 SST-2 sentences (2 tokens per input of its
-#: widest matrix) lower the mean cosine from 0.891 to 0.872, 2,000 (17 per input)
-#: raise it from 0.902 to 0.917 (``benchmarks/fidelity_calibrated.py``).
+#: Calibration rows per input below which a matrix is not fitted sequentially: on
+#: MiniLM at 0.75 of its size, 256 SST-2 sentences (2 tokens per input of its widest
+#: matrix) fitted sequentially lower the mean cosine from 0.891 to 0.872, 2,000
+#: (17 per input) raise it from 0.902 to 0.917 (``benchmarks/fidelity_calibrated.py``).
 SEQUENTIAL_TOKENS_PER_INPUT = 10
 
 
-def _warn_few_tokens(stats: Mapping[str, Calibration]) -> None:
-    widths = {name: s.covariance.shape[0] for name, s in stats.items() if s.covariance.dim() == 2}
-    if not widths:
-        return
-    widest = max(widths, key=widths.get)
-    tokens = stats[widest].tokens
-    if tokens < SEQUENTIAL_TOKENS_PER_INPUT * widths[widest]:
-        warnings.warn(
-            f"sequential fitting from {tokens} calibration tokens for a matrix with "
-            f"{widths[widest]} inputs ({widest}) over-fits the calibration text: give at least "
-            f"{SEQUENTIAL_TOKENS_PER_INPUT} tokens per input (more samples), or drop sequential",
-            stacklevel=3)
+def _enough_rows(t: _Target, tokens: Mapping[str, int]) -> bool:
+    return tokens[t.name] >= SEQUENTIAL_TOKENS_PER_INPUT * t.matrix.shape[0]
+
+
+def _warn_unpaired(names: list[str], reason: str) -> None:
+    warnings.warn(
+        f"{len(names)} matrices are fitted without sequential compensation, {reason}: "
+        f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}", stacklevel=5)
 
 
 def _fit_in_order(model: nn.Module, groups: list[list[_Target]],
                   candidates: dict[str, list[_Candidate]],
                   policies: dict[str, TruncationPolicy], batches: list[Mapping[str, Any]],
-                  original_paths: Mapping[str, nn.Module], progress: bool
-                  ) -> list[dict[str, Any]]:
+                  original_paths: Mapping[str, nn.Module], tokens: Mapping[str, int],
+                  progress: bool) -> list[dict[str, Any]]:
     """Replace ``groups`` one after the other, each linear one fitted to the original's
-    outputs from the inputs the model compressed so far gives it (Eq. 7')."""
-    records = []
+    outputs from the inputs the model compressed so far gives it (Eq. 7'); a matrix
+    with fewer than ``SEQUENTIAL_TOKENS_PER_INPUT`` calibration rows per input, or
+    whose inputs cannot be paired (a routed expert), keeps its plain calibrated fit."""
+    records, few, unpaired = [], [], []
     for group in tqdm(groups, desc="fitting in order", unit="group", disable=not progress):
         linear = {t.name: t for t in group if t.covariance is not None
                   and t.covariance.dim() == 2}
+        few += [name for name, t in linear.items() if not _enough_rows(t, tokens)]
+        linear = {name: t for name, t in linear.items() if _enough_rows(t, tokens)}
         changed = any(current is not original_paths.get(path)
                       for path, current in model.named_modules(remove_duplicate=False) if path)
         if linear and changed:
-            paired = calibrate_paired(model, batches, {n: t.module for n, t in linear.items()},
-                                      lambda: _original_modules(model, original_paths))
-            for name, t in linear.items():
-                t.pair(paired[name])
-                candidates[name][:] = [_candidate(t, c.structure) for c in candidates[name]]
-        records += [_replace(model, t, candidates[t.name], policies[t.name]) for t in group]
+            try:
+                paired = calibrate_paired(
+                    model, batches, {n: t.module for n, t in linear.items()},
+                    lambda: _original_modules(model, original_paths))
+            except UnpairedInputsError:
+                paired = {}
+                unpaired += list(linear)
+            for name, stats in paired.items():
+                linear[name].pair(stats)
+                candidates[name][:] = [_candidate(linear[name], c.structure)
+                                       for c in candidates[name]]
+        for t in group:
+            records.append(_replace(model, t, candidates.pop(t.name), policies[t.name]))
+            t.paired = t.compensated = t.covariance = None  # free the I x I moments
+    if few:
+        _warn_unpaired(few, f"having fewer than {SEQUENTIAL_TOKENS_PER_INPUT} calibration "
+                            "rows per input (give more calibration text to include them)")
+    if unpaired:
+        _warn_unpaired(unpaired, "their inputs differing in number between the original and "
+                                 "the compressed model (routed experts)")
     return records
+
+
+@contextmanager
+def _restored_on_error(model: nn.Module) -> Iterator[None]:
+    """On an exception, put every module of ``model`` back: it is left as it was."""
+    paths = dict(model.named_modules(remove_duplicate=False))
+    try:
+        yield
+    except BaseException:
+        _put_back(model, paths)
+        raise
 
 
 def _refuse_compressed(model: nn.Module) -> None:
@@ -406,6 +441,53 @@ def _refuse_compressed(model: nn.Module) -> None:
             "compress the original model instead (all targets in one call), or cut the "
             "compressed one further with mpotn squeeze or "
             "layer.load_mpo(layer.mpo().truncate(...))")
+
+
+def _replace_all(model: nn.Module, config: CompressionConfig,
+                 calibration: Iterable[Mapping[str, torch.Tensor]] | None, progress: bool
+                 ) -> tuple[list[tuple[str, nn.Module]], list[dict[str, Any]]]:
+    """The body of [compress][mpotn.compression.compress.compress]: the targets and their
+    report rows."""
+    selected = _as_linears(model, select_targets(model, config))
+    calibration = list(calibration) if config.sequential else calibration  # read per group
+    original_paths = (dict(model.named_modules(remove_duplicate=False))
+                      if config.sequential else {})
+    covariances: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
+    if calibration is not None:
+        observed = {name: module for name, module in selected
+                    if config.settings_for(name, module)["method"] == "mpo"
+                    and (isinstance(module, nn.Linear) or config.calibrate_embeddings)}
+        stats = calibrate(model, calibration, observed, progress=progress)
+        covariances = {name: stat.covariance for name, stat in stats.items()}
+        tokens = {name: stat.tokens for name, stat in stats.items()}
+    records, targets = [], []
+    for name, module in selected:
+        settings = config.settings_for(name, module)
+        if settings["method"] != "mpo":
+            layer, record = _factorized(name, module, _matrix(module), settings)
+            replace_module(model, name, layer)
+            records.append(record)
+            continue
+        targets.append(_Target(name, module, _matrix(module), settings, covariances.get(name)))
+    fired = list(covariances)  # the order the model ran the calibrated targets in
+    covariances.clear()  # the targets hold them, and free them once replaced
+    candidates = {
+        t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
+        for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
+    }
+    policies = _policies(targets, candidates, config)
+    if config.sequential:
+        by_name = {t.name: t for t in targets}
+        order = [by_name[name] for name in fired if name in by_name]
+        first = [t for t in targets if t.covariance is None]  # uncalibrated embeddings
+        groups = [[t] for t in first] + _input_groups(order)
+        records += _fit_in_order(model, groups, candidates, policies, calibration, original_paths,
+                                 tokens, progress)
+    else:
+        for t in tqdm(targets, desc="truncating", unit="matrix", disable=not progress):
+            records.append(_replace(model, t, candidates[t.name], policies[t.name]))
+    return selected, records
 
 
 def compress(
@@ -455,47 +537,12 @@ def compress(
         raise ValueError("give a CompressionConfig or keyword settings, not both")
     config = config or CompressionConfig(**kwargs)
     _refuse_compressed(model)
-    original = count_parameters(model.parameters())
-    selected = _as_linears(model, select_targets(model, config))
     if config.sequential and calibration is None:
         raise ValueError("sequential=True fits each matrix to the original's outputs on the "
                          "calibration data: give calibration batches, or drop sequential")
-    calibration = list(calibration) if config.sequential else calibration  # read per group
-    original_paths = (dict(model.named_modules(remove_duplicate=False))
-                      if config.sequential else {})
-    covariances: dict[str, torch.Tensor] = {}
-    if calibration is not None:
-        observed = {name: module for name, module in selected
-                    if config.settings_for(name, module)["method"] == "mpo"
-                    and (isinstance(module, nn.Linear) or config.calibrate_embeddings)}
-        stats = calibrate(model, calibration, observed, progress=progress)
-        covariances = {name: stat.covariance for name, stat in stats.items()}
-        if config.sequential:
-            _warn_few_tokens(stats)
-    records, targets = [], []
-    for name, module in selected:
-        settings = config.settings_for(name, module)
-        if settings["method"] != "mpo":
-            layer, record = _factorized(name, module, _matrix(module), settings)
-            replace_module(model, name, layer)
-            records.append(record)
-            continue
-        targets.append(_Target(name, module, _matrix(module), settings, covariances.get(name)))
-    candidates = {
-        t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
-        for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
-    }
-    policies = _policies(targets, candidates, config)
-    if config.sequential:
-        by_name = {t.name: t for t in targets}
-        order = [by_name[name] for name in covariances if name in by_name]
-        first = [t for t in targets if t.name not in covariances]  # uncalibrated embeddings
-        groups = [[t] for t in first] + _input_groups(order)
-        records += _fit_in_order(model, groups, candidates, policies, calibration, original_paths,
-                                 progress)
-    else:
-        for t in tqdm(targets, desc="truncating", unit="matrix", disable=not progress):
-            records.append(_replace(model, t, candidates[t.name], policies[t.name]))
+    original = count_parameters(model.parameters())
+    with _restored_on_error(model):
+        selected, records = _replace_all(model, config, calibration, progress)
     order = {name: k for k, (name, _) in enumerate(selected)}
     records.sort(key=lambda r: order[r["name"]])
     return MPOModel(model, config, records, original)
