@@ -40,8 +40,9 @@ Configurations (``mpotn.compress`` settings):
     one budget for all matrices, then ALS;
 ``... + heal``
     then 300 steps (``heal 1000``: 1,000) of healing (``mpotn.finetune.heal``,
-    all parameters, on the 2,000 shipped SST-2 training sentences; none of
-    them is a dev sentence).
+    all parameters, 16 sentences per step, on the 2,000 shipped SST-2 training
+    sentences, or ``on 16,000 sentences`` from the full SST-2 training set in
+    ``../shared/data/glue``, each seen once; none of them is a dev sentence).
 
 At 0.5 the token-type embedding (2 x 384) cannot reach a per-matrix ratio of
 0.5 (rank 1 is 0.503 of it): SVD configurations without the model budget cut it to
@@ -97,6 +98,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
     "mpo + als, model budget + heal": ({"fit": "als", "budget": "model", "heal": 300}, True),
     "svd, embeddings calibrated, model budget + heal 1000": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 1000}, True),
+    "svd, embeddings calibrated, model budget + heal 1000 on 16,000 sentences": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 1000,
+         "heal_texts": 16000}, True),
     "svd, embeddings calibrated, model budget, sequential, 2,000 sentences + heal 1000": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
          "sequential": True, "samples": 2000, "heal": 1000}, True),
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = dict(settings)
             heal_steps = settings.pop("heal", 0)
             samples = settings.pop("samples", None)
+            heal_texts = settings.pop("heal_texts", None)
             if (size < SMALLEST_TOKEN_TYPE and settings.get("structure") == "svd"
                     and settings.get("budget") != "model"):
                 settings["overrides"] = {"token_type_embeddings": {"max_bond": 1}}
@@ -163,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                                           if samples else calibration) if calibrated else None,
                              **settings)
             if heal_steps:
-                heal(model, original, tokenizer, texts(samples=None),
+                heal(model, original, tokenizer,
+                     texts("sst2", samples=heal_texts, data_dir=GLUE) if heal_texts
+                     else texts(samples=None),
                      HealConfig(steps=heal_steps, train="all"), progress=False)
                 model.eval()
             fidelity = cosine_fidelity(reference, sentence_embeddings(model, tokenizer,

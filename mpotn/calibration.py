@@ -376,8 +376,8 @@ def compensated_matrix(matrix: torch.Tensor, covariance: torch.Tensor, cross: to
 
     is Eq. 7 with $M^*$ in place of $M$: every calibrated fit applies unchanged.
     Computed as $M + (C + \delta I)^{-1} (X^T X_0 - C) M$ with
-    $\delta = $ ``damp`` $\cdot \mathrm{tr}(C) / I$, so that $M^* = M$ exactly when
-    $X = X_0$ and a direction the inputs never take keeps $M$.
+    $\delta = d \, \mathrm{tr}(C) / I$ (``d`` is ``damp``), so that $M^* = M$ exactly
+    when $X = X_0$ and a direction the inputs never take keeps $M$.
 
     Examples
     --------
