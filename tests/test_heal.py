@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mpotn
+from mpotn.cli import main
 from mpotn.compression.parameters import lfa_parameters
 from mpotn.data.texts import texts
 from mpotn.finetune.heal import HealConfig, heal, hidden_state_mse
@@ -182,3 +183,14 @@ def test_a_heal_run_never_spends_every_step_warming_up(steps, warmup, tmp_path):
 
     arguments = _heal_arguments(HealConfig(steps=steps), tmp_path, progress=False, save=False)
     assert arguments.warmup_steps == warmup
+
+
+def test_the_cli_heals_on_every_shipped_sentence_by_default(models, tiny_bert, tmp_path):
+    _, original, _ = models
+    original.save_pretrained(str(tmp_path / "compressed"))
+    out = tmp_path / "healed"
+    assert main(["heal", str(tmp_path / "compressed"), "--out", str(out), "--teacher",
+                 str(tiny_bert), "--steps", "1", "--batch-size", "2", "--max-length", "16",
+                 "--heldout", "4", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_texts"] == 2000 - 4  # the whole shipped sample but the held-out

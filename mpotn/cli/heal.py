@@ -64,8 +64,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     text.add_argument("--texts", default=None, metavar="SOURCE",
                       help="a GLUE task name (its training sentences) or a .txt file with one "
                            "sentence per line")
-    text.add_argument("--samples", type=int, default=256,
-                      help="sentences used, a seeded random subset (default: 256)")
+    text.add_argument("--samples", type=int, default=None,
+                      help="use a seeded random subset of this many sentences (default: all "
+                           "of them; varied text heals best: 1,000 steps on 16,000 SST-2 "
+                           "sentences beat the same steps on 2,000, docs/compression.md)")
     text.add_argument("--data-dir", default=None,
                       help="folder in GLUE's glue_data/ layout, for a GLUE task name "
                            "(default: the hub)")
