@@ -92,9 +92,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument(
         "--sequential", action="store_true",
         help="fit the matrices in the order the model runs them, each to the original's "
-             "outputs from the inputs the compressed layers before it give; needs about 10 "
-             "calibration tokens per input of the widest matrix (e.g. --samples 2000 for "
-             "MiniLM) or it over-fits, and runs the model twice per group of matrices")
+             "outputs from the inputs the compressed layers before it give; a matrix with "
+             "fewer than 10 calibration rows per input keeps the plain fit (use e.g. "
+             "--samples 2000 for MiniLM); runs the model twice per group of matrices")
     compress.add_argument("--svd", choices=SVD_METHODS, default="auto",
                           help="SVD flavour of the decomposition (default: auto)")
     compress.add_argument("--dry-run", action="store_true",

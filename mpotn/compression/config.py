@@ -122,7 +122,8 @@ class CompressionConfig:
         compressed layers before it give
         ([compensated_matrix][mpotn.calibration.compensated_matrix]), so that later
         layers correct the error of earlier ones. Costs two passes over the
-        calibration data per group of matrices that share an input.
+        calibration data per group of matrices that share an input; a matrix with
+        fewer than 10 calibration rows per input keeps the plain calibrated fit.
     calibrate_embeddings:
         Also calibrate ``nn.Embedding`` targets (their covariance is the
         diagonal of token counts). Off by default: tokens absent from the
