@@ -101,6 +101,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
     "svd, embeddings calibrated, model budget + heal 1000 on 16,000 sentences": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 1000,
          "heal_texts": 16000}, True),
+    "svd, embeddings calibrated, model budget + heal 2000 on 32,000 sentences": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 2000,
+         "heal_texts": 32000}, True),
     "svd, embeddings calibrated, model budget, sequential, 2,000 sentences + heal 1000": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
          "sequential": True, "samples": 2000, "heal": 1000}, True),

@@ -224,14 +224,18 @@ def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
 
 
 def run_squeeze(bench: Bench, task: str, seed: int, squeezed: dict[str, Any] | None,
-                ) -> list[dict[str, Any]]:
-    """The squeeze run (unless given) and the direct ablation at its bonds."""
+                lfa_recorded: bool = True) -> list[dict[str, Any]]:
+    """The squeeze run (unless given) and the direct ablation at its bonds, after the
+    ``mpo-lfa`` run they start from when its model is not in the work folder (that run
+    is returned too unless ``lfa_recorded``)."""
     data = bench.data(task)
     lfa = _lfa_dir(bench, task, seed)
-    if not lfa.is_dir():  # the LFA model of this seed (its row may be in the JSON already)
-        run(bench, task, "mpo-lfa", seed)
-    config = bench.training(task, "lfa", seed)
     runs = []
+    if not lfa.is_dir():  # the LFA model of this seed (its row may be in the JSON already)
+        lfa_run = run(bench, task, "mpo-lfa", seed)
+        if not lfa_recorded:
+            runs.append(lfa_run)
+    config = bench.training(task, "lfa", seed)
     if squeezed is None:
         out = bench.work / f"{task}-squeeze-{seed}"
         start = time.perf_counter()
@@ -412,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             if (task, row, seed) in done:  # the squeeze run also made its direct row
                 continue
             if row in ("squeeze", "direct"):
-                new = run_squeeze(bench, task, seed, done.get((task, "squeeze", seed)))
+                new = run_squeeze(bench, task, seed, done.get((task, "squeeze", seed)),
+                                  lfa_recorded=(task, "mpo-lfa", seed) in done)
             else:
                 new = [run(bench, task, row, seed)]
             for record in new:

@@ -110,12 +110,16 @@ def test_calibrated_fidelity_benchmark_skips_finished_rows_and_reports_them(tmp_
 
 
 def test_glue_small_quick_mode_runs_every_row_then_skips_them(tmp_path):
-    """Every row of the Table 4 experiment runs once; a second call recomputes none of them."""
+    """Every row of the Table 4 experiment runs once (the squeeze run asked for alone also
+    records the LFA run it starts from); a second call recomputes none of them."""
     bench = load_benchmark("glue_small")
     out = tmp_path / "glue_small.json"
+    assert bench.main(["--quick", "--row", "squeeze", "--out", str(out)]) == 0
+    first = [r["row"] for r in json.loads(out.read_text())["runs"]]
+    assert sorted(first) == ["direct", "mpo-lfa", "squeeze"]
     assert bench.main(["--quick", "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert [r["row"] for r in runs] == list(bench.ROWS)
+    assert sorted(r["row"] for r in runs) == sorted(bench.ROWS)
     sizes = {r["row"]: r["total_over_dense"] for r in runs}
     assert sizes["dense"] == 1.0 and sizes["squeeze"] == sizes["direct"] < 1.0
     assert sizes["calibrated-lfa"] == sizes["healed-lfa"] < 1.0
@@ -146,6 +150,31 @@ def test_glue_small_verdicts_need_a_gap_beyond_the_seed_spread():
     assert verdict("squeezed to at most 0.65") == "**refuted**."  # -4 + 1 beyond 1.5
     assert verdict("beats SVD-LLM") == "**confirmed**."  # +2.5 beyond 0.4
     assert len(lines) == 5  # no mpo-lfa row: its claim is left out
+
+
+def test_glue_sharing_prepares_a_healed_row_once_and_gives_each_seed_its_own_head(tmp_path):
+    """The second seed of a healed row reuses the first seed's encoder, which equals the
+    one a fresh preparation for that seed makes, under the second seed's head."""
+    import torch
+
+    bench_module = load_benchmark("glue_sharing")
+    bench = bench_module.SharingBench(True, tmp_path)
+    task = bench_module.glue_small.QUICK_TASK
+
+    def weights(model):
+        return {k: v for k, v in model.base_model.state_dict().items()
+                if not k.startswith("classifier.")}
+
+    first, _, seconds = bench_module.prepared(bench, task, "shared-fit", 0, {})
+    reused, extra, reused_seconds = bench_module.prepared(bench, task, "shared-fit", 1, {})
+    fresh, _ = bench_module.prepare(bench, task, "shared-fit", 1, {})
+    assert extra["prep_reused"] and reused_seconds == seconds
+    head = bench.classifier(task, 1).classifier.weight
+    assert torch.equal(reused.base_model.classifier.weight, head)
+    assert not torch.equal(first.base_model.classifier.weight, head)
+    expected = weights(fresh)
+    assert {k: torch.equal(v, expected[k]) for k, v in weights(reused).items()} == {
+        k: True for k in expected}
 
 
 @pytest.mark.slow
