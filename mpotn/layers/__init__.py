@@ -9,8 +9,10 @@ are parameter groups; a [TruncationPolicy][mpotn.truncation.TruncationPolicy] cu
 [FactorizedEmbedding][mpotn.layers.factorized.FactorizedEmbedding] (the weight is any
 [FactorNetwork][mpotn.methods.base.FactorNetwork]); [mpotn.layers.experts][] holds
 [MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts] (routed feed-forward experts,
-MPOE), and [mpotn.layers.bottleneck][] the
-[BottleneckAdapter][mpotn.layers.bottleneck.BottleneckAdapter] (Houlsby adapters).
+MPOE), [mpotn.layers.bottleneck][] the
+[BottleneckAdapter][mpotn.layers.bottleneck.BottleneckAdapter] (Houlsby adapters), and
+[mpotn.layers.lstm][] the [MPOLSTM][mpotn.layers.lstm.MPOLSTM] (an ``nn.LSTM`` whose
+matrices are MPOs, MPO-LSTM).
 
 Every layer class describes itself: ``spec()`` is a JSON-ready ``dict`` of its
 structure (``kind`` and the keys of its ``SPEC_FIELDS``) and the classmethod
@@ -38,6 +40,7 @@ from torch import nn
 from mpotn.layers.bottleneck import Adapted, BottleneckAdapter
 from mpotn.layers.experts import MixtureOfExperts
 from mpotn.layers.factorized import FactorizedEmbedding, FactorizedLinear
+from mpotn.layers.lstm import MPOLSTM
 from mpotn.layers.mpo import MPOEmbedding, MPOLinear, TiedMPOLinear
 
 #: ``{kind: layer class}``: every layer kind a save may name, in the order errors list them.
@@ -88,6 +91,7 @@ __all__ = [
     "FactorizedEmbedding",
     "FactorizedLinear",
     "MPOEmbedding",
+    "MPOLSTM",
     "MPOLinear",
     "MixtureOfExperts",
     "TiedMPOLinear",
