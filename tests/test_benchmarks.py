@@ -196,3 +196,43 @@ def test_glue_sharing_quick_mode_runs_every_row_then_skips_them(tmp_path):
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["runs"] == runs
     assert len(json.loads(out.read_text())["findings"]) == len(bench.CLAIMS)
+
+
+def test_mpo_lstm_quick_mode_compares_mpo_and_pruning_at_equal_weights(tmp_path):
+    """Every row runs once on the sample; MPO and pruning keep exactly as many LSTM
+    weights at each share, and a second call recomputes nothing."""
+    bench = load_benchmark("mpo_lstm")
+    out = tmp_path / "mpo_lstm.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2 * len(bench.ROWS)
+    weights = {(r["task"], r["row"]): r["lstm_weights"] for r in runs}
+    for task in bench.TASKS:
+        for share in bench.SHARES:
+            kept = weights[(task, f"mpo@{share}")]
+            assert kept == weights[(task, f"prune@{share}")]
+            assert kept <= share * weights[(task, "dense")]
+    assert all("bits_per_char" in r for r in runs if r["task"] == "predict")
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"] == runs
+    assert len(json.loads(out.read_text())["findings"]) == 2 * len(bench.SHARES)
+
+
+def test_magnitude_pruning_keeps_the_largest_entries_and_keeps_the_rest_zero_in_training():
+    import torch
+
+    bench = load_benchmark("mpo_lstm")
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(4, 3)
+    original = lstm.weight_hh_l0.detach().clone()
+    assert bench.prune_like(lstm, [5, 7]) == 12
+    kept = lstm.weight_hh_l0.detach() != 0
+    assert int(kept.sum()) == 7
+    assert original.abs()[kept].min() > original.abs()[~kept].max()
+    optimizer = torch.optim.AdamW(lstm.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        lstm(torch.randn(5, 2, 4))[0].sum().backward()
+        optimizer.step()
+    assert int((lstm.weight_hh_l0 != 0).sum()) == 7
+    assert int((lstm.weight_ih_l0 != 0).sum()) == 5

@@ -86,12 +86,12 @@ def tie_layers(model: nn.Module) -> None:
 
 __all__ = [
     "LAYER_KINDS",
+    "MPOLSTM",
     "Adapted",
     "BottleneckAdapter",
     "FactorizedEmbedding",
     "FactorizedLinear",
     "MPOEmbedding",
-    "MPOLSTM",
     "MPOLinear",
     "MixtureOfExperts",
     "TiedMPOLinear",

@@ -9,9 +9,11 @@ bias ``b_ih + b_hh``) and ``hh`` for ``W_hh^T`` (``H x 4H``), the gate blocks in
 and auxiliary tensors are what every MPO tool of mpotn works on: LFA, the
 parameter counts, truncation and squeezing.
 
-The input projection of a whole sequence is one call of ``ih`` (contracted or
-rebuilt, whichever is cheaper for ``T x B`` rows); ``hh`` is rebuilt once per
-call and applied at each step.
+A forward pass rebuilds each matrix once (cached in eval mode until a core
+changes) and runs ``nn.LSTM``'s own fused recurrence on them (cuDNN on a GPU)
+through ``torch.func.functional_call``; gradients flow back to the cores. The
+recurrence applies ``W_hh`` at every step, so rebuilding it once is cheaper than
+contracting the cores at each step.
 
 Examples
 --------
@@ -34,27 +36,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence
 
 from mpotn.layers.mpo import MPOLinear
 
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-def _reversed_within(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """``x`` (``T x B x F``) with each sequence's first ``lengths[b]`` steps in reverse
-    order (the padding after them stays where it is)."""
-    if lengths is None:
-        return x.flip(0)
-    steps = torch.arange(x.shape[0], device=x.device)[:, None]
-    lengths = lengths.to(x.device)[None, :]
-    index = torch.where(steps < lengths, lengths - 1 - steps, steps)
-    return x.gather(0, index[..., None].expand_as(x))
-
-
 class MPOLSTMCell(nn.Module):
-    """One layer and direction of an [MPOLSTM][mpotn.layers.lstm.MPOLSTM]: the gates
-    ``x W_ih^T + h W_hh^T + b`` with both matrices as MPOs.
+    """The two matrices of one layer and direction of an
+    [MPOLSTM][mpotn.layers.lstm.MPOLSTM], whose gates are ``x W_ih^T + h W_hh^T + b``.
 
     Parameters
     ----------
@@ -74,37 +66,6 @@ class MPOLSTMCell(nn.Module):
                              f"{hh.in_features} x {hh.out_features}")
         self.ih, self.hh = ih, hh
         self.hidden_size = hh.in_features
-
-    def forward(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None = None,
-                reverse: bool = False) -> tuple[torch.Tensor, State]:
-        """Run over ``x`` (``T x B x input_size``) from ``state`` (``h, c``: ``B x H``).
-
-        ``lengths`` (``B``, on any device) makes step ``t`` of sequence ``b`` padding when
-        ``t >= lengths[b]``: its state is not updated there and its output is zero.
-        ``reverse`` runs each sequence from its last real step back to its first.
-        Returns the outputs (``T x B x H``) and the final ``(h, c)``.
-        """
-        if reverse:
-            x = _reversed_within(x, lengths)
-        gates_x = self.ih(x)
-        w_hh = self.hh.matrix()
-        h, c = state
-        mask = (None if lengths is None else
-                torch.arange(x.shape[0], device=x.device)[:, None] < lengths.to(x.device))
-        outputs = []
-        for t in range(x.shape[0]):
-            i, f, g, o = (gates_x[t] + h @ w_hh).chunk(4, dim=-1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
-            if mask is not None:
-                keep = mask[t, :, None]
-                h, c = torch.where(keep, h_new, h), torch.where(keep, c_new, c)
-                h_new = h_new * keep
-            else:
-                h, c = h_new, c_new
-            outputs.append(h_new)
-        out = torch.stack(outputs)
-        return (_reversed_within(out, lengths) if reverse else out), (h, c)
 
 
 class MPOLSTM(nn.Module):
@@ -171,6 +132,9 @@ class MPOLSTM(nn.Module):
                       for m, size in enumerate((inputs, hidden_size)))
             cells.append(MPOLSTMCell(ih, hh))
         self.cells = nn.ModuleList(cells)
+        with torch.device("meta"):  # nn.LSTM's recurrence, without weights of its own
+            recurrence = nn.LSTM(**self._settings(self))
+        object.__setattr__(self, "_recurrence", recurrence)  # not a submodule
 
     @property
     def directions(self) -> int:
@@ -266,40 +230,16 @@ class MPOLSTM(nn.Module):
         ``batch_first``), unbatched ``T x input_size``, or a ``PackedSequence``;
         ``state`` is ``(h_0, c_0)``, each ``num_layers * directions x B x H`` (zeros when
         omitted). Returns the last layer's outputs and ``(h_n, c_n)``."""
-        packed = isinstance(x, PackedSequence)
-        unbatched = not packed and x.dim() == 2
-        lengths = None
-        if packed:
-            x, lengths = pad_packed_sequence(x)
-        elif unbatched:
-            x = x.unsqueeze(1)
-        elif self.batch_first:
-            x = x.transpose(0, 1)
-        if unbatched:
-            state = None if state is None else (state[0].unsqueeze(1), state[1].unsqueeze(1))
-        batch = x.shape[1]
-        if state is None:
-            zeros = x.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
-            state = (zeros, zeros)
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            outputs = []
-            for d in range(self.directions):
-                k = layer * self.directions + d
-                out, (h, c) = self.cells[k](x, (state[0][k], state[1][k]), lengths,
-                                            reverse=d == 1)
-                outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            x = torch.cat(outputs, dim=-1)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                x = nn.functional.dropout(x, self.dropout, training=True)
-        final = (torch.stack(h_n), torch.stack(c_n))
-        if packed:
-            return pack_padded_sequence(x, lengths, enforce_sorted=False), final
-        if unbatched:
-            return x.squeeze(1), (final[0].squeeze(1), final[1].squeeze(1))
-        return (x.transpose(0, 1) if self.batch_first else x), final
+        weights = {}
+        for k, cell in enumerate(self.cells):
+            suffix = f"l{k // self.directions}{'_reverse' if k % self.directions else ''}"
+            weights[f"weight_ih_{suffix}"] = cell.ih.weight
+            weights[f"weight_hh_{suffix}"] = cell.hh.weight
+            if self.bias:
+                weights[f"bias_ih_{suffix}"] = cell.ih.bias
+                weights[f"bias_hh_{suffix}"] = torch.zeros_like(cell.ih.bias)
+        self._recurrence.train(self.training)  # dropout between layers in training only
+        return functional_call(self._recurrence, weights, (x,) if state is None else (x, state))
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
