@@ -207,16 +207,18 @@ def prune_like(lstm: nn.LSTM, keep: Sequence[int]) -> int:
     gradient mask); the entries kept."""
     weights = [p for name, p in lstm.named_parameters() if name.startswith("weight")]
     for weight, count in zip(weights, keep, strict=True):
-        threshold = weight.detach().abs().flatten().kthvalue(weight.numel() - count).values
-        mask = (weight.detach().abs() > threshold).to(weight.dtype)
+        mask = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
+        mask[weight.detach().abs().flatten().topk(count).indices] = 1
+        mask = mask.view_as(weight)
         with torch.no_grad():
             weight.mul_(mask)
-        weight.register_hook(lambda grad, mask=mask: grad * mask)
+        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
     return sum(int((w != 0).sum()) for w in weights)
 
 
 def dense_model(bench: Bench, task: str, seed: int) -> tuple[SequenceModel, dict[str, Any]]:
-    """The trained dense model of ``task`` and ``seed`` (trained once per invocation)."""
+    """The trained dense model of ``task`` and ``seed``: trained once per invocation, the
+    same in every invocation (the Trainer seeds the initialisation and data order)."""
     key = (task, seed)
     if key not in bench.dense:
         data, settings = bench.data(task), bench.settings(task)
@@ -257,10 +259,11 @@ class Bench:
 
 def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
     """One run: the dense model, or its compression to a share of the LSTM, fine-tuned."""
-    start = time.perf_counter()
     model, info = dense_model(bench, task, seed)
+    start = time.perf_counter()
     dense_weights = lstm_weights(model.lstm)
-    record: dict[str, Any] = {"task": task, "row": row, "seed": seed}
+    record: dict[str, Any] = {"task": task, "row": row, "seed": seed,
+                              "threads": torch.get_num_threads()}
     if row == "dense":
         record.update(evaluate(model, bench.data(task)), steps=0,
                       seconds=info["train_seconds"])
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="print the table and verdicts from the JSON, train nothing")
     args = parser.parse_args(argv)
+    if args.quick and args.out == RESULTS:
+        parser.error("--quick needs its own --out: its runs are not the experiment's")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     done = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
     seeds = [0] if args.quick else args.seed
@@ -341,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick and not GLUE.is_dir():
             parser.error(f"GLUE's files are not at {GLUE}; see ../shared/data/README")
         bench = Bench(args.quick)
-        results.update(tasks={t: bench.settings(t) for t in args.task},
-                       finetune_steps=bench.finetune_steps, threads=torch.get_num_threads())
+        results.setdefault("tasks", {}).update({t: bench.settings(t) for t in args.task})
         for task, row, seed in todo:
             record = run(bench, task, row, seed)
             results["runs"].append(record)

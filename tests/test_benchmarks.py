@@ -236,3 +236,8 @@ def test_magnitude_pruning_keeps_the_largest_entries_and_keeps_the_rest_zero_in_
         optimizer.step()
     assert int((lstm.weight_hh_l0 != 0).sum()) == 7
     assert int((lstm.weight_ih_l0 != 0).sum()) == 5
+    tied = torch.nn.LSTM(2, 1)  # equal magnitudes: still exactly the count asked for
+    with torch.no_grad():
+        tied.weight_ih_l0.fill_(0.5)
+        tied.weight_hh_l0.fill_(-0.5)
+    assert bench.prune_like(tied, [3, 4]) == 7  # 4: the whole hidden-to-hidden matrix

@@ -119,3 +119,11 @@ def test_unsupported_lstms_are_refused_with_the_reason():
         MPOLSTM.from_lstm(nn.GRU(4, 8))
     with pytest.raises(ValueError, match="need 2 entries"):
         MPOLSTM(4, 8, bond_dims=[None])
+
+
+def test_flatten_parameters_is_accepted_and_changes_nothing():
+    mpo = MPOLSTM.from_lstm(_lstm(), n=2)
+    x = torch.randn(3, 2, 12, dtype=torch.float64)
+    before = mpo(x)[0]
+    mpo.flatten_parameters()
+    assert torch.equal(mpo(x)[0], before)

@@ -1,7 +1,10 @@
 """MPO-LSTM: an LSTM whose input-to-hidden and hidden-to-hidden matrices are MPOs (SPEC §4).
 
-[MPOLSTM][mpotn.layers.lstm.MPOLSTM] is a drop-in for ``nn.LSTM`` (same arguments,
-inputs and outputs, packed sequences included). Each layer and direction is an
+[MPOLSTM][mpotn.layers.lstm.MPOLSTM] takes the place of a trained ``nn.LSTM`` (same
+arguments, inputs and outputs, packed sequences included; ``proj_size`` is not
+supported, the dense weights are read with
+[to_lstm][mpotn.layers.lstm.MPOLSTM.to_lstm], and a new one starts from
+``MPOLinear``'s random cores, not ``nn.LSTM``'s initialisation). Each layer and direction is an
 [MPOLSTMCell][mpotn.layers.lstm.MPOLSTMCell] holding two
 [MPOLinear][mpotn.layers.mpo.MPOLinear] layers: ``ih`` for ``W_ih^T`` (``I x 4H``, with the
 bias ``b_ih + b_hh``) and ``hh`` for ``W_hh^T`` (``H x 4H``), the gate blocks in
@@ -9,11 +12,11 @@ bias ``b_ih + b_hh``) and ``hh`` for ``W_hh^T`` (``H x 4H``), the gate blocks in
 and auxiliary tensors are what every MPO tool of mpotn works on: LFA, the
 parameter counts, truncation and squeezing.
 
-A forward pass rebuilds each matrix once (cached in eval mode until a core
-changes) and runs ``nn.LSTM``'s own fused recurrence on them (cuDNN on a GPU)
-through ``torch.func.functional_call``; gradients flow back to the cores. The
-recurrence applies ``W_hh`` at every step, so rebuilding it once is cheaper than
-contracting the cores at each step.
+A forward pass rebuilds each matrix once (cached in eval mode under
+``torch.no_grad()`` until a core changes) and runs ``nn.LSTM``'s own fused
+recurrence on them (cuDNN on a GPU) through ``torch.func.functional_call``;
+gradients flow back to the cores. The recurrence applies ``W_hh`` at every step,
+so rebuilding it once is cheaper than contracting the cores at each step.
 
 Examples
 --------
@@ -91,8 +94,6 @@ class MPOLSTM(nn.Module):
     ((5, 3, 12), (2, 3, 6))
     """
 
-    KIND = "lstm"
-
     def __init__(
         self,
         input_size: int,
@@ -132,9 +133,6 @@ class MPOLSTM(nn.Module):
                       for m, size in enumerate((inputs, hidden_size)))
             cells.append(MPOLSTMCell(ih, hh))
         self.cells = nn.ModuleList(cells)
-        with torch.device("meta"):  # nn.LSTM's recurrence, without weights of its own
-            recurrence = nn.LSTM(**self._settings(self))
-        object.__setattr__(self, "_recurrence", recurrence)  # not a submodule
 
     @property
     def directions(self) -> int:
@@ -216,13 +214,18 @@ class MPOLSTM(nn.Module):
     def spec(self) -> dict[str, Any]:
         """The structure as JSON-ready data: ``nn.LSTM``'s settings and each matrix's
         factorization and bonds; [from_spec][mpotn.layers.lstm.MPOLSTM.from_spec] builds
-        it again (then load the ``state_dict``)."""
-        return {"kind": self.KIND, **self._settings(self), **self._structure(self.matrices())}
+        it again (then load the ``state_dict``). mpotn's model saves do not hold
+        MPO-LSTMs: keep this and the ``state_dict``."""
+        return {**self._settings(self), **self._structure(self.matrices())}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None) -> MPOLSTM:
         """An untrained MPO-LSTM of the structure ``spec`` describes, in ``dtype``."""
-        return cls(**{k: v for k, v in spec.items() if k != "kind"}, dtype=dtype)
+        return cls(**spec, dtype=dtype)
+
+    def flatten_parameters(self) -> None:
+        """Nothing to do (``nn.LSTM``'s method, which models call before a forward pass):
+        the matrices are rebuilt from the cores at each call."""
 
     def forward(self, x: torch.Tensor | PackedSequence, state: State | None = None
                 ) -> tuple[torch.Tensor | PackedSequence, State]:
@@ -238,8 +241,10 @@ class MPOLSTM(nn.Module):
             if self.bias:
                 weights[f"bias_ih_{suffix}"] = cell.ih.bias
                 weights[f"bias_hh_{suffix}"] = torch.zeros_like(cell.ih.bias)
-        self._recurrence.train(self.training)  # dropout between layers in training only
-        return functional_call(self._recurrence, weights, (x,) if state is None else (x, state))
+        with torch.device("meta"):  # nn.LSTM's recurrence, without weights of its own
+            recurrence = nn.LSTM(**self._settings(self))
+        recurrence.train(self.training)  # dropout between layers in training only
+        return functional_call(recurrence, weights, (x,) if state is None else (x, state))
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
