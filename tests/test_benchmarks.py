@@ -199,8 +199,9 @@ def test_glue_sharing_quick_mode_runs_every_row_then_skips_them(tmp_path):
 
 
 def test_mpo_lstm_quick_mode_compares_mpo_and_pruning_at_equal_weights(tmp_path):
-    """Every row runs once on the sample; MPO and pruning keep exactly as many LSTM
-    weights at each share, and a second call recomputes nothing."""
+    """Every row runs once on the sample; MPO, pruning and the MPO-LSTM trained from
+    scratch keep exactly as many LSTM weights at each share, and a second call
+    recomputes nothing."""
     bench = load_benchmark("mpo_lstm")
     out = tmp_path / "mpo_lstm.json"
     assert bench.main(["--quick", "--out", str(out)]) == 0
@@ -210,12 +211,12 @@ def test_mpo_lstm_quick_mode_compares_mpo_and_pruning_at_equal_weights(tmp_path)
     for task in bench.TASKS:
         for share in bench.SHARES:
             kept = weights[(task, f"mpo@{share}")]
-            assert kept == weights[(task, f"prune@{share}")]
+            assert kept == weights[(task, f"prune@{share}")] == weights[(task, f"scratch@{share}")]
             assert kept <= share * weights[(task, "dense")]
     assert all("bits_per_char" in r for r in runs if r["task"] == "predict")
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["runs"] == runs
-    assert len(json.loads(out.read_text())["findings"]) == 2 * len(bench.SHARES)
+    assert len(json.loads(out.read_text())["findings"]) == 2 * 2 * len(bench.SHARES)
 
 
 def test_magnitude_pruning_keeps_the_largest_entries_and_keeps_the_rest_zero_in_training():
