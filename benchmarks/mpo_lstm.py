@@ -29,7 +29,11 @@ matrix keeping exactly as many entries as its MPO has, the largest in magnitude
 (the pruned entries stay zero). Both are then fine-tuned for ``FINETUNE_STEPS``
 steps (every parameter; the same data, learning rate and seed). ``scratch@r`` is
 the paper's architecture: an MPO-LSTM of ``mpo@r``'s bonds, trained from random
-cores like the dense model (same steps, learning rate and seed). Each row records
+cores like the dense model (same steps, learning rate and seed). ``calibrated@r`` and
+``svd-calibrated@r`` are mpotn's activation-aware truncation (SPEC §7) of the same
+shares: each matrix cut to minimise the error of its outputs on the inputs it sees on
+``CALIBRATION`` training sequences, as an ``n = 5`` MPO or as its truncated SVD
+(SVD-LLM's whitening), then fine-tuned like ``mpo@r``. Each row records
 its metric (and for ``mpo`` and ``prune`` the metric before fine-tuning) and the
 LSTM's stored weights (``#LSTM``: MPO core entries, or non-zero entries of the
 pruned matrices, whose positions a sparse format would store as well).
@@ -54,7 +58,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
+from torch.nn.utils.rnn import (
+    PackedSequence,
+    pack_padded_sequence,
+    pad_packed_sequence,
+    pad_sequence,
+)
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -71,6 +80,7 @@ GLUE = Path(__file__).parent.parent.parent / "shared" / "data" / "glue"
 SHARES = (0.5, 0.2, 0.1)
 SEEDS = (0, 1, 2)
 FINETUNE_STEPS = 300
+CALIBRATION = 2000  # training sequences whose LSTM inputs calibrate the truncation
 #: ``{task: settings}``
 TASKS: dict[str, dict[str, Any]] = {
     "classify": {"train_limit": None, "vocab": 10_000, "max_length": 64, "embed": 128,
@@ -234,6 +244,20 @@ def dense_model(bench: Bench, task: str, seed: int) -> tuple[SequenceModel, dict
     return model, bench.dense[key][1]
 
 
+@torch.no_grad()
+def lstm_inputs(model: SequenceModel, data: TaskData, count: int, batch: int = 64
+                ) -> list[PackedSequence]:
+    """The LSTM's inputs (embedded, packed) on the first ``count`` training sequences."""
+    device = next(model.parameters()).device
+    inputs = []
+    for start in range(0, min(count, len(data.train)), batch):
+        chunk = _collate(data.train[start:min(start + batch, count)])
+        embedded = model.embedding(chunk["input_ids"].to(device))
+        inputs.append(pack_padded_sequence(embedded, chunk["lengths"], batch_first=True,
+                                           enforce_sorted=False))
+    return inputs
+
+
 def lstm_weights(lstm: nn.Module) -> int:
     """Stored entries of the LSTM's weight matrices (MPO cores, or non-zeros)."""
     if isinstance(lstm, MPOLSTM):
@@ -249,6 +273,7 @@ class Bench:
         self._data: dict[str, TaskData] = {}
         self.dense: dict[tuple[str, int], tuple[dict[str, Any], dict[str, Any]]] = {}
         self.finetune_steps = QUICK["finetune_steps"] if quick else FINETUNE_STEPS
+        self.calibration = 64 if quick else CALIBRATION
 
     def settings(self, task: str) -> dict[str, Any]:
         return {**TASKS[task], **(QUICK if self.quick else {})}
@@ -283,6 +308,10 @@ def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
         else:
             if method == "mpo":
                 model.lstm = mpo
+            elif method in CALIBRATED:
+                model.lstm = MPOLSTM.from_lstm(
+                    model.lstm, structure=CALIBRATED[method], ratio=float(share),
+                    calibration=lstm_inputs(model, bench.data(task), bench.calibration))
             else:
                 prune_like(model.lstm, [sum(c.numel() for c in m.cores)
                                         for m in mpo.matrices()])
@@ -295,7 +324,10 @@ def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
     return record
 
 
-ROWS = ("dense", *(f"{m}@{s}" for s in SHARES for m in ("mpo", "prune", "scratch")))
+#: ``{row method: structure}`` of the calibrated rows
+CALIBRATED = {"calibrated": "mpo", "svd-calibrated": "svd"}
+ROWS = ("dense", *(f"{m}@{s}" for s in SHARES
+                   for m in ("mpo", "prune", "scratch", *CALIBRATED)))
 
 
 def summarize(runs: list[dict[str, Any]]) -> Table:
@@ -328,7 +360,9 @@ def findings(table: Table) -> list[str]:
     for task in dict.fromkeys(r["task"] for r in table):
         rows = {r["row"]: r for r in table if r["task"] == task}
         for method, how in (("mpo", "compressed and fine-tuned"),
-                            ("scratch", "trained from scratch")):
+                            ("scratch", "trained from scratch"),
+                            ("calibrated", "calibrated (mpotn), fine-tuned"),
+                            ("svd-calibrated", "as calibrated SVDs (mpotn), fine-tuned")):
             for share in SHARES:
                 a, b = rows.get(f"{method}@{share}"), rows.get(f"prune@{share}")
                 if a and b:

@@ -213,10 +213,12 @@ def test_mpo_lstm_quick_mode_compares_mpo_and_pruning_at_equal_weights(tmp_path)
             kept = weights[(task, f"mpo@{share}")]
             assert kept == weights[(task, f"prune@{share}")] == weights[(task, f"scratch@{share}")]
             assert kept <= share * weights[(task, "dense")]
+            for method in bench.CALIBRATED:
+                assert weights[(task, f"{method}@{share}")] <= share * weights[(task, "dense")]
     assert all("bits_per_char" in r for r in runs if r["task"] == "predict")
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["runs"] == runs
-    assert len(json.loads(out.read_text())["findings"]) == 2 * 2 * len(bench.SHARES)
+    assert len(json.loads(out.read_text())["findings"]) == 2 * 4 * len(bench.SHARES)
 
 
 def test_magnitude_pruning_keeps_the_largest_entries_and_keeps_the_rest_zero_in_training():

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from mpotn.calibration import output_error
 from mpotn.compression.parameters import count_parameters, lfa_parameters
-from mpotn.layers.lstm import MPOLSTM
+from mpotn.layers.lstm import MPOLSTM, lstm_input_covariances
 from mpotn.layers.mpo import MPOLinear
 from mpotn.mpo import MPO
 
@@ -127,3 +128,55 @@ def test_flatten_parameters_is_accepted_and_changes_nothing():
     before = mpo(x)[0]
     mpo.flatten_parameters()
     assert torch.equal(mpo(x)[0], before)
+
+
+def test_input_covariances_are_the_inputs_and_fed_back_states_of_every_matrix():
+    """Against two stacked one-layer LSTMs run sequence by sequence: W_ih sees every
+    real step's input, W_hh every state the recurrence feeds back (not the last one)."""
+    torch.manual_seed(0)
+    first = nn.LSTM(12, 8, bidirectional=True, dtype=torch.float64)
+    second = nn.LSTM(16, 8, bidirectional=True, dtype=torch.float64)
+    lstm = _lstm(num_layers=2, bidirectional=True)
+    lstm.load_state_dict({**first.state_dict(), **{
+        k.replace("_l0", "_l1"): v for k, v in second.state_dict().items()}})
+    lengths = torch.tensor([4, 6, 2])
+    x = torch.randn(6, 3, 12, dtype=torch.float64)
+    batches = [pack_padded_sequence(x, lengths, enforce_sorted=False), x[:3]]
+    expected = [torch.zeros(12, 12), torch.zeros(8, 8), torch.zeros(12, 12),
+                torch.zeros(8, 8), torch.zeros(16, 16), torch.zeros(8, 8),
+                torch.zeros(16, 16), torch.zeros(8, 8)]
+    expected = [e.double() for e in expected]
+    sequences = [x[:n, b] for b, n in enumerate(lengths)] + [x[:3, b] for b in range(3)]
+    for seq in sequences:
+        hidden = first(seq)[0]
+        for layer, (inputs, out) in enumerate(((seq, hidden), (hidden, second(hidden)[0]))):
+            for d, fed in enumerate((out[:-1, :8], out[1:, 8:])):
+                k = 4 * layer + 2 * d
+                expected[k] += inputs.T @ inputs
+                expected[k + 1] += fed.T @ fed
+    got = lstm_input_covariances(lstm, batches)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-10)
+
+
+def test_calibrated_truncation_lowers_every_matrix_output_error_and_is_exact_at_full_rank():
+    lstm = _lstm(num_layers=2)
+    batches = [torch.randn(10, 4, 12, dtype=torch.float64) for _ in range(3)]
+    covariances = lstm_input_covariances(lstm, batches)
+    plain = MPOLSTM.from_lstm(lstm, structure="svd", ratio=0.3)
+    calibrated = MPOLSTM.from_lstm(lstm, structure="svd", ratio=0.3, calibration=batches,
+                                   damp=0.0)
+    dense = [w.detach().T for w in (lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                           lstm.weight_ih_l1, lstm.weight_hh_l1)]
+    for m, p, c, cov in zip(dense, plain.matrices(), calibrated.matrices(), covariances,
+                            strict=True):
+        assert c.bond_dims == p.bond_dims and c.row.factors == (m.shape[0], 1)
+        # SVD-LLM's optimum at equal rank: strictly below the plain SVD's output error
+        assert (output_error(m, c.matrix().detach(), cov)
+                < 0.999 * output_error(m, p.matrix().detach(), cov))
+    full = MPOLSTM.from_lstm(lstm, n=3, calibration=batches)
+    assert torch.allclose(full(batches[0])[0], lstm(batches[0])[0], atol=1e-9)
+    with pytest.raises(ValueError, match="structure"):
+        MPOLSTM.from_lstm(lstm, structure="tt")
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        MPOLSTM.from_lstm(lstm, n=3, ratio=0.3, calibration=[])

@@ -35,16 +35,81 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from mpotn.calibration import DAMP, calibrated_mpo
 from mpotn.layers.mpo import MPOLinear
+from mpotn.methods.svd import svd_shapes
 
 State = tuple[torch.Tensor, torch.Tensor]
+
+
+def _padded(lstm: nn.LSTM, x: torch.Tensor | PackedSequence
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``T x B x I`` (zero after each sequence's end) and its lengths."""
+    if isinstance(x, PackedSequence):
+        padded, lengths = pad_packed_sequence(x)
+        return padded, lengths.to(padded.device)
+    if x.dim() == 2:
+        x = x.unsqueeze(1)
+    elif lstm.batch_first:
+        x = x.transpose(0, 1)
+    return x, torch.full((x.shape[1],), x.shape[0], device=x.device)
+
+
+@torch.no_grad()
+def lstm_input_covariances(lstm: nn.LSTM, inputs: Iterable[torch.Tensor | PackedSequence]
+                           ) -> list[torch.Tensor]:
+    r"""``C = X^T X`` (float64) of every matrix of ``lstm`` on calibration ``inputs``, in the
+    order of [MPOLSTM.matrices][mpotn.layers.lstm.MPOLSTM.matrices]: for ``W_ih`` the layer's
+    inputs at every real step, for ``W_hh`` the hidden states the recurrence feeds back
+    (each step's state but a sequence's last, in the direction's own order; the zero
+    initial state adds nothing).
+
+    ``inputs`` are what ``lstm`` takes (tensors in its layout, or packed sequences),
+    run with zero initial states and no dropout.
+
+    Raises
+    ------
+    ValueError
+        If ``inputs`` is empty or ``lstm`` has ``proj_size > 0``.
+    """
+    if lstm.proj_size:
+        raise ValueError("an LSTM with proj_size > 0 is not supported")
+    directions = 2 if lstm.bidirectional else 1
+    sums: list[torch.Tensor | int] = [0] * (2 * lstm.num_layers * directions)
+    batches = 0
+    for item in inputs:
+        batches += 1
+        x, lengths = _padded(lstm, item)
+        steps = torch.arange(x.shape[0], device=x.device)[:, None]
+        real = steps < lengths[None, :]
+        fed = (real & (steps < lengths[None, :] - 1), real & (steps > 0))  # forward, reverse
+        for layer in range(lstm.num_layers):
+            single = nn.LSTM(x.shape[-1], lstm.hidden_size, bias=lstm.bias,
+                             bidirectional=lstm.bidirectional, dtype=x.dtype, device=x.device)
+            single.load_state_dict({name.replace(f"_l{layer}", "_l0"): value
+                                    for name, value in lstm.state_dict().items()
+                                    if f"_l{layer}" in name
+                                    and name.split(f"_l{layer}")[1] in ("", "_reverse")})
+            packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+            out = pad_packed_sequence(single(packed)[0], total_length=x.shape[0])[0]
+            rows = x[real].double()
+            for d in range(directions):
+                k = 2 * (layer * directions + d)
+                sums[k] = sums[k] + rows.T @ rows
+                states = out[..., d * lstm.hidden_size:(d + 1) * lstm.hidden_size][fed[d]]
+                sums[k + 1] = sums[k + 1] + states.double().T @ states.double()
+            x = out
+    if not batches:
+        raise ValueError("no calibration inputs: give at least one batch of sequences")
+    return [torch.as_tensor(c, dtype=torch.float64) for c in sums]
 
 
 class MPOLSTMCell(nn.Module):
@@ -144,23 +209,38 @@ class MPOLSTM(nn.Module):
         return [m for cell in self.cells for m in (cell.ih, cell.hh)]
 
     @classmethod
-    def from_lstm(cls, lstm: nn.LSTM, n: int = 5, *, svd: str = "auto",
-                  **truncation: Any) -> MPOLSTM:
+    def from_lstm(cls, lstm: nn.LSTM, n: int = 5, *, structure: str = "mpo",
+                  svd: str = "auto",
+                  calibration: Iterable[torch.Tensor | PackedSequence] | None = None,
+                  damp: float = DAMP, **truncation: Any) -> MPOLSTM:
         """Decompose a trained ``nn.LSTM``: each ``W_ih`` and ``W_hh`` becomes an MPO
         (Algorithm 1), truncated by ``truncation`` (``max_bond``, ``ratio``, ``tol``, ...,
         as in [MPOLinear.from_linear][mpotn.layers.mpo.MPOLinear.from_linear]; full rank,
         the same function, when none). ``b_ih + b_hh`` becomes ``ih``'s bias.
+        ``structure="svd"`` makes each matrix its truncated SVD (two cores, rows
+        ``(I, 1)``, columns ``(1, J)``; ``n`` is then not used) instead of an ``n``-core MPO.
+
+        With ``calibration`` (batches of sequences ``lstm`` takes), each matrix is
+        truncated to minimise the error of its outputs on the inputs it sees there
+        (Eq. 7, [calibrated_mpo][mpotn.calibration.calibrated_mpo] with the covariances of
+        [lstm_input_covariances][mpotn.layers.lstm.lstm_input_covariances] and ``damp``)
+        instead of the error of its entries.
 
         Raises
         ------
         ValueError
-            If ``lstm`` is not an ``nn.LSTM`` or has ``proj_size > 0``.
+            If ``lstm`` is not an ``nn.LSTM`` or has ``proj_size > 0``, or ``structure``
+            is not ``"mpo"`` or ``"svd"``.
         """
+        if structure not in ("mpo", "svd"):
+            raise ValueError(f"structure must be 'mpo' or 'svd', got {structure!r}")
         if not isinstance(lstm, nn.LSTM):
             raise ValueError(f"from_lstm needs an nn.LSTM, got {type(lstm).__name__}")
         if lstm.proj_size:
             raise ValueError("an LSTM with proj_size > 0 is not supported: its hidden-to-"
                              "hidden matrix is H x 4P; decompose a model without projections")
+        covariances = (None if calibration is None
+                       else lstm_input_covariances(lstm, calibration))
         matrices = []
         for layer in range(lstm.num_layers):
             for suffix in ("", "_reverse")[: 2 if lstm.bidirectional else 1]:
@@ -175,7 +255,15 @@ class MPOLSTM(nn.Module):
                         if linear.bias is not None:
                             linear.bias.copy_(getattr(lstm, f"bias_ih_l{layer}{suffix}")
                                               + getattr(lstm, f"bias_hh_l{layer}{suffix}"))
-                    matrices.append(MPOLinear.from_linear(linear, n, svd=svd, **truncation))
+                    cores, rows, cols = (svd_shapes(*weight.T.shape) if structure == "svd"
+                                         else (n, None, None))
+                    if covariances is None:
+                        matrices.append(MPOLinear.from_linear(linear, cores, rows, cols,
+                                                              svd=svd, **truncation))
+                        continue
+                    fitted = calibrated_mpo(weight.T, covariances[len(matrices)], cores, rows,
+                                            cols, damp=damp, svd=svd, **truncation)
+                    matrices.append(MPOLinear.from_linear(linear, mpo=fitted.mpo))
         model = cls(**cls._settings(lstm), **cls._structure(matrices),
                     dtype=matrices[0].cores[0].dtype, device=matrices[0].cores[0].device)
         model.load_state_dict({f"cells.{k // 2}.{('ih', 'hh')[k % 2]}.{name}": value
