@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import (
     PackedSequence,
@@ -70,12 +71,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import glue_small  # the verdict rule and the report writer of the GLUE benchmarks
 
 from mpotn import Table
-from mpotn.atomic import write_text
+from mpotn.atomic import atomic_path, write_text
 from mpotn.compression.models import load_tokenizer
 from mpotn.data import load_glue, sst2_sample
 from mpotn.layers.lstm import MPOLSTM
 
 RESULTS = Path(__file__).parent / "results" / "mpo_lstm.json"
+WORK = Path(__file__).parent / "work" / "mpo_lstm"
 GLUE = Path(__file__).parent.parent.parent / "shared" / "data" / "glue"
 SHARES = (0.5, 0.2, 0.1)
 SEEDS = (0, 1, 2)
@@ -229,19 +231,27 @@ def prune_like(lstm: nn.LSTM, keep: Sequence[int]) -> int:
 
 
 def dense_model(bench: Bench, task: str, seed: int) -> tuple[SequenceModel, dict[str, Any]]:
-    """The trained dense model of ``task`` and ``seed``: trained once per invocation, the
-    same in every invocation (the Trainer seeds the initialisation and data order)."""
-    key = (task, seed)
-    if key not in bench.dense:
-        data, settings = bench.data(task), bench.settings(task)
+    """The trained dense model of ``task`` and ``seed``: trained once, then kept in the
+    work folder (``bench.work``, safetensors) for later rows and invocations; training
+    is the same in every invocation (the Trainer seeds the initialisation and data
+    order)."""
+    data, settings = bench.data(task), bench.settings(task)
+    path = bench.work / f"{task}-dense-{seed}.safetensors"
+    if path.is_file():
+        state = load_file(path)
+        seconds = float(json.loads(path.with_suffix(".json").read_text())["train_seconds"])
+    else:
         torch.manual_seed(seed)
         model = _model(data, settings)
         seconds = train(model, data, settings, seed)
-        bench.dense[key] = (model.state_dict(), {"train_seconds": seconds})
-    data, settings = bench.data(task), bench.settings(task)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        bench.work.mkdir(parents=True, exist_ok=True)
+        write_text(path.with_suffix(".json"), json.dumps({"train_seconds": seconds}))
+        with atomic_path(path) as tmp:
+            save_file(state, tmp)
     model = _model(data, settings)
-    model.load_state_dict(bench.dense[key][0])
-    return model, bench.dense[key][1]
+    model.load_state_dict(state)
+    return model, {"train_seconds": seconds}
 
 
 @torch.no_grad()
@@ -268,10 +278,10 @@ def lstm_weights(lstm: nn.Module) -> int:
 class Bench:
     """Settings of one invocation (full or quick), task data and dense models."""
 
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, work: Path) -> None:
         self.quick = quick
         self._data: dict[str, TaskData] = {}
-        self.dense: dict[tuple[str, int], tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.work = work
         self.finetune_steps = QUICK["finetune_steps"] if quick else FINETUNE_STEPS
         self.calibration = 64 if quick else CALIBRATION
 
@@ -382,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="every row on the shipped SST-2 sample, tiny LSTMs, one seed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    parser.add_argument("--work", type=Path, default=None,
+                        help=f"where the trained dense models are kept (default {WORK})")
     parser.add_argument("--report-only", action="store_true",
                         help="print the table and verdicts from the JSON, train nothing")
     args = parser.parse_args(argv)
@@ -395,14 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     if todo and not args.report_only:
         if not args.quick and not GLUE.is_dir():
             parser.error(f"GLUE's files are not at {GLUE}; see ../shared/data/README")
-        bench = Bench(args.quick)
-        results.setdefault("tasks", {}).update({t: bench.settings(t) for t in args.task})
-        for task, row, seed in todo:
-            record = run(bench, task, row, seed)
-            results["runs"].append(record)
-            print(f"{task} {row} seed {seed}: {100 * record['metric']:.2f} "
-                  f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
-            write_text(args.out, json.dumps(results, indent=2))
+        with tempfile.TemporaryDirectory() as scratch:  # the smoke run's dense models
+            bench = Bench(args.quick, args.work or (Path(scratch) if args.quick else WORK))
+            results.setdefault("tasks", {}).update({t: bench.settings(t) for t in args.task})
+            for task, row, seed in todo:
+                record = run(bench, task, row, seed)
+                results["runs"].append(record)
+                print(f"{task} {row} seed {seed}: {100 * record['metric']:.2f} "
+                      f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                write_text(args.out, json.dumps(results, indent=2))
     order = {name: k for k, name in enumerate(ROWS)}
     results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
     table = summarize(results["runs"])
