@@ -16,27 +16,28 @@ scratch (seeds 0, 1, 2):
     tokenizer, the 10,000 most frequent kept, at most 64), an embedding of 128, a
     256-unit LSTM and a linear head on its final state; one epoch; dev accuracy.
 ``predict`` (sequence prediction)
-    a character language model on the first 20,000 SST-2 training sentences (at most
-    128 characters, lower-cased): an embedding of 64, a 256-unit LSTM, next-character
+    a character language model on the first 10,000 SST-2 training sentences (at most
+    96 characters, lower-cased): an embedding of 64, a 256-unit LSTM, next-character
     logits; two epochs; next-character accuracy on the 872 dev sentences (and bits
     per character).
 
-Rows: ``dense`` (the trained LSTM), then for each kept share ``r`` of the LSTM's
+Every row is a trained LSTM fine-tuned for ``FINETUNE_STEPS`` more steps (every
+parameter; the same data, learning rate and seed), so that all have had the same
+training; ``before fine-tuning %`` is its score before those steps. Rows: ``dense``
+(the LSTM as trained), then for each kept share ``r`` of the LSTM's
 weight-matrix entries (0.5, 0.2, 0.1): ``mpo@r``, each ``W_ih`` and ``W_hh`` an
 ``n = 5`` MPO truncated to ``ratio = r`` (Algorithm 1,
 [MPOLSTM.from_lstm][mpotn.layers.lstm.MPOLSTM.from_lstm]), and ``prune@r``, each
 matrix keeping exactly as many entries as its MPO has, the largest in magnitude
-(the pruned entries stay zero). Both are then fine-tuned for ``FINETUNE_STEPS``
-steps (every parameter; the same data, learning rate and seed). ``scratch@r`` is
-the paper's architecture: an MPO-LSTM of ``mpo@r``'s bonds, trained from random
-cores like the dense model (same steps, learning rate and seed). ``calibrated@r`` and
-``svd-calibrated@r`` are mpotn's activation-aware truncation (SPEC §7) of the same
-shares: each matrix cut to minimise the error of its outputs on the inputs it sees on
-``CALIBRATION`` training sequences, as an ``n = 5`` MPO or as its truncated SVD
-(SVD-LLM's whitening), then fine-tuned like ``mpo@r``. Each row records
-its metric (and for ``mpo`` and ``prune`` the metric before fine-tuning) and the
-LSTM's stored weights (``#LSTM``: MPO core entries, or non-zero entries of the
-pruned matrices, whose positions a sparse format would store as well).
+(the pruned entries stay zero). ``scratch@r`` is the paper's architecture: an
+MPO-LSTM of ``mpo@r``'s bonds, trained from random cores like the dense model (same
+epochs, learning rate and seed). ``calibrated@r`` and ``svd-calibrated@r`` are
+mpotn's activation-aware truncation (SPEC §7) of the same shares: each matrix cut to
+minimise the error of its outputs on the inputs it sees on ``CALIBRATION`` training
+sequences, as an ``n = 5`` MPO or as its truncated SVD (SVD-LLM's whitening). Each
+row records its metric and the LSTM's stored weights (``#LSTM``: MPO core entries, or
+non-zero entries of the pruned matrices, whose positions a sparse format would store
+as well).
 
 Writes ``benchmarks/results/mpo_lstm.json`` and ``mpo_lstm.md`` (mean and spread
 over seeds, then the claim — MPO beats magnitude pruning at equal parameters,
@@ -87,7 +88,7 @@ CALIBRATION = 2000  # training sequences whose LSTM inputs calibrate the truncat
 TASKS: dict[str, dict[str, Any]] = {
     "classify": {"train_limit": None, "vocab": 10_000, "max_length": 64, "embed": 128,
                  "hidden": 256, "epochs": 1, "lr": 2e-3, "batch": 64},
-    "predict": {"train_limit": 20_000, "max_length": 128, "embed": 64, "hidden": 256,
+    "predict": {"train_limit": 10_000, "max_length": 96, "embed": 64, "hidden": 256,
                 "epochs": 2, "lr": 2e-3, "batch": 64},
 }
 QUICK = {"train_limit": 256, "eval_limit": 64, "vocab": 500, "hidden": 32, "embed": 16,
@@ -295,43 +296,37 @@ class Bench:
 
 
 def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
-    """One run: the dense model, its compression to a share of the LSTM (fine-tuned), or
-    an MPO-LSTM of that compression's bonds trained from scratch."""
+    """One run: a trained LSTM (the dense one, an MPO-LSTM trained from scratch, or the
+    dense one compressed) fine-tuned for ``bench.finetune_steps`` steps, so that every
+    row has had the same training; its score before and after that fine-tuning."""
     model, info = dense_model(bench, task, seed)
     start = time.perf_counter()
     dense_weights = lstm_weights(model.lstm)
-    record: dict[str, Any] = {"task": task, "row": row, "seed": seed,
-                              "threads": torch.get_num_threads()}
-    if row == "dense":
-        record.update(evaluate(model, bench.data(task)), steps=0,
-                      seconds=info["train_seconds"])
-    else:
-        method, share = row.split("@")
+    method, _, share = row.partition("@")
+    if method == "mpo" or method == "prune" or method == "scratch":
         mpo = MPOLSTM.from_lstm(model.lstm, ratio=float(share))
-        if method == "scratch":
-            torch.manual_seed(seed)
-            model = _model(bench.data(task), bench.settings(task))
-            model.lstm = MPOLSTM.from_spec(mpo.spec())
-            train(model, bench.data(task), bench.settings(task), seed)
-            record.update(evaluate(model, bench.data(task)), steps=0,
-                          seconds=time.perf_counter() - start)
-        else:
-            if method == "mpo":
-                model.lstm = mpo
-            elif method in CALIBRATED:
-                model.lstm = MPOLSTM.from_lstm(
-                    model.lstm, structure=CALIBRATED[method], ratio=float(share),
-                    calibration=lstm_inputs(model, bench.data(task), bench.calibration))
-            else:
-                prune_like(model.lstm, [sum(c.numel() for c in m.cores)
-                                        for m in mpo.matrices()])
-            before = evaluate(model, bench.data(task))
-            train(model, bench.data(task), bench.settings(task), seed, bench.finetune_steps)
-            record.update(evaluate(model, bench.data(task)), steps=bench.finetune_steps,
-                          metric_before=before["metric"], seconds=time.perf_counter() - start)
+    if method == "scratch":
+        torch.manual_seed(seed)
+        model = _model(bench.data(task), bench.settings(task))
+        model.lstm = MPOLSTM.from_spec(mpo.spec())
+        train(model, bench.data(task), bench.settings(task), seed)
+    elif method == "mpo":
+        model.lstm = mpo
+    elif method == "prune":
+        prune_like(model.lstm, [sum(c.numel() for c in m.cores) for m in mpo.matrices()])
+    elif method in CALIBRATED:
+        model.lstm = MPOLSTM.from_lstm(
+            model.lstm, structure=CALIBRATED[method], ratio=float(share),
+            calibration=lstm_inputs(model, bench.data(task), bench.calibration))
+    before = evaluate(model, bench.data(task))
+    train(model, bench.data(task), bench.settings(task), seed, bench.finetune_steps)
     weights = lstm_weights(model.lstm)
-    record.update(lstm_weights=weights, lstm_over_dense=weights / dense_weights)
-    return record
+    return {"task": task, "row": row, "seed": seed, "threads": torch.get_num_threads(),
+            **evaluate(model, bench.data(task)), "metric_before": before["metric"],
+            "steps": bench.finetune_steps, "lstm_weights": weights,
+            "lstm_over_dense": weights / dense_weights,
+            "seconds": time.perf_counter() - start
+            + (info["train_seconds"] if row == "dense" else 0.0)}
 
 
 #: ``{row method: structure}`` of the calibrated rows
