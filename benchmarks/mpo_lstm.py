@@ -374,8 +374,9 @@ def findings(table: Table) -> list[str]:
                     gap, _, verdict = glue_small._compare(a, b, 0.0)
                     lines.append(
                         f"- {task}: an MPO-LSTM {how} beats magnitude pruning (fine-tuned) at "
-                        f"{share} of the LSTM's weights ({method} {a['metric %']:.2f} vs prune "
-                        f"{b['metric %']:.2f}, gap {gap:+.2f} points): {verdict}.")
+                        f"{share} of the LSTM's weights ({method} {a['metric %']:.2f} with "
+                        f"{a['#LSTM']:,} weights vs prune {b['metric %']:.2f} with "
+                        f"{b['#LSTM']:,}, gap {gap:+.2f} points): {verdict}.")
     return lines
 
 
