@@ -63,6 +63,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,25 @@ def run_squeeze(bench: Bench, task: str, seed: int, squeezed: dict[str, Any] | N
     return runs
 
 
+def seed_groups(runs: list[dict[str, Any]], rows: tuple[str, ...]
+                ) -> Iterator[tuple[str, str, list[dict[str, Any]]]]:
+    """``(task, row, its runs)`` for every task (in the order of ``runs``) and every row
+    of ``rows`` that has runs."""
+    for task in dict.fromkeys(r["task"] for r in runs):
+        for row in rows:
+            group = [r for r in runs if r["task"] == task and r["row"] == row]
+            if group:
+                yield task, row, group
+
+
+def score(group: list[dict[str, Any]]) -> dict[str, float]:
+    """``metric %`` (the mean over the group's seeds) and ``spread (sd)`` (their sample
+    standard deviation in points; nan for one seed)."""
+    scores = [100 * r["metric"] for r in group]
+    return {"metric %": statistics.mean(scores),
+            "spread (sd)": statistics.stdev(scores) if len(scores) > 1 else float("nan")}
+
+
 def summarize(runs: list[dict[str, Any]], rows: tuple[str, ...] = ROWS,
               extra: dict[str, Any] | None = None) -> Table:
     """Mean and spread (sample standard deviation, in points) of every row over its seeds.
@@ -267,24 +287,16 @@ def summarize(runs: list[dict[str, Any]], rows: tuple[str, ...] = ROWS,
     ``extra`` adds columns after ``#To/dense``: ``{name: f}`` with ``f(group)`` the value of
     a row's seeds ``group``."""
     table = Table()
-    for task in dict.fromkeys(r["task"] for r in runs):
-        for row in rows:
-            group = [r for r in runs if r["task"] == task and r["row"] == row]
-            if not group:
-                continue
-            scores = [100 * r["metric"] for r in group]
-            table.append({
-                "task": task, "row": row, "seeds": len(group),
-                "metric %": statistics.mean(scores),
-                "spread (sd)": statistics.stdev(scores) if len(group) > 1 else float("nan"),
-                "#To": round(statistics.mean(r["total_params"] for r in group)),
-                "#To/dense": statistics.mean(r["total_over_dense"] for r in group),
-                **{name: f(group) for name, f in (extra or {}).items()},
-                "#Pr (trained)": round(statistics.mean(r["trainable_params"] or 0
-                                                       for r in group)),
-                "steps": round(statistics.mean(r["steps"] for r in group)),
-                "time s": statistics.mean(r["seconds"] for r in group),
-            })
+    for task, row, group in seed_groups(runs, rows):
+        table.append({
+            "task": task, "row": row, "seeds": len(group), **score(group),
+            "#To": round(statistics.mean(r["total_params"] for r in group)),
+            "#To/dense": statistics.mean(r["total_over_dense"] for r in group),
+            **{name: f(group) for name, f in (extra or {}).items()},
+            "#Pr (trained)": round(statistics.mean(r["trainable_params"] or 0 for r in group)),
+            "steps": round(statistics.mean(r["steps"] for r in group)),
+            "time s": statistics.mean(r["seconds"] for r in group),
+        })
     return table
 
 

@@ -338,23 +338,15 @@ ROWS = ("dense", *(f"{m}@{s}" for s in SHARES
 def summarize(runs: list[dict[str, Any]]) -> Table:
     """Mean and spread (sample standard deviation, points) of every row over its seeds."""
     table = Table()
-    for task in dict.fromkeys(r["task"] for r in runs):
-        for row in ROWS:
-            group = [r for r in runs if r["task"] == task and r["row"] == row]
-            if not group:
-                continue
-            scores = [100 * r["metric"] for r in group]
-            before = [100 * r["metric_before"] for r in group if "metric_before" in r]
-            bits = [r["bits_per_char"] for r in group if "bits_per_char" in r]
-            table.append({
-                "task": task, "row": row, "seeds": len(group),
-                "metric %": statistics.mean(scores),
-                "spread (sd)": statistics.stdev(scores) if len(group) > 1 else float("nan"),
-                "before fine-tuning %": statistics.mean(before) if before else float("nan"),
-                "bits/char": statistics.mean(bits) if bits else float("nan"),
-                "#LSTM": round(statistics.mean(r["lstm_weights"] for r in group)),
-                "#LSTM/dense": statistics.mean(r["lstm_over_dense"] for r in group),
-                "time s": statistics.mean(r["seconds"] for r in group)})
+    for task, row, group in glue_small.seed_groups(runs, ROWS):
+        bits = [r["bits_per_char"] for r in group if "bits_per_char" in r]
+        table.append({
+            "task": task, "row": row, "seeds": len(group), **glue_small.score(group),
+            "before fine-tuning %": statistics.mean(100 * r["metric_before"] for r in group),
+            "bits/char": statistics.mean(bits) if bits else float("nan"),
+            "#LSTM": round(statistics.mean(r["lstm_weights"] for r in group)),
+            "#LSTM/dense": statistics.mean(r["lstm_over_dense"] for r in group),
+            "time s": statistics.mean(r["seconds"] for r in group)})
     return table
 
 
