@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -212,7 +213,7 @@ def evaluate(model: SequenceModel, data: TaskData, batch: int = 128) -> dict[str
     model.train()
     scores = {"metric": correct / total}
     if data.per_step:
-        scores["bits_per_char"] = nats / total / float(torch.log(torch.tensor(2.0)))
+        scores["bits_per_char"] = nats / total / math.log(2)
     return scores
 
 
@@ -231,11 +232,11 @@ def prune_like(lstm: nn.LSTM, keep: Sequence[int]) -> int:
     return sum(int((w != 0).sum()) for w in weights)
 
 
-def dense_model(bench: Bench, task: str, seed: int) -> tuple[SequenceModel, dict[str, Any]]:
-    """The trained dense model of ``task`` and ``seed``: trained once, then kept in the
-    work folder (``bench.work``, safetensors) for later rows and invocations; training
-    is the same in every invocation (the Trainer seeds the initialisation and data
-    order)."""
+def dense_model(bench: Bench, task: str, seed: int) -> tuple[SequenceModel, float]:
+    """The trained dense model of ``task`` and ``seed`` and the seconds its training took:
+    trained once, then kept in the work folder (``bench.work``, safetensors) for later
+    rows and invocations; training is the same in every invocation (the Trainer seeds
+    the initialisation and data order)."""
     data, settings = bench.data(task), bench.settings(task)
     path = bench.work / f"{task}-dense-{seed}.safetensors"
     if path.is_file():
@@ -252,7 +253,7 @@ def dense_model(bench: Bench, task: str, seed: int) -> tuple[SequenceModel, dict
             save_file(state, tmp)
     model = _model(data, settings)
     model.load_state_dict(state)
-    return model, {"train_seconds": seconds}
+    return model, seconds
 
 
 @torch.no_grad()
@@ -277,7 +278,8 @@ def lstm_weights(lstm: nn.Module) -> int:
 
 
 class Bench:
-    """Settings of one invocation (full or quick), task data and dense models."""
+    """Settings of one invocation (full or quick), task data and the folder of the trained
+    dense models."""
 
     def __init__(self, quick: bool, work: Path) -> None:
         self.quick = quick
@@ -299,11 +301,11 @@ def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
     """One run: a trained LSTM (the dense one, an MPO-LSTM trained from scratch, or the
     dense one compressed) fine-tuned for ``bench.finetune_steps`` steps, so that every
     row has had the same training; its score before and after that fine-tuning."""
-    model, info = dense_model(bench, task, seed)
+    model, dense_seconds = dense_model(bench, task, seed)
     start = time.perf_counter()
     dense_weights = lstm_weights(model.lstm)
     method, _, share = row.partition("@")
-    if method == "mpo" or method == "prune" or method == "scratch":
+    if method in ("mpo", "prune", "scratch"):
         mpo = MPOLSTM.from_lstm(model.lstm, ratio=float(share))
     if method == "scratch":
         torch.manual_seed(seed)
@@ -326,7 +328,7 @@ def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
             "steps": bench.finetune_steps, "lstm_weights": weights,
             "lstm_over_dense": weights / dense_weights,
             "seconds": time.perf_counter() - start
-            + (info["train_seconds"] if row == "dense" else 0.0)}
+            + (dense_seconds if row == "dense" else 0.0)}
 
 
 #: ``{row method: structure}`` of the calibrated rows

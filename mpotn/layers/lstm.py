@@ -10,7 +10,7 @@ supported, the dense weights are read with
 bias ``b_ih + b_hh``) and ``hh`` for ``W_hh^T`` (``H x 4H``), the gate blocks in
 ``nn.LSTM``'s order (input, forget, cell, output) along the columns. So their central
 and auxiliary tensors are what every MPO tool of mpotn works on: LFA, the
-parameter counts, truncation and squeezing.
+parameter counts, spectra and truncation.
 
 A forward pass rebuilds each matrix once (cached in eval mode under
 ``torch.no_grad()`` until a core changes) and runs ``nn.LSTM``'s own fused
@@ -50,6 +50,24 @@ from mpotn.methods.svd import svd_shapes
 State = tuple[torch.Tensor, torch.Tensor]
 
 
+def _suffixes(num_layers: int, bidirectional: bool) -> list[str]:
+    """``nn.LSTM``'s parameter-name suffixes per layer and direction, in cell order
+    (``l0``, ``l0_reverse``, ``l1``, ...)."""
+    return [f"l{layer}{direction}" for layer in range(num_layers)
+            for direction in ("", "_reverse")[: 2 if bidirectional else 1]]
+
+
+def _layer(lstm: nn.LSTM, layer: int) -> nn.LSTM:
+    """Layer ``layer`` of ``lstm`` (both directions) as a one-layer ``nn.LSTM``."""
+    size = lstm.input_size if layer == 0 else lstm.hidden_size * (1 + lstm.bidirectional)
+    single = nn.LSTM(size, lstm.hidden_size, bias=lstm.bias, bidirectional=lstm.bidirectional,
+                     dtype=lstm.weight_ih_l0.dtype, device=lstm.weight_ih_l0.device)
+    with torch.no_grad():
+        for name, param in single.named_parameters():  # weight_ih_l0, ..._l0_reverse
+            param.copy_(getattr(lstm, name.replace("_l0", f"_l{layer}")))
+    return single
+
+
 def _padded(lstm: nn.LSTM, x: torch.Tensor | PackedSequence
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` as ``T x B x I`` (zero after each sequence's end) and its lengths."""
@@ -83,6 +101,7 @@ def lstm_input_covariances(lstm: nn.LSTM, inputs: Iterable[torch.Tensor | Packed
     if lstm.proj_size:
         raise ValueError("an LSTM with proj_size > 0 is not supported")
     directions = 2 if lstm.bidirectional else 1
+    layers = [_layer(lstm, layer) for layer in range(lstm.num_layers)]
     sums: list[torch.Tensor | int] = [0] * (2 * lstm.num_layers * directions)
     batches = 0
     for item in inputs:
@@ -91,13 +110,7 @@ def lstm_input_covariances(lstm: nn.LSTM, inputs: Iterable[torch.Tensor | Packed
         steps = torch.arange(x.shape[0], device=x.device)[:, None]
         real = steps < lengths[None, :]
         fed = (real & (steps < lengths[None, :] - 1), real & (steps > 0))  # forward, reverse
-        for layer in range(lstm.num_layers):
-            single = nn.LSTM(x.shape[-1], lstm.hidden_size, bias=lstm.bias,
-                             bidirectional=lstm.bidirectional, dtype=x.dtype, device=x.device)
-            single.load_state_dict({name.replace(f"_l{layer}", "_l0"): value
-                                    for name, value in lstm.state_dict().items()
-                                    if f"_l{layer}" in name
-                                    and name.split(f"_l{layer}")[1] in ("", "_reverse")})
+        for layer, single in enumerate(layers):
             packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
             out = pad_packed_sequence(single(packed)[0], total_length=x.shape[0])[0]
             rows = x[real].double()
@@ -133,7 +146,6 @@ class MPOLSTMCell(nn.Module):
                              f"{ih.in_features} x {ih.out_features} and hh "
                              f"{hh.in_features} x {hh.out_features}")
         self.ih, self.hh = ih, hh
-        self.hidden_size = hh.in_features
 
 
 class MPOLSTM(nn.Module):
@@ -199,10 +211,6 @@ class MPOLSTM(nn.Module):
             cells.append(MPOLSTMCell(ih, hh))
         self.cells = nn.ModuleList(cells)
 
-    @property
-    def directions(self) -> int:
-        return 2 if self.bidirectional else 1
-
     def matrices(self) -> list[MPOLinear]:
         """Every MPO of the LSTM: ``ih`` then ``hh`` of each cell, cells ordered by layer,
         then direction (``nn.LSTM``'s ``_l{k}`` and ``_l{k}_reverse``)."""
@@ -242,28 +250,25 @@ class MPOLSTM(nn.Module):
         covariances = (None if calibration is None
                        else lstm_input_covariances(lstm, calibration))
         matrices = []
-        for layer in range(lstm.num_layers):
-            for suffix in ("", "_reverse")[: 2 if lstm.bidirectional else 1]:
-                w_ih = getattr(lstm, f"weight_ih_l{layer}{suffix}").detach()
-                w_hh = getattr(lstm, f"weight_hh_l{layer}{suffix}").detach()
-                for m, weight in enumerate((w_ih, w_hh)):
-                    linear = nn.Linear(weight.shape[1], weight.shape[0],
-                                       bias=lstm.bias and m == 0,
-                                       dtype=weight.dtype, device=weight.device)
-                    with torch.no_grad():
-                        linear.weight.copy_(weight)
-                        if linear.bias is not None:
-                            linear.bias.copy_(getattr(lstm, f"bias_ih_l{layer}{suffix}")
-                                              + getattr(lstm, f"bias_hh_l{layer}{suffix}"))
-                    cores, rows, cols = (svd_shapes(*weight.T.shape) if structure == "svd"
-                                         else (n, None, None))
-                    if covariances is None:
-                        matrices.append(MPOLinear.from_linear(linear, cores, rows, cols,
-                                                              svd=svd, **truncation))
-                        continue
-                    fitted = calibrated_mpo(weight.T, covariances[len(matrices)], cores, rows,
-                                            cols, damp=damp, svd=svd, **truncation)
-                    matrices.append(MPOLinear.from_linear(linear, mpo=fitted.mpo))
+        for suffix in _suffixes(lstm.num_layers, lstm.bidirectional):
+            for m, kind in enumerate(("ih", "hh")):
+                weight = getattr(lstm, f"weight_{kind}_{suffix}").detach()
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=lstm.bias and m == 0,
+                                   dtype=weight.dtype, device=weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    if linear.bias is not None:
+                        linear.bias.copy_(getattr(lstm, f"bias_ih_{suffix}")
+                                          + getattr(lstm, f"bias_hh_{suffix}"))
+                cores, rows, cols = (svd_shapes(*weight.T.shape) if structure == "svd"
+                                     else (n, None, None))
+                if covariances is None:
+                    matrices.append(MPOLinear.from_linear(linear, cores, rows, cols, svd=svd,
+                                                          **truncation))
+                    continue
+                fitted = calibrated_mpo(weight.T, covariances[len(matrices)], cores, rows,
+                                        cols, damp=damp, svd=svd, **truncation)
+                matrices.append(MPOLinear.from_linear(linear, mpo=fitted.mpo))
         model = cls(**cls._settings(lstm), **cls._structure(matrices),
                     dtype=matrices[0].cores[0].dtype, device=matrices[0].cores[0].device)
         model.load_state_dict({f"cells.{k // 2}.{('ih', 'hh')[k % 2]}.{name}": value
@@ -290,14 +295,19 @@ class MPOLSTM(nn.Module):
         core = self.cells[0].ih.cores[0]
         lstm = nn.LSTM(**self._settings(self), dtype=core.dtype, device=core.device)
         with torch.no_grad():
-            for k, cell in enumerate(self.cells):
-                suffix = f"l{k // self.directions}{'_reverse' if k % self.directions else ''}"
-                getattr(lstm, f"weight_ih_{suffix}").copy_(cell.ih.weight)
-                getattr(lstm, f"weight_hh_{suffix}").copy_(cell.hh.weight)
-                if self.bias:
-                    getattr(lstm, f"bias_ih_{suffix}").copy_(cell.ih.bias)
-                    getattr(lstm, f"bias_hh_{suffix}").zero_()
+            lstm.load_state_dict(self._weights())
         return lstm
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """``nn.LSTM``'s parameters by name, from the cores (``bias_hh`` zero)."""
+        weights = {}
+        for suffix, cell in zip(_suffixes(self.num_layers, self.bidirectional), self.cells):
+            weights[f"weight_ih_{suffix}"] = cell.ih.weight
+            weights[f"weight_hh_{suffix}"] = cell.hh.weight
+            if self.bias:
+                weights[f"bias_ih_{suffix}"] = cell.ih.bias
+                weights[f"bias_hh_{suffix}"] = torch.zeros_like(cell.ih.bias)
+        return weights
 
     def spec(self) -> dict[str, Any]:
         """The structure as JSON-ready data: ``nn.LSTM``'s settings and each matrix's
@@ -321,14 +331,7 @@ class MPOLSTM(nn.Module):
         ``batch_first``), unbatched ``T x input_size``, or a ``PackedSequence``;
         ``state`` is ``(h_0, c_0)``, each ``num_layers * directions x B x H`` (zeros when
         omitted). Returns the last layer's outputs and ``(h_n, c_n)``."""
-        weights = {}
-        for k, cell in enumerate(self.cells):
-            suffix = f"l{k // self.directions}{'_reverse' if k % self.directions else ''}"
-            weights[f"weight_ih_{suffix}"] = cell.ih.weight
-            weights[f"weight_hh_{suffix}"] = cell.hh.weight
-            if self.bias:
-                weights[f"bias_ih_{suffix}"] = cell.ih.bias
-                weights[f"bias_hh_{suffix}"] = torch.zeros_like(cell.ih.bias)
+        weights = self._weights()
         with torch.device("meta"):  # nn.LSTM's recurrence, without weights of its own
             recurrence = nn.LSTM(**self._settings(self))
         recurrence.train(self.training)  # dropout between layers in training only
