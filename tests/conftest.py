@@ -41,3 +41,22 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
     BertModel(config).save_pretrained(folder)
     load_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def kill_at_step():
+    """``kill(monkeypatch, step)``: kill the next Trainer run as it starts optimizer step
+    ``step + 1`` (a ``KeyboardInterrupt``, as a user's Ctrl-C)."""
+    from transformers import Trainer
+
+    def kill(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+        original = Trainer.training_step
+
+        def training_step(self, *args, **kwargs):
+            if self.state.global_step == step:
+                raise KeyboardInterrupt(f"killed at step {step}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Trainer, "training_step", training_step)
+
+    return kill

@@ -207,27 +207,13 @@ def test_cli_run_into_checkpoints_exits_2_and_deletes_nothing(capsys, tmp_path, 
 SMALL = {"max_steps": 6, "batch_size": 8, "train_limit": 64, "eval_limit": 32}
 
 
-def kill_at_step(monkeypatch, step: int) -> None:
-    """Kill the next Trainer run as it starts optimizer step ``step + 1``."""
-    from transformers import Trainer
-
-    original = Trainer.training_step
-
-    def training_step(self, *args, **kwargs):
-        if self.state.global_step == step:
-            raise KeyboardInterrupt(f"killed at step {step}")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", training_step)
-
-
 def weights(result) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("strategy, targets", [("lfa", ["word_emb", "ffn"]), ("lora", None)])
 def test_a_resumed_finetune_ends_with_the_weights_of_an_uninterrupted_one(
-        tiny_bert, data, tmp_path, monkeypatch, strategy, targets):
+        tiny_bert, data, tmp_path, monkeypatch, kill_at_step, strategy, targets):
     config = TrainingConfig(strategy=strategy, **SMALL)
 
     def fresh():

@@ -32,7 +32,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -170,21 +170,26 @@ def optimizer_groups(
     central_lr: float | None = None,
     auxiliary_lr: float | None = None,
     weight_decay: float = 0.0,
+    scores: Sequence[nn.Parameter] = (),
 ) -> list[dict[str, Any]]:
-    """Parameter groups for a torch optimizer: central, auxiliary, and the rest.
+    """Parameter groups for a torch optimizer: central, auxiliary, the rest, and
+    ``scores`` (pruning scores: rate ``lr``, no weight decay).
 
     Only trainable parameters are included; empty groups are left out.
     """
     central = {id(p) for _, p in central_parameters(model)}
     auxiliary = {id(c) for m in model.modules() if isinstance(m, MPO_LAYERS)
                  for c in m.auxiliary}
-    groups: dict[str, list] = {"central": [], "auxiliary": [], "other": []}
+    score_ids = {id(p) for p in scores}
+    groups: dict[str, list] = {"central": [], "auxiliary": [], "other": [], "scores": []}
     for param in model.parameters():
         if not param.requires_grad:
             continue
         key = "central" if id(param) in central else "auxiliary" if id(param) in auxiliary \
-            else "other"
+            else "scores" if id(param) in score_ids else "other"
         groups[key].append(param)
-    rates = {"central": central_lr or lr, "auxiliary": auxiliary_lr or lr, "other": lr}
-    return [{"params": params, "lr": rates[key], "weight_decay": weight_decay, "name": key}
+    rates = {"central": central_lr or lr, "auxiliary": auxiliary_lr or lr, "other": lr,
+             "scores": lr}
+    return [{"params": params, "lr": rates[key],
+             "weight_decay": 0.0 if key == "scores" else weight_decay, "name": key}
             for key, params in groups.items() if params]

@@ -58,6 +58,7 @@ from mpotn.compression.serialization import is_saved_model
 from mpotn.data.tasks import TaskData, compute_metrics
 from mpotn.drawing import draw_history
 from mpotn.finetune.core_changes import core_changes, snapshot_cores
+from mpotn.finetune.pruning import GradualPruning, pruning_summary
 from mpotn.finetune.strategies import apply_strategy, lora_rank_for_budget, optimizer_groups
 from mpotn.layers.experts import add_router_loss
 from mpotn.network import central_index
@@ -628,11 +629,11 @@ def _checkpoint_step(checkpoint: str | os.PathLike) -> int:
 
 
 def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
-                   replicas: int) -> dict[str, Any]:
+                   replicas: int, pruning: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a resumed fine-tuning run must share with the checkpointed one: the settings
     that change training (all but ``device`` and ``eval_limit``), the trained model's
-    parameters (names, shapes, trained or frozen), the tokenized training set and the
-    number of batches one step takes (processes or GPUs)."""
+    parameters (names, shapes, trained or frozen), the tokenized training set, the
+    number of batches one step takes (processes or GPUs) and the pruning's settings."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "eval_limit")}
     params = hashlib.sha256()
     for name, param in trained.named_parameters():
@@ -643,7 +644,7 @@ def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
     examples.update(np.asarray(train_set["label"]).tobytes())
     return {"config": settings, "parameters_sha256": params.hexdigest(),
             "train_examples": len(train_set), "train_sha256": examples.hexdigest(),
-            "replicas": replicas}
+            "replicas": replicas, "pruning": pruning}
 
 
 def _check_resumed_run(checkpoints: Path, signature: dict[str, Any]) -> None:
@@ -662,6 +663,8 @@ def _check_resumed_run(checkpoints: Path, signature: dict[str, Any]) -> None:
     if saved.get("replicas") != signature["replicas"]:
         reasons.append(f"the processes or GPUs one step uses ({saved.get('replicas')} -> "
                        f"{signature['replicas']})")
+    if saved.get("pruning") != signature["pruning"]:
+        reasons.append(f"the pruning ({saved.get('pruning')} -> {signature['pruning']})")
     if reasons:
         raise ValueError(f"the run checkpointed in {checkpoints} differs in "
                          f"{'; '.join(reasons)}; resume with the same model, task and "
@@ -680,6 +683,7 @@ def finetune(
     out: str | os.PathLike | None = None,
     resume: bool = False,
     save_steps: int = SAVE_STEPS,
+    pruning: GradualPruning | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data.train`` with ``config.strategy`` and evaluate it.
 
@@ -705,6 +709,13 @@ def finetune(
         ``torch.load(weights_only=True)`` (tensors and plain containers, no code).
     save_steps:
         Optimizer steps between checkpoints (with ``out``).
+    pruning:
+        Prune while training: a [GradualPruning][mpotn.finetune.pruning.GradualPruning]
+        attached to ``model`` (LPAF's first stage). Its masks follow its schedule over
+        this run's steps, its movement scores train in their own optimizer group (no
+        weight decay), and at the end it is finalized: the weights hold their zeros and
+        the record gets ``sparsity``, ``mean_rank_share`` and one row per matrix
+        (``pruned``). A resumed run needs the same pruning attached again.
 
     Raises
     ------
@@ -739,16 +750,20 @@ def finetune(
                                                 config.train_limit, config.eval_limit)
     if len(train_set) == 0:
         raise ValueError("the task's training split has no examples to fine-tune on")
+    scores = pruning.scores() if pruning is not None else []
+    for score in scores:
+        score.requires_grad_(True)
     optimizer = torch.optim.AdamW(optimizer_groups(
         trained, config.learning_rate, config.central_lr, config.auxiliary_lr,
-        config.weight_decay))
+        config.weight_decay, scores))
     with tempfile.TemporaryDirectory(prefix="mpotn-train-") as scratch:
         output_dir, save = checkpoints or scratch, save_steps if checkpoints else None
         args = training_arguments(config, output_dir, progress, 1, save)
         replicas = args.world_size * max(1, args.n_gpu)  # batches per optimizer step
         steps = planned_steps(config, len(train_set), replicas)
         if checkpoints is not None:
-            signature = _run_signature(trained, config, train_set, replicas)
+            signature = _run_signature(trained, config, train_set, replicas,
+                                       pruning.settings() if pruning is not None else None)
             if resume:
                 _check_resumed_run(checkpoints, signature)
             elif is_main_process():
@@ -758,6 +773,8 @@ def finetune(
             train_dataset=train_set, optimizers=(optimizer, None))
         if not progress:
             trainer.remove_callback(PrinterCallback)
+        if pruning is not None:
+            trainer.add_callback(pruning.callback())
         start = time.perf_counter()
         if checkpoint is not None and _checkpoint_step(checkpoint) >= steps:
             # the run's last step: the Trainer would take one more, so load it here
@@ -783,6 +800,9 @@ def finetune(
     }
     if checkpoint is not None:
         record["resumed_from"] = Path(checkpoint).name
+    if pruning is not None:
+        pruned = pruning.finalize()
+        record.update(pruning.settings(), **pruning_summary(pruned), pruned=list(pruned))
     if "rank" in selection:
         record["lora_rank"] = record.pop("rank")
     if data.label_names is not None:
