@@ -58,6 +58,7 @@ from mpotn.compression.serialization import is_saved_model
 from mpotn.data.tasks import TaskData, compute_metrics
 from mpotn.drawing import draw_history
 from mpotn.finetune.core_changes import core_changes, snapshot_cores
+from mpotn.finetune.mixed_rank import MixedRank
 from mpotn.finetune.pruning import GradualPruning, pruning_summary
 from mpotn.finetune.strategies import apply_strategy, lora_rank_for_budget, optimizer_groups
 from mpotn.layers.experts import add_router_loss
@@ -633,7 +634,8 @@ def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
     """What a resumed fine-tuning run must share with the checkpointed one: the settings
     that change training (all but ``device`` and ``eval_limit``), the trained model's
     parameters (names, shapes, trained or frozen), the tokenized training set, the
-    number of batches one step takes (processes or GPUs) and the pruning's settings."""
+    number of batches one step takes (processes or GPUs) and the settings of its pruning
+    and mixed-rank schedules."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "eval_limit")}
     params = hashlib.sha256()
     for name, param in trained.named_parameters():
@@ -664,7 +666,8 @@ def _check_resumed_run(checkpoints: Path, signature: dict[str, Any]) -> None:
         reasons.append(f"the processes or GPUs one step uses ({saved.get('replicas')} -> "
                        f"{signature['replicas']})")
     if saved.get("pruning") != signature["pruning"]:
-        reasons.append(f"the pruning ({saved.get('pruning')} -> {signature['pruning']})")
+        reasons.append(f"the pruning or mixed-rank settings ({saved.get('pruning')} -> "
+                       f"{signature['pruning']})")
     if reasons:
         raise ValueError(f"the run checkpointed in {checkpoints} differs in "
                          f"{'; '.join(reasons)}; resume with the same model, task and "
@@ -684,6 +687,7 @@ def finetune(
     resume: bool = False,
     save_steps: int = SAVE_STEPS,
     pruning: GradualPruning | None = None,
+    mixed_rank: MixedRank | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data.train`` with ``config.strategy`` and evaluate it.
 
@@ -716,6 +720,11 @@ def finetune(
         weight decay), and at the end it is finalized: the weights hold their zeros and
         the record gets ``sparsity``, ``mean_rank_share`` and one row per matrix
         (``pruned``). A resumed run needs the same pruning attached again.
+    mixed_rank:
+        Mixed-rank fine-tuning (LPAF's third stage): a
+        [MixedRank][mpotn.finetune.mixed_rank.MixedRank] on ``model``'s factorized
+        layers draws which of them compute at full rank at each step, and is closed at
+        the end (its settings go into the record).
 
     Raises
     ------
@@ -762,8 +771,9 @@ def finetune(
         replicas = args.world_size * max(1, args.n_gpu)  # batches per optimizer step
         steps = planned_steps(config, len(train_set), replicas)
         if checkpoints is not None:
-            signature = _run_signature(trained, config, train_set, replicas,
-                                       pruning.settings() if pruning is not None else None)
+            signature = _run_signature(trained, config, train_set, replicas, {
+                **(pruning.settings() if pruning is not None else {}),
+                **(mixed_rank.settings() if mixed_rank is not None else {})} or None)
             if resume:
                 _check_resumed_run(checkpoints, signature)
             elif is_main_process():
@@ -773,8 +783,9 @@ def finetune(
             train_dataset=train_set, optimizers=(optimizer, None))
         if not progress:
             trainer.remove_callback(PrinterCallback)
-        if pruning is not None:
-            trainer.add_callback(pruning.callback())
+        for schedule in (pruning, mixed_rank):
+            if schedule is not None:
+                trainer.add_callback(schedule.callback())
         start = time.perf_counter()
         if checkpoint is not None and _checkpoint_step(checkpoint) >= steps:
             # the run's last step: the Trainer would take one more, so load it here
@@ -803,6 +814,9 @@ def finetune(
     if pruning is not None:
         pruned = pruning.finalize()
         record.update(pruning.settings(), **pruning_summary(pruned), pruned=list(pruned))
+    if mixed_rank is not None:
+        mixed_rank.close()
+        record.update(mixed_rank.settings())
     if "rank" in selection:
         record["lora_rank"] = record.pop("rank")
     if data.label_names is not None:

@@ -1,0 +1,181 @@
+"""LPAF's factorization and training stages: the sparsity-aware SVD, factorize_pruned
+and mixed-rank fine-tuning, and the three stages end to end."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from mpotn.compression.lpaf import factorize_pruned
+from mpotn.data import sst2_sample
+from mpotn.finetune.mixed_rank import MixedRank
+from mpotn.finetune.pruning import GradualPruning
+from mpotn.finetune.training import TrainingConfig, finetune, prepare_model
+from mpotn.layers import MPOLinear
+from mpotn.linalg import sparsity_aware_svd, truncated_svd
+
+
+def low_rank_with_mask(rows=40, cols=30, rank=3, pruned=0.4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    matrix = (torch.randn(rows, rank, generator=generator, dtype=torch.float64)
+              @ torch.randn(rank, cols, generator=generator, dtype=torch.float64))
+    mask = torch.rand(rows, cols, generator=generator) >= pruned
+    return matrix, mask
+
+
+def test_the_masked_error_never_rises_and_a_low_rank_matrix_is_recovered_from_its_kept_entries():
+    matrix, mask = low_rank_with_mask()
+    cut, errors = sparsity_aware_svd(matrix * mask, mask, 3, iterations=2000, rtol=1e-12)
+    assert all(b <= a + 1e-10 for a, b in itertools.pairwise(errors))  # rounding at 1e-13
+    assert errors[0] > 0.25 * float(matrix.norm())  # the plain SVD fits the zeros too
+    recovered = (cut.U * cut.S) @ cut.Vh
+    assert float(cut.error) == pytest.approx(errors[-1])
+    assert float((recovered - matrix).norm() / matrix.norm()) < 1e-4  # the pruned ones too
+
+
+def test_no_iteration_is_the_plain_truncated_svd_of_the_pruned_matrix():
+    matrix, mask = low_rank_with_mask(rank=8)
+    pruned = matrix * mask
+    cut, errors = sparsity_aware_svd(pruned, mask, 4, iterations=0)
+    plain = truncated_svd(pruned, 4, method="full")
+    torch.testing.assert_close((cut.U * cut.S) @ cut.Vh, (plain.U * plain.S) @ plain.Vh)
+    assert len(errors) == 1
+
+
+def test_with_nothing_pruned_it_is_the_truncated_svd():
+    matrix, _ = low_rank_with_mask(rank=8)
+    everything = torch.ones_like(matrix, dtype=torch.bool)
+    cut, errors = sparsity_aware_svd(matrix, everything, 4)
+    assert len(errors) == 2 and errors[1] == pytest.approx(errors[0])  # one fill, no change
+    assert float(cut.error) == pytest.approx(float(truncated_svd(matrix, 4, "full").error))
+
+
+@pytest.mark.parametrize("mask", [torch.ones(3, 4, dtype=torch.bool), torch.ones(4, 3)])
+def test_a_mask_of_another_shape_or_type_is_refused(mask):
+    with pytest.raises(ValueError, match="boolean tensor of the matrix's shape"):
+        sparsity_aware_svd(torch.randn(4, 3), mask, 2)
+
+
+def pruned_bert(sparsity=0.5):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64))
+    with torch.no_grad():
+        for layer in bert.encoder.layer:
+            for m in (layer.intermediate.dense, layer.output.dense):
+                m.weight[m.weight.abs() < m.weight.abs().quantile(sparsity)] = 0
+    return bert
+
+
+def test_factorize_pruned_holds_the_fitted_factors_exactly_and_reports_the_pruned_matrix():
+    bert = pruned_bert()
+    before = {n: m.weight.detach().clone() for n, m in bert.named_modules()
+              if n.endswith(("intermediate.dense", "output.dense")) and "attention" not in n}
+    model, pruned = factorize_pruned(bert, 0.3, targets=["ffn"], iterations=200,
+                                     progress=False)
+    assert set(pruned) == set(before) == {r["name"] for r in model.report()}
+    for record in model.report():
+        name = record["name"]
+        assert torch.equal(pruned[name], before[name])
+        layer = model.base_model.get_submodule(name)
+        assert isinstance(layer, MPOLinear) and len(layer.cores) == 2
+        rank = layer.bond_dims[1]
+        a = before[name].T.double()  # in x out
+        mask = a != 0
+        assert rank * sum(a.shape) <= 0.3 * a.numel() < (rank + 1) * sum(a.shape)
+        cut, _ = sparsity_aware_svd(a, mask, rank, iterations=200)
+        fitted = (cut.U * cut.S) @ cut.Vh
+        torch.testing.assert_close(layer.matrix().double(), fitted, rtol=0, atol=1e-5)
+        assert record["relative_error"] == pytest.approx(
+            float((a - fitted).norm() / a.norm()), rel=1e-9)
+        assert record["kept_error"] < record["plain_kept_error"]
+        assert record["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert record["params"] == rank * sum(a.shape)
+
+
+def test_factorize_pruned_without_iterations_keeps_the_plain_svd_error():
+    model, _ = factorize_pruned(pruned_bert(), 0.3, targets=["ffn"], iterations=0,
+                                progress=False)
+    for record in model.report():
+        assert record["kept_error"] == pytest.approx(record["plain_kept_error"], rel=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_factorize_pruned_refuses_a_ratio_outside_zero_one(ratio):
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        factorize_pruned(pruned_bert(), ratio, targets=["ffn"], progress=False)
+
+
+def factorized_mlp():
+    from mpotn.compression import compress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+    dense = {k: model[int(k)].weight.detach().clone() for k in ("0", "2")}
+    return compress(model, targets="0|2", structure="svd", ratio=0.5, progress=False), dense
+
+
+def test_a_full_rank_step_computes_with_the_dense_matrices_and_trains_only_the_biases():
+    model, dense = factorized_mlp()
+    mixing = MixedRank(model, dense, p=1.0, anneal=0.5)
+    x = torch.randn(5, 6)
+    assert mixing.step(0, 4) == 1.0 and mixing.full_rank == ["0", "2"]
+    base = model.base_model
+    expected = torch.tanh(x @ dense["0"].T + base[0].bias) @ dense["2"].T + base[2].bias
+    out = model(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert all(c.grad is None for c in base[0].cores) and base[0].bias.grad is not None
+    model.eval()  # evaluation always uses the factors
+    factorized = base[2](torch.tanh(base[0](x)))
+    torch.testing.assert_close(model(x), factorized)
+    model.train()
+    assert mixing.step(2, 4) == 0.0 and mixing.full_rank == []  # annealed after 2 of 4
+    torch.testing.assert_close(model(x), factorized)
+    mixing.close()
+
+
+def test_the_choices_depend_only_on_the_seed_and_the_step():
+    model, dense = factorized_mlp()
+    first, second = MixedRank(model, dense, p=0.5, seed=3), MixedRank(model, dense, p=0.5,
+                                                                       seed=3)
+    choices = []
+    for step in range(40):
+        first.step(step, 100)
+        second.step(step, 100)
+        assert first.full_rank == second.full_rank
+        choices.append(len(first.full_rank))
+    assert 0 < sum(choices) < 80  # some layers swapped, not all
+    first.close()
+    second.close()
+
+
+def test_mixed_rank_refuses_what_it_cannot_swap():
+    model, dense = factorized_mlp()
+    with pytest.raises(ValueError, match="not an MPO linear layer"):
+        MixedRank(model, {"1": dense["0"]})
+    with pytest.raises(ValueError, match="a full-rank weight of shape"):
+        MixedRank(model, {"0": dense["2"]})
+    with pytest.raises(ValueError, match="0 <= p <= 1"):
+        MixedRank(model, dense, p=1.5)
+
+
+def test_prune_factorize_and_mixed_rank_fine_tuning_end_to_end(tiny_bert):
+    data = sst2_sample()
+    config = TrainingConfig(strategy="full", max_steps=4, batch_size=8, train_limit=32,
+                            eval_limit=16)
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    pruning = GradualPruning(model, 0.5, warmup=0.25, cooldown=0.25)
+    finetune(model, tokenizer, data, config, progress=False, pruning=pruning)
+    compressed, pruned = factorize_pruned(model, 0.4, iterations=20, progress=False)
+    assert len(pruned) == 12 and compressed.totals()["total_params"] < sum(
+        p.numel() for p in model.parameters()) + sum(w.numel() for w in pruned.values())
+    mixing = MixedRank(compressed, pruned, p=0.5, anneal=0.5)
+    record = finetune(compressed, tokenizer, data, config, progress=False,
+                      mixed_rank=mixing).record
+    assert record["mixed_rank_p"] == 0.5 and len(record["mixed_rank_layers"]) == 12
+    assert record["steps"] == 4 and 0 <= record["accuracy"] <= 1
+    assert mixing.full_rank == [] and not mixing._hooks  # closed: the factors alone
