@@ -244,3 +244,29 @@ def test_magnitude_pruning_keeps_the_largest_entries_and_keeps_the_rest_zero_in_
         tied.weight_ih_l0.fill_(0.5)
         tied.weight_hh_l0.fill_(-0.5)
     assert bench.prune_like(tied, [3, 4]) == 7  # 4: the whole hidden-to-hidden matrix
+
+
+def test_lpaf_quick_mode_runs_every_row_then_skips_them(tmp_path):
+    """Every LPAF row runs once on the sample (about a minute): the pruned first stages
+    hold zeros and report their rank, the factorized rows are smaller and say how well
+    they fit the kept entries; a second call recomputes nothing."""
+    bench = load_benchmark("lpaf")
+    out = tmp_path / "lpaf.json"
+    with pytest.raises(SystemExit):
+        bench.main(["--quick"])  # the smoke run never writes into the real results
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    runs = {r["row"]: r for r in json.loads(out.read_text())["runs"]}
+    assert list(runs) == list(bench.ROWS)
+    assert runs["dense"]["mean_rank_share"] == 1.0  # fine-tuned matrices: full rank
+    for row in ("movement", "magnitude"):
+        assert 0 < runs[row]["sparsity"] <= 0.75 and runs[row]["nonzero_over_dense"] < 1.0
+        assert runs[row]["total_params"] == runs["dense"]["total_params"]
+    for row in bench.FACTORIZED:
+        assert runs[row]["total_params"] < runs["dense"]["total_params"]
+        assert runs[row]["kept_error"] <= runs[row]["plain_kept_error"] + 1e-9
+    assert runs["movement-svd"]["kept_error"] == pytest.approx(
+        runs["movement-svd"]["plain_kept_error"])  # no fill: the plain SVD
+    before = out.read_text()
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]
+    assert len(json.loads(out.read_text())["findings"]) == len(bench.CLAIMS) + 1

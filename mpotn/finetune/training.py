@@ -717,7 +717,8 @@ def finetune(
         Prune while training: a [GradualPruning][mpotn.finetune.pruning.GradualPruning]
         attached to ``model`` (LPAF's first stage). Its masks follow its schedule over
         this run's steps, its movement scores train in their own optimizer group (no
-        weight decay), and at the end it is finalized: the weights hold their zeros and
+        weight decay; ``score_params`` in the record, left out of ``trainable_params``
+        and ``total_params``), and at the end it is finalized: the weights hold their zeros and
         the record gets ``sparsity``, ``mean_rank_share`` and one row per matrix
         (``pruned``). A resumed run needs the same pruning attached again.
     mixed_rank:
@@ -760,6 +761,13 @@ def finetune(
     if len(train_set) == 0:
         raise ValueError("the task's training split has no examples to fine-tune on")
     scores = pruning.scores() if pruning is not None else []
+    if scores:  # trained with the model, but not the model's: counted apart
+        ids = {id(score) for score in scores}
+        selection["trainable_params"] = count_parameters(
+            p for p in trained.parameters() if p.requires_grad and id(p) not in ids)
+        selection["total_params"] = count_parameters(
+            p for p in trained.parameters() if id(p) not in ids)
+        selection["score_params"] = count_parameters(scores)
     for score in scores:
         score.requires_grad_(True)
     optimizer = torch.optim.AdamW(optimizer_groups(

@@ -1,0 +1,276 @@
+"""Experiment: LPAF (low-rank prune-and-factorize, SPEC §4) on MiniLM and GLUE.
+
+Run from the repository root (hours of CPU; every finished run is written at once and
+runs already in the JSON are skipped, so a stopped run continues)::
+
+    python benchmarks/lpaf.py                                  # every run not yet done
+    python benchmarks/lpaf.py --task mrpc --row lpaf --seed 0  # chosen runs
+    python benchmarks/lpaf.py --report-only                    # the table and verdicts
+    python benchmarks/lpaf.py --quick --out /tmp/l.json        # smoke run (tests)
+
+Model, data and training are those of ``glue_small.py`` (the embedded all-MiniLM-L6-v2
+with a new head; RTE and MRPC with seeds 0-2, 3 epochs, 128 tokens; SST-2's first
+20,000 training rows, one epoch, 64 tokens, seed 0; the official dev sets; every
+parameter trained). The attention and FFN matrices are pruned and factorized; the
+embeddings stay dense. ``RATIO`` = 0.25: each factorized matrix keeps a quarter of its
+parameters as a truncated SVD, and each pruned one the same share of its entries
+(sparsity 0.75), which brings the model to about 0.65 of its size either way.
+
+Every factorized row trains twice as long as ``dense``: a first fine-tuning (dense,
+or pruning while fine-tuning), then a second one of the factorized model.
+
+``dense``
+    fine-tuning of the dense model (saved for ``svd``); records the mean numerical
+    rank of its matrices over their smaller dimension (LPAF: nearly 1, full rank);
+``movement`` / ``magnitude``
+    fine-tuning while pruning to sparsity 0.75 (cubic schedule, 10% warm-up, 20%
+    cool-down) by movement scores (first order) or by magnitude (zeroth order); the
+    pruned model, saved for the rows below, with the mean rank share of its matrices;
+``svd``
+    the fine-tuned dense model's matrices as truncated SVDs at ``RATIO``, fine-tuned;
+``movement-svd``
+    the movement-pruned model factorized by the plain truncated SVD, fine-tuned;
+``movement-ssvd``
+    the same with the sparsity-aware SVD (factors fitted to the kept entries);
+``lpaf``
+    the sparsity-aware SVD, then mixed-rank fine-tuning (each factorized layer
+    computes with its pruned full-rank matrix with a probability falling from 0.5
+    to 0 over the first half of the steps);
+``magnitude-lpaf``
+    the same from the magnitude-pruned model.
+
+Writes ``benchmarks/results/lpaf.json`` (every run) and ``lpaf.md`` (mean and spread
+per task and row, then LPAF's claims as verdicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import glue_small  # the tasks, settings and helpers of the Table 4 benchmark
+
+from mpotn.atomic import write_text
+from mpotn.compression.architectures import linear_matrix
+from mpotn.compression.config import CompressionConfig, select_targets
+from mpotn.compression.lpaf import factorize_pruned
+from mpotn.compression.model import MPOModel
+from mpotn.compression.parameters import count_parameters
+from mpotn.finetune.mixed_rank import MixedRank
+from mpotn.finetune.pruning import GradualPruning
+from mpotn.finetune.training import finetune
+from mpotn.table import Table
+
+RESULTS = Path(__file__).parent / "results" / "lpaf.json"
+WORK = Path(__file__).parent / "work" / "lpaf"
+TARGETS = ["attention", "ffn"]
+RATIO = 0.25
+WARMUP, COOLDOWN = 0.1, 0.2
+MIXED_P, MIXED_ANNEAL = 0.5, 0.5
+SSVD_ITERATIONS = 50
+ROWS = ("dense", "movement", "magnitude", "svd", "movement-svd", "movement-ssvd", "lpaf",
+        "magnitude-lpaf")
+#: ``{row: (the model it starts from, sparsity-aware SVD, mixed-rank fine-tuning)}``
+FACTORIZED = {"svd": ("dense", False, False), "movement-svd": ("movement", False, False),
+              "movement-ssvd": ("movement", True, False), "lpaf": ("movement", True, True),
+              "magnitude-lpaf": ("magnitude", True, True)}
+
+
+def mean_rank_share(model: nn.Module, targets: list[str]) -> float:
+    """Mean numerical rank of the target matrices over their smaller dimension."""
+    shares = []
+    for _, module in select_targets(model, CompressionConfig(targets=targets)):
+        matrix = linear_matrix(module).double()
+        shares.append(int(torch.linalg.matrix_rank(matrix)) / min(matrix.shape))
+    return statistics.mean(shares)
+
+
+class LpafBench(glue_small.Bench):
+    """``glue_small``'s settings with the first-stage models saved in ``work``."""
+
+    def __init__(self, quick: bool, work: Path) -> None:
+        super().__init__(quick, work)
+        self.targets = ["ffn"] if quick else TARGETS
+        self.iterations = 2 if quick else SSVD_ITERATIONS
+
+    def stage(self, task: str, row: str, seed: int) -> Path:
+        return self.work / f"{task}-{row}-{seed}"
+
+
+def first_stage(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, Any]:
+    """``dense``, ``movement`` or ``magnitude``: fine-tune (pruning for the latter two),
+    save the model for the factorized rows, and record the run."""
+    start = time.perf_counter()
+    model = bench.classifier(task, seed)
+    original = count_parameters(model.parameters())
+    pruning = None if row == "dense" else GradualPruning(
+        model, 1.0 - RATIO, row, bench.targets, warmup=WARMUP, cooldown=COOLDOWN)
+    data = bench.data(task)
+    result = finetune(model, bench.tokenizer, data, bench.training(task, "full", seed),
+                      progress=False, pruning=pruning)
+    result.model.save_pretrained(str(bench.stage(task, row, seed)))
+    record = result.record
+    extra = ({"sparsity": record["sparsity"], "mean_rank_share": record["mean_rank_share"]}
+             if pruning else {"mean_rank_share": mean_rank_share(result.model, bench.targets)})
+    nonzero = sum(int((p != 0).sum()) for p in result.model.parameters())
+    return glue_small._run_record(
+        task, row, seed, data, record, total=original, over_dense=1.0,
+        trainable=record.get("trainable_params"), steps=record["steps"], **extra,
+        nonzero_params=nonzero, nonzero_over_dense=nonzero / original,
+        seconds=time.perf_counter() - start)
+
+
+def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, Any]:
+    """A factorized row from its first stage's saved model (run first when missing)."""
+    source, sparsity_aware, mixed = FACTORIZED[row]
+    folder = bench.stage(task, source, seed)
+    if not folder.is_dir():
+        first_stage(bench, task, source, seed)
+    from transformers import AutoModelForSequenceClassification
+
+    start = time.perf_counter()
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+    original = count_parameters(model.parameters())
+    model, pruned = factorize_pruned(model, RATIO, bench.targets, progress=False,
+                                     iterations=bench.iterations if sparsity_aware else 0)
+    report = model.report()
+    prep = time.perf_counter() - start
+    mixing = MixedRank(model, pruned, MIXED_P, MIXED_ANNEAL, seed) if mixed else None
+    data = bench.data(task)
+    result = finetune(model, bench.tokenizer, data, bench.training(task, "full", seed),
+                      progress=False, mixed_rank=mixing)
+    trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
+    total = count_parameters(trained.parameters())
+    record = result.record
+    return glue_small._run_record(
+        task, row, seed, data, record, total=total, over_dense=total / original,
+        trainable=record.get("trainable_params"), steps=record["steps"],
+        kept_error=statistics.mean(r["kept_error"] for r in report),
+        plain_kept_error=statistics.mean(r["plain_kept_error"] for r in report),
+        relative_error=statistics.mean(r["relative_error"] for r in report),
+        prep_seconds=prep, seconds=prep + record["train_seconds"])
+
+
+def run(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, Any]:
+    return factorized(bench, task, row, seed) if row in FACTORIZED else first_stage(
+        bench, task, row, seed)
+
+
+def summarize(runs: list[dict[str, Any]]) -> Table:
+    """``glue_small``'s summary with the mean rank share (first stages) and the mean
+    relative error on the kept entries (factorized rows)."""
+    def mean_of(key: str) -> Any:
+        return lambda group: statistics.mean(r.get(key, float("nan")) for r in group)
+    return glue_small.summarize(runs, ROWS, {"rank share": mean_of("mean_rank_share"),
+                                             "kept error": mean_of("kept_error")})
+
+
+#: ``(a, b, margin, claim)``: the claim ``a >= b - margin`` (points of the GLUE metric).
+CLAIMS = (
+    ("lpaf", "svd", 0.0, "LPAF beats factorizing the fine-tuned dense model at equal size"),
+    ("movement-ssvd", "movement-svd", 0.0, "the sparsity-aware SVD beats the plain SVD "
+                                           "of the pruned matrices"),
+    ("lpaf", "movement-ssvd", 0.0, "mixed-rank fine-tuning beats plain fine-tuning of the "
+                                   "factorized model"),
+    ("lpaf", "magnitude-lpaf", 0.0, "first-order pruning beats magnitude pruning as the "
+                                    "first stage"),
+)
+
+
+def _rank_claim(task: str, runs: list[dict[str, Any]]) -> str | None:
+    """First-order pruning leaves lower-rank matrices than magnitude pruning, decided
+    seed by seed (every seed agreeing), with the dense model's rank beside them."""
+    shares = {row: {r["seed"]: r["mean_rank_share"] for r in runs
+                    if r["task"] == task and r["row"] == row}
+              for row in ("dense", "movement", "magnitude")}
+    seeds = sorted(set(shares["movement"]) & set(shares["magnitude"]))
+    if not seeds:
+        return None
+    lower = [shares["movement"][s] < shares["magnitude"][s] for s in seeds]
+    verdict = ("**confirmed**" if all(lower) else "**refuted**" if not any(lower)
+               else "**not decided** (the seeds disagree)")
+    dense = (f"; dense {statistics.mean(shares['dense'].values()):.3f}"
+             if shares["dense"] else "")
+    return (f"- {task}: first-order pruning leaves matrices of lower rank than magnitude "
+            f"pruning at the same sparsity (mean rank over the smaller dimension: movement "
+            f"{statistics.mean(shares['movement'][s] for s in seeds):.3f} vs magnitude "
+            f"{statistics.mean(shares['magnitude'][s] for s in seeds):.3f}{dense}; "
+            f"{len(seeds)} seed(s)): {verdict}.")
+
+
+def findings(table: Table, runs: list[dict[str, Any]]) -> list[str]:
+    """LPAF's claims per task, one Markdown bullet each."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in table):
+        rank = _rank_claim(task, runs)
+        lines += [rank] if rank else []
+        rows = {r["row"]: r for r in table if r["task"] == task}
+        for a, b, margin, text in CLAIMS:
+            if a in rows and b in rows:
+                gap, _, verdict = glue_small._compare(rows[a], rows[b], margin)
+                lines.append(f"- {task}: {text} ({a} {rows[a]['metric %']:.2f} vs {b} "
+                             f"{rows[b]['metric %']:.2f} at {rows[a]['#To/dense']:.3f} and "
+                             f"{rows[b]['#To/dense']:.3f} of dense, gap {gap:+.2f} points): "
+                             f"{verdict}.")
+    return lines
+
+
+def write_report(out: Path, results: dict[str, Any]) -> str:
+    """Table and findings to ``out`` (with the runs) and ``out.with_suffix('.md')``."""
+    order = {name: k for k, name in enumerate(ROWS)}
+    results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
+    table = summarize(results["runs"])
+    return glue_small.publish(out, results, table, findings(table, results["runs"]),
+                              "LPAF's claims, computed from the table by `benchmarks/lpaf.py`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", nargs="+", choices=list(glue_small.TASKS),
+                        default=list(glue_small.TASKS))
+    parser.add_argument("--row", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--seed", type=int, nargs="+", default=None,
+                        help="only these seeds (default: each task's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every row on the shipped SST-2 sample, 64 examples, 2 steps")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the table and verdicts from the JSON, train nothing")
+    args = parser.parse_args(argv)
+    if args.quick and args.out.resolve() == RESULTS.resolve():
+        parser.error("--quick needs its own --out: the smoke run's numbers are not results")
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
+    done = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
+    tasks = [glue_small.QUICK_TASK] if args.quick else args.task
+    todo = [key for key in glue_small.plan(tasks, args.row, args.seed) if key not in done]
+    if todo and not args.report_only:
+        bench = LpafBench(args.quick, args.out.parent / "lpaf_work" if args.quick else WORK)
+        results.update(model="all-MiniLM-L6-v2 (embedded)", targets=bench.targets,
+                       ratio=RATIO, sparsity=1.0 - RATIO, warmup=WARMUP, cooldown=COOLDOWN,
+                       mixed_rank={"p": MIXED_P, "anneal": MIXED_ANNEAL},
+                       ssvd_iterations=bench.iterations,
+                       tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
+                       threads=torch.get_num_threads())
+        for task, row, seed in todo:
+            record = run(bench, task, row, seed)
+            results["runs"].append(record)
+            print(f"{task} {row} seed {seed}: {100 * record['metric']:.2f} at "
+                  f"{record['total_over_dense']:.3f} of dense ({record['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
+            write_text(args.out, json.dumps(results, indent=2))
+    print(write_report(args.out, results))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
