@@ -179,3 +179,57 @@ def test_prune_factorize_and_mixed_rank_fine_tuning_end_to_end(tiny_bert):
     assert record["mixed_rank_p"] == 0.5 and len(record["mixed_rank_layers"]) == 12
     assert record["steps"] == 4 and 0 <= record["accuracy"] <= 1
     assert mixing.full_rank == [] and not mixing._hooks  # closed: the factors alone
+
+
+def test_the_cli_prunes_in_one_run_and_factorizes_its_model_in_a_second(tiny_bert, tmp_path,
+                                                                       capsys):
+    import json
+
+    import mpotn
+    from mpotn.cli import main
+
+    common = ["--max-steps", "4", "--batch-size", "8", "--train-limit", "32",
+              "--eval-limit", "16", "--no-progress"]
+    assert main(["finetune", str(tiny_bert), "--strategy", "full", "--prune", "0.6",
+                 *common, "--out", str(tmp_path / "pruned")]) == 0
+    pruned = json.loads((tmp_path / "pruned" / "metrics.json").read_text())
+    assert pruned["criterion"] == "movement" and pruned["sparsity"] == pytest.approx(0.6, 1e-3)
+    assert main(["finetune", str(tmp_path / "pruned" / "model"), "--strategy", "full",
+                 "--factorize", "0.4", "--ssvd-iterations", "5", *common,
+                 "--out", str(tmp_path / "lpaf")]) == 0
+    record = json.loads((tmp_path / "lpaf" / "metrics.json").read_text())
+    assert record["mixed_rank_p"] == 0.5 and len(record["mixed_rank_layers"]) == 12
+    model = mpotn.load(tmp_path / "lpaf" / "model")
+    assert {r["calibration"] for r in model.report()} == {"sparsity-aware"}
+    assert all(len(layer.cores) == 2 for layer in model.mpo_layers().values())
+    out = capsys.readouterr().out
+    assert "pruned_matrices" not in out and "mixed_rank_layers" not in out  # lists: in the JSON
+    assert " sparsity |" in out and " mixed_rank_p |" in out
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--prune", "0.5", "--strategy", "lfa"], "--prune prunes a dense model"),
+    (["--prune", "0.5", "--strategy", "full", "--factorize", "0.3"], "second run"),
+    (["--factorize", "0.3", "--strategy", "full", "--ratio", "0.5"], "drop --compress"),
+    (["--factorize", "0.3", "--strategy", "lora"], "--strategy full or lfa"),
+])
+def test_the_cli_refuses_lpaf_flags_that_do_not_go_together(tmp_path, capsys, flags, message):
+    from mpotn.cli import main
+
+    assert main(["finetune", *flags, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--prune", "1", "must be a share in (0, 1), got '1'"),
+    ("--factorize", "0", "must be a share in (0, 1), got '0'"),
+    ("--mixed-rank", "1.5", "must be a share in [0, 1], got '1.5'"),
+    ("--ssvd-iterations", "-1", "must be an integer >= 0, got '-1'"),
+])
+def test_the_cli_refuses_lpaf_values_out_of_range(capsys, flag, value, message):
+    from mpotn.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -32,6 +32,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _share(text: str, *, zero: bool = False, one: bool = False) -> float:
+    """A number in ``(0, 1)``, with 0 and 1 allowed when ``zero`` / ``one`` say so."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not ((value >= 0 if zero else value > 0) and (value <= 1 if one else value < 1)):
+        bounds = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
+        raise argparse.ArgumentTypeError(f"must be a share in {bounds}, got {text!r}")
+    return value
+
+
+def _open_share(text: str) -> float:
+    """A share strictly between 0 and 1."""
+    return _share(text)
+
+
+def _probability(text: str) -> float:
+    """A probability, 0 to 1."""
+    return _share(text, zero=True, one=True)
+
+
 def _integer(text: str, lowest: int, what: str) -> int:
     try:
         value = int(text)
@@ -45,6 +67,11 @@ def _integer(text: str, lowest: int, what: str) -> int:
 def _positive_int(text: str) -> int:
     """An integer >= 1."""
     return _integer(text, 1, "must be an integer >= 1")
+
+
+def _count(text: str) -> int:
+    """An integer >= 0."""
+    return _integer(text, 0, "must be an integer >= 0")
 
 
 def _cores(text: str) -> int:
@@ -241,4 +268,5 @@ def _print_record(record: dict, title: str) -> None:
     from mpotn.table import Table
 
     print(f"\n{title}")
-    print(Table([{k: v for k, v in record.items() if not isinstance(v, dict)}]).to_markdown())
+    print(Table([{k: v for k, v in record.items()
+                  if not isinstance(v, (dict, list))}]).to_markdown())

@@ -51,6 +51,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="save only what training changed, to OUT/adapter, as an adapter "
                                "of MODEL, which must be a compressed save (mpotn compress "
                                "--out DIR); mpotn.load(OUT/adapter, base=MODEL) reads it")
+    lpaf = finetune.add_argument_group(
+        "LPAF: prune, then factorize (two runs: --prune, then --factorize on its model/)")
+    lpaf.add_argument("--prune", type=common._open_share, default=None, metavar="SPARSITY",
+                      help="prune this share of every --targets matrix while fine-tuning "
+                           "(--strategy full; cubic schedule, 10%% warm-up, 20%% cool-down)")
+    lpaf.add_argument("--prune-criterion", choices=("movement", "magnitude"),
+                      default="movement",
+                      help="rank entries by movement scores (first order) or by magnitude "
+                           "(default: movement)")
+    lpaf.add_argument("--factorize", type=common._open_share, default=None, metavar="RATIO",
+                      help="first replace every --targets matrix by a truncated SVD of RATIO "
+                           "of its size, fitted to its non-zero entries (sparsity-aware SVD)")
+    lpaf.add_argument("--ssvd-iterations", type=common._count, default=50, metavar="N",
+                      help="fills of the sparsity-aware SVD; 0: the plain truncated SVD "
+                           "(default: 50)")
+    lpaf.add_argument("--mixed-rank", type=common._probability, default=0.5, metavar="P",
+                      help="with --factorize: probability, falling to 0 over the first half "
+                           "of the steps, that a factorized layer computes with its full-rank "
+                           "matrix (default: 0.5; 0 turns mixed-rank fine-tuning off)")
     common._add_training(finetune, epochs=3.0, default_out="mpotn-finetune")
     checkpoints = finetune.add_argument_group("checkpoints")
     checkpoints.add_argument("--save-steps", type=common._positive_int, default=None,
@@ -68,7 +87,10 @@ def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mpotn.atomic import check_writable
+    from mpotn.compression.lpaf import factorize_pruned
     from mpotn.compression.serialization import is_saved_model
+    from mpotn.finetune.mixed_rank import MixedRank
+    from mpotn.finetune.pruning import GradualPruning
     from mpotn.finetune.training import (
         SAVE_STEPS,
         check_device,
@@ -80,6 +102,15 @@ def run(args: argparse.Namespace) -> None:
     )
 
     common.check_out(args.out)
+    if args.prune is not None and (args.strategy != "full" or args.compress
+                                   or args.factorize is not None):
+        raise ValueError("--prune prunes a dense model while every parameter trains: use "
+                         "--strategy full without --compress or --factorize (factorize the "
+                         "pruned run's model/ in a second run)")
+    if args.factorize is not None and (args.compress or args.ratio or args.max_bond
+                                       or args.strategy not in ("full", "lfa")):
+        raise ValueError("--factorize makes the compressed model itself: drop --compress, "
+                         "--ratio and --max-bond, and train it with --strategy full or lfa")
     if args.adapter_only and not (args.model and is_saved_model(args.model)):
         raise ValueError(
             f"--adapter-only needs MODEL to be a compressed save, the adapter's base; "
@@ -93,12 +124,23 @@ def run(args: argparse.Namespace) -> None:
     config = common.training_config(args, args.strategy, k=args.k, lora_rank=args.lora_rank)
     compression = {k: v for k, v in (("ratio", args.ratio), ("max_bond", args.max_bond))
                    if v is not None}
+    factorize = args.factorize is not None
     model, tokenizer = prepare_model(args.model, data, config, targets=args.targets,
                                      compression=compression,
-                                     compress_model=args.compress or None,
+                                     compress_model=False if factorize else args.compress or None,
                                      progress=not args.no_progress)
+    pruning = mixed_rank = None
+    if args.prune is not None:
+        pruning = GradualPruning(model, args.prune, args.prune_criterion, args.targets)
+    if factorize:
+        model, pruned = factorize_pruned(model, args.factorize, args.targets,
+                                         iterations=args.ssvd_iterations,
+                                         progress=not args.no_progress)
+        if args.mixed_rank > 0:
+            mixed_rank = MixedRank(model, pruned, p=args.mixed_rank, seed=args.seed)
     result = finetune(model, tokenizer, data, config, progress=not args.no_progress,
-                      out=args.out, resume=args.resume, save_steps=args.save_steps or SAVE_STEPS)
+                      out=args.out, resume=args.resume, save_steps=args.save_steps or SAVE_STEPS,
+                      pruning=pruning, mixed_rank=mixed_rank)
     if not is_main_process():
         return  # the main process of a distributed launch writes and reports the run
     paths = write_run(result, tokenizer, args.out, f"fine-tuning ({args.strategy})",
