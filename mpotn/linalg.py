@@ -1,4 +1,4 @@
-"""SVDs used by the decomposition and truncation sweeps.
+"""SVDs used by the decomposition and truncation sweeps, and the sparsity-aware SVD (LPAF).
 
 Three flavours, chosen by ``method``:
 

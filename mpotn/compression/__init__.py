@@ -22,6 +22,8 @@ saving, Hugging Face helpers.
   (``add_bottleneck_adapters``, MPOBERT's optional adapters);
 * ``mpotn.compression.experts`` -- feed-forward blocks made mixtures of experts that
   share their central tensors (``upcycle_experts``, MPOE);
+* [mpotn.compression.lpaf][] -- a pruned model's matrices as truncated SVDs fitted to
+  their kept entries ([factorize_pruned][mpotn.compression.lpaf.factorize_pruned], LPAF);
 * [mpotn.compression.merge][] -- back to a dense model
   ([merge][mpotn.compression.merge.merge]);
 * [mpotn.compression.models][] -- loading Hugging Face models, naming their matrices.
@@ -46,6 +48,7 @@ from mpotn.compression.config import (
 )
 from mpotn.compression.deepen import deepen
 from mpotn.compression.experts import upcycle_experts
+from mpotn.compression.lpaf import factorize_pruned
 from mpotn.compression.merge import merge
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import (
@@ -75,6 +78,7 @@ __all__ = [
     "compress",
     "count_parameters",
     "deepen",
+    "factorize_pruned",
     "is_saved_model",
     "layer_index",
     "lfa_parameters",

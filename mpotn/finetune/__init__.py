@@ -7,6 +7,10 @@
   direct ablation;
 * [mpotn.finetune.heal][] -- healing: distilling the original model into the compressed one
   on unlabelled text;
+* [mpotn.finetune.pruning][] -- gradual pruning while fine-tuning, by movement or magnitude
+  (LPAF's first stage);
+* [mpotn.finetune.mixed_rank][] -- mixed-rank fine-tuning of a factorized model (LPAF's
+  third stage);
 * [mpotn.finetune.core_changes][] -- how far training moved central and auxiliary tensors.
 
 ``mpotn.finetune.squeeze`` as an attribute is the function; import from the
@@ -14,6 +18,8 @@ module with ``from mpotn.finetune.squeeze import ...``.
 """
 
 from mpotn.finetune.core_changes import core_changes, snapshot_cores
+from mpotn.finetune.mixed_rank import MixedRank
+from mpotn.finetune.pruning import GradualPruning
 from mpotn.finetune.squeeze import (
     SqueezeConfig,
     Squeezer,
@@ -33,6 +39,8 @@ from mpotn.finetune.training import (
 
 __all__ = [
     "FinetuneResult",
+    "GradualPruning",
+    "MixedRank",
     "SqueezeConfig",
     "SqueezeResult",
     "Squeezer",
