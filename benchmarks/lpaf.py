@@ -13,15 +13,17 @@ with a new head; RTE and MRPC with seeds 0-2, 3 epochs, 128 tokens; SST-2's firs
 20,000 training rows, one epoch, 64 tokens, seed 0; the official dev sets; every
 parameter trained). The attention and FFN matrices are pruned and factorized; the
 embeddings stay dense. ``RATIO`` = 0.25: each factorized matrix keeps a quarter of its
-parameters as a truncated SVD, and each pruned one the same share of its entries
-(sparsity 0.75), which brings the model to about 0.65 of its size either way.
+parameters as a truncated SVD, which brings the model to about 0.65 of its size, and
+each pruned one the same share of its entries (sparsity 0.75: as many non-zero
+weights; the pruned rows' #To counts the dense storage their zeros still take).
 
 Every factorized row trains twice as long as ``dense``: a first fine-tuning (dense,
 or pruning while fine-tuning), then a second one of the factorized model.
 
 ``dense``
-    fine-tuning of the dense model (saved for ``svd``); records the mean numerical
-    rank of its matrices over their smaller dimension (LPAF: nearly 1, full rank);
+    fine-tuning of the dense model (saved for ``svd``); records the mean rank of its
+    matrices over their smaller dimension, numerical and of 90% of their energy
+    (LPAF: fine-tuned matrices are nearly full rank);
 ``movement`` / ``magnitude``
     fine-tuning while pruning to sparsity 0.75 (cubic schedule, 10% warm-up, 20%
     cool-down) by movement scores (first order) or by magnitude (zeroth order); the
@@ -66,7 +68,7 @@ from mpotn.compression.lpaf import factorize_pruned
 from mpotn.compression.model import MPOModel
 from mpotn.compression.parameters import count_parameters
 from mpotn.finetune.mixed_rank import MixedRank
-from mpotn.finetune.pruning import GradualPruning
+from mpotn.finetune.pruning import ENERGY, GradualPruning, rank_measures
 from mpotn.finetune.training import finetune
 from mpotn.table import Table
 
@@ -85,13 +87,13 @@ FACTORIZED = {"svd": ("dense", False, False), "movement-svd": ("movement", False
               "magnitude-lpaf": ("magnitude", True, True)}
 
 
-def mean_rank_share(model: nn.Module, targets: list[str]) -> float:
-    """Mean numerical rank of the target matrices over their smaller dimension."""
-    shares = []
-    for _, module in select_targets(model, CompressionConfig(targets=targets)):
-        matrix = linear_matrix(module).double()
-        shares.append(int(torch.linalg.matrix_rank(matrix)) / min(matrix.shape))
-    return statistics.mean(shares)
+def rank_shares(model: nn.Module, targets: list[str]) -> dict[str, float]:
+    """``mean_rank_share`` and ``mean_energy_rank_share`` of the target matrices
+    ([rank_measures][mpotn.finetune.pruning.rank_measures])."""
+    rows = [rank_measures(linear_matrix(module))
+            for _, module in select_targets(model, CompressionConfig(targets=targets))]
+    return {f"mean_{key}": statistics.mean(r[key] for r in rows)
+            for key in ("rank_share", "energy_rank_share")}
 
 
 class LpafBench(glue_small.Bench):
@@ -119,8 +121,9 @@ def first_stage(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, A
                       progress=False, pruning=pruning)
     result.model.save_pretrained(str(bench.stage(task, row, seed)))
     record = result.record
-    extra = ({"sparsity": record["sparsity"], "mean_rank_share": record["mean_rank_share"]}
-             if pruning else {"mean_rank_share": mean_rank_share(result.model, bench.targets)})
+    extra = ({key: record[key] for key in ("sparsity", "mean_rank_share",
+                                           "mean_energy_rank_share")}
+             if pruning else rank_shares(result.model, bench.targets))
     nonzero = sum(int((p != 0).sum()) for p in result.model.parameters())
     return glue_small._run_record(
         task, row, seed, data, record, total=original, over_dense=1.0,
@@ -170,8 +173,10 @@ def summarize(runs: list[dict[str, Any]]) -> Table:
     relative error on the kept entries (factorized rows)."""
     def mean_of(key: str) -> Any:
         return lambda group: statistics.mean(r.get(key, float("nan")) for r in group)
-    return glue_small.summarize(runs, ROWS, {"rank share": mean_of("mean_rank_share"),
-                                             "kept error": mean_of("kept_error")})
+    return glue_small.summarize(runs, ROWS, {
+        "rank share": mean_of("mean_rank_share"),
+        f"{ENERGY:.0%} energy rank": mean_of("mean_energy_rank_share"),
+        "kept error": mean_of("kept_error")})
 
 
 #: ``(a, b, margin, claim)``: the claim ``a >= b - margin`` (points of the GLUE metric).
@@ -187,9 +192,10 @@ CLAIMS = (
 
 
 def _rank_claim(task: str, runs: list[dict[str, Any]]) -> str | None:
-    """First-order pruning leaves lower-rank matrices than magnitude pruning, decided
-    seed by seed (every seed agreeing), with the dense model's rank beside them."""
-    shares = {row: {r["seed"]: r["mean_rank_share"] for r in runs
+    """First-order pruning leaves matrices of lower rank than magnitude pruning (the
+    singular values holding ``ENERGY`` of each matrix), decided seed by seed (every
+    seed agreeing), with the dense model's beside them."""
+    shares = {row: {r["seed"]: r["mean_energy_rank_share"] for r in runs
                     if r["task"] == task and r["row"] == row}
               for row in ("dense", "movement", "magnitude")}
     seeds = sorted(set(shares["movement"]) & set(shares["magnitude"]))
@@ -201,7 +207,8 @@ def _rank_claim(task: str, runs: list[dict[str, Any]]) -> str | None:
     dense = (f"; dense {statistics.mean(shares['dense'].values()):.3f}"
              if shares["dense"] else "")
     return (f"- {task}: first-order pruning leaves matrices of lower rank than magnitude "
-            f"pruning at the same sparsity (mean rank over the smaller dimension: movement "
+            f"pruning at the same sparsity (singular values holding {ENERGY:.0%} of each "
+            f"matrix, over its smaller dimension: movement "
             f"{statistics.mean(shares['movement'][s] for s in seeds):.3f} vs magnitude "
             f"{statistics.mean(shares['magnitude'][s] for s in seeds):.3f}{dense}; "
             f"{len(seeds)} seed(s)): {verdict}.")

@@ -201,4 +201,5 @@ def sparsity_aware_svd(
         errors.append(error)
         if errors[-2] - error <= rtol * errors[-2]:
             break
-    return SVDCut(cut.U, cut.S, cut.Vh, torch.tensor(error, dtype=matrix.dtype)), errors
+    return SVDCut(cut.U, cut.S, cut.Vh, torch.tensor(error, dtype=matrix.dtype,
+                                                   device=matrix.device)), errors

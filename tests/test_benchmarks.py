@@ -258,6 +258,7 @@ def test_lpaf_quick_mode_runs_every_row_then_skips_them(tmp_path):
     runs = {r["row"]: r for r in json.loads(out.read_text())["runs"]}
     assert list(runs) == list(bench.ROWS)
     assert runs["dense"]["mean_rank_share"] == 1.0  # fine-tuned matrices: full rank
+    assert 0 < runs["dense"]["mean_energy_rank_share"] < 1.0
     for row in ("movement", "magnitude"):
         assert 0 < runs[row]["sparsity"] <= 0.75 and runs[row]["nonzero_over_dense"] < 1.0
         assert runs[row]["total_params"] == runs["dense"]["total_params"]

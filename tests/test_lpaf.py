@@ -101,6 +101,24 @@ def test_factorize_pruned_without_iterations_keeps_the_plain_svd_error():
                                 progress=False)
     for record in model.report():
         assert record["kept_error"] == pytest.approx(record["plain_kept_error"], rel=1e-6)
+        assert record["calibration"] == "none"
+
+
+def test_factorize_pruned_leaves_embeddings_and_other_matrices_alone():
+    bert = pruned_bert()
+    embedding = bert.embeddings.word_embeddings.weight.detach().clone()
+    model, pruned = factorize_pruned(bert, 0.3, targets=["ffn", "embeddings"],
+                                     progress=False)
+    assert len(pruned) == 4 and {r["name"] for r in model.report()} == set(pruned)
+    assert type(model.base_model.embeddings.word_embeddings) is nn.Embedding
+    assert torch.equal(model.base_model.embeddings.word_embeddings.weight, embedding)
+
+
+def test_an_unreachable_ratio_cuts_to_rank_one_as_compress_does():
+    bert = pruned_bert()
+    with pytest.warns(UserWarning, match="cut to bonds of 1"):
+        model, _ = factorize_pruned(bert, 0.001, targets=["ffn"], progress=False)
+    assert {r["bond_dims"] for r in model.report()} == {"1"}
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
@@ -140,17 +158,39 @@ def test_a_full_rank_step_computes_with_the_dense_matrices_and_trains_only_the_b
 
 def test_the_choices_depend_only_on_the_seed_and_the_step():
     model, dense = factorized_mlp()
-    first, second = MixedRank(model, dense, p=0.5, seed=3), MixedRank(model, dense, p=0.5,
-                                                                       seed=3)
-    choices = []
+    mixing = MixedRank(model, dense, p=0.5, anneal=1.0, seed=3)
+    drawn = {}
     for step in range(40):
-        first.step(step, 100)
-        second.step(step, 100)
-        assert first.full_rank == second.full_rank
-        choices.append(len(first.full_rank))
-    assert 0 < sum(choices) < 80  # some layers swapped, not all
-    first.close()
-    second.close()
+        mixing.step(step, 100)
+        drawn[step] = list(mixing.full_rank)
+    assert 0 < sum(len(v) for v in drawn.values()) < 80  # some layers swapped, not all
+    for step in (31, 4, 17):  # drawn again in another order, as a resumed run does
+        mixing.step(step, 100)
+        assert mixing.full_rank == drawn[step]
+    mixing.close()
+    other = MixedRank(model, dense, p=0.5, anneal=1.0, seed=4)
+    differs = []
+    for step in range(40):
+        other.step(step, 100)
+        differs.append(other.full_rank != drawn[step])
+    assert any(differs)  # another seed, other choices
+    other.close()
+
+
+def test_the_full_rank_matrices_are_buffers_that_move_with_the_model_and_are_freed():
+    model, dense = factorized_mlp()
+    before = set(model.base_model.state_dict())
+    mixing = MixedRank(model, dense, p=1.0, anneal=0.5)
+    layer = model.base_model[0]
+    assert torch.equal(layer.mixed_rank_dense, dense["0"])
+    assert set(model.base_model.state_dict()) == before  # not saved, not counted
+    model.double()
+    mixing.step(0, 10)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert layer.mixed_rank_dense.dtype == torch.float64 and model(x).dtype == torch.float64
+    mixing.step(5, 10)  # annealed to 0: the matrices are freed
+    assert not hasattr(layer, "mixed_rank_dense")
+    mixing.close()
 
 
 def test_mixed_rank_refuses_what_it_cannot_swap():
@@ -170,9 +210,11 @@ def test_prune_factorize_and_mixed_rank_fine_tuning_end_to_end(tiny_bert):
     model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
     pruning = GradualPruning(model, 0.5, warmup=0.25, cooldown=0.25)
     finetune(model, tokenizer, data, config, progress=False, pruning=pruning)
+    dense_params = sum(p.numel() for p in model.parameters())
     compressed, pruned = factorize_pruned(model, 0.4, iterations=20, progress=False)
-    assert len(pruned) == 12 and compressed.totals()["total_params"] < sum(
-        p.numel() for p in model.parameters()) + sum(w.numel() for w in pruned.values())
+    matrices = sum(w.numel() for w in pruned.values())
+    assert len(pruned) == 12 and compressed.totals()["total_params"] == pytest.approx(
+        dense_params - 0.6 * matrices, rel=0.01)  # each matrix at 0.4 of its size, or less
     mixing = MixedRank(compressed, pruned, p=0.5, anneal=0.5)
     record = finetune(compressed, tokenizer, data, config, progress=False,
                       mixed_rank=mixing).record
@@ -212,6 +254,9 @@ def test_the_cli_prunes_in_one_run_and_factorizes_its_model_in_a_second(tiny_ber
     (["--prune", "0.5", "--strategy", "full", "--factorize", "0.3"], "second run"),
     (["--factorize", "0.3", "--strategy", "full", "--ratio", "0.5"], "drop --compress"),
     (["--factorize", "0.3", "--strategy", "lora"], "--strategy full or lfa"),
+    (["--prune-criterion", "magnitude"], "give --prune too"),
+    (["--mixed-rank", "0"], "give --factorize too"),
+    (["--ssvd-iterations", "3"], "give --factorize too"),
 ])
 def test_the_cli_refuses_lpaf_flags_that_do_not_go_together(tmp_path, capsys, flags, message):
     from mpotn.cli import main

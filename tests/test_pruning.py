@@ -29,26 +29,53 @@ def test_cubic_schedule_starts_after_the_warmup_and_reaches_the_target_at_the_co
 
 def test_movement_scores_accumulate_minus_gradient_times_weight_under_sgd():
     model = mlp()
-    pruning = GradualPruning(model, 0.5, targets="0|2", warmup=0.5, cooldown=0.0)
+    pruning = GradualPruning(model, 0.5, targets="0|2", warmup=0.2, cooldown=0.3)
     weights = dict(model.named_parameters())
     originals = [weights[f"{k}.parametrizations.weight.original"] for k in (0, 2)]
+    masks = [model[k].parametrizations.weight[0] for k in (0, 2)]
     lr = 0.1
     optimizer = torch.optim.SGD(pruning.scores(), lr=lr)
     expected = [torch.zeros_like(w) for w in originals]
     x, y = torch.randn(32, 6, dtype=torch.double), torch.randn(32, 3, dtype=torch.double)
-    for t in range(3):  # warm-up: nothing pruned, the effective weight is W itself
-        assert pruning.step(t, 10) == 0.0
+    for t in range(7):  # warm-up, then masks that prune more at every step
+        pruning.step(t, 10)
         model.zero_grad()
-        effective = [w.detach().clone().requires_grad_(True) for w in originals]
+        effective = [(w * m.mask).detach().requires_grad_(True)
+                     for w, m in zip(originals, masks, strict=True)]
         hidden = torch.tanh(x @ effective[0].T + model[0].bias)
         loss = ((hidden @ effective[1].T + model[2].bias - y) ** 2).mean()
-        grads = torch.autograd.grad(loss, effective)
+        grads = torch.autograd.grad(loss, effective)  # dL/dW', pruned entries included
         for k, (w, g) in enumerate(zip(originals, grads, strict=True)):
             expected[k] -= lr * g * w.detach()
         ((model(x) - y) ** 2).mean().backward()
         optimizer.step()
+    assert 0 < int((~masks[0].mask).sum()) < 60  # the last steps ran with a partial mask
     for score, want in zip(pruning.scores(), expected, strict=True):
-        torch.testing.assert_close(score.detach(), want, rtol=1e-12, atol=1e-15)
+        assert score.dtype == torch.float32  # whatever the weight's dtype
+        torch.testing.assert_close(score.detach(), want.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_cooldown_fixes_the_masks_and_stops_the_scores():
+    model = mlp()
+    pruning = GradualPruning(model, 0.6, targets="0|2", warmup=0.0, cooldown=0.4)
+    optimizer = torch.optim.Adam(pruning.scores(), lr=0.1)
+    mask = model[0].parametrizations.weight[0]
+    x = torch.randn(16, 6, dtype=torch.double)
+    for t in range(10):
+        pruning.step(t, 10)
+        if t == 6:  # the first cool-down step: the final sparsity, then nothing moves
+            fixed_mask, fixed_scores = mask.mask.clone(), mask.scores.detach().clone()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert bool(mask.fixed) and torch.equal(mask.mask, fixed_mask)
+    assert torch.equal(mask.scores.detach(), fixed_scores)
+    assert int((~fixed_mask).sum()) == 36  # 0.6 of 60 entries
+
+
+@pytest.mark.parametrize("total", [1, 3, 10])
+def test_the_last_step_reaches_the_final_sparsity_without_a_cooldown(total):
+    assert cubic_sparsity(total - 1, total, 0.9, warmup=0.0, cooldown=0.0) == 0.9
 
 
 def test_each_matrix_keeps_exactly_its_top_scored_entries_and_finalize_writes_them():
@@ -132,6 +159,8 @@ def test_finetune_prunes_to_the_target_sparsity_and_records_the_ranks(tiny_bert)
     assert len(pruning.modules) == 2 * 6  # attention and FFN matrices of both layers
     record = finetune(model, tokenizer, data, config, progress=False, pruning=pruning).record
     assert record["criterion"] == "movement" and record["steps"] == 6
+    assert record["pruned_matrices"] == list(pruning.modules) and len(pruning.modules) == 12
+    assert 0 < record["mean_energy_rank_share"] <= record["mean_rank_share"] <= 1
     matrices = 2 * (4 * 32 * 32 + 2 * 32 * 64)  # attention and FFN of both layers
     assert record["score_params"] == matrices  # one score per pruned entry, counted apart
     assert record["trainable_params"] == record["total_params"] == sum(
@@ -172,3 +201,24 @@ def test_a_resumed_pruning_run_ends_with_the_weights_of_an_uninterrupted_one(
     with pytest.raises(ValueError, match="pruning"):
         finetune(model, tokenizer, data, config, progress=False, out=tmp_path / "killed",
                  resume=True, save_steps=2, pruning=other)
+
+
+def test_finetune_refuses_pruning_with_a_strategy_that_is_not_full(tiny_bert):
+    data = sst2_sample()
+    config = TrainingConfig(strategy="last-k", k=1, max_steps=1, batch_size=8, train_limit=8)
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    with pytest.raises(ValueError, match="strategy 'full', not 'last-k'"):
+        finetune(model, tokenizer, data, config, progress=False,
+                 pruning=GradualPruning(model, 0.5))
+
+
+def test_energy_rank_counts_the_singular_values_that_hold_most_of_the_matrix():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(torch.tensor([3.0, 1.0, 1.0, 1.0])))
+    pruning = GradualPruning(model, 0.5, "magnitude", targets="0", warmup=0.0, cooldown=0.5)
+    rows = pruning.finalize()  # no step taken: nothing pruned
+    # the energy kept by 1, 2, 3 values: 9, 10, 11 of 12; 11/12 is the first >= 0.9
+    assert rows[0]["rank"] == 4 and rows[0]["energy_rank_share"] == 3 / 4
+    with pytest.raises(ValueError, match="finalize\\(\\) runs once"):
+        pruning.finalize()

@@ -56,17 +56,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lpaf.add_argument("--prune", type=common._open_share, default=None, metavar="SPARSITY",
                       help="prune this share of every --targets matrix while fine-tuning "
                            "(--strategy full; cubic schedule, 10%% warm-up, 20%% cool-down)")
-    lpaf.add_argument("--prune-criterion", choices=("movement", "magnitude"),
-                      default="movement",
+    lpaf.add_argument("--prune-criterion", choices=("movement", "magnitude"), default=None,
                       help="rank entries by movement scores (first order) or by magnitude "
                            "(default: movement)")
     lpaf.add_argument("--factorize", type=common._open_share, default=None, metavar="RATIO",
                       help="first replace every --targets matrix by a truncated SVD of RATIO "
                            "of its size, fitted to its non-zero entries (sparsity-aware SVD)")
-    lpaf.add_argument("--ssvd-iterations", type=common._count, default=50, metavar="N",
-                      help="fills of the sparsity-aware SVD; 0: the plain truncated SVD "
-                           "(default: 50)")
-    lpaf.add_argument("--mixed-rank", type=common._probability, default=0.5, metavar="P",
+    lpaf.add_argument("--ssvd-iterations", type=common._count, default=None, metavar="N",
+                      help="with --factorize: fills of the sparsity-aware SVD; 0: the plain "
+                           "truncated SVD (default: 50)")
+    lpaf.add_argument("--mixed-rank", type=common._probability, default=None, metavar="P",
                       help="with --factorize: probability, falling to 0 over the first half "
                            "of the steps, that a factorized layer computes with its full-rank "
                            "matrix (default: 0.5; 0 turns mixed-rank fine-tuning off)")
@@ -107,6 +106,11 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--prune prunes a dense model while every parameter trains: use "
                          "--strategy full without --compress or --factorize (factorize the "
                          "pruned run's model/ in a second run)")
+    if args.prune is None and args.prune_criterion is not None:
+        raise ValueError("--prune-criterion says how --prune ranks entries: give --prune too")
+    if args.factorize is None and (args.ssvd_iterations, args.mixed_rank) != (None, None):
+        raise ValueError("--ssvd-iterations and --mixed-rank shape --factorize: give "
+                         "--factorize too")
     if args.factorize is not None and (args.compress or args.ratio or args.max_bond
                                        or args.strategy not in ("full", "lfa")):
         raise ValueError("--factorize makes the compressed model itself: drop --compress, "
@@ -131,13 +135,15 @@ def run(args: argparse.Namespace) -> None:
                                      progress=not args.no_progress)
     pruning = mixed_rank = None
     if args.prune is not None:
-        pruning = GradualPruning(model, args.prune, args.prune_criterion, args.targets)
+        pruning = GradualPruning(model, args.prune, args.prune_criterion or "movement",
+                                 args.targets)
     if factorize:
-        model, pruned = factorize_pruned(model, args.factorize, args.targets,
-                                         iterations=args.ssvd_iterations,
-                                         progress=not args.no_progress)
-        if args.mixed_rank > 0:
-            mixed_rank = MixedRank(model, pruned, p=args.mixed_rank, seed=args.seed)
+        model, pruned = factorize_pruned(
+            model, args.factorize, args.targets, progress=not args.no_progress,
+            iterations=50 if args.ssvd_iterations is None else args.ssvd_iterations)
+        p = 0.5 if args.mixed_rank is None else args.mixed_rank
+        mixed_rank = MixedRank(model, pruned, p=p, seed=args.seed) if p > 0 else None
+        del pruned  # the full-rank matrices live in the layers' buffers, or nowhere
     result = finetune(model, tokenizer, data, config, progress=not args.no_progress,
                       out=args.out, resume=args.resume, save_steps=args.save_steps or SAVE_STEPS,
                       pruning=pruning, mixed_rank=mixed_rank)

@@ -15,7 +15,8 @@ the MPO layer holds ``L`` exactly and the model is an ordinary
 Each report row tells the truth about the pruned matrix, not ``L``:
 ``relative_error`` is ``||A - L|| / ||A||``, ``kept_error`` the same on the kept
 entries only, ``plain_kept_error`` what the plain truncated SVD of ``A`` leaves there,
-and ``sparsity`` the share of zeros in ``A``.
+``sparsity`` the share of zeros in ``A``, and ``calibration`` says
+``"sparsity-aware"`` (``"none"`` when no fill ran: the plain truncated SVD).
 
 Examples
 --------
@@ -34,6 +35,7 @@ Examples
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -44,13 +46,6 @@ from mpotn.compression.compress import compress
 from mpotn.compression.config import CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel
 from mpotn.linalg import sparsity_aware_svd
-from mpotn.methods.svd import svd_shapes
-from mpotn.mpo import MPO
-from mpotn.truncation import TruncationPolicy
-
-
-def _relative(difference: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(difference.norm()) / (float(reference.norm()) or 1.0)
 
 
 def factorize_pruned(
@@ -104,24 +99,37 @@ def factorize_pruned(
     for name, module in linears:
         matrix = linear_matrix(module).double()  # in x out, the paper's orientation
         mask = matrix != 0
-        n, row_shape, col_shape = svd_shapes(*matrix.shape)
-        plain = MPO.from_matrix(matrix, n, row_shape, col_shape, svd="full")
-        plain = plain.truncate_to(TruncationPolicy(ratio=ratio))
-        cut, _ = sparsity_aware_svd(matrix, mask, plain.bond_dims[1], iterations, rtol)
+        cut, fills = sparsity_aware_svd(matrix, mask, svd_rank(*matrix.shape, ratio),
+                                        iterations, rtol)
         fitted = (cut.U * cut.S) @ cut.Vh
         pruned[name] = module.weight.detach().clone() if is_linear(module) else \
             module.weight.detach().T.clone()
+        norm = float(matrix.norm()) or 1.0
         errors[name] = {
-            "relative_error": _relative(matrix - fitted, matrix),
-            "kept_error": _relative(torch.where(mask, matrix - fitted, 0.0), matrix),
-            "plain_kept_error": _relative(
-                torch.where(mask, matrix - plain.to_matrix().double(), 0.0), matrix),
+            "relative_error": float((matrix - fitted).norm()) / norm,
+            "kept_error": fills[-1] / norm,
+            "plain_kept_error": fills[0] / norm,  # the plain truncated SVD's
             "sparsity": float((~mask).double().mean()),
+            "calibration": "sparsity-aware" if len(fills) > 1 else "none",
         }
         with torch.no_grad():
             module.weight.copy_(fitted.T if is_linear(module) else fitted)
-    compressed = compress(model, targets=config.targets, exclude=config.exclude,
-                          structure="svd", ratio=ratio, progress=progress)
+    exact = "|".join(re.escape(name) for name, _ in linears)  # these matrices, no others
+    compressed = compress(model, targets=exact, structure="svd", ratio=ratio,
+                          progress=progress)
     for record in compressed.records:
-        record.update(errors[record["name"]], calibration="sparsity-aware")
+        record.update(errors[record["name"]])
     return compressed, pruned
+
+
+def svd_rank(rows: int, cols: int, ratio: float) -> int:
+    """The rank [compress][mpotn.compression.compress.compress] gives an ``svd``-structure
+    matrix at ``ratio``: the largest ``r`` with ``r (I + J) <= int(ratio * I * J)``, at
+    least 1 (``compress`` cuts an unreachable ratio to bonds of 1 and warns).
+
+    Examples
+    --------
+    >>> svd_rank(384, 1536, 0.25), svd_rank(8, 8, 0.01)
+    (76, 1)
+    """
+    return max(1, int(ratio * rows * cols) // (rows + cols))

@@ -12,9 +12,11 @@ low-rank factors train in a network whose other layers are partly still full ran
 and the last ``1 - anneal`` share of the steps trains the factorized model alone.
 
 The choice is drawn per step and layer from a generator seeded with ``seed`` and the
-step, so a resumed run makes the same choices. The full-rank matrices live in the
-[MixedRank][mpotn.finetune.mixed_rank.MixedRank] object, not in the model: saves and
-parameter counts are those of the factorized model.
+step, so a resumed run makes the same choices. Each full-rank matrix is a
+non-persistent buffer of its layer (``mixed_rank_dense``): it moves and is replicated
+with the model (several GPUs included), but saves and parameter counts are those of the
+factorized model, and it is freed once the probability reaches 0 or at
+[close][mpotn.finetune.mixed_rank.MixedRank.close].
 [finetune][mpotn.finetune.training.finetune] takes ``mixed_rank=MixedRank(...)``.
 
 Examples
@@ -46,6 +48,9 @@ import torch
 from torch import nn
 
 from mpotn.compression.config import MPO_LAYERS
+
+#: The name of the buffer that holds a layer's full-rank matrix while it trains.
+BUFFER = "mixed_rank_dense"
 
 
 class MixedRank:
@@ -89,7 +94,9 @@ class MixedRank:
                 raise ValueError(f"{name}: a full-rank weight of shape {tuple(weight.shape)} "
                                  f"for a {layer.in_features} -> {layer.out_features} layer")
             self.layers[name] = layer
-        self.dense = {name: weight.detach() for name, weight in dense.items()}
+        for name, layer in self.layers.items():
+            layer.register_buffer(BUFFER, dense[name].detach().to(
+                layer.central.device, layer.central.dtype), persistent=False)
         self.p, self.anneal, self.seed = p, anneal, seed
         self.full_rank: list[str] = []
         self.probability = p
@@ -100,10 +107,7 @@ class MixedRank:
         def swap(layer: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
             if not layer.training or name not in self.full_rank:
                 return None
-            x = args[0]
-            if self.dense[name].device != x.device or self.dense[name].dtype != x.dtype:
-                self.dense[name] = self.dense[name].to(x.device, x.dtype)
-            return nn.functional.linear(x, self.dense[name], layer.bias)
+            return nn.functional.linear(args[0], getattr(layer, BUFFER), layer.bias)
         return swap
 
     def settings(self) -> dict[str, Any]:
@@ -115,6 +119,8 @@ class MixedRank:
         """Draw which layers compute at full rank during optimizer step ``step`` of
         ``total``; returns that step's probability ``p_t``."""
         self.probability = self.p * max(0.0, 1.0 - step / (self.anneal * total))
+        if self.probability == 0.0:  # annealed: the full-rank matrices are not needed again
+            self._free()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         draws = torch.rand(len(self.layers), generator=generator, dtype=torch.float64)
         self.full_rank = [name for name, u in zip(self.layers, draws.tolist(), strict=True)
@@ -134,8 +140,14 @@ class MixedRank:
 
         return _MixedRankCallback()
 
+    def _free(self) -> None:
+        for layer in self.layers.values():
+            layer._buffers.pop(BUFFER, None)
+
     def close(self) -> None:
-        """Remove the hooks: every layer computes with its factors again."""
+        """Remove the hooks and the full-rank matrices: every layer computes with its
+        factors again."""
         for hook in self._hooks:
             hook.remove()
+        self._free()
         self._hooks, self.full_rank = [], []

@@ -44,7 +44,7 @@ Examples
 ...                          cooldown=0.2)
 >>> optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 >>> for t in range(10):
-...     _ = pruning.step(t, 10)  # the sparsity of step t: 0.0, 0.2, 0.37, ..., 0.75
+...     _ = pruning.step(t, 10)  # the sparsity of step t: 0.0, 0.25, 0.43, ..., 0.75
 ...     loss = model(torch.randn(16, 8)).pow(2).mean()
 ...     loss.backward()
 ...     optimizer.step()
@@ -75,7 +75,7 @@ def cubic_sparsity(step: int, total: int, sparsity: float, initial: float = 0.0,
     """The sparsity at optimizer step ``step`` of ``total`` (Zhu & Gupta, 2018).
 
     ``initial`` for the first ``warmup * total`` steps, ``sparsity`` for the last
-    ``cooldown * total`` steps, and between them
+    ``cooldown * total`` steps (the last step at least), and between them
     ``s_f + (s_i - s_f)(1 - progress)^3`` with ``progress = (step - start) / (end - start)``
     rising from 0 at the first step after the warm-up (``start``) towards 1 at the
     first step of the cool-down (``end``).
@@ -86,7 +86,7 @@ def cubic_sparsity(step: int, total: int, sparsity: float, initial: float = 0.0,
     [0.0, 0.0, 0.0, 0.379, 0.633, 0.787, 0.867, 0.896, 0.9, 0.9]
     """
     start = round(warmup * total)
-    end = total - round(cooldown * total)
+    end = total - max(1, round(cooldown * total))  # the last step at least: at the target
     if step < start:
         return initial
     if step >= end:
@@ -99,26 +99,33 @@ class PruningMask(nn.Module):
     """A parametrization ``W -> W ⊙ M`` whose mask ``M`` keeps the top-ranked entries.
 
     With ``movement`` the entries are ranked by ``scores`` (an ``nn.Parameter`` of the
-    weight's shape, zero at first), which get the gradient ``(∂L/∂W') ⊙ W`` through a
-    straight-through estimator; without, by ``|W|``. ``mask`` (a boolean buffer, all
-    true at first) is set by [set_density][mpotn.finetune.pruning.PruningMask.set_density].
+    weight's shape, float32 whatever the weight's dtype so that small steps add up, zero
+    at first), which get the gradient ``(∂L/∂W') ⊙ W`` through a straight-through
+    estimator; without, by ``|W|``. ``mask`` (a boolean buffer, all true at first) is set
+    by [set_density][mpotn.finetune.pruning.PruningMask.set_density]; once ``fixed`` (a
+    boolean buffer, so that a checkpoint keeps it) is set, neither the mask nor the
+    scores change again.
     """
 
     def __init__(self, weight: torch.Tensor, movement: bool = True) -> None:
         super().__init__()
-        self.scores = nn.Parameter(torch.zeros_like(weight)) if movement else None
+        self.scores = (nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
+                       if movement else None)
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool))
+        self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=weight.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         gate = self.mask.to(weight.dtype)
-        if self.scores is not None:  # the value is the mask; the scores get its gradient
-            gate = gate + (self.scores - self.scores.detach())
+        if self.scores is not None and not self.fixed:  # value: the mask; the scores: its
+            gate = gate + (self.scores - self.scores.detach()).to(weight.dtype)  # gradient
         return weight * gate
 
     @torch.no_grad()
     def set_density(self, density: float, weight: torch.Tensor) -> None:
         """Keep the ``round(density * numel)`` entries of highest score (of largest
-        ``|weight|`` without scores), the others masked."""
+        ``|weight|`` without scores), the others masked; nothing changes once ``fixed``."""
+        if self.fixed:
+            return
         rank_by = (self.scores if self.scores is not None else weight.abs()).flatten()
         keep = round(density * rank_by.numel())
         mask = torch.zeros(rank_by.numel(), dtype=torch.bool, device=self.mask.device)
@@ -129,6 +136,9 @@ class PruningMask(nn.Module):
 
 #: The pruning criteria: first-order (movement) and zeroth-order (magnitude).
 CRITERIA = ("movement", "magnitude")
+
+#: Share of ``||W||_F^2`` that ``energy_rank_share`` keeps.
+ENERGY = 0.9
 
 
 class GradualPruning:
@@ -205,10 +215,15 @@ class GradualPruning:
                 "cooldown": self.cooldown, "pruned_matrices": list(self.modules)}
 
     def step(self, step: int, total: int) -> float:
-        """Set every mask for optimizer step ``step`` of ``total``; returns the sparsity."""
+        """Set every mask for optimizer step ``step`` of ``total``; returns the sparsity.
+        From the first step of the cool-down on, the masks are fixed: the scores stop
+        training and later steps change nothing."""
         self.current = cubic_sparsity(step, total, self.sparsity, warmup=self.warmup,
                                       cooldown=self.cooldown)
         self._set(1.0 - self.current)
+        if step >= total - max(1, round(self.cooldown * total)):
+            for module in self.modules.values():
+                module.parametrizations.weight[0].fixed.fill_(True)
         return self.current
 
     def callback(self) -> Any:
@@ -228,26 +243,52 @@ class GradualPruning:
         """Write ``W ⊙ M`` into each target's weight and remove its scores and mask.
 
         Returns one row per matrix: ``name``, ``shape``, ``sparsity`` (share of zero
-        entries), ``rank`` (its numerical rank, ``torch.linalg.matrix_rank``) and
-        ``rank_share`` (rank over the smaller dimension), LPAF's measure of how much a
-        factorization can keep.
+        entries), ``rank`` (its numerical rank, ``torch.linalg.matrix_rank``; below full
+        only where whole rows or columns are pruned) and ``rank_share`` (over the smaller
+        dimension), and ``energy_rank_share``: the fewest singular values that hold
+        ``ENERGY`` of ``||W||_F^2``, over the smaller dimension (what a truncated SVD needs
+        to keep most of the matrix). The pruning's targets stay in ``modules``.
         """
         rows = []
         for name, module in self.modules.items():
+            if not parametrize.is_parametrized(module, "weight"):
+                raise ValueError(f"{name} is no longer pruned: finalize() runs once")
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
             weight = module.weight.detach()
-            rank = int(torch.linalg.matrix_rank(weight.double()))
             rows.append({"name": name, "shape": tuple(weight.shape),
-                         "sparsity": float((weight == 0).double().mean()), "rank": rank,
-                         "rank_share": rank / min(weight.shape)})
-        self.modules = {}
+                         "sparsity": float((weight == 0).double().mean()),
+                         **rank_measures(weight)})
         return Table(rows)
 
 
+def rank_measures(matrix: torch.Tensor) -> dict[str, float]:
+    """``rank`` (numerical, ``torch.linalg.matrix_rank`` in float64), ``rank_share`` (over
+    the smaller dimension) and ``energy_rank_share``: the fewest singular values holding
+    ``ENERGY`` of ``||matrix||_F^2``, over the smaller dimension.
+
+    Examples
+    --------
+    >>> import torch
+    >>> rank_measures(torch.diag(torch.tensor([3.0, 1.0, 1.0, 0.0])))  # 9 + 1 of 11: 0.91
+    {'rank': 3, 'rank_share': 0.75, 'energy_rank_share': 0.5}
+    """
+    matrix = matrix.detach().double()
+    values = torch.linalg.svdvals(matrix)
+    rank = int(torch.linalg.matrix_rank(matrix))
+    kept = torch.cumsum(values**2, 0) / (values**2).sum().clamp_min(1e-300)
+    energy = int((kept < ENERGY).sum()) + 1
+    smaller = min(matrix.shape)
+    return {"rank": rank, "rank_share": rank / smaller,
+            "energy_rank_share": min(energy, smaller) / smaller}
+
+
 def pruning_summary(rows: Table) -> dict[str, float]:
-    """``sparsity`` (zeros over all entries) and ``mean_rank_share`` of the rows of
+    """``sparsity`` (zeros over all entries), ``mean_rank_share`` and
+    ``mean_energy_rank_share`` of the rows of
     [GradualPruning.finalize][mpotn.finetune.pruning.GradualPruning.finalize]."""
     sizes = [math.prod(r["shape"]) for r in rows]
     return {"sparsity": math.fsum(r["sparsity"] * n for r, n in zip(rows, sizes, strict=True))
             / sum(sizes),
-            "mean_rank_share": math.fsum(r["rank_share"] for r in rows) / len(rows)}
+            "mean_rank_share": math.fsum(r["rank_share"] for r in rows) / len(rows),
+            "mean_energy_rank_share": math.fsum(r["energy_rank_share"] for r in rows)
+            / len(rows)}

@@ -715,14 +715,15 @@ def finetune(
         Optimizer steps between checkpoints (with ``out``).
     pruning:
         Prune while training: a [GradualPruning][mpotn.finetune.pruning.GradualPruning]
-        attached to ``model`` (LPAF's first stage). Its masks follow its schedule over
-        this run's steps, its movement scores train in their own optimizer group (no
-        weight decay; ``score_params`` in the record, left out of ``trainable_params``
-        and ``total_params``), and at the end it is finalized: the weights hold their zeros and
-        the record gets ``sparsity``, ``mean_rank_share`` and one row per matrix
-        (``pruned``). A resumed run needs the same pruning attached again.
+        attached to ``model`` (LPAF's first stage; strategy ``full``). Its masks follow
+        its schedule over this run's steps and its movement scores train in their own
+        optimizer group (no weight decay; ``score_params`` in the record, left out of
+        ``trainable_params`` and ``total_params``). At the end it is finalized: the
+        weights hold their zeros and the record gets the pruning's settings,
+        ``sparsity``, ``mean_rank_share``, ``mean_energy_rank_share`` and one row per
+        matrix (``pruned``). A resumed run needs the same pruning attached again.
     mixed_rank:
-        Mixed-rank fine-tuning (LPAF's third stage): a
+        Mixed-rank fine-tuning (LPAF's third stage; strategy ``full`` or ``lfa``): a
         [MixedRank][mpotn.finetune.mixed_rank.MixedRank] on ``model``'s factorized
         layers draws which of them compute at full rank at each step, and is closed at
         the end (its settings go into the record).
@@ -741,6 +742,12 @@ def finetune(
 
     if data.train is None:
         raise ValueError("the task has no training split to fine-tune on")
+    if pruning is not None and config.strategy != "full":
+        raise ValueError(f"pruning prunes a dense model while every parameter trains: "
+                         f"strategy 'full', not {config.strategy!r}")
+    if mixed_rank is not None and config.strategy not in ("full", "lfa"):
+        raise ValueError(f"mixed-rank fine-tuning trains the factorized model with strategy "
+                         f"'full' or 'lfa', not {config.strategy!r}")
     if save_steps < 1:
         raise ValueError(f"save_steps must be >= 1, got {save_steps}")
     check_device(config.device)
