@@ -6,6 +6,7 @@ once and runs already in the JSON are skipped, so a stopped run continues)::
     python benchmarks/glue_sharing.py                          # every run not yet done
     python benchmarks/glue_sharing.py --task rte --row mpoe4 --seed 0   # chosen runs
     python benchmarks/glue_sharing.py --report-only            # the tables and verdicts
+    python benchmarks/glue_sharing.py --timing --report-only   # step times against dense
     python benchmarks/glue_sharing.py --quick --out /tmp/s.json   # smoke run (tests)
 
 Model, data and training are those of ``glue_small.py`` (the embedded
@@ -45,7 +46,12 @@ MPOE rows (FFN blocks; top-2 routing, capacity 1.25, router loss 0.01):
 
 Writes ``benchmarks/results/glue_sharing.json`` (every run) and
 ``glue_sharing.md`` (mean and spread per task and row, then the papers' claims as
-verdicts).
+verdicts). The runs' wall times are not comparable across rows (they ran at different
+times, beside different jobs): ``--timing`` measures each row's training step time over
+dense's in one process, with the models interleaved, into
+``glue_sharing_timing.json``; the table's ``step x dense`` column reads it::
+
+    python benchmarks/glue_sharing.py --task sst2 --timing --report-only
 """
 
 from __future__ import annotations
@@ -159,9 +165,10 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
     return model, extra, seconds
 
 
-def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, int]
-            ) -> tuple[nn.Module, dict[str, Any]]:
-    """The row's model before fine-tuning, and what to record about it."""
+def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, int],
+            healed: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The row's model before fine-tuning (healed unless ``healed`` is false), and what
+    to record about it."""
     dense = bench.classifier(task, seed)
     extra: dict[str, Any] = {}
     if row in ("shared-layer", "shared-fit", "deep12"):
@@ -193,7 +200,7 @@ def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str
         extra["ffn_params_multiple"] = ffn_params(model) / ffn_params(dense)
     else:
         raise ValueError(f"unknown row {row!r}")
-    if row in HEALED:
+    if row in HEALED and healed:
         bench.heal(model, dense, task)
     return model, extra
 
@@ -219,18 +226,64 @@ def run(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, in
         seconds=prep + record["train_seconds"])
 
 
+def _step_seconds(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Seconds of one training step's work: forward, loss, backward."""
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def step_times(bench: SharingBench, task: str, rows: list[str], sizes: dict[str, int],
+               repeats: int = 7) -> dict[str, float]:
+    """Each row's training step time over dense's, measured in this one process: the
+    rows' models (untrained: the time does not depend on the weights; shared centrals
+    fitted with no ALS sweep) each take a step on the same batch of 32 training
+    examples, interleaved with the dense model's steps so that load changes hit both,
+    and the ratio is of the medians."""
+    from transformers import DataCollatorWithPadding
+
+    from mpotn.compression.models import padding_tokenizer
+    from mpotn.finetune.training import tokenize
+
+    data = bench.data(task)
+    train, _ = tokenize(data, bench.tokenizer, bench.training(task, "full", 0).max_length,
+                        train_limit=32, eval_limit=1)
+    collate = DataCollatorWithPadding(padding_tokenizer(bench.tokenizer))
+    batch = collate([train[k] for k in range(len(train))])
+    batch["labels"] = batch.pop("label") if "label" in batch else batch.pop("labels")
+    dense = bench.classifier(task, 0).train()
+    sweeps, bench.sweeps = bench.sweeps, 0
+    try:
+        ratios = {}
+        for row in rows:
+            model = (dense if row == "dense"
+                     else prepare(bench, task, row, 0, sizes, healed=False)[0]).train()
+            pairs = [(_step_seconds(dense, batch), _step_seconds(model, batch))
+                     for _ in range(repeats + 1)][1:]  # the first step warms up
+            ratios[row] = (statistics.median(b for _, b in pairs)
+                           / statistics.median(a for a, _ in pairs))
+    finally:
+        bench.sweeps = sweeps
+    return ratios
+
+
 def _ffn_multiple(group: list[dict[str, Any]]) -> float:
     multiple = [r["ffn_params_multiple"] for r in group if "ffn_params_multiple" in r]
     return statistics.mean(multiple) if multiple else float("nan")
 
 
-def summarize(runs: list[dict[str, Any]]) -> Table:
-    """``glue_small``'s summary of these rows, with the FFN's size against dense and the
-    time per training step."""
-    return glue_small.summarize(runs, ROWS, {
-        "FFN x dense": _ffn_multiple,
-        "s/step": lambda group: statistics.mean(
-            r.get("seconds_per_step", r["seconds"] / max(r["steps"], 1)) for r in group)})
+def summarize(runs: list[dict[str, Any]], steps: dict[str, dict[str, float]] | None = None
+              ) -> Table:
+    """``glue_small``'s summary of these rows, with the FFN's size against dense and each
+    row's training step time over dense's measured in one process (``steps``, from
+    ``step_times``; ``--timing``). The runs' own seconds per step are not compared:
+    they ran at different times, beside different jobs."""
+    table = glue_small.summarize(runs, ROWS, {"FFN x dense": _ffn_multiple})
+    for row in table:
+        row["step x dense"] = (steps or {}).get(row["task"], {}).get(row["row"], float("nan"))
+    return table
 
 
 #: ``(a, b, margin, claim)``: the claim ``a >= b - margin`` (points of the GLUE metric).
@@ -264,11 +317,19 @@ def findings(table: Table) -> list[str]:
     return lines
 
 
+def _timing_path(out: Path) -> Path:
+    """Where ``--timing`` keeps its ratios: beside ``out``, apart from the runs, so that a
+    training invocation running at the same time cannot overwrite them."""
+    return out.with_name(f"{out.stem}_timing.json")
+
+
 def write_report(out: Path, results: dict[str, Any]) -> str:
     """Tables and findings to ``out`` (with the runs) and ``out.with_suffix('.md')``."""
     order = {name: k for k, name in enumerate(ROWS)}
     results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
-    table = summarize(results["runs"])
+    timing = _timing_path(out)
+    steps = json.loads(timing.read_text()) if timing.is_file() else None
+    table = summarize(results["runs"], steps)
     return glue_small.publish(out, results, table, findings(table), "The papers' claims, "
                               "computed from the table by `benchmarks/glue_sharing.py`")
 
@@ -295,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     parser.add_argument("--report-only", action="store_true",
                         help="print the tables and verdicts from the JSON, train nothing")
+    parser.add_argument("--timing", action="store_true",
+                        help="measure, in this one process, each row's training step time "
+                             "over dense's for the chosen tasks and rows (a few minutes; "
+                             "nothing is trained), into OUT's _timing.json")
     args = parser.parse_args(argv)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     done = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
@@ -316,6 +381,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{record['total_over_dense']:.3f} of dense ({record['seconds']:.0f} s)",
                   file=sys.stderr, flush=True)
             write_text(args.out, json.dumps(results, indent=2))
+    if args.timing:
+        bench = SharingBench(args.quick, args.out.parent / "glue_sharing_work")
+        timing = _timing_path(args.out)
+        steps = json.loads(timing.read_text()) if timing.is_file() else {}
+        for task in tasks:
+            sizes = {r["row"]: r["total_params"] for r in results["runs"]
+                     if r["task"] == task and r["seed"] == 0}
+            steps[task] = {**steps.get(task, {}), **step_times(bench, task, args.row, sizes)}
+            write_text(timing, json.dumps(steps, indent=2))
     print(write_report(args.out, results))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0

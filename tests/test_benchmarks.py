@@ -196,6 +196,15 @@ def test_glue_sharing_quick_mode_runs_every_row_then_skips_them(tmp_path):
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["runs"] == runs
     assert len(json.loads(out.read_text())["findings"]) == len(bench.CLAIMS)
+    # step times against dense, measured in one process, apart from the runs
+    assert bench.main(["--quick", "--out", str(out), "--timing", "--report-only",
+                       "--row", "dense", "moe4", "deep12"]) == 0
+    steps = json.loads((tmp_path / "glue_sharing_timing.json").read_text())["sst2-sample"]
+    assert set(steps) == {"dense", "moe4", "deep12"} and all(v > 0 for v in steps.values())
+    assert steps["deep12"] > steps["dense"]  # twice the layers
+    summary = {r["row"]: r for r in json.loads(out.read_text())["summary"]}
+    assert summary["moe4"]["step x dense"] == steps["moe4"]
+    assert json.loads(out.read_text())["runs"] == runs
 
 
 def test_mpo_lstm_quick_mode_compares_mpo_and_pruning_at_equal_weights(tmp_path):
