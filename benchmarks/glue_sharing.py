@@ -56,7 +56,6 @@ dense's in one process, with the models interleaved, into
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -304,17 +303,8 @@ CLAIMS = (
 
 def findings(table: Table) -> list[str]:
     """The papers' claims per task, one Markdown bullet each (``glue_small``'s verdicts)."""
-    lines = []
-    for task in dict.fromkeys(r["task"] for r in table):
-        rows = {r["row"]: r for r in table if r["task"] == task}
-        for a, b, margin, text in CLAIMS:
-            if a in rows and b in rows:
-                gap, _, verdict = glue_small._compare(rows[a], rows[b], margin)
-                lines.append(f"- {task}: {text} ({a} {rows[a]['metric %']:.2f} at "
-                             f"{rows[a]['#To/dense']:.3f} of dense vs {b} "
-                             f"{rows[b]['metric %']:.2f} at {rows[b]['#To/dense']:.3f}, gap "
-                             f"{gap:+.2f} points): {verdict}.")
-    return lines
+    return [line for task in dict.fromkeys(r["task"] for r in table)
+            for line in glue_small.claim_bullets(table, task, CLAIMS)]
 
 
 def _timing_path(out: Path) -> Path:
@@ -345,22 +335,12 @@ def _borrowed_dense(task: str, seed: int) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", nargs="+", choices=list(glue_small.TASKS),
-                        default=list(glue_small.TASKS))
-    parser.add_argument("--row", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument("--seed", type=int, nargs="+", default=None,
-                        help="only these seeds (default: each task's)")
-    parser.add_argument("--quick", action="store_true",
-                        help="every row on the shipped SST-2 sample, 64 examples, 2 steps")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
-    parser.add_argument("--report-only", action="store_true",
-                        help="print the tables and verdicts from the JSON, train nothing")
+    parser = glue_small.arguments(__doc__, ROWS, RESULTS)
     parser.add_argument("--timing", action="store_true",
                         help="measure, in this one process, each row's training step time "
                              "over dense's for the chosen tasks and rows (a few minutes; "
                              "nothing is trained), into OUT's _timing.json")
-    args = parser.parse_args(argv)
+    args = glue_small.parse(parser, argv, RESULTS)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     done = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
     tasks = [glue_small.QUICK_TASK] if args.quick else args.task
@@ -375,12 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             borrowed = _borrowed_dense(task, seed) if row == "dense" and not args.quick else None
             sizes = {r["row"]: r["total_params"] for r in results["runs"]
                      if r["task"] == task and r["seed"] == seed}
-            record = borrowed or run(bench, task, row, seed, sizes)
-            results["runs"].append(record)
-            print(f"{task} {row} seed {seed}: {100 * record['metric']:.2f} at "
-                  f"{record['total_over_dense']:.3f} of dense ({record['seconds']:.0f} s)",
-                  file=sys.stderr, flush=True)
-            write_text(args.out, json.dumps(results, indent=2))
+            glue_small.store(results, borrowed or run(bench, task, row, seed, sizes), args.out)
     if args.timing:
         bench = SharingBench(args.quick, args.out.parent / "glue_sharing_work")
         timing = _timing_path(args.out)

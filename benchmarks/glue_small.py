@@ -361,6 +361,22 @@ def findings(table: Table, baselines: dict[str, float] | None = None) -> list[st
     return lines
 
 
+def claim_bullets(table: Table, task: str, claims: tuple[tuple[str, str, float, str], ...]
+                  ) -> list[str]:
+    """One Markdown bullet per claim ``(a, b, margin, text)`` whose two rows ``task`` has:
+    the claim ``a >= b - margin`` with both rows' metrics and sizes and the verdict."""
+    rows = {r["row"]: r for r in table if r["task"] == task}
+    lines = []
+    for a, b, margin, text in claims:
+        if a in rows and b in rows:
+            gap, _, verdict = _compare(rows[a], rows[b], margin)
+            lines.append(f"- {task}: {text} ({a} {rows[a]['metric %']:.2f} at "
+                         f"{rows[a]['#To/dense']:.3f} of dense vs {b} "
+                         f"{rows[b]['metric %']:.2f} at {rows[b]['#To/dense']:.3f}, gap "
+                         f"{gap:+.2f} points): {verdict}.")
+    return lines
+
+
 def publish(out: Path, results: dict[str, Any], table: Table, claims: list[str],
             intro: str) -> str:
     """Write the runs, ``table`` and ``claims`` to ``out`` and the Markdown report (the
@@ -397,21 +413,47 @@ def plan(tasks: list[str], rows: list[str], seeds: list[int] | None) -> list[tup
     return chosen
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc: str, rows: tuple[str, ...], results: Path) -> argparse.ArgumentParser:
+    """The options of every GLUE benchmark here: ``--task``, ``--row``, ``--seed``,
+    ``--quick``, ``--out`` (default ``results``) and ``--report-only``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--task", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--row", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--row", nargs="+", choices=rows, default=list(rows))
     parser.add_argument("--seed", type=int, nargs="+", default=None,
                         help="only these seeds (default: each task's)")
     parser.add_argument("--quick", action="store_true",
-                        help="every row on the shipped SST-2 sample, 64 examples, 2 steps")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+                        help="every row on the shipped SST-2 sample, 64 examples, 2 steps "
+                             "(needs its own --out)")
+    parser.add_argument("--out", type=Path, default=results, help="JSON output path")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the table and verdicts from the JSON, train nothing")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None, results: Path
+          ) -> argparse.Namespace:
+    """The parsed options; a smoke run (``--quick``) never writes into ``results``."""
+    args = parser.parse_args(argv)
+    if args.quick and args.out.resolve() == results.resolve():
+        parser.error("--quick needs its own --out: the smoke run's numbers are not results")
+    return args
+
+
+def store(results: dict[str, Any], record: dict[str, Any], out: Path) -> None:
+    """Add a finished run to ``results``, say so, and write ``out`` at once."""
+    results["runs"].append(record)
+    print(f"{record['task']} {record['row']} seed {record['seed']}: "
+          f"{100 * record['metric']:.2f} at {record['total_over_dense']:.3f} of dense "
+          f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    write_text(out, json.dumps(results, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments(__doc__, ROWS, RESULTS)
     parser.add_argument("--work", type=Path, default=None,
                         help=f"folder of the LFA and squeeze models (default: {WORK}, or next "
                              "to --out with --quick)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="print the table and verdicts from the JSON, train nothing")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv, RESULTS)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     done = {(r["task"], r["row"], r["seed"]): r for r in results["runs"]}
     tasks = [QUICK_TASK] if args.quick else args.task
@@ -434,11 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                 new = [run(bench, task, row, seed)]
             for record in new:
                 done[(record["task"], record["row"], record["seed"])] = record
-                results["runs"].append(record)
-                print(f"{task} {record['row']} seed {seed}: {100 * record['metric']:.2f} at "
-                      f"{record['total_over_dense']:.3f} of dense ({record['seconds']:.0f} s)",
-                      file=sys.stderr, flush=True)
-            write_text(args.out, json.dumps(results, indent=2))
+                store(results, record, args.out)
         if args.quick and args.work is None:  # the smoke run's own scratch folder
             shutil.rmtree(work)
     print(write_report(args.out, results))

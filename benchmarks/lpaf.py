@@ -47,7 +47,6 @@ per task and row, then LPAF's claims as verdicts).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -61,7 +60,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import glue_small  # the tasks, settings and helpers of the Table 4 benchmark
 
-from mpotn.atomic import write_text
 from mpotn.compression.architectures import linear_matrix
 from mpotn.compression.config import CompressionConfig, select_targets
 from mpotn.compression.lpaf import factorize_pruned
@@ -220,14 +218,7 @@ def findings(table: Table, runs: list[dict[str, Any]]) -> list[str]:
     for task in dict.fromkeys(r["task"] for r in table):
         rank = _rank_claim(task, runs)
         lines += [rank] if rank else []
-        rows = {r["row"]: r for r in table if r["task"] == task}
-        for a, b, margin, text in CLAIMS:
-            if a in rows and b in rows:
-                gap, _, verdict = glue_small._compare(rows[a], rows[b], margin)
-                lines.append(f"- {task}: {text} ({a} {rows[a]['metric %']:.2f} vs {b} "
-                             f"{rows[b]['metric %']:.2f} at {rows[a]['#To/dense']:.3f} and "
-                             f"{rows[b]['#To/dense']:.3f} of dense, gap {gap:+.2f} points): "
-                             f"{verdict}.")
+        lines += glue_small.claim_bullets(table, task, CLAIMS)
     return lines
 
 
@@ -241,20 +232,7 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", nargs="+", choices=list(glue_small.TASKS),
-                        default=list(glue_small.TASKS))
-    parser.add_argument("--row", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument("--seed", type=int, nargs="+", default=None,
-                        help="only these seeds (default: each task's)")
-    parser.add_argument("--quick", action="store_true",
-                        help="every row on the shipped SST-2 sample, 64 examples, 2 steps")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
-    parser.add_argument("--report-only", action="store_true",
-                        help="print the table and verdicts from the JSON, train nothing")
-    args = parser.parse_args(argv)
-    if args.quick and args.out.resolve() == RESULTS.resolve():
-        parser.error("--quick needs its own --out: the smoke run's numbers are not results")
+    args = glue_small.parse(glue_small.arguments(__doc__, ROWS, RESULTS), argv, RESULTS)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     done = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
     tasks = [glue_small.QUICK_TASK] if args.quick else args.task
@@ -268,12 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                        tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
                        threads=torch.get_num_threads())
         for task, row, seed in todo:
-            record = run(bench, task, row, seed)
-            results["runs"].append(record)
-            print(f"{task} {row} seed {seed}: {100 * record['metric']:.2f} at "
-                  f"{record['total_over_dense']:.3f} of dense ({record['seconds']:.0f} s)",
-                  file=sys.stderr, flush=True)
-            write_text(args.out, json.dumps(results, indent=2))
+            glue_small.store(results, run(bench, task, row, seed), args.out)
     print(write_report(args.out, results))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from mpotn.compression.config import MPO_LAYERS
+from mpotn.finetune.schedules import step_callback
 
 #: The name of the buffer that holds a layer's full-rank matrix while it trains.
 BUFFER = "mixed_rank_dense"
@@ -130,15 +131,7 @@ class MixedRank:
     def callback(self) -> Any:
         """A ``transformers.TrainerCallback`` that calls
         [step][mpotn.finetune.mixed_rank.MixedRank.step] before every optimizer step."""
-        from transformers import TrainerCallback
-
-        mixing = self
-
-        class _MixedRankCallback(TrainerCallback):
-            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                mixing.step(state.global_step, state.max_steps)
-
-        return _MixedRankCallback()
+        return step_callback(self.step)
 
     def _free(self) -> None:
         for layer in self.layers.values():

@@ -67,6 +67,7 @@ from torch.nn.utils import parametrize
 
 from mpotn.compression.architectures import is_conv1d, is_linear
 from mpotn.compression.config import CompressionConfig, select_targets
+from mpotn.finetune.schedules import step_callback
 from mpotn.table import Table
 
 
@@ -229,15 +230,7 @@ class GradualPruning:
     def callback(self) -> Any:
         """A ``transformers.TrainerCallback`` that calls
         [step][mpotn.finetune.pruning.GradualPruning.step] before every optimizer step."""
-        from transformers import TrainerCallback
-
-        pruning = self
-
-        class _PruningCallback(TrainerCallback):
-            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                pruning.step(state.global_step, state.max_steps)
-
-        return _PruningCallback()
+        return step_callback(self.step)
 
     def finalize(self) -> Table:
         """Write ``W ⊙ M`` into each target's weight and remove its scores and mask.
