@@ -28,18 +28,23 @@ or pruning while fine-tuning), then a second one of the factorized model.
     fine-tuning while pruning to sparsity 0.75 (cubic schedule, 10% warm-up, 20%
     cool-down) by movement scores (first order) or by magnitude (zeroth order); the
     pruned model, saved for the rows below, with the mean rank share of its matrices;
-``svd``
-    the fine-tuned dense model's matrices as truncated SVDs at ``RATIO``, fine-tuned;
-``movement-svd``
-    the movement-pruned model factorized by the plain truncated SVD, fine-tuned;
-``movement-ssvd``
-    the same with the sparsity-aware SVD (factors fitted to the kept entries);
+``svd`` / ``svd-llm``
+    the fine-tuned dense model's matrices as truncated SVDs at ``RATIO``, plain or
+    whitened by their inputs (SVD-LLM, on 256 of the task's training sentences),
+    fine-tuned;
+``movement-svd`` / ``movement-ssvd`` / ``movement-whitened``
+    the movement-pruned model factorized by the plain truncated SVD, the
+    sparsity-aware SVD (factors fitted to the kept entries) or the whitened SVD,
+    fine-tuned;
 ``lpaf``
-    the sparsity-aware SVD, then mixed-rank fine-tuning (each factorized layer
-    computes with its pruned full-rank matrix with a probability falling from 0.5
-    to 0 over the first half of the steps);
+    the movement-pruned model, whitened SVD (the default of ``mpotn finetune
+    --factorize``), then mixed-rank fine-tuning (each factorized layer computes with
+    its pruned full-rank matrix with a probability falling from 0.5 to 0 over the
+    first half of the steps);
+``lpaf-ssvd``
+    the same with the sparsity-aware SVD;
 ``magnitude-lpaf``
-    the same from the magnitude-pruned model.
+    ``lpaf`` from the magnitude-pruned model.
 
 Writes ``benchmarks/results/lpaf.json`` (every run) and ``lpaf.md`` (mean and spread
 per task and row, then LPAF's claims as verdicts).
@@ -61,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import glue_small  # the tasks, settings and helpers of the Table 4 benchmark
 
 from mpotn.compression.architectures import linear_matrix
+from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import CompressionConfig, select_targets
 from mpotn.compression.lpaf import factorize_pruned
 from mpotn.compression.model import MPOModel
@@ -77,12 +83,17 @@ RATIO = 0.25
 WARMUP, COOLDOWN = 0.1, 0.2
 MIXED_P, MIXED_ANNEAL = 0.5, 0.5
 SSVD_ITERATIONS = 50
-ROWS = ("dense", "movement", "magnitude", "svd", "movement-svd", "movement-ssvd", "lpaf",
-        "magnitude-lpaf")
-#: ``{row: (the model it starts from, sparsity-aware SVD, mixed-rank fine-tuning)}``
-FACTORIZED = {"svd": ("dense", False, False), "movement-svd": ("movement", False, False),
-              "movement-ssvd": ("movement", True, False), "lpaf": ("movement", True, True),
-              "magnitude-lpaf": ("magnitude", True, True)}
+#: ``{row: (the model it starts from, the fit, mixed-rank fine-tuning)}``
+FACTORIZED = {
+    "svd": ("dense", "plain", False), "svd-llm": ("dense", "whitened", False),
+    "movement-svd": ("movement", "plain", False),
+    "movement-ssvd": ("movement", "sparsity-aware", False),
+    "movement-whitened": ("movement", "whitened", False),
+    "lpaf": ("movement", "whitened", True), "lpaf-ssvd": ("movement", "sparsity-aware", True),
+    "magnitude-lpaf": ("magnitude", "whitened", True),
+}
+ROWS = ("dense", "movement", "magnitude", *FACTORIZED)
+CALIBRATION_SENTENCES = 256
 
 
 def rank_shares(model: nn.Module, targets: list[str]) -> dict[str, float]:
@@ -132,7 +143,7 @@ def first_stage(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, A
 
 def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, Any]:
     """A factorized row from its first stage's saved model (run first when missing)."""
-    source, sparsity_aware, mixed = FACTORIZED[row]
+    source, fit, mixed = FACTORIZED[row]
     folder = bench.stage(task, source, seed)
     if not folder.is_dir():
         first_stage(bench, task, source, seed)
@@ -141,8 +152,11 @@ def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, An
     start = time.perf_counter()
     model = AutoModelForSequenceClassification.from_pretrained(str(folder))
     original = count_parameters(model.parameters())
-    model, pruned = factorize_pruned(model, RATIO, bench.targets, progress=False,
-                                     iterations=bench.iterations if sparsity_aware else 0)
+    batches = text_batches(bench.tokenizer, bench.texts(task, CALIBRATION_SENTENCES),
+                           max_length=bench.training(task, "full", seed).max_length)
+    model, pruned = factorize_pruned(model, RATIO, bench.targets, fit=fit, progress=False,
+                                     calibration=batches if fit == "whitened" else None,
+                                     iterations=bench.iterations)
     report = model.report()
     prep = time.perf_counter() - start
     mixing = MixedRank(model, pruned, MIXED_P, MIXED_ANNEAL, seed) if mixed else None
@@ -158,6 +172,8 @@ def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, An
         kept_error=statistics.mean(r["kept_error"] for r in report),
         plain_kept_error=statistics.mean(r["plain_kept_error"] for r in report),
         relative_error=statistics.mean(r["relative_error"] for r in report),
+        output_error=(statistics.mean(r["output_error"] for r in report)
+                      if fit == "whitened" else None),
         prep_seconds=prep, seconds=prep + record["train_seconds"])
 
 
@@ -179,11 +195,15 @@ def summarize(runs: list[dict[str, Any]]) -> Table:
 
 #: ``(a, b, margin, claim)``: the claim ``a >= b - margin`` (points of the GLUE metric).
 CLAIMS = (
-    ("lpaf", "svd", 0.0, "LPAF beats factorizing the fine-tuned dense model at equal size"),
+    ("lpaf", "svd", 0.0, "LPAF beats the plain SVD of the fine-tuned dense model at equal "
+                         "size"),
+    ("lpaf", "svd-llm", 0.0, "LPAF beats SVD-LLM on the fine-tuned dense model at equal size"),
     ("movement-ssvd", "movement-svd", 0.0, "the sparsity-aware SVD beats the plain SVD "
                                            "of the pruned matrices"),
-    ("lpaf", "movement-ssvd", 0.0, "mixed-rank fine-tuning beats plain fine-tuning of the "
-                                   "factorized model"),
+    ("movement-whitened", "movement-svd", 0.0, "the whitened SVD beats the plain SVD of the "
+                                               "pruned matrices"),
+    ("lpaf", "movement-whitened", 0.0, "mixed-rank fine-tuning beats plain fine-tuning of "
+                                       "the factorized model"),
     ("lpaf", "magnitude-lpaf", 0.0, "first-order pruning beats magnitude pruning as the "
                                     "first stage"),
 )

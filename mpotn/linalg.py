@@ -152,6 +152,8 @@ def sparsity_aware_svd(
     approximation ``L``, ``Z = M ⊙ A + (1 - M) ⊙ L``, and cut ``Z`` to rank ``rank``
     again. ``L_{k+1}`` is the best rank-``rank`` cut of ``Z_k``, so the masked error
     never rises: ``||M ⊙ (A - L_{k+1})|| <= ||Z_k - L_{k+1}|| <= ||Z_k - L_k||``.
+    The pruned entries are left free and may grow large: on pruned MiniLM matrices
+    the layer's output error rose well above the plain SVD's (docs: LPAF).
 
     Parameters
     ----------

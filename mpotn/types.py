@@ -73,6 +73,10 @@ Fit = Literal["als", "whiten"]
 #: The values of ``Fit``, for runtime checks and ``choices=``.
 FITS = ("als", "whiten")
 
+#: How [factorize_pruned][mpotn.compression.lpaf.factorize_pruned] fits a pruned matrix's
+#: truncated SVD: whitened by its inputs (SVD-LLM), plain, or to its kept entries only.
+FACTORIZE_FITS = ("whitened", "plain", "sparsity-aware")
+
 #: Target presets of [mpotn.compression.config.CompressionConfig][].
 Preset = Literal["embeddings", "attention", "ffn", "all-linear"]
 #: The values of ``Preset``, for runtime checks and ``choices=``.

@@ -74,8 +74,8 @@ def test_factorize_pruned_holds_the_fitted_factors_exactly_and_reports_the_prune
     bert = pruned_bert()
     before = {n: m.weight.detach().clone() for n, m in bert.named_modules()
               if n.endswith(("intermediate.dense", "output.dense")) and "attention" not in n}
-    model, pruned = factorize_pruned(bert, 0.3, targets=["ffn"], iterations=200,
-                                     progress=False)
+    model, pruned = factorize_pruned(bert, 0.3, targets=["ffn"], fit="sparsity-aware",
+                                     iterations=200, progress=False)
     assert set(pruned) == set(before) == {r["name"] for r in model.report()}
     for record in model.report():
         name = record["name"]
@@ -90,18 +90,61 @@ def test_factorize_pruned_holds_the_fitted_factors_exactly_and_reports_the_prune
         fitted = (cut.U * cut.S) @ cut.Vh
         torch.testing.assert_close(layer.matrix().double(), fitted, rtol=0, atol=1e-5)
         assert record["relative_error"] == pytest.approx(
-            float((a - fitted).norm() / a.norm()), rel=1e-9)
+            float((a - fitted).norm() / a.norm()), rel=1e-6)  # the layer holds float32
         assert record["kept_error"] < record["plain_kept_error"]
         assert record["sparsity"] == pytest.approx(0.5, abs=0.01)
         assert record["params"] == rank * sum(a.shape)
+        assert record["calibration"] == "sparsity-aware"
 
 
-def test_factorize_pruned_without_iterations_keeps_the_plain_svd_error():
-    model, _ = factorize_pruned(pruned_bert(), 0.3, targets=["ffn"], iterations=0,
-                                progress=False)
+def test_the_plain_fit_is_the_truncated_svd_of_the_pruned_matrix():
+    model, pruned = factorize_pruned(pruned_bert(), 0.3, targets=["ffn"], progress=False)
     for record in model.report():
-        assert record["kept_error"] == pytest.approx(record["plain_kept_error"], rel=1e-6)
+        assert record["kept_error"] == pytest.approx(record["plain_kept_error"], rel=1e-5)
+        a = pruned[record["name"]].T.double()
+        best = truncated_svd(a, int(record["bond_dims"]), "full").error / a.norm()
+        assert record["relative_error"] == pytest.approx(float(best), rel=1e-5)
         assert record["calibration"] == "none"
+
+
+def test_the_whitened_fit_keeps_the_pruned_models_outputs_better_than_the_others():
+    """On the inputs it is calibrated on, the whitened SVD has the lowest output error of
+    the three fits (SVD-LLM's optimum); the sparsity-aware fit, which leaves the pruned
+    entries free, has the highest."""
+    import copy
+
+    from mpotn.calibration import output_error
+    from mpotn.compression.calibrate import calibrate
+
+    bert = pruned_bert()
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 97, (8, 12), generator=generator),
+                "attention_mask": torch.ones(8, 12, dtype=torch.long)} for _ in range(4)]
+    names = [n for n, m in bert.named_modules() if n.endswith("intermediate.dense")]
+    covariances = calibrate(bert, batches, {n: bert.get_submodule(n) for n in names})
+    errors = {}
+    for fit in ("whitened", "plain", "sparsity-aware"):
+        model, pruned = factorize_pruned(copy.deepcopy(bert), 0.3, targets=["ffn"], fit=fit,
+                                         calibration=batches if fit == "whitened" else None,
+                                         progress=False)
+        errors[fit] = [output_error(pruned[n].T.double(),
+                                    model.base_model.get_submodule(n).matrix().double(),
+                                    covariances[n].covariance) for n in names]
+        if fit == "whitened":
+            assert [r["output_error"] for r in model.report() if r["name"] in names] == \
+                pytest.approx(errors[fit], rel=1e-4)
+    for k in range(len(names)):
+        assert errors["whitened"][k] < errors["plain"][k] < errors["sparsity-aware"][k]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"fit": "exact"}, "unknown fit"),
+    ({"fit": "whitened"}, "needs calibration batches"),
+    ({"fit": "plain", "calibration": [{}]}, "needs calibration batches"),
+])
+def test_factorize_pruned_refuses_a_fit_without_what_it_needs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        factorize_pruned(pruned_bert(), 0.3, targets=["ffn"], progress=False, **kwargs)
 
 
 def test_factorize_pruned_leaves_embeddings_and_other_matrices_alone():
@@ -211,7 +254,8 @@ def test_prune_factorize_and_mixed_rank_fine_tuning_end_to_end(tiny_bert):
     pruning = GradualPruning(model, 0.5, warmup=0.25, cooldown=0.25)
     finetune(model, tokenizer, data, config, progress=False, pruning=pruning)
     dense_params = sum(p.numel() for p in model.parameters())
-    compressed, pruned = factorize_pruned(model, 0.4, iterations=20, progress=False)
+    compressed, pruned = factorize_pruned(model, 0.4, fit="sparsity-aware", iterations=20,
+                                          progress=False)
     matrices = sum(w.numel() for w in pruned.values())
     assert len(pruned) == 12 and compressed.totals()["total_params"] == pytest.approx(
         dense_params - 0.6 * matrices, rel=0.01)  # each matrix at 0.4 of its size, or less
@@ -237,12 +281,13 @@ def test_the_cli_prunes_in_one_run_and_factorizes_its_model_in_a_second(tiny_ber
     pruned = json.loads((tmp_path / "pruned" / "metrics.json").read_text())
     assert pruned["criterion"] == "movement" and pruned["sparsity"] == pytest.approx(0.6, 1e-3)
     assert main(["finetune", str(tmp_path / "pruned" / "model"), "--strategy", "full",
-                 "--factorize", "0.4", "--ssvd-iterations", "5", *common,
+                 "--factorize", "0.4", "--calibration-samples", "32", *common,
                  "--out", str(tmp_path / "lpaf")]) == 0
     record = json.loads((tmp_path / "lpaf" / "metrics.json").read_text())
     assert record["mixed_rank_p"] == 0.5 and len(record["mixed_rank_layers"]) == 12
     model = mpotn.load(tmp_path / "lpaf" / "model")
-    assert {r["calibration"] for r in model.report()} == {"sparsity-aware"}
+    assert {r["calibration"] for r in model.report()} == {"whitened"}
+    assert all(r["output_error"] < 1 for r in model.report())
     assert all(len(layer.cores) == 2 for layer in model.mpo_layers().values())
     out = capsys.readouterr().out
     assert "pruned_matrices" not in out and "mixed_rank_layers" not in out  # lists: in the JSON
@@ -255,8 +300,11 @@ def test_the_cli_prunes_in_one_run_and_factorizes_its_model_in_a_second(tiny_ber
     (["--factorize", "0.3", "--strategy", "full", "--ratio", "0.5"], "drop --compress"),
     (["--factorize", "0.3", "--strategy", "lora"], "--strategy full or lfa"),
     (["--prune-criterion", "magnitude"], "give --prune too"),
-    (["--mixed-rank", "0"], "give --factorize too"),
+    (["--mixed-rank", "0"], "--mixed-rank shape --factorize: give --factorize too"),
     (["--ssvd-iterations", "3"], "give --factorize too"),
+    (["--factorize", "0.3", "--ssvd-iterations", "3"], "counts the fills of --factorize-fit"),
+    (["--factorize", "0.3", "--factorize-fit", "plain", "--calibration-samples", "8"],
+     "feeds --factorize-fit whitened"),
 ])
 def test_the_cli_refuses_lpaf_flags_that_do_not_go_together(tmp_path, capsys, flags, message):
     from mpotn.cli import main

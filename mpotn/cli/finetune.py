@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mpotn.cli import common
-from mpotn.types import DEFAULT_TARGETS, STRATEGIES
+from mpotn.types import DEFAULT_TARGETS, FACTORIZE_FITS, STRATEGIES
 
 #: Default of ``--save-steps`` (``mpotn.finetune.training.SAVE_STEPS``, which the parser does
 #: not import: building it imports nothing heavier than argparse).
@@ -61,10 +61,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            "(default: movement)")
     lpaf.add_argument("--factorize", type=common._open_share, default=None, metavar="RATIO",
                       help="first replace every --targets matrix by a truncated SVD of RATIO "
-                           "of its size, fitted to its non-zero entries (sparsity-aware SVD)")
+                           "of its size (see --factorize-fit)")
+    lpaf.add_argument("--factorize-fit", choices=FACTORIZE_FITS, default=None,
+                      help="with --factorize: whitened (SVD-LLM on --calibration-samples of "
+                           "the task's training sentences: the pruned model's outputs kept "
+                           "best), plain (the truncated SVD) or sparsity-aware (fitted to the "
+                           "non-zero entries only; measured worse) (default: whitened)")
+    lpaf.add_argument("--calibration-samples", type=common._positive_int, default=None,
+                      metavar="N", help="with --factorize-fit whitened: sentences (default: "
+                                        "256)")
     lpaf.add_argument("--ssvd-iterations", type=common._count, default=None, metavar="N",
-                      help="with --factorize: fills of the sparsity-aware SVD; 0: the plain "
-                           "truncated SVD (default: 50)")
+                      help="with --factorize-fit sparsity-aware: most fills (default: 50)")
     lpaf.add_argument("--mixed-rank", type=common._probability, default=None, metavar="P",
                       help="with --factorize: probability, falling to 0 over the first half "
                            "of the steps, that a factorized layer computes with its full-rank "
@@ -86,8 +93,10 @@ def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mpotn.atomic import check_writable
+    from mpotn.compression.calibrate import text_batches
     from mpotn.compression.lpaf import factorize_pruned
     from mpotn.compression.serialization import is_saved_model
+    from mpotn.data.texts import texts
     from mpotn.finetune.mixed_rank import MixedRank
     from mpotn.finetune.pruning import GradualPruning
     from mpotn.finetune.training import (
@@ -108,9 +117,17 @@ def run(args: argparse.Namespace) -> None:
                          "pruned run's model/ in a second run)")
     if args.prune is None and args.prune_criterion is not None:
         raise ValueError("--prune-criterion says how --prune ranks entries: give --prune too")
-    if args.factorize is None and (args.ssvd_iterations, args.mixed_rank) != (None, None):
-        raise ValueError("--ssvd-iterations and --mixed-rank shape --factorize: give "
-                         "--factorize too")
+    shaping = {"--factorize-fit": args.factorize_fit, "--ssvd-iterations": args.ssvd_iterations,
+               "--mixed-rank": args.mixed_rank,
+               "--calibration-samples": args.calibration_samples}
+    given = [flag for flag, value in shaping.items() if value is not None]
+    if args.factorize is None and given:
+        raise ValueError(f"{', '.join(given)} shape --factorize: give --factorize too")
+    fit = args.factorize_fit or "whitened"
+    if args.ssvd_iterations is not None and fit != "sparsity-aware":
+        raise ValueError("--ssvd-iterations counts the fills of --factorize-fit sparsity-aware")
+    if args.calibration_samples is not None and fit != "whitened":
+        raise ValueError("--calibration-samples feeds --factorize-fit whitened")
     if args.factorize is not None and (args.compress or args.ratio or args.max_bond
                                        or args.strategy not in ("full", "lfa")):
         raise ValueError("--factorize makes the compressed model itself: drop --compress, "
@@ -138,8 +155,11 @@ def run(args: argparse.Namespace) -> None:
         pruning = GradualPruning(model, args.prune, args.prune_criterion or "movement",
                                  args.targets)
     if factorize:
+        batches = (text_batches(tokenizer, texts(data, args.calibration_samples or 256),
+                                max_length=args.max_length) if fit == "whitened" else None)
         model, pruned = factorize_pruned(
-            model, args.factorize, args.targets, progress=not args.no_progress,
+            model, args.factorize, args.targets, fit=fit, calibration=batches,
+            progress=not args.no_progress,
             iterations=50 if args.ssvd_iterations is None else args.ssvd_iterations)
         p = 0.5 if args.mixed_rank is None else args.mixed_rank
         mixed_rank = MixedRank(model, pruned, p=p, seed=args.seed) if p > 0 else None

@@ -17,6 +17,7 @@ import numpy as np
 from mpotn.data.glue_files import glue_task
 from mpotn.data.hub import load_glue
 from mpotn.data.local import read_text, sst2_sample
+from mpotn.data.tasks import TaskData
 
 
 def _task_texts(data) -> list[str]:
@@ -38,7 +39,7 @@ def _file_texts(path: Path) -> list[str]:
 
 
 def texts(
-    source: str | os.PathLike | None = None,
+    source: str | os.PathLike | TaskData | None = None,
     samples: int | None = 256,
     data_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -53,8 +54,9 @@ def texts(
         GLUE's folder spelling ``"SST-2"``) for that task's training texts,
         read by [load_glue][mpotn.data.hub.load_glue] (from ``data_dir`` when given,
         else from the hub), where a pair task gives its first and second text
-        each as a sentence; or a path to a text file with one sentence per
-        line (blank lines are skipped).
+        each as a sentence; a loaded task ([TaskData][mpotn.data.tasks.TaskData]) for
+        its training texts, pairs likewise; or a path to a text file with one
+        sentence per line (blank lines are skipped).
     samples:
         Keep a random subset of this many sentences when there are more, in
         their original order; ``None`` keeps all of them.
@@ -94,6 +96,12 @@ def texts(
     if source is None:
         found = list(sst2_sample().train["text"])
         origin = "the shipped SST-2 sample"
+    elif isinstance(source, TaskData):
+        if source.train is None:
+            raise ValueError(f"task {source.spec.name!r} has no training split to take "
+                             "sentences from")
+        found = _task_texts(source)
+        origin = f"the {source.spec.name!r} training data"
     elif isinstance(source, str) and glue_task(source) is not None and not Path(source).is_file():
         found = _task_texts(load_glue(glue_task(source), data_dir=data_dir))
         origin = f"GLUE {glue_task(source)!r} training data"
