@@ -164,7 +164,7 @@ def test_finetune_prunes_to_the_target_sparsity_and_records_the_ranks(tiny_bert)
     matrices = 2 * (4 * 32 * 32 + 2 * 32 * 64)  # attention and FFN of both layers
     assert record["score_params"] == matrices  # one score per pruned entry, counted apart
     assert record["trainable_params"] == record["total_params"] == sum(
-        p.numel() for p in model.parameters())
+        p.numel() for p in model.parameters()) == record["original_params"]
     assert record["sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert len(record["pruned"]) == 12 and 0 < record["mean_rank_share"] <= 1
     dense = model.bert.encoder.layer[0].intermediate.dense

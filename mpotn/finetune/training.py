@@ -811,6 +811,9 @@ def finetune(
             output = trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
     trained.eval()
+    pruned = pruning.finalize() if pruning is not None else None  # scores gone from here on
+    if mixed_rank is not None:
+        mixed_rank.close()
     result_model = model if trained is _trainable_model(model) else trained
     record = {
         **selection,
@@ -827,10 +830,8 @@ def finetune(
     if checkpoint is not None:
         record["resumed_from"] = Path(checkpoint).name
     if pruning is not None:
-        pruned = pruning.finalize()
         record.update(pruning.settings(), **pruning_summary(pruned), pruned=list(pruned))
     if mixed_rank is not None:
-        mixed_rank.close()
         record.update(mixed_rank.settings())
     if "rank" in selection:
         record["lora_rank"] = record.pop("rank")
