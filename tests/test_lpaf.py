@@ -326,3 +326,11 @@ def test_the_cli_refuses_lpaf_values_out_of_range(capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_:
         main(["finetune", flag, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_factorize_pruned_refuses_a_compressed_model_before_changing_it():
+    model, _ = factorize_pruned(pruned_bert(), 0.3, targets=["ffn"], progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="this model is already compressed"):
+        factorize_pruned(model, 0.3, targets=["ffn"], progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

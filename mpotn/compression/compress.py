@@ -429,7 +429,7 @@ def _restored_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def _refuse_compressed(model: nn.Module) -> None:
+def refuse_compressed(model: nn.Module) -> None:
     """Refuse a model that holds compressed layers: its parameter count is not the original's."""
     base = model.base_model if isinstance(model, MPOModel) else model
     layers = [name for name, m in base.named_modules() if isinstance(m, COMPRESSED_LAYERS)]
@@ -536,7 +536,7 @@ def compress(
     if config is not None and kwargs:
         raise ValueError("give a CompressionConfig or keyword settings, not both")
     config = config or CompressionConfig(**kwargs)
-    _refuse_compressed(model)
+    refuse_compressed(model)
     if config.sequential and calibration is None:
         raise ValueError("sequential=True fits each matrix to the original's outputs on the "
                          "calibration data: give calibration batches, or drop sequential")

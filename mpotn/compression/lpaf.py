@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from mpotn.compression.architectures import is_conv1d, is_linear, linear_matrix
-from mpotn.compression.compress import compress
+from mpotn.compression.compress import compress, refuse_compressed
 from mpotn.compression.config import CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel
 from mpotn.linalg import sparsity_aware_svd
@@ -108,8 +108,8 @@ def factorize_pruned(
     ------
     ValueError
         When ``ratio`` is not in ``(0, 1)``, ``fit`` is unknown or ``"whitened"``
-        without batches (or batches come with another fit), or the targets select no
-        linear matrix.
+        without batches (or batches come with another fit), the model is already
+        compressed, or the targets select no linear matrix.
     """
     fit = fit or ("whitened" if calibration is not None else "plain")
     if fit not in FACTORIZE_FITS:
@@ -120,6 +120,7 @@ def factorize_pruned(
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio is each factorized matrix's share of its dense size, in "
                          f"(0, 1); got {ratio}")
+    refuse_compressed(model)
     config = CompressionConfig(targets=list(targets) if not isinstance(targets, str)
                                else targets, exclude=exclude)
     linears = [(n, m) for n, m in select_targets(model, config) if is_linear(m) or is_conv1d(m)]
