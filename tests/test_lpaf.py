@@ -334,3 +334,33 @@ def test_factorize_pruned_refuses_a_compressed_model_before_changing_it():
     with pytest.raises(ValueError, match="this model is already compressed"):
         factorize_pruned(model, 0.3, targets=["ffn"], progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_gpt2_conv1d_layers_are_pruned_factorized_and_swapped_in_their_orientation():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50,
+                                       n_positions=16)).eval()
+    x = torch.randint(0, 50, (2, 8))
+    pruning = GradualPruning(model, 0.5, "magnitude", warmup=0.0, cooldown=0.5)
+    assert len(pruning.modules) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per layer
+    pruning.step(9, 10)
+    with torch.no_grad():
+        masked = model(x).logits
+        pruning.finalize()
+        dense = model(x).logits
+    torch.testing.assert_close(dense, masked)
+    c_attn = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # in x out
+    compressed, pruned = factorize_pruned(model, 0.9, progress=False)
+    assert torch.equal(pruned["transformer.h.0.attn.c_attn"], c_attn.T)
+    assert all(r["relative_error"] < 1 for r in compressed.report())
+    mixing = MixedRank(compressed, pruned, p=1.0)
+    mixing.step(0, 10)
+    compressed.train()
+    for module in compressed.modules():  # no dropout: compare the functions
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x).logits, dense, rtol=1e-4, atol=1e-4)
+    mixing.close()

@@ -123,14 +123,13 @@ def factorize_pruned(
     refuse_compressed(model)
     config = CompressionConfig(targets=list(targets) if not isinstance(targets, str)
                                else targets, exclude=exclude)
-    linears = [(n, m) for n, m in select_targets(model, config) if is_linear(m) or is_conv1d(m)]
+    linears = [(n, m) for n, m in select_targets(model, config) if is_linear(m)]
     if not linears:
         raise ValueError(f"targets {targets!r} select no nn.Linear or Conv1D matrix")
     pruned, plain = {}, {}
     for name, module in linears:
         matrix = linear_matrix(module).double()  # in x out, the paper's orientation
-        pruned[name] = module.weight.detach().clone() if is_linear(module) else \
-            module.weight.detach().T.clone()
+        pruned[name] = linear_matrix(module).T.clone()  # out x in, as nn.Linear holds it
         rank = svd_rank(*matrix.shape, ratio)
         cut, fills = sparsity_aware_svd(matrix, matrix != 0, rank,
                                         iterations if fit == "sparsity-aware" else 0, rtol)
@@ -138,7 +137,7 @@ def factorize_pruned(
         if fit == "sparsity-aware":  # the fitted matrix, which compress then holds exactly
             with torch.no_grad():
                 fitted = ((cut.U * cut.S) @ cut.Vh).to(module.weight.dtype)
-                module.weight.copy_(fitted.T if is_linear(module) else fitted)
+                module.weight.copy_(fitted if is_conv1d(module) else fitted.T)
     exact = "|".join(re.escape(name) for name, _ in linears)  # these matrices, no others
     compressed = compress(model, targets=exact, structure="svd", ratio=ratio,
                           calibration=calibration, progress=progress)

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mpotn.compression.architectures import is_conv1d, is_linear
+from mpotn.compression.architectures import is_linear
 from mpotn.compression.config import CompressionConfig, select_targets
 from mpotn.finetune.schedules import step_callback
 from mpotn.table import Table
@@ -188,7 +188,7 @@ class GradualPruning:
         config = CompressionConfig(targets=list(targets) if not isinstance(targets, str)
                                    else targets, exclude=exclude)
         self.modules = {name: module for name, module in select_targets(model, config)
-                        if is_linear(module) or is_conv1d(module)}
+                        if is_linear(module)}
         if not self.modules:
             raise ValueError(f"targets {targets!r} select no nn.Linear or Conv1D layer to prune")
         self.sparsity, self.criterion = sparsity, criterion
