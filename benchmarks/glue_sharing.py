@@ -237,10 +237,11 @@ def _step_seconds(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
 def step_times(bench: SharingBench, task: str, rows: list[str], sizes: dict[str, int],
                repeats: int = 7) -> dict[str, float]:
     """Each row's training step time over dense's, measured in this one process: the
-    rows' models (untrained: the time does not depend on the weights; shared centrals
-    fitted with no ALS sweep) each take a step on the same batch of 32 training
-    examples, interleaved with the dense model's steps so that load changes hit both,
-    and the ratio is of the medians."""
+    rows' models (untrained: the work of a step does not depend on the weights, except
+    in the mixtures of experts, whose untrained router decides how many tokens go over
+    capacity; shared centrals fitted with no ALS sweep) each take a step on the same
+    batch of 32 training examples, interleaved with the dense model's steps so that load
+    changes hit both, and the ratio is of the medians."""
     from transformers import DataCollatorWithPadding
 
     from mpotn.compression.models import padding_tokenizer
