@@ -188,8 +188,7 @@ def sparsity_aware_svd(
                          f"{tuple(matrix.shape)}, got {mask.dtype} {tuple(mask.shape)}")
     if iterations < 0 or rtol < 0:
         raise ValueError(f"need iterations >= 0 and rtol >= 0, got {iterations} and {rtol}")
-    kept = torch.where(mask, matrix, torch.zeros((), dtype=matrix.dtype,
-                                                 device=matrix.device))
+    kept = torch.where(mask, matrix, 0.0)
 
     def fit(target: torch.Tensor) -> tuple[SVDCut, torch.Tensor, float]:
         cut = truncated_svd(target, rank, method="full")

@@ -22,8 +22,9 @@ saving, Hugging Face helpers.
   (``add_bottleneck_adapters``, MPOBERT's optional adapters);
 * ``mpotn.compression.experts`` -- feed-forward blocks made mixtures of experts that
   share their central tensors (``upcycle_experts``, MPOE);
-* [mpotn.compression.lpaf][] -- a pruned model's matrices as truncated SVDs fitted to
-  their kept entries ([factorize_pruned][mpotn.compression.lpaf.factorize_pruned], LPAF);
+* [mpotn.compression.lpaf][] -- a pruned model's matrices as truncated SVDs, whitened by
+  their inputs, plain, or fitted to their kept entries
+  ([factorize_pruned][mpotn.compression.lpaf.factorize_pruned], LPAF);
 * [mpotn.compression.merge][] -- back to a dense model
   ([merge][mpotn.compression.merge.merge]);
 * [mpotn.compression.models][] -- loading Hugging Face models, naming their matrices.

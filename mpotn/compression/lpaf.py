@@ -128,8 +128,9 @@ def factorize_pruned(
         raise ValueError(f"targets {targets!r} select no nn.Linear or Conv1D matrix")
     pruned, plain = {}, {}
     for name, module in linears:
-        matrix = linear_matrix(module).double()  # in x out, the paper's orientation
-        pruned[name] = linear_matrix(module).T.clone()  # out x in, as nn.Linear holds it
+        weight = linear_matrix(module)  # in x out, the paper's orientation
+        pruned[name] = weight.T.clone()  # out x in, as nn.Linear holds it
+        matrix = weight.double()
         rank = svd_rank(*matrix.shape, ratio)
         cut, fills = sparsity_aware_svd(matrix, matrix != 0, rank,
                                         iterations if fit == "sparsity-aware" else 0, rtol)

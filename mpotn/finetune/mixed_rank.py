@@ -16,7 +16,9 @@ step, so a resumed run makes the same choices. Each full-rank matrix is a
 non-persistent buffer of its layer (``mixed_rank_dense``): it moves and is replicated
 with the model (several GPUs included), but saves and parameter counts are those of the
 factorized model, and it is freed once the probability reaches 0 or at
-[close][mpotn.finetune.mixed_rank.MixedRank.close].
+[close][mpotn.finetune.mixed_rank.MixedRank.close]. The swap is a forward hook, which
+cannot skip the layer's own forward: a swapped layer still computes its factors'
+output (at ratio 0.25, about a quarter of the full-rank product's work) and discards it.
 [finetune][mpotn.finetune.training.finetune] takes ``mixed_rank=MixedRank(...)``.
 
 Examples
@@ -100,7 +102,6 @@ class MixedRank:
                 layer.central.device, layer.central.dtype), persistent=False)
         self.p, self.anneal, self.seed = p, anneal, seed
         self.full_rank: list[str] = []
-        self.probability = p
         self._hooks = [layer.register_forward_hook(self._hook(name))
                        for name, layer in self.layers.items()]
 
@@ -119,14 +120,14 @@ class MixedRank:
     def step(self, step: int, total: int) -> float:
         """Draw which layers compute at full rank during optimizer step ``step`` of
         ``total``; returns that step's probability ``p_t``."""
-        self.probability = self.p * max(0.0, 1.0 - step / (self.anneal * total))
-        if self.probability == 0.0:  # annealed: the full-rank matrices are not needed again
+        probability = self.p * max(0.0, 1.0 - step / (self.anneal * total))
+        if probability == 0.0:  # annealed: the full-rank matrices are not needed again
             self._free()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         draws = torch.rand(len(self.layers), generator=generator, dtype=torch.float64)
         self.full_rank = [name for name, u in zip(self.layers, draws.tolist(), strict=True)
-                          if u < self.probability]
-        return self.probability
+                          if u < probability]
+        return probability
 
     def callback(self) -> Any:
         """A ``transformers.TrainerCallback`` that calls

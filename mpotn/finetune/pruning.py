@@ -18,10 +18,10 @@ the same schedule, as the baseline LPAF measures against). The scores are traine
 the model, by the same optimizer, with no weight decay.
 
 The sparsity ``s = 1 - v`` follows the cubic schedule of Zhu & Gupta (2018) that
-movement pruning uses: ``s_i = 0`` (nothing pruned, while the scores gather) for the
-first ``warmup`` share of the steps, then
+movement pruning uses: 0 (nothing pruned, while the scores gather) for the first
+``warmup`` share of the steps, then
 
-    s_t = s_f + (s_i - s_f) (1 - (t - t_w) / (T - t_w - t_c))^3,
+    s_t = s_f (1 - (1 - (t - t_w) / (T - t_w - t_c))^3),
 
 reaching the final sparsity ``s_f`` with the last ``cooldown`` share of the steps
 still to go, which train the pruned model with its mask fixed.
@@ -71,13 +71,19 @@ from mpotn.finetune.schedules import step_callback
 from mpotn.table import Table
 
 
-def cubic_sparsity(step: int, total: int, sparsity: float, initial: float = 0.0,
-                   warmup: float = 0.0, cooldown: float = 0.0) -> float:
+def _cooldown_start(total: int, cooldown: float) -> int:
+    """The first step of the cool-down: the last ``cooldown`` share of ``total``, the last
+    step at least."""
+    return total - max(1, round(cooldown * total))
+
+
+def cubic_sparsity(step: int, total: int, sparsity: float, warmup: float = 0.0,
+                   cooldown: float = 0.0) -> float:
     """The sparsity at optimizer step ``step`` of ``total`` (Zhu & Gupta, 2018).
 
-    ``initial`` for the first ``warmup * total`` steps, ``sparsity`` for the last
+    0 for the first ``warmup * total`` steps, ``sparsity`` for the last
     ``cooldown * total`` steps (the last step at least), and between them
-    ``s_f + (s_i - s_f)(1 - progress)^3`` with ``progress = (step - start) / (end - start)``
+    ``s_f (1 - (1 - progress)^3)`` with ``progress = (step - start) / (end - start)``
     rising from 0 at the first step after the warm-up (``start``) towards 1 at the
     first step of the cool-down (``end``).
 
@@ -86,14 +92,13 @@ def cubic_sparsity(step: int, total: int, sparsity: float, initial: float = 0.0,
     >>> [round(cubic_sparsity(t, 10, 0.9, warmup=0.2, cooldown=0.2), 3) for t in range(10)]
     [0.0, 0.0, 0.0, 0.379, 0.633, 0.787, 0.867, 0.896, 0.9, 0.9]
     """
-    start = round(warmup * total)
-    end = total - max(1, round(cooldown * total))  # the last step at least: at the target
+    start, end = round(warmup * total), _cooldown_start(total, cooldown)
     if step < start:
-        return initial
+        return 0.0
     if step >= end:
         return sparsity
     progress = (step - start) / (end - start)
-    return sparsity + (initial - sparsity) * (1.0 - progress) ** 3
+    return sparsity * (1.0 - (1.0 - progress) ** 3)
 
 
 class PruningMask(nn.Module):
@@ -193,15 +198,9 @@ class GradualPruning:
             raise ValueError(f"targets {targets!r} select no nn.Linear or Conv1D layer to prune")
         self.sparsity, self.criterion = sparsity, criterion
         self.warmup, self.cooldown = warmup, cooldown
-        self.current = 0.0
         for module in self.modules.values():
             parametrize.register_parametrization(
                 module, "weight", PruningMask(module.weight, criterion == "movement"))
-
-    def _set(self, density: float) -> None:
-        for module in self.modules.values():
-            module.parametrizations.weight[0].set_density(
-                density, module.parametrizations.weight.original)
 
     def scores(self) -> list[nn.Parameter]:
         """Every target's movement scores (train them with the model, without weight
@@ -219,13 +218,15 @@ class GradualPruning:
         """Set every mask for optimizer step ``step`` of ``total``; returns the sparsity.
         From the first step of the cool-down on, the masks are fixed: the scores stop
         training and later steps change nothing."""
-        self.current = cubic_sparsity(step, total, self.sparsity, warmup=self.warmup,
-                                      cooldown=self.cooldown)
-        self._set(1.0 - self.current)
-        if step >= total - max(1, round(self.cooldown * total)):
-            for module in self.modules.values():
-                module.parametrizations.weight[0].fixed.fill_(True)
-        return self.current
+        sparsity = cubic_sparsity(step, total, self.sparsity, warmup=self.warmup,
+                                  cooldown=self.cooldown)
+        fix = step >= _cooldown_start(total, self.cooldown)
+        for module in self.modules.values():
+            mask = module.parametrizations.weight[0]
+            mask.set_density(1.0 - sparsity, module.parametrizations.weight.original)
+            if fix:
+                mask.fixed.fill_(True)
+        return sparsity
 
     def callback(self) -> Any:
         """A ``transformers.TrainerCallback`` that calls

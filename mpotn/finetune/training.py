@@ -630,7 +630,7 @@ def _checkpoint_step(checkpoint: str | os.PathLike) -> int:
 
 
 def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
-                   replicas: int, pruning: dict[str, Any] | None = None) -> dict[str, Any]:
+                   replicas: int, schedules: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a resumed fine-tuning run must share with the checkpointed one: the settings
     that change training (all but ``device`` and ``eval_limit``), the trained model's
     parameters (names, shapes, trained or frozen), the tokenized training set, the
@@ -646,7 +646,7 @@ def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
     examples.update(np.asarray(train_set["label"]).tobytes())
     return {"config": settings, "parameters_sha256": params.hexdigest(),
             "train_examples": len(train_set), "train_sha256": examples.hexdigest(),
-            "replicas": replicas, "pruning": pruning}
+            "replicas": replicas, "schedules": schedules}
 
 
 def _check_resumed_run(checkpoints: Path, signature: dict[str, Any]) -> None:
@@ -665,9 +665,9 @@ def _check_resumed_run(checkpoints: Path, signature: dict[str, Any]) -> None:
     if saved.get("replicas") != signature["replicas"]:
         reasons.append(f"the processes or GPUs one step uses ({saved.get('replicas')} -> "
                        f"{signature['replicas']})")
-    if saved.get("pruning") != signature["pruning"]:
-        reasons.append(f"the pruning or mixed-rank settings ({saved.get('pruning')} -> "
-                       f"{signature['pruning']})")
+    if saved.get("schedules") != signature["schedules"]:
+        reasons.append(f"the pruning or mixed-rank settings ({saved.get('schedules')} -> "
+                       f"{signature['schedules']})")
     if reasons:
         raise ValueError(f"the run checkpointed in {checkpoints} differs in "
                          f"{'; '.join(reasons)}; resume with the same model, task and "
