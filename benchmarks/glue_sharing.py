@@ -19,6 +19,11 @@ parameter (``full``), so that the rows differ only in their structure. A healed
 row's model does not depend on the seed (only the task head does), so it is prepared
 once per task and invocation and each later seed fine-tunes a copy under its own head
 (``prep_reused`` in the run's record; its time counts the preparation it reused).
+A row's longest runs (the 12-layer model takes hours) continue where they stopped: a
+healed row's model is kept in ``benchmarks/work/glue_sharing`` once healed, and healing
+and fine-tuning checkpoint there every ``SAVE_STEPS`` steps, so a stopped invocation
+resumes them (``prep_resumed`` / ``resumed_from`` in the run's record; its seconds are
+this invocation's). A run's checkpoints are deleted once its record is written.
 
 MPOBERT rows (attention and FFN matrices as ``n = 5`` MPOs at full rank):
 
@@ -58,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -69,6 +75,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import glue_small  # the tasks, settings and helpers of the Table 4 benchmark
+from safetensors.torch import load_model, save_model
 
 from mpotn import Table, compress
 from mpotn.atomic import write_text
@@ -81,6 +88,7 @@ from mpotn.finetune.heal import HealConfig, heal
 from mpotn.finetune.training import finetune
 
 RESULTS = Path(__file__).parent / "results" / "glue_sharing.json"
+WORK = Path(__file__).parent / "work" / "glue_sharing"
 TARGETS = ["attention", "ffn"]
 ROWS = ("dense", "shared-layer", "shared-fit", "albert", "independent", "deep12", "moe4",
         "mpoe4", "mpoe8")
@@ -88,6 +96,10 @@ HEALED = ("shared-layer", "shared-fit", "albert", "independent", "deep12")
 HEAL_STEPS = 300
 FIT_SWEEPS = 3
 EXPERTS = {"moe4": (4, False), "mpoe4": (4, True), "mpoe8": (8, True)}
+#: healing and fine-tuning checkpoint every this many steps (a stopped row resumes)
+SAVE_STEPS = 50
+#: a healed row's prepared model is complete in ``prep_dir`` once this file is written
+PREPARED = "prepared.json"
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -125,18 +137,41 @@ class SharingBench(glue_small.Bench):
         self.sweeps = 1 if quick else FIT_SWEEPS
         #: full rank in the experiment; small bonds in the smoke run, to be quick
         self.rank = {"max_bond": 8} if quick else {}
+        self.save_steps = 1 if quick else SAVE_STEPS
         #: ``{(task, row): (model, extra, seconds)}``: the healed rows' prepared models
         self.prepared: dict[tuple[str, str], tuple[nn.Module, dict[str, Any], float]] = {}
 
-    def heal(self, model: nn.Module, teacher: nn.Module, task: str) -> None:
+    def heal(self, model: nn.Module, teacher: nn.Module, task: str, out: Path) -> None:
+        """Heal ``model`` from ``teacher``, checkpointing into ``out``; a run checkpointed
+        there continues (its weights replace ``model``'s)."""
         heal(model, teacher, self.tokenizer, self.texts(task, None),
-             HealConfig(steps=self.heal_steps, train="all", max_length=128), progress=False)
+             HealConfig(steps=self.heal_steps, train="all", max_length=128,
+                        save_steps=self.save_steps),
+             out=out, resume=checkpointed(out), progress=False)
 
-    def shared(self, dense: nn.Module, init: str) -> MPOModel:
+    def shared(self, dense: nn.Module, init: str, sweeps: int) -> MPOModel:
         model = compress(copy.deepcopy(dense), targets=self.targets, progress=False,
                          **self.rank)
-        share_centrals(model, init=init, sweeps=self.sweeps)
+        share_centrals(model, init=init, sweeps=sweeps)
         return model
+
+
+def checkpointed(out: Path) -> bool:
+    """Whether ``out / "checkpoints"`` holds a Trainer checkpoint to continue."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoints = out / "checkpoints"
+    return checkpoints.is_dir() and get_last_checkpoint(str(checkpoints)) is not None
+
+
+def prep_dir(bench: SharingBench, task: str, row: str) -> Path:
+    """Where a healed row's preparation keeps its healing checkpoints and its model."""
+    return bench.work / f"{task}-{row}"
+
+
+def run_dir(bench: SharingBench, task: str, row: str, seed: int) -> Path:
+    """Where a run keeps its fine-tuning checkpoints until its record is written."""
+    return bench.work / f"{task}-{row}-{seed}"
 
 
 def with_head(model: nn.Module, dense: nn.Module) -> nn.Module:
@@ -151,14 +186,30 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
     """The row's model before fine-tuning, what to record about it, and the seconds its
     preparation took. A healed row's encoder does not depend on the seed (compression,
     the ALS fit and healing are deterministic; healing never touches the head), so it is
-    prepared once per task and each later seed gets a copy with its own head."""
+    prepared once per task, kept in memory and in ``prep_dir`` (safetensors), and each
+    later seed, in this invocation or a later one, gets a copy with its own head."""
     if (task, row) in bench.prepared:
         model, extra, seconds = bench.prepared[task, row]
         return with_head(copy.deepcopy(model), bench.classifier(task, seed)), {
             **extra, "prep_reused": True}, seconds
-    start = time.perf_counter()
-    model, extra = prepare(bench, task, row, seed, sizes)
-    seconds = time.perf_counter() - start
+    kept = prep_dir(bench, task, row)
+    if row in HEALED and (kept / PREPARED).is_file():
+        model = prepare(bench, task, row, seed, sizes, healed=False)[0]
+        load_model(model, kept / "model.safetensors")
+        saved = json.loads((kept / PREPARED).read_text())
+        extra, seconds = {**saved["extra"], "prep_reused": True}, saved["seconds"]
+        with_head(model, bench.classifier(task, seed))
+    else:
+        start = time.perf_counter()
+        resumed = row in HEALED and checkpointed(kept / "heal")
+        model, extra = prepare(bench, task, row, seed, sizes)
+        seconds = time.perf_counter() - start
+        if resumed:
+            extra["prep_resumed"] = True
+        if row in HEALED:
+            kept.mkdir(parents=True, exist_ok=True)
+            save_model(model, str(kept / "model.safetensors"))
+            write_text(kept / PREPARED, json.dumps({"extra": extra, "seconds": seconds}))
     if row in HEALED:
         bench.prepared[task, row] = copy.deepcopy(model), extra, seconds
     return model, extra, seconds
@@ -166,17 +217,20 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
 
 def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, int],
             healed: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """The row's model before fine-tuning (healed unless ``healed`` is false), and what
-    to record about it."""
+    """The row's model before fine-tuning, and what to record about it. With ``healed``
+    false its structure only: no ALS sweep, no healing."""
     dense = bench.classifier(task, seed)
     extra: dict[str, Any] = {}
+    heal_dir = prep_dir(bench, task, row) / "heal"
+    # a healing checkpoint's weights replace the fitted ones: the structure is enough
+    sweeps = bench.sweeps if healed and not checkpointed(heal_dir) else 0
     if row in ("shared-layer", "shared-fit", "deep12"):
-        model = bench.shared(dense, "layer" if row == "shared-layer" else "fit")
+        model = bench.shared(dense, "layer" if row == "shared-layer" else "fit", sweeps)
         if row == "deep12":
             deepen(model, depth=2 * len(_layers(model)))
     elif row == "albert":
         goal = sizes.get("shared-fit") or count_parameters(
-            bench.shared(dense, "fit").parameters())
+            bench.shared(dense, "fit", 0).parameters())
         options = []
         for groups in range(1, len(_layers(dense)) + 1):
             trial = copy.deepcopy(dense)
@@ -187,7 +241,7 @@ def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str
         albert_sharing(model, extra["layer_groups"])
     elif row == "independent":
         goal = sizes.get("shared-fit") or count_parameters(
-            bench.shared(dense, "fit").parameters())
+            bench.shared(dense, "fit", 0).parameters())
         total = count_parameters(dense.parameters())
         model = compress(copy.deepcopy(dense), targets=bench.targets, progress=False,
                          ratio=bench.ratio(dense, goal / total), budget="model")
@@ -200,7 +254,7 @@ def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str
     else:
         raise ValueError(f"unknown row {row!r}")
     if row in HEALED and healed:
-        bench.heal(model, dense, task)
+        bench.heal(model, dense, task, heal_dir)
     return model, extra
 
 
@@ -212,16 +266,20 @@ def run(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, in
     model, extra, prep = prepared(bench, task, row, seed, sizes)
     original = count_parameters(bench.classifier(task, seed).parameters())
     data = bench.data(task)
+    out = run_dir(bench, task, row, seed)
     result = finetune(model, bench.tokenizer, data, bench.training(task, "full", seed),
-                      progress=False)
+                      progress=False, out=out, resume=checkpointed(out),
+                      save_steps=bench.save_steps)
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
     total = count_parameters(trained.parameters())
     record = result.record
+    resumed = ({"resumed_from": Path(record["resumed_from"]).name}
+               if "resumed_from" in record else {})
     return glue_small._run_record(
         task, row, seed, data, record, total=total, over_dense=total / original,
         trainable=record.get("trainable_params"), steps=record["steps"],
         seconds_per_step=record["train_seconds"] / max(record["steps"], 1),
-        layers=len(_layers(trained)), **extra, prep_seconds=prep,
+        layers=len(_layers(trained)), **extra, **resumed, prep_seconds=prep,
         seconds=prep + record["train_seconds"])
 
 
@@ -254,18 +312,14 @@ def step_times(bench: SharingBench, task: str, rows: list[str], sizes: dict[str,
     batch = collate([train[k] for k in range(len(train))])
     batch["labels"] = batch.pop("label") if "label" in batch else batch.pop("labels")
     dense = bench.classifier(task, 0).train()
-    sweeps, bench.sweeps = bench.sweeps, 0
-    try:
-        ratios = {}
-        for row in rows:
-            model = (dense if row == "dense"
-                     else prepare(bench, task, row, 0, sizes, healed=False)[0]).train()
-            pairs = [(_step_seconds(dense, batch), _step_seconds(model, batch))
-                     for _ in range(repeats + 1)][1:]  # the first step warms up
-            ratios[row] = (statistics.median(b for _, b in pairs)
-                           / statistics.median(a for a, _ in pairs))
-    finally:
-        bench.sweeps = sweeps
+    ratios = {}
+    for row in rows:
+        model = (dense if row == "dense"
+                 else prepare(bench, task, row, 0, sizes, healed=False)[0]).train()
+        pairs = [(_step_seconds(dense, batch), _step_seconds(model, batch))
+                 for _ in range(repeats + 1)][1:]  # the first step warms up
+        ratios[row] = (statistics.median(b for _, b in pairs)
+                       / statistics.median(a for a, _ in pairs))
     return ratios
 
 
@@ -346,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
     tasks = [glue_small.QUICK_TASK] if args.quick else args.task
     todo = [key for key in glue_small.plan(tasks, args.row, args.seed) if key not in done]
+    work = args.out.parent / "glue_sharing_work" if args.quick else WORK
     if todo and not args.report_only:
-        bench = SharingBench(args.quick, args.out.parent / "glue_sharing_work")
+        bench = SharingBench(args.quick, work)
         results.update(model="all-MiniLM-L6-v2 (embedded)", targets=bench.targets,
                        heal_steps=bench.heal_steps, fit_sweeps=bench.sweeps,
                        tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
@@ -357,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             sizes = {r["row"]: r["total_params"] for r in results["runs"]
                      if r["task"] == task and r["seed"] == seed}
             glue_small.store(results, borrowed or run(bench, task, row, seed, sizes), args.out)
+            shutil.rmtree(run_dir(bench, task, row, seed), ignore_errors=True)
     if args.timing:
-        bench = SharingBench(args.quick, args.out.parent / "glue_sharing_work")
+        bench = SharingBench(args.quick, work)
         timing = _timing_path(args.out)
         steps = json.loads(timing.read_text()) if timing.is_file() else {}
         for task in tasks:
@@ -366,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                      if r["task"] == task and r["seed"] == 0}
             steps[task] = {**steps.get(task, {}), **step_times(bench, task, args.row, sizes)}
             write_text(timing, json.dumps(steps, indent=2))
+    if args.quick:  # the smoke run's own scratch folder
+        shutil.rmtree(work, ignore_errors=True)
     print(write_report(args.out, results))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0

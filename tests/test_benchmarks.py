@@ -177,6 +177,54 @@ def test_glue_sharing_prepares_a_healed_row_once_and_gives_each_seed_its_own_hea
         k: True for k in expected}
 
 
+def test_glue_sharing_continues_a_stopped_row_where_it_stopped(tmp_path):
+    """A later invocation loads a healed row's kept model (shared centrals still one
+    tensor), resumes a stopped healing from its checkpoint, and resumes a stopped
+    fine-tuning to the record an unstopped run writes."""
+    import shutil
+
+    import torch
+
+    bench_module = load_benchmark("glue_sharing")
+    task = bench_module.glue_small.QUICK_TASK
+    first, extra, _ = bench_module.prepared(
+        bench_module.SharingBench(True, tmp_path), task, "deep12", 0, {})
+    assert "prep_reused" not in extra and "prep_resumed" not in extra
+    kept = bench_module.prep_dir(bench_module.SharingBench(True, tmp_path), task, "deep12")
+    assert (kept / bench_module.PREPARED).is_file()
+
+    def encoder(model):
+        return {k: v for k, v in model.base_model.state_dict().items()
+                if not k.startswith("classifier.")}
+
+    def equal(a, b):
+        return all(torch.equal(v, b[k]) for k, v in a.items()) and a.keys() == b.keys()
+
+    later = bench_module.SharingBench(True, tmp_path)  # a new invocation: nothing in memory
+    loaded, extra, _ = bench_module.prepared(later, task, "deep12", 1, {})
+    assert extra["prep_reused"] and equal(encoder(loaded), encoder(first))
+    assert torch.equal(loaded.base_model.classifier.weight,
+                       later.classifier(task, 1).classifier.weight)
+    layers = bench_module._layers(loaded)
+    pointers = {layer.intermediate.dense.central.data_ptr() for layer in layers}
+    assert len(layers) == 12 and len(pointers) == 1  # one shared central, after loading
+
+    # healing stopped after its last checkpoint, before the model was kept
+    (kept / bench_module.PREPARED).unlink()
+    resumed, extra, _ = bench_module.prepared(
+        bench_module.SharingBench(True, tmp_path), task, "deep12", 0, {})
+    assert extra["prep_resumed"] and equal(encoder(resumed), encoder(first))
+
+    # fine-tuning stopped after its first of two steps
+    bench = bench_module.SharingBench(True, tmp_path)
+    whole = bench_module.run(bench, task, "shared-fit", 0, {})
+    out = bench_module.run_dir(bench, task, "shared-fit", 0)
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")
+    again = bench_module.run(bench, task, "shared-fit", 0, {})
+    assert again["resumed_from"] == "checkpoint-1" and "resumed_from" not in whole
+    assert (again["metric"], again["loss"]) == (whole["metric"], whole["loss"])
+
+
 @pytest.mark.slow
 def test_glue_sharing_quick_mode_runs_every_row_then_skips_them(tmp_path):
     """Every MPOBERT and MPOE row runs once on the sample (2 minutes); a second call

@@ -9,6 +9,7 @@ resumed, and must end with the same weights and scores.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import warnings
@@ -267,6 +268,71 @@ def test_a_resumed_finetune_ends_with_the_weights_of_an_uninterrupted_one(
     assert all(torch.equal(v, theirs[k]) for k, v in weights(again).items())
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "checkpoint-4", "checkpoint-6", FINETUNE_STATE]
+
+
+@pytest.mark.parametrize("sharing", ["centrals", "layers"])
+def test_a_model_with_shared_tensors_checkpoints_and_resumes_with_them_shared(
+        tiny_bert, data, tmp_path, monkeypatch, kill_at_step, sharing):
+    """Central tensors shared across layers (MPOBERT), or a layer repeated (ALBERT), are
+    one tensor under several names: the checkpoints store it once and a killed fine-tuning
+    and a healing resume to the weights of uninterrupted runs, the tensor still shared."""
+    from mpotn.compression.sharing import share_centrals
+    from mpotn.data.texts import texts
+    from mpotn.finetune.heal import heal
+
+    config = TrainingConfig(strategy="full", **SMALL)
+
+    def layers(model):
+        return model.base_model.bert.encoder.layer  # model: an MPOModel
+
+    def fresh():
+        model, tokenizer = prepare_model(tiny_bert, data, config, targets=["ffn"],
+                                         compress_model=True, progress=False)
+        if sharing == "centrals":
+            share_centrals(model, init="layer")
+        else:
+            layers(model)[1] = layers(model)[0]
+        return model, tokenizer
+
+    def shared(model):
+        first, second = (layer.intermediate.dense.central for layer in layers(model)[:2])
+        return first is second
+
+    model, tokenizer = fresh()
+    whole = finetune(model, tokenizer, data, config, progress=False, out=tmp_path / "whole",
+                     save_steps=2)
+    with safe_open(str(tmp_path / "whole" / "checkpoints" / "checkpoint-6" /
+                        "model.safetensors"), "pt") as saved:
+        names = set(saved.keys())
+    central = "bert.encoder.layer.{}.intermediate.dense.cores.{}"
+    index = layers(model)[0].intermediate.dense.central_index
+    assert central.format(0, index) in names and central.format(1, index) not in names
+    with monkeypatch.context() as patch:
+        kill_at_step(patch, 3)
+        model, tokenizer = fresh()
+        with pytest.raises(KeyboardInterrupt):
+            finetune(model, tokenizer, data, config, progress=False, out=tmp_path / "killed",
+                     save_steps=2)
+    model, tokenizer = fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no alias is reported missing from the checkpoint
+        resumed = finetune(model, tokenizer, data, config, progress=False,
+                           out=tmp_path / "killed", resume=True, save_steps=2)
+    assert resumed.record["resumed_from"] == "checkpoint-2" and shared(resumed.model)
+    ours, theirs = weights(resumed), weights(whole)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
+
+    sentences = texts(None, samples=32)  # the shipped SST-2 sample
+    heal_config = HealConfig(steps=2, batch_size=8, save_steps=1, train="all")
+    teacher = copy.deepcopy(whole.model)
+    student, _ = fresh()
+    healed = heal(student, teacher, tokenizer, sentences, heal_config, out=tmp_path / "heal",
+                  progress=False).model
+    again, _ = fresh()
+    again = heal(again, teacher, tokenizer, sentences, heal_config, out=tmp_path / "heal",
+                 resume=True, progress=False).model
+    assert shared(again)
+    assert all(torch.equal(v, healed.state_dict()[k]) for k, v in again.state_dict().items())
 
 
 def test_resume_and_fresh_runs_refuse_the_wrong_folder(tiny_bert, data, tmp_path):

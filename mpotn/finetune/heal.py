@@ -64,6 +64,7 @@ from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.models import padding_tokenizer
 from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.finetune.shared_checkpoints import SharedTensorCheckpoints
 from mpotn.finetune.training import (
     DEVICE_HELP,
     FieldHelp,
@@ -409,7 +410,7 @@ def _heal_arguments(config: HealConfig, output_dir: Path, progress: bool, save: 
 def _trainer_class() -> type:
     from transformers import Trainer
 
-    class HealTrainer(Trainer):
+    class HealTrainer(SharedTensorCheckpoints, Trainer):
         """A Trainer whose loss is [distillation_loss][mpotn.finetune.heal.distillation_loss]
         (plus, in training steps, the load-balancing loss of any mixture of experts,
         [add_router_loss][mpotn.layers.experts.add_router_loss]).
