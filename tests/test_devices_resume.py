@@ -212,6 +212,16 @@ def weights(result) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
 
+def kill_a_run(fresh, data, config, out, monkeypatch, kill_at_step) -> None:
+    """Fine-tune ``fresh()``'s model into ``out``, checkpointing every 2 steps, killed as it
+    starts step 4."""
+    with monkeypatch.context() as patch:
+        kill_at_step(patch, 3)
+        model, tokenizer = fresh()
+        with pytest.raises(KeyboardInterrupt):
+            finetune(model, tokenizer, data, config, progress=False, out=out, save_steps=2)
+
+
 @pytest.mark.parametrize("strategy, targets", [("lfa", ["word_emb", "ffn"]), ("lora", None)])
 def test_a_resumed_finetune_ends_with_the_weights_of_an_uninterrupted_one(
         tiny_bert, data, tmp_path, monkeypatch, kill_at_step, strategy, targets):
@@ -228,12 +238,7 @@ def test_a_resumed_finetune_ends_with_the_weights_of_an_uninterrupted_one(
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "checkpoint-4", "checkpoint-6", FINETUNE_STATE]  # every 2 steps, the last two kept
 
-    with monkeypatch.context() as patch:
-        kill_at_step(patch, 3)
-        model, tokenizer = fresh()
-        with pytest.raises(KeyboardInterrupt):
-            finetune(model, tokenizer, data, config, progress=False, out=tmp_path / "killed",
-                     save_steps=2)
+    kill_a_run(fresh, data, config, tmp_path / "killed", monkeypatch, kill_at_step)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == [
         "checkpoint-2", FINETUNE_STATE]
     model, tokenizer = fresh()
@@ -307,12 +312,7 @@ def test_a_model_with_shared_tensors_checkpoints_and_resumes_with_them_shared(
     central = "bert.encoder.layer.{}.intermediate.dense.cores.{}"
     index = layers(model)[0].intermediate.dense.central_index
     assert central.format(0, index) in names and central.format(1, index) not in names
-    with monkeypatch.context() as patch:
-        kill_at_step(patch, 3)
-        model, tokenizer = fresh()
-        with pytest.raises(KeyboardInterrupt):
-            finetune(model, tokenizer, data, config, progress=False, out=tmp_path / "killed",
-                     save_steps=2)
+    kill_a_run(fresh, data, config, tmp_path / "killed", monkeypatch, kill_at_step)
     model, tokenizer = fresh()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no alias is reported missing from the checkpoint
