@@ -186,8 +186,9 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
     """The row's model before fine-tuning, what to record about it, and the seconds its
     preparation took. A healed row's encoder does not depend on the seed (compression,
     the ALS fit and healing are deterministic; healing never touches the head), so it is
-    prepared once per task, kept in memory and in ``prep_dir`` (safetensors), and each
-    later seed, in this invocation or a later one, gets a copy with its own head."""
+    prepared once per task, kept in memory and in ``prep_dir`` (safetensors; the healing
+    checkpoints there are deleted then), and each later seed, in this invocation or a
+    later one, gets a copy with its own head."""
     if (task, row) in bench.prepared:
         model, extra, seconds = bench.prepared[task, row]
         return with_head(copy.deepcopy(model), bench.classifier(task, seed)), {
@@ -210,6 +211,7 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
             kept.mkdir(parents=True, exist_ok=True)
             save_model(model, str(kept / "model.safetensors"))
             write_text(kept / PREPARED, json.dumps({"extra": extra, "seconds": seconds}))
+            shutil.rmtree(kept / "heal", ignore_errors=True)  # its checkpoints are spent
     if row in HEALED:
         bench.prepared[task, row] = copy.deepcopy(model), extra, seconds
     return model, extra, seconds

@@ -209,8 +209,12 @@ def test_glue_sharing_continues_a_stopped_row_where_it_stopped(tmp_path):
     pointers = {layer.intermediate.dense.central.data_ptr() for layer in layers}
     assert len(layers) == 12 and len(pointers) == 1  # one shared central, after loading
 
+    assert not (kept / "heal").exists()  # the healing checkpoints are spent
+
     # healing stopped after its last checkpoint, before the model was kept
-    (kept / bench_module.PREPARED).unlink()
+    shutil.rmtree(kept)
+    bench_module.prepare(bench_module.SharingBench(True, tmp_path), task, "deep12", 0, {})
+    assert not (kept / bench_module.PREPARED).exists()
     resumed, extra, _ = bench_module.prepared(
         bench_module.SharingBench(True, tmp_path), task, "deep12", 0, {})
     assert extra["prep_resumed"] and equal(encoder(resumed), encoder(first))
