@@ -295,17 +295,20 @@ def _step_seconds(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
 
 
 def step_times(bench: SharingBench, task: str, rows: list[str], sizes: dict[str, int],
-               repeats: int = 7) -> dict[str, float]:
-    """Each row's training step time over dense's, measured in this one process: the
-    rows' models (untrained: the work of a step does not depend on the weights, except
-    in the mixtures of experts, whose untrained router decides how many tokens go over
-    capacity; shared centrals fitted with no ALS sweep) each take a step on the same
-    batch of 32 training examples, interleaved with the dense model's steps so that load
-    changes hit both, and the ratio is of the medians."""
+               repeats: int = 7) -> dict[str, dict[str, float]]:
+    """Each row's training step time over dense's (``step x dense``), measured in this
+    one process: the rows' models (untrained: the work of a step does not depend on the
+    weights, except in the mixtures of experts, whose untrained router decides how many
+    tokens go over capacity, so their rows also hold the share of token assignments
+    ``dropped``, the mean over their mixtures; shared centrals fitted with no ALS sweep)
+    each take a step on the same batch of 32 training examples, interleaved with the
+    dense model's steps so that load changes hit both, and the ratio is of the
+    medians."""
     from transformers import DataCollatorWithPadding
 
     from mpotn.compression.models import padding_tokenizer
     from mpotn.finetune.training import tokenize
+    from mpotn.layers.experts import MixtureOfExperts
 
     data = bench.data(task)
     train, _ = tokenize(data, bench.tokenizer, bench.training(task, "full", 0).max_length,
@@ -314,15 +317,18 @@ def step_times(bench: SharingBench, task: str, rows: list[str], sizes: dict[str,
     batch = collate([train[k] for k in range(len(train))])
     batch["labels"] = batch.pop("label") if "label" in batch else batch.pop("labels")
     dense = bench.classifier(task, 0).train()
-    ratios = {}
+    measured = {}
     for row in rows:
         model = (dense if row == "dense"
                  else prepare(bench, task, row, 0, sizes, healed=False)[0]).train()
         pairs = [(_step_seconds(dense, batch), _step_seconds(model, batch))
                  for _ in range(repeats + 1)][1:]  # the first step warms up
-        ratios[row] = (statistics.median(b for _, b in pairs)
-                       / statistics.median(a for a, _ in pairs))
-    return ratios
+        measured[row] = {"step x dense": statistics.median(b for _, b in pairs)
+                         / statistics.median(a for a, _ in pairs)}
+        mixtures = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
+        if mixtures:
+            measured[row]["dropped"] = statistics.mean(float(m.dropped) for m in mixtures)
+    return measured
 
 
 def _ffn_multiple(group: list[dict[str, Any]]) -> float:
@@ -330,15 +336,16 @@ def _ffn_multiple(group: list[dict[str, Any]]) -> float:
     return statistics.mean(multiple) if multiple else float("nan")
 
 
-def summarize(runs: list[dict[str, Any]], steps: dict[str, dict[str, float]] | None = None
-              ) -> Table:
+def summarize(runs: list[dict[str, Any]],
+              steps: dict[str, dict[str, dict[str, float]]] | None = None) -> Table:
     """``glue_small``'s summary of these rows, with the FFN's size against dense and each
     row's training step time over dense's measured in one process (``steps``, from
     ``step_times``; ``--timing``). The runs' own seconds per step are not compared:
     they ran at different times, beside different jobs."""
     table = glue_small.summarize(runs, ROWS, {"FFN x dense": _ffn_multiple})
     for row in table:
-        row["step x dense"] = (steps or {}).get(row["task"], {}).get(row["row"], float("nan"))
+        row["step x dense"] = (steps or {}).get(row["task"], {}).get(row["row"], {}).get(
+            "step x dense", float("nan"))
     return table
 
 

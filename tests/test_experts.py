@@ -136,6 +136,10 @@ def test_capacity_drops_the_tokens_over_it_and_top_two_gates_sum_to_one():
     assert gates[:, 0].gt(0).sum() == 2 and bool((chosen == 0).all())
     y = moe(x)
     assert bool((y[2:] == 0).all()) and bool((y[:2] != 0).any())
+    assert float(moe.dropped) == pytest.approx(6 / 8)  # 6 of the 8 assignments
+    moe.eval()
+    moe(x)
+    assert float(moe.dropped) == 0.0  # no capacity limit in evaluation
     top2 = MixtureOfExperts(experts, hidden_size=4, top_k=2, capacity_factor=None)
     gates, _, _ = top2.route(x)
     assert torch.allclose(gates.sum(-1), torch.ones(8))

@@ -18,7 +18,9 @@ nothing from that expert (its residual connection carries it, as in Switch).
 ``None`` means no limit, and evaluation has none. Padding tokens are not routed
 (their output is zero) and count neither for capacity nor for the loss below, as
 in Mixtral's load-balancing loss: [attach_token_masks][mpotn.layers.experts.attach_token_masks]
-hands each mixture the ``attention_mask`` its model was called with.
+hands each mixture the ``attention_mask`` its model was called with. Each forward pass
+also stores in ``dropped`` the share of its $T k$ assignments that were over capacity
+(Switch Transformer's dropped tokens; 0 in evaluation).
 
 Each forward pass stores the load-balancing loss of Switch Transformer,
 
@@ -132,6 +134,9 @@ class MixtureOfExperts(nn.Module):
         self.router = nn.Linear(hidden_size, len(experts), bias=False, **place)
         nn.init.normal_(self.router.weight, std=router_std)
         self.aux_loss: torch.Tensor | None = None
+        #: Share of the last forward pass's token assignments over capacity (a detached
+        #: scalar tensor on the tokens' device; ``None`` before any routed token).
+        self.dropped: torch.Tensor | None = None
         #: ``(batch, length)`` mask of the real tokens (1) of the current forward pass, set
         #: by the hooks of ``attach_token_masks``; ``None``: every token is real.
         self.token_mask: torch.Tensor | None = None
@@ -140,9 +145,11 @@ class MixtureOfExperts(nn.Module):
         self.split_output: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """The state without ``aux_loss`` (a tensor of the last forward pass's graph, which
-        ``copy.deepcopy`` cannot copy and a copy should not keep)."""
-        return {**super().__getstate__(), "aux_loss": None, "token_mask": None}
+        """The state without the last forward pass's ``aux_loss`` (a tensor of its graph,
+        which ``copy.deepcopy`` cannot copy), ``token_mask`` and ``dropped``: a copy
+        should not keep them."""
+        return {**super().__getstate__(), "aux_loss": None, "token_mask": None,
+                "dropped": None}
 
     @property
     def num_experts(self) -> int:
@@ -161,7 +168,7 @@ class MixtureOfExperts(nn.Module):
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router output for ``(T, hidden)`` tokens: gates ``(T, k)`` (zero where a token
         is over an expert's capacity), chosen experts ``(T, k)`` and the load-balancing
-        loss (a scalar)."""
+        loss (a scalar); the share of assignments over capacity goes to ``dropped``."""
         probs = torch.softmax(self.router(tokens).float(), dim=-1)
         top, chosen = probs.topk(self.top_k, dim=-1)
         gates = top if self.top_k == 1 else top / top.sum(-1, keepdim=True)
@@ -173,6 +180,7 @@ class MixtureOfExperts(nn.Module):
         place = (order.cumsum(0) - 1).reshape(self.top_k, -1, self.num_experts)
         place = (place.transpose(0, 1) * one_hot).sum(-1)  # (T, k)
         kept = place < self.capacity(tokens.shape[0])
+        self.dropped = 1 - kept.float().mean().detach()
         return gates * kept, chosen, loss
 
     def real_tokens(self, shape: torch.Size) -> torch.Tensor | None:
