@@ -3,15 +3,14 @@
 A central tensor shared by many layers
 ([share_centrals][mpotn.compression.sharing.share_centrals], the experts of
 [upcycle_experts][mpotn.compression.experts.upcycle_experts]) or a layer repeated
-ALBERT-style is one tensor under several state-dict names. The Trainer's checkpoint
-(``save_pretrained``) refuses such tensors unless the model declares them tied, so
-fine-tuning or healing such a model with checkpoints failed at its first save.
-[SharedTensorCheckpoints][mpotn.finetune.shared_checkpoints.SharedTensorCheckpoints]
-saves each tensor once, under its first name, and a resume loads it back into the one
-tensor every name shares.
+ALBERT-style is one tensor under several state-dict names. The Trainer's own
+checkpoint (``save_pretrained``) refuses such tensors unless the model declares them
+tied. [SharedTensorCheckpoints][mpotn.finetune.shared_checkpoints.SharedTensorCheckpoints],
+which mpotn's fine-tuning and healing Trainers use, saves each tensor once, under its
+first name, and a resume loads it back into the one tensor all its names share.
 
-Example
--------
+Examples
+--------
 >>> from torch import nn
 >>> shared = nn.Linear(2, 2)
 >>> model = nn.Sequential(shared, nn.ReLU(), shared)
