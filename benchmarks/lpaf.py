@@ -53,6 +53,7 @@ per task and row, then LPAF's claims as verdicts).
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -141,12 +142,12 @@ def first_stage(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, A
         seconds=time.perf_counter() - start)
 
 
-def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, Any]:
-    """A factorized row from its first stage's saved model (run first when missing)."""
+def factorized(bench: LpafBench, task: str, row: str, seed: int) -> list[dict[str, Any]]:
+    """A factorized row from its first stage's saved model; when that model is missing,
+    the first stage runs first and its record comes first."""
     source, fit, mixed = FACTORIZED[row]
     folder = bench.stage(task, source, seed)
-    if not folder.is_dir():
-        first_stage(bench, task, source, seed)
+    records = [] if folder.is_dir() else [first_stage(bench, task, source, seed)]
     from transformers import AutoModelForSequenceClassification
 
     start = time.perf_counter()
@@ -166,7 +167,7 @@ def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, An
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
     total = count_parameters(trained.parameters())
     record = result.record
-    return glue_small._run_record(
+    return [*records, glue_small._run_record(
         task, row, seed, data, record, total=total, over_dense=total / original,
         trainable=record.get("trainable_params"), steps=record["steps"],
         kept_error=statistics.mean(r["kept_error"] for r in report),
@@ -174,12 +175,13 @@ def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, An
         relative_error=statistics.mean(r["relative_error"] for r in report),
         output_error=(statistics.mean(r["output_error"] for r in report)
                       if fit == "whitened" else None),
-        prep_seconds=prep, seconds=prep + record["train_seconds"])
+        prep_seconds=prep, seconds=prep + record["train_seconds"])]
 
 
-def run(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, Any]:
-    return factorized(bench, task, row, seed) if row in FACTORIZED else first_stage(
-        bench, task, row, seed)
+def run(bench: LpafBench, task: str, row: str, seed: int) -> list[dict[str, Any]]:
+    """The row's run record, after that of the first stage it had to run, if any."""
+    return factorized(bench, task, row, seed) if row in FACTORIZED else [first_stage(
+        bench, task, row, seed)]
 
 
 def summarize(runs: list[dict[str, Any]]) -> Table:
@@ -258,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [glue_small.QUICK_TASK] if args.quick else args.task
     todo = [key for key in glue_small.plan(tasks, args.row, args.seed) if key not in done]
     if todo and not args.report_only:
-        bench = LpafBench(args.quick, args.out.parent / "lpaf_work" if args.quick else WORK)
+        work = args.out.parent / "lpaf_work" if args.quick else WORK
+        bench = LpafBench(args.quick, work)
         results.update(model="all-MiniLM-L6-v2 (embedded)", targets=bench.targets,
                        ratio=RATIO, sparsity=1.0 - RATIO, warmup=WARMUP, cooldown=COOLDOWN,
                        mixed_rank={"p": MIXED_P, "anneal": MIXED_ANNEAL},
@@ -266,7 +269,15 @@ def main(argv: list[str] | None = None) -> int:
                        tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
                        threads=torch.get_num_threads())
         for task, row, seed in todo:
-            glue_small.store(results, run(bench, task, row, seed), args.out)
+            if (task, row, seed) in done:  # a factorized row's first stage ran already
+                continue
+            for record in run(bench, task, row, seed):
+                key = (record["task"], record["row"], record["seed"])
+                if key not in done:  # a first stage rerun for its lost model: recorded
+                    done.add(key)
+                    glue_small.store(results, record, args.out)
+        if args.quick:  # the smoke run's own scratch folder
+            shutil.rmtree(work, ignore_errors=True)
     print(write_report(args.out, results))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0

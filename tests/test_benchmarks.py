@@ -338,3 +338,8 @@ def test_lpaf_quick_mode_runs_every_row_then_skips_them(tmp_path):
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]
     assert len(json.loads(out.read_text())["findings"]) == len(bench.CLAIMS) + 1
+    assert not (tmp_path / "lpaf_work").exists()  # the smoke run's scratch folder is gone
+    # a factorized row asked for alone runs its first stage, and records it too
+    alone = tmp_path / "alone" / "lpaf.json"
+    assert bench.main(["--quick", "--out", str(alone), "--row", "lpaf"]) == 0
+    assert [r["row"] for r in json.loads(alone.read_text())["runs"]] == ["movement", "lpaf"]
