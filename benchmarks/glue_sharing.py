@@ -23,7 +23,9 @@ A row's longest runs (the 12-layer model takes hours) continue where they stoppe
 healed row's model is kept in ``benchmarks/work/glue_sharing`` once healed, and healing
 and fine-tuning checkpoint there every ``SAVE_STEPS`` steps, so a stopped invocation
 resumes them (``prep_resumed`` / ``resumed_from`` in the run's record; its seconds are
-this invocation's). A run's checkpoints are deleted once its record is written.
+this invocation's, its seconds per step those of the steps it took). A kept model or
+healing run made with other settings (targets, rank, ALS sweeps, healing steps) is
+refused, not reused. A run's checkpoints are deleted once its record is written.
 
 MPOBERT rows (attention and FFN matrices as ``n = 5`` MPOs at full rank):
 
@@ -85,7 +87,7 @@ from mpotn.compression.model import MPOModel
 from mpotn.compression.parameters import count_parameters
 from mpotn.compression.sharing import share_centrals
 from mpotn.finetune.heal import HealConfig, heal
-from mpotn.finetune.training import finetune
+from mpotn.finetune.training import finetune, last_checkpoint
 
 RESULTS = Path(__file__).parent / "results" / "glue_sharing.json"
 WORK = Path(__file__).parent / "work" / "glue_sharing"
@@ -147,7 +149,7 @@ class SharingBench(glue_small.Bench):
         heal(model, teacher, self.tokenizer, self.texts(task, None),
              HealConfig(steps=self.heal_steps, train="all", max_length=128,
                         save_steps=self.save_steps),
-             out=out, resume=checkpointed(out), progress=False)
+             out=out, resume=resumable(out), progress=False)
 
     def shared(self, dense: nn.Module, init: str, sweeps: int) -> MPOModel:
         model = compress(copy.deepcopy(dense), targets=self.targets, progress=False,
@@ -156,12 +158,13 @@ class SharingBench(glue_small.Bench):
         return model
 
 
-def checkpointed(out: Path) -> bool:
-    """Whether ``out / "checkpoints"`` holds a Trainer checkpoint to continue."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoints = out / "checkpoints"
-    return checkpoints.is_dir() and get_last_checkpoint(str(checkpoints)) is not None
+def resumable(out: Path) -> bool:
+    """Whether ``out / "checkpoints"`` holds a complete Trainer checkpoint to continue
+    from; a run stopped before its first complete one is removed, to start afresh."""
+    if last_checkpoint(out / "checkpoints") is not None:
+        return True
+    shutil.rmtree(out, ignore_errors=True)
+    return False
 
 
 def prep_dir(bench: SharingBench, task: str, row: str) -> Path:
@@ -194,27 +197,46 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
         return with_head(copy.deepcopy(model), bench.classifier(task, seed)), {
             **extra, "prep_reused": True}, seconds
     kept = prep_dir(bench, task, row)
+    if row in HEALED:
+        check_settings(bench, kept)
     if row in HEALED and (kept / PREPARED).is_file():
-        model = prepare(bench, task, row, seed, sizes, healed=False)[0]
+        model, extra = prepare(bench, task, row, seed, sizes, healed=False)
         load_model(model, kept / "model.safetensors")
         saved = json.loads((kept / PREPARED).read_text())
+        if extra != {k: v for k, v in saved["extra"].items() if not k.startswith("prep_")}:
+            raise ValueError(f"{kept} holds a {row} model of another structure "
+                             f"({saved['extra']}, not {extra}); delete it to prepare again")
         extra, seconds = {**saved["extra"], "prep_reused": True}, saved["seconds"]
         with_head(model, bench.classifier(task, seed))
     else:
         start = time.perf_counter()
-        resumed = row in HEALED and checkpointed(kept / "heal")
+        resumed = row in HEALED and resumable(kept / "heal")
         model, extra = prepare(bench, task, row, seed, sizes)
         seconds = time.perf_counter() - start
         if resumed:
             extra["prep_resumed"] = True
         if row in HEALED:
-            kept.mkdir(parents=True, exist_ok=True)
             save_model(model, str(kept / "model.safetensors"))
             write_text(kept / PREPARED, json.dumps({"extra": extra, "seconds": seconds}))
-            shutil.rmtree(kept / "heal", ignore_errors=True)  # its checkpoints are spent
     if row in HEALED:
+        shutil.rmtree(kept / "heal", ignore_errors=True)  # its checkpoints are spent
         bench.prepared[task, row] = copy.deepcopy(model), extra, seconds
     return model, extra, seconds
+
+
+def check_settings(bench: SharingBench, kept: Path) -> None:
+    """Record in ``kept`` the settings a healed row's preparation depends on, or refuse
+    a folder prepared with others (a kept model or healing checkpoint of other settings
+    must not pass for this invocation's)."""
+    settings = {"targets": bench.targets, "rank": bench.rank, "fit_sweeps": bench.sweeps,
+                "heal_steps": bench.heal_steps}
+    path = kept / "settings.json"
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        raise ValueError(f"{kept} was prepared with other settings "
+                         f"({json.loads(path.read_text())}, not {settings}); delete it to "
+                         "prepare the row again")
+    kept.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(settings))
 
 
 def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, int],
@@ -225,7 +247,7 @@ def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str
     extra: dict[str, Any] = {}
     heal_dir = prep_dir(bench, task, row) / "heal"
     # a healing checkpoint's weights replace the fitted ones: the structure is enough
-    sweeps = bench.sweeps if healed and not checkpointed(heal_dir) else 0
+    sweeps = bench.sweeps if healed and not resumable(heal_dir) else 0
     if row in ("shared-layer", "shared-fit", "deep12"):
         model = bench.shared(dense, "layer" if row == "shared-layer" else "fit", sweeps)
         if row == "deep12":
@@ -270,17 +292,18 @@ def run(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, in
     data = bench.data(task)
     out = run_dir(bench, task, row, seed)
     result = finetune(model, bench.tokenizer, data, bench.training(task, "full", seed),
-                      progress=False, out=out, resume=checkpointed(out),
+                      progress=False, out=out, resume=resumable(out),
                       save_steps=bench.save_steps)
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
     total = count_parameters(trained.parameters())
     record = result.record
     resumed = ({"resumed_from": Path(record["resumed_from"]).name}
                if "resumed_from" in record else {})
+    start = int(resumed.get("resumed_from", "checkpoint-0").removeprefix("checkpoint-"))
     return glue_small._run_record(
         task, row, seed, data, record, total=total, over_dense=total / original,
         trainable=record.get("trainable_params"), steps=record["steps"],
-        seconds_per_step=record["train_seconds"] / max(record["steps"], 1),
+        seconds_per_step=record["train_seconds"] / max(record["steps"] - start, 1),
         layers=len(_layers(trained)), **extra, **resumed, prep_seconds=prep,
         seconds=prep + record["train_seconds"])
 
@@ -325,9 +348,10 @@ def step_times(bench: SharingBench, task: str, rows: list[str], sizes: dict[str,
                  for _ in range(repeats + 1)][1:]  # the first step warms up
         measured[row] = {"step x dense": statistics.median(b for _, b in pairs)
                          / statistics.median(a for a, _ in pairs)}
-        mixtures = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
-        if mixtures:
-            measured[row]["dropped"] = statistics.mean(float(m.dropped) for m in mixtures)
+        dropped = [float(m.dropped) for m in model.modules()
+                   if isinstance(m, MixtureOfExperts) and m.dropped is not None]
+        if dropped:
+            measured[row]["dropped"] = statistics.mean(dropped)
     return measured
 
 
@@ -412,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out.parent / "glue_sharing_work" if args.quick else WORK
     if todo and not args.report_only:
         bench = SharingBench(args.quick, work)
+        for task, row, seed in done:  # checkpoints left by a stop just after the record
+            shutil.rmtree(run_dir(bench, task, row, seed), ignore_errors=True)
         results.update(model="all-MiniLM-L6-v2 (embedded)", targets=bench.targets,
                        heal_steps=bench.heal_steps, fit_sweeps=bench.sweeps,
                        tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},

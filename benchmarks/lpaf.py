@@ -142,12 +142,14 @@ def first_stage(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, A
         seconds=time.perf_counter() - start)
 
 
-def factorized(bench: LpafBench, task: str, row: str, seed: int) -> list[dict[str, Any]]:
-    """A factorized row from its first stage's saved model; when that model is missing,
-    the first stage runs first and its record comes first."""
+def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, Any]:
+    """A factorized row from its first stage's saved model (``main`` runs and records the
+    first stage before; a recorded stage whose model is gone, say on a new machine, runs
+    again here, deterministically, for its model only)."""
     source, fit, mixed = FACTORIZED[row]
     folder = bench.stage(task, source, seed)
-    records = [] if folder.is_dir() else [first_stage(bench, task, source, seed)]
+    if not folder.is_dir():
+        first_stage(bench, task, source, seed)
     from transformers import AutoModelForSequenceClassification
 
     start = time.perf_counter()
@@ -167,7 +169,7 @@ def factorized(bench: LpafBench, task: str, row: str, seed: int) -> list[dict[st
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
     total = count_parameters(trained.parameters())
     record = result.record
-    return [*records, glue_small._run_record(
+    return glue_small._run_record(
         task, row, seed, data, record, total=total, over_dense=total / original,
         trainable=record.get("trainable_params"), steps=record["steps"],
         kept_error=statistics.mean(r["kept_error"] for r in report),
@@ -175,13 +177,12 @@ def factorized(bench: LpafBench, task: str, row: str, seed: int) -> list[dict[st
         relative_error=statistics.mean(r["relative_error"] for r in report),
         output_error=(statistics.mean(r["output_error"] for r in report)
                       if fit == "whitened" else None),
-        prep_seconds=prep, seconds=prep + record["train_seconds"])]
+        prep_seconds=prep, seconds=prep + record["train_seconds"])
 
 
-def run(bench: LpafBench, task: str, row: str, seed: int) -> list[dict[str, Any]]:
-    """The row's run record, after that of the first stage it had to run, if any."""
-    return factorized(bench, task, row, seed) if row in FACTORIZED else [first_stage(
-        bench, task, row, seed)]
+def run(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, Any]:
+    return factorized(bench, task, row, seed) if row in FACTORIZED else first_stage(
+        bench, task, row, seed)
 
 
 def summarize(runs: list[dict[str, Any]]) -> Table:
@@ -269,13 +270,12 @@ def main(argv: list[str] | None = None) -> int:
                        tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
                        threads=torch.get_num_threads())
         for task, row, seed in todo:
-            if (task, row, seed) in done:  # a factorized row's first stage ran already
-                continue
-            for record in run(bench, task, row, seed):
-                key = (record["task"], record["row"], record["seed"])
-                if key not in done:  # a first stage rerun for its lost model: recorded
+            # a factorized row's first stage runs, and is recorded, before it
+            needs = [(task, FACTORIZED[row][0], seed)] if row in FACTORIZED else []
+            for key in [*needs, (task, row, seed)]:
+                if key not in done:
                     done.add(key)
-                    glue_small.store(results, record, args.out)
+                    glue_small.store(results, run(bench, *key), args.out)
         if args.quick:  # the smoke run's own scratch folder
             shutil.rmtree(work, ignore_errors=True)
     print(write_report(args.out, results))

@@ -219,6 +219,12 @@ def test_glue_sharing_continues_a_stopped_row_where_it_stopped(tmp_path):
         bench_module.SharingBench(True, tmp_path), task, "deep12", 0, {})
     assert extra["prep_resumed"] and equal(encoder(resumed), encoder(first))
 
+    # a kept model of other settings is refused, not reused
+    other = bench_module.SharingBench(True, tmp_path)
+    other.heal_steps += 1
+    with pytest.raises(ValueError, match="prepared with other settings"):
+        bench_module.prepared(other, task, "deep12", 0, {})
+
     # fine-tuning stopped after its first of two steps
     bench = bench_module.SharingBench(True, tmp_path)
     whole = bench_module.run(bench, task, "shared-fit", 0, {})
@@ -227,6 +233,12 @@ def test_glue_sharing_continues_a_stopped_row_where_it_stopped(tmp_path):
     again = bench_module.run(bench, task, "shared-fit", 0, {})
     assert again["resumed_from"] == "checkpoint-1" and "resumed_from" not in whole
     assert (again["metric"], again["loss"]) == (whole["metric"], whole["loss"])
+    # stopped while saving its first checkpoint: nothing to resume, so it starts afresh
+    for name in ("checkpoint-1", "checkpoint-2"):
+        shutil.rmtree(out / "checkpoints" / name, ignore_errors=True)
+    (out / "checkpoints" / "checkpoint-1").mkdir()  # no trainer_state.json
+    fresh = bench_module.run(bench, task, "shared-fit", 0, {})
+    assert "resumed_from" not in fresh and fresh["metric"] == whole["metric"]
 
 
 @pytest.mark.slow

@@ -185,7 +185,7 @@ def test_cli_resume_without_a_checkpoint_exits_2_before_loading(capsys, tmp_path
     code = main(["finetune", "--resume", "--out", str(tmp_path / "new")])
     assert code == 2
     err = capsys.readouterr().err
-    assert (f"nothing to resume: {tmp_path / 'new' / 'checkpoints'} holds no fine-tuning "
+    assert (f"nothing to resume: {tmp_path / 'new' / 'checkpoints'} holds no complete fine-tuning "
             "checkpoint") in err and "run without --resume" in err
 
 
@@ -274,16 +274,29 @@ def test_a_resumed_finetune_ends_with_the_weights_of_an_uninterrupted_one(
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "checkpoint-4", "checkpoint-6", FINETUNE_STATE]
 
+    # stopped while saving step 6 (the Trainer writes trainer_state.json last): from step 4
+    (checkpoints / "checkpoint-6" / "trainer_state.json").unlink()
+    model, tokenizer = fresh()
+    redone = finetune(model, tokenizer, data, config, progress=False, out=tmp_path / "whole",
+                      resume=True, save_steps=2)
+    assert redone.record["resumed_from"] == "checkpoint-4" and redone.record["steps"] == 6
+    ours = weights(redone)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
+
 
 @pytest.mark.parametrize("sharing", ["centrals", "layers"])
 def test_a_model_with_shared_tensors_checkpoints_and_resumes_with_them_shared(
         tiny_bert, data, tmp_path, monkeypatch, kill_at_step, sharing):
     """Central tensors shared across layers (MPOBERT), or a layer repeated (ALBERT), are
     one tensor under several names: the checkpoints store it once and a killed fine-tuning
-    and a healing resume to the weights of uninterrupted runs, the tensor still shared."""
+    and a healing stopped while saving resume to the weights of uninterrupted runs, the
+    tensor still shared; a finished healing resumed takes no further step."""
+    from transformers import Trainer
+
     from mpotn.compression.sharing import share_centrals
     from mpotn.data.texts import texts
     from mpotn.finetune.heal import heal
+    from mpotn.finetune.shared_checkpoints import distinct_state_dict
 
     config = TrainingConfig(strategy="full", **SMALL)
 
@@ -314,32 +327,45 @@ def test_a_model_with_shared_tensors_checkpoints_and_resumes_with_them_shared(
     assert central.format(0, index) in names and central.format(1, index) not in names
     kill_a_run(fresh, data, config, tmp_path / "killed", monkeypatch, kill_at_step)
     model, tokenizer = fresh()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no alias is reported missing from the checkpoint
+    reported = []  # the keys the Trainer would report missing after loading
+
+    def issue_warnings(self, load_result):
+        reported.append(load_result)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_issue_warnings_after_load", issue_warnings)
         resumed = finetune(model, tokenizer, data, config, progress=False,
                            out=tmp_path / "killed", resume=True, save_steps=2)
     assert resumed.record["resumed_from"] == "checkpoint-2" and shared(resumed.model)
+    assert distinct_state_dict(resumed.model.base_model)[1]  # names left out of the file,
+    assert [r.missing_keys for r in reported] == [[]]  # none of them reported missing
     ours, theirs = weights(resumed), weights(whole)
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
 
     sentences = texts(None, samples=32)  # the shipped SST-2 sample
-    heal_config = HealConfig(steps=2, batch_size=8, save_steps=1, train="all")
+    heal_config = HealConfig(steps=3, batch_size=8, save_steps=1, train="all")
     teacher = copy.deepcopy(whole.model)
-    student, _ = fresh()
-    healed = heal(student, teacher, tokenizer, sentences, heal_config, out=tmp_path / "heal",
-                  progress=False).model
-    again, _ = fresh()
-    again = heal(again, teacher, tokenizer, sentences, heal_config, out=tmp_path / "heal",
-                 resume=True, progress=False).model
-    assert shared(again)
-    assert all(torch.equal(v, healed.state_dict()[k]) for k, v in again.state_dict().items())
+
+    def healed(resume=False):
+        student, _ = fresh()
+        return heal(student, teacher, tokenizer, sentences, heal_config,
+                    out=tmp_path / "heal", resume=resume, progress=False)
+
+    whole_heal = healed()
+    expected = {k: v.clone() for k, v in whole_heal.model.state_dict().items()}
+    # stopped while saving step 3 (its trainer_state.json not yet written): from step 2
+    (tmp_path / "heal" / "checkpoints" / "checkpoint-3" / "trainer_state.json").unlink()
+    for resumed_heal in (healed(resume=True), healed(resume=True)):  # then from step 3
+        assert resumed_heal.steps == 3 and shared(resumed_heal.model)
+        got = resumed_heal.model.state_dict()
+        assert max(float((got[k] - v).abs().max()) for k, v in expected.items()) <= 1e-6
 
 
 def test_resume_and_fresh_runs_refuse_the_wrong_folder(tiny_bert, data, tmp_path):
     config = TrainingConfig(strategy="full", max_steps=3, batch_size=8, train_limit=32,
                             eval_limit=8)
     model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
-    with pytest.raises(ValueError, match=r"nothing to resume: .* holds no fine-tuning "
+    with pytest.raises(ValueError, match=r"nothing to resume: .* holds no complete fine-tuning "
                                          r"checkpoint"):
         finetune(model, tokenizer, data, config, progress=False, out=tmp_path, resume=True)
     with pytest.raises(ValueError, match="resume needs out"):
@@ -388,6 +414,7 @@ def test_a_squeeze_state_without_device_resumes_on_the_given_device(tiny_bert, d
 def test_a_heal_state_without_device_resumes_on_the_given_device(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "checkpoint-2").mkdir(parents=True)
+    (checkpoints / "checkpoint-2" / "trainer_state.json").write_text("{}")  # complete
     saved = HealConfig(steps=4, batch_size=8).to_dict()
     del saved["device"]  # as versions before issue 13 wrote it
     (checkpoints / HEAL_STATE).write_text(json.dumps({"config": saved,

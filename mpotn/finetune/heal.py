@@ -71,8 +71,10 @@ from mpotn.finetune.training import (
     _trainable_model,
     check_device,
     is_main_process,
+    last_checkpoint,
     parse_device,
     save_model,
+    train_from,
     trainer_arguments,
     warmup_steps,
 )
@@ -475,12 +477,10 @@ def _select(model: nn.Module, train: str) -> list[nn.Parameter]:
 
 
 def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealConfig:
-    from transformers.trainer_utils import get_last_checkpoint
-
     state = checkpoints / STATE_NAME
-    if not state.is_file() or get_last_checkpoint(str(checkpoints)) is None:
-        raise ValueError(f"nothing to resume: {checkpoints} holds no healing checkpoint; run "
-                         "without resume (--resume)")
+    if not state.is_file() or last_checkpoint(checkpoints) is None:
+        raise ValueError(f"nothing to resume: {checkpoints} holds no complete healing "
+                         "checkpoint; run without resume (--resume)")
     saved = json.loads(state.read_text())
     if saved["texts_sha256"] != digest:
         raise ValueError(f"the texts differ from those of the run checkpointed in {checkpoints}; "
@@ -560,7 +560,6 @@ def heal(
     Trainer's choice, CUDA when present).
     """
     from transformers import DataCollatorWithPadding, PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     config = config or HealConfig()
     check_device(config.device)
@@ -571,8 +570,7 @@ def heal(
         if checkpoints is None:
             raise ValueError("resume needs out, the folder of the run to continue")
         config = _resume_config(checkpoints, config, digest)
-    elif checkpoints is not None and checkpoints.is_dir() and get_last_checkpoint(
-            str(checkpoints)):
+    elif checkpoints is not None and last_checkpoint(checkpoints, complete=False):
         raise ValueError(f"{out} already holds a healing run; pass resume=True (--resume) to "
                          "continue it, or choose another folder")
     train_texts, held_texts = _split(texts, config)
@@ -611,8 +609,8 @@ def heal(
                 indent=2))
         start = time.perf_counter()
         with _progress_bars(progress):
-            output = trainer.train(resume_from_checkpoint=get_last_checkpoint(str(checkpoints))
-                                   if resume else None)
+            output = train_from(trainer, last_checkpoint(checkpoints) if resume else None,
+                                config.steps)
         seconds = time.perf_counter() - start
         after = _heldout_errors(student, teacher, held, device)
     finally:

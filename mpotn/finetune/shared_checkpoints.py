@@ -47,13 +47,18 @@ class SharedTensorCheckpoints:
     """Mixin (before ``transformers.Trainer``) for the checkpoints of models with shared
     tensors: each is saved once, under its first name, and a resume, which loads the
     weights by name without strictness, fills it for all its names; the names a
-    checkpoint leaves out because they alias a saved tensor are not reported missing."""
+    checkpoint leaves out because they alias a saved tensor are not reported missing.
+
+    Such a checkpoint is for resuming the run: ``from_pretrained`` of the model class
+    alone would not know the other names (and would initialise them afresh); mpotn's
+    own saves ([save][mpotn.compression.serialization.save]) restore the sharing."""
 
     def _save(self, output_dir: str | os.PathLike | None = None,
               state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        if state_dict is None:
-            kept, aliases = distinct_state_dict(self.model)
-            state_dict = kept if aliases else None
+        kept, aliases = distinct_state_dict(self.model)
+        if aliases:  # the Trainer's own state dict (FSDP, DeepSpeed) loses the aliases too
+            state_dict = kept if state_dict is None else {
+                name: tensor for name, tensor in state_dict.items() if name not in aliases}
         super()._save(output_dir, state_dict=state_dict)  # type: ignore[misc]
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:

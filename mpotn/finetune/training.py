@@ -597,7 +597,8 @@ def resume_checkpoint(out: str | os.PathLike | None, resume: bool) -> str | None
     Returns
     -------
     str or None
-        With ``resume``, the latest ``checkpoint-N`` folder in ``out / "checkpoints"``;
+        With ``resume``, the latest complete ``checkpoint-N`` folder in
+        ``out / "checkpoints"`` ([last_checkpoint][mpotn.finetune.training.last_checkpoint]);
         otherwise ``None`` (a fresh run).
 
     Raises
@@ -607,22 +608,73 @@ def resume_checkpoint(out: str | os.PathLike | None, resume: bool) -> str | None
         Without it: when ``out / "checkpoints"`` already holds a Trainer checkpoint (mpotn
         never writes over a run; pass ``resume`` or choose another folder).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     if out is None:
         if resume:
             raise ValueError("resume needs out, the folder of the run to continue (--out)")
         return None
     checkpoints = Path(out) / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_checkpoint(checkpoints)
     if resume and (last is None or not (checkpoints / FINETUNE_STATE).is_file()):
-        raise ValueError(f"nothing to resume: {checkpoints} holds no fine-tuning checkpoint "
-                         "(a checkpoint-N folder and " + FINETUNE_STATE + "); run without "
-                         "--resume")
-    if not resume and last is not None:
-        raise ValueError(f"{out} already holds checkpoints of a run ({last}); pass --resume "
+        raise ValueError(f"nothing to resume: {checkpoints} holds no complete fine-tuning "
+                         "checkpoint (a checkpoint-N folder with its " + STATE_FILE + ", and "
+                         + FINETUNE_STATE + "); run without --resume")
+    if not resume and last_checkpoint(checkpoints, complete=False) is not None:
+        raise ValueError(f"{out} already holds checkpoints of a run "
+                         f"({last_checkpoint(checkpoints, complete=False)}); pass --resume "
                          "(resume=True) to continue it, or choose another --out")
     return last
+
+
+def last_checkpoint(checkpoints: str | os.PathLike, complete: bool = True) -> str | None:
+    """The newest Trainer checkpoint (``checkpoint-N`` folder) in ``checkpoints``.
+
+    Parameters
+    ----------
+    checkpoints:
+        A run's checkpoint folder (it need not exist).
+    complete:
+        Only checkpoints whose ``trainer_state.json`` is there: the Trainer writes it
+        last, so a run stopped while saving continues from the checkpoint before.
+
+    Returns
+    -------
+    str or None
+        The folder's path, ``None`` when there is none.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as run:
+    ...     for step in (50, 100):
+    ...         (Path(run) / f"checkpoint-{step}").mkdir()
+    ...     _ = (Path(run) / "checkpoint-50" / STATE_FILE).write_text("{}")
+    ...     Path(last_checkpoint(run)).name, Path(last_checkpoint(run, False)).name
+    ('checkpoint-50', 'checkpoint-100')
+    """
+    folder = Path(checkpoints)
+    found = [] if not folder.is_dir() else [
+        path for path in folder.glob("checkpoint-*") if path.is_dir()
+        and path.name.removeprefix("checkpoint-").isdigit()
+        and (not complete or (path / STATE_FILE).is_file())]
+    if not found:
+        return None
+    return str(max(found, key=lambda path: int(path.name.removeprefix("checkpoint-"))))
+
+
+def train_from(trainer: Any, checkpoint: str | None, steps: int) -> Any:
+    """``trainer.train()``, continuing from ``checkpoint`` (``None``: a fresh run) to
+    ``steps`` optimizer steps. A checkpoint at the last step is loaded, not trained
+    from: the Trainer would take one step more. Returns the ``TrainOutput`` (its
+    training loss NaN when nothing was trained)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if checkpoint is not None and _checkpoint_step(checkpoint) >= steps:
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / STATE_FILE))
+        return TrainOutput(trainer.state.global_step, math.nan, {})
+    return trainer.train(resume_from_checkpoint=checkpoint)
 
 
 def _checkpoint_step(checkpoint: str | os.PathLike) -> int:
@@ -738,8 +790,7 @@ def finetune(
         ``out`` that holds checkpoints (pass ``resume`` or choose another folder);
         for a device that is not here.
     """
-    from transformers import PrinterCallback, TrainerState
-    from transformers.trainer_utils import TrainOutput
+    from transformers import PrinterCallback
 
     if data.train is None:
         raise ValueError("the task has no training split to fine-tune on")
@@ -803,13 +854,7 @@ def finetune(
             if schedule is not None:
                 trainer.add_callback(schedule.callback())
         start = time.perf_counter()
-        if checkpoint is not None and _checkpoint_step(checkpoint) >= steps:
-            # the run's last step: the Trainer would take one more, so load it here
-            trainer._load_from_checkpoint(checkpoint)
-            trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / STATE_FILE))
-            output = TrainOutput(trainer.state.global_step, math.nan, {})
-        else:
-            output = trainer.train(resume_from_checkpoint=checkpoint)
+        output = train_from(trainer, checkpoint, steps)
         seconds = time.perf_counter() - start
     trained.eval()
     pruned = pruning.finalize() if pruning is not None else None  # scores gone from here on

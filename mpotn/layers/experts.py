@@ -213,7 +213,7 @@ class MixtureOfExperts(nn.Module):
             real = real.to(tokens.device)
         routed = tokens if real is None else tokens[real]
         out = None
-        self.aux_loss = None
+        self.aux_loss = self.dropped = None
         if routed.shape[0]:
             gates, chosen, self.aux_loss = self.route(routed)
             for e, expert in enumerate(self.experts):
