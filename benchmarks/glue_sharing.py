@@ -21,7 +21,7 @@ once per task and invocation and each later seed fine-tunes a copy under its own
 (``prep_reused`` in the run's record; its time counts the preparation it reused).
 A row's longest runs (the 12-layer model takes hours) continue where they stopped: a
 healed row's model is kept in ``benchmarks/work/glue_sharing`` once healed, and healing
-and fine-tuning checkpoint there every ``SAVE_STEPS`` steps, so a stopped invocation
+and fine-tuning checkpoint there every ``glue_small.SAVE_STEPS`` steps, so a stopped invocation
 resumes them (``prep_resumed`` / ``resumed_from`` in the run's record; its seconds are
 this invocation's, its seconds per step those of the steps it took). A kept model or
 healing run made with other settings (targets, rank, ALS sweeps, healing steps) is
@@ -87,7 +87,6 @@ from mpotn.compression.model import MPOModel
 from mpotn.compression.parameters import count_parameters
 from mpotn.compression.sharing import share_centrals
 from mpotn.finetune.heal import HealConfig, heal
-from mpotn.finetune.training import finetune, last_checkpoint
 
 RESULTS = Path(__file__).parent / "results" / "glue_sharing.json"
 WORK = Path(__file__).parent / "work" / "glue_sharing"
@@ -98,8 +97,6 @@ HEALED = ("shared-layer", "shared-fit", "albert", "independent", "deep12")
 HEAL_STEPS = 300
 FIT_SWEEPS = 3
 EXPERTS = {"moe4": (4, False), "mpoe4": (4, True), "mpoe8": (8, True)}
-#: healing and fine-tuning checkpoint every this many steps (a stopped row resumes)
-SAVE_STEPS = 50
 #: a healed row's prepared model is complete in ``prep_dir`` once this file is written
 PREPARED = "prepared.json"
 
@@ -139,7 +136,6 @@ class SharingBench(glue_small.Bench):
         self.sweeps = 1 if quick else FIT_SWEEPS
         #: full rank in the experiment; small bonds in the smoke run, to be quick
         self.rank = {"max_bond": 8} if quick else {}
-        self.save_steps = 1 if quick else SAVE_STEPS
         #: ``{(task, row): (model, extra, seconds)}``: the healed rows' prepared models
         self.prepared: dict[tuple[str, str], tuple[nn.Module, dict[str, Any], float]] = {}
 
@@ -149,7 +145,7 @@ class SharingBench(glue_small.Bench):
         heal(model, teacher, self.tokenizer, self.texts(task, None),
              HealConfig(steps=self.heal_steps, train="all", max_length=128,
                         save_steps=self.save_steps),
-             out=out, resume=resumable(out), progress=False)
+             out=out, resume=glue_small.resumable(out), progress=False)
 
     def shared(self, dense: nn.Module, init: str, sweeps: int) -> MPOModel:
         model = compress(copy.deepcopy(dense), targets=self.targets, progress=False,
@@ -158,23 +154,9 @@ class SharingBench(glue_small.Bench):
         return model
 
 
-def resumable(out: Path) -> bool:
-    """Whether ``out / "checkpoints"`` holds a complete Trainer checkpoint to continue
-    from; a run stopped before its first complete one is removed, to start afresh."""
-    if last_checkpoint(out / "checkpoints") is not None:
-        return True
-    shutil.rmtree(out, ignore_errors=True)
-    return False
-
-
 def prep_dir(bench: SharingBench, task: str, row: str) -> Path:
     """Where a healed row's preparation keeps its healing checkpoints and its model."""
     return bench.work / f"{task}-{row}"
-
-
-def run_dir(bench: SharingBench, task: str, row: str, seed: int) -> Path:
-    """Where a run keeps its fine-tuning checkpoints until its record is written."""
-    return bench.work / f"{task}-{row}-{seed}"
 
 
 def with_head(model: nn.Module, dense: nn.Module) -> nn.Module:
@@ -210,7 +192,7 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
         with_head(model, bench.classifier(task, seed))
     else:
         start = time.perf_counter()
-        resumed = row in HEALED and resumable(kept / "heal")
+        resumed = row in HEALED and glue_small.resumable(kept / "heal")
         model, extra = prepare(bench, task, row, seed, sizes)
         seconds = time.perf_counter() - start
         if resumed:
@@ -247,7 +229,7 @@ def prepare(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str
     extra: dict[str, Any] = {}
     heal_dir = prep_dir(bench, task, row) / "heal"
     # a healing checkpoint's weights replace the fitted ones: the structure is enough
-    sweeps = bench.sweeps if healed and not resumable(heal_dir) else 0
+    sweeps = bench.sweeps if healed and not glue_small.resumable(heal_dir) else 0
     if row in ("shared-layer", "shared-fit", "deep12"):
         model = bench.shared(dense, "layer" if row == "shared-layer" else "fit", sweeps)
         if row == "deep12":
@@ -290,21 +272,15 @@ def run(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, in
     model, extra, prep = prepared(bench, task, row, seed, sizes)
     original = count_parameters(bench.classifier(task, seed).parameters())
     data = bench.data(task)
-    out = run_dir(bench, task, row, seed)
-    result = finetune(model, bench.tokenizer, data, bench.training(task, "full", seed),
-                      progress=False, out=out, resume=resumable(out),
-                      save_steps=bench.save_steps)
+    result = bench.finetune(model, task, row, seed, "full")
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
     total = count_parameters(trained.parameters())
     record = result.record
-    resumed = ({"resumed_from": Path(record["resumed_from"]).name}
-               if "resumed_from" in record else {})
-    start = int(resumed.get("resumed_from", "checkpoint-0").removeprefix("checkpoint-"))
     return glue_small._run_record(
         task, row, seed, data, record, total=total, over_dense=total / original,
         trainable=record.get("trainable_params"), steps=record["steps"],
-        seconds_per_step=record["train_seconds"] / max(record["steps"] - start, 1),
-        layers=len(_layers(trained)), **extra, **resumed, prep_seconds=prep,
+        seconds_per_step=record["train_seconds"] / max(glue_small.steps_taken(record), 1),
+        layers=len(_layers(trained)), **extra, prep_seconds=prep,
         seconds=prep + record["train_seconds"])
 
 
@@ -436,8 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out.parent / "glue_sharing_work" if args.quick else WORK
     if todo and not args.report_only:
         bench = SharingBench(args.quick, work)
-        for task, row, seed in done:  # checkpoints left by a stop just after the record
-            shutil.rmtree(run_dir(bench, task, row, seed), ignore_errors=True)
+        bench.forget_runs(done)  # checkpoints left by a stop just after the record
         results.update(model="all-MiniLM-L6-v2 (embedded)", targets=bench.targets,
                        heal_steps=bench.heal_steps, fit_sweeps=bench.sweeps,
                        tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
@@ -447,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             sizes = {r["row"]: r["total_params"] for r in results["runs"]
                      if r["task"] == task and r["seed"] == seed}
             glue_small.store(results, borrowed or run(bench, task, row, seed, sizes), args.out)
-            shutil.rmtree(run_dir(bench, task, row, seed), ignore_errors=True)
+            bench.forget_runs([(task, row, seed)])
     if args.timing:
         bench = SharingBench(args.quick, work)
         timing = _timing_path(args.out)

@@ -49,6 +49,11 @@ Rows (``SIZE`` = 0.65 of the dense model's parameters):
     truncated on their weights, the same ratio for every matrix) at ``SIZE``,
     then fine-tuning of every parameter.
 
+Fine-tuning checkpoints every ``SAVE_STEPS`` steps into ``benchmarks/work/glue_small/runs``
+(deleted once the run's record is written), so a run stopped part-way continues there
+(``resumed_from`` in its record; its seconds are this invocation's); the squeeze
+checkpoints its own steps.
+
 Writes ``benchmarks/results/glue_small.json`` (every run) and ``glue_small.md``
 (mean and spread over seeds per task, then the paper's claims as verdicts).
 """
@@ -63,7 +68,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +84,13 @@ from mpotn.compression.parameters import count_parameters
 from mpotn.data import TaskData, compute_metrics, load_glue, sst2_sample, texts
 from mpotn.finetune.heal import HealConfig, heal
 from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
-from mpotn.finetune.training import TrainingConfig, finetune, lfa_budget
+from mpotn.finetune.training import (
+    FinetuneResult,
+    TrainingConfig,
+    finetune,
+    last_checkpoint,
+    lfa_budget,
+)
 
 RESULTS = Path(__file__).parent / "results" / "glue_small.json"
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -98,6 +109,8 @@ SVD_LLM = {"structure": "svd"}
 HEAL_STEPS = 300
 SQUEEZE = SqueezeConfig(cut=1, budget=0.06, training_steps=40, step_limit=40, delta=1.0,
                         target_ratio=SIZE)
+#: fine-tuning checkpoints every this many steps, so that a stopped run continues
+SAVE_STEPS = 50
 QUICK_TASK = "sst2-sample"
 
 
@@ -124,6 +137,7 @@ class Bench:
         self.squeeze = (SqueezeConfig(cut=1, budget=0.05, training_steps=1, step_limit=2,
                                       delta=1.0, target_ratio=SIZE) if quick else SQUEEZE)
         self.heal_steps = 2 if quick else HEAL_STEPS
+        self.save_steps = SAVE_STEPS  # the quick runs' 2 steps: the last checkpoint only
         self.tokenizer = load_tokenizer()
         self._data: dict[str, TaskData] = {}
 
@@ -146,6 +160,26 @@ class Bench:
         torch.manual_seed(seed)  # the new task head
         return load_classifier(None, self.data(task).num_labels)
 
+    def run_dir(self, task: str, row: str, seed: int) -> Path:
+        """Where a run keeps its fine-tuning checkpoints until its record is written."""
+        return self.work / "runs" / f"{task}-{row}-{seed}"
+
+    def finetune(self, model: torch.nn.Module, task: str, row: str, seed: int,
+                 strategy: str, **options: Any) -> FinetuneResult:
+        """Fine-tune ``model`` on ``task`` (``finetune``'s ``options``: pruning,
+        mixed-rank), checkpointing into ``run_dir`` every ``SAVE_STEPS`` steps and
+        continuing a run stopped there (its weights replace ``model``'s, whose structure
+        must be the same)."""
+        out = self.run_dir(task, row, seed)
+        return finetune(model, self.tokenizer, self.data(task),
+                        self.training(task, strategy, seed), progress=False, out=out,
+                        resume=resumable(out), save_steps=self.save_steps, **options)
+
+    def forget_runs(self, keys: Iterable[tuple[str, str, int]]) -> None:
+        """Delete the checkpoints of the recorded runs ``keys`` (task, row, seed)."""
+        for key in keys:
+            shutil.rmtree(self.run_dir(*key), ignore_errors=True)
+
     def ratio(self, model: torch.nn.Module, size: float = SIZE) -> float:
         """Per-target ratio that brings the whole model to ``size`` of its parameters
         (``size`` itself in the quick run, whose few targets cannot)."""
@@ -157,6 +191,15 @@ class Bench:
         return (size * total - (total - inside)) / inside
 
 
+def resumable(out: Path) -> bool:
+    """Whether ``out / "checkpoints"`` holds a complete Trainer checkpoint to continue
+    from; a run stopped before its first complete one is removed, to start afresh."""
+    if last_checkpoint(out / "checkpoints") is not None:
+        return True
+    shutil.rmtree(out, ignore_errors=True)
+    return False
+
+
 def _lfa_dir(bench: Bench, task: str, seed: int) -> Path:
     return bench.work / f"{task}-lfa-{seed}"
 
@@ -164,21 +207,31 @@ def _lfa_dir(bench: Bench, task: str, seed: int) -> Path:
 def _run_record(task: str, row: str, seed: int, data: TaskData, scores: dict[str, Any], *,
                 total: int, over_dense: float, trainable: int | None, steps: int,
                 seconds: float, prep_seconds: float = 0.0, **extra: Any) -> dict[str, Any]:
-    """One run as the JSON stores it; ``scores`` holds the task's metrics and ``loss``."""
+    """One run as the JSON stores it; ``scores`` holds the task's metrics and ``loss``
+    (and ``resumed_from``, the checkpoint a resumed fine-tuning continued from)."""
+    resumed = ({"resumed_from": Path(scores["resumed_from"]).name}
+               if scores.get("resumed_from") else {})
     return {
         "task": task, "row": row, "seed": seed, "metric": scores[data.spec.metrics[0]],
         **{m: scores[m] for m in data.spec.metrics}, "loss": scores["loss"],
         "total_params": total, "total_over_dense": over_dense, "trainable_params": trainable,
-        "steps": steps, **extra, "prep_seconds": prep_seconds, "seconds": seconds,
+        "steps": steps, **extra, **resumed, "prep_seconds": prep_seconds, "seconds": seconds,
     }
+
+
+def steps_taken(record: dict[str, Any]) -> int:
+    """The optimizer steps a fine-tuning ``record`` took in this invocation (all of them
+    unless it resumed from a checkpoint)."""
+    resumed = record.get("resumed_from")
+    return record["steps"] - (int(Path(resumed).name.removeprefix("checkpoint-"))
+                              if resumed else 0)
 
 
 def _train(bench: Bench, task: str, row: str, seed: int, model: torch.nn.Module,
            strategy: str, prep_seconds: float, original: int) -> dict[str, Any]:
     """Fine-tune a prepared model; the run's record (with the learning rate it used)."""
     data = bench.data(task)
-    result = finetune(model, bench.tokenizer, data, bench.training(task, strategy, seed),
-                      progress=False)
+    result = bench.finetune(model, task, row, seed, strategy)
     if row == "mpo-lfa":
         result.model.save_pretrained(str(_lfa_dir(bench, task, seed)))
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
@@ -466,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                        tasks={t: TASKS.get(t, ((0,), {}))[1] for t in tasks},
                        squeeze=bench.squeeze.to_dict(), heal_steps=bench.heal_steps,
                        threads=torch.get_num_threads())
+        bench.forget_runs(done)  # checkpoints left by a stop just after the record
         for task, row, seed in todo:
             if (task, row, seed) in done:  # the squeeze run also made its direct row
                 continue
@@ -475,8 +529,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 new = [run(bench, task, row, seed)]
             for record in new:
-                done[(record["task"], record["row"], record["seed"])] = record
+                key = record["task"], record["row"], record["seed"]
+                done[key] = record
                 store(results, record, args.out)
+                bench.forget_runs([key])
         if args.quick and args.work is None:  # the smoke run's own scratch folder
             shutil.rmtree(work)
     print(write_report(args.out, results))

@@ -46,8 +46,9 @@ or pruning while fine-tuning), then a second one of the factorized model.
 ``magnitude-lpaf``
     ``lpaf`` from the magnitude-pruned model.
 
-Writes ``benchmarks/results/lpaf.json`` (every run) and ``lpaf.md`` (mean and spread
-per task and row, then LPAF's claims as verdicts).
+Fine-tuning checkpoints as ``glue_small`` does (``benchmarks/work/lpaf/runs``), so a run
+stopped part-way continues. Writes ``benchmarks/results/lpaf.json`` (every run) and
+``lpaf.md`` (mean and spread per task and row, then LPAF's claims as verdicts).
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ from mpotn.compression.model import MPOModel
 from mpotn.compression.parameters import count_parameters
 from mpotn.finetune.mixed_rank import MixedRank
 from mpotn.finetune.pruning import ENERGY, GradualPruning, rank_measures
-from mpotn.finetune.training import finetune
 from mpotn.table import Table
 
 RESULTS = Path(__file__).parent / "results" / "lpaf.json"
@@ -127,8 +127,7 @@ def first_stage(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, A
     pruning = None if row == "dense" else GradualPruning(
         model, 1.0 - RATIO, row, bench.targets, warmup=WARMUP, cooldown=COOLDOWN)
     data = bench.data(task)
-    result = finetune(model, bench.tokenizer, data, bench.training(task, "full", seed),
-                      progress=False, pruning=pruning)
+    result = bench.finetune(model, task, row, seed, "full", pruning=pruning)
     result.model.save_pretrained(str(bench.stage(task, row, seed)))
     record = result.record
     extra = ({key: record[key] for key in ("sparsity", "mean_rank_share",
@@ -164,8 +163,7 @@ def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, An
     prep = time.perf_counter() - start
     mixing = MixedRank(model, pruned, MIXED_P, MIXED_ANNEAL, seed) if mixed else None
     data = bench.data(task)
-    result = finetune(model, bench.tokenizer, data, bench.training(task, "full", seed),
-                      progress=False, mixed_rank=mixing)
+    result = bench.finetune(model, task, row, seed, "full", mixed_rank=mixing)
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
     total = count_parameters(trained.parameters())
     record = result.record
@@ -269,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                        ssvd_iterations=bench.iterations,
                        tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
                        threads=torch.get_num_threads())
+        bench.forget_runs(done)  # checkpoints left by a stop just after the record
         for task, row, seed in todo:
             # a factorized row's first stage runs, and is recorded, before it
             needs = [(task, FACTORIZED[row][0], seed)] if row in FACTORIZED else []
@@ -276,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key not in done:
                     done.add(key)
                     glue_small.store(results, run(bench, *key), args.out)
+                    bench.forget_runs([key])
         if args.quick:  # the smoke run's own scratch folder
             shutil.rmtree(work, ignore_errors=True)
     print(write_report(args.out, results))

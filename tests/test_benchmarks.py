@@ -227,8 +227,9 @@ def test_glue_sharing_continues_a_stopped_row_where_it_stopped(tmp_path):
 
     # fine-tuning stopped after its first of two steps
     bench = bench_module.SharingBench(True, tmp_path)
+    bench.save_steps = 1
     whole = bench_module.run(bench, task, "shared-fit", 0, {})
-    out = bench_module.run_dir(bench, task, "shared-fit", 0)
+    out = bench.run_dir(task, "shared-fit", 0)
     shutil.rmtree(out / "checkpoints" / "checkpoint-2")
     again = bench_module.run(bench, task, "shared-fit", 0, {})
     assert again["resumed_from"] == "checkpoint-1" and "resumed_from" not in whole
