@@ -338,9 +338,11 @@ def summarize(runs: list[dict[str, Any]], rows: tuple[str, ...] = ROWS,
     """Mean and spread (sample standard deviation, in points) of every row over its seeds.
 
     ``extra`` adds columns after ``#To/dense``: ``{name: f}`` with ``f(group)`` the value of
-    a row's seeds ``group``."""
+    a row's seeds ``group``. ``time s`` is the mean over the runs that did not resume a
+    stopped one (whose seconds are their last invocation's only); NaN when all did."""
     table = Table()
     for task, row, group in seed_groups(runs, rows):
+        whole = [r["seconds"] for r in group if "resumed_from" not in r]
         table.append({
             "task": task, "row": row, "seeds": len(group), **score(group),
             "#To": round(statistics.mean(r["total_params"] for r in group)),
@@ -348,7 +350,7 @@ def summarize(runs: list[dict[str, Any]], rows: tuple[str, ...] = ROWS,
             **{name: f(group) for name, f in (extra or {}).items()},
             "#Pr (trained)": round(statistics.mean(r["trainable_params"] or 0 for r in group)),
             "steps": round(statistics.mean(r["steps"] for r in group)),
-            "time s": statistics.mean(r["seconds"] for r in group),
+            "time s": statistics.mean(whole) if whole else float("nan"),
         })
     return table
 

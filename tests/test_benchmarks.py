@@ -152,6 +152,26 @@ def test_glue_small_verdicts_need_a_gap_beyond_the_seed_spread():
     assert len(lines) == 5  # no mpo-lfa row: its claim is left out
 
 
+def test_glue_small_summary_times_only_runs_that_did_not_resume():
+    """A resumed run's seconds are its last invocation's only: the row's time leaves it
+    out (and is NaN when every seed resumed)."""
+    import math
+
+    bench = load_benchmark("glue_small")
+
+    def run(seed, seconds, **extra):
+        return {"task": "rte", "row": "dense", "seed": seed, "metric": 0.5, "accuracy": 0.5,
+                "total_params": 10, "total_over_dense": 1.0, "trainable_params": 10,
+                "steps": 4, "seconds": seconds, **extra}
+
+    (row,) = bench.summarize([run(0, 100.0), run(1, 10.0, resumed_from="checkpoint-2"),
+                              run(2, 300.0)])
+    assert row["time s"] == 200.0 and row["seeds"] == 3
+    (row,) = bench.summarize([run(0, 10.0, resumed_from="checkpoint-2")])
+    assert math.isnan(row["time s"])
+    assert bench.steps_taken(run(0, 10.0, resumed_from="checkpoint-2")) == 2
+
+
 def test_glue_sharing_prepares_a_healed_row_once_and_gives_each_seed_its_own_head(tmp_path):
     """The second seed of a healed row reuses the first seed's encoder, which equals the
     one a fresh preparation for that seed makes, under the second seed's head."""
