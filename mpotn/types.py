@@ -77,6 +77,10 @@ FITS = ("als", "whiten")
 #: truncated SVD: whitened by its inputs (SVD-LLM), plain, or to its kept entries only.
 FACTORIZE_FITS = ("whitened", "plain", "sparsity-aware")
 
+#: How [share_centrals][mpotn.compression.sharing.share_centrals] initialises a shared
+#: central tensor: fitted to every layer of its group (ALS) or taken from the first.
+SHARE_INITS = ("fit", "layer")
+
 #: Target presets of [mpotn.compression.config.CompressionConfig][].
 Preset = Literal["embeddings", "attention", "ffn", "all-linear"]
 #: The values of ``Preset``, for runtime checks and ``choices=``.

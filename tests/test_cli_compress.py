@@ -98,3 +98,54 @@ def test_compress_cli_sequential_fits_in_order_and_refuses_no_calibration(tiny_b
                  "--out", str(tmp_path / "never")]) == 2
     assert "drop --no-calibrate, or drop --sequential" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_compress_cli_shares_centrals_deepens_and_saves(tiny_bert, tmp_path, capsys):
+    """``--share-centrals fit --deepen 4``: one central tensor per matrix type over the 4
+    layers of the saved model, each group's fitted error below layer 0's central."""
+    out = tmp_path / "mpobert"
+    assert main(["compress", str(tiny_bert), "--targets", "attention", "ffn", "--full-rank",
+                 "--no-calibrate", "--share-centrals", "fit", "--deepen", "4",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "shared central tensors (fit init)" in printed and "deepened to 4 layers" in printed
+    rows = [line.split("|")[1:-1] for line in printed.splitlines()
+            if line.startswith("| ffn_in ") or line.startswith("| query ")]
+    assert len(rows) == 2
+    assert all(float(row[3]) < float(row[2]) for row in rows)  # fit below layer 0's
+    layers = mpotn.load(out).base_model.encoder.layer
+    assert len(layers) == 4
+    for path in ("attention.self.query", "intermediate.dense", "output.dense"):
+        centrals = {layer.get_submodule(path).central.data_ptr() for layer in layers}
+        assert len(centrals) == 1
+
+
+def test_compress_cli_upcycles_experts_that_share_the_central(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "mpoe"
+    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--full-rank",
+                 "--no-calibrate", "--experts", "3", "--top-k", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "3 experts per FFN block sharing its central tensors, top-1" in (
+        capsys.readouterr().out)
+    for layer in mpotn.load(out).base_model.encoder.layer:
+        mixture = layer.intermediate
+        assert mixture.num_experts == 3 and mixture.top_k == 1
+        centrals = {e.intermediate.dense.central.data_ptr() for e in mixture.experts}
+        auxiliary = {e.intermediate.dense.cores[0].data_ptr() for e in mixture.experts}
+        assert len(centrals) == 1 and len(auxiliary) == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--deepen", "4"], "add --share-centrals"),
+    (["--experts", "2", "--share-centrals", "fit"], "choose one"),
+    (["--experts", "2", "--structure", "svd"], "needs balanced MPOs"),
+])
+def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, capsys,
+                                                                     monkeypatch, flags,
+                                                                     message):
+    import mpotn.compression.models as models
+
+    monkeypatch.setattr(models, "load_pretrained", lambda *a: pytest.fail("loaded a model"))
+    assert main(["compress", *flags, "--out", str(tmp_path / "never")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

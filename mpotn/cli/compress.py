@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from mpotn.cli.common import _cores, _positive_float, _positive_int, check_out
-from mpotn.types import ALLOCATIONS, BUDGETS, FITS, STRUCTURES, SVD_METHODS
+from mpotn.cli.common import _cores, _count, _positive_float, _positive_int, check_out
+from mpotn.types import ALLOCATIONS, BUDGETS, FITS, SHARE_INITS, STRUCTURES, SVD_METHODS
 
 #: Mean cosine of sentence embeddings below which the saved model is called unusable as is.
 USABLE_COSINE = 0.9
@@ -97,6 +97,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "--samples 2000 for MiniLM); runs the model twice per group of matrices")
     compress.add_argument("--svd", choices=SVD_METHODS, default="auto",
                           help="SVD flavour of the decomposition (default: auto)")
+    shared = compress.add_argument_group(
+        "one central tensor for many matrices (MPOBERT, MPOE; the structure defaults to "
+        "balanced MPOs; heal the result with mpotn heal)")
+    shared.add_argument(
+        "--share-centrals", choices=SHARE_INITS, default=None, metavar="INIT",
+        help="MPOBERT: one central tensor per matrix type shared by all layers, each layer "
+             "keeping its auxiliary tensors; fit: fitted to every layer (ALS), layer: "
+             "layer 0's (the reference code)")
+    shared.add_argument("--share-sweeps", type=_count, default=5,
+                        help="ALS sweeps of --share-centrals fit (default: 5)")
+    shared.add_argument(
+        "--deepen", type=_positive_int, default=None, metavar="DEPTH",
+        help="with --share-centrals: insert layers sharing the centrals (auxiliary tensors "
+             "copied from their neighbours) up to DEPTH layers")
+    shared.add_argument(
+        "--experts", type=_positive_int, default=None, metavar="E",
+        help="MPOE: each compressed FFN block becomes E routed experts sharing its central "
+             "tensors, each with its own auxiliary tensors and a router (targets must "
+             "include ffn)")
+    shared.add_argument("--top-k", type=_positive_int, default=2,
+                        help="experts per token with --experts (default: 2)")
     compress.add_argument("--dry-run", action="store_true",
                           help="list what would be replaced, with sizes, and stop")
     compress.add_argument("--out", default="mpotn-compressed",
@@ -134,6 +155,43 @@ def _check_fidelity(compressed: object, original: object, tokenizer: object,
               "or compress less")
 
 
+def _check_sharing(args: argparse.Namespace) -> None:
+    """Refuse sharing options that do not go together, before any work."""
+    if args.deepen is not None and args.share_centrals is None:
+        raise ValueError("--deepen inserts layers that share the central tensors: add "
+                         "--share-centrals fit (or layer)")
+    if args.experts is not None and args.share_centrals is not None:
+        raise ValueError("--experts (MPOE) and --share-centrals (MPOBERT) build different "
+                         "architectures; choose one")
+    if args.structure == "svd" and (args.share_centrals or args.experts):
+        raise ValueError("sharing central tensors needs balanced MPOs: drop --structure svd "
+                         "(or pass --structure mpo)")
+
+
+def _share(model: object, args: argparse.Namespace) -> None:
+    """Apply ``--share-centrals`` / ``--deepen`` / ``--experts`` to the compressed model in
+    place and print what each did."""
+    from mpotn.compression import deepen, share_centrals, upcycle_experts
+    from mpotn.table import Table
+
+    if args.share_centrals is not None:
+        table = share_centrals(model, init=args.share_centrals, sweeps=args.share_sweeps)
+        groups = Table(row for row in table if row["kind"] == "group")
+        print(f"\nshared central tensors ({args.share_centrals} init), one per matrix type "
+              "over the layers; relative error of each group's matrices:")
+        print(groups.select({"group": "group", "name": "layers",
+                             "layer_init_error": "error, layer 0's central",
+                             "error": "error", "central_params": "|C|",
+                             "saved_params": "saved"}).to_markdown())
+    if args.deepen is not None:
+        deepen(model, depth=args.deepen)
+        print(f"\ndeepened to {args.deepen} layers (new layers share the centrals)")
+    if args.experts is not None:
+        upcycle_experts(model, experts=args.experts, top_k=args.top_k)
+        print(f"\n{args.experts} experts per FFN block sharing its central tensors, "
+              f"top-{args.top_k} routing")
+
+
 def run(args: argparse.Namespace) -> None:
     """Compress the model, print the report and its expected fidelity, save weights, report
     and plots."""
@@ -159,6 +217,7 @@ def run(args: argparse.Namespace) -> None:
     if args.sequential and args.calibrate is None:
         raise ValueError("--sequential fits each matrix to the original's outputs on the "
                          "calibration text: drop --no-calibrate, or drop --sequential")
+    _check_sharing(args)
     if not args.dry_run:
         check_out(args.out)
         check_save_target(args.out, args.overwrite)
@@ -166,10 +225,11 @@ def run(args: argparse.Namespace) -> None:
     if not args.full_rank and all(v is None for v in policy.values()):
         policy["ratio"] = 0.5
     calibrating = args.calibrate is not None
+    sharing = args.share_centrals is not None or args.experts is not None
     config = CompressionConfig(
         targets=args.regex or args.targets, exclude=args.exclude, n=args.n,
         allocation=args.allocation, svd=args.svd,
-        structure=args.structure or ("svd" if calibrating else "mpo"),
+        structure=args.structure or ("svd" if calibrating and not sharing else "mpo"),
         budget=args.budget, fit=args.fit, sequential=args.sequential,
         calibrate_embeddings=(calibrating if args.calibrate_embeddings is None
                               else args.calibrate_embeddings), **policy,
@@ -191,6 +251,7 @@ def run(args: argparse.Namespace) -> None:
                           progress=not args.no_progress).eval()
     print(f"model: {name}")
     print(report_table(compressed))
+    _share(compressed, args)
     print(compressed.summary())
     try:
         _check_fidelity(compressed, load_pretrained(args.model), tokenizer,

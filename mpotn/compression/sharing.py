@@ -61,9 +61,7 @@ from mpotn.compression.architectures import layer_index, matrix_type
 from mpotn.compression.config import MPO_LAYERS, layer_holder
 from mpotn.mpo import SWEEP_DTYPE, _interleaved
 from mpotn.table import Table
-
-#: The initialisations of the shared central tensor.
-INITS = ("fit", "layer")
+from mpotn.types import SHARE_INITS
 
 
 def _mpo_layers(base: nn.Module) -> dict[str, nn.Module]:
@@ -318,8 +316,8 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
         factorizations or bond dimensions differ, or a group that holds some but not
         all of the layers already using one central tensor (the experts of a block).
     """
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init not in SHARE_INITS:
+        raise ValueError(f"init must be one of {SHARE_INITS}, got {init!r}")
     if not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps must be a whole number >= 0, got {sweeps!r}")
     base = layer_holder(model)
