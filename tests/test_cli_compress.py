@@ -139,6 +139,9 @@ def test_compress_cli_upcycles_experts_that_share_the_central(tiny_bert, tmp_pat
     (["--deepen", "4"], "add --share-centrals"),
     (["--experts", "2", "--share-centrals", "fit"], "choose one"),
     (["--experts", "2", "--structure", "svd"], "needs balanced MPOs"),
+    (["--experts", "2", "--top-k", "3"], "--top-k 3 needs --experts E with E >= 3"),
+    (["--top-k", "1"], "--top-k 1 needs --experts"),
+    (["--share-centrals", "layer", "--share-sweeps", "2"], "ALS sweeps of --share-centrals fit"),
 ])
 def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, capsys,
                                                                      monkeypatch, flags,

@@ -105,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="MPOBERT: one central tensor per matrix type shared by all layers, each layer "
              "keeping its auxiliary tensors; fit: fitted to every layer (ALS), layer: "
              "layer 0's (the reference code)")
-    shared.add_argument("--share-sweeps", type=_count, default=5,
+    shared.add_argument("--share-sweeps", type=_count, default=None,
                         help="ALS sweeps of --share-centrals fit (default: 5)")
     shared.add_argument(
         "--deepen", type=_positive_int, default=None, metavar="DEPTH",
@@ -116,8 +116,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="MPOE: each compressed FFN block becomes E routed experts sharing its central "
              "tensors, each with its own auxiliary tensors and a router (targets must "
              "include ffn)")
-    shared.add_argument("--top-k", type=_positive_int, default=2,
-                        help="experts per token with --experts (default: 2)")
+    shared.add_argument("--top-k", type=_positive_int, default=None,
+                        help="experts per token with --experts (default: 2, or 1 for one expert)")
     compress.add_argument("--dry-run", action="store_true",
                           help="list what would be replaced, with sizes, and stop")
     compress.add_argument("--out", default="mpotn-compressed",
@@ -163,6 +163,10 @@ def _check_sharing(args: argparse.Namespace) -> None:
     if args.experts is not None and args.share_centrals is not None:
         raise ValueError("--experts (MPOE) and --share-centrals (MPOBERT) build different "
                          "architectures; choose one")
+    if args.share_sweeps is not None and args.share_centrals != "fit":
+        raise ValueError("--share-sweeps sets the ALS sweeps of --share-centrals fit")
+    if args.top_k is not None and (args.experts is None or args.top_k > args.experts):
+        raise ValueError(f"--top-k {args.top_k} needs --experts E with E >= {args.top_k}")
     if args.structure == "svd" and (args.share_centrals or args.experts):
         raise ValueError("sharing central tensors needs balanced MPOs: drop --structure svd "
                          "(or pass --structure mpo)")
@@ -175,7 +179,8 @@ def _share(model: object, args: argparse.Namespace) -> None:
     from mpotn.table import Table
 
     if args.share_centrals is not None:
-        table = share_centrals(model, init=args.share_centrals, sweeps=args.share_sweeps)
+        sweeps = {} if args.share_sweeps is None else {"sweeps": args.share_sweeps}
+        table = share_centrals(model, init=args.share_centrals, **sweeps)
         groups = Table(row for row in table if row["kind"] == "group")
         print(f"\nshared central tensors ({args.share_centrals} init), one per matrix type "
               "over the layers; relative error of each group's matrices:")
@@ -187,9 +192,10 @@ def _share(model: object, args: argparse.Namespace) -> None:
         deepen(model, depth=args.deepen)
         print(f"\ndeepened to {args.deepen} layers (new layers share the centrals)")
     if args.experts is not None:
-        upcycle_experts(model, experts=args.experts, top_k=args.top_k)
+        top_k = min(2, args.experts) if args.top_k is None else args.top_k
+        upcycle_experts(model, experts=args.experts, top_k=top_k)
         print(f"\n{args.experts} experts per FFN block sharing its central tensors, "
-              f"top-{args.top_k} routing")
+              f"top-{top_k} routing")
 
 
 def run(args: argparse.Namespace) -> None:
