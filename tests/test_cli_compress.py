@@ -104,16 +104,18 @@ def test_compress_cli_shares_centrals_deepens_and_saves(tiny_bert, tmp_path, cap
     """``--share-centrals fit --deepen 4``: one central tensor per matrix type over the 4
     layers of the saved model, each group's fitted error below layer 0's central."""
     out = tmp_path / "mpobert"
-    assert main(["compress", str(tiny_bert), "--targets", "attention", "ffn", "--full-rank",
+    assert main(["compress", str(tiny_bert), "--targets", "attention", "ffn",
                  "--no-calibrate", "--share-centrals", "fit", "--deepen", "4",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--out", str(out), "--no-progress"]) == 0  # full rank: the default
     printed = capsys.readouterr().out
     assert "shared central tensors (fit init)" in printed and "deepened to 4 layers" in printed
     rows = [line.split("|")[1:-1] for line in printed.splitlines()
             if line.startswith("| ffn_in ") or line.startswith("| query ")]
     assert len(rows) == 2
     assert all(float(row[3]) < float(row[2]) for row in rows)  # fit below layer 0's
-    layers = mpotn.load(out).base_model.encoder.layer
+    loaded = mpotn.load(out)
+    assert all(r["relative_error"] < 1e-5 for r in loaded.report())  # full rank
+    layers = loaded.base_model.encoder.layer
     assert len(layers) == 4
     for path in ("attention.self.query", "intermediate.dense", "output.dense"):
         centrals = {layer.get_submodule(path).central.data_ptr() for layer in layers}
@@ -142,6 +144,7 @@ def test_compress_cli_upcycles_experts_that_share_the_central(tiny_bert, tmp_pat
     (["--experts", "2", "--top-k", "3"], "--top-k 3 needs --experts E with E >= 3"),
     (["--top-k", "1"], "--top-k 1 needs --experts"),
     (["--share-centrals", "layer", "--share-sweeps", "2"], "ALS sweeps of --share-centrals fit"),
+    (["--share-centrals", "fit", "--ratio", "0.5"], "full rank is the default with"),
 ])
 def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, capsys,
                                                                      monkeypatch, flags,

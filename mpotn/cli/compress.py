@@ -104,7 +104,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--share-centrals", choices=SHARE_INITS, default=None, metavar="INIT",
         help="MPOBERT: one central tensor per matrix type shared by all layers, each layer "
              "keeping its auxiliary tensors; fit: fitted to every layer (ALS), layer: "
-             "layer 0's (the reference code)")
+             "layer 0's (the reference code). The layers' bonds must be equal: full rank "
+             "by default, or --max-bond")
     shared.add_argument("--share-sweeps", type=_count, default=None,
                         help="ALS sweeps of --share-centrals fit (default: 5)")
     shared.add_argument(
@@ -163,6 +164,10 @@ def _check_sharing(args: argparse.Namespace) -> None:
     if args.experts is not None and args.share_centrals is not None:
         raise ValueError("--experts (MPOE) and --share-centrals (MPOBERT) build different "
                          "architectures; choose one")
+    if args.share_centrals is not None and (args.ratio is not None or args.tol is not None):
+        raise ValueError("--share-centrals needs equal bonds in every layer of a matrix type, "
+                         "which --ratio and --tol do not give: drop them (full rank is the "
+                         "default with --share-centrals) or pass --max-bond")
     if args.share_sweeps is not None and args.share_centrals != "fit":
         raise ValueError("--share-sweeps sets the ALS sweeps of --share-centrals fit")
     if args.top_k is not None and (args.experts is None or args.top_k > args.experts):
@@ -228,7 +233,8 @@ def run(args: argparse.Namespace) -> None:
         check_out(args.out)
         check_save_target(args.out, args.overwrite)
     policy = {"max_bond": args.max_bond, "tol": args.tol, "ratio": args.ratio}
-    if not args.full_rank and all(v is None for v in policy.values()):
+    if not args.full_rank and all(v is None for v in policy.values()) \
+            and args.share_centrals is None:  # sharing: full rank unless --max-bond
         policy["ratio"] = 0.5
     calibrating = args.calibrate is not None
     sharing = args.share_centrals is not None or args.experts is not None
