@@ -111,6 +111,8 @@ SQUEEZE = SqueezeConfig(cut=1, budget=0.06, training_steps=40, step_limit=40, de
                         target_ratio=SIZE)
 #: fine-tuning checkpoints every this many steps, so that a stopped run continues
 SAVE_STEPS = 50
+#: Keys of a run record that say part of the run was done by an earlier invocation.
+RESUMED = frozenset({"resumed_from", "prep_resumed", "squeeze_resumed"})
 QUICK_TASK = "sst2-sample"
 
 
@@ -295,14 +297,16 @@ def run_squeeze(bench: Bench, task: str, seed: int, squeezed: dict[str, Any] | N
         start = time.perf_counter()
         squeezer = Squeezer(load(lfa), bench.tokenizer, data, bench.squeeze, config, out,
                             progress=False)
-        result = squeezer.run(resume=squeezer.has_checkpoint())
+        resumed = squeezer.has_checkpoint()
+        result = squeezer.run(resume=resumed)
         record = result.record
         squeezed = _run_record(
             task, "squeeze", seed, data, record, total=record["params"],
             over_dense=record["params_over_original"],
             trainable=lfa_budget(result.model.base_model), steps=record["fine_tuning_steps"],
             seconds=time.perf_counter() - start, squeeze_steps=record["accepted_step"],
-            stop_reason=record["stop_reason"], bond_dims=record["bond_dims"])
+            stop_reason=record["stop_reason"], bond_dims=record["bond_dims"],
+            **({"squeeze_resumed": True} if resumed else {}))
         runs.append(squeezed)
     start = time.perf_counter()
     direct = direct_truncation(load(lfa), bench.tokenizer, data, squeezed["bond_dims"], config,
@@ -339,10 +343,11 @@ def summarize(runs: list[dict[str, Any]], rows: tuple[str, ...] = ROWS,
 
     ``extra`` adds columns after ``#To/dense``: ``{name: f}`` with ``f(group)`` the value of
     a row's seeds ``group``. ``time s`` is the mean over the runs that did not resume a
-    stopped one (whose seconds are their last invocation's only); NaN when all did."""
+    stopped one (marked by a key of ``RESUMED``; their seconds are their last
+    invocation's only); NaN when all did."""
     table = Table()
     for task, row, group in seed_groups(runs, rows):
-        whole = [r["seconds"] for r in group if "resumed_from" not in r]
+        whole = [r["seconds"] for r in group if not RESUMED.intersection(r)]
         table.append({
             "task": task, "row": row, "seeds": len(group), **score(group),
             "#To": round(statistics.mean(r["total_params"] for r in group)),

@@ -167,7 +167,9 @@ def test_glue_small_summary_times_only_runs_that_did_not_resume():
     (row,) = bench.summarize([run(0, 100.0), run(1, 10.0, resumed_from="checkpoint-2"),
                               run(2, 300.0)])
     assert row["time s"] == 200.0 and row["seeds"] == 3
-    (row,) = bench.summarize([run(0, 10.0, resumed_from="checkpoint-2")])
+    (row,) = bench.summarize([run(0, 10.0, resumed_from="checkpoint-2"),
+                              run(1, 20.0, prep_resumed=True),
+                              run(2, 30.0, squeeze_resumed=True)])
     assert math.isnan(row["time s"])
     assert bench.steps_taken(run(0, 10.0, resumed_from="checkpoint-2")) == 2
 

@@ -104,17 +104,23 @@ def test_compress_cli_shares_centrals_deepens_and_saves(tiny_bert, tmp_path, cap
     """``--share-centrals fit --deepen 4``: one central tensor per matrix type over the 4
     layers of the saved model, each group's fitted error below layer 0's central."""
     out = tmp_path / "mpobert"
-    assert main(["compress", str(tiny_bert), "--targets", "attention", "ffn",
-                 "--no-calibrate", "--share-centrals", "fit", "--deepen", "4",
-                 "--out", str(out), "--no-progress"]) == 0  # full rank: the default
+    assert main(["compress", str(tiny_bert), "--share-centrals", "fit", "--deepen", "4",
+                 "--out", str(out), "--no-progress"]) == 0  # attention, ffn, full rank
     printed = capsys.readouterr().out
     assert "shared central tensors (fit init)" in printed and "deepened to 4 layers" in printed
+    assert "calibrating" not in printed and "sharing error/|M|" in printed
     rows = [line.split("|")[1:-1] for line in printed.splitlines()
             if line.startswith("| ffn_in ") or line.startswith("| query ")]
     assert len(rows) == 2
     assert all(float(row[3]) < float(row[2]) for row in rows)  # fit below layer 0's
     loaded = mpotn.load(out)
-    assert all(r["relative_error"] < 1e-5 for r in loaded.report())  # full rank
+    report = {r["name"]: r for r in loaded.report()}
+    assert set(report) == {f"encoder.layer.{i}.{path}" for i in (0, 2) for path in (
+        "attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "intermediate.dense", "output.dense")}
+    assert all(r["relative_error"] < 1e-5 for r in report.values())  # full rank
+    query = report["encoder.layer.2.attention.self.query"]  # the original layer 1
+    assert query["shared_group"] == "query" and 0.01 < query["sharing_error"] < 1
     layers = loaded.base_model.encoder.layer
     assert len(layers) == 4
     for path in ("attention.self.query", "intermediate.dense", "output.dense"):
@@ -144,7 +150,9 @@ def test_compress_cli_upcycles_experts_that_share_the_central(tiny_bert, tmp_pat
     (["--experts", "2", "--top-k", "3"], "--top-k 3 needs --experts E with E >= 3"),
     (["--top-k", "1"], "--top-k 1 needs --experts"),
     (["--share-centrals", "layer", "--share-sweeps", "2"], "ALS sweeps of --share-centrals fit"),
-    (["--share-centrals", "fit", "--ratio", "0.5"], "full rank is the default with"),
+    (["--share-centrals", "fit", "--ratio", "0.5"], "--ratio with --allocation optimal"),
+    (["--share-centrals", "fit", "--max-bond", "8", "--budget", "model"], "--budget model do"),
+    (["--experts", "2", "--structure", "auto"], "drop --structure auto"),
 ])
 def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, capsys,
                                                                      monkeypatch, flags,

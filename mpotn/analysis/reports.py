@@ -36,9 +36,17 @@ COLUMNS = {
 }
 
 
+#: Columns printed only when a row has them: the error a layer's matrix took when it came
+#: to share a central tensor ([share_centrals][mpotn.compression.sharing.share_centrals]).
+SHARING_COLUMNS = {"shared_group": "shared central", "sharing_error": "sharing error/|M|"}
+
+
 def report_table(model: MPOModel) -> str:
-    """The per-matrix report as Markdown, with readable headers."""
-    return model.report().select(COLUMNS).to_markdown()
+    """The per-matrix report as Markdown, with readable headers (and the sharing columns
+    when central tensors are shared)."""
+    report = model.report()
+    shared = any(row.get("sharing_error") is not None for row in report)
+    return report.select({**COLUMNS, **(SHARING_COLUMNS if shared else {})}).to_markdown()
 
 
 def write_compression_report(model: MPOModel, out: str | Path, model_name: str) -> dict[str, Path]:

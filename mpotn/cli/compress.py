@@ -34,9 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="local model folder or hub id (default: the embedded all-MiniLM-L6-v2)",
     )
     compress.add_argument(
-        "--targets", nargs="+", default=["all-linear", "embeddings"], metavar="T",
+        "--targets", nargs="+", default=None, metavar="T",
         help="presets (embeddings, attention, ffn, all-linear) and module-name suffixes "
-             "(default: all-linear embeddings)",
+             "(default: all-linear embeddings; attention ffn with --share-centrals, ffn "
+             "with --experts)",
     )
     compress.add_argument(
         "--regex", default=None, help="a regular expression for module names, instead of --targets"
@@ -46,7 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--n", type=_cores, default=5, help="cores per matrix (default: 5)")
     policy = compress.add_mutually_exclusive_group()
     policy.add_argument("--ratio", type=_positive_float,
-                        help="compression ratio rho per matrix, Eq. 5 (default: 0.5)")
+                        help="compression ratio rho per matrix, Eq. 5 (default: 0.5; full "
+                             "rank with --share-centrals or --experts)")
     policy.add_argument("--max-bond", type=_positive_int, help="one maximum for every bond")
     policy.add_argument("--tol", type=_positive_float,
                         help="relative error tolerance: fewest parameters with Eq. 4 <= tol")
@@ -61,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "(I, 1) and columns (1, J)); auto: per matrix, the one with the lower error at "
              "the same parameter count (default: svd when calibrating, the structure that "
              "keeps a compressed model working best in docs/compression.md; mpo with "
-             "--no-calibrate)")
+             "--no-calibrate, --share-centrals or --experts)")
     compress.add_argument(
         "--budget", choices=BUDGETS, default="matrix",
         help="matrix: --ratio applies to each matrix; model: one budget for all targets, "
@@ -98,14 +100,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--svd", choices=SVD_METHODS, default="auto",
                           help="SVD flavour of the decomposition (default: auto)")
     shared = compress.add_argument_group(
-        "one central tensor for many matrices (MPOBERT, MPOE; the structure defaults to "
-        "balanced MPOs; heal the result with mpotn heal)")
+        "one central tensor for many matrices (MPOBERT, MPOE; balanced MPOs at full rank "
+        "and no calibration unless --max-bond; heal the result with mpotn heal)")
     shared.add_argument(
         "--share-centrals", choices=SHARE_INITS, default=None, metavar="INIT",
         help="MPOBERT: one central tensor per matrix type shared by all layers, each layer "
              "keeping its auxiliary tensors; fit: fitted to every layer (ALS), layer: "
              "layer 0's (the reference code). The layers' bonds must be equal: full rank "
-             "by default, or --max-bond")
+             "by default, --max-bond, or --ratio with --allocation uniform")
     shared.add_argument("--share-sweeps", type=_count, default=None,
                         help="ALS sweeps of --share-centrals fit (default: 5)")
     shared.add_argument(
@@ -139,7 +141,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _check_fidelity(compressed: object, original: object, tokenizer: object,
                     calibrated: bool) -> None:
     """Print the mean cosine of sentence embeddings (held-out SST-2 dev sentences) and warn
-    when the compressed model is not usable without fine-tuning or healing."""
+    when the compressed model is not usable without fine-tuning or healing (and, unless
+    ``calibrated``, without calibration)."""
     from mpotn.analysis.fidelity import cosine_fidelity, sentence_embeddings, sst2_dev
 
     sentences = sst2_dev()[0][:CHECK_SENTENCES]
@@ -164,17 +167,24 @@ def _check_sharing(args: argparse.Namespace) -> None:
     if args.experts is not None and args.share_centrals is not None:
         raise ValueError("--experts (MPOE) and --share-centrals (MPOBERT) build different "
                          "architectures; choose one")
-    if args.share_centrals is not None and (args.ratio is not None or args.tol is not None):
-        raise ValueError("--share-centrals needs equal bonds in every layer of a matrix type, "
-                         "which --ratio and --tol do not give: drop them (full rank is the "
-                         "default with --share-centrals) or pass --max-bond")
+    unequal = [flag for flag, given in (
+        ("--tol", args.tol is not None),
+        ("--ratio with --allocation optimal", args.ratio is not None
+         and args.allocation == "optimal"),
+        ("--budget model", args.budget == "model"), ("--structure auto", args.structure == "auto"))
+        if given]
+    if args.share_centrals is not None and unequal:
+        raise ValueError(f"--share-centrals needs equal bonds in every layer of a matrix type, "
+                         f"which {' and '.join(unequal)} do not give: full rank is the default "
+                         "with --share-centrals; or pass --max-bond, or --ratio with "
+                         "--allocation uniform")
     if args.share_sweeps is not None and args.share_centrals != "fit":
         raise ValueError("--share-sweeps sets the ALS sweeps of --share-centrals fit")
     if args.top_k is not None and (args.experts is None or args.top_k > args.experts):
         raise ValueError(f"--top-k {args.top_k} needs --experts E with E >= {args.top_k}")
-    if args.structure == "svd" and (args.share_centrals or args.experts):
-        raise ValueError("sharing central tensors needs balanced MPOs: drop --structure svd "
-                         "(or pass --structure mpo)")
+    if args.structure in ("svd", "auto") and (args.share_centrals or args.experts):
+        raise ValueError(f"sharing central tensors needs balanced MPOs: drop --structure "
+                         f"{args.structure} (or pass --structure mpo)")
 
 
 def _share(model: object, args: argparse.Namespace) -> None:
@@ -193,8 +203,7 @@ def _share(model: object, args: argparse.Namespace) -> None:
                              "layer_init_error": "error, layer 0's central",
                              "error": "error", "central_params": "|C|",
                              "saved_params": "saved"}).to_markdown())
-    if args.deepen is not None:
-        deepen(model, depth=args.deepen)
+    if args.deepen is not None and deepen(model, depth=args.deepen):
         print(f"\ndeepened to {args.deepen} layers (new layers share the centrals)")
     if args.experts is not None:
         top_k = min(2, args.experts) if args.top_k is None else args.top_k
@@ -233,13 +242,16 @@ def run(args: argparse.Namespace) -> None:
         check_out(args.out)
         check_save_target(args.out, args.overwrite)
     policy = {"max_bond": args.max_bond, "tol": args.tol, "ratio": args.ratio}
-    if not args.full_rank and all(v is None for v in policy.values()) \
-            and args.share_centrals is None:  # sharing: full rank unless --max-bond
-        policy["ratio"] = 0.5
-    calibrating = args.calibrate is not None
     sharing = args.share_centrals is not None or args.experts is not None
+    full_rank = args.full_rank or (sharing and all(v is None for v in policy.values()))
+    if not full_rank and all(v is None for v in policy.values()):
+        policy["ratio"] = 0.5
+    # calibration changes nothing at full rank, where the decomposition is exact
+    calibrating = args.calibrate is not None and not (sharing and full_rank)
+    targets = args.targets or (["attention", "ffn"] if args.share_centrals
+                               else ["ffn"] if args.experts else ["all-linear", "embeddings"])
     config = CompressionConfig(
-        targets=args.regex or args.targets, exclude=args.exclude, n=args.n,
+        targets=args.regex or targets, exclude=args.exclude, n=args.n,
         allocation=args.allocation, svd=args.svd,
         structure=args.structure or ("svd" if calibrating and not sharing else "mpo"),
         budget=args.budget, fit=args.fit, sequential=args.sequential,
@@ -249,6 +261,10 @@ def run(args: argparse.Namespace) -> None:
     model = load_pretrained(args.model)
     name = args.model or "all-MiniLM-L6-v2 (embedded)"
     print(f"loaded {name} as {type(model).__name__} (its config's architecture)")
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if args.deepen is not None and layers is not None and args.deepen < layers:
+        raise ValueError(f"--deepen {args.deepen} is below the model's {layers} layers: "
+                         "deepening only adds layers")
     if args.dry_run:
         print(plan(model, config).to_markdown())
         return
@@ -261,18 +277,19 @@ def run(args: argparse.Namespace) -> None:
               f"{args.calibrate or 'the shipped SST-2 training sample'}")
     compressed = compress(model, config, calibration=batches,
                           progress=not args.no_progress).eval()
+    _share(compressed, args)
     print(f"model: {name}")
     print(report_table(compressed))
-    _share(compressed, args)
     print(compressed.summary())
     try:
         _check_fidelity(compressed, load_pretrained(args.model), tokenizer,
-                        calibrated=batches is not None)
+                        calibrated=batches is not None or sharing)
     except (ValueError, AttributeError) as error:  # no pad token, no last_hidden_state
         print(f"fidelity check skipped: {error}")
     compressed.save_pretrained(args.out, overwrite=args.overwrite, tokenizer=tokenizer)
     paths = write_compression_report(compressed, args.out, name)
-    print(f"\n{len(compressed.report())} matrices in {time.perf_counter() - start:.1f} s; "
+    print(f"\ncompressed {len(compressed.report())} matrices in "
+          f"{time.perf_counter() - start:.1f} s; "
           f"saved the model to {args.out} (load it with mpotn.load({args.out!r})); wrote:")
     for path in paths.values():
         print(f"  {path}")

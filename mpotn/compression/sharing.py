@@ -340,7 +340,20 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
         label = matrix_type(names[0]) if named else f"group {index}"
         report.extend(_share_group([layers[n] for n in names], names, label, init, sweeps))
     mark_shared_centrals(base)
+    _record_sharing(model, report)
     return report
+
+
+def _record_sharing(model: nn.Module, report: Table) -> None:
+    """Add to the compression report's row of each shared layer (an
+    [MPOModel][mpotn.compression.model.MPOModel]'s ``records``) its ``shared_group`` and
+    ``sharing_error``, its relative error against its matrix before sharing."""
+    records = getattr(model, "records", None)
+    rows = {row["name"]: row for row in report if row["kind"] == "layer"}
+    for record in records if records is not None else ():
+        row = rows.get(record.get("name"))
+        if row is not None:
+            record["shared_group"], record["sharing_error"] = row["group"], row["error"]
 
 
 def _check_whole_groups(layers: dict[str, nn.Module], groups: list[list[str]]) -> None:
