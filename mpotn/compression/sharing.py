@@ -307,6 +307,9 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
         \|M_l\|^2}$), the shared tensor's ``central_params`` $|C|$ and the
         ``saved_params``: the entries of the central tensors before (each distinct
         tensor once) minus $|C|$, $(L - 1)|C|$ for $L$ layers that had their own.
+        An [MPOModel][mpotn.compression.model.MPOModel]'s compression report
+        (``model.report()``, saved with it) gains each shared layer's ``shared_group``
+        and ``sharing_error`` (its ``error`` here).
 
     Raises
     ------
