@@ -291,6 +291,7 @@ def run_squeeze(bench: Bench, task: str, seed: int, squeezed: dict[str, Any] | N
         lfa_run = run(bench, task, "mpo-lfa", seed)
         if not lfa_recorded:
             runs.append(lfa_run)
+        bench.forget_runs([(task, "mpo-lfa", seed)])  # its model is saved
     config = bench.training(task, "lfa", seed)
     if squeezed is None:
         out = bench.work / f"{task}-squeeze-{seed}"

@@ -149,6 +149,7 @@ def factorized(bench: LpafBench, task: str, row: str, seed: int) -> dict[str, An
     folder = bench.stage(task, source, seed)
     if not folder.is_dir():
         first_stage(bench, task, source, seed)
+        bench.forget_runs([(task, source, seed)])  # its model is saved
     from transformers import AutoModelForSequenceClassification
 
     start = time.perf_counter()
