@@ -43,7 +43,8 @@ MPOBERT rows (attention and FFN matrices as ``n = 5`` MPOs at full rank):
     ``shared-fit`` deepened to 12 layers (each layer followed by a copy sharing its
     centrals), healed from the 6-layer dense model.
 
-MPOE rows (FFN blocks; top-2 routing, capacity 1.25, router loss 0.01):
+MPOE rows (FFN blocks; top-2 routing, capacity 1.25, router loss 0.01; their records
+hold ``router_aux_loss`` and ``router_dropped``, the means of their training logs'):
 
 ``moe4``
     the plain mixture of experts: 4 full copies of each FFN block, perturbed;
@@ -276,6 +277,10 @@ def run(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[str, in
     trained = result.model.base_model if isinstance(result.model, MPOModel) else result.model
     total = count_parameters(trained.parameters())
     record = result.record
+    for key in ("router_aux_loss", "router_dropped"):  # the mixtures' training logs
+        logged = [entry[key] for entry in result.history if entry.get(key) is not None]
+        if logged:
+            extra = {**extra, key: statistics.mean(logged)}
     return glue_small._run_record(
         task, row, seed, data, record, total=total, over_dense=total / original,
         trainable=record.get("trainable_params"), steps=record["steps"],

@@ -280,6 +280,9 @@ def test_glue_sharing_quick_mode_runs_every_row_then_skips_them(tmp_path):
     multiple = {r["row"]: r["ffn_params_multiple"] for r in runs if "ffn_params_multiple" in r}
     assert multiple["moe4"] == pytest.approx(4.0, abs=0.01)
     assert multiple["mpoe4"] < multiple["mpoe8"] < multiple["moe4"]
+    for row in ("moe4", "mpoe4", "mpoe8"):  # the router statistics of training
+        record = next(r for r in runs if r["row"] == row)
+        assert record["router_aux_loss"] > 0 and 0 <= record["router_dropped"] < 1
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["runs"] == runs
     assert len(json.loads(out.read_text())["findings"]) == len(bench.CLAIMS)

@@ -13,7 +13,7 @@ from mpotn.compression import compress, load
 from mpotn.compression.config import layer_holder
 from mpotn.compression.experts import experts_spec, upcycle_experts
 from mpotn.compression.parameters import count_parameters, lfa_parameters
-from mpotn.layers.experts import MixtureOfExperts, router_loss
+from mpotn.layers.experts import MixtureOfExperts, router_loss, router_stats
 
 HIDDEN, INTERMEDIATE, LAYERS = 32, 48, 2
 #: One BERT feed-forward block: 32 x 48 and 48 x 32 matrices with their biases.
@@ -232,6 +232,21 @@ def test_the_training_loss_adds_the_router_loss_and_evaluation_does_not(tmp_path
     with torch.no_grad():  # an evaluation: the task's loss alone
         assert float(trainer.compute_loss(model, inputs)) == pytest.approx(
             float(model(**inputs).loss), rel=1e-6)
+    # the next training log gets the router statistics of the training steps since the
+    # last (the evaluation above is not one of them), and then starts again
+    model.train()
+    trainer.compute_loss(model, inputs)
+    second = router_stats(model)
+    logged = []
+    trainer.callback_handler.on_log = lambda args, state, control, logs: logged.append(logs)
+    trainer.log({"loss": 1.0})
+    first_aux = float(extra) / 0.5  # the first step's aux_loss, summed over the layers
+    layers = sum(isinstance(m, MixtureOfExperts) for m in model.modules())
+    assert logged[-1]["router_aux_loss"] == pytest.approx(
+        (first_aux / layers + float(second["aux_loss"])) / 2, rel=1e-5)
+    assert 0 <= logged[-1]["router_dropped"] < 1
+    trainer.log({"eval_loss": 1.0})
+    assert "router_aux_loss" not in logged[-1]  # an evaluation log: none
 
 
 def test_merge_keeps_the_experts_dense_and_warns():

@@ -64,6 +64,7 @@ from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.models import padding_tokenizer
 from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.finetune.router_logs import RouterLogging
 from mpotn.finetune.shared_checkpoints import SharedTensorCheckpoints
 from mpotn.finetune.training import (
     DEVICE_HELP,
@@ -412,7 +413,7 @@ def _heal_arguments(config: HealConfig, output_dir: Path, progress: bool, save: 
 def _trainer_class() -> type:
     from transformers import Trainer
 
-    class HealTrainer(SharedTensorCheckpoints, Trainer):
+    class HealTrainer(RouterLogging, SharedTensorCheckpoints, Trainer):
         """A Trainer whose loss is [distillation_loss][mpotn.finetune.heal.distillation_loss]
         (plus, in training steps, the load-balancing loss of any mixture of experts,
         [add_router_loss][mpotn.layers.experts.add_router_loss]).
@@ -442,6 +443,7 @@ def _trainer_class() -> type:
                                      self.logits_weight)
             if torch.is_grad_enabled():  # a training step, not an evaluation
                 loss = add_router_loss(loss, model)
+                self.record_router(model)
             return (loss, outputs) if return_outputs else loss
 
     return HealTrainer

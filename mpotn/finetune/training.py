@@ -60,6 +60,7 @@ from mpotn.drawing import draw_history
 from mpotn.finetune.core_changes import core_changes, snapshot_cores
 from mpotn.finetune.mixed_rank import MixedRank
 from mpotn.finetune.pruning import GradualPruning, pruning_summary
+from mpotn.finetune.router_logs import RouterLogging
 from mpotn.finetune.shared_checkpoints import SharedTensorCheckpoints
 from mpotn.finetune.strategies import apply_strategy, lora_rank_for_budget, optimizer_groups
 from mpotn.layers.experts import add_router_loss
@@ -547,7 +548,7 @@ def _task_trainer(model: nn.Module, args: Any, tokenizer: Any, **options: Any) -
     """
     from transformers import DataCollatorWithPadding, Trainer
 
-    class TaskTrainer(SharedTensorCheckpoints, Trainer):
+    class TaskTrainer(RouterLogging, SharedTensorCheckpoints, Trainer):
         def compute_loss(self, model: nn.Module, inputs: dict[str, Any],
                          return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
             counted = ({} if num_items_in_batch is None  # older Trainers lack the keyword
@@ -555,6 +556,7 @@ def _task_trainer(model: nn.Module, args: Any, tokenizer: Any, **options: Any) -
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **counted)
             if torch.is_grad_enabled():  # a training step, not an evaluation
                 loss = add_router_loss(loss, model)
+                self.record_router(model)
             return (loss, outputs) if return_outputs else loss
 
     trainer = TaskTrainer(model=model, args=args,

@@ -326,6 +326,30 @@ def router_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).sum() if losses else None
 
 
+def router_stats(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The mean, over the model's [MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts]
+    layers that routed tokens in their last forward pass, of their load-balancing loss
+    (``aux_loss``: 1 when even) and of their share of assignments over capacity
+    (``dropped``), as detached scalar tensors on the layers' device (reading them,
+    ``float``, waits for the device); ``None`` when there is no such layer.
+
+    Examples
+    --------
+    >>> torch.manual_seed(0) and None
+    >>> moe = MixtureOfExperts([nn.Linear(4, 4), nn.Linear(4, 4)], 4, capacity_factor=None)
+    >>> _ = moe(torch.randn(3, 4))
+    >>> stats = router_stats(moe)
+    >>> sorted(stats), float(stats["dropped"]), router_stats(nn.Linear(2, 2))
+    (['aux_loss', 'dropped'], 0.0, None)
+    """
+    routed = [m for m in model.modules()
+              if isinstance(m, MixtureOfExperts) and m.aux_loss is not None]
+    if not routed:
+        return None
+    return {"aux_loss": torch.stack([m.aux_loss.detach() for m in routed]).mean(),
+            "dropped": torch.stack([m.dropped for m in routed]).mean()}
+
+
 def add_router_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """``loss`` plus [router_loss][mpotn.layers.experts.router_loss]; ``loss`` itself for a
     model without experts."""
