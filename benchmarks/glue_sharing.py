@@ -179,10 +179,13 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
         model, extra, seconds = bench.prepared[task, row]
         return with_head(copy.deepcopy(model), bench.classifier(task, seed)), {
             **extra, "prep_reused": True}, seconds
+    start = time.perf_counter()
+    if row not in HEALED:
+        model, extra = prepare(bench, task, row, seed, sizes)
+        return model, extra, time.perf_counter() - start
     kept = prep_dir(bench, task, row)
-    if row in HEALED:
-        check_settings(bench, kept)
-    if row in HEALED and (kept / PREPARED).is_file():
+    check_settings(bench, kept)
+    if (kept / PREPARED).is_file():
         model, extra = prepare(bench, task, row, seed, sizes, healed=False)
         load_model(model, kept / "model.safetensors")
         saved = json.loads((kept / PREPARED).read_text())
@@ -192,18 +195,15 @@ def prepared(bench: SharingBench, task: str, row: str, seed: int, sizes: dict[st
         extra, seconds = {**saved["extra"], "prep_reused": True}, saved["seconds"]
         with_head(model, bench.classifier(task, seed))
     else:
-        start = time.perf_counter()
-        resumed = row in HEALED and glue_small.resumable(kept / "heal")
+        resumed = glue_small.resumable(kept / "heal")
         model, extra = prepare(bench, task, row, seed, sizes)
         seconds = time.perf_counter() - start
         if resumed:
             extra["prep_resumed"] = True
-        if row in HEALED:
-            save_model(model, str(kept / "model.safetensors"))
-            write_text(kept / PREPARED, json.dumps({"extra": extra, "seconds": seconds}))
-    if row in HEALED:
-        shutil.rmtree(kept / "heal", ignore_errors=True)  # its checkpoints are spent
-        bench.prepared[task, row] = copy.deepcopy(model), extra, seconds
+        save_model(model, str(kept / "model.safetensors"))
+        write_text(kept / PREPARED, json.dumps({"extra": extra, "seconds": seconds}))
+    shutil.rmtree(kept / "heal", ignore_errors=True)  # its checkpoints are spent
+    bench.prepared[task, row] = copy.deepcopy(model), extra, seconds
     return model, extra, seconds
 
 
@@ -214,10 +214,10 @@ def check_settings(bench: SharingBench, kept: Path) -> None:
     settings = {"targets": bench.targets, "rank": bench.rank, "fit_sweeps": bench.sweeps,
                 "heal_steps": bench.heal_steps}
     path = kept / "settings.json"
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        raise ValueError(f"{kept} was prepared with other settings "
-                         f"({json.loads(path.read_text())}, not {settings}); delete it to "
-                         "prepare the row again")
+    saved = json.loads(path.read_text()) if path.is_file() else settings
+    if saved != settings:
+        raise ValueError(f"{kept} was prepared with other settings ({saved}, not "
+                         f"{settings}); delete it to prepare the row again")
     kept.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(settings))
 

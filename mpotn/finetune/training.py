@@ -620,10 +620,10 @@ def resume_checkpoint(out: str | os.PathLike | None, resume: bool) -> str | None
         raise ValueError(f"nothing to resume: {checkpoints} holds no complete fine-tuning "
                          "checkpoint (a checkpoint-N folder with its " + STATE_FILE + ", and "
                          + FINETUNE_STATE + "); run without --resume")
-    if not resume and last_checkpoint(checkpoints, complete=False) is not None:
-        raise ValueError(f"{out} already holds checkpoints of a run "
-                         f"({last_checkpoint(checkpoints, complete=False)}); pass --resume "
-                         "(resume=True) to continue it, or choose another --out")
+    started = None if resume else last_checkpoint(checkpoints, complete=False)
+    if started is not None:
+        raise ValueError(f"{out} already holds checkpoints of a run ({started}); pass "
+                         "--resume (resume=True) to continue it, or choose another --out")
     return last
 
 
