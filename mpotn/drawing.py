@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import networkx as nx
 import numpy as np
+import torch
 
 from mpotn.atomic import atomic_path
 from mpotn.table import Table
@@ -252,7 +253,7 @@ def draw_spectra(mpo: Any, path: str | Path, title: str) -> Path:
     """
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for k, values in enumerate(mpo.singular_values, start=1):
-        values = np.asarray(values, dtype=float)
+        values = torch.as_tensor(values).detach().double().cpu().numpy()  # from any device
         ax.plot(np.arange(1, len(values) + 1), values / max(values[0], 1e-300),
                 label=f"bond_{k} (d={len(values)})")
     ax.set_xscale("log")

@@ -44,6 +44,19 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
+def word_tokenizer():
+    """A word-level fast tokenizer of 7 words with an end-of-sequence token, no padding
+    token and no special tokens added to a text, as GPT-2's is."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<|endoftext|>", "a", "longer", "sentence", "b", "c", "<unk>"]
+    inner = Tokenizer(models.WordLevel({w: k for k, w in enumerate(words)}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<|endoftext|>")
+
+
+@pytest.fixture
 def kill_at_step():
     """``kill(monkeypatch, step)``: kill the next Trainer run as it starts optimizer step
     ``step + 1`` (a ``KeyboardInterrupt``, as a user's Ctrl-C)."""

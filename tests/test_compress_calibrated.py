@@ -211,22 +211,11 @@ def test_t5_cross_attention_counts_encoder_tokens_and_an_untied_head_decoder_tok
         assert stats["lm_head"].tokens == 1 + decoder_length
 
 
-def _tokenizer_without_padding():
-    """A word-level fast tokenizer with an end-of-sequence token and no padding token, as
-    GPT-2's and Llama's are."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<|endoftext|>", "a", "longer", "sentence", "b", "c", "<unk>"]
-    inner = Tokenizer(models.WordLevel({w: k for k, w in enumerate(words)}, unk_token="<unk>"))
-    inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<|endoftext|>")
-
-
-def test_a_tokenizer_without_padding_pads_with_its_end_token():
+def test_a_tokenizer_without_padding_pads_with_its_end_token(word_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mpotn.compression.models import padding_tokenizer
-    tokenizer = _tokenizer_without_padding()
+    tokenizer = word_tokenizer
     assert tokenizer.pad_token is None
     batches = text_batches(tokenizer, ["a", "a longer sentence"], batch_size=2)
     assert batches[0]["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]

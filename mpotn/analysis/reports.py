@@ -49,21 +49,32 @@ def report_table(model: MPOModel) -> str:
     return report.select({**COLUMNS, **(SHARING_COLUMNS if shared else {})}).to_markdown()
 
 
-def write_compression_report(model: MPOModel, out: str | Path, model_name: str) -> dict[str, Path]:
-    """Write ``report.md``, ``report.json``, ``entropy_heatmap.png`` and ``errors.png``."""
+def write_compression_report(model: MPOModel, out: str | Path, model_name: str,
+                             fidelity: dict[str, float] | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` (with ``fidelity``, what
+    [FidelityProbe.measure][mpotn.analysis.fidelity.FidelityProbe.measure] gave, when
+    given), ``entropy_heatmap.png`` and ``errors.png``."""
     out = Path(out)
     totals = model.totals()
     policy = {k: v for k, v in model.compression_config.to_dict().items()
               if v not in (None, {}, [])}
+    measured = "" if fidelity is None else (
+        "Expected fidelity against the original model (held-out sentences): "
+        + ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in fidelity.items())
+        + "\n\n")
     markdown = (
         f"# mpotn compress: {model_name}\n\n"
-        f"Settings: `{json.dumps(policy)}`\n\n{model.summary()}\n\n{report_table(model)}\n"
+        f"Settings: `{json.dumps(policy)}`\n\n{measured}{model.summary()}\n\n"
+        f"{report_table(model)}\n"
     )
+    summary = {"model": model_name, "config": model.compression_config.to_dict(),
+               "totals": totals}
+    if fidelity is not None:
+        summary["fidelity"] = fidelity
     paths = {
         "markdown": write_text(out / "report.md", markdown),
         "json": write_text(out / "report.json", json.dumps(
-            {"model": model_name, "config": model.compression_config.to_dict(), "totals": totals,
-             "matrices": list(model.report())}, indent=2)),
+            {**summary, "matrices": list(model.report())}, indent=2)),
         "errors": draw_errors(model.report(), out / "errors.png",
                               f"reconstruction error per matrix, {model_name}"),
     }

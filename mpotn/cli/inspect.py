@@ -54,6 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "matrix's central and auxiliary tensors moved",
     )
     inspect.add_argument(
+        "--device", default=None, metavar="DEVICE",
+        help="where to decompose the model's matrices: cpu, cuda or cuda:N (default: CUDA "
+             "when present, else the CPU)")
+    inspect.add_argument(
         "--out", default="mpotn-inspect", help="output folder (default: ./mpotn-inspect)"
     )
     inspect.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -105,8 +109,10 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.analysis.inspection import inspect_model
     from mpotn.compression.models import load_model, resolve_model, weight_matrices
     from mpotn.compression.serialization import is_saved_model
+    from mpotn.finetune.training import resolve_device
 
     check_out(args.out)
+    device = resolve_device(args.device)
     if args.changes:
         run_core_changes(*args.changes, args.out)
         return
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
     if args.model is not None and is_saved_model(args.model):
         run_compressed(args, start)
         return
-    model = load_model(args.model)
+    model = load_model(args.model).to(device)
     name = args.model or "all-MiniLM-L6-v2 (embedded)"
     draw = args.draw
     if draw is None:

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpotn.compression.architectures import CROSS_ATTENTION_INPUT
-from mpotn.compression.models import padding_tokenizer
+from mpotn.compression.models import model_device, padding_tokenizer
 from mpotn.layers.masks import attention_mask_argument, mask_sources, real_rows, token_mask
 
 #: Sentences used for calibration when a command is not told otherwise.
@@ -66,12 +66,6 @@ def text_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
                        truncation=True, max_length=max_length, return_tensors="pt"))
         for s in range(0, len(order), batch_size)
     ]
-
-
-def _device(model: nn.Module | Callable) -> torch.device | None:
-    parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
-    first = next(parameters, None)
-    return first.device if first is not None else None
 
 
 def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
@@ -118,7 +112,7 @@ def _observe(
     [calibrate][mpotn.compression.calibrate.calibrate] describes); ``source`` is the
     input tensor they come from. With ``calls``, a batch's forward pass stops once
     every target has run that many times."""
-    device = _device(model)
+    device = model_device(model) if isinstance(model, nn.Module) else None
     masks: dict[int, torch.Tensor | None] = {}  # id(target) -> its mask in this batch
     counts = dict.fromkeys(targets, 0)
     handles = []

@@ -185,6 +185,18 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
         raise ValueError(f"could not load a tokenizer for {source!r}: {error}") from error
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without any), where
+    its inputs must go.
+
+    Examples
+    --------
+    >>> model_device(nn.Linear(2, 3))
+    device(type='cpu')
+    """
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
 def padding_tokenizer(tokenizer: Any) -> Any:
     """``tokenizer`` itself when it has a padding token; else a copy that pads with its
     end-of-sequence (or unknown) token, as GPT-2 and Llama tokenizers need. mpotn's

@@ -62,7 +62,7 @@ from torch import nn
 from mpotn.atomic import write_text
 from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
-from mpotn.compression.models import padding_tokenizer
+from mpotn.compression.models import model_device, padding_tokenizer
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.finetune.router_logs import RouterLogging
 from mpotn.finetune.shared_checkpoints import SharedTensorCheckpoints
@@ -304,10 +304,6 @@ def distillation_loss(student: Any, teacher: Any, attention_mask: torch.Tensor |
     return loss
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(iter(model.parameters()), torch.empty(0)).device
-
-
 @torch.no_grad()
 def _heldout_errors(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, Any]],
                     device: torch.device) -> list[float]:
@@ -357,7 +353,7 @@ def hidden_state_mse(student: nn.Module, teacher: nn.Module, tokenizer: Any,
     >>> hidden_state_mse(model, model, load_tokenizer(), ["same model ."])
     0.0
     """
-    device, home = _device_of(student), _device_of(teacher)
+    device, home = model_device(student), model_device(teacher)
     teacher.to(device)
     try:
         layers = _heldout_errors(student, teacher,
@@ -434,7 +430,7 @@ def _trainer_class() -> type:
                 model.eval()  # gradients still flow; only dropout is off
             outputs = model(**inputs, output_hidden_states=True)
             device = outputs.hidden_states[-1].device
-            if _device_of(self.teacher) != device:
+            if model_device(self.teacher) != device:
                 self.teacher.to(device)
             self.teacher.eval()
             with torch.no_grad():
@@ -578,7 +574,7 @@ def heal(
     train_texts, held_texts = _split(texts, config)
     flags = {id(p): p.requires_grad for p in student.parameters()}
     modes = student.training, teacher.training
-    homes = _device_of(student), _device_of(teacher)
+    homes = model_device(student), model_device(teacher)
     scratch = tempfile.TemporaryDirectory(prefix="mpotn-heal-") if checkpoints is None else None
     try:
         chosen = _select(trained, config.train)

@@ -401,6 +401,19 @@ def check_device(device: str | None) -> torch.device | None:
     return parsed
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """[check_device][mpotn.finetune.training.check_device], with ``None`` resolved to
+    mpotn's default outside a Trainer (compressing, calibrating, checking fidelity):
+    CUDA when present, else the CPU.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    return check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @functools.cache
 def _pinned_arguments() -> type:
     """``TrainingArguments`` on one GPU, ``cuda:pinned_gpu``, whatever else is visible.
