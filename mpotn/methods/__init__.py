@@ -24,8 +24,8 @@ Adding a method takes its decomposition function and one registration line:
 def my_method(matrix, *, ratio=None, **options) -> FactorNetwork: ...
 ```
 
-tensorly runs on its numpy backend inside [tensorly_numpy][mpotn.methods.base.tensorly_numpy], which
-restores whatever global backend the caller had.
+tensorly runs on its pytorch backend inside [tensorly_torch][mpotn.methods.base.tensorly_torch],
+on the matrix's device, and restores whatever global backend the caller had.
 
 Examples
 --------
@@ -46,9 +46,9 @@ from mpotn.methods.base import (
     FactorNetwork,
     decompose,
     register,
-    tensorly_numpy,
+    tensorly_torch,
 )
 from mpotn.methods.svd import svd_shapes
 
 __all__ = ["DECOMPOSITIONS", "FactorNetwork", "decompose", "register", "svd_shapes",
-           "tensorly_numpy"]
+           "tensorly_torch"]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
-import numpy as np
 import torch
 
 from mpotn.contraction import compiled
@@ -43,12 +42,13 @@ def register(name: str) -> Callable[[Callable[..., FactorNetwork]], Callable[...
 
 
 @contextmanager
-def tensorly_numpy() -> Iterator[Any]:
-    """tensorly with its numpy backend, the caller's global backend restored afterwards."""
+def tensorly_torch() -> Iterator[Any]:
+    """tensorly with its pytorch backend, so that it computes on the device of the tensors
+    it is given; the caller's global backend is restored afterwards."""
     import tensorly
 
     previous = tensorly.get_backend()
-    tensorly.set_backend("numpy")
+    tensorly.set_backend("pytorch")
     try:
         yield tensorly
     finally:
@@ -138,9 +138,10 @@ class FactorNetwork:
 
     def relative_error_to(self, matrix: torch.Tensor) -> float:
         r"""$\|M - \tilde M\|_F / \|M\|_F$ for $M$ = ``matrix`` and $\tilde M$ the network's
-        matrix, both in float64 on the CPU (``1.0`` as the norm of a zero matrix)."""
-        reference = matrix.detach().double().cpu()
-        exact = FactorNetwork(self.method, {k: v.detach().double().cpu()
+        matrix, both in float64 on the matrix's device (``1.0`` as the norm of a zero
+        matrix)."""
+        reference = matrix.detach().double()
+        exact = FactorNetwork(self.method, {k: v.detach().to(reference.device, torch.float64)
                                             for k, v in self.nodes.items()},
                               self.legs, self.row, self.col).rebuild()
         return float((exact - reference).norm()) / (float(reference.norm()) or 1.0)
@@ -189,19 +190,20 @@ def _equation(legs: tuple[tuple[str, tuple[str, ...]], ...], output: tuple[str, 
     return graph_equation(dict(legs), output, extra=extra or None)
 
 
-def _tensorized(matrix: torch.Tensor, n: int) -> tuple[np.ndarray, Factorization, Factorization]:
-    """The matrix padded and reshaped to ``(i_1..i_n, j_1..j_n)``, as float64 numpy."""
+def _tensorized(matrix: torch.Tensor, n: int) -> tuple[torch.Tensor, Factorization,
+                                                       Factorization]:
+    """The matrix padded and reshaped to ``(i_1..i_n, j_1..j_n)``, in float64 on its
+    device."""
     row, col = plan_side(matrix.shape[0], n), plan_side(matrix.shape[1], n)
-    padded = torch.nn.functional.pad(matrix.detach().double().cpu(),
+    padded = torch.nn.functional.pad(matrix.detach().double(),
                                      (0, col.padding, 0, row.padding))
-    return padded.reshape(*row.factors, *col.factors).numpy(), row, col
+    return padded.reshape(*row.factors, *col.factors), row, col
 
 
-def _finish(method: str, tensors: dict[str, np.ndarray | torch.Tensor],
-            legs: dict[str, tuple[str, ...]], row: Factorization, col: Factorization,
-            matrix: torch.Tensor, roles: dict[str, str], **details: Any) -> FactorNetwork:
-    nodes = {name: torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t)
-             .to(matrix.dtype) for name, t in tensors.items()}
+def _finish(method: str, tensors: dict[str, torch.Tensor], legs: dict[str, tuple[str, ...]],
+            row: Factorization, col: Factorization, matrix: torch.Tensor,
+            roles: dict[str, str], **details: Any) -> FactorNetwork:
+    nodes = {name: t.to(matrix.device, matrix.dtype).contiguous() for name, t in tensors.items()}
     net = FactorNetwork(method, nodes, legs, row, col, roles, details=details)
     net.relative_error = net.relative_error_to(matrix)
     return net

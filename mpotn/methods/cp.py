@@ -14,7 +14,7 @@ from mpotn.methods.base import (
     _finish,
     _tensorized,
     register,
-    tensorly_numpy,
+    tensorly_torch,
 )
 
 #: The most work [cp_method][mpotn.methods.cp.cp_method] starts by default, in multiply-adds
@@ -67,7 +67,7 @@ def cp_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
             raise ValueError("cp has no exact rank to default to: give rank or ratio")
         rank = max(1, math.floor(ratio * matrix.numel() / per_rank))
     limit = MAX_WORK if max_work is None else max_work
-    work = als_work(tensor.size, n, rank, iterations)
+    work = als_work(tensor.numel(), n, rank, iterations)
     if work > limit:
         raise WorkLimitError(
             f"cp at rank {rank} on a {matrix.shape[0]} x {matrix.shape[1]} matrix (n={n}, "
@@ -75,11 +75,11 @@ def cp_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
             f"limit of {limit:.2g} (1.2e10 takes about a minute); lower ratio, rank, "
             "iterations or n, or raise the limit: decompose(..., max_work=...) or "
             "mpotn.methods.cp.MAX_WORK = ...")
-    with tensorly_numpy(), warnings.catch_warnings():
+    with tensorly_torch(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)  # rank > mode
         weights, factors = parafac(tensor, rank=rank, n_iter_max=iterations, init="svd",
                                    random_state=seed, tol=1e-10)
-    factors = [f.copy() for f in factors]
+    factors = [f.clone() for f in factors]
     factors[0] = factors[0] * weights[None, :]
     leg_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
     tensors = {f"factor_{m}": f for m, f in enumerate(factors, start=1)}

@@ -14,7 +14,7 @@ from mpotn.methods.base import (
     _largest_rank,
     _tensorized,
     register,
-    tensorly_numpy,
+    tensorly_torch,
 )
 
 
@@ -39,10 +39,10 @@ def tt_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
         d = ranks(r)
         return sum(d[k] * size * d[k + 1] for k, size in enumerate(modes))
 
-    top = max(ranks(tensor.size))
+    top = max(ranks(tensor.numel()))
     if rank is None:
         rank = top if ratio is None else _largest_rank(params, ratio * matrix.numel(), top)
-    with tensorly_numpy():
+    with tensorly_torch():
         factors = tensor_train(tensor, rank=ranks(rank)).factors
     legs_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
     tensors, legs = {}, {}

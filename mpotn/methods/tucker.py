@@ -14,7 +14,7 @@ from mpotn.methods.base import (
     _largest_rank,
     _tensorized,
     register,
-    tensorly_numpy,
+    tensorly_torch,
 )
 
 
@@ -40,7 +40,7 @@ def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = Non
                                                              max(modes))
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0 (0: HOSVD), got {iterations}")
-    with tensorly_numpy():
+    with tensorly_torch():
         core, factors = tucker(tensor, rank=ranks(rank), n_iter_max=iterations, init="svd")
     leg_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
     tensors = {"core": core}
