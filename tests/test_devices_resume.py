@@ -22,6 +22,7 @@ from mpotn.cli import build_parser, main
 from mpotn.cli import common as cli_common
 from mpotn.cli import finetune as cli_finetune
 from mpotn.data import sst2_sample
+from mpotn.devices import check_device
 from mpotn.finetune.heal import STATE_NAME as HEAL_STATE
 from mpotn.finetune.heal import HealConfig, _heal_arguments, _resume_config
 from mpotn.finetune.squeeze import SqueezeConfig, Squeezer
@@ -30,7 +31,6 @@ from mpotn.finetune.training import (
     FINETUNE_STATE,
     SAVE_STEPS,
     TrainingConfig,
-    check_device,
     finetune,
     prepare_model,
     trainer_arguments,
@@ -121,7 +121,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, no_gpu):
     ("cuda:x", "--device 'cuda:x' is not a device name"),
     ("cuda:-1", "--device 'cuda:-1' is not a device name"),
     ("", "--device '' is not a device name"),
-    ("mps", "--device 'mps': mpotn trains on cpu, cuda or cuda:N"),
+    ("mps", "--device 'mps': mpotn runs on cpu, cuda or cuda:N"),
     (0, "--device must be a device name (cpu, cuda or cuda:N), got 0"),
 ])
 def test_a_bad_device_name_is_a_clear_error(device, message):
@@ -176,7 +176,7 @@ def test_cli_cuda_without_a_gpu_exits_2_before_loading(capsys, tmp_path, monkeyp
     assert code == 2
     assert f"mpotn {command[0]}: error: {NO_CUDA}" in capsys.readouterr().err
     code = main([*command, "--device", "xpu:0", "--out", str(tmp_path / "o")])
-    assert code == 2 and "mpotn trains on cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert code == 2 and "mpotn runs on cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_cli_resume_without_a_checkpoint_exits_2_before_loading(capsys, tmp_path,

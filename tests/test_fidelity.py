@@ -16,7 +16,7 @@ from mpotn.analysis.fidelity import (
 )
 from mpotn.cli import main
 from mpotn.compression.models import load_tokenizer
-from mpotn.finetune.training import resolve_device
+from mpotn.devices import resolve_device
 
 
 def _tiny_gpt2():

@@ -37,6 +37,31 @@ def test_load_rebuilds_the_model_from_config_alone_with_identical_outputs(saved)
     assert list(again.report()) == list(model.report())
 
 
+def test_load_reads_every_weight_straight_onto_the_device_asked_for(saved, monkeypatch):
+    """``device=`` reaches the safetensors reader and every tensor, tied and shared ones
+    included (the meta device stands in for a GPU this machine does not have)."""
+    _, folder = saved
+    asked = []
+    monkeypatch.setattr(serialization, "check_device",
+                        lambda name: name and torch.device(name))
+    monkeypatch.setattr(serialization, "load_file", lambda path, device: asked.append(device)
+                        or safetensors.torch.load_file(path))
+    again = load(folder, device="meta")
+    assert asked == ["meta"]
+    tensors = [*again.parameters(), *again.buffers()]
+    assert len(tensors) > 100 and {t.device.type for t in tensors} == {"meta"}
+    assert {t.device.type for t in load(folder).parameters()} == {"cpu"}
+    assert asked == ["meta", "cpu"]
+
+
+def test_load_refuses_a_device_that_is_not_here(saved, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="cuda: no CUDA device is visible"):
+        load(saved[1], device="cuda")
+    with pytest.raises(ValueError, match="'gpu' is not a device name"):
+        load(saved[1], device="gpu")
+
+
 def test_save_writes_config_and_one_content_addressed_weights_file(saved):
     _, folder = saved
     config = json.loads((folder / CONFIG_NAME).read_text())

@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression.models import load_pretrained, load_tokenizer
     from mpotn.compression.serialization import HUB_ID, check_save_target, is_saved_model
     from mpotn.data import texts
-    from mpotn.finetune.training import resolve_device
+    from mpotn.devices import resolve_device
 
     start = time.perf_counter()
     if args.model is not None and is_saved_model(args.model):

@@ -97,11 +97,11 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression.lpaf import factorize_pruned
     from mpotn.compression.serialization import is_saved_model
     from mpotn.data.texts import texts
+    from mpotn.devices import check_device
     from mpotn.finetune.mixed_rank import MixedRank
     from mpotn.finetune.pruning import GradualPruning
     from mpotn.finetune.training import (
         SAVE_STEPS,
-        check_device,
         finetune,
         is_main_process,
         prepare_model,

@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_model, load_tokenizer
     from mpotn.data.texts import texts
+    from mpotn.devices import check_device
     from mpotn.finetune.heal import HealConfig, heal, write_heal
-    from mpotn.finetune.training import check_device, is_main_process
+    from mpotn.finetune.training import is_main_process
 
     if args.no_progress:
         from transformers.utils import logging as hf_logging

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.analysis.inspection import inspect_model
     from mpotn.compression.models import load_model, resolve_model, weight_matrices
     from mpotn.compression.serialization import is_saved_model
-    from mpotn.finetune.training import resolve_device
+    from mpotn.devices import resolve_device
 
     check_out(args.out)
     device = resolve_device(args.device)

@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.atomic import check_writable, write_text
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_tokenizer
+    from mpotn.devices import check_device
     from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
-    from mpotn.finetune.training import check_device, finetune, is_main_process, prepare_model
+    from mpotn.finetune.training import finetune, is_main_process, prepare_model
 
     common.check_out(args.out)
     check_device(args.device)

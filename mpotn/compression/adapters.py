@@ -190,9 +190,11 @@ def _read_adapter_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def read_adapter(directory: str | os.PathLike, base: str | os.PathLike | None) -> SavedModel:
+def read_adapter(directory: str | os.PathLike, base: str | os.PathLike | None,
+                 device: str | torch.device | None = None) -> SavedModel:
     """The compressed save ``base`` with the adapter in ``directory`` applied, frozen as it
-    was trained (only the adapter's parameters require a gradient), in eval mode.
+    was trained (only the adapter's parameters require a gradient), in eval mode, on
+    ``device`` as [read][mpotn.compression.serialization.read] places it.
 
     Raises
     ------
@@ -228,7 +230,7 @@ def read_adapter(directory: str | os.PathLike, base: str | os.PathLike | None) -
     if set(tensors) != set(config["trainable"]):
         raise ValueError(f"{directory}: the adapter's tensors are not the ones {ADAPTER_NAME} "
                          f"lists; {_FIX}")
-    saved = read(weights.parent)
+    saved = read(weights.parent, device=device)
     parameters = dict(saved.model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():

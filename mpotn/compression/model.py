@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from mpotn.compression.adapters import is_adapter, read_adapter, save_adapter
@@ -183,8 +184,8 @@ class MPOModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
-                        revision: str | None = None, base: str | os.PathLike | None = None
-                        ) -> MPOModel:
+                        revision: str | None = None, base: str | os.PathLike | None = None,
+                        device: str | torch.device | None = None) -> MPOModel:
         """Rebuild a compressed model from a save directory or a Hugging Face Hub id,
         without the original weights; or an adapter save on top of its ``base``.
 
@@ -196,25 +197,27 @@ class MPOModel(nn.Module):
         rebuilds the module (``model`` is modified in place); this wraps it with its
         compression config and report. An adapter folder
         ([mpotn.compression.adapters][]) needs ``base``, the compressed save it was
-        trained on, and comes back frozen as it was trained.
+        trained on, and comes back frozen as it was trained. ``device`` (``"cuda"``,
+        ``"cuda:1"``, ``"cpu"``) reads the weights straight onto that device.
         """
         folder = resolve_save(directory, revision)
         if is_adapter(folder):
             if model is not None:
                 raise ValueError("model applies to whole saves; an adapter takes base=")
-            saved, source = read_adapter(folder, base), base
+            saved, source = read_adapter(folder, base, device), base
         else:
             if base is not None:
                 raise ValueError(f"{directory} is a whole save, not an adapter; base applies "
                                  "to adapter saves")
-            saved, source = read(folder, model), directory
+            saved, source = read(folder, model, device), directory
         loaded = cls(saved.model, saved.config, saved.report, saved.original_params)
         loaded.source = str(source)
         return loaded
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None,
-         revision: str | None = None, base: str | os.PathLike | None = None) -> MPOModel:
+         revision: str | None = None, base: str | os.PathLike | None = None,
+         device: str | torch.device | None = None) -> MPOModel:
     """Rebuild a compressed model from a save directory or Hub id (see
     [MPOModel.from_pretrained][mpotn.compression.model.MPOModel.from_pretrained]).
 
@@ -233,4 +236,4 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None,
     ...     bool(torch.equal(again(x), model(x)))
     True
     """
-    return MPOModel.from_pretrained(directory, model, revision, base)
+    return MPOModel.from_pretrained(directory, model, revision, base, device)

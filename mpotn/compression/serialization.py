@@ -91,6 +91,7 @@ from mpotn.compression.config import CompressionConfig, replace_module, tied_mod
 from mpotn.compression.experts import SPEC_KEYS as EXPERT_KEYS
 from mpotn.compression.experts import experts_spec, rebuild_experts
 from mpotn.compression.sharing import mark_shared_centrals, shared_central_groups, tie_centrals
+from mpotn.devices import check_device
 from mpotn.layers import (
     LAYER_KINDS,
     FactorizedEmbedding,
@@ -563,11 +564,12 @@ def _tensor_places(base: nn.Module) -> dict[int, list[tuple[str, nn.Module, str,
     return places
 
 
-def _load_weights(base: nn.Module, weights: Path) -> None:
+def _load_weights(base: nn.Module, weights: Path, device: torch.device | None = None) -> None:
     """Put the tensors of ``weights`` in ``base``, each as the file holds it (its dtype),
-    on the device of the tensor it replaces (for one built without memory, on the meta
-    device: that of the model's other parameters, given with ``model=``, else the CPU):
-    one tensor for all the names of a tied or shared one, which the file stores once.
+    read straight onto ``device`` when given, else onto the device of the tensor it
+    replaces (for one built without memory, on the meta device: that of the model's other
+    parameters, given with ``model=``, else the CPU): one tensor for all the names of a
+    tied or shared one, which the file stores once.
 
     Raises
     ------
@@ -575,8 +577,9 @@ def _load_weights(base: nn.Module, weights: Path) -> None:
         If a tensor is missing from the file, has another shape, or the file holds a
         tensor the model has no place for.
     """
-    state = load_file(str(weights))
-    home = next((t.device for t in base.parameters() if not t.is_meta), torch.device("cpu"))
+    state = load_file(str(weights), device=str(device or "cpu"))
+    home = device or next((t.device for t in base.parameters() if not t.is_meta),
+                          torch.device("cpu"))
     used: set[str] = set()
     for places in _tensor_places(base).values():
         present = [name for name, *_ in places if name in state]
@@ -588,7 +591,7 @@ def _load_weights(base: nn.Module, weights: Path) -> None:
         if value.shape != old.shape:
             raise RuntimeError(f"{present[0]} has shape {tuple(value.shape)} in the weights "
                                f"and {tuple(old.shape)} in the model")
-        value = value.to(home if old.is_meta else old.device)
+        value = value.to(home if old.is_meta or device is not None else old.device)
         new = nn.Parameter(value, requires_grad=old.requires_grad) if is_param else value
         for _, owner, attribute, _ in places:
             (owner._parameters if is_param else owner._buffers)[attribute] = new
@@ -609,7 +612,8 @@ def _check_digest(weights: Path, config: dict[str, Any], path: Path) -> None:
             "model); restore the file, or save the model again with MPOModel.save_pretrained")
 
 
-def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedModel:
+def read(directory: str | os.PathLike, model: nn.Module | None = None,
+         device: str | torch.device | None = None) -> SavedModel:
     """Rebuild a compressed module from a save directory, without the original weights.
 
     Nothing named in the save is imported, and no path in it may lead outside
@@ -626,17 +630,25 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
         An uncompressed instance of the architecture; needed only for models
         without a Hugging Face config, or whose class is not one of
         transformers' own (it is modified in place).
+    device:
+        Where to put the weights (``cpu``, ``cuda``, ``cuda:N``): the file is read
+        straight onto it, so that a model for a GPU never passes through the CPU's
+        memory whole. By default each tensor goes where the tensor it replaces is
+        (the CPU for a model rebuilt from its config).
 
     Raises
     ------
     ValueError
-        If the folder is not an mpotn save, or its config is not what mpotn
+        If ``device`` is not a device name or not here
+        ([check_device][mpotn.devices.check_device]); if the folder is not an mpotn
+        save, or its config is not what mpotn
         writes (a missing or unknown field, a wrong type, an unknown layer kind,
         a dtype other than float16, bfloat16, float32 or float64, a path out of
         the folder, a model class that is not transformers'), or its files
         disagree with each other (missing or altered weights, an edited config,
         layers that do not fit the model).
     """
+    target = check_device(None if device is None else str(device))
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory} is not a directory")
@@ -677,11 +689,13 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None) -> SavedM
     except ValueError as error:
         raise ValueError(f"{path}: {error}; {_FIX}") from error
     try:
-        _load_weights(base, weights)
+        _load_weights(base, weights, target)
     except RuntimeError as error:
         raise ValueError(
             f"{directory}: the weights disagree with {CONFIG_NAME}: {error}"
         ) from error
+    if target is not None:  # buffers the file does not hold (position ids, ...)
+        base.to(target)
     mark_shared_centrals(base)  # the marks name the loaded tensors
     base.eval()
     return SavedModel(base, compression, config["report"], config["original_params"])

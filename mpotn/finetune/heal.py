@@ -64,16 +64,15 @@ from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.models import model_device, padding_tokenizer
 from mpotn.compression.parameters import count_parameters, lfa_parameters
+from mpotn.devices import check_device, parse_device
 from mpotn.finetune.router_logs import RouterLogging
 from mpotn.finetune.shared_checkpoints import SharedTensorCheckpoints
 from mpotn.finetune.training import (
     DEVICE_HELP,
     FieldHelp,
     _trainable_model,
-    check_device,
     is_main_process,
     last_checkpoint,
-    parse_device,
     save_model,
     train_from,
     trainer_arguments,

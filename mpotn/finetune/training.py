@@ -56,6 +56,7 @@ from mpotn.compression.models import load_classifier, load_tokenizer, padding_to
 from mpotn.compression.parameters import count_parameters, head_parameters, lfa_parameters
 from mpotn.compression.serialization import is_saved_model
 from mpotn.data.tasks import TaskData, compute_metrics
+from mpotn.devices import check_device, parse_device
 from mpotn.drawing import draw_history
 from mpotn.finetune.core_changes import core_changes, snapshot_cores
 from mpotn.finetune.mixed_rank import MixedRank
@@ -148,7 +149,7 @@ class TrainingConfig(FieldHelp):
         Where to train and evaluate: ``"cpu"``, ``"cuda"`` (every visible GPU) or
         ``"cuda:N"`` (that GPU only); ``None`` lets the Trainer choose (CUDA when present,
         every visible GPU, else the CPU). Checked when the Trainer's arguments are built
-        ([check_device][mpotn.finetune.training.check_device]). Where a run goes, not what
+        ([check_device][mpotn.devices.check_device]). Where a run goes, not what
         it computes: a resumed squeeze or healing run keeps the device it is given.
     """
 
@@ -325,95 +326,6 @@ def _metric_fn(data: TaskData) -> Any:
     return metrics
 
 
-def parse_device(device: str | None) -> torch.device | None:
-    """The device ``device`` names (``None`` stays ``None``), without asking whether it is here.
-
-    Raises
-    ------
-    ValueError
-        If ``device`` is not a device name, or names a device type mpotn does not train
-        on (anything but ``cpu`` and ``cuda``; left at ``None`` the Trainer also finds
-        MPS, XPU, ...).
-
-    Examples
-    --------
-    >>> parse_device("cuda:1"), parse_device(None)
-    (device(type='cuda', index=1), None)
-    >>> parse_device("gpu")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: --device 'gpu' is not a device name; pass cpu, cuda or cuda:N, or omit ...
-    """
-    if device is None:
-        return None
-    if not isinstance(device, str):
-        raise ValueError(f"--device must be a device name (cpu, cuda or cuda:N), got "
-                         f"{device!r}")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a device name; pass cpu, cuda or cuda:N, "
-                         "or omit --device (CUDA when present, else the CPU)") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: mpotn trains on cpu, cuda or cuda:N; omit "
-                         f"--device to let the Trainer choose (it uses {parsed.type} when "
-                         "present and CUDA is not)")
-    return parsed
-
-
-def check_device(device: str | None) -> torch.device | None:
-    """[parse_device][mpotn.finetune.training.parse_device], then check the device is here.
-
-    Returns
-    -------
-    torch.device or None
-        The device, ``None`` for the Trainer's choice.
-
-    Raises
-    ------
-    ValueError
-        For a bad name; for ``cuda`` or ``cuda:N`` when no CUDA device is visible;
-        for ``cuda:N`` beyond the visible devices; for ``cuda:N`` in one process of a
-        distributed launch (``WORLD_SIZE`` > 1: each process uses its own GPU).
-
-    Examples
-    --------
-    >>> check_device("cpu")
-    device(type='cpu')
-    """
-    parsed = parse_device(device)
-    if parsed is None or parsed.type == "cpu":
-        return parsed
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is visible "
-                         "(torch.cuda.is_available() is False); omit --device or pass "
-                         "--device cpu")
-    count = torch.cuda.device_count()
-    if parsed.index is not None and parsed.index >= count:
-        raise ValueError(f"--device {device}: only {count} CUDA device(s) are visible "
-                         f"(cuda:0 to cuda:{count - 1}); pass one of them, or cuda for all")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if parsed.index is not None and world > 1:
-        raise ValueError(f"--device {device} pins one GPU, but this is one of {world} "
-                         "processes of a distributed launch (accelerate launch, torchrun), "
-                         "where each process uses the GPU of its LOCAL_RANK; pass --device "
-                         "cuda or omit --device")
-    return parsed
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """[check_device][mpotn.finetune.training.check_device], with ``None`` resolved to
-    mpotn's default outside a Trainer (compressing, calibrating, checking fidelity):
-    CUDA when present, else the CPU.
-
-    Examples
-    --------
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    return check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @functools.cache
 def _pinned_arguments() -> type:
     """``TrainingArguments`` on one GPU, ``cuda:pinned_gpu``, whatever else is visible.
@@ -460,7 +372,7 @@ def trainer_arguments(device: str | None, *, seed: int = 42, progress: bool = Tr
     Raises
     ------
     ValueError
-        From [check_device][mpotn.finetune.training.check_device]: a bad device name, or a
+        From [check_device][mpotn.devices.check_device]: a bad device name, or a
         CUDA device that is not visible.
 
     Examples
