@@ -85,14 +85,23 @@ def test_the_family_table_covers_every_model_type_tested_here():
 def test_presets_find_every_attention_and_ffn_matrix(model_type):
     model = _build(model_type)
     expected = FAMILIES[model_type][2]
-    layered = {name: matrix_type(name) for name, m in model.named_modules()
-               if is_linear(m) and matrix_type(name) not in OUTSIDE}
-    assert set(layered.values()) - OTHER_TYPES == expected
+    assert set(_layered_types(model).values()) - OTHER_TYPES == expected
+    names = _attention_ffn_names(model, model_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tied embeddings are reported, not compressed
         compressed = compress(model, targets=["attention", "ffn"], n=3, progress=False)
-    names = {r["name"] for r in compressed.report()}
-    assert names == {n for n, t in layered.items() if t in expected}
+    assert {r["name"] for r in compressed.report()} == names
+
+
+def _layered_types(model: nn.Module) -> dict[str, str]:
+    """``{name: matrix type}`` of the linear layers inside the layer stack."""
+    return {name: matrix_type(name) for name, m in model.named_modules()
+            if is_linear(m) and matrix_type(name) not in OUTSIDE}
+
+
+def _attention_ffn_names(model: nn.Module, model_type: str) -> set[str]:
+    """The attention and FFN matrices of ``model``, by the family table's types."""
+    return {n for n, t in _layered_types(model).items() if t in FAMILIES[model_type][2]}
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
@@ -129,6 +138,27 @@ def test_full_rank_compression_keeps_outputs_generation_and_saves(model_type, tm
     if tied:
         again = loaded.base_model
         assert again.get_output_embeddings().embedding is again.get_input_embeddings()
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_calibrated_compression_sees_every_matrixs_inputs_in_each_family(model_type):
+    """SVD-LLM-style compression of every attention and FFN matrix: each is whitened by
+    inputs it saw (fused, grouped-query, Conv1D and cross-attention matrices included),
+    within its budget, with an output error (Eq. 7) below that of dropping it."""
+    model = _build(model_type)
+    names = _attention_ffn_names(model, model_type)
+    ids = torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1:, 8:] = 0  # padding the calibration must leave out
+    compressed = compress(model, targets=["attention", "ffn"], structure="svd", ratio=0.5,
+                          calibration=[{"input_ids": ids, "attention_mask": mask}],
+                          progress=False)
+    report = list(compressed.report())
+    assert {r["name"] for r in report} == names
+    assert {r["calibration"] for r in report} == {"whitened"}
+    assert all(r["ratio"] <= 0.5 + 1e-9 for r in report)
+    assert all(0 < r["output_error"] < 1 for r in report)
+    assert torch.isfinite(_outputs(compressed.base_model, ids)).all()
 
 
 def test_gpt2_conv1d_layers_become_mpo_layers_in_the_right_orientation():
