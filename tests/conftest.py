@@ -44,6 +44,30 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
+def load_onto_meta(monkeypatch):
+    """``load_onto_meta(folder)``: ``mpotn.load(folder, device="meta")``, the meta device
+    standing in for a GPU this machine does not have (the safetensors reader, which cannot
+    read onto it, reads onto the CPU; ``read`` moves each tensor on). The devices the
+    reader was asked for are in ``load_onto_meta.asked``."""
+    import safetensors.torch
+
+    import mpotn.compression.serialization as serialization
+    from mpotn.compression import load
+
+    asked: list[str] = []
+    monkeypatch.setattr(serialization, "check_device",
+                        lambda name, *args, **kwargs: name and torch.device(name))
+    monkeypatch.setattr(serialization, "load_file", lambda path, device: asked.append(device)
+                        or safetensors.torch.load_file(path))
+
+    def load_meta(folder):
+        return load(folder, device="meta")
+
+    load_meta.asked = asked
+    return load_meta
+
+
+@pytest.fixture
 def word_tokenizer():
     """A word-level fast tokenizer of 7 words with an end-of-sequence token, no padding
     token and no special tokens added to a text, as GPT-2's is."""

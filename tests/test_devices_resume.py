@@ -22,7 +22,7 @@ from mpotn.cli import build_parser, main
 from mpotn.cli import common as cli_common
 from mpotn.cli import finetune as cli_finetune
 from mpotn.data import sst2_sample
-from mpotn.devices import check_device
+from mpotn.devices import check_device, resolve_device
 from mpotn.finetune.heal import STATE_NAME as HEAL_STATE
 from mpotn.finetune.heal import HealConfig, _heal_arguments, _resume_config
 from mpotn.finetune.squeeze import SqueezeConfig, Squeezer
@@ -105,6 +105,11 @@ def test_cuda_n_pins_that_gpu_alone(tmp_path, two_gpus, monkeypatch):
     with pytest.raises(ValueError, match="one of 2 processes of a distributed launch"):
         check_device("cuda:1")
     assert check_device("cuda") == torch.device("cuda")  # each process its own GPU
+    # loading a save onto this process's GPU is what each process of a launch does
+    assert check_device("cuda:1", "device", trainer=False) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"device='cuda:2': only 2 CUDA device\(s\)"):
+        check_device("cuda:2", "device", trainer=False)
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, no_gpu):

@@ -105,7 +105,8 @@ def _attention_ffn_names(model: nn.Module, model_type: str) -> set[str]:
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
-def test_full_rank_compression_keeps_outputs_generation_and_saves(model_type, tmp_path):
+def test_full_rank_compression_keeps_outputs_generation_and_saves(model_type, tmp_path,
+                                                                  load_onto_meta):
     model = _build(model_type)
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     before, greedy = _outputs(model, ids), _greedy(model, ids[:1])
@@ -135,9 +136,10 @@ def test_full_rank_compression_keeps_outputs_generation_and_saves(model_type, tm
     loaded = load(tmp_path / "saved")
     assert type(loaded.base_model) is type(model)
     torch.testing.assert_close(_outputs(loaded.base_model, ids), after, atol=0, rtol=0)
-    if tied:
-        again = loaded.base_model
-        assert again.get_output_embeddings().embedding is again.get_input_embeddings()
+    for again in (loaded.base_model, load_onto_meta(tmp_path / "saved").base_model):
+        assert all(t.is_meta for t in again.parameters()) == (again is not loaded.base_model)
+        if tied:
+            assert again.get_output_embeddings().embedding is again.get_input_embeddings()
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))

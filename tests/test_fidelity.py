@@ -48,6 +48,8 @@ def test_perplexity_is_the_exp_of_transformers_own_loss_over_every_predicted_tok
     expected = math.exp(sum(loss * n for loss, n in zip(losses, counts)) / sum(counts))
     # batched with right padding: the padding predicts nothing and is predicted by nothing
     assert perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    tokenizer.padding_side = "left"  # as Llama's and Qwen2's: scored right-padded all the same
+    assert perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-5)
     assert perplexity(model, tokenizer, texts[:1]) == pytest.approx(math.exp(losses[0]),
                                                                     rel=1e-5)
     assert 20_000 < expected < 45_000  # untrained over 30,522 tokens: about uniform
@@ -129,6 +131,41 @@ def test_compress_cli_reports_a_causal_lms_perplexity_from_one_load(tiny_gpt2, t
     assert f"{fidelity['original_perplexity']:.2f} ({ratio:.2f}x)" in printed
     assert 0 < fidelity["worst_cosine"] <= fidelity["mean_cosine"] < 1
     assert f"perplexity {fidelity['perplexity']:.4f}" in (out / "report.md").read_text()
+
+
+class _Measured:
+    """A fidelity probe that reports fixed numbers."""
+
+    sentences = ["a fine film ."] * 128
+
+    def __init__(self, measured):
+        self.measured = measured
+
+    def measure(self, model):
+        return self.measured
+
+
+@pytest.mark.parametrize("measured, warned", [
+    ({"mean_cosine": 0.95}, []),
+    ({"mean_cosine": 0.85}, ["mean cosine 0.85 < 0.9"]),
+    ({"mean_cosine": math.nan}, ["mean cosine nan < 0.9"]),  # overflowing float16
+    ({"mean_cosine": 0.99, "perplexity": 14.0, "original_perplexity": 10.0}, []),
+    ({"mean_cosine": 0.99, "perplexity": 16.0, "original_perplexity": 10.0},
+     ["perplexity 1.60x the original's > 1.5x"]),
+    ({"mean_cosine": 0.8, "perplexity": math.nan, "original_perplexity": 10.0},
+     ["mean cosine 0.80 < 0.9 and perplexity nanx the original's > 1.5x"]),
+])
+def test_compress_warns_when_the_model_is_not_usable_as_it_is(measured, warned, capsys):
+    from mpotn.cli.compress import _check_fidelity
+
+    measured = {"worst_cosine": 0.5, **measured}
+    assert _check_fidelity(None, _Measured(measured), calibrated=True) is measured
+    printed = capsys.readouterr().out
+    assert ("WARNING" in printed) == bool(warned)
+    assert all(f"WARNING: {w}: this model is not usable as it is; heal it" in printed
+               for w in warned)
+    _check_fidelity(None, _Measured(measured), calibrated=False)
+    assert ("calibrate it (--calibrate), heal it" in capsys.readouterr().out) == bool(warned)
 
 
 @pytest.mark.parametrize("command", ["compress", "inspect"])

@@ -48,15 +48,22 @@ def test_hooi_improves_on_hosvd_and_svd_is_the_two_core_mpo(matrix):
     assert svd.relative_error == pytest.approx(float(s[10:].norm() / s.norm()), rel=1e-9)
 
 
-def test_tensorly_global_backend_is_left_alone(matrix):
+@pytest.mark.parametrize("method", ["tt", "tucker", "cp"])
+def test_tensorly_methods_leave_the_global_backend_alone_and_keep_device_and_dtype(matrix,
+                                                                                  method):
+    """tensorly computes on its pytorch backend (on the matrix's device), and the caller's
+    numpy backend is back afterwards; the nodes come back in the matrix's dtype."""
     import tensorly
 
-    tensorly.set_backend("pytorch")
+    previous = tensorly.get_backend()
+    tensorly.set_backend("numpy")
     try:
-        decompose(matrix, "cp", n=2, rank=5)
-        assert tensorly.get_backend() == "pytorch"
+        net = decompose(matrix.float(), method, n=2, rank=5)
+        assert tensorly.get_backend() == "numpy"
     finally:
-        tensorly.set_backend("numpy")
+        tensorly.set_backend(previous)
+    assert {(t.dtype, t.device.type) for t in net.nodes.values()} == {(torch.float32, "cpu")}
+    assert all(t.is_contiguous() for t in net.nodes.values())
 
 
 def test_a_new_method_needs_one_function_and_one_line(matrix):

@@ -37,28 +37,24 @@ def test_load_rebuilds_the_model_from_config_alone_with_identical_outputs(saved)
     assert list(again.report()) == list(model.report())
 
 
-def test_load_reads_every_weight_straight_onto_the_device_asked_for(saved, monkeypatch):
-    """``device=`` reaches the safetensors reader and every tensor, tied and shared ones
-    included (the meta device stands in for a GPU this machine does not have)."""
+def test_load_reads_every_weight_straight_onto_the_device_asked_for(saved, load_onto_meta):
+    """``device=`` reaches the safetensors reader and every tensor, the buffers the file
+    does not hold too (the meta device stands in for a GPU; tied and shared tensors:
+    test_families, test_sharing)."""
     _, folder = saved
-    asked = []
-    monkeypatch.setattr(serialization, "check_device",
-                        lambda name: name and torch.device(name))
-    monkeypatch.setattr(serialization, "load_file", lambda path, device: asked.append(device)
-                        or safetensors.torch.load_file(path))
-    again = load(folder, device="meta")
-    assert asked == ["meta"]
+    again = load_onto_meta(folder)
+    assert load_onto_meta.asked == ["meta"]
     tensors = [*again.parameters(), *again.buffers()]
     assert len(tensors) > 100 and {t.device.type for t in tensors} == {"meta"}
     assert {t.device.type for t in load(folder).parameters()} == {"cpu"}
-    assert asked == ["meta", "cpu"]
+    assert load_onto_meta.asked == ["meta", "cpu"]
 
 
 def test_load_refuses_a_device_that_is_not_here(saved, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="cuda: no CUDA device is visible"):
+    with pytest.raises(ValueError, match="device='cuda': no CUDA device is visible"):
         load(saved[1], device="cuda")
-    with pytest.raises(ValueError, match="'gpu' is not a device name"):
+    with pytest.raises(ValueError, match="device='gpu' is not a device name"):
         load(saved[1], device="gpu")
 
 

@@ -222,7 +222,7 @@ def test_a_training_step_updates_the_shared_central_once(bert):
         assert not torch.equal(layers[name].matrix(), before[name])  # every user sees it
 
 
-def test_save_and_load_keep_the_sharing(shared_fit, tmp_path):
+def test_save_and_load_keep_the_sharing(shared_fit, tmp_path, load_onto_meta):
     model, _, _ = shared_fit
     model.eval()
     model.save_pretrained(tmp_path)
@@ -241,6 +241,12 @@ def test_save_and_load_keep_the_sharing(shared_fit, tmp_path):
         assert len({layers[n].central.data_ptr() for n in names}) == 1
     assert torch.equal(output(again), output(model))
     assert again.totals() == model.totals()
+    on_meta = load_onto_meta(tmp_path)  # onto a device: still one tensor per group
+    meta_layers = on_meta.mpo_layers()
+    assert shared_central_groups(on_meta) == shared_central_groups(model)
+    for names in shared_central_groups(on_meta):
+        assert all(meta_layers[n].central is meta_layers[names[0]].central for n in names)
+        assert meta_layers[names[0]].central.is_meta
     with pytest.raises(ValueError, match="shared by 3 layers"):
         layers[QUERY[1]].load_mpo(layers[QUERY[1]].mpo())
 

@@ -112,7 +112,7 @@ def perplexity(
         batch = tokenizer(order[start : start + batch_size], padding=True, truncation=True,
                           max_length=max_length, padding_side="right",
                           return_tensors="pt").to(device)
-        logits = model(**batch).logits[:, :-1]
+        logits = model(**batch, use_cache=False).logits[:, :-1]
         targets = batch["input_ids"][:, 1:]
         predicted = batch["attention_mask"][:, 1:].bool()
         losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),

@@ -126,9 +126,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="experts per token with --experts (default: 2, or 1 for one expert)")
     compress.add_argument(
         "--device", default=None, metavar="DEVICE",
-        help="where to load, calibrate, decompose and check the model: cpu, cuda or cuda:N "
-             "(default: CUDA when present, else the CPU); the save is the same from any "
-             "device")
+        help="where to calibrate, decompose and check the model: cpu, cuda or cuda:N "
+             "(default: CUDA when present, else the CPU); a save made on any device loads on "
+             "any device")
     compress.add_argument("--dry-run", action="store_true",
                           help="list what would be replaced, with sizes, and stop")
     compress.add_argument("--out", default="mpotn-compressed",
@@ -170,12 +170,14 @@ def _check_fidelity(compressed: object, probe: object, calibrated: bool) -> dict
     print(f"expected fidelity: mean cosine {cosine:.4f} (worst {fidelity['worst_cosine']:.4f}) "
           f"between the compressed and the original model's mean-pooled last hidden states "
           f"on {count} held-out SST-2 dev sentences")
-    problems = [f"mean cosine {cosine:.2f} < {USABLE_COSINE}"] if cosine < USABLE_COSINE else []
+    # "not >=": a NaN (overflowing float16 activations) is a problem too
+    problems = ([f"mean cosine {cosine:.2f} < {USABLE_COSINE}"]
+                if not cosine >= USABLE_COSINE else [])
     if "perplexity" in fidelity:
         ratio = fidelity["perplexity"] / fidelity["original_perplexity"]
         print(f"perplexity on those sentences: {fidelity['perplexity']:.2f}, the original's "
               f"{fidelity['original_perplexity']:.2f} ({ratio:.2f}x)")
-        if ratio > USABLE_PERPLEXITY:
+        if not ratio <= USABLE_PERPLEXITY:
             problems.append(f"perplexity {ratio:.2f}x the original's > {USABLE_PERPLEXITY}x")
     if problems:
         advice = "" if calibrated else "calibrate it (--calibrate), "

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpotn.cli.common import _cores, _positive_float, check_out
 from mpotn.types import ALLOCATIONS, DEFAULT_RATIO, SVD_METHODS
+
+if TYPE_CHECKING:  # the commands import torch only when they run
+    import torch
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,21 +59,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument(
         "--device", default=None, metavar="DEVICE",
-        help="where to decompose the model's matrices: cpu, cuda or cuda:N (default: CUDA "
-             "when present, else the CPU)")
+        help="where to decompose the model's matrices (or read a save's, or compare two "
+             "saves): cpu, cuda or cuda:N (default: CUDA when present, else the CPU)")
     inspect.add_argument(
         "--out", default="mpotn-inspect", help="output folder (default: ./mpotn-inspect)"
     )
     inspect.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run_core_changes(before: str, after: str, out: str) -> None:
-    """Relative change of central and auxiliary tensors between two saves of one model."""
+def run_core_changes(before: str, after: str, out: str, device: torch.device) -> None:
+    """Relative change of central and auxiliary tensors between two saves of one model,
+    both loaded onto ``device``."""
     from mpotn.atomic import write_text
     from mpotn.compression import load
     from mpotn.finetune.core_changes import core_changes, snapshot_cores
 
-    start, end = load(before), load(after)
+    start, end = load(before, device=device), load(after, device=device)
     cores = snapshot_cores(start.base_model)
     if set(cores) != set(snapshot_cores(end.base_model)):
         raise ValueError(f"{before} and {after} do not hold the same MPO layers")
@@ -83,12 +88,13 @@ def run_core_changes(before: str, after: str, out: str) -> None:
     print(f"\nwrote {out}/core_changes.csv")
 
 
-def run_compressed(args: argparse.Namespace, start: float) -> None:
-    """Inspect an mpotn save: the bonds it keeps, and its shared central tensors."""
+def run_compressed(args: argparse.Namespace, start: float, device: torch.device) -> None:
+    """Inspect an mpotn save, loaded onto ``device``: the bonds it keeps, and its shared
+    central tensors."""
     from mpotn.analysis.inspection import inspect_compressed
     from mpotn.compression import load
 
-    model = load(args.model)
+    model = load(args.model, device=device)
     layers = model.mpo_layers()
     if not layers:
         raise ValueError(f"{args.model} has no MPO layers to inspect (it was compressed with "
@@ -114,11 +120,11 @@ def run(args: argparse.Namespace) -> None:
     check_out(args.out)
     device = resolve_device(args.device)
     if args.changes:
-        run_core_changes(*args.changes, args.out)
+        run_core_changes(*args.changes, args.out, device)
         return
     start = time.perf_counter()
     if args.model is not None and is_saved_model(args.model):
-        run_compressed(args, start)
+        run_compressed(args, start, device)
         return
     model = load_model(args.model).to(device)
     name = args.model or "all-MiniLM-L6-v2 (embedded)"

@@ -648,7 +648,7 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None,
         disagree with each other (missing or altered weights, an edited config,
         layers that do not fit the model).
     """
-    target = check_device(None if device is None else str(device))
+    target = check_device(None if device is None else str(device), "device", trainer=False)
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory} is not a directory")
