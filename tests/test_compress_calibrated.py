@@ -130,7 +130,7 @@ def test_bad_calibration_settings_are_clear_errors(kwargs, message):
 
 
 def test_cli_compress_calibrates_from_a_text_file_and_reports_fidelity(tiny_bert, tmp_path,
-                                                                       capsys):
+                                                                       capsys, monkeypatch):
     sentences = tmp_path / "calibration.txt"
     sentences.write_text("a fine film .\nan awful , boring mess .\nthe cast is great .\n")
     out = tmp_path / "out"
@@ -142,6 +142,17 @@ def test_cli_compress_calibrates_from_a_text_file_and_reports_fidelity(tiny_bert
     assert "output error (Eq. 7)" in printed
     loaded = mpotn.load(out)
     assert all(r["calibration"] == "whitened" for r in loaded.report())
+    # a matrix per group (32 x 32 float64 moments are 8 KiB): the same compression
+    import importlib
+    module = importlib.import_module("mpotn.compression.compress")
+    passes = []
+    monkeypatch.setattr(module, "calibrate", lambda *a, **k: passes.append(1) or calibrate(
+        *a, **k))
+    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--structure", "svd",
+                 "--ratio", "0.5", "--calibrate", str(sentences), "--out", str(out / "g"),
+                 "--calibration-memory", str(9 / 2**20), "--no-progress"]) == 0
+    assert len(passes) == 4  # the 4 FFN matrices of 2 layers
+    assert list(mpotn.load(out / "g").report()) == list(loaded.report())
 
 
 def _tiny_bert_model(hidden: int = 32):
@@ -249,3 +260,49 @@ def test_structure_auto_drops_a_structure_that_cannot_shrink_enough_and_floors_a
     with pytest.warns(UserWarning, match="cannot reach their ratio"):
         row = token_type_row(0.3)
     assert row["bond_dims"] == "1" and row["params"] in (20, 34)  # n = 2: one inner bond
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+@pytest.mark.parametrize("structure", ["svd", "mpo"])
+def test_calibrating_in_groups_that_fit_the_memory_gives_the_one_pass_result(structure):
+    """Above calibration_memory the targets are calibrated, fitted and replaced group by
+    group, one pass each with the original modules in place: the same layers as one pass
+    (GPT-2: Conv1D layers and an lm_head tied to the calibrated embedding included)."""
+    ids = torch.randint(1, 97, (3, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask}] * 2
+    settings = {"targets": ["all-linear", "embeddings"], "structure": structure,
+                "n": 3, "ratio": 0.4, "calibrate_embeddings": True, "progress": False}
+    one_pass = mpotn.compress(_tiny_gpt2(), calibration=batches, **settings)
+    model, passes = _tiny_gpt2(), []
+    model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    # float64 moments of two 32-input matrices: groups [wte (97 tokens), wpe (1024)],
+    # then per layer [c_attn, attn c_proj], [c_fc], [mlp c_proj (128 inputs) alone]
+    budget = 8 * 2 * 32 * 32
+    grouped = mpotn.compress(model, calibration=batches, calibration_memory=budget,
+                             **settings)
+    report = list(grouped.report())
+    assert len(report) == 10 and len(passes) == 2 * 7  # 7 groups, each a pass of 2 batches
+    assert report == list(one_pass.report())
+    assert {r["calibration"] for r in report} == {"whitened" if structure == "svd" else "als"}
+    head = grouped.base_model.get_output_embeddings()
+    assert head.embedding is grouped.base_model.get_input_embeddings()
+    with torch.no_grad():
+        assert torch.equal(grouped(input_ids=ids).logits, one_pass(input_ids=ids).logits)
+
+
+def test_a_model_budget_or_sequential_fit_above_the_memory_warns_and_makes_one_pass():
+    batches = [{"input_ids": torch.randint(1, 97, (2, 8))}]
+    with pytest.warns(UserWarning, match=r"budget=model needs the input moments of all 8 "
+                                         r"calibrated matrices at once, 0\.0 GiB"):
+        mpotn.compress(_tiny_gpt2(), targets=["all-linear"], structure="svd", ratio=0.4,
+                       budget="model", calibration=batches, calibration_memory=1000,
+                       progress=False)
+    with pytest.raises(ValueError, match="calibration_memory must be a number of bytes > 0"):
+        mpotn.compress(_tiny_gpt2(), calibration=batches, calibration_memory=0)

@@ -100,6 +100,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "outputs from the inputs the compressed layers before it give; a matrix with "
              "fewer than 10 calibration rows per input keeps the plain fit (use e.g. "
              "--samples 2000 for MiniLM); runs the model twice per group of matrices")
+    compress.add_argument(
+        "--calibration-memory", type=_positive_float, default=4.0, metavar="GIB",
+        help="GiB of input second moments (8 I^2 bytes per matrix of I inputs) to hold at "
+             "once; a model that needs more is calibrated in groups of matrices that fit, one "
+             "pass over the calibration text per group, with the same result (default: 4)")
     compress.add_argument("--svd", choices=SVD_METHODS, default="auto",
                           help="SVD flavour of the decomposition (default: auto)")
     shared = compress.add_argument_group(
@@ -308,8 +313,8 @@ def run(args: argparse.Namespace) -> None:
         batches = text_batches(tokenizer, sentences)
         print(f"calibrating on {len(sentences)} sentences of "
               f"{args.calibrate or 'the shipped SST-2 training sample'}")
-    compressed = compress(model, config, calibration=batches,
-                          progress=not args.no_progress).eval()
+    compressed = compress(model, config, calibration=batches, progress=not args.no_progress,
+                          calibration_memory=args.calibration_memory * 2**30).eval()
     _share(compressed, args)
     print(f"model: {name}")
     print(report_table(compressed))

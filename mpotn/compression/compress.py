@@ -226,12 +226,13 @@ def _structures(structure: str) -> tuple[str, ...]:
 
 
 def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
-              config: CompressionConfig) -> dict[str, TruncationPolicy]:
+              config: CompressionConfig, stacklevel: int) -> dict[str, TruncationPolicy]:
     """The truncation policy of each target: its own settings, or its share of one budget.
 
     With ``structure="auto"`` a structure whose every bond at 1 is still above the
     target's parameters is dropped from its ``candidates``; with none left the target
-    is cut to bonds of 1 and named in a warning, like a target of one structure."""
+    is cut to bonds of 1 and named in a warning (``stacklevel``: the user's call), like a
+    target of one structure."""
     if config.budget == "model":
         entries = sum(t.matrix.numel() for t in targets)
         budget = config.params if config.params is not None else int(config.ratio * entries)
@@ -261,7 +262,7 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
             f"{len(floored)} matrices cannot reach their ratio even with every bond at 1 and "
             f"are cut to bonds of 1 instead: {', '.join(floored[:5])}"
             f"{' ...' if len(floored) > 5 else ''} (the report shows their ratios; exclude them "
-            "or use budget='model' to spend the same total elsewhere)", stacklevel=4)
+            "or use budget='model' to spend the same total elsewhere)", stacklevel=stacklevel)
     return policies
 
 
@@ -443,21 +444,99 @@ def refuse_compressed(model: nn.Module) -> None:
             "layer.load_mpo(layer.mpo().truncate(...))")
 
 
+#: Bytes of input second moments (float64: ``I x I`` per linear target, one count per
+#: token for an embedding) [compress][mpotn.compression.compress.compress] holds at once by
+#: default. BERT-base needs about 1.2 GB in all and stays in one pass; LLaMA-7B's 224
+#: matrices need about 57 GB, calibrated in groups of at most this much.
+CALIBRATION_MEMORY = 4 * 2**30
+
+
+def _moment_bytes(module: nn.Module) -> int:
+    """Bytes of the input second moment [calibrate][mpotn.compression.calibrate.calibrate]
+    keeps for ``module``."""
+    size = module.num_embeddings if isinstance(module, nn.Embedding) else module.in_features ** 2
+    return 8 * size
+
+
+def _memory_groups(observed: Mapping[str, nn.Module], limit: float) -> list[list[str]]:
+    """The names of ``observed`` in order, in consecutive groups whose moments take at most
+    ``limit`` bytes (a target alone above it is a group of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, module in observed.items():
+        need = _moment_bytes(module)
+        if groups[-1] and size + need > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += need
+    return groups if groups[0] else []
+
+
+def _fit_and_replace(model: nn.Module, targets: list[_Target], config: CompressionConfig,
+                     progress: bool, stacklevel: int = 4) -> list[dict[str, Any]]:
+    """Decompose ``targets``, choose their policies, and replace each in ``model``; their
+    report rows. Each target's covariance is freed once it is replaced; ``stacklevel``
+    places a warning at the user's call."""
+    candidates = {
+        t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
+        for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
+    }
+    policies = _policies(targets, candidates, config, stacklevel + 1)
+    records = []
+    for t in tqdm(targets, desc="truncating", unit="matrix", disable=not progress):
+        records.append(_replace(model, t, candidates.pop(t.name), policies[t.name]))
+        t.covariance = None
+    return records
+
+
+def _replace_in_groups(model: nn.Module, config: CompressionConfig,
+                       observed: Mapping[str, nn.Module], groups: list[list[str]],
+                       batches: list[Mapping[str, torch.Tensor]], progress: bool
+                       ) -> list[dict[str, Any]]:
+    """Calibrate, fit and replace the ``observed`` targets group by group, each group by
+    its own pass over ``batches`` with the original modules back in place: the moments,
+    and so the layers, are those of one pass over the original model."""
+    originals = dict(model.named_modules(remove_duplicate=False))
+    records = []
+    for group in tqdm(groups, desc="calibrating in groups", unit="group",
+                      disable=not progress):
+        with _original_modules(model, originals):
+            stats = calibrate(model, batches, {name: observed[name] for name in group})
+        targets = [_Target(name, observed[name], _matrix(observed[name]),
+                           config.settings_for(name, observed[name]), stats.pop(name).covariance)
+                   for name in group]
+        records += _fit_and_replace(model, targets, config, progress=False, stacklevel=5)
+    return records
+
+
 def _replace_all(model: nn.Module, config: CompressionConfig,
-                 calibration: Iterable[Mapping[str, torch.Tensor]] | None, progress: bool
+                 calibration: Iterable[Mapping[str, torch.Tensor]] | None, progress: bool,
+                 calibration_memory: float = CALIBRATION_MEMORY
                  ) -> tuple[list[tuple[str, nn.Module]], list[dict[str, Any]]]:
     """The body of [compress][mpotn.compression.compress.compress]: the targets and their
     report rows."""
     selected = _as_linears(model, select_targets(model, config))
-    calibration = list(calibration) if config.sequential else calibration  # read per group
+    observed = {} if calibration is None else {
+        name: module for name, module in selected
+        if config.settings_for(name, module)["method"] == "mpo"
+        and (isinstance(module, nn.Linear) or config.calibrate_embeddings)}
+    groups = _memory_groups(observed, calibration_memory)
+    if len(groups) > 1 and (config.sequential or config.budget == "model"):
+        total = sum(_moment_bytes(m) for m in observed.values())
+        warnings.warn(
+            f"{'sequential=True' if config.sequential else 'budget=model'} needs the input "
+            f"moments of all {len(observed)} calibrated matrices at once, {total / 2**30:.1f} "
+            f"GiB (calibration_memory is {calibration_memory / 2**30:.1f} GiB); without it "
+            "they are calibrated in groups that fit", stacklevel=3)
+        groups = [list(observed)]
+    grouped = len(groups) > 1
+    calibration = list(calibration) if config.sequential or grouped else calibration
     original_paths = (dict(model.named_modules(remove_duplicate=False))
                       if config.sequential else {})
     covariances: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
-    if calibration is not None:
-        observed = {name: module for name, module in selected
-                    if config.settings_for(name, module)["method"] == "mpo"
-                    and (isinstance(module, nn.Linear) or config.calibrate_embeddings)}
+    if observed and not grouped:
         stats = calibrate(model, calibration, observed, progress=progress)
         covariances = {name: stat.covariance for name, stat in stats.items()}
         tokens = {name: stat.tokens for name, stat in stats.items()}
@@ -468,25 +547,28 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
             layer, record = _factorized(name, module, _matrix(module), settings)
             replace_module(model, name, layer)
             records.append(record)
-            continue
-        targets.append(_Target(name, module, _matrix(module), settings, covariances.get(name)))
+        elif not (grouped and name in observed):
+            targets.append(_Target(name, module, _matrix(module), settings,
+                                   covariances.get(name)))
     fired = list(covariances)  # the order the model ran the calibrated targets in
     covariances.clear()  # the targets hold them, and free them once replaced
+    if grouped:  # the uncalibrated targets, then the calibrated ones group by group
+        records += _fit_and_replace(model, targets, config, progress)
+        return selected, records + _replace_in_groups(model, config, observed, groups,
+                                                      calibration, progress)
+    if not config.sequential:
+        return selected, records + _fit_and_replace(model, targets, config, progress)
     candidates = {
         t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
         for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
     }
-    policies = _policies(targets, candidates, config)
-    if config.sequential:
-        by_name = {t.name: t for t in targets}
-        order = [by_name[name] for name in fired if name in by_name]
-        first = [t for t in targets if t.covariance is None]  # uncalibrated embeddings
-        groups = [[t] for t in first] + _input_groups(order)
-        records += _fit_in_order(model, groups, candidates, policies, calibration, original_paths,
-                                 tokens, progress)
-    else:
-        for t in tqdm(targets, desc="truncating", unit="matrix", disable=not progress):
-            records.append(_replace(model, t, candidates[t.name], policies[t.name]))
+    policies = _policies(targets, candidates, config, stacklevel=4)
+    by_name = {t.name: t for t in targets}
+    order = [by_name[name] for name in fired if name in by_name]
+    first = [t for t in targets if t.covariance is None]  # uncalibrated embeddings
+    groups = [[t] for t in first] + _input_groups(order)
+    records += _fit_in_order(model, groups, candidates, policies, calibration, original_paths,
+                             tokens, progress)
     return selected, records
 
 
@@ -496,6 +578,7 @@ def compress(
     *,
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
     progress: bool = True,
+    calibration_memory: float = CALIBRATION_MEMORY,
     **kwargs: Any,
 ) -> MPOModel:
     """Replace the selected matrices of ``model`` by MPO layers, in place.
@@ -518,6 +601,14 @@ def compress(
         Kronecker whitening for balanced MPOs (``config.fit``).
     progress:
         Show a progress bar over the matrices.
+    calibration_memory:
+        Bytes of input second moments to hold at once (default
+        [CALIBRATION_MEMORY][mpotn.compression.compress.CALIBRATION_MEMORY], 4 GiB): when
+        the targets need more (``8 I^2`` bytes per linear target of ``I`` inputs), they
+        are calibrated, fitted and replaced in consecutive groups that fit, one pass over
+        the calibration data per group, each with the original modules back in place,
+        so the result is that of one pass. ``sequential=True`` and ``budget="model"``
+        need every target's moments at once and warn when they exceed it.
 
     Returns
     -------
@@ -541,8 +632,12 @@ def compress(
         raise ValueError("sequential=True fits each matrix to the original's outputs on the "
                          "calibration data: give calibration batches, or drop sequential")
     original = count_parameters(model.parameters())
+    if not calibration_memory > 0:
+        raise ValueError(f"calibration_memory must be a number of bytes > 0, got "
+                         f"{calibration_memory!r}")
     with _restored_on_error(model):
-        selected, records = _replace_all(model, config, calibration, progress)
+        selected, records = _replace_all(model, config, calibration, progress,
+                                         calibration_memory)
     order = {name: k for k, (name, _) in enumerate(selected)}
     records.sort(key=lambda r: order[r["name"]])
     return MPOModel(model, config, records, original)
