@@ -297,12 +297,31 @@ def test_calibrating_in_groups_that_fit_the_memory_gives_the_one_pass_result(str
         assert torch.equal(grouped(input_ids=ids).logits, one_pass(input_ids=ids).logits)
 
 
-def test_a_model_budget_or_sequential_fit_above_the_memory_warns_and_makes_one_pass():
+def test_a_model_budget_in_groups_is_the_one_pass_budget():
+    """Above the memory a first round of passes reads the spectra for the one budget, a
+    second fits: the same allocation and layers as one pass (an uncalibrated embedding in
+    the budget too)."""
+    ids = torch.randint(1, 97, (3, 10), generator=torch.Generator().manual_seed(5))
+    batches = [{"input_ids": ids}]
+    settings = {"targets": ["all-linear", "embeddings"], "structure": "svd", "n": 3,
+                "ratio": 0.4, "budget": "model", "progress": False}
+    one_pass = mpotn.compress(_tiny_gpt2(), calibration=batches, **settings)
+    grouped = mpotn.compress(_tiny_gpt2(), calibration=batches, calibration_memory=9000,
+                             **settings)
+    assert list(grouped.report()) == list(one_pass.report())
+    bonds = {r["bond_dims"] for r in grouped.report() if r["type"] == "ffn_in"}
+    assert grouped.totals()["total_params"] == one_pass.totals()["total_params"]
+    assert len(bonds) == 2  # the budget is spent unevenly over the layers
+    with torch.no_grad():
+        assert torch.equal(grouped(input_ids=ids).logits, one_pass(input_ids=ids).logits)
+
+
+def test_sequential_fit_above_the_memory_warns_and_makes_one_pass():
     batches = [{"input_ids": torch.randint(1, 97, (2, 8))}]
-    with pytest.warns(UserWarning, match=r"budget=model needs the input moments of all 8 "
+    with pytest.warns(UserWarning, match=r"sequential=True needs the input moments of all 8 "
                                          r"calibrated matrices at once, 0\.0 GiB"):
         mpotn.compress(_tiny_gpt2(), targets=["all-linear"], structure="svd", ratio=0.4,
-                       budget="model", calibration=batches, calibration_memory=1000,
+                       sequential=True, calibration=batches, calibration_memory=1000,
                        progress=False)
     with pytest.raises(ValueError, match="calibration_memory must be a number of bytes > 0"):
         mpotn.compress(_tiny_gpt2(), calibration=batches, calibration_memory=0)

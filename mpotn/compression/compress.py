@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpotn.budget import mpo_path, spend
+from mpotn.budget import Path, mpo_path, spend
 from mpotn.calibration import (
     Whitening,
     calibrated_mpo,
@@ -234,11 +234,8 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
     is cut to bonds of 1 and named in a warning (``stacklevel``: the user's call), like a
     target of one structure."""
     if config.budget == "model":
-        entries = sum(t.matrix.numel() for t in targets)
-        budget = config.params if config.params is not None else int(config.ratio * entries)
-        paths = [mpo_path(t.name, candidates[t.name][0].full) for t in targets]
-        cuts = spend(paths, budget)
-        return {p.name: TruncationPolicy(params=p.params_after(cuts[p.name])) for p in paths}
+        return _model_budget([mpo_path(t.name, candidates[t.name][0].full) for t in targets],
+                             sum(t.matrix.numel() for t in targets), config)
     policies, floored = {}, []
     for t in targets:
         settings = t.settings
@@ -264,6 +261,15 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
             f"{' ...' if len(floored) > 5 else ''} (the report shows their ratios; exclude them "
             "or use budget='model' to spend the same total elsewhere)", stacklevel=stacklevel)
     return policies
+
+
+def _model_budget(paths: list[Path], entries: int, config: CompressionConfig
+                  ) -> dict[str, TruncationPolicy]:
+    """``budget="model"``: one budget (``params``, or ``ratio`` of the targets' ``entries``)
+    spent over every target's ``paths``, as each target's policy."""
+    budget = config.params if config.params is not None else int(config.ratio * entries)
+    cuts = spend(paths, budget)
+    return {p.name: TruncationPolicy(params=p.params_after(cuts[p.name])) for p in paths}
 
 
 def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: nn.Module,
@@ -474,15 +480,18 @@ def _memory_groups(observed: Mapping[str, nn.Module], limit: float) -> list[list
 
 
 def _fit_and_replace(model: nn.Module, targets: list[_Target], config: CompressionConfig,
-                     progress: bool, stacklevel: int = 4) -> list[dict[str, Any]]:
-    """Decompose ``targets``, choose their policies, and replace each in ``model``; their
-    report rows. Each target's covariance is freed once it is replaced; ``stacklevel``
-    places a warning at the user's call."""
+                     progress: bool, stacklevel: int = 4,
+                     policies: Mapping[str, TruncationPolicy] | None = None
+                     ) -> list[dict[str, Any]]:
+    """Decompose ``targets``, choose their policies (unless given), and replace each in
+    ``model``; their report rows. Each target's covariance is freed once it is replaced;
+    ``stacklevel`` places a warning at the user's call."""
     candidates = {
         t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
         for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
     }
-    policies = _policies(targets, candidates, config, stacklevel + 1)
+    if policies is None:
+        policies = _policies(targets, candidates, config, stacklevel + 1)
     records = []
     for t in tqdm(targets, desc="truncating", unit="matrix", disable=not progress):
         records.append(_replace(model, t, candidates.pop(t.name), policies[t.name]))
@@ -492,21 +501,40 @@ def _fit_and_replace(model: nn.Module, targets: list[_Target], config: Compressi
 
 def _replace_in_groups(model: nn.Module, config: CompressionConfig,
                        observed: Mapping[str, nn.Module], groups: list[list[str]],
-                       batches: list[Mapping[str, torch.Tensor]], progress: bool
-                       ) -> list[dict[str, Any]]:
+                       batches: list[Mapping[str, torch.Tensor]], others: list[_Target],
+                       progress: bool) -> list[dict[str, Any]]:
     """Calibrate, fit and replace the ``observed`` targets group by group, each group by
     its own pass over ``batches`` with the original modules back in place: the moments,
-    and so the layers, are those of one pass over the original model."""
+    and so the layers, are those of one pass over the original model. ``others`` (the
+    uncalibrated targets) are replaced first. With ``budget="model"`` a first round of
+    passes reads every target's spectra for the one budget, a second one fits."""
     originals = dict(model.named_modules(remove_duplicate=False))
-    records = []
-    for group in tqdm(groups, desc="calibrating in groups", unit="group",
-                      disable=not progress):
+
+    def calibrated(group: list[str]) -> Iterator[_Target]:
         with _original_modules(model, originals):
             stats = calibrate(model, batches, {name: observed[name] for name in group})
-        targets = [_Target(name, observed[name], _matrix(observed[name]),
-                           config.settings_for(name, observed[name]), stats.pop(name).covariance)
-                   for name in group]
-        records += _fit_and_replace(model, targets, config, progress=False, stacklevel=5)
+        for name in group:
+            yield _Target(name, observed[name], _matrix(observed[name]),
+                          config.settings_for(name, observed[name]), stats.pop(name).covariance)
+
+    def first_structure(t: _Target) -> _Candidate:
+        return _candidate(t, _structures(t.settings["structure"])[0])
+
+    policies = None
+    if config.budget == "model":
+        paths = [mpo_path(t.name, first_structure(t).full) for t in others]
+        for group in tqdm(groups, desc="spectra in groups", unit="group",
+                          disable=not progress):
+            paths += [mpo_path(t.name, first_structure(t).full) for t in calibrated(group)]
+        entries = sum(_matrix(m).numel() for m in observed.values()) + sum(
+            t.matrix.numel() for t in others)
+        policies = _model_budget(paths, entries, config)
+    records = _fit_and_replace(model, others, config, progress, stacklevel=5,
+                               policies=policies)
+    for group in tqdm(groups, desc="calibrating in groups", unit="group",
+                      disable=not progress):
+        records += _fit_and_replace(model, list(calibrated(group)), config, progress=False,
+                                    stacklevel=5, policies=policies)
     return records
 
 
@@ -522,13 +550,13 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
         if config.settings_for(name, module)["method"] == "mpo"
         and (isinstance(module, nn.Linear) or config.calibrate_embeddings)}
     groups = _memory_groups(observed, calibration_memory)
-    if len(groups) > 1 and (config.sequential or config.budget == "model"):
+    if len(groups) > 1 and config.sequential:
         total = sum(_moment_bytes(m) for m in observed.values())
         warnings.warn(
-            f"{'sequential=True' if config.sequential else 'budget=model'} needs the input "
-            f"moments of all {len(observed)} calibrated matrices at once, {total / 2**30:.1f} "
-            f"GiB (calibration_memory is {calibration_memory / 2**30:.1f} GiB); without it "
-            "they are calibrated in groups that fit", stacklevel=3)
+            f"sequential=True needs the input moments of all {len(observed)} calibrated "
+            f"matrices at once, {total / 2**30:.1f} GiB (calibration_memory is "
+            f"{calibration_memory / 2**30:.1f} GiB); without it they are calibrated in "
+            "groups that fit", stacklevel=3)
         groups = [list(observed)]
     grouped = len(groups) > 1
     calibration = list(calibration) if config.sequential or grouped else calibration
@@ -552,10 +580,9 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
                                    covariances.get(name)))
     fired = list(covariances)  # the order the model ran the calibrated targets in
     covariances.clear()  # the targets hold them, and free them once replaced
-    if grouped:  # the uncalibrated targets, then the calibrated ones group by group
-        records += _fit_and_replace(model, targets, config, progress)
+    if grouped:
         return selected, records + _replace_in_groups(model, config, observed, groups,
-                                                      calibration, progress)
+                                                      calibration, targets, progress)
     if not config.sequential:
         return selected, records + _fit_and_replace(model, targets, config, progress)
     candidates = {
@@ -607,8 +634,10 @@ def compress(
         the targets need more (``8 I^2`` bytes per linear target of ``I`` inputs), they
         are calibrated, fitted and replaced in consecutive groups that fit, one pass over
         the calibration data per group, each with the original modules back in place,
-        so the result is that of one pass. ``sequential=True`` and ``budget="model"``
-        need every target's moments at once and warn when they exceed it.
+        so the result is that of one pass (``budget="model"``: two rounds of passes,
+        the first reading every target's spectra for the one budget).
+        ``sequential=True`` needs every target's moments at once and warns when they
+        exceed it.
 
     Returns
     -------
