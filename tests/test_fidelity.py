@@ -156,16 +156,23 @@ class _Measured:
      ["mean cosine 0.80 < 0.9 and perplexity nanx the original's > 1.5x"]),
 ])
 def test_compress_warns_when_the_model_is_not_usable_as_it_is(measured, warned, capsys):
-    from mpotn.cli.compress import _check_fidelity
+    from mpotn.cli.common import check_fidelity
 
     measured = {"worst_cosine": 0.5, **measured}
-    assert _check_fidelity(None, _Measured(measured), calibrated=True) is measured
+    assert check_fidelity(None, _Measured(measured), calibrated=True) is measured
     printed = capsys.readouterr().out
     assert ("WARNING" in printed) == bool(warned)
     assert all(f"WARNING: {w}: this model is not usable as it is; heal it" in printed
                for w in warned)
-    _check_fidelity(None, _Measured(measured), calibrated=False)
+    check_fidelity(None, _Measured(measured), calibrated=False)
     assert ("calibrate it (--calibrate), heal it" in capsys.readouterr().out) == bool(warned)
+    check_fidelity(None, _Measured(measured), before={**measured, "mean_cosine": 0.5,
+                                                       "perplexity": 99.0})
+    printed = capsys.readouterr().out  # after healing: both values, and heal longer
+    assert "mean cosine 0.5000 -> " in printed
+    assert ("perplexity on those sentences: 99.00 -> " in printed) == ("perplexity" in measured)
+    assert ("this model is not usable as it is; heal it longer (more --steps or --samples) "
+            "or fine-tune it" in printed) == bool(warned)
 
 
 @pytest.mark.parametrize("command", ["compress", "inspect"])

@@ -152,6 +152,10 @@ def test_the_cli_heals_a_saved_model_end_to_end(models, tiny_bert, tmp_path):
     healed = mpotn.load(out / "model")
     assert (out / "model" / "tokenizer_config.json").is_file()
     assert healed.totals()["total_params"] == original.totals()["total_params"]
+    fidelity = json.loads((out / "fidelity.json").read_text())
+    before, after = fidelity["before"]["mean_cosine"], fidelity["after"]["mean_cosine"]
+    assert 0 < before < 1 and 0 < after < 1 and before != after
+    assert (f"expected fidelity: mean cosine {before:.4f} -> {after:.4f}" in done.stdout)
 
 
 def test_the_loss_is_the_masked_relative_error_per_layer_plus_weighted_logits():

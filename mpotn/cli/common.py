@@ -17,8 +17,18 @@ from typing import TYPE_CHECKING, Any
 from mpotn.types import DEFAULT_LR, LFA_LR_TWO_CORE
 
 if TYPE_CHECKING:
+    from mpotn.analysis.fidelity import FidelityProbe
     from mpotn.data.tasks import TaskData
     from mpotn.finetune.training import TrainingConfig
+
+#: Mean cosine of sentence embeddings below which a compressed model is called unusable
+#: as is.
+USABLE_COSINE = 0.9
+#: Perplexity over the original's above which a causal LM is called unusable as is
+#: (SVD-LLM's LLaMA-7B at 20% fewer parameters: 7.9 against 5.68, 1.39x).
+USABLE_PERPLEXITY = 1.5
+#: Held-out SST-2 dev sentences the fidelity check embeds.
+CHECK_SENTENCES = 128
 
 
 def _positive_float(text: str) -> float:
@@ -270,3 +280,49 @@ def _print_record(record: dict, title: str) -> None:
     print(f"\n{title}")
     print(Table([{k: v for k, v in record.items()
                   if not isinstance(v, (dict, list))}]).to_markdown())
+
+
+def fidelity_probe(model: object, tokenizer: object) -> FidelityProbe | None:
+    """The original's outputs on held-out SST-2 dev sentences, kept before compressing in
+    place (``None``, with the reason printed, for a model that gives no hidden states or a
+    tokenizer that cannot pad)."""
+    from mpotn.analysis.fidelity import FidelityProbe, sst2_dev
+
+    try:
+        return FidelityProbe(model, tokenizer, sst2_dev()[0][:CHECK_SENTENCES])
+    except (ValueError, AttributeError) as error:  # no pad token, no hidden_states
+        print(f"fidelity check skipped: {error}")
+        return None
+
+
+def check_fidelity(compressed: object, probe: FidelityProbe, calibrated: bool = True,
+                   before: dict[str, float] | None = None) -> dict[str, float]:
+    """Print the mean cosine of sentence embeddings (and, for a causal LM, the perplexity)
+    of ``compressed`` against the original's in ``probe`` (after the values ``before``,
+    when given: before healing), and warn when the compressed model is not usable
+    without fine-tuning or healing (and, unless ``calibrated``, without calibration).
+    Returns what was measured."""
+    fidelity = probe.measure(compressed)
+    cosine = fidelity["mean_cosine"]
+    count = len(probe.sentences)
+    was = "" if before is None else f"{before['mean_cosine']:.4f} -> "
+    print(f"expected fidelity: mean cosine {was}{cosine:.4f} (worst "
+          f"{fidelity['worst_cosine']:.4f}) between the compressed and the original model's "
+          f"mean-pooled last hidden states on {count} held-out SST-2 dev sentences")
+    # "not >=": a NaN (overflowing float16 activations) is a problem too
+    problems = ([f"mean cosine {cosine:.2f} < {USABLE_COSINE}"]
+                if not cosine >= USABLE_COSINE else [])
+    if "perplexity" in fidelity:
+        ratio = fidelity["perplexity"] / fidelity["original_perplexity"]
+        was = "" if before is None else f"{before['perplexity']:.2f} -> "
+        print(f"perplexity on those sentences: {was}{fidelity['perplexity']:.2f}, the original's "
+              f"{fidelity['original_perplexity']:.2f} ({ratio:.2f}x)")
+        if not ratio <= USABLE_PERPLEXITY:
+            problems.append(f"perplexity {ratio:.2f}x the original's > {USABLE_PERPLEXITY}x")
+    if problems:
+        advice = ("heal it longer (more --steps or --samples)" if before is not None
+                  else ("" if calibrated else "calibrate it (--calibrate), ")
+                  + "heal it (mpotn heal)")
+        print(f"WARNING: {' and '.join(problems)}: this model is not usable as it is; "
+              f"{advice} or fine-tune it (mpotn finetune) before use, or compress less")
+    return fidelity

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from mpotn.cli.common import _cores, _count, _positive_float, _positive_int, check_out
+from mpotn.cli.common import (
+    _cores,
+    _count,
+    _positive_float,
+    _positive_int,
+    check_fidelity,
+    check_out,
+    fidelity_probe,
+)
 from mpotn.types import ALLOCATIONS, BUDGETS, FITS, SHARE_INITS, STRUCTURES, SVD_METHODS
-
-#: Mean cosine of sentence embeddings below which the saved model is called unusable as is.
-USABLE_COSINE = 0.9
-#: Perplexity over the original's above which a causal LM is called unusable as is
-#: (SVD-LLM's LLaMA-7B at 20% fewer parameters: 7.9 against 5.68, 1.39x).
-USABLE_PERPLEXITY = 1.5
-#: Held-out SST-2 dev sentences the fidelity check embeds.
-CHECK_SENTENCES = 128
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -151,47 +151,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _fidelity_probe(model: object, tokenizer: object) -> object | None:
-    """The original's outputs on held-out SST-2 dev sentences, kept before compressing in
-    place (``None``, with the reason printed, for a model that gives no hidden states or a
-    tokenizer that cannot pad)."""
-    from mpotn.analysis.fidelity import FidelityProbe, sst2_dev
-
-    try:
-        return FidelityProbe(model, tokenizer, sst2_dev()[0][:CHECK_SENTENCES])
-    except (ValueError, AttributeError) as error:  # no pad token, no hidden_states
-        print(f"fidelity check skipped: {error}")
-        return None
-
-
-def _check_fidelity(compressed: object, probe: object, calibrated: bool) -> dict[str, float]:
-    """Print the mean cosine of sentence embeddings (and, for a causal LM, the perplexity)
-    of ``compressed`` against the original's in ``probe``, and warn when the compressed
-    model is not usable without fine-tuning or healing (and, unless ``calibrated``, without
-    calibration). Returns what was measured."""
-    fidelity = probe.measure(compressed)
-    cosine = fidelity["mean_cosine"]
-    count = len(probe.sentences)
-    print(f"expected fidelity: mean cosine {cosine:.4f} (worst {fidelity['worst_cosine']:.4f}) "
-          f"between the compressed and the original model's mean-pooled last hidden states "
-          f"on {count} held-out SST-2 dev sentences")
-    # "not >=": a NaN (overflowing float16 activations) is a problem too
-    problems = ([f"mean cosine {cosine:.2f} < {USABLE_COSINE}"]
-                if not cosine >= USABLE_COSINE else [])
-    if "perplexity" in fidelity:
-        ratio = fidelity["perplexity"] / fidelity["original_perplexity"]
-        print(f"perplexity on those sentences: {fidelity['perplexity']:.2f}, the original's "
-              f"{fidelity['original_perplexity']:.2f} ({ratio:.2f}x)")
-        if not ratio <= USABLE_PERPLEXITY:
-            problems.append(f"perplexity {ratio:.2f}x the original's > {USABLE_PERPLEXITY}x")
-    if problems:
-        advice = "" if calibrated else "calibrate it (--calibrate), "
-        print(f"WARNING: {' and '.join(problems)}: this model is not usable as it is; "
-              f"{advice}heal it (mpotn heal) or fine-tune it (mpotn finetune) before use, "
-              "or compress less")
-    return fidelity
-
-
 def _check_sharing(args: argparse.Namespace) -> None:
     """Refuse sharing options that do not go together, before any work."""
     if args.deepen is not None and args.share_centrals is None:
@@ -306,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
         return
     model.to(device)
     tokenizer = load_tokenizer(args.model)
-    probe = _fidelity_probe(model, tokenizer)
+    probe = fidelity_probe(model, tokenizer)
     batches = None
     if calibrating:
         sentences = texts(args.calibrate or None, samples=args.samples, data_dir=args.data_dir)
@@ -320,7 +279,7 @@ def run(args: argparse.Namespace) -> None:
     print(report_table(compressed))
     print(compressed.summary())
     fidelity = (None if probe is None else
-                _check_fidelity(compressed, probe, calibrated=batches is not None or sharing))
+                check_fidelity(compressed, probe, calibrated=batches is not None or sharing))
     compressed.save_pretrained(args.out, overwrite=args.overwrite, tokenizer=tokenizer)
     paths = write_compression_report(compressed, args.out, name, fidelity)
     print(f"\ncompressed {len(compressed.report())} matrices in "

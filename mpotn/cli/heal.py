@@ -47,7 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Trainer, on --device (default: CUDA when present). Checkpoints go to "
             "OUT/checkpoints; --resume continues a stopped run. Writes OUT/model/, "
             "OUT/metrics.json (hidden-state error before and after on held-out sentences, "
-            "steps, seconds, trainable parameters) and OUT/history.csv."
+            "steps, seconds, trainable parameters), OUT/history.csv and OUT/fidelity.json "
+            "(the expected fidelity before and after, as mpotn compress prints it: mean "
+            "cosine of sentence embeddings against the teacher's and, for a causal LM, "
+            "perplexity; with a warning when the model is not usable as it is)."
         ),
     )
     heal.add_argument("model", help="the compressed model: a folder saved by mpotn")
@@ -80,9 +83,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Load the student and the teacher, heal, write the run and print a summary."""
+    import json
     from pathlib import Path
 
-    from mpotn.atomic import check_writable
+    from mpotn.atomic import check_writable, write_text
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_model, load_tokenizer
     from mpotn.data.texts import texts
@@ -107,6 +111,8 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model if own else args.teacher)
     sentences = texts(args.texts, samples=args.samples, data_dir=args.data_dir,
                       seed=config.seed)
+    probe = common.fidelity_probe(teacher, tokenizer) if is_main_process() else None
+    before = None if probe is None else probe.measure(student)
     result = heal(student, teacher, tokenizer, sentences, config, out=args.out,
                   resume=args.resume, progress=not args.no_progress)
     if not is_main_process():
@@ -119,4 +125,8 @@ def run(args: argparse.Namespace) -> None:
           f"{result.mse_before:.4g} -> {result.mse_after:.4g}"
           + (f" ({100 * (result.mse_after / result.mse_before - 1):+.1f}%)"
              if result.mse_before else ""))
+    if probe is not None:
+        after = common.check_fidelity(result.model, probe, before=before)
+        paths["fidelity"] = write_text(Path(args.out) / "fidelity.json", json.dumps(
+            {"before": before, "after": after}, indent=2))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
