@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -198,6 +200,12 @@ def test_t5_is_calibrated_with_shifted_decoder_inputs_and_each_stack_its_own_mas
              "decoder_input_ids": torch.randint(1, 100, (2, 3)), "decoder_attention_mask": given}
     stats = calibrate(t5, [batch], targets)
     assert stats["encoder"].tokens == 7 and stats["decoder"].tokens == 4
+    # the shared embedding, which transformers 5 never calls: its weight's two users are
+    shared = calibrate(t5, [batch], {"shared": t5.shared})["shared"]
+    assert shared.tokens == 7 + 4
+    counts = torch.bincount(ids[mask.bool()], minlength=100) + torch.bincount(
+        batch["decoder_input_ids"][given.bool()], minlength=100)
+    assert torch.equal(shared.covariance, counts.double())
 
 
 def test_t5_cross_attention_counts_encoder_tokens_and_an_untied_head_decoder_tokens():
@@ -297,6 +305,47 @@ def test_calibrating_in_groups_that_fit_the_memory_gives_the_one_pass_result(str
         assert torch.equal(grouped(input_ids=ids).logits, one_pass(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2-tt-override", "t5", "mpo-budget"])
+def test_groups_give_the_one_pass_result_with_overrides_encoder_decoders_and_als(
+        model_type, monkeypatch):
+    """A factorized (TT) override, T5's shared embedding and cross-attention, and a model
+    budget over ALS-fitted MPOs, whose spectra need no calibration pass."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    ids = torch.randint(1, 97, (3, 10), generator=torch.Generator().manual_seed(6))
+
+    def build():
+        if model_type != "t5":
+            return _tiny_gpt2()
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(T5Config(
+            vocab_size=97, d_model=32, num_layers=2, num_heads=2, d_ff=48, d_kv=16,
+            decoder_start_token_id=0)).eval()
+
+    settings = {"targets": ["all-linear", "embeddings"], "structure": "svd", "n": 3,
+                "ratio": 0.5, "calibrate_embeddings": True, "progress": False,
+                "calibration": [{"input_ids": ids}]}
+    if model_type == "gpt2-tt-override":
+        settings["overrides"] = {"attn.c_attn": {"method": "tt", "structure": "mpo", "n": 2}}
+    if model_type == "mpo-budget":
+        settings.update(structure="mpo", budget="model", targets=["all-linear"])
+    one_pass = mpotn.compress(build(), **settings)
+    passes = _counting_calibrate(monkeypatch)
+    grouped = mpotn.compress(build(), calibration_memory=9000, **settings)
+    report = list(grouped.report())
+    assert json.dumps(report) == json.dumps(list(one_pass.report()))  # NaN as NaN
+    assert len(passes) > 2
+    if model_type == "mpo-budget":  # no round of passes for the ALS fits' plain spectra
+        matrix_passes = len(passes)
+        mpotn.compress(build(), calibration_memory=9000, **{**settings, "budget": "matrix"})
+        assert len(passes) == 2 * matrix_passes
+    if model_type == "gpt2-tt-override":
+        assert {r["method"] for r in report if "c_attn" in r["name"]} == {"tt"}
+    decoder = {"decoder_input_ids": ids} if model_type == "t5" else {}
+    with torch.no_grad():
+        assert torch.equal(grouped(input_ids=ids, **decoder).logits,
+                           one_pass(input_ids=ids, **decoder).logits)
+
+
 def test_a_model_budget_in_groups_is_the_one_pass_budget():
     """Above the memory a first round of passes reads the spectra for the one budget, a
     second fits: the same allocation and layers as one pass (an uncalibrated embedding in
@@ -316,12 +365,24 @@ def test_a_model_budget_in_groups_is_the_one_pass_budget():
         assert torch.equal(grouped(input_ids=ids).logits, one_pass(input_ids=ids).logits)
 
 
-def test_sequential_fit_above_the_memory_warns_and_makes_one_pass():
+def _counting_calibrate(monkeypatch) -> list[int]:
+    """Count the whole-model calibration passes compress makes (one list entry each)."""
+    import importlib
+    module = importlib.import_module("mpotn.compression.compress")
+    passes = []
+    monkeypatch.setattr(module, "calibrate", lambda *a, **k: passes.append(1) or calibrate(
+        *a, **k))
+    return passes
+
+
+def test_sequential_fit_above_the_memory_warns_and_makes_one_pass(monkeypatch):
     batches = [{"input_ids": torch.randint(1, 97, (2, 8))}]
+    passes = _counting_calibrate(monkeypatch)
     with pytest.warns(UserWarning, match=r"sequential=True needs the input moments of all 8 "
                                          r"calibrated matrices at once, 0\.0 GiB"):
         mpotn.compress(_tiny_gpt2(), targets=["all-linear"], structure="svd", ratio=0.4,
                        sequential=True, calibration=batches, calibration_memory=1000,
                        progress=False)
+    assert len(passes) == 1
     with pytest.raises(ValueError, match="calibration_memory must be a number of bytes > 0"):
         mpotn.compress(_tiny_gpt2(), calibration=batches, calibration_memory=0)

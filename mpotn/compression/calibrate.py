@@ -93,6 +93,20 @@ class UnpairedInputsError(ValueError):
     routed expert sees other tokens), so its inputs cannot be paired token by token."""
 
 
+def _weight_sharing_embeddings(model: nn.Module | Callable[..., Any],
+                               targets: Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """``(target name, embedding)`` for every other ``nn.Embedding`` of ``model`` that
+    holds an embedding target's weight: T5's ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens`` for its ``shared``, which transformers 5 builds as separate
+    modules and never calls. Their inputs count as the target's."""
+    if not isinstance(model, nn.Module):
+        return []
+    weights = {id(m.weight): name for name, m in targets.items() if isinstance(m, nn.Embedding)}
+    own = {id(m) for m in targets.values()}
+    return [(weights[id(m.weight)], m) for m in model.modules()
+            if isinstance(m, nn.Embedding) and id(m) not in own and id(m.weight) in weights]
+
+
 class _StopForwardError(Exception):
     """Raised by a hook to end a forward pass whose remaining layers nothing observes."""
 
@@ -133,7 +147,10 @@ def _observe(
             raise ValueError(f"cannot calibrate {name}: {type(module).__name__} is not "
                              "nn.Linear or nn.Embedding")
         observe(name, module)
-    observed = {id(module) for module in targets.values()}
+    aliases = _weight_sharing_embeddings(model, targets)
+    for name, module in aliases:
+        observe(name, module)
+    observed = {id(module) for module in targets.values()} | {id(m) for _, m in aliases}
     # cross-attention keys and values read the encoder's tokens wherever they sit
     encoder_side = {id(m) for name, m in targets.items() if CROSS_ATTENTION_INPUT.search(name)}
     sources = (mask_sources(model, lambda m: id(m) in observed)

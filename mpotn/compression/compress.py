@@ -226,16 +226,17 @@ def _structures(structure: str) -> tuple[str, ...]:
 
 
 def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
-              config: CompressionConfig, stacklevel: int) -> dict[str, TruncationPolicy]:
-    """The truncation policy of each target: its own settings, or its share of one budget.
+              config: CompressionConfig) -> tuple[dict[str, TruncationPolicy], list[str]]:
+    """The truncation policy of each target (its own settings, or its share of one
+    budget), and the targets floored at bonds of 1
+    ([_warn_floored][mpotn.compression.compress._warn_floored] names them).
 
     With ``structure="auto"`` a structure whose every bond at 1 is still above the
     target's parameters is dropped from its ``candidates``; with none left the target
-    is cut to bonds of 1 and named in a warning (``stacklevel``: the user's call), like a
-    target of one structure."""
+    is cut to bonds of 1, like a target of one structure."""
     if config.budget == "model":
         return _model_budget([mpo_path(t.name, candidates[t.name][0].full) for t in targets],
-                             sum(t.matrix.numel() for t in targets), config)
+                             sum(t.matrix.numel() for t in targets), config), []
     policies, floored = {}, []
     for t in targets:
         settings = t.settings
@@ -254,13 +255,17 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
             floored.append(t.name)
         else:
             policies[t.name] = TruncationPolicy.from_settings(settings)
+    return policies, floored
+
+
+def _warn_floored(floored: list[str], stacklevel: int) -> None:
+    """Name the targets that cannot reach their ratio (``stacklevel``: the user's call)."""
     if floored:
         warnings.warn(
             f"{len(floored)} matrices cannot reach their ratio even with every bond at 1 and "
             f"are cut to bonds of 1 instead: {', '.join(floored[:5])}"
             f"{' ...' if len(floored) > 5 else ''} (the report shows their ratios; exclude them "
             "or use budget='model' to spend the same total elsewhere)", stacklevel=stacklevel)
-    return policies
 
 
 def _model_budget(paths: list[Path], entries: int, config: CompressionConfig
@@ -480,18 +485,22 @@ def _memory_groups(observed: Mapping[str, nn.Module], limit: float) -> list[list
 
 
 def _fit_and_replace(model: nn.Module, targets: list[_Target], config: CompressionConfig,
-                     progress: bool, stacklevel: int = 4,
-                     policies: Mapping[str, TruncationPolicy] | None = None
-                     ) -> list[dict[str, Any]]:
+                     progress: bool, policies: Mapping[str, TruncationPolicy] | None = None,
+                     floored: list[str] | None = None) -> list[dict[str, Any]]:
     """Decompose ``targets``, choose their policies (unless given), and replace each in
-    ``model``; their report rows. Each target's covariance is freed once it is replaced;
-    ``stacklevel`` places a warning at the user's call."""
+    ``model``; their report rows. Each target's covariance is freed once it is replaced.
+    The targets floored at bonds of 1 are added to ``floored``, or named in a warning
+    at the user's call when it is not given."""
     candidates = {
         t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
         for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
     }
     if policies is None:
-        policies = _policies(targets, candidates, config, stacklevel + 1)
+        policies, cut = _policies(targets, candidates, config)
+        if floored is None:
+            _warn_floored(cut, stacklevel=5)  # here, _replace_all, compress, the user
+        else:
+            floored += cut
     records = []
     for t in tqdm(targets, desc="truncating", unit="matrix", disable=not progress):
         records.append(_replace(model, t, candidates.pop(t.name), policies[t.name]))
@@ -502,13 +511,15 @@ def _fit_and_replace(model: nn.Module, targets: list[_Target], config: Compressi
 def _replace_in_groups(model: nn.Module, config: CompressionConfig,
                        observed: Mapping[str, nn.Module], groups: list[list[str]],
                        batches: list[Mapping[str, torch.Tensor]], others: list[_Target],
+                       originals: Mapping[str, nn.Module], order: Mapping[str, int],
                        progress: bool) -> list[dict[str, Any]]:
     """Calibrate, fit and replace the ``observed`` targets group by group, each group by
-    its own pass over ``batches`` with the original modules back in place: the moments,
-    and so the layers, are those of one pass over the original model. ``others`` (the
-    uncalibrated targets) are replaced first. With ``budget="model"`` a first round of
-    passes reads every target's spectra for the one budget, a second one fits."""
-    originals = dict(model.named_modules(remove_duplicate=False))
+    its own pass over ``batches`` with the ``originals`` (every module path before any
+    replacement) back in place: the moments, and so the layers, are those of one pass
+    over the original model. ``others`` (the uncalibrated targets) are replaced first.
+    With ``budget="model"`` the spectra of every target come first, in the targets'
+    ``order``, for the one budget: a round of passes for the targets whose spectra are
+    whitened ones, none for the others."""
 
     def calibrated(group: list[str]) -> Iterator[_Target]:
         with _original_modules(model, originals):
@@ -517,24 +528,34 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
             yield _Target(name, observed[name], _matrix(observed[name]),
                           config.settings_for(name, observed[name]), stats.pop(name).covariance)
 
-    def first_structure(t: _Target) -> _Candidate:
-        return _candidate(t, _structures(t.settings["structure"])[0])
+    def path(t: _Target) -> Path:
+        return mpo_path(t.name, _candidate(t, _structures(t.settings["structure"])[0]).full)
 
     policies = None
     if config.budget == "model":
-        paths = [mpo_path(t.name, first_structure(t).full) for t in others]
+        def whitened(name: str) -> bool:  # as _candidate decides for the first structure
+            settings = config.settings_for(name, observed[name])
+            return _structures(settings["structure"])[0] == "svd" or settings["fit"] == "whiten"
+
+        paths = [path(t) for t in others]
+        paths += [path(_Target(name, module, _matrix(module),
+                               config.settings_for(name, module)))
+                  for name, module in observed.items() if not whitened(name)]
         for group in tqdm(groups, desc="spectra in groups", unit="group",
                           disable=not progress):
-            paths += [mpo_path(t.name, first_structure(t).full) for t in calibrated(group)]
+            if any(whitened(name) for name in group):
+                paths += [path(t) for t in calibrated([n for n in group if whitened(n)])]
+        paths.sort(key=lambda p: order[p.name])
         entries = sum(_matrix(m).numel() for m in observed.values()) + sum(
             t.matrix.numel() for t in others)
         policies = _model_budget(paths, entries, config)
-    records = _fit_and_replace(model, others, config, progress, stacklevel=5,
-                               policies=policies)
+    floored: list[str] = []
+    records = _fit_and_replace(model, others, config, progress, policies, floored)
     for group in tqdm(groups, desc="calibrating in groups", unit="group",
                       disable=not progress):
-        records += _fit_and_replace(model, list(calibrated(group)), config, progress=False,
-                                    stacklevel=5, policies=policies)
+        records += _fit_and_replace(model, list(calibrated(group)), config, False, policies,
+                                    floored)
+    _warn_floored(floored, stacklevel=5)  # here, _replace_all, compress, the user
     return records
 
 
@@ -561,13 +582,14 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
     grouped = len(groups) > 1
     calibration = list(calibration) if config.sequential or grouped else calibration
     original_paths = (dict(model.named_modules(remove_duplicate=False))
-                      if config.sequential else {})
+                      if config.sequential or grouped else {})
     covariances: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     if observed and not grouped:
         stats = calibrate(model, calibration, observed, progress=progress)
         covariances = {name: stat.covariance for name, stat in stats.items()}
         tokens = {name: stat.tokens for name, stat in stats.items()}
+        del stats  # the targets hold the covariances, and free them once replaced
     records, targets = [], []
     for name, module in selected:
         settings = config.settings_for(name, module)
@@ -581,15 +603,18 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
     fired = list(covariances)  # the order the model ran the calibrated targets in
     covariances.clear()  # the targets hold them, and free them once replaced
     if grouped:
-        return selected, records + _replace_in_groups(model, config, observed, groups,
-                                                      calibration, targets, progress)
+        order = {name: k for k, (name, _) in enumerate(selected)}
+        return selected, records + _replace_in_groups(
+            model, config, observed, groups, calibration, targets, original_paths, order,
+            progress)
     if not config.sequential:
         return selected, records + _fit_and_replace(model, targets, config, progress)
     candidates = {
         t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
         for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
     }
-    policies = _policies(targets, candidates, config, stacklevel=4)
+    policies, floored = _policies(targets, candidates, config)
+    _warn_floored(floored, stacklevel=4)  # here, _replace_all, compress, the user
     by_name = {t.name: t for t in targets}
     order = [by_name[name] for name in fired if name in by_name]
     first = [t for t in targets if t.covariance is None]  # uncalibrated embeddings
@@ -632,10 +657,12 @@ def compress(
         Bytes of input second moments to hold at once (default
         [CALIBRATION_MEMORY][mpotn.compression.compress.CALIBRATION_MEMORY], 4 GiB): when
         the targets need more (``8 I^2`` bytes per linear target of ``I`` inputs), they
-        are calibrated, fitted and replaced in consecutive groups that fit, one pass over
-        the calibration data per group, each with the original modules back in place,
-        so the result is that of one pass (``budget="model"``: two rounds of passes,
-        the first reading every target's spectra for the one budget).
+        are calibrated, fitted and replaced in consecutive groups whose moments fit, one
+        pass over the calibration data per group, each with the original modules back
+        in place, so the result is that of one pass (``budget="model"`` reads every
+        target's spectra first: a round of passes more for whitened fits). A whitened
+        fit also holds a Cholesky factor as large as its moment while its group is
+        fitted.
         ``sequential=True`` needs every target's moments at once and warns when they
         exceed it.
 
