@@ -381,3 +381,16 @@ def test_lpaf_quick_mode_runs_every_row_then_skips_them(tmp_path):
     alone = tmp_path / "alone" / "lpaf.json"
     assert bench.main(["--quick", "--out", str(alone), "--row", "lpaf"]) == 0
     assert [r["row"] for r in json.loads(alone.read_text())["runs"]] == ["movement", "lpaf"]
+
+
+def test_calibration_memory_benchmark_groups_give_the_same_model_and_rows_are_kept(tmp_path):
+    out = tmp_path / "calibration_memory.json"
+    bench = load_benchmark("calibration_memory")
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["bound_mib"] for r in rows] == [None, 1]
+    assert rows[0]["passes"] == 1 and rows[1]["passes"] > 1
+    assert all(r["logit_diff"] == 0 and r["peak_above_model_mib"] > 0 for r in rows)
+    assert "| default (4 GiB): one pass | 3 |" in (tmp_path / "calibration_memory.md").read_text()
+    assert bench.main(["--quick", "--out", str(out)]) == 0  # both rows skipped
+    assert json.loads(out.read_text())["rows"] == rows
