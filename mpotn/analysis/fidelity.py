@@ -18,6 +18,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +32,21 @@ def sst2_dev() -> tuple[list[str], list[int]]:
     """Sentences and labels of the shipped SST-2 development set (872 rows)."""
     dev = sst2_sample().eval
     return dev["text"], dev["label"]
+
+
+def _length_batches(model: nn.Module, tokenizer: Any, texts: list[str], batch_size: int,
+                    max_length: int, **options: Any) -> Iterator[tuple[list[int], Any]]:
+    """``(indices into texts, tokenized batch on the model's device)``, texts batched by
+    length to keep padding small (a tokenizer without a padding token pads with its
+    end-of-sequence token); ``options`` go to the tokenizer."""
+    tokenizer = padding_tokenizer(tokenizer)
+    device = model_device(model)
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, tokenizer([texts[k] for k in chunk], padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt",
+                               **options).to(device)
 
 
 @torch.no_grad()
@@ -51,13 +67,8 @@ def sentence_embeddings(
     device, and so do the embeddings.
     """
     model.eval()
-    tokenizer = padding_tokenizer(tokenizer)
-    order = sorted(range(len(sentences)), key=lambda k: len(sentences[k]))
     out: list[torch.Tensor | None] = [None] * len(sentences)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = tokenizer([sentences[k] for k in chunk], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt").to(model_device(model))
+    for chunk, batch in _length_batches(model, tokenizer, sentences, batch_size, max_length):
         hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -103,15 +114,10 @@ def perplexity(
         If no text has two tokens, so that no token is predicted.
     """
     model.eval()
-    tokenizer = padding_tokenizer(tokenizer)
-    device = model_device(model)
-    nll = torch.zeros((), dtype=torch.float64, device=device)
+    nll = torch.zeros((), dtype=torch.float64, device=model_device(model))
     tokens = 0
-    order = sorted(texts, key=len)
-    for start in range(0, len(order), batch_size):
-        batch = tokenizer(order[start : start + batch_size], padding=True, truncation=True,
-                          max_length=max_length, padding_side="right",
-                          return_tensors="pt").to(device)
+    for _, batch in _length_batches(model, tokenizer, texts, batch_size, max_length,
+                                    padding_side="right"):
         logits = model(**batch, use_cache=False).logits[:, :-1]
         targets = batch["input_ids"][:, 1:]
         predicted = batch["attention_mask"][:, 1:].bool()
