@@ -98,7 +98,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| calibration_memory | moments MiB | peak above model MiB | x one pass | passes "
              "| time x one pass | max abs logit diff |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        bound = "default (4 GiB): one pass" if r["bound_mib"] is None else f"{r['bound_mib']} MiB"
+        bound = "default (4 GiB): one pass" if r["bound_mib"] is None else f"{r['bound_mib']:g} MiB"
         lines.append(
             f"| {bound} | {r['moments_mib']:.0f} | {r['peak_above_model_mib']:.0f} | "
             f"{r['peak_above_model_mib'] / base['peak_above_model_mib']:.2f} | {r['passes']} | "
