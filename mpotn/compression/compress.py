@@ -484,27 +484,40 @@ def _memory_groups(observed: Mapping[str, nn.Module], limit: float) -> list[list
     return groups if groups[0] else []
 
 
+def _options(t: _Target) -> list[_Candidate]:
+    """The candidate decompositions of ``t``: one per structure its settings allow."""
+    return [_candidate(t, s) for s in _structures(t.settings["structure"])]
+
+
 def _fit_and_replace(model: nn.Module, targets: list[_Target], config: CompressionConfig,
                      progress: bool, policies: Mapping[str, TruncationPolicy] | None = None,
                      floored: list[str] | None = None) -> list[dict[str, Any]]:
     """Decompose ``targets``, choose their policies (unless given), and replace each in
-    ``model``; their report rows. Each target's covariance is freed once it is replaced.
-    The targets floored at bonds of 1 are added to ``floored``, or named in a warning
-    at the user's call when it is not given."""
-    candidates = {
-        t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
-        for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
-    }
-    if policies is None:
-        policies, cut = _policies(targets, candidates, config)
-        if floored is None:
-            _warn_floored(cut, stacklevel=5)  # here, _replace_all, compress, the user
-        else:
-            floored += cut
+    ``model``; their report rows. One target is decomposed, truncated and replaced at a
+    time, so that one decomposition is held at once, except that ``budget="model"``
+    without ``policies`` decomposes every target first, for the budget. Each target's
+    covariance is freed once it is replaced. The targets floored at bonds of 1 are added
+    to ``floored``, or named in a warning at the user's call when it is not given."""
+    cut: list[str] = []
+    held: dict[str, list[_Candidate]] = {}
+    if policies is None and config.budget == "model":  # the budget reads every spectrum
+        held = {t.name: _options(t) for t in tqdm(targets, desc="decomposing", unit="matrix",
+                                                  disable=not progress)}
+        policies, cut = _policies(targets, held, config)
     records = []
-    for t in tqdm(targets, desc="truncating", unit="matrix", disable=not progress):
-        records.append(_replace(model, t, candidates.pop(t.name), policies[t.name]))
+    for t in tqdm(targets, desc="fitting", unit="matrix", disable=not progress):
+        options = held.pop(t.name, None) or _options(t)
+        if policies is None:
+            chosen, more = _policies([t], {t.name: options}, config)
+            policy, cut = chosen[t.name], cut + more
+        else:
+            policy = policies[t.name]
+        records.append(_replace(model, t, options, policy))
         t.covariance = None
+    if floored is None:
+        _warn_floored(cut, stacklevel=5)  # here, _replace_all, compress, the user
+    else:
+        floored += cut
     return records
 
 
@@ -528,7 +541,7 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
             yield _Target(name, observed[name], _matrix(observed[name]),
                           config.settings_for(name, observed[name]), stats.pop(name).covariance)
 
-    def path(t: _Target) -> Path:
+    def path(t: _Target) -> Path:  # of the first structure, as _policies reads it
         return mpo_path(t.name, _candidate(t, _structures(t.settings["structure"])[0]).full)
 
     policies = None
@@ -609,10 +622,8 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
             progress)
     if not config.sequential:
         return selected, records + _fit_and_replace(model, targets, config, progress)
-    candidates = {
-        t.name: [_candidate(t, s) for s in _structures(t.settings["structure"])]
-        for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress)
-    }
+    candidates = {t.name: _options(t) for t in tqdm(targets, desc="decomposing",
+                                                    unit="matrix", disable=not progress)}
     policies, floored = _policies(targets, candidates, config)
     _warn_floored(floored, stacklevel=4)  # here, _replace_all, compress, the user
     by_name = {t.name: t for t in targets}
