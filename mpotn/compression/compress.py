@@ -672,8 +672,7 @@ def compress(
         pass over the calibration data per group, each with the original modules back
         in place, so the result is that of one pass (``budget="model"`` reads every
         target's spectra first: a round of passes more for whitened fits). A whitened
-        fit also holds a Cholesky factor as large as its moment while its group is
-        fitted.
+        fit also holds a Cholesky factor as large as its moment while it runs.
         ``sequential=True`` needs every target's moments at once and warns when they
         exceed it.
 
