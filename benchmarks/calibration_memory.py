@@ -6,7 +6,7 @@ Run from the repository root::
     python benchmarks/calibration_memory.py --quick    # a 2-layer model, seconds
 
 A random-weight Llama (hidden size 1,024, FFN 2,816, 4 layers, vocabulary 8,000:
-83M parameters; its 28 attention and FFN matrices need 444 MB of float64 input
+67.8M parameters; its 28 attention and FFN matrices need 434 MiB of float64 input
 moments) is compressed SVD-LLM-style (``structure="svd"``, ratio 0.5, 32 sequences
 of 128 random tokens) once per ``calibration_memory``: above the moments (one
 pass) and at two bounds below them (groups). Each row runs in a fresh process, so
@@ -14,7 +14,8 @@ that its peak resident memory is its own; the table reports, measured in the
 same run:
 
 * ``peak above model MiB``: the process's peak resident memory minus its
-  memory once the model and the inputs are built (what compressing added);
+  resident memory once the model and the inputs are built (what compressing
+  added);
 * ``x one pass``: that against the one-pass row;
 * ``passes``: whole-model calibration passes;
 * ``time x one pass``: the wall time against the one-pass row (each row alone
@@ -62,6 +63,13 @@ def _build(size: str) -> tuple[object, list[dict]]:
     return model, batches
 
 
+def _resident_kib() -> int:
+    """This process's resident memory now, in KiB (``VmRSS``; Linux)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmRSS:")))
+
+
 def run_row(size: str, bound: float | None, logits_path: str) -> dict:
     """Compress in this process and measure it (the ``--row`` entry point)."""
     import importlib
@@ -77,7 +85,7 @@ def run_row(size: str, bound: float | None, logits_path: str) -> dict:
     module.calibrate = lambda *a, **k: passes.append(1) or calibrate(*a, **k)
     moments = sum(8 * m.in_features ** 2 for n, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear) and n != "lm_head")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _resident_kib()
     start = time.perf_counter()
     limit = {} if bound is None else {"calibration_memory": bound * 2**20}
     compressed = mpotn.compress(model, targets=["attention", "ffn"], structure="svd",
@@ -129,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = done["rows"]
     logits_dir = WORK if args.out == RESULTS else args.out.parent / f"{args.out.stem}-logits"
     logits_dir.mkdir(parents=True, exist_ok=True)
+    reference = logits_dir / "None.pt"
+    if not reference.is_file():  # a new row needs the one-pass logits: measure it again
+        rows = [r for r in rows if r["bound_mib"] is not None]
     for bound in bounds:
         if any(r["bound_mib"] == bound for r in rows):
             print(f"calibration_memory {bound} MiB: already measured, skipped")
@@ -136,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         path = logits_dir / f"{bound}.pt"
         done_run = subprocess.run(
             [sys.executable, __file__, "--row", size, "none" if bound is None else str(bound),
-             str(path)], capture_output=True, text=True, check=True)
+             str(path)], capture_output=True, text=True)
+        if done_run.returncode != 0:
+            raise SystemExit(f"the row calibration_memory={bound} MiB failed:\n"
+                             f"{done_run.stderr}")
         row = json.loads(done_run.stdout.strip().splitlines()[-1])
-        reference = logits_dir / "None.pt"
         row["logit_diff"] = float((torch.load(path) - torch.load(reference)).abs().max())
         rows.append(row)
         write_text(args.out, json.dumps({"size": SIZES[size], "rows": rows}, indent=2))

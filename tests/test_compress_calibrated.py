@@ -386,3 +386,17 @@ def test_sequential_fit_above_the_memory_warns_and_makes_one_pass(monkeypatch):
     assert len(passes) == 1
     with pytest.raises(ValueError, match="calibration_memory must be a number of bytes > 0"):
         mpotn.compress(_tiny_gpt2(), calibration=batches, calibration_memory=0)
+
+
+@pytest.mark.parametrize("memory", [None, 9000])
+def test_a_floored_ratio_is_one_warning_at_the_users_call(memory):
+    import warnings
+    batches = [{"input_ids": torch.randint(1, 97, (2, 8))}]
+    limit = {} if memory is None else {"calibration_memory": memory}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mpotn.compress(_tiny_gpt2(), targets=["attention", "ffn"], structure="svd", ratio=0.02,
+                       calibration=batches, progress=False, **limit)
+    floored = [w for w in caught if "cannot reach their ratio" in str(w.message)]
+    assert len(floored) == 1 and floored[0].filename == __file__
+    assert str(floored[0].message).startswith("8 matrices cannot reach their ratio")

@@ -186,3 +186,22 @@ def test_cli_refuses_a_device_that_is_not_here_before_loading(command, tmp_path,
     assert main([command, "--device", "cuda", "--out", str(tmp_path / "o")]) != 0
     assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_heal_cli_checks_a_causal_lms_perplexity_before_and_after(tiny_gpt2, tmp_path,
+                                                                  capsys):
+    """The teacher keeps its head, so healing a compressed GPT-2 reports its perplexity."""
+    compressed = tmp_path / "gpt2-svd"
+    assert main(["compress", str(tiny_gpt2), "--targets", "ffn", "--ratio", "0.3",
+                 "--device", "cpu", "--out", str(compressed), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "healed"
+    assert main(["heal", str(compressed), "--teacher", str(tiny_gpt2), "--out", str(out),
+                 "--steps", "2", "--batch-size", "4", "--max-length", "16", "--samples", "16",
+                 "--heldout", "4", "--device", "cpu", "--no-progress"]) == 0
+    fidelity = json.loads((out / "fidelity.json").read_text())
+    assert fidelity["before"]["original_perplexity"] == fidelity["after"][
+        "original_perplexity"] > 0
+    printed = capsys.readouterr().out
+    assert (f"perplexity on those sentences: {fidelity['before']['perplexity']:.2f} -> "
+            f"{fidelity['after']['perplexity']:.2f}") in printed

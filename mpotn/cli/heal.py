@@ -84,13 +84,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Load the student and the teacher, heal, write the run and print a summary."""
     import json
+    import os
     from pathlib import Path
 
     from mpotn.atomic import check_writable, write_text
     from mpotn.compression import is_saved_model, load
-    from mpotn.compression.models import load_model, load_tokenizer
+    from mpotn.compression.models import load_pretrained, load_tokenizer
     from mpotn.data.texts import texts
-    from mpotn.devices import check_device
+    from mpotn.devices import check_device, resolve_device
     from mpotn.finetune.heal import HealConfig, heal, write_heal
     from mpotn.finetune.training import is_main_process
 
@@ -106,13 +107,20 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.model} is not a model saved by mpotn (compress it first with "
                          "mpotn compress)")
     student = load(args.model)
-    teacher = load_model(args.teacher)
+    teacher = load_pretrained(args.teacher)  # with its head: a causal LM's perplexity
     own = (Path(args.model) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(args.model if own else args.teacher)
     sentences = texts(args.texts, samples=args.samples, data_dir=args.data_dir,
                       seed=config.seed)
-    probe = common.fidelity_probe(teacher, tokenizer) if is_main_process() else None
-    before = None if probe is None else probe.measure(student)
+    probe = before = None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        print("fidelity check skipped: it runs in single-process healing only")
+    else:  # on the device healing runs on, where heal() then leaves both models
+        device = resolve_device(config.device)
+        student.to(device)
+        teacher.to(device)
+        probe = common.fidelity_probe(teacher, tokenizer)
+        before = None if probe is None else probe.measure(student)
     result = heal(student, teacher, tokenizer, sentences, config, out=args.out,
                   resume=args.resume, progress=not args.no_progress)
     if not is_main_process():

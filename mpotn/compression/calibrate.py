@@ -216,7 +216,9 @@ def calibrate(
         model's device. Their ``attention_mask`` (or the one the innermost module
         above a target that takes one is called with) selects the real tokens.
     targets:
-        ``{name: nn.Linear or nn.Embedding}`` to observe.
+        ``{name: nn.Linear or nn.Embedding}`` to observe. Another ``nn.Embedding``
+        of the model that holds an embedding target's weight (T5's
+        ``encoder.embed_tokens`` for ``shared``) counts as that target.
     progress:
         Show a progress bar over the batches.
 

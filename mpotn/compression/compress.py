@@ -514,8 +514,9 @@ def _fit_and_replace(model: nn.Module, targets: list[_Target], config: Compressi
             policy = policies[t.name]
         records.append(_replace(model, t, options, policy))
         t.covariance = None
+        del options  # before the next target's are built
     if floored is None:
-        _warn_floored(cut, stacklevel=5)  # here, _replace_all, compress, the user
+        _warn_floored(cut, stacklevel=5)  # this, _replace_all, compress, the user's call
     else:
         floored += cut
     return records
@@ -568,7 +569,7 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
                       disable=not progress):
         records += _fit_and_replace(model, list(calibrated(group)), config, False, policies,
                                     floored)
-    _warn_floored(floored, stacklevel=5)  # here, _replace_all, compress, the user
+    _warn_floored(floored, stacklevel=5)  # this, _replace_all, compress, the user's call
     return records
 
 
@@ -625,7 +626,7 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
     candidates = {t.name: _options(t) for t in tqdm(targets, desc="decomposing",
                                                     unit="matrix", disable=not progress)}
     policies, floored = _policies(targets, candidates, config)
-    _warn_floored(floored, stacklevel=4)  # here, _replace_all, compress, the user
+    _warn_floored(floored, stacklevel=4)  # _replace_all, compress, the user's call
     by_name = {t.name: t for t in targets}
     order = [by_name[name] for name in fired if name in by_name]
     first = [t for t in targets if t.covariance is None]  # uncalibrated embeddings
