@@ -501,8 +501,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, results: Path
 
 
 def store(results: dict[str, Any], record: dict[str, Any], out: Path) -> None:
-    """Add a finished run to ``results``, say so, and write ``out`` at once."""
+    """Add a finished run to ``results``, say so, and write ``out`` at once, without the
+    table and verdicts read when it started (stale now: the report writes them anew)."""
     results["runs"].append(record)
+    for derived in ("summary", "findings"):
+        results.pop(derived, None)
     print(f"{record['task']} {record['row']} seed {record['seed']}: "
           f"{100 * record['metric']:.2f} at {record['total_over_dense']:.3f} of dense "
           f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)

@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             for task, row, seed in todo:
                 record = run(bench, task, row, seed)
                 results["runs"].append(record)
+                for derived in ("summary", "findings"):  # stale: the report writes them anew
+                    results.pop(derived, None)
                 print(f"{task} {row} seed {seed}: {100 * record['metric']:.2f} "
                       f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
                 write_text(args.out, json.dumps(results, indent=2))

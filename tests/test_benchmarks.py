@@ -394,3 +394,15 @@ def test_calibration_memory_benchmark_groups_give_the_same_model_and_rows_are_ke
     assert "| default (4 GiB): one pass | 3 |" in (tmp_path / "calibration_memory.md").read_text()
     assert bench.main(["--quick", "--out", str(out)]) == 0  # both rows skipped
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_a_stored_row_drops_the_verdicts_read_before_it(tmp_path):
+    """A running benchmark never writes back the table and verdicts it read at its start
+    (another process's report may be newer); its report writes them anew."""
+    bench = load_benchmark("glue_small")
+    out = tmp_path / "results.json"
+    results = {"runs": [], "summary": [{"stale": 1}], "findings": ["- stale"]}
+    record = {"task": "rte", "row": "dense", "seed": 2, "metric": 0.5487,
+              "total_over_dense": 1.0, "seconds": 1.0}
+    bench.store(results, record, out)
+    assert json.loads(out.read_text()) == {"runs": [record]}
