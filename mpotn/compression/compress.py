@@ -204,15 +204,20 @@ class _Target:
         return output_error(self.matrix, mpo.to_matrix(), self.covariance)
 
 
+def _whitens(settings: Mapping[str, Any], structure: str) -> bool:
+    """Whether a calibrated target of ``settings`` is fitted in ``structure`` by whitening
+    (its spectra are then those of the whitened matrix): always for the SVD, for a
+    balanced MPO with ``fit="whiten"``."""
+    return structure == "svd" or settings["fit"] == "whiten"
+
+
 def _candidate(target: _Target, structure: str) -> _Candidate:
     settings, matrix = target.settings, target.goal
     if structure == "svd":
         n, row_shape, col_shape = svd_shapes(*matrix.shape)
     else:
         n, row_shape, col_shape = settings["n"], settings["row_shape"], settings["col_shape"]
-    whiten = target.covariance is not None and (
-        structure == "svd" or settings["fit"] == "whiten")
-    if whiten:
+    if target.covariance is not None and _whitens(settings, structure):
         calibrated = calibrated_mpo(matrix, target.covariance, n, row_shape, col_shape,
                                     pad=settings["pad"], damp=settings["damp"],
                                     svd=settings["svd"])
@@ -547,9 +552,9 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
 
     policies = None
     if config.budget == "model":
-        def whitened(name: str) -> bool:  # as _candidate decides for the first structure
+        def whitened(name: str) -> bool:  # the first structure's spectra need the moments
             settings = config.settings_for(name, observed[name])
-            return _structures(settings["structure"])[0] == "svd" or settings["fit"] == "whiten"
+            return _whitens(settings, _structures(settings["structure"])[0])
 
         paths = [path(t) for t in others]
         paths += [path(_Target(name, module, _matrix(module),

@@ -578,8 +578,7 @@ def _load_weights(base: nn.Module, weights: Path, device: torch.device | None = 
         tensor the model has no place for.
     """
     state = load_file(str(weights), device=str(device or "cpu"))
-    home = device or next((t.device for t in base.parameters() if not t.is_meta),
-                          torch.device("cpu"))
+    home = next((t.device for t in base.parameters() if not t.is_meta), torch.device("cpu"))
     used: set[str] = set()
     for places in _tensor_places(base).values():
         present = [name for name, *_ in places if name in state]
@@ -591,7 +590,7 @@ def _load_weights(base: nn.Module, weights: Path, device: torch.device | None = 
         if value.shape != old.shape:
             raise RuntimeError(f"{present[0]} has shape {tuple(value.shape)} in the weights "
                                f"and {tuple(old.shape)} in the model")
-        value = value.to(home if old.is_meta or device is not None else old.device)
+        value = value.to(device or (home if old.is_meta else old.device))
         new = nn.Parameter(value, requires_grad=old.requires_grad) if is_param else value
         for _, owner, attribute, _ in places:
             (owner._parameters if is_param else owner._buffers)[attribute] = new
