@@ -26,7 +26,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,9 +35,6 @@ from pathlib import Path
 MANIFEST_NAME = "mpotn_files.json"
 #: Random part of a temporary name, as [tempfile][] makes it.
 _RANDOM = r"[a-z0-9_]{8}"
-#: Any hidden name of the kinds [temp_path][mpotn.atomic.temp_path] and
-#: [atomic_dir][mpotn.atomic.atomic_dir] make (not counted as the user's files).
-_ANY_TEMP = re.compile(r"\..+\.(new\.)?" + _RANDOM + r"(\.[^.]*)?|\..+\.old")
 
 
 def _temp_pattern(path: Path) -> re.Pattern[str]:
@@ -44,8 +42,20 @@ def _temp_pattern(path: Path) -> re.Pattern[str]:
 
 
 def _dir_temp_pattern(path: Path) -> re.Pattern[str]:
-    return re.compile(re.escape(f".{path.name}.new.") + _RANDOM + "|" + re.escape(
-        f".{path.name}.old"))
+    return re.compile(re.escape(f".{path.name}.") + "(new|old)." + _RANDOM)
+
+
+def _is_temp_of(entry: str, directory: Path, names: set[str]) -> bool:
+    """Whether ``entry`` is a temporary file or folder of a write of one of ``names``."""
+    return entry.startswith(".") and any(
+        _temp_pattern(directory / name).fullmatch(entry)
+        or _dir_temp_pattern(directory / name).fullmatch(entry) for name in names)
+
+
+def _is_plain_name(name: object) -> bool:
+    """A name of an entry directly inside a folder: no separator, not ``.`` or ``..``."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+            and "/" not in name and "\\" not in name and "\0" not in name)
 
 
 @contextmanager
@@ -127,26 +137,92 @@ def written_files(directory: str | os.PathLike) -> set[str]:
         return set()
     if not isinstance(names, list):
         return set()
-    return {name for name in names if isinstance(name, str) and Path(name).name == name}
+    return {name for name in names if _is_plain_name(name)}
 
 
-def foreign_files(directory: str | os.PathLike) -> list[str]:
+def record_written(directory: str | os.PathLike, names: Iterable[str]) -> set[str]:
+    """Add ``names`` to the manifest of ``directory`` (written atomically) and return all
+    the names it lists now."""
+    directory = Path(directory)
+    names = set(names)
+    if not all(_is_plain_name(name) for name in names):
+        raise ValueError(f"not plain file names: {sorted(names)}")
+    own = written_files(directory) | names
+    write_text(directory / MANIFEST_NAME, json.dumps({"files": sorted(own)}, indent=2))
+    return own
+
+
+def claim(directory: str | os.PathLike, names: Iterable[str]) -> set[str]:
+    """The ``names`` mpotn may write in ``directory`` -- new ones and ones its manifest
+    lists -- recorded in the manifest before they are written; the others, files of the
+    same name mpotn did not write, are kept as they are, with a warning.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (out / "notes.md").write_text("mine")
+    >>> sorted(claim(out, ["report.md"]))
+    ['report.md']
+    """
+    directory = Path(directory)
+    own = written_files(directory)
+    names = set(names)
+    kept = sorted(name for name in names - own
+                  if (directory / name).exists() or (directory / name).is_symlink())
+    mine = names - set(kept)
+    if mine - own:
+        directory.mkdir(parents=True, exist_ok=True)
+        record_written(directory, mine)
+    if kept:
+        warnings.warn(f"{directory} already holds {', '.join(kept)}, which mpotn did not "
+                      "write: kept as they are, and mpotn's own not written", stacklevel=4)
+    return mine
+
+
+def owned(path: str | os.PathLike) -> bool:
+    """Whether mpotn may write the run output ``path``: claim its name in the manifest of its
+    folder ([claim][mpotn.atomic.claim]); false, with a warning, for a file of the user's."""
+    path = Path(path)
+    return path.name in claim(path.parent, [path.name])
+
+
+def write_output(path: str | os.PathLike, text: str) -> Path | None:
+    """Write the run output ``path`` atomically and record it in its folder's manifest, unless
+    a file of that name mpotn did not write is there (kept, with a warning; returns None).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp())
+    >>> write_output(out / "metrics.json", "{}").name
+    'metrics.json'
+    >>> sorted(written_files(out))
+    ['metrics.json']
+    """
+    return write_text(path, text) if owned(path) else None
+
+
+def foreign_files(directory: str | os.PathLike, own: Iterable[str] = ()) -> list[str]:
     """Entries of ``directory`` mpotn cannot prove it wrote, sorted.
 
-    Those are every entry except the manifest, the files it lists and
-    hidden names of mpotn's temporary kind; a missing directory has none.
+    Those are every entry except the manifest, the names it lists (and ``own``,
+    names the caller proved mpotn wrote) and the hidden temporary files and
+    folders of writes of those names; a missing directory has none.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    own = written_files(directory) | {MANIFEST_NAME}
+    own = written_files(directory) | set(own) | {MANIFEST_NAME}
     return sorted(entry.name for entry in directory.iterdir()
-                  if entry.name not in own and not _ANY_TEMP.fullmatch(entry.name))
+                  if entry.name not in own and not _is_temp_of(entry.name, directory, own))
 
 
-def check_writable(directory: str | os.PathLike, overwrite: bool = False) -> list[str]:
-    """Refuse to write into ``directory`` when it is a file, or when it holds files mpotn
-    did not write ([foreign_files][mpotn.atomic.foreign_files]) and ``overwrite`` is false.
+def check_writable(directory: str | os.PathLike, overwrite: bool = False,
+                   own: Iterable[str] = ()) -> list[str]:
+    """Refuse to write into ``directory`` when it is a file or a symbolic link, or when it
+    holds files mpotn did not write ([foreign_files][mpotn.atomic.foreign_files], given
+    ``own``) and ``overwrite`` is false.
 
     Returns those foreign files (empty unless ``overwrite``); mpotn never deletes them.
 
@@ -156,9 +232,12 @@ def check_writable(directory: str | os.PathLike, overwrite: bool = False) -> lis
         Naming the folder, up to five of its files, and ``overwrite``.
     """
     directory = Path(directory)
+    if directory.is_symlink():
+        raise ValueError(f"{directory} is a symbolic link; write into the folder it points to "
+                         f"({directory.resolve()}) or into a new folder")
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a directory; choose a folder")
-    foreign = foreign_files(directory)
+    foreign = foreign_files(directory, own)
     if foreign and not overwrite:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
                                           else "")
@@ -170,7 +249,8 @@ def check_writable(directory: str | os.PathLike, overwrite: bool = False) -> lis
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False,
+               own: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; put what it holds in place on success.
 
     The manifest ([MANIFEST_NAME][mpotn.atomic.MANIFEST_NAME]) of the new
@@ -178,13 +258,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     files mpotn wrote (or does not exist), the whole directory is swapped: an
     existing ``path`` is renamed aside, the new directory renamed into place,
     then the old one removed; a failure while writing leaves ``path`` as it
-    was, and at every moment ``path`` or its ``.old`` twin holds a complete
-    directory. When it holds other files,
+    was, and at every moment ``path`` or its hidden ``.old`` twin holds a
+    complete directory. When it holds other files,
     [check_writable][mpotn.atomic.check_writable] refuses unless
     ``overwrite``; with it those files stay where they are: each new entry is
-    renamed into ``path`` (replacing one of the same name), the entries the old
-    manifest lists and the new one does not are removed, and the manifest
-    comes last.
+    renamed into ``path``, replacing one of the same name only when mpotn
+    wrote it (the old manifest or ``own``, names the caller proved mpotn
+    wrote, list it; a file of the user's is kept, with a warning), the
+    entries mpotn wrote that the new directory does not hold are removed, and
+    the manifest comes last.
 
     Examples
     --------
@@ -196,21 +278,20 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     ['mpotn_files.json', 'weights.bin']
     """
     path = Path(path)
-    foreign = check_writable(path, overwrite)
+    own = set(own)
+    foreign = check_writable(path, overwrite, own)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
-    old = path.parent / f".{path.name}.old"
     try:
         yield tmp
         names = sorted(entry.name for entry in tmp.iterdir() if entry.name != MANIFEST_NAME)
-        (tmp / MANIFEST_NAME).write_text(json.dumps({"files": names}, indent=2))
         if foreign:
-            _merge(tmp, path, names)
+            _merge(tmp, path, names, written_files(path) | own)
         else:
-            if old.exists():
-                shutil.rmtree(old)
+            (tmp / MANIFEST_NAME).write_text(json.dumps({"files": names}, indent=2))
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
             if path.exists():
-                os.replace(path, old)
+                os.replace(path, old)  # over the empty folder just made
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         remove_stale_temps(path)
@@ -218,18 +299,28 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _merge(new: Path, path: Path, names: list[str]) -> None:
-    """Move ``names`` from ``new`` into ``path``, drop what only the old manifest lists, then
-    move the manifest; nothing else in ``path`` is touched."""
-    previous = written_files(path)
-    for name in names:
-        if (path / name).is_dir() and name in previous:
-            shutil.rmtree(path / name)
+def _remove(entry: Path) -> None:
+    """Remove a file, a symbolic link (not what it points to) or a folder."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _merge(new: Path, path: Path, names: list[str], previous: set[str]) -> None:
+    """Move ``names`` from ``new`` into ``path`` except over files mpotn did not write (not in
+    ``previous``), drop what only ``previous`` lists, then write the manifest; nothing
+    else in ``path`` is touched."""
+    kept = [name for name in names if name not in previous
+            and ((path / name).exists() or (path / name).is_symlink())]
+    moved = [name for name in names if name not in kept]
+    for name in moved:
+        if name in previous:
+            _remove(path / name)
         os.replace(new / name, path / name)
     for name in previous - set(names):
-        stale = path / name
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink(missing_ok=True)
-    os.replace(new / MANIFEST_NAME, path / MANIFEST_NAME)
+        _remove(path / name)
+    write_text(path / MANIFEST_NAME, json.dumps({"files": moved}, indent=2))
+    if kept:
+        warnings.warn(f"{path} already holds {', '.join(kept)}, which mpotn did not write: "
+                      "kept as they are, and the new ones not written", stacklevel=4)

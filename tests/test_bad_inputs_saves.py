@@ -6,6 +6,7 @@ a save writes or removes) or ``test_load_*`` (what reading a save or a checkpoin
 """
 
 import json
+import re
 import os
 import shutil
 import sys
@@ -133,13 +134,16 @@ def test_saves_with_overwrite_keep_every_hugging_face_shard(original, tmp_path):
     with pytest.warns(UserWarning, match=r"already holds config\.json, which mpotn did not "
                                          r"write: kept as they are"):
         original[0].save_pretrained(folder, overwrite=True)
+    with pytest.raises(ValueError, match=r"holds files mpotn did not write \(config\.json"):
+        original[0].save_pretrained(folder)  # the user's files are still there
     with pytest.warns(UserWarning, match="already holds config.json"):
         compress(tiny_bert(), targets=["ffn"], max_bond=2, progress=False).save_pretrained(
-            folder)
+            folder, overwrite=True)
     for name, content in files.items():
         assert (folder / name).read_bytes() == content
     weights = json.loads((folder / CONFIG_NAME).read_text())["weights"]
-    assert names(folder) == sorted([*files, CONFIG_NAME, weights])
+    assert names(folder) == sorted([*files, CONFIG_NAME, MANIFEST_NAME, weights])
+    assert json.loads((folder / MANIFEST_NAME).read_text())["files"] == [weights, CONFIG_NAME]
 
 
 def test_saves_never_replace_a_hugging_face_model_safetensors(original, tmp_path):
@@ -153,7 +157,10 @@ def test_saves_remove_only_weights_whose_content_matches_their_name(saved):
     lookalike = saved / "model-0123456789ab.safetensors"
     lookalike.write_bytes(b"not written by mpotn")
     before = json.loads((saved / CONFIG_NAME).read_text())["weights"]
-    compress(tiny_bert(), targets=["ffn"], max_bond=2, progress=False).save_pretrained(saved)
+    other = compress(tiny_bert(), targets=["ffn"], max_bond=2, progress=False)
+    with pytest.raises(ValueError, match=r"did not write \(model-0123456789ab\.safetensors\)"):
+        other.save_pretrained(saved)
+    other.save_pretrained(saved, overwrite=True)
     assert lookalike.read_bytes() == b"not written by mpotn"
     assert not (saved / before).exists()
 
@@ -207,13 +214,23 @@ def test_saves_leave_no_temp_file_when_a_save_fails(original, saved, monkeypatch
     assert names(saved) == before
 
 
-def test_saves_remove_temp_files_a_killed_save_left(original, saved):
-    leftovers = [".model.safetensors.k1ll3d_a.safetensors", ".mpotn_config.json.zz9_abcd.json"]
-    users = [".model.safetensors.mine", ".notes.k1ll3d_a.txt"]
-    for name in leftovers + users:
+def test_saves_remove_temp_files_of_their_own_files_a_killed_write_left(original, saved):
+    weights = json.loads((saved / CONFIG_NAME).read_text())["weights"]
+    leftovers = [".mpotn_config.json.zz9_abcd.json", f".{weights}.k1ll3d_a.safetensors"]
+    for name in leftovers:
         (saved / name).write_bytes(b"x" * 10)
     original[0].save_pretrained(saved)
-    assert [name for name in leftovers + users if (saved / name).exists()] == users
+    assert not [name for name in leftovers if (saved / name).exists()]
+
+
+@pytest.mark.parametrize("hidden", [".model.safetensors.mine", ".notes.k1ll3d_a.txt",
+                                    ".env.template", ".settings.old"])
+def test_saves_count_a_users_hidden_file_as_the_users(original, saved, hidden):
+    (saved / hidden).write_bytes(b"mine")
+    with pytest.raises(ValueError, match=re.escape(f"did not write ({hidden})")):
+        original[0].save_pretrained(saved)
+    original[0].save_pretrained(saved, overwrite=True)
+    assert (saved / hidden).read_bytes() == b"mine"
 
 
 def test_saves_remove_temp_folders_a_killed_run_save_left(original, tmp_path):

@@ -99,14 +99,16 @@ def test_a_crash_before_the_config_is_replaced_leaves_the_earlier_save_valid(
     model, _ = saved
     target = tmp_path / "save"
     model.save_pretrained(target)
-    monkeypatch.setattr(serialization, "write_text",
+    before = sorted(p.name for p in target.iterdir())
+    monkeypatch.setattr(serialization, "_write_hugging_face_files",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
     other = compress(load_model(), targets=["ffn"], max_bond=8, progress=False)
     with pytest.raises(OSError, match="killed"):
-        other.save_pretrained(target)
+        other.save_pretrained(target)  # after the new weights were written
     monkeypatch.undo()
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["save"]
     assert float((outputs(load(target)) - outputs(model)).abs().max()) == 0.0
-    # the next successful save cleans the orphaned weights up
     other.save_pretrained(target)
     assert len(list(target.glob("model-*.safetensors"))) == 1
     assert load(target).totals() == other.totals()

@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpotn.atomic import write_text
+from mpotn.atomic import owned, write_output
 from mpotn.compression.config import MPO_LAYERS, layer_holder
 from mpotn.compression.models import layer_index, matrix_type, weight_matrices
 from mpotn.compression.sharing import shared_central_groups
@@ -104,35 +104,40 @@ class Inspection:
         out = Path(out)
         title = self._title(model_name)
         paths = {
-            "markdown": write_text(out / "inspect.md", title + self.table().to_markdown() + "\n"),
-            "json": write_text(
+            "markdown": write_output(out / "inspect.md",
+                                     title + self.table().to_markdown() + "\n"),
+            "json": write_output(
                 out / "inspect.json",
                 json.dumps({"model": model_name, "settings": self.settings,
                             "matrices": list(self.records)}, indent=2),
             ),
         }
-        heatmap = draw_entropy_heatmap(self.records, out / "entropy_heatmap.png", model_name)
-        if heatmap:
-            paths["heatmap"] = heatmap
-        paths["profiles"] = draw_entropy_profiles(
-            self.records, out / "entropy_profiles.png",
-            f"{model_name}: entropy along the chain, by matrix type")
+        if owned(out / "entropy_heatmap.png"):
+            paths["heatmap"] = draw_entropy_heatmap(self.records, out / "entropy_heatmap.png",
+                                                    model_name)
+        if owned(out / "entropy_profiles.png"):
+            paths["profiles"] = draw_entropy_profiles(
+                self.records, out / "entropy_profiles.png",
+                f"{model_name}: entropy along the chain, by matrix type")
         for name, mpo in self.networks.items():
             safe = name.replace(".", "_") or "matrix"
-            paths[f"network:{name}"] = mpo.draw(
-                out / f"network_{safe}.png",
-                title=f"{name}: bonds " + ("kept/full" if self.compressed is not None else
-                                             f"at rho={self.settings['ratio']} (kept/full)"),
-            )
+            if owned(out / f"network_{safe}.png"):
+                paths[f"network:{name}"] = mpo.draw(
+                    out / f"network_{safe}.png",
+                    title=f"{name}: bonds " + (
+                        "kept/full" if self.compressed is not None
+                        else f"at rho={self.settings['ratio']} (kept/full)"))
         for name, mpo in self.spectra.items():
             safe = name.replace(".", "_") or "matrix"
             kind = "kept" if self.compressed is not None else "full rank"
-            paths[f"spectra:{name}"] = draw_spectra(
-                mpo, out / f"spectra_{safe}.png", f"{name}: singular values per bond ({kind})")
+            if owned(out / f"spectra_{safe}.png"):
+                paths[f"spectra:{name}"] = draw_spectra(
+                    mpo, out / f"spectra_{safe}.png",
+                    f"{name}: singular values per bond ({kind})")
         if self.compressed is not None:
             for name, path in draw_shared_centrals(self.compressed, out).items():
                 paths[f"shared:{name}"] = path
-        return paths
+        return {key: path for key, path in paths.items() if path}
 
 
 def inspect_model(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpotn.atomic import write_text
+from mpotn.atomic import owned, write_output
 from mpotn.compression.model import MPOModel
 from mpotn.drawing import draw_entropy_heatmap, draw_errors
 
@@ -53,7 +53,8 @@ def write_compression_report(model: MPOModel, out: str | Path, model_name: str,
                              fidelity: dict[str, float] | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` (with ``fidelity``, what
     [FidelityProbe.measure][mpotn.analysis.fidelity.FidelityProbe.measure] gave, when
-    given), ``entropy_heatmap.png`` and ``errors.png``."""
+    given), ``entropy_heatmap.png`` and ``errors.png``, each recorded in the manifest of
+    ``out`` ([mpotn.atomic.write_output][]; a file of the user's is kept, with a warning)."""
     out = Path(out)
     totals = model.totals()
     policy = {k: v for k, v in model.compression_config.to_dict().items()
@@ -72,13 +73,14 @@ def write_compression_report(model: MPOModel, out: str | Path, model_name: str,
     if fidelity is not None:
         summary["fidelity"] = fidelity
     paths = {
-        "markdown": write_text(out / "report.md", markdown),
-        "json": write_text(out / "report.json", json.dumps(
+        "markdown": write_output(out / "report.md", markdown),
+        "json": write_output(out / "report.json", json.dumps(
             {**summary, "matrices": list(model.report())}, indent=2)),
-        "errors": draw_errors(model.report(), out / "errors.png",
-                              f"reconstruction error per matrix, {model_name}"),
     }
-    heatmap = draw_entropy_heatmap(model.report(), out / "entropy_heatmap.png", model_name)
-    if heatmap:
-        paths["heatmap"] = heatmap
-    return paths
+    if owned(out / "errors.png"):
+        paths["errors"] = draw_errors(model.report(), out / "errors.png",
+                                      f"reconstruction error per matrix, {model_name}")
+    if owned(out / "entropy_heatmap.png"):
+        paths["heatmap"] = draw_entropy_heatmap(model.report(), out / "entropy_heatmap.png",
+                                                model_name)
+    return {key: path for key, path in paths.items() if path}

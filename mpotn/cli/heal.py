@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
     import os
     from pathlib import Path
 
-    from mpotn.atomic import check_writable, write_text
+    from mpotn.atomic import check_writable, write_output
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_pretrained, load_tokenizer
     from mpotn.data.texts import texts
@@ -135,6 +135,6 @@ def run(args: argparse.Namespace) -> None:
              if result.mse_before else ""))
     if probe is not None:
         after = common.check_fidelity(result.model, probe, before=before)
-        paths["fidelity"] = write_text(Path(args.out) / "fidelity.json", json.dumps(
+        paths["fidelity"] = write_output(Path(args.out) / "fidelity.json", json.dumps(
             {"before": before, "after": after}, indent=2))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

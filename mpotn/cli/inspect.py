@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_core_changes(before: str, after: str, out: str, device: torch.device) -> None:
     """Relative change of central and auxiliary tensors between two saves of one model,
     both loaded onto ``device``."""
-    from mpotn.atomic import write_text
+    from mpotn.atomic import write_output
     from mpotn.compression import load
     from mpotn.finetune.core_changes import core_changes, snapshot_cores
 
@@ -84,7 +84,7 @@ def run_core_changes(before: str, after: str, out: str, device: torch.device) ->
                              "compare saves made before any cut")
     table = core_changes(cores, end.base_model)
     print(table.to_markdown(floatfmt=".4g"))
-    write_text(Path(out) / "core_changes.csv", table.to_csv())
+    write_output(Path(out) / "core_changes.csv", table.to_csv())
     print(f"\nwrote {out}/core_changes.csv")
 
 

@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Fine-tune first if needed, squeeze, optionally run the direct ablation."""
-    from mpotn.atomic import check_writable, write_text
+    from mpotn.atomic import check_writable, write_output
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_tokenizer
     from mpotn.devices import check_device
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> None:
                                    squeezer.training, result.record["fine_tuning_steps"],
                                    progress=not args.no_progress)
         if main:
-            write_text(Path(args.out) / "direct" / "metrics.json", json.dumps(direct, indent=2))
+            write_output(Path(args.out) / "direct" / "metrics.json",
+                         json.dumps(direct, indent=2))
             common._print_record(direct, "direct truncation to the same bonds:")
     if main:
         print(f"\nwrote {args.out}/metrics.json, history.csv, history.json, cuts.csv, "

@@ -32,21 +32,21 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from mpotn.atomic import check_writable, publish, remove_stale_temps, temp_path, write_text
+from mpotn.atomic import atomic_dir
 from mpotn.compression.serialization import (
     _FIX,
     CONFIG_NAME,
     SavedModel,
     _config_digest,
-    _own_weights,
     _read_config,
     _sha256,
+    earlier_save,
     read,
     resolve_inside,
     resolve_save,
+    write_weights,
 )
 
 ADAPTER_NAME = "mpotn_adapter.json"
@@ -54,7 +54,6 @@ ADAPTER_FORMAT = "mpotn-adapter"
 ADAPTER_VERSION = 1
 #: The fields of ``mpotn_adapter.json``, all required.
 ADAPTER_FIELDS = ("format", "format_version", "weights", "sha256", "base", "trainable")
-_ADAPTER_TEMP = "adapter.safetensors"
 _ADAPTER_WEIGHTS = re.compile(r"adapter-([0-9a-f]{12})\.safetensors")
 _DIGEST_KEY = "mpotn_adapter_sha256"
 
@@ -90,7 +89,7 @@ def _differences(model: nn.Module, weights: Path, trained: set[str]) -> list[str
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.PathLike,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, tokenizer: Any | None = None) -> Path:
     """Write the trainable parameters of ``model`` (a compressed module, e.g. an
     ``MPOModel``'s ``base_model`` after ``apply_strategy(model, "lfa")``) as an adapter of the
     compressed save ``base``.
@@ -104,7 +103,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     base:
         The compressed save (folder or Hub id) ``model`` was loaded from before training.
     overwrite:
-        Also write into a folder that holds files mpotn did not write.
+        Also write into a folder that holds files mpotn did not write (they are
+        kept).
+    tokenizer:
+        A tokenizer to save beside the adapter (its ``save_pretrained`` files).
 
     Raises
     ------
@@ -141,9 +143,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
             f"the model differs from the base {base} outside what it trains ({shown}), so base "
             "plus adapter would not be this model; save it whole (adapter_only=False), or "
             "pass the compressed save it was loaded from and fine-tuned as base")
-    if not is_adapter(directory):
-        check_writable(directory, overwrite)
-    directory.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_VERSION,
@@ -154,15 +153,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     }
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()
                if name in trained}
-    with temp_path(directory / _ADAPTER_TEMP) as tmp:
-        save_file(tensors, str(tmp), metadata={_DIGEST_KEY: _config_digest(config)})
-        own = _sha256(tmp)
-        written = publish(tmp, directory / f"adapter-{own[:12]}.safetensors")
-    config["weights"], config["sha256"] = written.name, own
-    write_text(directory / ADAPTER_NAME, json.dumps(config, indent=2))
-    remove_stale_temps(directory / _ADAPTER_TEMP)
-    for stale in _own_weights(directory, written.name, _ADAPTER_WEIGHTS):
-        stale.unlink()
+    earlier = earlier_save(directory, ADAPTER_NAME, _ADAPTER_WEIGHTS)
+    with atomic_dir(directory, overwrite, earlier) as staging:
+        written, own = write_weights(tensors, staging, "adapter",
+                                     {_DIGEST_KEY: _config_digest(config)})
+        config["weights"], config["sha256"] = written.name, own
+        (staging / ADAPTER_NAME).write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
     return directory
 
 

@@ -164,9 +164,7 @@ class MPOModel(nn.Module):
                 "and this model was not loaded from one: save the compressed model "
                 "(save_pretrained), load it with mpotn.load, fine-tune, then save the adapter "
                 "-- or pass base=<that save>")
-        save_adapter(self.base_model, directory, base, overwrite)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(directory))
+        save_adapter(self.base_model, directory, base, overwrite, tokenizer)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload a whole save and a model card to the Hugging Face Hub repository

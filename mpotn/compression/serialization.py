@@ -24,21 +24,23 @@ A save directory holds
 * for a Hugging Face model, its ``config.json`` (and ``generation_config.json``
   for a model that generates), and the tokenizer's files when one is given, so
   that ``AutoConfig`` and ``AutoTokenizer`` read the folder as they read any
-  model's (listed in ``mpotn_files.json``; a file of the same name that mpotn
-  did not write is kept). mpotn itself rebuilds the model from
+  model's. mpotn itself rebuilds the model from
   ``mpotn_config.json`` alone (whose copy of the config the weights' digest
   covers); ``config.json`` is there for the tools that expect it.
 
-A save is atomic: the weights go to a hidden temporary file, then to a new
-content-addressed file, then ``mpotn_config.json`` is replaced in one rename, and
-only then are the weights files it no longer names removed -- those whose
-content matches their name (``model-`` and the first 12 hex digits of their
-SHA-256), the only files mpotn can prove it wrote; a Hugging Face model's
-``model-00001-of-00003.safetensors`` is never touched. A crash at any point
-leaves the earlier save (its config and the weights it names) valid, and the
-next successful save removes what the crash left. A folder that is not an
-mpotn save and holds files mpotn did not write is refused unless
-``overwrite=True``.
+A save is atomic ([mpotn.atomic.atomic_dir][]): every file is written into a
+hidden folder beside the target, then that folder replaces the target in a
+rename, so a crash at any point leaves the earlier save as it was; the
+manifest ``mpotn_files.json`` lists every file the save wrote. A folder
+holding files mpotn did not write (a Hugging Face model, say) is refused
+unless ``overwrite=True``; with it the new files are moved in beside the
+user's (the weights before ``mpotn_config.json``, so the config never names
+weights that are not there), a file of the user's with the same name is kept,
+with a warning, and only files the manifest lists are removed -- a Hugging
+Face model's ``model-00001-of-00003.safetensors`` is never touched. A save
+written before the manifest listed every file is recognised by its
+``mpotn_config.json`` and the weights whose content matches their name
+(``model-`` and the first 12 hex digits of their SHA-256).
 
 [read][mpotn.compression.serialization.read] rebuilds the model from the config
 alone -- the original weights are not needed -- and treats the folder as
@@ -63,28 +65,16 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from mpotn.atomic import (
-    MANIFEST_NAME,
-    atomic_path,
-    check_writable,
-    publish,
-    remove_stale_temps,
-    temp_path,
-    write_text,
-    written_files,
-)
+from mpotn.atomic import atomic_dir, check_writable, written_files
 from mpotn.compression.architectures import is_conv1d
 from mpotn.compression.bottleneck import bottleneck_spec, rebuild_bottlenecks
 from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
@@ -121,7 +111,6 @@ DTYPES = {"float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16
 #: Key of the weights file's metadata that holds the SHA-256 of the config.
 DIGEST_KEY = "mpotn_config_sha256"
 #: Temporary name of the weights while they are written (hidden, see mpotn.atomic).
-_WEIGHTS_TEMP = "model.safetensors"
 _WEIGHTS_NAME = re.compile(r"model-([0-9a-f]{12})\.safetensors")
 _FIX = "the file was edited or damaged; save the model again with MPOModel.save_pretrained"
 
@@ -204,56 +193,56 @@ def _config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _own_weights(directory: Path, keep: str, names: re.Pattern[str] = _WEIGHTS_NAME
-                 ) -> list[Path]:
-    """Weights files of earlier saves in ``directory`` other than ``keep``: content-addressed
-    files (named as ``names`` says, its group the first hex digits of the SHA-256) whose
-    content matches their name."""
-    return [path for path in directory.iterdir()
-            if (match := names.fullmatch(path.name)) and path.name != keep
-            and path.is_file() and not path.is_symlink()
-            and _sha256(path).startswith(match.group(1))]
+def earlier_save(directory: Path, config_name: str, weights: re.Pattern[str]) -> set[str]:
+    """Names in ``directory`` that an earlier save proves mpotn wrote although its manifest
+    may not list them (saves written before the manifest listed every file): its config
+    ``config_name`` and the content-addressed weights files (named as ``weights`` says, its
+    group the first hex digits of their SHA-256) whose content matches their name."""
+    config = directory / config_name
+    if not config.is_file() or config.is_symlink():
+        return set()
+    listed = written_files(directory)
+    return {config_name} | {
+        path.name for path in directory.iterdir()
+        if (match := weights.fullmatch(path.name)) and path.name not in listed
+        and path.is_file() and not path.is_symlink() and _sha256(path).startswith(match.group(1))}
 
 
 def check_save_target(directory: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse ``directory`` as a place to save in, before any work: a file, or a folder that
-    is not an mpotn save and holds files mpotn did not write (unless ``overwrite``; see
+    """Refuse ``directory`` as a place to save in, before any work: a file, a symbolic link,
+    or a folder holding files mpotn did not write (unless ``overwrite``; see
     [mpotn.atomic.check_writable][])."""
-    if not is_saved_model(directory):
-        check_writable(directory, overwrite)
+    directory = Path(directory)
+    check_writable(directory, overwrite, earlier_save(directory, CONFIG_NAME, _WEIGHTS_NAME))
 
 
-def _write_hugging_face_files(base: nn.Module, directory: Path, tokenizer: Any | None) -> None:
-    """``config.json``, ``generation_config.json`` and the tokenizer's files, each atomically,
-    listed in the folder's manifest ([MANIFEST_NAME][mpotn.atomic.MANIFEST_NAME]); a file of
-    the same name that mpotn did not write is kept, with a warning."""
-    with tempfile.TemporaryDirectory() as staging:
-        config = getattr(base, "config", None)
-        if config is not None and hasattr(config, "to_json_string"):
-            Path(staging, "config.json").write_text(config.to_json_string())
-            generation = getattr(base, "generation_config", None)
-            if generation is not None and base.can_generate():
-                Path(staging, "generation_config.json").write_text(generation.to_json_string())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        own = written_files(directory)
-        written, kept = [], []
-        for file in sorted(Path(staging).iterdir()):
-            if not file.is_file():
-                continue
-            if (directory / file.name).exists() and file.name not in own:
-                kept.append(file.name)
-                continue
-            with atomic_path(directory / file.name) as tmp:
-                shutil.copyfile(file, tmp)
-            written.append(file.name)
-    if written:
-        write_text(directory / MANIFEST_NAME, json.dumps({"files": sorted(own | set(written))},
-                                                         indent=2))
-    if kept:
-        warnings.warn(f"{directory} already holds {', '.join(kept)}, which mpotn did not write: "
-                      "kept as they are (AutoConfig and AutoTokenizer read those; mpotn.load "
-                      f"reads {CONFIG_NAME})", stacklevel=4)
+def write_weights(tensors: nn.Module | dict[str, torch.Tensor], folder: Path, prefix: str,
+                  metadata: dict[str, str]) -> tuple[Path, str]:
+    """Write ``tensors`` (a module's state, or a dict of tensors) as safetensors into
+    ``folder``, named by content (``{prefix}-`` and the first 12 hex digits of its SHA-256);
+    return the file and its SHA-256."""
+    tmp = folder / f".{prefix}.safetensors"
+    if isinstance(tensors, nn.Module):
+        save_model(tensors, str(tmp), metadata=metadata)
+    else:
+        save_file(tensors, str(tmp), metadata=metadata)
+    digest = _sha256(tmp)
+    path = folder / f"{prefix}-{digest[:12]}.safetensors"
+    os.replace(tmp, path)
+    return path, digest
+
+
+def _write_hugging_face_files(base: nn.Module, folder: Path, tokenizer: Any | None) -> None:
+    """``config.json``, ``generation_config.json`` (for a model that generates) and the
+    tokenizer's files, into ``folder``."""
+    config = getattr(base, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        (folder / "config.json").write_text(config.to_json_string())
+        generation = getattr(base, "generation_config", None)
+        if generation is not None and base.can_generate():
+            (folder / "generation_config.json").write_text(generation.to_json_string())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
 
 
 def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
@@ -277,12 +266,10 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
     Raises
     ------
     ValueError
-        If ``directory`` is a file, or holds files mpotn did not write and
-        ``overwrite`` is false.
+        If ``directory`` is a file or a symbolic link, or holds files mpotn did
+        not write and ``overwrite`` is false.
     """
     directory = Path(directory)
-    check_save_target(directory, overwrite)
-    directory.mkdir(parents=True, exist_ok=True)
     base = model.base_model
     config = json.loads(json.dumps({
         "format": FORMAT,
@@ -303,16 +290,13 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
         config["experts"] = experts_spec(base)
     if bottleneck_spec(base):
         config["bottleneck_adapters"] = bottleneck_spec(base)
-    with temp_path(directory / _WEIGHTS_TEMP) as tmp:
-        save_model(base, str(tmp), metadata={DIGEST_KEY: _config_digest(config)})
-        digest = _sha256(tmp)
-        weights = publish(tmp, directory / f"model-{digest[:12]}.safetensors")
-    config["weights"], config["sha256"] = weights.name, digest
-    _write_hugging_face_files(base, directory, tokenizer)
-    write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
-    remove_stale_temps(directory / _WEIGHTS_TEMP)
-    for stale in _own_weights(directory, weights.name):
-        stale.unlink()
+    earlier = earlier_save(directory, CONFIG_NAME, _WEIGHTS_NAME)
+    with atomic_dir(directory, overwrite, earlier) as staging:
+        weights, digest = write_weights(base, staging, "model",
+                                        {DIGEST_KEY: _config_digest(config)})
+        config["weights"], config["sha256"] = weights.name, digest
+        _write_hugging_face_files(base, staging, tokenizer)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return directory
 
 

@@ -59,7 +59,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mpotn.atomic import write_text
+from mpotn.atomic import write_output, write_text
 from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.models import model_device, padding_tokenizer
@@ -642,8 +642,9 @@ def write_heal(result: HealResult, tokenizer: Any, out: str | os.PathLike,
     """Write ``out/model/`` (student and tokenizer; ``overwrite`` as for
     [save_model][mpotn.finetune.training.save_model]), ``metrics.json`` and ``history.csv``."""
     out = Path(out)
-    return {
+    paths = {
         "model": save_model(result.model, tokenizer, out / "model", overwrite),
-        "metrics": write_text(out / "metrics.json", json.dumps(result.record, indent=2)),
-        "history": write_text(out / "history.csv", result.history.to_csv()),
+        "metrics": write_output(out / "metrics.json", json.dumps(result.record, indent=2)),
+        "history": write_output(out / "history.csv", result.history.to_csv()),
     }
+    return {key: path for key, path in paths.items() if path}

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpotn.atomic import atomic_dir, check_writable, write_text
+from mpotn.atomic import atomic_dir, check_writable, owned, write_output, write_text
 from mpotn.compression.compress import compress
 from mpotn.compression.config import MPO_LAYERS, CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel, load
@@ -870,18 +870,19 @@ def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
     folder = out / ("adapter" if adapter_only else "model")
     check_writable(folder, overwrite)
     paths = {
-        "metrics": write_text(out / "metrics.json", json.dumps(result.record, indent=2)),
-        "history_json": write_text(out / "history.json", json.dumps(list(result.history),
-                                                                    indent=2)),
-        "history_csv": write_text(out / "history.csv", result.history.to_csv()),
+        "metrics": write_output(out / "metrics.json", json.dumps(result.record, indent=2)),
+        "history_json": write_output(out / "history.json", json.dumps(list(result.history),
+                                                                      indent=2)),
+        "history_csv": write_output(out / "history.csv", result.history.to_csv()),
     }
     if result.core_changes:
-        paths["core_changes"] = write_text(out / "core_changes.csv", result.core_changes.to_csv())
-    if len(result.history):
+        paths["core_changes"] = write_output(out / "core_changes.csv",
+                                             result.core_changes.to_csv())
+    if len(result.history) and owned(out / "history.png"):
         paths["plot"] = draw_history(result.history, "step", ["loss"], out / "history.png", title)
     paths["adapter" if adapter_only else "model"] = save_model(
         result.model, tokenizer, folder, overwrite, adapter_only)
-    return paths
+    return {key: path for key, path in paths.items() if path}
 
 
 def save_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike,

@@ -1,0 +1,113 @@
+"""Writes that lose nothing: mpotn deletes and replaces only files its manifests list."""
+
+import json
+
+import pytest
+
+from mpotn.atomic import (
+    MANIFEST_NAME,
+    atomic_dir,
+    check_writable,
+    foreign_files,
+    write_output,
+    written_files,
+)
+from mpotn.cli import main
+from mpotn.compression.serialization import CONFIG_NAME
+
+
+def names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("entry", ["..", ".", "", "a/b", "../sibling", "/etc"])
+def test_a_manifest_entry_that_is_not_a_plain_name_is_ignored(tmp_path, entry):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "code.py").write_text("mine")
+    (project / "sibling").write_text("mine")
+    model = project / "model"
+    model.mkdir()
+    (model / MANIFEST_NAME).write_text(json.dumps({"files": [entry, "old.bin"]}))
+    (model / "old.bin").write_text("written by mpotn")
+    (model / "README.md").write_text("the user's")
+    assert written_files(model) == {"old.bin"}
+    with atomic_dir(model, overwrite=True) as tmp:
+        (tmp / "new.bin").write_text("new")
+    assert names(project) == ["model", "sibling", "src"]
+    assert (project / "src" / "code.py").read_text() == "mine"
+    assert names(model) == ["README.md", MANIFEST_NAME, "new.bin"]
+
+
+def test_a_merge_keeps_a_users_file_of_the_same_name_and_warns(tmp_path):
+    (tmp_path / "config.json").write_text("the user's")
+    with pytest.warns(UserWarning, match=r"already holds config\.json, which mpotn did not "
+                                         r"write: kept as they are"):
+        with atomic_dir(tmp_path, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("mpotn's")
+            (tmp / "weights.bin").write_text("mpotn's")
+    assert (tmp_path / "config.json").read_text() == "the user's"
+    assert written_files(tmp_path) == {"weights.bin"}
+    with atomic_dir(tmp_path, overwrite=True) as tmp:  # drops only what mpotn wrote
+        (tmp / "other.bin").write_text("mpotn's")
+    assert names(tmp_path) == ["config.json", MANIFEST_NAME, "other.bin"]
+
+
+def test_a_symbolic_link_as_the_target_is_refused_and_left_alone(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "data.bin").write_text("kept")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(ValueError, match=r"link is a symbolic link; write into the folder it "
+                                         r"points to"):
+        with atomic_dir(link) as tmp:
+            (tmp / "x").write_text("x")
+    assert link.is_symlink() and names(real) == ["data.bin"]
+    assert names(tmp_path) == ["link", "real"]
+
+
+def test_a_users_hidden_folders_beside_the_target_survive_a_swap(tmp_path):
+    for hidden in (".model.old", ".model.new", ".model.keep"):
+        (tmp_path / hidden).mkdir()
+    for _ in range(2):
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "weights.bin").write_text("x")
+    assert names(tmp_path) == [".model.keep", ".model.new", ".model.old", "model"]
+
+
+@pytest.mark.parametrize("hidden", [".env.template", ".notes.20240101", ".settings.old"])
+def test_a_users_hidden_file_is_foreign(tmp_path, hidden):
+    (tmp_path / hidden).write_text("mine")
+    (tmp_path / ".report.md.k1ll3d_a.md").write_text("left by a killed write of report.md")
+    assert foreign_files(tmp_path) == sorted([hidden, ".report.md.k1ll3d_a.md"])
+    write_output(tmp_path / "report.md", "# report")
+    assert foreign_files(tmp_path) == [hidden]
+    with pytest.raises(ValueError, match=f"did not write \\({hidden}\\)"):
+        check_writable(tmp_path)
+
+
+def test_run_outputs_keep_a_users_file_and_replace_their_own(tmp_path):
+    (tmp_path / "metrics.json").write_text("the user's")
+    with pytest.warns(UserWarning, match=r"already holds metrics\.json, which mpotn did not"):
+        assert write_output(tmp_path / "metrics.json", "{}") is None
+    assert (tmp_path / "metrics.json").read_text() == "the user's"
+    assert write_output(tmp_path / "history.csv", "a") == tmp_path / "history.csv"
+    assert write_output(tmp_path / "history.csv", "b") == tmp_path / "history.csv"
+    assert (tmp_path / "history.csv").read_text() == "b"
+    assert written_files(tmp_path) == {"history.csv"}
+
+
+def test_a_compress_run_folder_lists_every_file_and_can_be_written_again(tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    args = ["compress", str(tiny_bert), "--targets", "ffn", "--no-calibrate", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    own = written_files(out)
+    weights = json.loads((out / CONFIG_NAME).read_text())["weights"]
+    assert {CONFIG_NAME, weights, "config.json", "report.md", "report.json",
+            "errors.png"} <= own
+    assert foreign_files(out) == []
+    assert main(args) == 0  # a second run replaces the first without --overwrite
+    assert foreign_files(out) == []
+    assert len(list(out.glob("model-*.safetensors"))) == 1
