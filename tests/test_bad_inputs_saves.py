@@ -262,6 +262,16 @@ def test_load_never_imports_the_module_a_save_names(saved, tmp_path, monkeypatch
     assert not any(name == "evil" or name.startswith("evil.") for name in sys.modules)
 
 
+@pytest.mark.parametrize("key", ["attn_implementation", "_attn_implementation_internal"])
+def test_load_never_fetches_an_attention_kernel_a_save_names(saved, key):
+    edit(saved, lambda c: c["base_model"]["config"].__setitem__(
+        key, "kernels-community/flash-attn2"))
+    as_older_save(saved)  # re-signed: only the kernel refusal stands in the way
+    with pytest.raises(ValueError, match=r"names the attention code 'kernels-community/"
+                                         r"flash-attn2' to fetch from the Hub"):
+        load(saved)
+
+
 def test_load_refuses_a_transformers_name_that_is_not_a_model_class(saved):
     edit(saved, lambda c: c["base_model"].update({"module": "transformers", "class": "pipeline"}))
     with pytest.raises(ValueError, match=r"transformers\.pipeline, which is not one of "

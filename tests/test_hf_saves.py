@@ -89,3 +89,52 @@ def test_a_missing_hub_id_offline_and_a_revision_for_a_folder_are_clear_errors(s
         load("no-such-user/no-such-model")
     with pytest.raises(ValueError, match=r"revision='main' applies to Hub ids"):
         load(saved[0], revision="main")
+
+
+def hub_cache_snapshot(folder, cache, repo_id: str):
+    """``folder`` laid out as the Hub client caches a download: ``snapshots/<revision>/file``
+    links to ``../../blobs/<sha256>``; returns the repository's cache folder."""
+    import hashlib
+    import os
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, repo / "blobs" / blob)
+        os.symlink(f"../../blobs/{blob}", snapshot / file.name)
+    return repo
+
+
+def test_a_hub_id_in_the_real_cache_layout_loads_offline(saved, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    folder, compressed = saved
+    hub_cache_snapshot(folder, tmp_path, "someone/gpt2-mpo")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ids = torch.tensor([[5, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(load("someone/gpt2-mpo")(input_ids=ids).logits,
+                                   compressed.eval()(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_a_config_that_links_out_of_the_folder_is_refused(saved, tmp_path):
+    import os
+    import shutil
+
+    folder, _ = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (tmp_path / "elsewhere.json").write_bytes((copy / "mpotn_config.json").read_bytes())
+    (copy / "mpotn_config.json").unlink()
+    os.symlink(tmp_path / "elsewhere.json", copy / "mpotn_config.json")
+    with pytest.raises(ValueError, match=r"names 'mpotn_config\.json', which is not a file "
+                                         r"inside"):
+        load(copy)

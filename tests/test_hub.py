@@ -124,3 +124,16 @@ def test_cli_push_options_are_checked_before_compressing(hub, tmp_path, capsys, 
     assert main(["compress", "--out", str(tmp_path / "out"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and hub.calls == []
+
+
+def test_push_deletes_only_remote_weights_named_as_mpotn_names_them(monkeypatch):
+    from huggingface_hub import HfApi
+
+    remote = ["README.md", ".gitattributes", "model-uncompressed.safetensors",
+              "model-distilled-v2.safetensors", "model-00001-of-00002.safetensors",
+              "model-8d5288f0b3aa.safetensors"]
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda self, *a, **k: remote)
+    deletions = HfApi()._prepare_folder_deletions(  # huggingface_hub's own planner
+        repo_id="me/m", repo_type="model", revision=None, path_in_repo="",
+        delete_patterns=[OLD_WEIGHTS])
+    assert [op.path_in_repo for op in deletions] == ["model-8d5288f0b3aa.safetensors"]

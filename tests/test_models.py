@@ -170,3 +170,17 @@ def test_a_task_model_pads_with_the_id_its_tokenizer_pads_with(tmp_path):
                                bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
     model, tokenizer = prepare_model(tmp_path, sst2_sample(), TrainingConfig(strategy="full"))
     assert tokenizer.pad_token is None and model.config.pad_token_id == 3
+
+
+def test_a_folder_without_a_tokenizer_is_a_clear_error_not_an_empty_tokenizer(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from mpotn.compression.models import load_tokenizer
+
+    BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=48)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"holds no tokenizer \(none of tokenizer\.json, "
+                                         r"tokenizer_config\.json.*save the tokenizer beside"):
+        load_tokenizer(tmp_path)
+    load_tokenizer().save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path)("a great movie")["input_ids"] == [101, 1037, 2307, 3185, 102]

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
 
     from mpotn.atomic import check_writable, write_output
     from mpotn.compression import is_saved_model, load
-    from mpotn.compression.models import load_pretrained, load_tokenizer
+    from mpotn.compression.models import has_tokenizer, load_pretrained, load_tokenizer
     from mpotn.data.texts import texts
     from mpotn.devices import check_device, resolve_device
     from mpotn.finetune.heal import HealConfig, heal, write_heal
@@ -108,8 +108,7 @@ def run(args: argparse.Namespace) -> None:
                          "mpotn compress)")
     student = load(args.model)
     teacher = load_pretrained(args.teacher)  # with its head: a causal LM's perplexity
-    own = (Path(args.model) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(args.model if own else args.teacher)
+    tokenizer = load_tokenizer(args.model if has_tokenizer(args.model) else args.teacher)
     sentences = texts(args.texts, samples=args.samples, data_dir=args.data_dir,
                       seed=config.seed)
     probe = before = None

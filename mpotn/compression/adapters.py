@@ -165,7 +165,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
 
 
 def _read_adapter_config(directory: Path) -> dict[str, Any]:
-    path = directory / ADAPTER_NAME
+    path = resolve_inside(directory, ADAPTER_NAME, str(directory))
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -27,8 +27,9 @@ from typing import Any
 
 from mpotn.compression.serialization import HUB_ID, is_hub_name, save
 
-#: Remote files an upload may replace: the weights of earlier mpotn pushes.
-OLD_WEIGHTS = "model-????????????.safetensors"
+#: Remote files an upload may replace: the weights of earlier mpotn pushes (``model-`` and
+#: 12 lowercase hex digits, as a save names them).
+OLD_WEIGHTS = "model-" + "[0-9a-f]" * 12 + ".safetensors"
 
 
 def _original_id(model: Any) -> str | None:

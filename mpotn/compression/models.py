@@ -169,16 +169,40 @@ def load_classifier(
     return model
 
 
+#: Files a saved tokenizer consists of (one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether the local ``folder`` holds a saved tokenizer (one of
+    [TOKENIZER_FILES][mpotn.compression.models.TOKENIZER_FILES])."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
     """The tokenizer of a model (``transformers.AutoTokenizer``); ``None``: the embedded one.
 
     A folder holding only a saved tokenizer (``tokenizer_config.json``, as in
     the ``model/`` folder of a fine-tuning run) works too.
+
+    Raises
+    ------
+    ValueError
+        When there is no tokenizer: a local folder without tokenizer files
+        (transformers would hand back an empty one that reads every word as
+        unknown), or one the Hub or cache cannot give.
     """
     from transformers import AutoTokenizer
 
     saved = name_or_path is not None and (Path(name_or_path) / "tokenizer_config.json").is_file()
     source = str(name_or_path) if saved else resolve_model(name_or_path)
+    if Path(source).is_dir() and not has_tokenizer(source):
+        raise ValueError(
+            f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+            "tokenizer beside the model (save_pretrained(folder, tokenizer=tokenizer), or "
+            "tokenizer.save_pretrained(folder)), or copy the original model's tokenizer "
+            "files into it")
     try:
         return AutoTokenizer.from_pretrained(source)
     except OSError as error:

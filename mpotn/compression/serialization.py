@@ -305,12 +305,23 @@ def is_saved_model(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
+def _places(folder: Path) -> set[Path]:
+    """Where the files of ``folder`` may really be: the folder itself and, for a snapshot of
+    the Hugging Face cache (``<repo>/snapshots/<revision>``, whose files are symbolic
+    links to ``<repo>/blobs/<sha>``), that repository's ``blobs`` folder."""
+    places = {folder.resolve()}
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        places.add((folder.parent.parent / "blobs").resolve())
+    return places
+
+
 def resolve_inside(folder: Path, name: Any, source: str) -> Path:
     """``folder / name`` for a name read from ``source``, refused unless it is a plain name
     that resolves inside ``folder`` (no separators, no ``..``, no absolute path, no
-    symbolic link that leads out)."""
+    symbolic link that leads out -- except, in a Hugging Face cache snapshot, to the
+    repository's own ``blobs``)."""
     if (not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name
-            or (folder / name).resolve().parent != folder.resolve()):
+            or (folder / name).resolve().parent not in _places(folder)):
         raise ValueError(f"{source} names {name!r}, which is not a file inside {folder}; "
                          f"{_FIX}")
     return folder / name
@@ -366,6 +377,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"{directory} is not an mpotn save: it has no {CONFIG_NAME} (save one with "
             "MPOModel.save_pretrained or `mpotn compress --out`)"
         )
+    resolve_inside(directory, CONFIG_NAME, str(directory))
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as error:
@@ -484,6 +496,18 @@ def _model_class(spec: dict[str, Any], path: Path) -> type[nn.Module]:
     return cls
 
 
+def _hub_kernels(settings: Any) -> list[str]:
+    """Attention implementations in a config (and its sub-configs) that name code to fetch --
+    a Hub kernel (``org/repo``), which transformers would download and import."""
+    if isinstance(settings, list):
+        return [kernel for value in settings for kernel in _hub_kernels(value)]
+    if not isinstance(settings, dict):
+        return []
+    found = [value for key, value in settings.items() if "attn_implementation" in str(key)
+             and isinstance(value, str) and ("/" in value or ":" in value)]
+    return found + [kernel for value in settings.values() for kernel in _hub_kernels(value)]
+
+
 def _base_model(spec: dict[str, Any] | None, model: nn.Module | None, path: Path) -> nn.Module:
     if model is not None:
         return model
@@ -492,6 +516,11 @@ def _base_model(spec: dict[str, Any] | None, model: nn.Module | None, path: Path
             "this save was made from a model without a Hugging Face config; pass an "
             "uncompressed instance of its architecture as load(directory, model=...)"
         )
+    kernels = _hub_kernels(spec.get("config"))
+    if kernels:
+        raise ValueError(f"{path}: the base model's config names the attention code "
+                         f"{kernels[0]!r} to fetch from the Hub, and loading a save runs no "
+                         f"code from elsewhere; {_FIX}")
     cls = _model_class(spec, path)
     try:  # parameters without memory (meta); the weights file fills them
         with init_empty_weights(include_buffers=False):
