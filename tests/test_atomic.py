@@ -41,11 +41,10 @@ def test_a_manifest_entry_that_is_not_a_plain_name_is_ignored(tmp_path, entry):
 
 def test_a_merge_keeps_a_users_file_of_the_same_name_and_warns(tmp_path):
     (tmp_path / "config.json").write_text("the user's")
-    with pytest.warns(UserWarning, match=r"already holds config\.json, which mpotn did not "
-                                         r"write: kept as they are"):
-        with atomic_dir(tmp_path, overwrite=True) as tmp:
-            (tmp / "config.json").write_text("mpotn's")
-            (tmp / "weights.bin").write_text("mpotn's")
+    kept = r"already holds config\.json, which mpotn did not write: kept as they are"
+    with pytest.warns(UserWarning, match=kept), atomic_dir(tmp_path, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("mpotn's")
+        (tmp / "weights.bin").write_text("mpotn's")
     assert (tmp_path / "config.json").read_text() == "the user's"
     assert written_files(tmp_path) == {"weights.bin"}
     with atomic_dir(tmp_path, overwrite=True) as tmp:  # drops only what mpotn wrote
@@ -60,9 +59,8 @@ def test_a_symbolic_link_as_the_target_is_refused_and_left_alone(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(real)
     with pytest.raises(ValueError, match=r"link is a symbolic link; write into the folder it "
-                                         r"points to"):
-        with atomic_dir(link) as tmp:
-            (tmp / "x").write_text("x")
+                                         r"points to"), atomic_dir(link) as tmp:
+        (tmp / "x").write_text("x")
     assert link.is_symlink() and names(real) == ["data.bin"]
     assert names(tmp_path) == ["link", "real"]
 

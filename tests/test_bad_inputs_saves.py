@@ -6,8 +6,8 @@ a save writes or removes) or ``test_load_*`` (what reading a save or a checkpoin
 """
 
 import json
-import re
 import os
+import re
 import shutil
 import sys
 

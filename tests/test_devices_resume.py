@@ -190,8 +190,8 @@ def test_cli_resume_without_a_checkpoint_exits_2_before_loading(capsys, tmp_path
     code = main(["finetune", "--resume", "--out", str(tmp_path / "new")])
     assert code == 2
     err = capsys.readouterr().err
-    assert (f"nothing to resume: {tmp_path / 'new' / 'checkpoints'} holds no complete fine-tuning "
-            "checkpoint") in err and "run without --resume" in err
+    assert (f"nothing to resume: {tmp_path / 'new' / 'checkpoints'} holds no fine-tuning run "
+            "(its finetune_state.json)") in err and "run without --resume" in err
 
 
 def test_cli_run_into_checkpoints_exits_2_and_deletes_nothing(capsys, tmp_path, monkeypatch):
@@ -370,8 +370,7 @@ def test_resume_and_fresh_runs_refuse_the_wrong_folder(tiny_bert, data, tmp_path
     config = TrainingConfig(strategy="full", max_steps=3, batch_size=8, train_limit=32,
                             eval_limit=8)
     model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
-    with pytest.raises(ValueError, match=r"nothing to resume: .* holds no complete fine-tuning "
-                                         r"checkpoint"):
+    with pytest.raises(ValueError, match=r"nothing to resume: .* holds no fine-tuning run"):
         finetune(model, tokenizer, data, config, progress=False, out=tmp_path, resume=True)
     with pytest.raises(ValueError, match="resume needs out"):
         finetune(model, tokenizer, data, config, progress=False, resume=True)
@@ -394,6 +393,15 @@ def test_resume_and_fresh_runs_refuse_the_wrong_folder(tiny_bert, data, tmp_path
     resumed = finetune(model, tokenizer, data, moved, progress=False, out=tmp_path,
                        resume=True)
     assert resumed.record["steps"] == 3 and resumed.record["resumed_from"] == "checkpoint-3"
+    # stopped while writing its first checkpoint (the Trainer writes trainer_state.json
+    # last): a fresh run refuses the folder, a resumed one starts again at step 0
+    (tmp_path / "checkpoints" / "checkpoint-3" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="already holds checkpoints of a run"):
+        finetune(model, tokenizer, data, config, progress=False, out=tmp_path)
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    again = finetune(model, tokenizer, data, config, progress=False, out=tmp_path, resume=True)
+    assert again.record["steps"] == 3 and "resumed_from" not in again.record
+    assert again.record["loss"] == pytest.approx(done.record["loss"], rel=1e-5)
 
 
 # -------------------------------------------------- saved runs of earlier versions resume

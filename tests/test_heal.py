@@ -111,6 +111,13 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(models, sen
     ours, theirs = state(resumed.model), state(whole.model)
     assert all(torch.allclose(ours[k], theirs[k], rtol=1e-6, atol=1e-7) for k in ours)
     assert not all(torch.equal(ours[k], v) for k, v in state(original).items())
+    # killed while writing its first checkpoint (trainer_state.json comes last): a resumed
+    # run starts again at step 0 and ends where an uninterrupted one does
+    for name in ("checkpoint-3", "checkpoint-6"):
+        (run / "checkpoints" / name / "trainer_state.json").unlink()
+    again = heal(copy.deepcopy(original), teacher, tokenizer, sentences, config, out=run,
+                 resume=True, progress=False)
+    assert again.steps == 6 and again.mse_after == pytest.approx(whole.mse_after, rel=1e-5)
     with pytest.raises(ValueError, match="texts differ"):
         heal(copy.deepcopy(original), teacher, tokenizer, sentences[1:], config, out=run,
              resume=True, progress=False)

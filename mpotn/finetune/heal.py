@@ -475,9 +475,9 @@ def _select(model: nn.Module, train: str) -> list[nn.Parameter]:
 
 def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealConfig:
     state = checkpoints / STATE_NAME
-    if not state.is_file() or last_checkpoint(checkpoints) is None:
-        raise ValueError(f"nothing to resume: {checkpoints} holds no complete healing "
-                         "checkpoint; run without resume (--resume)")
+    if not state.is_file():
+        raise ValueError(f"nothing to resume: {checkpoints} holds no healing run (its "
+                         f"{STATE_NAME}); run without resume (--resume)")
     saved = json.loads(state.read_text())
     if saved["texts_sha256"] != digest:
         raise ValueError(f"the texts differ from those of the run checkpointed in {checkpoints}; "

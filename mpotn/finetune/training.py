@@ -540,16 +540,16 @@ def resume_checkpoint(out: str | os.PathLike | None, resume: bool) -> str | None
             raise ValueError("resume needs out, the folder of the run to continue (--out)")
         return None
     checkpoints = Path(out) / "checkpoints"
-    last = last_checkpoint(checkpoints)
-    if resume and (last is None or not (checkpoints / FINETUNE_STATE).is_file()):
-        raise ValueError(f"nothing to resume: {checkpoints} holds no complete fine-tuning "
-                         "checkpoint (a checkpoint-N folder with its " + STATE_FILE + ", and "
-                         + FINETUNE_STATE + "); run without --resume")
-    started = None if resume else last_checkpoint(checkpoints, complete=False)
+    if resume:
+        if not (checkpoints / FINETUNE_STATE).is_file():
+            raise ValueError(f"nothing to resume: {checkpoints} holds no fine-tuning run (its "
+                             f"{FINETUNE_STATE}); run without --resume")
+        return last_checkpoint(checkpoints)  # None: stopped before a complete checkpoint
+    started = last_checkpoint(checkpoints, complete=False)
     if started is not None:
         raise ValueError(f"{out} already holds checkpoints of a run ({started}); pass "
                          "--resume (resume=True) to continue it, or choose another --out")
-    return last
+    return None
 
 
 def last_checkpoint(checkpoints: str | os.PathLike, complete: bool = True) -> str | None:
