@@ -104,6 +104,27 @@ LARGE_ELEMENT_COST = 1.5e-9
 LARGE_ARRAY = 2**23
 
 
+def autocast_operands(x: torch.Tensor, tensors: Sequence[torch.Tensor]
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``x`` and ``tensors`` as a matmul takes them: in the autocast dtype inside
+    ``torch.autocast`` on ``x``'s device (gradients flow through the casts), unchanged
+    outside it.
+
+    Examples
+    --------
+    >>> x, cores = torch.ones(2, 3), [torch.ones(3, 4)]
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     x, cores = autocast_operands(x, cores)
+    >>> x.dtype, cores[0].dtype
+    (torch.bfloat16, torch.bfloat16)
+    """
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return x, list(tensors)
+    dtype = torch.get_autocast_dtype(kind)
+    return x.to(dtype), [t.to(dtype) for t in tensors]
+
+
 def step_seconds(flops: int, elements: int, summed: int) -> float:
     """Modeled time of one pairwise contraction step."""
     return flops / (PEAK * summed / (summed + K0)) + ELEMENT_COST * elements + STEP_COST
@@ -419,6 +440,7 @@ class Contractor:
         into, out = self._sides(over)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        x, cores = autocast_operands(x, cores)
         if x.dtype != cores[0].dtype or x.device != cores[0].device:
             raise ValueError(
                 f"input is {x.dtype} on {x.device} but the cores are {cores[0].dtype} on "

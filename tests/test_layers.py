@@ -160,3 +160,53 @@ def test_every_layer_describes_itself_and_the_registry_rebuilds_it():
         assert all(p.dtype == torch.float64 for p in again.parameters())
     with pytest.raises(ValueError, match="unknown layer kind 'lora'; known: linear, embedding"):
         layer_from_spec({"kind": "lora"})
+
+
+@pytest.mark.parametrize("method", ["contract", "rebuild"])
+def test_mpo_and_factorized_layers_under_autocast_compute_in_its_dtype_as_nn_linear_does(method):
+    from mpotn.layers import FactorizedLinear
+    from mpotn.methods import decompose
+
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 96)
+    mpo = MPOLinear.from_linear(dense, n=3)  # full rank: the same map
+    tt = FactorizedLinear(decompose(dense.weight.detach().T, "tt", n=3), bias=True)
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        exact = {"mpo": mpo(x), "mpo-forced": mpo(x), "tt": tt(x), "bf16 input": mpo(x)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dense(x).dtype == torch.bfloat16
+        forced = mpo.contractor.apply(x.bfloat16(), list(mpo.cores), method=method) + mpo.bias
+        outputs = {"mpo": mpo(x), "mpo-forced": forced, "tt": tt(x),
+                   "bf16 input": mpo(x.bfloat16())}
+    for name, y in outputs.items():
+        assert y.dtype == (torch.float32 if name == "mpo-forced" else torch.bfloat16), name
+        scale = float(exact[name].abs().max())
+        assert float((y.detach().float() - exact[name]).abs().max()) < 0.02 * scale, name
+    outputs["mpo"].float().sum().backward()
+    assert all(core.grad is not None and core.grad.dtype == torch.float32 for core in mpo.cores)
+
+
+def test_a_weight_cached_under_inference_mode_is_not_reused_for_autograd():
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(16, 24), n=2).eval()
+    layer.freeze_cores() if hasattr(layer, "freeze_cores") else layer.requires_grad_(False)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        before = layer(x)
+    x.requires_grad_(True)
+    after = layer(x)  # eval mode, cores frozen: the cached weight, not an inference tensor
+    after.sum().backward()
+    assert torch.equal(after.detach(), before)
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_clear_cache_after_an_edit_through_data_serves_the_new_weight():
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(16, 24), n=2).eval().requires_grad_(False)
+    x = torch.randn(3, 16)
+    before = layer(x)
+    layer.cores[1].data.mul_(0)  # not counted as a change by PyTorch
+    layer.clear_cache()
+    assert torch.equal(layer(x), layer.bias.expand(3, -1))
+    assert not torch.equal(before, layer(x))

@@ -127,7 +127,7 @@ class FactorizedLinear(_FactorizedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.network().apply(x)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # as under autocast
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -13,7 +13,9 @@ it for saves (see [mpotn.layers][]).
 
 In eval mode, when no gradient is needed, the rebuilt weight is cached and
 reused until a core changes (an optimizer step, ``load_state_dict``, or any
-in-place edit).
+in-place edit of a core; an edit through ``core.data`` bypasses the version
+counter PyTorch keeps, so call ``clear_cache()`` after one). A weight cached
+under ``torch.inference_mode`` is used only there.
 
 [MPOLinear][mpotn.layers.mpo.MPOLinear]'s forward pass chooses between contracting the input with
 the cores and rebuilding the weight (one fused matmul with the bias), once
@@ -231,14 +233,20 @@ class _MPOWeight(MPOStructure, nn.Module):
         if not self._cache_usable(cores):
             self._cache = None
             return self.contractor.rebuild(cores)
-        key = tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in cores)
+        key = (torch.is_inference_mode_enabled(),
+               *((c.data_ptr(), c._version, c.dtype, c.device) for c in cores))
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, self.contractor.rebuild(cores))
         return self._cache[1]
 
+    def clear_cache(self) -> None:
+        """Drop the weight cached in eval mode (needed only after editing a core through
+        ``.data``, which PyTorch does not count as a change)."""
+        self._cache = None
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self._cache = None  # .to(), .half(), ... invalidate the cached matrix
+        self.clear_cache()  # .to(), .half(), ... invalidate the cached matrix
         return super()._apply(fn, recurse)
 
 
@@ -377,7 +385,7 @@ class MPOLinear(_MPOWeight):
         if method == "rebuild":  # one fused GEMM with the bias, as nn.Linear does
             return nn.functional.linear(x, self.matrix().mT, self.bias)
         y = self.contractor.apply(x, cores, method="contract")
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # as under autocast
 
     def extra_repr(self) -> str:
         return (
@@ -609,7 +617,7 @@ class TiedMPOLinear(nn.Module):
         if method == "rebuild" or embedding._cache_usable(cores):
             return nn.functional.linear(x, embedding.matrix(), self.bias)
         y = embedding.contractor.apply(x, cores, over="cols", method="contract")
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # as under autocast
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

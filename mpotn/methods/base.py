@@ -21,7 +21,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from mpotn.contraction import compiled
+from mpotn.contraction import autocast_operands, compiled
 from mpotn.network import graph_equation, graph_to_networkx
 from mpotn.shapes import Factorization, plan_side
 from mpotn.truncation import TruncationPolicy
@@ -159,6 +159,7 @@ class FactorNetwork:
         fewer FLOPs (opt_einsum's count); ``tensors`` as in
         [rebuild][mpotn.methods.base.FactorNetwork.rebuild]."""
         tensors = list(self.nodes.values()) if tensors is None else tensors
+        x, tensors = autocast_operands(x, tensors)
         lead, batch = x.shape[:-1], math.prod(x.shape[:-1])
         shapes = tuple(tuple(t.shape) for t in tensors)
         contract = compiled(self.apply_equation(), ((batch, *self.row.factors), *shapes))
