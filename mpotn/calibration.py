@@ -46,6 +46,7 @@ True
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,8 +147,12 @@ def kronecker_factors(covariance: torch.Tensor, row: Factorization, iterations: 
         vectors = [torch.eye(i, dtype=torch.float64, device=cov.device).reshape(-1)
                    for i in sizes]
     norm = float(tensor.norm())
-    if norm == 0:
-        raise ValueError("covariance is zero: the calibration inputs never reached this layer")
+    if norm == 0:  # every input was zero: any fit has zero output error; whiten by nothing
+        warnings.warn("the covariance is zero (the layer's calibration inputs were all zero): "
+                      "its whitening is the identity, so its fit minimises the weight error",
+                      stacklevel=2)
+        return KroneckerCovariance(tuple(v if cov.dim() == 1 else v.reshape(i, i)
+                                         for v, i in zip(vectors, sizes)), 1.0)
     for k in range(n):  # partial traces: a start with the right sign
         vectors[k] = _contract_except(tensor, vectors, k)
         vectors[k] = vectors[k] / vectors[k].norm()

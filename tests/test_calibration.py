@@ -161,8 +161,17 @@ def test_diagonal_covariance_weights_rows():
 @pytest.mark.parametrize("covariance, message", [
     (torch.eye(5), r"shape \(4, 4\) or \(4,\)"),
     (torch.full((4, 4), float("nan")), "NaN"),
-    (torch.zeros(4, 4), "never reached"),
 ])
 def test_bad_covariance_is_a_clear_error(covariance, message):
     with pytest.raises(ValueError, match=message):
         calibrated_mpo(torch.randn(4, 6), covariance, 2, (4, 1), (1, 6))
+
+
+def test_a_zero_covariance_fits_the_weights_with_a_warning_instead_of_failing():
+    torch.manual_seed(0)
+    matrix = torch.randn(12, 20, dtype=torch.float64)
+    zero = torch.zeros(12, 12, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"covariance is zero .* minimises the weight error"):
+        fit = calibrated_mpo(matrix, zero, row_shape=(12, 1), col_shape=(1, 20), max_bond=4)
+    plain = MPO.from_matrix(matrix, 2, (12, 1), (1, 20)).truncate(max_bond=4)
+    assert torch.allclose(fit.mpo.to_matrix(), plain.to_matrix(), atol=1e-10)
