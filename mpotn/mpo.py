@@ -68,6 +68,7 @@ from mpotn.truncation import (
     dims_for_budget,
     dims_for_tolerance,
     params_of,
+    ratio_params,
     uniform_dims_for_budget,
 )
 from mpotn.types import (
@@ -675,7 +676,7 @@ class MPO(MPOStructure):
                         f"ratio {ratio:g} is below the smallest MPO of this shape "
                         f"(ratio {self.smallest_ratio:.3g}, every bond at 1); ask for more"
                     )
-                params = math.floor(ratio * self.padded_shape[0] * self.padded_shape[1])
+                params = ratio_params(ratio, self.padded_shape[0] * self.padded_shape[1])
             if policy.allocation == "optimal":
                 dims = dims_for_budget(self.singular_values, current, local, params)
             else:

@@ -41,6 +41,7 @@ import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -70,6 +71,18 @@ def _finite(key: str, value: Any, rule: str) -> float:
     if not _is_real(value) or not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number {rule}, got {value!r}")
     return float(value)
+
+
+def ratio_params(ratio: float, entries: int) -> int:
+    """The parameter budget of a compression ratio: ``floor(rho * entries)``, computed on
+    the decimal ``rho`` is written as, so that rounding cannot lose a parameter.
+
+    Examples
+    --------
+    >>> 0.3 * 96 * 120, ratio_params(0.3, 96 * 120)
+    (3455.9999999999995, 3456)
+    """
+    return math.floor(Fraction(repr(float(ratio))) * entries)
 
 
 @dataclass(frozen=True)

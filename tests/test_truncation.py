@@ -198,3 +198,20 @@ def test_budget_too_small_for_uniform_is_an_error(real):
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="below the smallest MPO"):
             mpo.truncate(params=5, allocation="uniform")
+
+
+def test_a_ratio_budget_loses_no_parameter_to_float_rounding_on_any_path():
+    from torch import nn
+
+    from mpotn.compression import compress
+    from mpotn.truncation import ratio_params
+
+    assert 0.3 * 96 * 120 < 3456 and ratio_params(0.3, 96 * 120) == 3456
+    torch.manual_seed(0)
+    matrix = torch.randn(96, 120, dtype=torch.float64)
+    assert MPO.from_matrix(matrix, 2, (96, 1), (1, 120)).truncate(ratio=0.3).bond_dims == (
+        1, 16, 1)
+    for structure in ("svd", "auto"):
+        model = compress(nn.Sequential(nn.Linear(96, 120)), targets=["0"], ratio=0.3,
+                         structure=structure, progress=False)
+        assert model.base_model[0].bond_dims == (1, 16, 1), structure

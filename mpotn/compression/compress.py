@@ -74,7 +74,7 @@ from mpotn.layers import (
 from mpotn.methods import decompose, svd_shapes
 from mpotn.mpo import MPO, _compute_dtype
 from mpotn.table import Table
-from mpotn.truncation import TruncationPolicy
+from mpotn.truncation import TruncationPolicy, ratio_params
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
@@ -246,7 +246,7 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
     for t in targets:
         settings = t.settings
         if settings["structure"] == "auto":  # equal parameter counts for both structures
-            params = settings["params"] or int(settings["ratio"] * t.matrix.numel())
+            params = settings["params"] or ratio_params(settings["ratio"], t.matrix.numel())
             reachable = [c for c in candidates[t.name] if c.full.smallest_params <= params]
             if reachable:  # a structure that cannot get down to params is not a candidate
                 candidates[t.name][:] = reachable
@@ -277,7 +277,8 @@ def _model_budget(paths: list[Path], entries: int, config: CompressionConfig
                   ) -> dict[str, TruncationPolicy]:
     """``budget="model"``: one budget (``params``, or ``ratio`` of the targets' ``entries``)
     spent over every target's ``paths``, as each target's policy."""
-    budget = config.params if config.params is not None else int(config.ratio * entries)
+    budget = (config.params if config.params is not None
+              else ratio_params(config.ratio, entries))
     cuts = spend(paths, budget)
     return {p.name: TruncationPolicy(params=p.params_after(cuts[p.name])) for p in paths}
 

@@ -59,6 +59,7 @@ from mpotn.compression.compress import compress, refuse_compressed
 from mpotn.compression.config import CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel
 from mpotn.linalg import sparsity_aware_svd
+from mpotn.truncation import ratio_params
 from mpotn.types import FACTORIZE_FITS
 
 
@@ -166,4 +167,4 @@ def svd_rank(rows: int, cols: int, ratio: float) -> int:
     >>> svd_rank(384, 1536, 0.25), svd_rank(8, 8, 0.01)
     (76, 1)
     """
-    return max(1, int(ratio * rows * cols) // (rows + cols))
+    return max(1, ratio_params(ratio, rows * cols) // (rows + cols))

@@ -3,7 +3,6 @@ shared by every factor."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -16,6 +15,7 @@ from mpotn.methods.base import (
     register,
     tensorly_torch,
 )
+from mpotn.truncation import ratio_params
 
 #: The most work [cp_method][mpotn.methods.cp.cp_method] starts by default, in multiply-adds
 #: of its ALS sweeps (see [als_work][mpotn.methods.cp.als_work]): about a minute on one core
@@ -65,7 +65,7 @@ def cp_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
     if rank is None:
         if ratio is None:
             raise ValueError("cp has no exact rank to default to: give rank or ratio")
-        rank = max(1, math.floor(ratio * matrix.numel() / per_rank))
+        rank = max(1, ratio_params(ratio, matrix.numel()) // per_rank)
     limit = MAX_WORK if max_work is None else max_work
     work = als_work(tensor.numel(), n, rank, iterations)
     if work > limit:

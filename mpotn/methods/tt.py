@@ -16,6 +16,7 @@ from mpotn.methods.base import (
     register,
     tensorly_torch,
 )
+from mpotn.truncation import ratio_params
 
 
 @register("tt")
@@ -41,7 +42,8 @@ def tt_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
 
     top = max(ranks(tensor.numel()))
     if rank is None:
-        rank = top if ratio is None else _largest_rank(params, ratio * matrix.numel(), top)
+        budget = None if ratio is None else ratio_params(ratio, matrix.numel())
+        rank = top if budget is None else _largest_rank(params, budget, top)
     with tensorly_torch():
         factors = tensor_train(tensor, rank=ranks(rank)).factors
     legs_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]

@@ -16,6 +16,7 @@ from mpotn.methods.base import (
     register,
     tensorly_torch,
 )
+from mpotn.truncation import ratio_params
 
 
 @register("tucker")
@@ -36,8 +37,8 @@ def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = Non
         return math.prod(d) + sum(size * dk for size, dk in zip(modes, d))
 
     if rank is None:
-        rank = max(modes) if ratio is None else _largest_rank(params, ratio * matrix.numel(),
-                                                             max(modes))
+        budget = None if ratio is None else ratio_params(ratio, matrix.numel())
+        rank = max(modes) if budget is None else _largest_rank(params, budget, max(modes))
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0 (0: HOSVD), got {iterations}")
     with tensorly_torch():
