@@ -22,7 +22,9 @@ leg. Bond dimensions and parameter counts are exactly those of a plain MPO.
 
 With the trivial factorization ``(I, 1) x (1, J)`` ($n = 2$, the plain SVD)
 the Kronecker approximation is exact ($C_1 = C$) and this is SVD-LLM's
-truncation-aware whitening: the optimum of Eq. 7 at each rank.
+truncation-aware whitening: the optimum of Eq. 7 at each rank for the damped
+covariance $C + \delta I$ (``damp`` below; without damping a singular $C$ has
+no Cholesky factor).
 
 A covariance is either dense (``I x I``) or diagonal (a vector of length
 ``I``): an embedding lookup's inputs are one-hot rows, so its ``C`` is the

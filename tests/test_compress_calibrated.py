@@ -400,3 +400,17 @@ def test_a_floored_ratio_is_one_warning_at_the_users_call(memory):
     floored = [w for w in caught if "cannot reach their ratio" in str(w.message)]
     assert len(floored) == 1 and floored[0].filename == __file__
     assert str(floored[0].message).startswith("8 matrices cannot reach their ratio")
+
+
+@pytest.mark.parametrize("structure", ["svd", "mpo"])
+def test_a_calibrated_fit_reports_the_entropy_of_the_original_matrix(structure):
+    model, batches = toy_model_and_inputs()
+    plain_model, _ = toy_model_and_inputs()
+    options = {"targets": ["inner.0", "inner.2"], "structure": structure, "ratio": 0.4,
+               "progress": False, **({"n": 3, "fit": "whiten"} if structure == "mpo" else {})}
+    calibrated = mpotn.compress(Wrapper(model), calibration=batches, **options)
+    plain = mpotn.compress(Wrapper(plain_model), **options)
+    ours, theirs = calibrated.report(), plain.report()
+    assert [r["calibration"] for r in ours] == ["whitened", "whitened"]
+    assert [r["central_entropy"] for r in ours] == pytest.approx(
+        [r["central_entropy"] for r in theirs], rel=1e-9)

@@ -72,7 +72,7 @@ from mpotn.layers import (
     TiedMPOLinear,
 )
 from mpotn.methods import decompose, svd_shapes
-from mpotn.mpo import MPO, _compute_dtype
+from mpotn.mpo import MPO, _compute_dtype, bond_entropy
 from mpotn.table import Table
 from mpotn.truncation import TruncationPolicy, ratio_params
 
@@ -287,6 +287,7 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
             error: float, tied: list[str]) -> dict[str, Any]:
     matrix, full = target.matrix, candidate.full
     whitened = candidate.whitening is not None
+    fitted_other = whitened or target.paired is not None  # full is not the MPO of M
     if target.covariance is None:
         calibration = "none"
     else:
@@ -305,10 +306,12 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
         "params": sum(c.numel() for c in layer.cores),
         "original_params": matrix.numel(),
         "ratio": layer.compression_ratio,
-        "central_entropy": full.entropy(full.central_bond),
+        # Eq. 6 of M: a whitened (or compensated) fit's own spectra are not M's
+        "central_entropy": (full.entropy(full.central_bond) if not fitted_other
+                            else bond_entropy(target.matrix, full.row, full.col,
+                                              full.central_bond)),
         # Eq. 4 bounds the weight error of the matrix fitted: not M's when that was M*
-        "relative_bound": (None if whitened or target.paired is not None
-                           else cut.error_bound / (full.norm or 1.0)),
+        "relative_bound": None if fitted_other else cut.error_bound / (full.norm or 1.0),
         "relative_error": error if target.covariance is None else target.weight_error(mpo),
         "calibration": calibration,
         "output_error": error if target.covariance is not None else None,
