@@ -507,3 +507,24 @@ def test_cli_policy_dry_run_describes_the_validated_policy(capsys, tmp_path):
     assert main(["compress", "--targets", "ffn", "--tol", "0.25", "--dry-run", "--no-calibrate",
                  "--out", str(tmp_path / "o")]) == 0
     assert capsys.readouterr().out.count("tol=0.25") == 12
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"lr": -1e-3}, r"lr must be a finite number > 0 \(or None: the default\), got -0\.001"),
+    ({"central_lr": 0.0}, r"central_lr must be a finite number > 0"),
+    ({"auxiliary_lr": float("nan")}, r"auxiliary_lr must be a finite number > 0"),
+    ({"weight_decay": -0.1}, r"weight_decay must be >= 0 and warmup_ratio in \[0, 1\)"),
+    ({"warmup_ratio": 1.0}, r"weight_decay must be >= 0 and warmup_ratio in \[0, 1\)"),
+])
+def test_a_training_config_refuses_rates_that_would_not_descend(setting, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig(strategy="full", max_steps=1, **setting)
+
+
+def test_a_central_rate_is_used_as_given_not_replaced_by_the_base_rate():
+    from mpotn.finetune.strategies import optimizer_groups
+    from mpotn.layers import MPOLinear
+
+    layer = MPOLinear.from_linear(nn.Linear(8, 12), n=2)
+    groups = {g["name"]: g["lr"] for g in optimizer_groups(layer, lr=1e-3, central_lr=0.0)}
+    assert groups["central"] == 0.0 and groups["auxiliary"] == 1e-3

@@ -188,7 +188,8 @@ def optimizer_groups(
         key = "central" if id(param) in central else "auxiliary" if id(param) in auxiliary \
             else "scores" if id(param) in score_ids else "other"
         groups[key].append(param)
-    rates = {"central": central_lr or lr, "auxiliary": auxiliary_lr or lr, "other": lr,
+    rates = {"central": lr if central_lr is None else central_lr,
+             "auxiliary": lr if auxiliary_lr is None else auxiliary_lr, "other": lr,
              "scores": lr}
     return [{"params": params, "lr": rates[key],
              "weight_decay": 0.0 if key == "scores" else weight_decay, "name": key}

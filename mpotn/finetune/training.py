@@ -182,6 +182,15 @@ class TrainingConfig(FieldHelp):
             raise ValueError("batch_size must be >= 1 and max_length >= 2")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("give max_steps > 0 or epochs > 0")
+        for key in ("lr", "central_lr", "auxiliary_lr"):
+            rate = getattr(self, key)
+            if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate)
+                                         and rate > 0):
+                raise ValueError(f"{key} must be a finite number > 0 (or None: the default), "
+                                 f"got {rate!r}")
+        if self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"weight_decay must be >= 0 and warmup_ratio in [0, 1), got "
+                             f"{self.weight_decay} and {self.warmup_ratio}")
         for key in ("train_limit", "eval_limit"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (examples used) or None (all), got "
