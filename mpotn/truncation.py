@@ -41,7 +41,6 @@ import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -74,15 +73,16 @@ def _finite(key: str, value: Any, rule: str) -> float:
 
 
 def ratio_params(ratio: float, entries: int) -> int:
-    """The parameter budget of a compression ratio: ``floor(rho * entries)``, computed on
-    the decimal ``rho`` is written as, so that rounding cannot lose a parameter.
+    """The parameter budget of a compression ratio: ``floor(rho * entries)``, with a
+    relative tolerance of ``1e-12`` so that floating-point rounding of the product cannot
+    lose a parameter.
 
     Examples
     --------
     >>> 0.3 * 96 * 120, ratio_params(0.3, 96 * 120)
     (3455.9999999999995, 3456)
     """
-    return math.floor(Fraction(repr(float(ratio))) * entries)
+    return math.floor(ratio * entries * (1 + 1e-12))
 
 
 @dataclass(frozen=True)

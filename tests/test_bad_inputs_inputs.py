@@ -528,3 +528,23 @@ def test_a_central_rate_is_used_as_given_not_replaced_by_the_base_rate():
     layer = MPOLinear.from_linear(nn.Linear(8, 12), n=2)
     groups = {g["name"]: g["lr"] for g in optimizer_groups(layer, lr=1e-3, central_lr=0.0)}
     assert groups["central"] == 0.0 and groups["auxiliary"] == 1e-3
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"overrides": {"0": {"structure": "SVD"}}},
+     r"override '0': structure must be one of \('mpo', 'svd', 'auto'\), got 'SVD'"),
+    ({"overrides": {"0": {"fit": "dmrg"}}}, r"override '0': fit must be one of"),
+    ({"overrides": {"0": {"sweeps": -3}}}, r"override '0': sweeps must be an integer >= 0"),
+    ({"overrides": {"0": {"damp": -1.0}}}, r"override '0': damp must be a finite number"),
+    ({"overrides": {"0": {"method": "tucker", "structure": "svd"}}},
+     r"override '0': structure='svd' is for method='mpo'"),
+    ({"method": "tucker", "max_bond": 4}, r"method 'tucker' is truncated by ratio only"),
+    ({"overrides": {"0": {"method": "cp", "max_bond": 4}}},
+     r"override '0': method 'cp' is truncated by ratio only"),
+])
+def test_compression_settings_are_checked_in_every_override_before_compressing(settings,
+                                                                                message):
+    from mpotn.compression import CompressionConfig
+
+    with pytest.raises(ValueError, match=message):
+        CompressionConfig(targets=["0"], **settings)

@@ -97,10 +97,6 @@ def _as_linears(model: nn.Module, selected: list[tuple[str, nn.Module]]
 def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: dict[str, Any]
                 ) -> tuple[nn.Module, dict[str, Any]]:
     """A non-MPO layer for one target (``settings["method"]``) and its report row."""
-    policy = TruncationPolicy.from_settings(settings)
-    if policy.key not in (None, "ratio"):
-        raise ValueError(f"method {settings['method']!r} is truncated by ratio only, got "
-                         f"{[policy.key]}")
     network = decompose(matrix, settings["method"], n=settings["n"], ratio=settings["ratio"])
     if isinstance(module, nn.Embedding):
         layer = FactorizedEmbedding(network, module.padding_idx)

@@ -28,6 +28,7 @@ whose weight is tied some other way, is skipped with a warning that names it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -168,33 +169,24 @@ class CompressionConfig:
                     f"override {key!r} has unknown settings {sorted(unknown)}; "
                     f"allowed: {SETTING_KEYS}"
                 )
-        if self.method not in DECOMPOSITIONS:
-            raise ValueError(f"unknown method {self.method!r}; registered: "
-                             f"{sorted(DECOMPOSITIONS)}")
-        TruncationPolicy.from_settings({k: getattr(self, k) for k in SETTING_KEYS})
-        for key, settings in self.overrides.items():
+        defaults = {key: getattr(self, key) for key in SETTING_KEYS}
+        _check_target_settings(defaults)
+        for key, override in self.overrides.items():
             try:
-                TruncationPolicy.from_settings(settings)
+                _check_target_settings(_merged(defaults, override))
             except ValueError as error:
                 raise ValueError(f"override {key!r}: {error}") from None
-        for key, allowed in (("structure", STRUCTURES), ("budget", BUDGETS),
-                             ("fit", FITS)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.budget == "model" and self.ratio is None and self.params is None:
             raise ValueError("budget='model' spends one ratio or parameter count over all "
                              "targets: give ratio or params")
         if self.structure == "auto" and self.ratio is None and self.params is None:
             raise ValueError("structure='auto' compares structures at equal parameter counts: "
                              "give ratio or params")
-        if self.structure != "mpo" and self.method != "mpo":
-            raise ValueError(f"structure={self.structure!r} is for method='mpo', got "
-                             f"method={self.method!r}")
         for key in ("calibrate_embeddings", "sequential"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
-        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
-            raise ValueError(f"sweeps must be an integer >= 0, got {self.sweeps!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable form."""
@@ -210,10 +202,41 @@ class CompressionConfig:
         settings = {key: getattr(self, key) for key in SETTING_KEYS}
         for key, override in self.overrides.items():
             if _matches_one(key, name, module):
-                if any(k in override for k in POLICY_KEYS):
-                    settings.update(dict.fromkeys(POLICY_KEYS))
-                settings.update(override)
+                settings = _merged(settings, override)
         return settings
+
+
+def _merged(settings: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``override`` on top; a truncation policy in it replaces the one in
+    ``settings`` (one policy per target)."""
+    merged = dict(settings)
+    if any(k in override for k in POLICY_KEYS):
+        merged.update(dict.fromkeys(POLICY_KEYS))
+    return {**merged, **override}
+
+
+def _check_target_settings(settings: dict[str, Any]) -> None:
+    """Refuse settings of a target (the defaults, or the defaults with an override) that
+    compress could not follow."""
+    method = settings["method"]
+    if method not in DECOMPOSITIONS:
+        raise ValueError(f"unknown method {method!r}; registered: {sorted(DECOMPOSITIONS)}")
+    policy = TruncationPolicy.from_settings(settings)
+    if method != "mpo" and policy.key not in (None, "ratio"):
+        raise ValueError(f"method {method!r} is truncated by ratio only, got {policy.key}")
+    for key, allowed in (("structure", STRUCTURES), ("fit", FITS)):
+        if settings[key] not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {settings[key]!r}")
+    if settings["structure"] != "mpo" and method != "mpo":
+        raise ValueError(f"structure={settings['structure']!r} is for method='mpo', got "
+                         f"method={method!r}")
+    sweeps = settings["sweeps"]
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps must be an integer >= 0, got {sweeps!r}")
+    damp = settings["damp"]
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (
+            math.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
 
 
 def layer_holder(model: nn.Module) -> nn.Module:
