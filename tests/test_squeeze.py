@@ -140,6 +140,16 @@ class ScriptedScores(Squeezer):
         return {"loss": 0.5, "accuracy": self.scores[len(self.state.history)]}
 
 
+def test_squeeze_refuses_a_type_the_model_does_not_have_before_any_step(tiny_bert, data,
+                                                                        tmp_path):
+    model, tokenizer = fresh(tiny_bert, data)
+    config = SqueezeConfig(types=["ffn_in", "ffn-out"], training_steps=1, step_limit=1)
+    with pytest.raises(ValueError, match=r"types \['ffn-out'\] match no MPO layer of this "
+                                         r"model; its types are \[.*'ffn_out'"):
+        Squeezer(model, tokenizer, data, config, TRAINING, tmp_path, False).run()
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_drop_beyond_delta_stops_and_returns_the_last_model_within_it(tiny_bert, data,
                                                                         tmp_path):
     model, tokenizer = fresh(tiny_bert, data)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_tokenizer
     from mpotn.devices import check_device
-    from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
+    from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, check_types, direct_truncation
     from mpotn.finetune.training import finetune, is_main_process, prepare_model
 
     common.check_out(args.out)
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> None:
                              "continue it, or choose another --out")
         squeezer.model, squeezer.tokenizer = prepare_model(
             args.model, data, training, progress=not args.no_progress)
+        check_types(squeezer.model, config)  # before the first fine-tuning
         if not is_saved_model(args.model or ""):
             init = dataclasses.replace(training, epochs=args.init_epochs, max_steps=-1)
             finetune(squeezer.model, squeezer.tokenizer, data, init,

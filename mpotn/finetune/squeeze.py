@@ -336,6 +336,18 @@ def _unit_layers(model: MPOModel) -> dict[str, list[Any]]:
             for unit, names in squeeze_units(model).items()}
 
 
+def check_types(model: MPOModel, config: SqueezeConfig) -> None:
+    """Refuse ``config.types`` naming a matrix type the model's MPO layers do not have (a typo
+    would otherwise leave nothing to cut, and the run would stop at once)."""
+    if config.types is None:
+        return
+    present = {matrix_type(name) for names in squeeze_units(model).values() for name in names}
+    unknown = sorted(set(config.types) - present)
+    if unknown:
+        raise ValueError(f"types {unknown} match no MPO layer of this model; its types are "
+                         f"{sorted(present)} (or 'all')")
+
+
 def candidates(model: MPOModel, state: SqueezeState, config: SqueezeConfig) -> Table:
     """Every unit ([squeeze_units][mpotn.finetune.squeeze.squeeze_units]: a matrix, or the
     matrices sharing a central tensor) that may be cut, with its next cut and estimated
@@ -576,6 +588,7 @@ class Squeezer:
 
     def start(self) -> None:
         """Step 0: store every candidate's central spectrum and the baseline score $P$."""
+        check_types(self.model, self.config)
         for name, names in squeeze_units(self.model).items():
             self.state.spectra[name] = unit_spectrum(self.model, names)
         scores = self._evaluate()
