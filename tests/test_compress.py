@@ -124,7 +124,7 @@ def test_albert_shared_layer_is_decomposed_once_and_stays_shared():
         (MobileBertModel(MobileBertConfig(vocab_size=90, hidden_size=64, embedding_size=32,
                                           num_hidden_layers=2, num_attention_heads=2,
                                           intermediate_size=64, intra_bottleneck_size=32,
-                                          num_feedforward_networks=2)), None),
+                                          num_feedforward_networks=2)), 2 * 12 + 3),
     ],
 )
 def test_distilbert_and_mobilebert_compress_at_full_rank_without_changing_outputs(model, count):
@@ -132,9 +132,7 @@ def test_distilbert_and_mobilebert_compress_at_full_rank_without_changing_output
     ids = torch.randint(0, 90, (2, 9))
     before = hidden(model, ids)
     compressed = compress(model, targets=["all-linear", "embeddings"], n=3, progress=False)
-    if count is not None:
-        assert len(compressed.mpo_layers()) == count
-    assert all(isinstance(m, (MPOLinear, MPOEmbedding)) for m in compressed.mpo_layers().values())
+    assert len(compressed.mpo_layers()) == count
     assert float((hidden(compressed, ids) - before).abs().max()) <= 1e-4
 
 

@@ -89,10 +89,11 @@ def test_expressions_are_compiled_once_per_shape(padded):
     _, mpo = padded
     x = torch.randn(9, mpo.shape[0], dtype=torch.float64)
     mpo.apply(x, method="contract")
-    hits = _plan.cache_info().hits
+    before = _plan.cache_info()
     mpo.apply(x, method="contract")
-    assert _plan.cache_info().hits == hits + 1
-    assert _plan.cache_info().misses == _plan.cache_info().misses  # no new plan
+    after = _plan.cache_info()
+    assert after.hits == before.hits + 1
+    assert after.misses == before.misses  # no new plan
 
 
 @pytest.mark.parametrize(

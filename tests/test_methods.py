@@ -41,7 +41,7 @@ def test_every_method_meets_a_budget_and_reports_its_true_error(matrix, method):
 def test_hooi_improves_on_hosvd_and_svd_is_the_two_core_mpo(matrix):
     hosvd = decompose(matrix, "tucker", n=2, ratio=0.3)
     hooi = decompose(matrix, "tucker", n=2, ratio=0.3, iterations=20)
-    assert hooi.relative_error <= hosvd.relative_error
+    assert hooi.relative_error < hosvd.relative_error - 1e-3  # measured: 0.8790 -> 0.8605
     # n = 2 with trivial second factors is the truncated SVD (Eckart-Young)
     svd = decompose(matrix, "mpo", n=2, row_shape=(48, 1), col_shape=(1, 80), max_bond=10)
     s = torch.linalg.svdvals(matrix)
