@@ -163,3 +163,26 @@ def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, ca
     assert main(["compress", *flags, "--out", str(tmp_path / "never")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_compress_method_tt_fits_other_decompositions_by_ratio_and_saves_them(tiny_bert, capsys,
+                                                                                tmp_path):
+    out = tmp_path / "tt"
+    assert main(["compress", str(tiny_bert), "--method", "tt", "--n", "3", "--targets", "ffn",
+                 "--ratio", "0.3", "--out", str(out), "--no-progress"]) == 0
+    report = mpotn.load(out).report()
+    assert len(report) == 4 and {r["method"] for r in report} == {"tt"}
+    assert all(r["params"] <= 0.3 * r["original_params"] for r in report)
+    assert "calibrating" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "tt", "--calibrate", "rte"], "--method tt is fitted to the weights"),
+    (["--method", "cp", "--structure", "svd"], "--structure, --sequential, --share-centrals "
+                                               "and --experts apply to --method mpo"),
+    (["--method", "tucker", "--max-bond", "4"], "method 'tucker' is truncated by ratio only"),
+])
+def test_compress_method_refuses_what_only_mpo_does(tmp_path, capsys, flags, message):
+    assert main(["compress", *flags, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -14,7 +14,7 @@ from transformers import (
 
 from mpotn.compression import CompressionConfig, compress, lfa_parameters, plan
 from mpotn.compression.models import load_model
-from mpotn.layers import MPOEmbedding, MPOLinear
+from mpotn.layers import MPOLinear
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--exclude", nargs="+", default=None, metavar="T",
                           help="presets or suffixes to leave alone")
     compress.add_argument("--n", type=_cores, default=5, help="cores per matrix (default: 5)")
+    compress.add_argument(
+        "--method", default="mpo", metavar="NAME",
+        help="the decomposition of each matrix: mpo, or another registered method to compare "
+             "with it (svd, tt, tucker, cp), fitted to the weights and truncated by --ratio "
+             "(default: mpo)")
     policy = compress.add_mutually_exclusive_group()
     policy.add_argument("--ratio", type=_positive_float,
                         help="compression ratio rho per matrix, Eq. 5 (default: 0.5; full "
@@ -174,6 +179,10 @@ def _check_sharing(args: argparse.Namespace) -> None:
         raise ValueError("--share-sweeps sets the ALS sweeps of --share-centrals fit")
     if args.top_k is not None and (args.experts is None or args.top_k > args.experts):
         raise ValueError(f"--top-k {args.top_k} needs --experts E with E >= {args.top_k}")
+    if args.method != "mpo" and (args.share_centrals or args.experts or args.structure
+                                 or args.sequential):
+        raise ValueError(f"--method {args.method} builds one network per matrix: --structure, "
+                         "--sequential, --share-centrals and --experts apply to --method mpo")
     if args.structure in ("svd", "auto") and (args.share_centrals or args.experts):
         raise ValueError(f"sharing central tensors needs balanced MPOs: drop --structure "
                          f"{args.structure} (or pass --structure mpo)")
@@ -240,12 +249,17 @@ def run(args: argparse.Namespace) -> None:
     full_rank = args.full_rank or (sharing and all(v is None for v in policy.values()))
     if not full_rank and all(v is None for v in policy.values()):
         policy["ratio"] = 0.5
-    # calibration changes nothing at full rank, where the decomposition is exact
-    calibrating = args.calibrate is not None and not (sharing and full_rank)
+    # calibration changes nothing at full rank, where the decomposition is exact; other
+    # methods are fitted to the weights
+    if args.method != "mpo" and args.calibrate:
+        raise ValueError(f"--method {args.method} is fitted to the weights; --calibrate "
+                         f"{args.calibrate} applies to --method mpo")
+    calibrating = args.calibrate is not None and not (sharing and full_rank) and (
+        args.method == "mpo")
     targets = args.targets or (["attention", "ffn"] if args.share_centrals
                                else ["ffn"] if args.experts else ["all-linear", "embeddings"])
     config = CompressionConfig(
-        targets=args.regex or targets, exclude=args.exclude, n=args.n,
+        targets=args.regex or targets, exclude=args.exclude, n=args.n, method=args.method,
         allocation=args.allocation, svd=args.svd,
         structure=args.structure or ("svd" if calibrating and not sharing else "mpo"),
         budget=args.budget, fit=args.fit, sequential=args.sequential,
