@@ -147,3 +147,7 @@ COMPARE_METHODS: list[tuple[str, str, dict[str, object]]] = [
 ]
 #: Compression ratios the comparison runs at.
 COMPARE_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+
+#: Calibration sentences by default (``mpotn compress --samples``, ``mpotn finetune
+#: --calibration-samples``, [texts][mpotn.data.texts.texts]): a few hundred, as SVD-LLM uses.
+CALIBRATION_SAMPLES = 256

@@ -95,6 +95,30 @@ def test_an_adapter_of_a_model_changed_outside_what_it_trains_is_refused(trained
     assert not (tmp_path / "adapter").exists()
 
 
+def test_base_and_model_go_with_their_own_kind_of_save(trained, tmp_path):
+    base, model, adapter = trained
+    with pytest.raises(ValueError, match=r"is a whole save, not an adapter; base applies to "
+                                         r"adapter saves"):
+        load(base, base=base)
+    with pytest.raises(ValueError, match=r"model applies to whole saves; an adapter takes base="):
+        load(adapter, model=tf.BertForSequenceClassification(CONFIG))
+    with pytest.raises(ValueError, match=r"base applies to adapter_only=True saves"):
+        model.save_pretrained(tmp_path / "whole", base=base)
+    assert not (tmp_path / "whole").exists()
+
+
+def test_an_adapter_saved_again_with_its_tokenizer_is_replaced_whole(trained, tmp_path):
+    from mpotn.atomic import foreign_files, written_files
+    from mpotn.compression.models import load_tokenizer
+
+    _, model, _ = trained
+    folder = tmp_path / "adapter"
+    for _ in range(2):
+        model.save_pretrained(folder, adapter_only=True, tokenizer=load_tokenizer())
+    assert foreign_files(folder) == [] and "tokenizer_config.json" in written_files(folder)
+    assert len(list(folder.glob("adapter-*.safetensors"))) == 1
+
+
 def test_an_adapter_needs_a_base_save(tmp_path):
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -109,3 +109,9 @@ def test_a_compress_run_folder_lists_every_file_and_can_be_written_again(tiny_be
     assert main(args) == 0  # a second run replaces the first without --overwrite
     assert foreign_files(out) == []
     assert len(list(out.glob("model-*.safetensors"))) == 1
+
+
+def test_a_file_as_the_target_folder_is_refused(tmp_path):
+    (tmp_path / "model").write_text("a file")
+    with pytest.raises(ValueError, match=r"model exists and is not a directory; choose a folder"):
+        check_writable(tmp_path / "model")

@@ -46,7 +46,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mpotn {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

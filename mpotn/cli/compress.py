@@ -14,7 +14,15 @@ from mpotn.cli.common import (
     check_out,
     fidelity_probe,
 )
-from mpotn.types import ALLOCATIONS, BUDGETS, FITS, SHARE_INITS, STRUCTURES, SVD_METHODS
+from mpotn.types import (
+    ALLOCATIONS,
+    BUDGETS,
+    CALIBRATION_SAMPLES,
+    FITS,
+    SHARE_INITS,
+    STRUCTURES,
+    SVD_METHODS,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="replace a model's matrices by MPO layers and save the compressed model",
         description=(
             "Decompose the targeted matrices of MODEL into MPOs (by default the truncated "
-            "SVD, calibrated on 256 sentences so that each matrix keeps its outputs; "
+            f"SVD, calibrated on {CALIBRATION_SAMPLES} sentences so that each matrix keeps its "
+            "outputs; "
             "--no-calibrate for the paper's weight truncation of balanced MPOs), truncate "
             "them by one policy, print the report (shape, factorization, bonds, ratio, "
             "central-bond entropy, Eq. 4 bound and actual error per matrix; #To and #Pr "
@@ -86,8 +95,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     calibration.add_argument(
         "--no-calibrate", dest="calibrate", action="store_const", const=None,
         help="truncate the weights as the paper does (Eq. 4), without calibration text")
-    compress.add_argument("--samples", type=int, default=256,
-                          help="calibration sentences (default: 256)")
+    compress.add_argument("--samples", type=int, default=CALIBRATION_SAMPLES,
+                          help=f"calibration sentences (default: {CALIBRATION_SAMPLES})")
     compress.add_argument("--data-dir", default=None, metavar="DIR",
                           help="folder in GLUE's layout for --calibrate TASK")
     compress.add_argument(

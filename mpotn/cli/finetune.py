@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mpotn.cli import common
-from mpotn.types import DEFAULT_TARGETS, FACTORIZE_FITS, STRATEGIES
+from mpotn.types import CALIBRATION_SAMPLES, DEFAULT_TARGETS, FACTORIZE_FITS, STRATEGIES
 
 #: Default of ``--save-steps`` (``mpotn.finetune.training.SAVE_STEPS``, which the parser does
 #: not import: building it imports nothing heavier than argparse).
@@ -69,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            "non-zero entries only; measured worse) (default: whitened)")
     lpaf.add_argument("--calibration-samples", type=common._positive_int, default=None,
                       metavar="N", help="with --factorize-fit whitened: sentences (default: "
-                                        "256)")
+                                        f"{CALIBRATION_SAMPLES})")
     lpaf.add_argument("--ssvd-iterations", type=common._count, default=None, metavar="N",
                       help="with --factorize-fit sparsity-aware: most fills (default: 50)")
     lpaf.add_argument("--mixed-rank", type=common._probability, default=None, metavar="P",
@@ -155,8 +155,9 @@ def run(args: argparse.Namespace) -> None:
         pruning = GradualPruning(model, args.prune, args.prune_criterion or "movement",
                                  args.targets)
     if factorize:
-        batches = (text_batches(tokenizer, texts(data, args.calibration_samples or 256),
-                                max_length=args.max_length) if fit == "whitened" else None)
+        sentences = args.calibration_samples or CALIBRATION_SAMPLES
+        batches = (text_batches(tokenizer, texts(data, sentences), max_length=args.max_length)
+                   if fit == "whitened" else None)
         model, pruned = factorize_pruned(
             model, args.factorize, args.targets, fit=fit, calibration=batches,
             progress=not args.no_progress,

@@ -41,7 +41,6 @@ from mpotn.compression.models import model_device, padding_tokenizer
 from mpotn.layers.masks import attention_mask_argument, mask_sources, real_rows, token_mask
 
 #: Sentences used for calibration when a command is not told otherwise.
-DEFAULT_SAMPLES = 256
 
 
 @dataclass

@@ -18,6 +18,7 @@ from mpotn.data.glue_files import glue_task
 from mpotn.data.hub import load_glue
 from mpotn.data.local import read_text, sst2_sample
 from mpotn.data.tasks import TaskData
+from mpotn.types import CALIBRATION_SAMPLES
 
 
 def _task_texts(data) -> list[str]:
@@ -40,7 +41,7 @@ def _file_texts(path: Path) -> list[str]:
 
 def texts(
     source: str | os.PathLike | TaskData | None = None,
-    samples: int | None = 256,
+    samples: int | None = CALIBRATION_SAMPLES,
     data_dir: str | os.PathLike | None = None,
     seed: int = 0,
 ) -> list[str]:
