@@ -98,6 +98,18 @@ def test_gpt2_gets_its_conv1d_layers_and_its_tied_head_back(tmp_path):
                                atol=0, rtol=0)
 
 
+def test_a_base_its_config_cannot_rebuild_merges_to_nn_linear_with_a_warning():
+    model = _build("gpt2")
+    compressed = _compress(model, **CASES["gpt2"][2])
+    expected = _outputs(compressed)
+    compressed.base_model.config.n_head = 5  # 32 is not divisible by 5: cannot be built
+    with pytest.warns(UserWarning, match=r"could not build a GPT2LMHeadModel from its config "
+                                         r"to find its Conv1D layers .*becomes nn\.Linear"):
+        merged = merge(compressed)
+    assert type(merged.transformer.h[0].mlp.c_fc) is nn.Linear
+    torch.testing.assert_close(_outputs(merged), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_t5_keeps_shared_embed_tokens_and_lm_head_tied(tmp_path):
     _, _, merged = _merged("t5")
     shared = merged.shared

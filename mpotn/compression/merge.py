@@ -69,7 +69,8 @@ def merge(model: nn.Module) -> nn.Module:
     -------
     nn.Module
         The base model, changed **in place**: for a ``transformers`` base, a plain
-        ``transformers`` model with dense weights. As after PEFT's ``merge_and_unload``,
+        ``transformers`` model with dense weights; for a bare compressed layer (nothing
+        to replace it in), a new ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``. As after PEFT's ``merge_and_unload``,
         the ``MPOModel`` should not be used afterwards (its base model holds no compressed
         layer any more; its report and totals describe what was).
 
@@ -134,7 +135,7 @@ def _conv1d_paths(base: nn.Module) -> set[str]:
     try:
         with torch.device("meta"):
             skeleton = type(base)(copy.deepcopy(config))
-    except Exception as error:  # any failure: fall back to nn.Linear
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
         warnings.warn(f"merge: could not build a {type(base).__name__} from its config to "
                       f"find its Conv1D layers ({error}); every linear layer becomes "
                       f"nn.Linear", stacklevel=3)
