@@ -183,12 +183,16 @@ def pad_to_factorable(dim: int, n: int, max_padding: float = MAX_PADDING) -> int
     A size that already factors in balance is kept. Otherwise the smallest
     5-smooth size (prime factors 2, 3, 5 only, the sizes FFT and GEMM kernels
     like) within ``dim * (1 + max_padding)`` that factors in balance is taken,
-    and failing that the smallest balanced size in that range.
+    failing that the smallest balanced size in that range, and failing that
+    (small dimensions, many factors) the smallest balanced size up to the
+    next power of two.
 
     Examples
     --------
     >>> pad_to_factorable(30522, 5), pad_to_factorable(768, 5), pad_to_factorable(7, 2)
     (30720, 768, 8)
+    >>> pad_to_factorable(13, 5), pad_to_factorable(97, 5)
+    (16, 108)
     """
     _check_n(n)
     if n == 1 or is_balanced(_best_multiset(dim, n)):
@@ -203,10 +207,10 @@ def pad_to_factorable(dim: int, n: int, max_padding: float = MAX_PADDING) -> int
     smooth = [size for size in balanced if max(_prime_factors(size)) <= 5]
     if smooth or balanced:
         return (smooth or balanced)[0]
-    raise ValueError(
-        f"no size between {dim} and {upper} factors into {n} balanced "
-        f"factors; raise max_padding or pass explicit shapes"
-    )
+    # a small dimension (13 into 5 factors): the first balanced size up to the next power
+    # of two, which always factors in balance
+    return next(size for size in range(upper + 1, 2 ** math.ceil(math.log2(dim)) + 1)
+                if is_balanced(_best_multiset(size, n)))
 
 
 def plan_side(

@@ -18,17 +18,15 @@ def low_rank_plus_noise(rows=120, cols=90, rank=6):
 
 
 def test_svd_wins_on_a_low_rank_matrix_and_errors_fall_with_the_budget():
-    with pytest.warns(UserWarning, match=r"compare skipped 4 of 16 points: MPO n=5 at 0\.15, "
-                      r"0\.4 \(refused: no size between 90 and 95 factors into 5"):
-        table = compare(low_rank_plus_noise(), ratios=[0.15, 0.4], batch=4, repeats=1)
-    assert {(p["label"], p["why"]) for p in table.skipped} == {("MPO n=5", "refused"),
-                                                               ("MPO n=7", "refused")}
+    table = compare(low_rank_plus_noise(), ratios=[0.15, 0.4], batch=4, repeats=1)
+    assert not table.skipped  # 90 pads to a size with 5 and 7 balanced factors
+    # every method at most its share of the matrix's own entries, padded MPOs too
+    assert all(r["ratio"] <= r["target"] for r in table)
     rows = {(r["label"], r["target"]): r for r in table}
     assert rows[("MPO n=2 (Kronecker)", 0.15)]["relative_error"] > 0.5  # not the SVD
     assert rows[("dense", 1.0)]["flops"] == 2 * 4 * 120 * 90
-    for label in ("SVD", "MPO n=3", "TT n=3", "Tucker n=3"):
+    for label in ("SVD", "MPO n=3", "MPO n=5", "MPO n=7", "TT n=3", "Tucker n=3"):
         assert rows[(label, 0.4)]["relative_error"] <= rows[(label, 0.15)]["relative_error"]
-        assert rows[(label, 0.15)]["ratio"] <= 0.15
     assert rows[("SVD", 0.15)]["relative_error"] < 0.01  # rank 6 fits in the budget
     assert all(r["relative_error"] >= rows[("SVD", 0.15)]["relative_error"]
                for r in table if r["target"] == 0.15)

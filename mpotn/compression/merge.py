@@ -70,9 +70,10 @@ def merge(model: nn.Module) -> nn.Module:
     nn.Module
         The base model, changed **in place**: for a ``transformers`` base, a plain
         ``transformers`` model with dense weights; for a bare compressed layer (nothing
-        to replace it in), a new ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``. As after PEFT's ``merge_and_unload``,
-        the ``MPOModel`` should not be used afterwards (its base model holds no compressed
-        layer any more; its report and totals describe what was).
+        to replace it in), a new ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``. As after
+        PEFT's ``merge_and_unload``, the ``MPOModel`` should not be used afterwards (its
+        base model holds no compressed layer any more; its report and totals describe what
+        was).
 
     Examples
     --------

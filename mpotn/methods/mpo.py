@@ -11,15 +11,20 @@ import torch
 from mpotn.methods.base import FactorNetwork, _finish, register
 from mpotn.mpo import MPO
 from mpotn.network import core_name
-from mpotn.truncation import TruncationPolicy
+from mpotn.truncation import TruncationPolicy, ratio_params
 
 
 @register("mpo")
 def mpo_method(matrix: torch.Tensor, *, n: int = 5, ratio: float | None = None,
                max_bond: int | None = None, allocation: str = "optimal",
                **options: Any) -> FactorNetwork:
-    """Algorithm 1 and a truncation (``ratio`` with budget-optimal bonds, or ``max_bond``)."""
-    policy = TruncationPolicy(max_bond=max_bond, ratio=ratio, allocation=allocation)
+    """Algorithm 1 and a truncation (``ratio`` with budget-optimal bonds, or ``max_bond``).
+
+    ``ratio`` is a share of the matrix's own entries, as for every other method (so that
+    methods compare at equal parameters); a padded MPO's Eq. 5 ratio is over the padded
+    matrix, which is larger."""
+    params = None if ratio is None else ratio_params(ratio, matrix.numel())
+    policy = TruncationPolicy(max_bond=max_bond, params=params, allocation=allocation)
     mpo = MPO.from_matrix(matrix, n=n, **options).truncate_to(policy)
     cores = mpo.gauge_cores("central")
     cores = [cores[0][0], *cores[1:-1], cores[-1][..., 0]]  # n >= 2: drop d_0 = d_n = 1
