@@ -64,6 +64,8 @@ from mpotn.table import Table
 from mpotn.truncation import (
     POLICY_KEYS,
     TruncationPolicy,
+    _count,
+    _is_integer,
     check_bond_request,
     dims_for_budget,
     dims_for_tolerance,
@@ -376,7 +378,7 @@ class MPO(MPOStructure):
             )
         if matrix.numel() == 0:
             raise ValueError(f"matrix is empty (shape {tuple(matrix.shape)})")
-        if not isinstance(n, int) or n < 2:
+        if not _is_integer(n) or n < 2:
             raise ValueError(f"an MPO needs n >= 2 cores, got n={n!r}")
         if svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
@@ -390,8 +392,7 @@ class MPO(MPOStructure):
         if max_bond is not None and bond_dims is not None:
             raise ValueError("give max_bond or bond_dims, not both")
         if max_bond is not None:
-            if max_bond < 1:
-                raise ValueError(f"max_bond must be >= 1, got {max_bond}")
+            max_bond = _count("max_bond", max_bond)
             targets = (1, *(min(max_bond, d) for d in full[1:-1]), 1)
         elif bond_dims is not None:
             targets = check_bond_request(list(bond_dims), full, full)
@@ -499,7 +500,7 @@ class MPO(MPOStructure):
 
     # ------------------------------------------------------------ diagnostics
     def _check_bond(self, bond: int) -> None:
-        if not isinstance(bond, int) or not 1 <= bond <= self.n - 1:
+        if not _is_integer(bond) or not 1 <= bond <= self.n - 1:
             raise ValueError(f"bond must be an integer in 1..{self.n - 1}, got {bond!r}")
 
     def entropy(self, bond: int) -> float:
@@ -677,7 +678,7 @@ class MPO(MPOStructure):
         if bond_dims is not None:
             if isinstance(bond_dims, Mapping):
                 for k in bond_dims:
-                    if not isinstance(k, int) or not 1 <= k <= self.n - 1:
+                    if not _is_integer(k) or not 1 <= k <= self.n - 1:
                         raise ValueError(
                             f"bond {k!r} does not exist: this MPO has bonds 1..{self.n - 1}"
                         )

@@ -243,8 +243,9 @@ def check_bond_request(
         )
     out = [1]
     for k, d in enumerate(dims, start=1):
-        if not isinstance(d, (int,)) or isinstance(d, bool) or d < 1:
+        if not _is_integer(d) or d < 1:
             raise ValueError(f"bond_{k}: a bond dimension must be an integer >= 1, got {d!r}")
+        d = int(d)
         if d > current[k]:
             warnings.warn(
                 f"bond_{k}: requested {d} exceeds its current dimension {current[k]} "

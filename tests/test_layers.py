@@ -210,3 +210,12 @@ def test_clear_cache_after_an_edit_through_data_serves_the_new_weight():
     layer.clear_cache()
     assert torch.equal(layer(x), layer.bias.expand(3, -1))
     assert not torch.equal(before, layer(x))
+
+
+def test_an_mpo_layer_needs_two_cores_and_bonds_may_be_numpy_integers():
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"needs n >= 2 cores \(a chain with a bond\), got n=1"):
+        MPOLinear(16, 24, n=1)
+    layer = MPOLinear.from_linear(nn.Linear(16, 24), n=2)
+    assert layer.mpo().truncate(bond_dims=[np.int64(3)]).bond_dims == (1, 3, 1)

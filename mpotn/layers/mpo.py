@@ -105,6 +105,9 @@ class _MPOWeight(MPOStructure, nn.Module):
         row, col = plan_side(rows, n, row_shape), plan_side(cols, n, col_shape)
         bond_dims = bond_dims or full_bond_dims(row.factors, col.factors)
         n = len(row.factors)
+        if n < 2:
+            raise ValueError(f"an MPO layer needs n >= 2 cores (a chain with a bond), got n={n}; "
+                             "a dense matrix is nn.Linear")
         if len(bond_dims) != n + 1 or bond_dims[0] != 1 or bond_dims[-1] != 1:
             raise ValueError(
                 f"bond_dims must be (1, d_1, ..., d_{n - 1}, 1) with {n + 1} entries, "
