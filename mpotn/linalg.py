@@ -125,11 +125,13 @@ def truncated_svd(
         devices = [matrix.device] if matrix.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(generator_seed)
-            u, s, v = torch.svd_lowrank(matrix, q=sketch, niter=niter)
-        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].mT
+            u, _, _ = torch.svd_lowrank(matrix, q=sketch, niter=niter)
+        # the kept part is exactly U U^T A (its error then adds up as Eq. 4 assumes):
+        # svd_lowrank may project on the right for a wide matrix, so take U^T A's SVD
+        ur, s, vh = svd(u[:, :rank].mT @ matrix)
         total = matrix.norm() ** 2
         error = (total - (s**2).sum()).clamp_min(0).sqrt()
-        return SVDCut(u, s, vh, error)
+        return SVDCut(u[:, :rank] @ ur, s, vh, error)
     u, s, vh = svd(matrix)
     return SVDCut(u[:, :rank], s[:rank], vh[:rank], s[rank:].norm())
 

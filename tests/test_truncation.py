@@ -215,3 +215,12 @@ def test_a_ratio_budget_loses_no_parameter_to_float_rounding_on_any_path():
         model = compress(nn.Sequential(nn.Linear(96, 120)), targets=["0"], ratio=0.3,
                          structure=structure, progress=False)
         assert model.base_model[0].bond_dims == (1, 16, 1), structure
+
+
+@pytest.mark.parametrize("shape, n, max_bond", [((96, 120), 4, 3), ((256, 1024), 3, 8)])
+def test_randomized_svd_keeps_the_eq4_bound_on_wide_matrices(shape, n, max_bond):
+    torch.manual_seed(0)
+    matrix = torch.randn(*shape, dtype=torch.float64)
+    mpo = MPO.from_matrix(matrix, n=n, max_bond=max_bond, svd="randomized", seed=0)
+    actual = float((mpo.to_matrix() - matrix).norm())
+    assert actual <= mpo.error_bound * (1 + 1e-10)
