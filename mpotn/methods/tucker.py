@@ -4,6 +4,7 @@ HOOI otherwise)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -11,7 +12,6 @@ from mpotn.methods.base import (
     FactorNetwork,
     _check_ratio,
     _finish,
-    _largest_rank,
     _tensorized,
     register,
     tensorly_torch,
@@ -22,27 +22,25 @@ from mpotn.truncation import ratio_params
 @register("tucker")
 def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
                   rank: int | None = None, iterations: int = 0) -> FactorNetwork:
-    """Tucker of the tensorized matrix: HOSVD (``iterations=0``) or HOOI (more)."""
+    """Tucker of the tensorized matrix: HOSVD (``iterations=0``) or HOOI (more).
+
+    ``rank`` gives every mode that rank (at most its size); ``ratio`` chooses one rank
+    per mode ([mode_ranks][mpotn.methods.tucker.mode_ranks]); neither: full rank."""
     from tensorly.decomposition import tucker
 
     _check_ratio(ratio)
     tensor, row, col = _tensorized(matrix, n)
     modes = tensor.shape
-
-    def ranks(r: int) -> list[int]:
-        return [min(r, size) for size in modes]
-
-    def params(r: int) -> int:
-        d = ranks(r)
-        return math.prod(d) + sum(size * dk for size, dk in zip(modes, d))
-
-    if rank is None:
-        budget = None if ratio is None else ratio_params(ratio, matrix.numel())
-        rank = max(modes) if budget is None else _largest_rank(params, budget, max(modes))
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0 (0: HOSVD), got {iterations}")
+    if rank is not None:
+        ranks = [min(rank, size) for size in modes]
+    elif ratio is not None:
+        ranks = mode_ranks(tensor, ratio_params(ratio, matrix.numel()))
+    else:
+        ranks = list(modes)
     with tensorly_torch():
-        core, factors = tucker(tensor, rank=ranks(rank), n_iter_max=iterations, init="svd")
+        core, factors = tucker(tensor, rank=ranks, n_iter_max=iterations, init="svd")
     leg_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
     tensors = {"core": core}
     legs = {"core": tuple(f"r_{m}" for m in range(1, 2 * n + 1))}
@@ -50,4 +48,40 @@ def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = Non
         tensors[f"factor_{m}"], legs[f"factor_{m}"] = factor, (leg, f"r_{m}")
     roles = {name: "central" if name == "core" else "auxiliary" for name in tensors}
     return _finish("tucker", tensors, legs, row, col, matrix, roles, n=n, rank=rank,
-                   ranks=ranks(rank), iterations=iterations)
+                   ranks=ranks, iterations=iterations)
+
+
+def tucker_params(modes: Sequence[int], ranks: Sequence[int]) -> int:
+    """Entries of a Tucker network: the core and one factor per mode."""
+    return math.prod(ranks) + sum(size * r for size, r in zip(modes, ranks))
+
+
+def mode_ranks(tensor: torch.Tensor, budget: int) -> list[int]:
+    """One rank per mode within ``budget`` parameters, greedily: from rank 1 everywhere,
+    raise the mode whose next HOSVD singular value squared (its share of the HOSVD error
+    bound, the sum over modes of the discarded ones) is largest per added parameter.
+
+    Examples
+    --------
+    >>> t = torch.zeros(4, 4, 4, dtype=torch.float64)
+    >>> t[:2, :2, 0] = torch.eye(2, dtype=torch.float64)  # rank 2, 2, 1
+    >>> mode_ranks(t, 40)
+    [2, 2, 1]
+    """
+    modes = list(tensor.shape)
+    spectra = [torch.linalg.svdvals(tensor.movedim(m, 0).reshape(size, -1).double()) ** 2
+               for m, size in enumerate(modes)]
+    ranks = [1] * len(modes)
+    while True:
+        now, best = tucker_params(modes, ranks), None
+        for m, spectrum in enumerate(spectra):
+            if ranks[m] >= len(spectrum) or float(spectrum[ranks[m]]) == 0.0:
+                continue
+            grown = [*ranks[:m], ranks[m] + 1, *ranks[m + 1:]]
+            cost = tucker_params(modes, grown)
+            gain = float(spectrum[ranks[m]]) / (cost - now)
+            if cost <= budget and (best is None or gain > best[0]):
+                best = (gain, m)
+        if best is None:
+            return ranks
+        ranks[best[1]] += 1
