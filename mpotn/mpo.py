@@ -431,6 +431,14 @@ class MPO(MPOStructure):
             Tensors ``T_k[d_{k-1}, i_k, j_k, d_k]`` with ``d_0 = d_n = 1``.
         shape:
             The unpadded matrix shape ``(I, J)``; defaults to the full products.
+
+        Examples
+        --------
+        >>> m = torch.randn(12, 10, dtype=torch.float64)
+        >>> mpo = MPO.from_matrix(m, 2, (3, 4), (2, 5))
+        >>> again = MPO.from_cores([c * 1.0 for c in mpo.cores], shape=(12, 10))
+        >>> again.bond_dims, bool(torch.allclose(again.to_matrix(), m))
+        ((1, 6, 1), True)
         """
         cores = [torch.as_tensor(c) for c in cores]
         if len(cores) < 2 or any(c.dim() != 4 for c in cores):
@@ -492,10 +500,12 @@ class MPO(MPOStructure):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The cores' dtype (that of the matrix the MPO was made from)."""
         return self.cores[0].dtype
 
     @property
     def device(self) -> torch.device:
+        """The device the cores are on."""
         return self.cores[0].device
 
     # ------------------------------------------------------------ diagnostics
@@ -557,6 +567,16 @@ class MPO(MPOStructure):
         discarded when this MPO was made; the ``total`` row gives parameters,
         the compression ratio (Eq. 5), the bound (Eq. 4) and, with a
         ``reference`` matrix, the actual error.
+
+        Examples
+        --------
+        >>> m = torch.randn(12, 10, dtype=torch.float64)
+        >>> table = MPO.from_matrix(m, 2, (3, 4), (2, 5)).truncate(max_bond=3).diagnostics(m)
+        >>> [row["name"] for row in table]
+        ['central', 'bond_1', 'auxiliary_2', 'total']
+        >>> total = table[-1]
+        >>> bool(abs(total["actual_error"] - total["error_bound"]) < 1e-9)  # one cut: Eq. 4
+        True
         """
         blank = dict.fromkeys(
             ("shape", "dim", "full_dim", "entropy", "next_cut_error", "discarded",

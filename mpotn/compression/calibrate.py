@@ -55,7 +55,16 @@ def text_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
                  max_length: int = 128) -> list[dict[str, torch.Tensor]]:
     """Tokenizer outputs for ``texts``, batched by length (little padding); a tokenizer
     without a padding token pads with its end-of-sequence token
-    ([padding_tokenizer][mpotn.compression.models.padding_tokenizer])."""
+    ([padding_tokenizer][mpotn.compression.models.padding_tokenizer]).
+
+    Examples
+    --------
+    >>> from mpotn.compression.models import load_tokenizer
+    >>> batches = text_batches(load_tokenizer(), ["a fine film .", "dull .", "so long and dull ."],
+    ...                        batch_size=2)
+    >>> [tuple(b["input_ids"].shape) for b in batches]  # shortest texts together
+    [(2, 6), (1, 7)]
+    """
     if not texts:
         raise ValueError("no texts to tokenize: give at least one sentence")
     tokenizer = padding_tokenizer(tokenizer)

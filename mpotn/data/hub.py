@@ -28,6 +28,21 @@ def load_glue(task: str, data_dir: str | os.PathLike | None = None,
         comes from the Hugging Face hub (a network, or the HF datasets cache).
     cache_dir:
         HF datasets cache folder, for the hub.
+
+    Examples
+    --------
+    A folder in GLUE's layout (here one written on the spot, as GLUE ships RTE):
+
+    >>> import tempfile, pathlib
+    >>> glue = pathlib.Path(tempfile.mkdtemp())
+    >>> (glue / "RTE").mkdir()
+    >>> rows = ("index\\tsentence1\\tsentence2\\tlabel\\n"
+    ...         "0\\tA cat sat.\\tA cat is sitting.\\tentailment\\n")
+    >>> for split in ("train", "dev"):
+    ...     _ = (glue / "RTE" / f"{split}.tsv").write_text(rows)
+    >>> rte = load_glue("rte", data_dir=glue)
+    >>> len(rte.train), rte.label_names, rte.spec.metrics
+    (1, ['entailment', 'not_entailment'], ('accuracy',))
     """
     key = glue_task(task)
     if key is None:

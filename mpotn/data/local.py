@@ -229,6 +229,15 @@ def load_local(
         than the first, a header read as an example, an empty label, or labels
         the training data (or ``label_names``) lacks (at most
         [SHOWN_LABELS][mpotn.data.local.SHOWN_LABELS] of them listed).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "reviews.csv").write_text("sentence,label\\ngreat film,pos\\ndull,neg\\n")
+    >>> task = load_local(folder / "reviews.csv", folder / "reviews.csv")
+    >>> task.label_names, list(task.eval["label"]), task.spec.metrics
+    (['neg', 'pos'], [1, 0], ('accuracy',))
     """
     metrics = tuple(metrics or (("pearson", "spearmanr") if regression else ("accuracy",)))
     unknown = set(metrics) - set(METRICS)
