@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mpotn.methods.base import FactorNetwork, _finish, register
+from mpotn.methods.base import FactorNetwork, _check_ratio, _finish, register
 from mpotn.mpo import MPO
 from mpotn.network import core_name
 from mpotn.truncation import TruncationPolicy, ratio_params
@@ -23,6 +23,7 @@ def mpo_method(matrix: torch.Tensor, *, n: int = 5, ratio: float | None = None,
     ``ratio`` is a share of the matrix's own entries, as for every other method (so that
     methods compare at equal parameters); a padded MPO's Eq. 5 ratio is over the padded
     matrix, which is larger."""
+    _check_ratio(ratio)
     params = None if ratio is None else ratio_params(ratio, matrix.numel())
     policy = TruncationPolicy(max_bond=max_bond, params=params, allocation=allocation)
     mpo = MPO.from_matrix(matrix, n=n, **options).truncate_to(policy)
