@@ -27,9 +27,10 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 #: The file in which [atomic_dir][mpotn.atomic.atomic_dir] lists what it wrote.
 MANIFEST_NAME = "mpotn_files.json"
@@ -42,7 +43,10 @@ def _temp_pattern(path: Path) -> re.Pattern[str]:
 
 
 def _dir_temp_pattern(path: Path) -> re.Pattern[str]:
-    return re.compile(re.escape(f".{path.name}.") + "(new|old)." + _RANDOM)
+    """Folders [atomic_dir][mpotn.atomic.atomic_dir] makes beside ``path``, also those of a
+    save nested in one (``..model.new.XXXXXXXX.new.YYYYYYYY``)."""
+    step = r"\.(new|old)\." + _RANDOM
+    return re.compile(r"\.+" + re.escape(path.name) + f"{step}({step})*")
 
 
 def _is_temp_of(entry: str, directory: Path, names: set[str]) -> bool:
@@ -152,44 +156,13 @@ def record_written(directory: str | os.PathLike, names: Iterable[str]) -> set[st
     return own
 
 
-def claim(directory: str | os.PathLike, names: Iterable[str]) -> set[str]:
-    """The ``names`` mpotn may write in ``directory`` -- new ones and ones its manifest
-    lists -- recorded in the manifest before they are written; the others, files of the
-    same name mpotn did not write, are kept as they are, with a warning.
+def write_output(path: str | os.PathLike, write: str | Callable[[Path], Any]) -> Any:
+    """Write the run output ``path`` -- ``write`` is its text, or a function that writes it
+    (a picture) -- and, once the file is there, record it in its folder's manifest; unless
+    a file of that name mpotn did not write is there: it is kept, with a warning, and
+    nothing is written (returns None).
 
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> out = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = (out / "notes.md").write_text("mine")
-    >>> sorted(claim(out, ["report.md"]))
-    ['report.md']
-    """
-    directory = Path(directory)
-    own = written_files(directory)
-    names = set(names)
-    kept = sorted(name for name in names - own
-                  if (directory / name).exists() or (directory / name).is_symlink())
-    mine = names - set(kept)
-    if mine - own:
-        directory.mkdir(parents=True, exist_ok=True)
-        record_written(directory, mine)
-    if kept:
-        warnings.warn(f"{directory} already holds {', '.join(kept)}, which mpotn did not "
-                      "write: kept as they are, and mpotn's own not written", stacklevel=4)
-    return mine
-
-
-def owned(path: str | os.PathLike) -> bool:
-    """Whether mpotn may write the run output ``path``: claim its name in the manifest of its
-    folder ([claim][mpotn.atomic.claim]); false, with a warning, for a file of the user's."""
-    path = Path(path)
-    return path.name in claim(path.parent, [path.name])
-
-
-def write_output(path: str | os.PathLike, text: str) -> Path | None:
-    """Write the run output ``path`` atomically and record it in its folder's manifest, unless
-    a file of that name mpotn did not write is there (kept, with a warning; returns None).
+    Returns what was written: the path for text, what ``write`` returned otherwise.
 
     Examples
     --------
@@ -200,7 +173,16 @@ def write_output(path: str | os.PathLike, text: str) -> Path | None:
     >>> sorted(written_files(out))
     ['metrics.json']
     """
-    return write_text(path, text) if owned(path) else None
+    path = Path(path)
+    own = written_files(path.parent)
+    if path.name not in own and (path.exists() or path.is_symlink()):
+        warnings.warn(f"{path.parent} already holds {path.name}, which mpotn did not write: "
+                      "kept as it is, and mpotn's not written", stacklevel=2)
+        return None
+    written = write_text(path, write) if isinstance(write, str) else write(path)
+    if path.name not in own and path.is_file():
+        record_written(path.parent, [path.name])
+    return written
 
 
 def foreign_files(directory: str | os.PathLike, own: Iterable[str] = ()) -> list[str]:
@@ -249,24 +231,31 @@ def check_writable(directory: str | os.PathLike, overwrite: bool = False,
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False,
-               own: Iterable[str] = ()) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, own: Iterable[str] = (),
+               carry: Callable[[str], bool] | None = None, last: Iterable[str] = ()
+               ) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; put what it holds in place on success.
 
     The manifest ([MANIFEST_NAME][mpotn.atomic.MANIFEST_NAME]) of the new
-    directory lists every entry written into it. When ``path`` holds only
-    files mpotn wrote (or does not exist), the whole directory is swapped: an
+    directory lists every entry written into it. The entries of the earlier
+    directory that mpotn wrote (its manifest or ``own``, names the caller
+    proved mpotn wrote, list them) and the new one does not hold are removed,
+    except those ``carry`` accepts (a save keeps the tokenizer and the reports
+    beside it when it does not write new ones).
+
+    When ``path`` holds only files mpotn wrote (or does not exist), the whole
+    directory is swapped: the carried entries are linked into the new one, an
     existing ``path`` is renamed aside, the new directory renamed into place,
     then the old one removed; a failure while writing leaves ``path`` as it
     was, and at every moment ``path`` or its hidden ``.old`` twin holds a
     complete directory. When it holds other files,
     [check_writable][mpotn.atomic.check_writable] refuses unless
     ``overwrite``; with it those files stay where they are: each new entry is
-    renamed into ``path``, replacing one of the same name only when mpotn
-    wrote it (the old manifest or ``own``, names the caller proved mpotn
-    wrote, list it; a file of the user's is kept, with a warning), the
-    entries mpotn wrote that the new directory does not hold are removed, and
-    the manifest comes last.
+    renamed into ``path`` (``last`` after the others), replacing one of the same
+    name only when mpotn wrote it (a file of the user's is kept, with a
+    warning), and the manifest lists what may be mpotn's throughout. The
+    current directory (or one holding it) is written the same way, in place.
+    The folder gets the permissions of a new folder (the umask's).
 
     Examples
     --------
@@ -277,18 +266,28 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False,
     >>> sorted(p.name for p in target.iterdir())
     ['mpotn_files.json', 'weights.bin']
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     own = set(own)
     foreign = check_writable(path, overwrite, own)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
     try:
         yield tmp
         names = sorted(entry.name for entry in tmp.iterdir() if entry.name != MANIFEST_NAME)
-        if foreign:
-            _merge(tmp, path, names, written_files(path) | own)
+        previous = written_files(path) | own if path.is_dir() else set()
+        carried = sorted(name for name in previous - set(names)
+                         if carry is not None and carry(name) and (path / name).exists())
+        cwd = Path.cwd()
+        if foreign or path == cwd or path in cwd.parents:
+            _merge(tmp, path, names, previous, carried, list(last))
         else:
-            (tmp / MANIFEST_NAME).write_text(json.dumps({"files": names}, indent=2))
+            for name in carried:
+                _link(path / name, tmp / name)
+            (tmp / MANIFEST_NAME).write_text(json.dumps({"files": sorted(names + carried)},
+                                                        indent=2))
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
             if path.exists():
                 os.replace(path, old)  # over the empty folder just made
@@ -299,6 +298,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _link(source: Path, target: Path) -> None:
+    """``target`` as a copy of ``source`` that costs no space: a hard link for a file, a
+    copy of the folder (its files linked) for a folder."""
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=os.link)
+    else:
+        os.link(source, target)
+
+
 def _remove(entry: Path) -> None:
     """Remove a file, a symbolic link (not what it points to) or a folder."""
     if entry.is_dir() and not entry.is_symlink():
@@ -307,20 +315,26 @@ def _remove(entry: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def _merge(new: Path, path: Path, names: list[str], previous: set[str]) -> None:
-    """Move ``names`` from ``new`` into ``path`` except over files mpotn did not write (not in
-    ``previous``), drop what only ``previous`` lists, then write the manifest; nothing
-    else in ``path`` is touched."""
+def _merge(new: Path, path: Path, names: list[str], previous: set[str], carried: list[str],
+           last: list[str]) -> None:
+    """Move ``names`` from ``new`` into ``path`` (``last`` after the others) except over
+    files mpotn did not write (not in ``previous``), then drop what only ``previous`` lists
+    and ``carried`` does not keep; the manifest names every file that may be mpotn's at
+    each moment. Nothing else in ``path`` is touched."""
     kept = [name for name in names if name not in previous
             and ((path / name).exists() or (path / name).is_symlink())]
-    moved = [name for name in names if name not in kept]
+    moved = sorted((name for name in names if name not in kept), key=lambda n: n in last)
+    write_text(path / MANIFEST_NAME, json.dumps({"files": sorted(previous | set(moved))},
+                                                indent=2))
     for name in moved:
-        if name in previous:
-            _remove(path / name)
-        os.replace(new / name, path / name)
-    for name in previous - set(names):
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)  # a file is replaced by the rename itself, atomically
+        os.replace(new / name, target)
+    for name in previous - set(names) - set(carried):
         _remove(path / name)
-    write_text(path / MANIFEST_NAME, json.dumps({"files": moved}, indent=2))
+    write_text(path / MANIFEST_NAME, json.dumps({"files": sorted(set(moved) | set(carried))},
+                                                indent=2))
     if kept:
         warnings.warn(f"{path} already holds {', '.join(kept)}, which mpotn did not write: "
                       "kept as they are, and the new ones not written", stacklevel=4)

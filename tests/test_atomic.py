@@ -115,3 +115,103 @@ def test_a_file_as_the_target_folder_is_refused(tmp_path):
     (tmp_path / "model").write_text("a file")
     with pytest.raises(ValueError, match=r"model exists and is not a directory; choose a folder"):
         check_writable(tmp_path / "model")
+
+
+def small_compressed(seed: int = 0):
+    import torch
+    from torch import nn
+
+    from mpotn.compression import compress
+
+    torch.manual_seed(seed)
+    return compress(nn.Sequential(nn.Linear(8, 12)), targets=["0"], n=2, progress=False)
+
+
+def test_a_resave_keeps_the_tokenizer_and_reports_beside_it_and_drops_its_old_weights(
+        tmp_path):
+    from mpotn.compression.models import load_tokenizer
+
+    folder = tmp_path / "save"
+    small_compressed(0).save_pretrained(folder, tokenizer=load_tokenizer())
+    write_output(folder / "report.md", "# the report")
+    small_compressed(1).save_pretrained(folder)  # no tokenizer this time
+    assert (folder / "tokenizer_config.json").is_file()
+    assert (folder / "report.md").read_text() == "# the report"
+    assert len(list(folder.glob("model-*.safetensors"))) == 1
+    assert foreign_files(folder) == []
+    assert load_tokenizer(folder)("a film")["input_ids"] == [101, 1037, 2143, 102]
+
+
+def test_a_save_has_the_permissions_of_a_new_folder(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        small_compressed().save_pretrained(tmp_path / "save")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "save").iterdir()}
+    assert stat.S_IMODE((tmp_path / "save").stat().st_mode) == 0o755
+    assert set(modes.values()) == {0o644}
+
+
+def test_a_save_written_before_manifests_listed_everything_is_written_over(tmp_path):
+    from mpotn.atomic import MANIFEST_NAME
+
+    folder = tmp_path / "save"
+    small_compressed(0).save_pretrained(folder)
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": ["config.json"]}))  # as before
+    (folder / "report.md").write_text("# an older run's report")
+    small_compressed(1).save_pretrained(folder)  # no overwrite needed: all of it was mpotn's
+    assert foreign_files(folder) == [] and "report.md" in written_files(folder)
+    assert write_output(folder / "report.md", "# new") == folder / "report.md"
+
+
+def test_an_output_whose_writer_wrote_nothing_is_not_recorded(tmp_path):
+    assert write_output(tmp_path / "heatmap.png", lambda path: None) is None
+    assert written_files(tmp_path) == set()
+    (tmp_path / "heatmap.png").write_text("the user's, later")
+    with atomic_dir(tmp_path, overwrite=True) as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "heatmap.png").read_text() == "the user's, later"
+
+
+def test_saving_into_the_current_folder_writes_in_place(tmp_path, monkeypatch):
+    folder = tmp_path / "here"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    for seed in (0, 1):
+        small_compressed(seed).save_pretrained(".")
+    assert folder.exists() and names(tmp_path) == ["here"]
+    assert len(list(folder.glob("model-*.safetensors"))) == 1 and foreign_files(folder) == []
+
+
+def test_a_killed_nested_save_leaves_nothing_after_the_next_one(tmp_path):
+    (tmp_path / "..model.new.k1ll3d_a.new.k1ll3d_b").mkdir()
+    (tmp_path / ".model.new.k1ll3d_a").mkdir()
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "x").write_text("x")
+    assert names(tmp_path) == ["model"]
+
+
+def test_a_merge_killed_midway_lists_every_file_that_may_be_mpotns(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "notes.txt").write_text("the user's")
+    with atomic_dir(tmp_path, overwrite=True) as tmp:
+        (tmp / "a.json").write_text("1")
+    moves = []
+
+    def killed(source, target):
+        if moves:
+            raise OSError("killed")
+        moves.append(target)
+        os.rename(source, target)
+
+    monkeypatch.setattr("mpotn.atomic.os.replace", killed)
+    with pytest.raises(OSError, match="killed"), atomic_dir(tmp_path, overwrite=True) as tmp:
+        (tmp / "b.json").write_text("2")
+        (tmp / "c.json").write_text("3")
+    assert written_files(tmp_path) >= {"a.json", "b.json", "c.json"}
+    assert (tmp_path / "notes.txt").read_text() == "the user's"

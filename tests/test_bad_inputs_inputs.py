@@ -548,3 +548,11 @@ def test_compression_settings_are_checked_in_every_override_before_compressing(s
 
     with pytest.raises(ValueError, match=message):
         CompressionConfig(targets=["0"], **settings)
+
+
+def test_an_override_to_another_method_ignores_the_inherited_structure():
+    from mpotn.compression import CompressionConfig
+
+    config = CompressionConfig(targets=["0", "2"], structure="svd", ratio=0.5,
+                               overrides={"2": {"method": "tt"}})
+    assert config.overrides == {"2": {"method": "tt"}}

@@ -178,8 +178,10 @@ def test_compress_method_tt_fits_other_decompositions_by_ratio_and_saves_them(ti
 
 @pytest.mark.parametrize("flags, message", [
     (["--method", "tt", "--calibrate", "rte"], "--method tt is fitted to the weights"),
-    (["--method", "cp", "--structure", "svd"], "--structure, --sequential, --share-centrals "
-                                               "and --experts apply to --method mpo"),
+    (["--method", "cp", "--structure", "svd"], "--structure, --sequential, --budget model, "
+                                               "--share-centrals and --experts apply to "
+                                               "--method mpo"),
+    (["--method", "tt", "--budget", "model"], "--budget model"),
     (["--method", "tucker", "--max-bond", "4"], "method 'tucker' is truncated by ratio only"),
 ])
 def test_compress_method_refuses_what_only_mpo_does(tmp_path, capsys, flags, message):

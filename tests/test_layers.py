@@ -219,3 +219,14 @@ def test_an_mpo_layer_needs_two_cores_and_bonds_may_be_numpy_integers():
         MPOLinear(16, 24, n=1)
     layer = MPOLinear.from_linear(nn.Linear(16, 24), n=2)
     assert layer.mpo().truncate(bond_dims=[np.int64(3)]).bond_dims == (1, 3, 1)
+
+
+def test_a_weight_cached_under_autocast_serves_calls_outside_it():
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(16, 24), n=2).eval().requires_grad_(False)
+    x = torch.randn(3, 16)
+    expected = layer(x)
+    layer.clear_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    assert torch.equal(layer(x), expected)  # the cache holds the float32 weight

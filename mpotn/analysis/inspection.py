@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpotn.atomic import owned, write_output
+from mpotn.atomic import write_output
 from mpotn.compression.config import MPO_LAYERS, layer_holder
 from mpotn.compression.models import layer_index, matrix_type, weight_matrices
 from mpotn.compression.sharing import shared_central_groups
@@ -112,28 +112,25 @@ class Inspection:
                             "matrices": list(self.records)}, indent=2),
             ),
         }
-        if owned(out / "entropy_heatmap.png"):
-            paths["heatmap"] = draw_entropy_heatmap(self.records, out / "entropy_heatmap.png",
-                                                    model_name)
-        if owned(out / "entropy_profiles.png"):
-            paths["profiles"] = draw_entropy_profiles(
-                self.records, out / "entropy_profiles.png",
-                f"{model_name}: entropy along the chain, by matrix type")
+        paths["heatmap"] = write_output(out / "entropy_heatmap.png", lambda path: (
+            draw_entropy_heatmap(self.records, path, model_name)))
+        paths["profiles"] = write_output(out / "entropy_profiles.png", lambda path: (
+            draw_entropy_profiles(self.records, path,
+                                  f"{model_name}: entropy along the chain, by matrix type")))
+        kept = "kept/full" if self.compressed is not None else (
+            f"at rho={self.settings['ratio']} (kept/full)")
         for name, mpo in self.networks.items():
             safe = name.replace(".", "_") or "matrix"
-            if owned(out / f"network_{safe}.png"):
-                paths[f"network:{name}"] = mpo.draw(
-                    out / f"network_{safe}.png",
-                    title=f"{name}: bonds " + (
-                        "kept/full" if self.compressed is not None
-                        else f"at rho={self.settings['ratio']} (kept/full)"))
+            paths[f"network:{name}"] = write_output(
+                out / f"network_{safe}.png",
+                lambda path, name=name, mpo=mpo: mpo.draw(path, title=f"{name}: bonds {kept}"))
         for name, mpo in self.spectra.items():
             safe = name.replace(".", "_") or "matrix"
             kind = "kept" if self.compressed is not None else "full rank"
-            if owned(out / f"spectra_{safe}.png"):
-                paths[f"spectra:{name}"] = draw_spectra(
-                    mpo, out / f"spectra_{safe}.png",
-                    f"{name}: singular values per bond ({kind})")
+            paths[f"spectra:{name}"] = write_output(
+                out / f"spectra_{safe}.png",
+                lambda path, name=name, mpo=mpo, kind=kind: draw_spectra(
+                    mpo, path, f"{name}: singular values per bond ({kind})"))
         if self.compressed is not None:
             for name, path in draw_shared_centrals(self.compressed, out).items():
                 paths[f"shared:{name}"] = path
@@ -289,12 +286,14 @@ def draw_shared_centrals(model: nn.Module, out: str | Path) -> dict[str, Path]:
     """Draw every group of MPO layers that shares a central tensor
     ([shared_central_groups][mpotn.compression.sharing.shared_central_groups]): the shared
     node once, with edges to each layer's chain ([shared_graph][mpotn.network.shared_graph]),
-    to ``out/shared_<first layer>.png``.
+    to ``out/shared_<first layer>.png``, a run output ([mpotn.atomic.write_output][]: a
+    file of the user's of that name is kept).
 
     Returns
     -------
     dict
-        ``{first layer of the group: path}``; empty when nothing is shared.
+        ``{first layer of the group: path}`` (``None`` for a kept file of the user's);
+        empty when nothing is shared.
     """
     paths = {}
     for group in shared_central_groups(model):
@@ -310,7 +309,8 @@ def draw_shared_centrals(model: nn.Module, out: str | Path) -> dict[str, Path]:
         title = (f"{group[0]} and {len(group) - 1} more layers (L<layer>[E<expert>]:A<k>: "
                  f"auxiliary tensor k)\nshare one central tensor {tuple(central.shape)} "
                  f"({central.numel():,} parameters)")
-        paths[group[0]] = draw_graph(shared_graph(chains),
-                                     Path(out) / f"shared_{group[0].replace('.', '_')}.png",
-                                     title)
+        paths[group[0]] = write_output(
+            Path(out) / f"shared_{group[0].replace('.', '_')}.png",
+            lambda path, chains=chains, title=title: draw_graph(shared_graph(chains), path,
+                                                                title))
     return paths

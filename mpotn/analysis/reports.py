@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpotn.atomic import owned, write_output
+from mpotn.atomic import write_output
 from mpotn.compression.model import MPOModel
 from mpotn.drawing import draw_entropy_heatmap, draw_errors
 
@@ -77,10 +77,8 @@ def write_compression_report(model: MPOModel, out: str | Path, model_name: str,
         "json": write_output(out / "report.json", json.dumps(
             {**summary, "matrices": list(model.report())}, indent=2)),
     }
-    if owned(out / "errors.png"):
-        paths["errors"] = draw_errors(model.report(), out / "errors.png",
-                                      f"reconstruction error per matrix, {model_name}")
-    if owned(out / "entropy_heatmap.png"):
-        paths["heatmap"] = draw_entropy_heatmap(model.report(), out / "entropy_heatmap.png",
-                                                model_name)
+    paths["errors"] = write_output(out / "errors.png", lambda path: draw_errors(
+        model.report(), path, f"reconstruction error per matrix, {model_name}"))
+    paths["heatmap"] = write_output(out / "entropy_heatmap.png", lambda path: (
+        draw_entropy_heatmap(model.report(), path, model_name)))
     return {key: path for key, path in paths.items() if path}

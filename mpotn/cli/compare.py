@@ -58,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Decompose the matrix with every method and ratio; print and write the table and plot."""
     from mpotn.analysis.comparison import compare, describe_skipped, draw_comparison, load_matrix
-    from mpotn.atomic import owned, write_output
+    from mpotn.atomic import write_output
 
     known = {label: (label, method, options) for label, method, options in METHODS}
     unknown = [m for m in args.methods if m not in known]
@@ -89,9 +89,8 @@ def run(args: argparse.Namespace) -> None:
                                                  "batch": args.batch, "rows": list(table),
                                                  "skipped": list(skipped)},
                                                 indent=2))
-    if owned(out / "compare.png"):
-        draw_comparison(table, out / "compare.png",
-                        f"{name} ({matrix.shape[0]} x {matrix.shape[1]})")
+    write_output(out / "compare.png", lambda path: draw_comparison(
+        table, path, f"{name} ({matrix.shape[0]} x {matrix.shape[1]})"))
     print(f"\n{len(table) - 1} decompositions ({len(skipped)} points skipped) in "
           f"{time.perf_counter() - start:.1f} s; wrote "
           f"{out}/compare.csv, compare.json, compare.png")

@@ -189,9 +189,10 @@ def _check_sharing(args: argparse.Namespace) -> None:
     if args.top_k is not None and (args.experts is None or args.top_k > args.experts):
         raise ValueError(f"--top-k {args.top_k} needs --experts E with E >= {args.top_k}")
     if args.method != "mpo" and (args.share_centrals or args.experts or args.structure
-                                 or args.sequential):
+                                 or args.sequential or args.budget != "matrix"):
         raise ValueError(f"--method {args.method} builds one network per matrix: --structure, "
-                         "--sequential, --share-centrals and --experts apply to --method mpo")
+                         "--sequential, --budget model, --share-centrals and --experts apply "
+                         "to --method mpo")
     if args.structure in ("svd", "auto") and (args.share_centrals or args.experts):
         raise ValueError(f"sharing central tensors needs balanced MPOs: drop --structure "
                          f"{args.structure} (or pass --structure mpo)")

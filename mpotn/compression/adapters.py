@@ -154,7 +154,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()
                if name in trained}
     earlier = earlier_save(directory, ADAPTER_NAME, _ADAPTER_WEIGHTS)
-    with atomic_dir(directory, overwrite, earlier) as staging:
+    with atomic_dir(directory, overwrite, earlier, last=[ADAPTER_NAME],
+                    carry=lambda name: not _ADAPTER_WEIGHTS.fullmatch(name)) as staging:
         written, own = write_weights(tensors, staging, "adapter",
                                      {_DIGEST_KEY: _config_digest(config)})
         config["weights"], config["sha256"] = written.name, own

@@ -40,8 +40,6 @@ from mpotn.compression.architectures import CROSS_ATTENTION_INPUT
 from mpotn.compression.models import model_device, padding_tokenizer
 from mpotn.layers.masks import attention_mask_argument, mask_sources, real_rows, token_mask
 
-#: Sentences used for calibration when a command is not told otherwise.
-
 
 @dataclass
 class Calibration:

@@ -172,8 +172,11 @@ class CompressionConfig:
         defaults = {key: getattr(self, key) for key in SETTING_KEYS}
         _check_target_settings(defaults)
         for key, override in self.overrides.items():
+            merged = _merged(defaults, override)
+            if merged["method"] != "mpo" and "structure" not in override:
+                merged["structure"] = "mpo"  # another method ignores an inherited structure
             try:
-                _check_target_settings(_merged(defaults, override))
+                _check_target_settings(merged)
             except ValueError as error:
                 raise ValueError(f"override {key!r}: {error}") from None
         if self.budget not in BUDGETS:

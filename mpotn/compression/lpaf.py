@@ -159,7 +159,7 @@ def factorize_pruned(
 
 def svd_rank(rows: int, cols: int, ratio: float) -> int:
     """The rank [compress][mpotn.compression.compress.compress] gives an ``svd``-structure
-    matrix at ``ratio``: the largest ``r`` with ``r (I + J) <= int(ratio * I * J)``, at
+    matrix at ``ratio``: the largest ``r`` with ``r (I + J) <= ratio_params(ratio, I J)``, at
     least 1 (``compress`` cuts an unreachable ratio to bonds of 1 and warns).
 
     Examples

@@ -31,7 +31,9 @@ A save directory holds
 A save is atomic ([mpotn.atomic.atomic_dir][]): every file is written into a
 hidden folder beside the target, then that folder replaces the target in a
 rename, so a crash at any point leaves the earlier save as it was; the
-manifest ``mpotn_files.json`` lists every file the save wrote. A folder
+manifest ``mpotn_files.json`` lists every file the save wrote. What an
+earlier save wrote and this one does not rewrite -- its tokenizer, the
+reports ``mpotn compress`` put beside it -- is kept; its weights are not. A folder
 holding files mpotn did not write (a Hugging Face model, say) is refused
 unless ``overwrite=True``; with it the new files are moved in beside the
 user's (the weights before ``mpotn_config.json``, so the config never names
@@ -39,8 +41,9 @@ weights that are not there), a file of the user's with the same name is kept,
 with a warning, and only files the manifest lists are removed -- a Hugging
 Face model's ``model-00001-of-00003.safetensors`` is never touched. A save
 written before the manifest listed every file is recognised by its
-``mpotn_config.json`` and the weights whose content matches their name
-(``model-`` and the first 12 hex digits of their SHA-256).
+``mpotn_config.json``, the weights whose content matches their name
+(``model-`` and the first 12 hex digits of their SHA-256) and the reports and
+tokenizer files those versions wrote beside it.
 
 [read][mpotn.compression.serialization.read] rebuilds the model from the config
 alone -- the original weights are not needed -- and treats the folder as
@@ -74,7 +77,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from mpotn.atomic import atomic_dir, check_writable, written_files
+from mpotn.atomic import atomic_dir, check_writable, publish, written_files
 from mpotn.compression.architectures import is_conv1d
 from mpotn.compression.bottleneck import bottleneck_spec, rebuild_bottlenecks
 from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
@@ -193,16 +196,26 @@ def _config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: What versions before the manifest listed every file wrote beside a save without listing
+#: it: ``mpotn compress``'s reports and an adapter's tokenizer.
+LEGACY_FILES = ("report.md", "report.json", "errors.png", "entropy_heatmap.png",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+                "chat_template.jinja", "tokenizer.model", "spiece.model")
+
+
 def earlier_save(directory: Path, config_name: str, weights: re.Pattern[str]) -> set[str]:
     """Names in ``directory`` that an earlier save proves mpotn wrote although its manifest
-    may not list them (saves written before the manifest listed every file): its config
-    ``config_name`` and the content-addressed weights files (named as ``weights`` says, its
-    group the first hex digits of their SHA-256) whose content matches their name."""
+    may not list them: for a save written before the manifest listed every file (its
+    manifest lacks ``config_name``), the config, the content-addressed weights files
+    (named as ``weights`` says, its group the first hex digits of their SHA-256) whose
+    content matches their name, and [LEGACY_FILES][mpotn.compression.serialization.LEGACY_FILES]."""
     config = directory / config_name
-    if not config.is_file() or config.is_symlink():
-        return set()
     listed = written_files(directory)
-    return {config_name} | {
+    if not config.is_file() or config.is_symlink() or config_name in listed:
+        return set()
+    legacy = {name for name in LEGACY_FILES if (directory / name).is_file()}
+    return {config_name} | legacy | {
         path.name for path in directory.iterdir()
         if (match := weights.fullmatch(path.name)) and path.name not in listed
         and path.is_file() and not path.is_symlink() and _sha256(path).startswith(match.group(1))}
@@ -227,9 +240,7 @@ def write_weights(tensors: nn.Module | dict[str, torch.Tensor], folder: Path, pr
     else:
         save_file(tensors, str(tmp), metadata=metadata)
     digest = _sha256(tmp)
-    path = folder / f"{prefix}-{digest[:12]}.safetensors"
-    os.replace(tmp, path)
-    return path, digest
+    return publish(tmp, folder / f"{prefix}-{digest[:12]}.safetensors"), digest
 
 
 def _write_hugging_face_files(base: nn.Module, folder: Path, tokenizer: Any | None) -> None:
@@ -291,7 +302,8 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
     if bottleneck_spec(base):
         config["bottleneck_adapters"] = bottleneck_spec(base)
     earlier = earlier_save(directory, CONFIG_NAME, _WEIGHTS_NAME)
-    with atomic_dir(directory, overwrite, earlier) as staging:
+    with atomic_dir(directory, overwrite, earlier, last=[CONFIG_NAME],
+                    carry=lambda name: not _WEIGHTS_NAME.fullmatch(name)) as staging:
         weights, digest = write_weights(base, staging, "model",
                                         {DIGEST_KEY: _config_digest(config)})
         config["weights"], config["sha256"] = weights.name, digest

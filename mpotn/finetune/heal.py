@@ -545,7 +545,7 @@ def heal(
     ValueError
         For fewer than 2 sentences, ``train="auxiliary"`` without MPO layers,
         models whose hidden states (or logits, with ``logits_weight > 0``)
-        differ in number or shape, ``resume`` without a checkpoint or with
+        differ in number or shape, ``resume`` without a run in ``out`` or with
         other texts, a fresh run into an ``out`` that holds one, and a
         ``config.device`` that is not here.
 

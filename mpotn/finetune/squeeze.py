@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from mpotn.atomic import check_writable, owned, write_output, write_text
+from mpotn.atomic import check_writable, write_output, write_text
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import matrix_type
 from mpotn.compression.parameters import count_parameters
@@ -715,10 +715,10 @@ class Squeezer:
             write_output(self.out / "history.csv", history.to_csv())
             write_output(self.out / "cuts.csv", Table(self.state.cuts).to_csv())
             metric = "loss" if self.config.monitor == "loss" else self.data.spec.metrics[0]
-            if owned(self.out / "history.png"):
-                draw_history(history, "step", [metric, "params_over_original"],
-                             self.out / "history.png", "dimension squeezing (Algorithm 2)",
-                             marks=["matrix"] if len(history) <= 40 else [])
+            write_output(self.out / "history.png", lambda path: draw_history(
+                history, "step", [metric, "params_over_original"], path,
+                "dimension squeezing (Algorithm 2)",
+                marks=["matrix"] if len(history) <= 40 else []))
             save_model(model, self.tokenizer, self.out / "model", self.overwrite)
         return SqueezeResult(model, history, record)
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpotn.atomic import atomic_dir, check_writable, owned, write_output, write_text
+from mpotn.atomic import atomic_dir, check_writable, write_output, write_text
 from mpotn.compression.compress import compress
 from mpotn.compression.config import MPO_LAYERS, CompressionConfig, select_targets
 from mpotn.compression.model import MPOModel, load
@@ -534,13 +534,15 @@ def resume_checkpoint(out: str | os.PathLike | None, resume: bool) -> str | None
     -------
     str or None
         With ``resume``, the latest complete ``checkpoint-N`` folder in
-        ``out / "checkpoints"`` ([last_checkpoint][mpotn.finetune.training.last_checkpoint]);
-        otherwise ``None`` (a fresh run).
+        ``out / "checkpoints"`` ([last_checkpoint][mpotn.finetune.training.last_checkpoint]),
+        or ``None`` when the run stopped before its first complete checkpoint (it starts
+        again at step 0); without it ``None`` (a fresh run).
 
     Raises
     ------
     ValueError
-        With ``resume``: when ``out`` is ``None`` or holds no fine-tuning checkpoint.
+        With ``resume``: when ``out`` is ``None`` or holds no fine-tuning run (its
+        ``finetune_state.json``).
         Without it: when ``out / "checkpoints"`` already holds a Trainer checkpoint (mpotn
         never writes over a run; pass ``resume`` or choose another folder).
     """
@@ -721,8 +723,8 @@ def finetune(
     ------
     ValueError
         For a strategy the model cannot take (``lfa`` without MPO layers, ...)
-        or a task without a training split; for ``resume`` without a checkpoint in
-        ``out`` or with another model, task or settings; for a fresh run into an
+        or a task without a training split; for ``resume`` without a run in ``out``
+        or with another model, task or settings; for a fresh run into an
         ``out`` that holds checkpoints (pass ``resume`` or choose another folder);
         for a device that is not here.
     """
@@ -887,8 +889,9 @@ def write_run(result: FinetuneResult, tokenizer: Any, out: str | os.PathLike,
     if result.core_changes:
         paths["core_changes"] = write_output(out / "core_changes.csv",
                                              result.core_changes.to_csv())
-    if len(result.history) and owned(out / "history.png"):
-        paths["plot"] = draw_history(result.history, "step", ["loss"], out / "history.png", title)
+    if len(result.history):
+        paths["plot"] = write_output(out / "history.png", lambda path: draw_history(
+            result.history, "step", ["loss"], path, title))
     paths["adapter" if adapter_only else "model"] = save_model(
         result.model, tokenizer, folder, overwrite, adapter_only)
     return {key: path for key, path in paths.items() if path}

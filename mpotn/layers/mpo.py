@@ -239,7 +239,8 @@ class _MPOWeight(MPOStructure, nn.Module):
         key = (torch.is_inference_mode_enabled(),
                *((c.data_ptr(), c._version, c.dtype, c.device) for c in cores))
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            kind = cores[0].device.type  # in the cores' dtype, also under autocast
+            with torch.no_grad(), torch.autocast(kind, enabled=False):
                 self._cache = (key, self.contractor.rebuild(cores))
         return self._cache[1]
 
