@@ -131,6 +131,22 @@ class CompressionConfig:
         calibration text would lose their rows.
     overrides:
         ``{preset or suffix: {setting: value}}`` applied on top, in order.
+
+    Examples
+    --------
+    Attention at half its size, the FFN as truncated SVDs of a quarter, checked at once:
+
+    >>> from torch import nn
+    >>> config = CompressionConfig(targets=["attention", "ffn"], ratio=0.5,
+    ...                            overrides={"ffn": {"structure": "svd", "ratio": 0.25}})
+    >>> layer = nn.Linear(8, 8)
+    >>> settings = config.settings_for("encoder.layer.0.intermediate.dense", layer)
+    >>> settings["structure"], settings["ratio"]
+    ('svd', 0.25)
+    >>> CompressionConfig(overrides={"ffn": {"fit": "dmrg"}})
+    Traceback (most recent call last):
+    ...
+    ValueError: override 'ffn': fit must be one of ('als', 'whiten'), got 'dmrg'
     """
 
     targets: str | list[str] = field(default_factory=lambda: ["all-linear"])

@@ -39,6 +39,22 @@ class MPOModel(nn.Module):
     source:
         The save (folder or Hub id) this model was loaded from, ``None`` for a model
         compressed here; an adapter save refers to it.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from mpotn.compression.compress import compress
+    >>> _ = torch.manual_seed(0)
+    >>> model = compress(nn.Sequential(nn.Linear(32, 64)), targets=["0"], n=3, ratio=0.5,
+    ...                  progress=False)
+    >>> model.totals()["compressed_matrices"], model.totals()["total_over_original"] < 0.6
+    (1, True)
+    >>> folder = tempfile.mkdtemp()
+    >>> model.save_pretrained(folder)
+    >>> again = load(folder, model=nn.Sequential(nn.Linear(32, 64)))
+    >>> x = torch.randn(2, 32)
+    >>> bool(torch.equal(again(x), model(x)))
+    True
     """
 
     def __init__(
