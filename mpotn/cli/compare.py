@@ -84,13 +84,14 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     print(f"matrix: {name} ({matrix.shape[0]} x {matrix.shape[1]})")
     print(table.to_markdown())
-    write_output(out / "compare.csv", table.to_csv())
-    write_output(out / "compare.json", json.dumps({"matrix": name, "shape": list(matrix.shape),
-                                                 "batch": args.batch, "rows": list(table),
-                                                 "skipped": list(skipped)},
-                                                indent=2))
-    write_output(out / "compare.png", lambda path: draw_comparison(
-        table, path, f"{name} ({matrix.shape[0]} x {matrix.shape[1]})"))
+    written = [
+        write_output(out / "compare.csv", table.to_csv()),
+        write_output(out / "compare.json", json.dumps(
+            {"matrix": name, "shape": list(matrix.shape), "batch": args.batch,
+             "rows": list(table), "skipped": list(skipped)}, indent=2)),
+        write_output(out / "compare.png", lambda path: draw_comparison(
+            table, path, f"{name} ({matrix.shape[0]} x {matrix.shape[1]})")),
+    ]
     print(f"\n{len(table) - 1} decompositions ({len(skipped)} points skipped) in "
           f"{time.perf_counter() - start:.1f} s; wrote "
-          f"{out}/compare.csv, compare.json, compare.png")
+          f"{', '.join(str(path) for path in written if path) or 'nothing'}")
