@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from mpotn.atomic import atomic_dir
 from mpotn.compression.serialization import (
     _FIX,
     CONFIG_NAME,
@@ -42,11 +40,10 @@ from mpotn.compression.serialization import (
     _config_digest,
     _read_config,
     _sha256,
-    earlier_save,
     read,
     resolve_inside,
     resolve_save,
-    write_weights,
+    write_save,
 )
 
 ADAPTER_NAME = "mpotn_adapter.json"
@@ -54,7 +51,6 @@ ADAPTER_FORMAT = "mpotn-adapter"
 ADAPTER_VERSION = 1
 #: The fields of ``mpotn_adapter.json``, all required.
 ADAPTER_FIELDS = ("format", "format_version", "weights", "sha256", "base", "trainable")
-_ADAPTER_WEIGHTS = re.compile(r"adapter-([0-9a-f]{12})\.safetensors")
 _DIGEST_KEY = "mpotn_adapter_sha256"
 
 
@@ -153,16 +149,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     }
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()
                if name in trained}
-    earlier = earlier_save(directory, ADAPTER_NAME, _ADAPTER_WEIGHTS)
-    with atomic_dir(directory, overwrite, earlier, last=[ADAPTER_NAME],
-                    carry=lambda name: not _ADAPTER_WEIGHTS.fullmatch(name)) as staging:
-        written, own = write_weights(tensors, staging, "adapter",
-                                     {_DIGEST_KEY: _config_digest(config)})
-        config["weights"], config["sha256"] = written.name, own
-        (staging / ADAPTER_NAME).write_text(json.dumps(config, indent=2))
+
+    def save_tokenizer(staging: Path) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-    return directory
+
+    return write_save(directory, overwrite, config, tensors, ADAPTER_NAME, "adapter", _DIGEST_KEY,
+                      save_tokenizer)
 
 
 def _read_adapter_config(directory: Path) -> dict[str, Any]:

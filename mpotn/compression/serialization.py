@@ -68,6 +68,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -114,7 +115,13 @@ DTYPES = {"float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16
 #: Key of the weights file's metadata that holds the SHA-256 of the config.
 DIGEST_KEY = "mpotn_config_sha256"
 #: Temporary name of the weights while they are written (hidden, see mpotn.atomic).
-_WEIGHTS_NAME = re.compile(r"model-([0-9a-f]{12})\.safetensors")
+def weights_pattern(prefix: str) -> re.Pattern[str]:
+    """Names of content-addressed weights files: ``{prefix}-`` and the first 12 hex digits of
+    their SHA-256 (the group)."""
+    return re.compile(re.escape(prefix) + r"-([0-9a-f]{12})\.safetensors")
+
+
+_WEIGHTS_NAME = weights_pattern("model")
 _FIX = "the file was edited or damaged; save the model again with MPOModel.save_pretrained"
 
 
@@ -301,14 +308,27 @@ def save(model: Any, directory: str | os.PathLike, overwrite: bool = False,
         config["experts"] = experts_spec(base)
     if bottleneck_spec(base):
         config["bottleneck_adapters"] = bottleneck_spec(base)
-    earlier = earlier_save(directory, CONFIG_NAME, _WEIGHTS_NAME)
-    with atomic_dir(directory, overwrite, earlier, last=[CONFIG_NAME],
-                    carry=lambda name: not _WEIGHTS_NAME.fullmatch(name)) as staging:
-        weights, digest = write_weights(base, staging, "model",
-                                        {DIGEST_KEY: _config_digest(config)})
+    return write_save(directory, overwrite, config, base, CONFIG_NAME, "model", DIGEST_KEY,
+                      lambda staging: _write_hugging_face_files(base, staging, tokenizer))
+
+
+def write_save(directory: Path, overwrite: bool, config: dict[str, Any],
+               tensors: nn.Module | dict[str, torch.Tensor], config_name: str, prefix: str,
+               digest_key: str, extra: Callable[[Path], None]) -> Path:
+    """Stage a save (a whole one or an adapter) and put it in place
+    ([mpotn.atomic.atomic_dir][]): the content-addressed weights ``{prefix}-<sha12>``
+    with the config's digest under ``digest_key`` in their metadata, what ``extra``
+    writes, then ``config`` as ``config_name``, naming the weights; an earlier save's
+    files other than its weights are carried over unless rewritten."""
+    weights_name = weights_pattern(prefix)
+    earlier = earlier_save(directory, config_name, weights_name)
+    with atomic_dir(directory, overwrite, earlier, last=[config_name],
+                    carry=lambda name: not weights_name.fullmatch(name)) as staging:
+        weights, digest = write_weights(tensors, staging, prefix,
+                                        {digest_key: _config_digest(config)})
         config["weights"], config["sha256"] = weights.name, digest
-        _write_hugging_face_files(base, staging, tokenizer)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        extra(staging)
+        (staging / config_name).write_text(json.dumps(config, indent=2))
     return directory
 
 
