@@ -245,6 +245,19 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_bert):
     assert "nothing to resume" in result.stderr
 
 
+def test_the_command_refuses_an_unknown_type_before_fine_tuning(tmp_path, tiny_bert,
+                                                                capsys, monkeypatch):
+    from mpotn.cli import main
+
+    monkeypatch.setattr("mpotn.finetune.training.finetune",
+                        lambda *args, **kwargs: pytest.fail("fine-tuned before checking"))
+    command = squeeze_command(tiny_bert, tmp_path / "run")[3:]
+    command[command.index("ffn_out")] = "ffn-out"
+    assert main(command) == 2
+    assert "types ['ffn-out'] match no MPO layer of this model" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints" / "step-0000").exists()
+
+
 def test_a_checkpoint_saved_with_the_old_setting_names_resumes(tiny_bert, data, tmp_path):
     """latest.json of earlier versions names steps_per_cut and max_cuts: read as today's."""
     model, tokenizer = fresh(tiny_bert, data)
