@@ -305,7 +305,7 @@ def attach_token_masks(model: nn.Module) -> int:
     (1, 0)
     >>> mask = torch.tensor([[1, 1, 0]])
     >>> out = encoder.eval()(torch.randn(1, 3, 4), attention_mask=mask)
-    >>> float(out[0, 2].abs().sum()), encoder.ffn.token_mask is None
+    >>> float(out[0, 2].detach().abs().sum()), encoder.ffn.token_mask is None
     (0.0, True)
     """
     hooked = 0
