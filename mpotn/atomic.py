@@ -176,8 +176,10 @@ def write_output(path: str | os.PathLike, write: str | Callable[[Path], Any]) ->
     path = Path(path)
     own = written_files(path.parent)
     if path.name not in own and (path.exists() or path.is_symlink()):
-        warnings.warn(f"{path.parent} already holds {path.name}, which mpotn did not write: "
-                      "kept as it is, and mpotn's not written", stacklevel=2)
+        warnings.warn(f"{path.parent} already holds {path.name}, which mpotn did not write "
+                      "(or an mpotn older than its manifests did): kept as it is, and this "
+                      "run's not written; move it away, or write into another folder",
+                      stacklevel=2)
         return None
     written = write_text(path, write) if isinstance(write, str) else write(path)
     if path.name not in own and path.is_file():

@@ -144,3 +144,12 @@ def test_tucker_by_ratio_chooses_a_rank_per_mode_within_the_budget(matrix):
     assert per_mode.details["ranks"] == [6, 8, 8, 2]
     assert uniform.params_ratio < per_mode.params_ratio <= 0.3
     assert per_mode.relative_error < uniform.relative_error  # measured 0.868 vs 0.879
+
+
+def test_tucker_by_ratio_keeps_one_rank_for_all_modes_where_that_is_closer():
+    from mpotn.compression.models import load_model
+
+    embedding = load_model().embeddings.word_embeddings.weight.detach().double()
+    net = decompose(embedding, "tucker", n=3, ratio=0.4)
+    assert net.details["ranks"] == [23, 23, 23, 6, 8, 8]  # per mode: 0.774, this: 0.733
+    assert net.relative_error == pytest.approx(0.7332, abs=1e-3)

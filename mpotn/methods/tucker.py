@@ -12,6 +12,7 @@ from mpotn.methods.base import (
     FactorNetwork,
     _check_ratio,
     _finish,
+    _largest_rank,
     _tensorized,
     register,
     tensorly_torch,
@@ -24,8 +25,12 @@ def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = Non
                   rank: int | None = None, iterations: int = 0) -> FactorNetwork:
     """Tucker of the tensorized matrix: HOSVD (``iterations=0``) or HOOI (more).
 
-    ``rank`` gives every mode that rank (at most its size); ``ratio`` chooses one rank
-    per mode ([mode_ranks][mpotn.methods.tucker.mode_ranks]); neither: full rank."""
+    ``rank`` gives every mode that rank (at most its size); ``ratio`` takes, of one rank
+    per mode ([mode_ranks][mpotn.methods.tucker.mode_ranks]) and the largest one rank for
+    all modes within the budget, the one whose HOSVD is closer to the tensor (neither wins
+    everywhere: per mode is better on a 48 x 80 random matrix, one rank on MiniLM's word
+    embedding); neither: full rank."""
+    import tensorly as tl
     from tensorly.decomposition import tucker
 
     _check_ratio(ratio)
@@ -36,7 +41,15 @@ def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = Non
     if rank is not None:
         ranks = [min(rank, size) for size in modes]
     elif ratio is not None:
-        ranks = mode_ranks(tensor, ratio_params(ratio, matrix.numel()))
+        budget = ratio_params(ratio, matrix.numel())
+        top = _largest_rank(lambda r: tucker_params(modes, [min(r, size) for size in modes]),
+                            budget, max(modes))
+        options = [mode_ranks(tensor, budget), [min(top, size) for size in modes]]
+        with tensorly_torch():
+            errors = [float((tl.tucker_to_tensor(tucker(tensor, rank=option, n_iter_max=0,
+                                                        init="svd")) - tensor).norm())
+                      for option in options]
+        ranks = options[errors.index(min(errors))]
     else:
         ranks = list(modes)
     with tensorly_torch():
