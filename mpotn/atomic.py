@@ -81,12 +81,22 @@ def temp_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _chmod_new(path: str | os.PathLike, mode: int) -> None:
+    """Give ``path`` the permissions a new file or folder of ``mode`` gets (the umask's)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def _write_manifest(directory: Path, names: Iterable[str]) -> None:
+    """Write the manifest of ``directory`` listing ``names`` (atomically)."""
+    write_text(directory / MANIFEST_NAME, json.dumps({"files": sorted(names)}, indent=2))
+
+
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Give ``tmp`` the permissions of a new file and rename it over ``path`` (atomic on
     POSIX: readers see the old file or the new one, never a partial one)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; honour the umask
+    _chmod_new(tmp, 0o666)  # mkstemp makes 0600 files
     os.replace(tmp, path)
     return Path(path)
 
@@ -152,7 +162,7 @@ def record_written(directory: str | os.PathLike, names: Iterable[str]) -> set[st
     if not all(_is_plain_name(name) for name in names):
         raise ValueError(f"not plain file names: {sorted(names)}")
     own = written_files(directory) | names
-    write_text(directory / MANIFEST_NAME, json.dumps({"files": sorted(own)}, indent=2))
+    _write_manifest(directory, own)
     return own
 
 
@@ -273,9 +283,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, own: Iterable[s
     foreign = check_writable(path, overwrite, own)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+    _chmod_new(tmp, 0o777)  # mkdtemp makes 0700 folders
     try:
         yield tmp
         names = sorted(entry.name for entry in tmp.iterdir() if entry.name != MANIFEST_NAME)
@@ -288,8 +296,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, own: Iterable[s
         else:
             for name in carried:
                 _link(path / name, tmp / name)
-            (tmp / MANIFEST_NAME).write_text(json.dumps({"files": sorted(names + carried)},
-                                                        indent=2))
+            _write_manifest(tmp, [*names, *carried])
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
             if path.exists():
                 os.replace(path, old)  # over the empty folder just made
@@ -326,8 +333,7 @@ def _merge(new: Path, path: Path, names: list[str], previous: set[str], carried:
     kept = [name for name in names if name not in previous
             and ((path / name).exists() or (path / name).is_symlink())]
     moved = sorted((name for name in names if name not in kept), key=lambda n: n in last)
-    write_text(path / MANIFEST_NAME, json.dumps({"files": sorted(previous | set(moved))},
-                                                indent=2))
+    _write_manifest(path, previous | set(moved))
     for name in moved:
         target = path / name
         if target.is_dir() and not target.is_symlink():
@@ -335,8 +341,7 @@ def _merge(new: Path, path: Path, names: list[str], previous: set[str], carried:
         os.replace(new / name, target)
     for name in previous - set(names) - set(carried):
         _remove(path / name)
-    write_text(path / MANIFEST_NAME, json.dumps({"files": sorted(set(moved) | set(carried))},
-                                                indent=2))
+    _write_manifest(path, {*moved, *carried})
     if kept:
         warnings.warn(f"{path} already holds {', '.join(kept)}, which mpotn did not write: "
                       "kept as they are, and the new ones not written", stacklevel=4)
