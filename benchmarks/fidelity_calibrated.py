@@ -26,6 +26,9 @@ Configurations (``mpotn.compress`` settings):
     the same, the word embedding also calibrated (diagonal token counts);
 ``svd, embeddings calibrated, model budget``
     and one budget for all matrices;
+``..., dense kept``
+    ``keep_dense=True``: the budget may leave a matrix dense where its share would
+    be a truncated SVD as large as the matrix or larger;
 ``..., sequential``
     and each matrix fitted, in the order the model runs them, to the original's
     outputs from the inputs the compressed layers before it give (Eq. 7');
@@ -37,7 +40,10 @@ Configurations (``mpotn.compress`` settings):
 ``mpo + als``
     plain truncation, then 2 ALS sweeps on the output error (SPEC §7 b);
 ``mpo + als, model budget``
-    one budget for all matrices, then ALS;
+    one budget for all matrices (by each linear's output error, read from the
+    spectra of its whitened matrix; the embeddings by their weight error), then ALS;
+``mpo + als, embeddings calibrated, model budget``
+    the same, the embeddings also calibrated (diagonal token counts) and fitted by ALS;
 ``... + heal``
     then 300 steps (``heal 1000``: 1,000) of healing (``mpotn.finetune.heal``,
     all parameters, 16 sentences per step, on the 2,000 shipped SST-2 training
@@ -81,6 +87,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
     "svd, embeddings calibrated": ({"structure": "svd", "calibrate_embeddings": True}, True),
     "svd, embeddings calibrated, model budget": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model"}, True),
+    "svd, embeddings calibrated, model budget, dense kept": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
+         "keep_dense": True}, True),
     "svd, embeddings calibrated, model budget, sequential": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
          "sequential": True}, True),
@@ -93,6 +102,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
     "mpo + whiten": ({"fit": "whiten"}, True),
     "mpo + als": ({"fit": "als"}, True),
     "mpo + als, model budget": ({"fit": "als", "budget": "model"}, True),
+    "mpo + als, embeddings calibrated, model budget": (
+        {"fit": "als", "calibrate_embeddings": True, "budget": "model"}, True),
     "svd, embeddings calibrated, model budget + heal": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 300}, True),
     "mpo + als, model budget + heal": ({"fit": "als", "budget": "model", "heal": 300}, True),

@@ -53,6 +53,36 @@ class Path:
         """Parameters left after the first ``cuts`` cuts."""
         return self.params - sum(freed for freed, _ in self.steps[:cuts])
 
+    def error_after(self, cuts: int) -> float:
+        """Relative squared error added by the first ``cuts`` cuts."""
+        return sum(added for _, added in self.steps[:cuts])
+
+    def from_dense(self, entries: int) -> Path:
+        """This path with the dense matrix (``entries`` parameters, no error) as its start.
+
+        A factorization that keeps at least ``entries`` parameters (a truncated SVD
+        of an ``I x J`` matrix above rank ``IJ / (I + J)``, a full-rank MPO) is larger
+        than the matrix it approximates: its cuts down to the first one below
+        ``entries`` are merged into one step from the dense matrix. ``params_after``
+        of this path after ``c >= 1`` cuts is that of the original after
+        ``c + len(self.steps) - len(path.steps)``; after none, the matrix is dense.
+
+        Examples
+        --------
+        >>> Path("m", 150, [(30, 0.01), (30, 0.02), (30, 0.04)]).from_dense(100)
+        Path(name='m', params=100, steps=[(10, 0.03), (30, 0.04)])
+        """
+        params, added, k = self.params, 0.0, 0
+        while params >= entries and k < len(self.steps):
+            params -= self.steps[k][0]
+            added += self.steps[k][1]
+            k += 1
+        if self.params < entries:
+            return self
+        if params >= entries:  # no cut gets below the dense size
+            return Path(self.name, entries)
+        return Path(self.name, entries, [(entries - params, added), *self.steps[k:]])
+
 
 def spend(paths: Sequence[Path], budget: int) -> dict[str, int]:
     """How many cuts each path takes so the total fits ``budget`` at least added error.

@@ -339,6 +339,48 @@ def calibrated_mpo(
                          whitened, full, whitening)
 
 
+def output_spectra_mpo(
+    matrix: torch.Tensor,
+    covariance: torch.Tensor,
+    n: int,
+    row_shape: Sequence[int] | None = None,
+    col_shape: Sequence[int] | None = None,
+    *,
+    pad: bool = True,
+    damp: float = DAMP,
+    svd: str = "auto",
+) -> MPO:
+    r"""The untruncated MPO of the exactly whitened matrix $L^T M$ ($C + \delta I = L L^T$,
+    one Cholesky factor, as SVD-LLM's) in the factorization given.
+
+    Truncating it at some bonds and un-whitening the product densely,
+    $L^{-T} \mathrm{MPO}(L^T M)$, has a relative output error (Eq. 7, for the damped
+    $C$) of exactly what Eq. 4 gives on its spectra; an MPO of $M$ itself at those
+    bonds, fitted to the same outputs ([refine][mpotn.calibration.refine]), does not
+    keep the structure of that product and reaches a comparable error, not the same.
+    So its spectra are the output-error cost of each bond cut, in the units of a
+    whitened SVD's: what one model-wide budget compares across calibrated matrices.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> m = torch.randn(16, 12, dtype=torch.float64, generator=g)
+    >>> x = torch.randn(200, 16, dtype=torch.float64, generator=g)
+    >>> full = output_spectra_mpo(m, x.T @ x, n=2, damp=0.0)
+    >>> cut = full.truncate(max_bond=4)
+    >>> lower = torch.linalg.cholesky(x.T @ x)
+    >>> dense = torch.linalg.solve(lower.T, cut.to_matrix())  # L^{-T} MPO(L^T M)
+    >>> round(output_error(m, dense, x.T @ x) / (cut.error_bound / full.norm), 6)
+    1.0
+    """
+    _check_covariance(covariance, matrix.shape[0])
+    rows = matrix.shape[0]
+    whitening = Whitening.from_covariance(covariance, plan_side(rows, 2, (rows, 1)), damp)
+    return MPO.from_matrix(whitening.apply(matrix.detach()), n, row_shape, col_shape,
+                           pad=pad, svd=svd)
+
+
 def output_error(matrix: torch.Tensor, approximation: torch.Tensor, covariance: torch.Tensor
                  ) -> float:
     r"""Relative output error (Eq. 7), with $D = M - M'$.

@@ -100,6 +100,29 @@ def test_compress_cli_sequential_fits_in_order_and_refuses_no_calibration(tiny_b
     assert not (tmp_path / "never").exists()
 
 
+def test_compress_cli_keep_dense_saves_a_model_with_dense_matrices_that_loads_equal(
+        tiny_bert, tmp_path, capsys):
+    from transformers import BertModel
+
+    out = tmp_path / "dense"
+    assert main(["compress", str(tiny_bert), "--ratio", "0.95", "--budget", "model",
+                 "--keep-dense", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    saved = mpotn.load(out)
+    report = saved.report()
+    dense = [r for r in report if r["structure"] == "dense"]
+    assert dense and len(dense) < len(report)
+    assert f"compressed {len(report) - len(dense)} matrices" in printed
+    assert saved.totals()["compressed_matrices"] == len(report) - len(dense)
+    assert saved.totals()["total_params"] <= 0.95 * saved.original_params
+    assert saved.compression_config.keep_dense
+    modules = dict(saved.base_model.named_modules())
+    original = dict(BertModel.from_pretrained(tiny_bert).named_modules())
+    for row in dense:  # saved and loaded as they were
+        assert type(modules[row["name"]]) in (torch.nn.Linear, torch.nn.Embedding)
+        assert torch.equal(modules[row["name"]].weight, original[row["name"]].weight)
+
+
 def test_compress_cli_shares_centrals_deepens_and_saves(tiny_bert, tmp_path, capsys):
     """``--share-centrals fit --deepen 4``: one central tensor per matrix type over the 4
     layers of the saved model, each group's fitted error below layer 0's central."""
@@ -153,6 +176,8 @@ def test_compress_cli_upcycles_experts_that_share_the_central(tiny_bert, tmp_pat
     (["--share-centrals", "fit", "--ratio", "0.5"], "--ratio with --allocation optimal"),
     (["--share-centrals", "fit", "--max-bond", "8", "--budget", "model"], "--budget model do"),
     (["--experts", "2", "--structure", "auto"], "drop --structure auto"),
+    (["--keep-dense"], "--keep-dense lets one model-wide budget leave matrices dense: "
+                       "add --budget model"),
 ])
 def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, capsys,
                                                                      monkeypatch, flags,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,11 +10,13 @@ import torch
 from torch import nn
 
 import mpotn
-from mpotn.calibration import output_error
+from mpotn.budget import mpo_path, spend
+from mpotn.calibration import output_error, output_spectra_mpo
 from mpotn.cli import main
 from mpotn.compression.calibrate import calibrate, text_batches
 from mpotn.compression.models import load_model, load_tokenizer
 from mpotn.data import texts
+from mpotn.truncation import ratio_params
 
 TARGET = "encoder.layer.1.intermediate.dense"
 
@@ -85,6 +88,57 @@ def test_model_budget_spends_one_budget_unevenly_and_meets_it():
     report = compressed.report()
     assert sum(r["params"] for r in report) <= 0.5 * (24 * 32 + 32 * 16)
     assert report[0]["ratio"] != pytest.approx(report[1]["ratio"], abs=0.02)
+
+
+def test_a_model_budget_over_als_fits_spends_by_output_error():
+    """ALS-fitted MPOs keep the weights' spectra; the budget reads their whitened
+    matrices' (output errors, like a whitened SVD's), and lowers the summed output error
+    below the same ratio per matrix."""
+    model, batches = toy_model_and_inputs()
+    stats = calibrate(Wrapper(model), batches, {"0": model[0], "2": model[2]})
+    settings = {"targets": ["inner.0", "inner.2"], "n": 2, "ratio": 0.4, "fit": "als",
+                "damp": 0.0, "calibration": batches, "progress": False}
+    budget = mpotn.compress(Wrapper(copy.deepcopy(model)), budget="model", **settings)
+    per_matrix = mpotn.compress(Wrapper(copy.deepcopy(model)), **settings)
+    paths = [mpo_path(f"inner.{k}", output_spectra_mpo(
+        model[k].weight.detach().T, stats[str(k)].covariance, 2, damp=0.0)) for k in (0, 2)]
+    cuts = spend(paths, ratio_params(0.4, 24 * 32 + 32 * 16))
+    report = budget.report()
+    assert [r["params"] for r in report] == [p.params_after(cuts[p.name]) for p in paths]
+    assert {r["calibration"] for r in report} == {"als"}
+
+    def squared(compressed: mpotn.MPOModel) -> float:
+        return sum(r["output_error"] ** 2 for r in compressed.report())
+
+    assert squared(budget) < 0.8 * squared(per_matrix)
+
+
+def test_keep_dense_leaves_a_matrix_dense_where_its_share_is_its_size_and_lowers_the_error():
+    """At 0.9 of the size one budget over two SVDs keeps both above their break-even
+    ranks; with ``keep_dense`` the second stays the original ``nn.Linear`` and the first
+    gets the difference: within the same budget, an eighth of the summed output error."""
+    model, batches = toy_model_and_inputs()
+    settings = {"targets": ["inner.0", "inner.2"], "structure": "svd", "ratio": 0.9,
+                "budget": "model", "calibration": batches, "progress": False}
+    both = mpotn.compress(Wrapper(copy.deepcopy(model)), **settings)
+    kept = mpotn.compress(Wrapper(copy.deepcopy(model)), keep_dense=True, **settings)
+    assert [r["structure"] for r in both.report()] == ["svd", "svd"]
+    first, second = kept.report()
+    assert (first["structure"], second["structure"]) == ("svd", "dense")
+    assert (second["params"], second["ratio"], second["output_error"]) == (512, 1.0, 0.0)
+    assert first["params"] > both.report()[0]["params"]
+    layer = kept.base_model.inner[2]
+    assert type(layer) is nn.Linear and torch.equal(layer.weight, model[2].weight)
+    assert kept.totals()["compressed_matrices"] == 1
+    budget = ratio_params(0.9, 24 * 32 + 32 * 16)
+    assert first["params"] + second["params"] <= budget
+
+    def squared(compressed: mpotn.MPOModel) -> float:
+        return sum(r["output_error"] ** 2 for r in compressed.report())
+
+    assert squared(kept) < 0.2 * squared(both)
+    with pytest.raises(ValueError, match=r"keep_dense=True .* use it with budget='model'"):
+        mpotn.CompressionConfig(ratio=0.5, keep_dense=True)
 
 
 def test_calibrated_mpo_by_als_beats_plain_mpo_at_the_same_bonds_on_minilm():
@@ -334,10 +388,10 @@ def test_groups_give_the_one_pass_result_with_overrides_encoder_decoders_and_als
     report = list(grouped.report())
     assert json.dumps(report) == json.dumps(list(one_pass.report()))  # NaN as NaN
     assert len(passes) > 2
-    if model_type == "mpo-budget":  # no round of passes for the ALS fits' plain spectra
-        matrix_passes = len(passes)
+    if model_type == "mpo-budget":  # a round of passes for the ALS fits' output spectra
+        budget_passes = len(passes)
         mpotn.compress(build(), calibration_memory=9000, **{**settings, "budget": "matrix"})
-        assert len(passes) == 2 * matrix_passes
+        assert budget_passes == 2 * (len(passes) - budget_passes)
     if model_type == "gpt2-tt-override":
         assert {r["method"] for r in report if "c_attn" in r["name"]} == {"tt"}
     decoder = {"decoder_input_ids": ids} if model_type == "t5" else {}

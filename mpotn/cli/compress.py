@@ -85,6 +85,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--budget", choices=BUDGETS, default="matrix",
         help="matrix: --ratio applies to each matrix; model: one budget for all targets, "
              "spent where it lowers the summed relative error most (default: matrix)")
+    compress.add_argument(
+        "--keep-dense", action="store_true",
+        help="with --budget model: leave a matrix dense where its share of the budget would "
+             "be a factorization as large as the matrix or larger (a truncated SVD above "
+             "rank IJ/(I+J)), and spend the difference elsewhere")
     calibration = compress.add_mutually_exclusive_group()
     calibration.add_argument(
         "--calibrate", nargs="?", const="", default="", metavar="SOURCE",
@@ -184,6 +189,9 @@ def _check_sharing(args: argparse.Namespace) -> None:
                          f"which {' and '.join(unequal)} do not give: full rank is the default "
                          "with --share-centrals; or pass --max-bond, or --ratio with "
                          "--allocation uniform")
+    if args.keep_dense and args.budget != "model":
+        raise ValueError("--keep-dense lets one model-wide budget leave matrices dense: "
+                         "add --budget model")
     if args.share_sweeps is not None and args.share_centrals != "fit":
         raise ValueError("--share-sweeps sets the ALS sweeps of --share-centrals fit")
     if args.top_k is not None and (args.experts is None or args.top_k > args.experts):
@@ -272,7 +280,8 @@ def run(args: argparse.Namespace) -> None:
         targets=args.regex or targets, exclude=args.exclude, n=args.n, method=args.method,
         allocation=args.allocation, svd=args.svd,
         structure=args.structure or ("svd" if calibrating and not sharing else "mpo"),
-        budget=args.budget, fit=args.fit, sequential=args.sequential,
+        budget=args.budget, keep_dense=args.keep_dense, fit=args.fit,
+        sequential=args.sequential,
         calibrate_embeddings=(calibrating if args.calibrate_embeddings is None
                               else args.calibrate_embeddings), **policy,
     )
@@ -306,7 +315,7 @@ def run(args: argparse.Namespace) -> None:
                 check_fidelity(compressed, probe, calibrated=batches is not None or sharing))
     compressed.save_pretrained(args.out, overwrite=args.overwrite, tokenizer=tokenizer)
     paths = write_compression_report(compressed, args.out, name, fidelity)
-    print(f"\ncompressed {len(compressed.report())} matrices in "
+    print(f"\ncompressed {compressed.totals()['compressed_matrices']} matrices in "
           f"{time.perf_counter() - start:.1f} s; "
           f"saved the model to {args.out} (load it with mpotn.load({args.out!r})); wrote:")
     for path in paths.values():

@@ -39,6 +39,7 @@ from mpotn.calibration import (
     calibrated_mpo,
     compensated_matrix,
     output_error,
+    output_spectra_mpo,
     paired_output_error,
     refine,
 )
@@ -227,7 +228,8 @@ def _structures(structure: str) -> tuple[str, ...]:
 
 
 def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
-              config: CompressionConfig) -> tuple[dict[str, TruncationPolicy], list[str]]:
+              config: CompressionConfig
+              ) -> tuple[dict[str, TruncationPolicy | None], list[str]]:
     """The truncation policy of each target (its own settings, or its share of one
     budget), and the targets floored at bonds of 1
     ([_warn_floored][mpotn.compression.compress._warn_floored] names them).
@@ -236,8 +238,8 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
     target's parameters is dropped from its ``candidates``; with none left the target
     is cut to bonds of 1, like a target of one structure."""
     if config.budget == "model":
-        return _model_budget([mpo_path(t.name, candidates[t.name][0].full) for t in targets],
-                             sum(t.matrix.numel() for t in targets), config), []
+        return _model_budget([_budget_path(t, candidates[t.name][0]) for t in targets],
+                             {t.name: t.matrix.numel() for t in targets}, config), []
     policies, floored = {}, []
     for t in targets:
         settings = t.settings
@@ -269,14 +271,55 @@ def _warn_floored(floored: list[str], stacklevel: int) -> None:
             "or use budget='model' to spend the same total elsewhere)", stacklevel=stacklevel)
 
 
-def _model_budget(paths: list[Path], entries: int, config: CompressionConfig
-                  ) -> dict[str, TruncationPolicy]:
-    """``budget="model"``: one budget (``params``, or ``ratio`` of the targets' ``entries``)
-    spent over every target's ``paths``, as each target's policy."""
+def _budget_path(t: _Target, candidate: _Candidate) -> Path:
+    """What one model-wide budget reads of ``t`` (``candidate``: its first structure's):
+    the cuts of its weights' spectra without calibration, of its whitened matrix's with
+    it, so that every calibrated target's costs are relative output errors: a whitened
+    candidate's own spectra, or, for an ALS fit (whose candidate holds the weights'), those
+    of [output_spectra_mpo][mpotn.calibration.output_spectra_mpo] in its factorization."""
+    full = candidate.full
+    if t.covariance is not None and candidate.whitening is None:
+        settings = t.settings
+        full = output_spectra_mpo(t.goal, t.covariance, len(full.row_shape), full.row_shape,
+                                  full.col_shape, pad=settings["pad"], damp=settings["damp"],
+                                  svd=settings["svd"])
+    return mpo_path(t.name, full)
+
+
+def _model_budget(paths: list[Path], sizes: Mapping[str, int], config: CompressionConfig
+                  ) -> dict[str, TruncationPolicy | None]:
+    """``budget="model"``: one budget (``params``, or ``ratio`` of the targets' summed
+    ``sizes``) spent over every target's ``paths``, as each target's policy; with
+    ``keep_dense``, ``None`` for a target that stays dense (its share is at least its
+    size, [Path.from_dense][mpotn.budget.Path.from_dense]). The merged first step of such
+    a path costs more per parameter than later ones, where the greedy of
+    [spend][mpotn.budget.spend] is not optimal: the allocation with dense options is taken
+    only when its summed error is the lower."""
     budget = (config.params if config.params is not None
-              else ratio_params(config.ratio, entries))
+              else ratio_params(config.ratio, sum(sizes.values())))
     cuts = spend(paths, budget)
-    return {p.name: TruncationPolicy(params=p.params_after(cuts[p.name])) for p in paths}
+    if config.keep_dense:
+        dense = [p.from_dense(sizes[p.name]) for p in paths]
+        dense_cuts = spend(dense, budget)
+        if (sum(p.error_after(dense_cuts[p.name]) for p in dense)
+                < sum(p.error_after(cuts[p.name]) for p in paths)):
+            paths, cuts = dense, dense_cuts
+    return {p.name: None if config.keep_dense and not cuts[p.name] and p.params == sizes[p.name]
+            else TruncationPolicy(params=p.params_after(cuts[p.name])) for p in paths}
+
+
+def _dense_record(t: _Target) -> dict[str, Any]:
+    """The report row of a target ``keep_dense`` leaves as it is."""
+    rows, cols = t.matrix.shape
+    return {
+        "name": t.name, "type": matrix_type(t.name), "layer": layer_index(t.name),
+        "shape": f"{rows}x{cols}", "structure": "dense", "factorization": "",
+        "bond_dims": "", "full_bond_dims": "", "params": rows * cols,
+        "original_params": rows * cols, "ratio": 1.0, "central_entropy": float("nan"),
+        "relative_bound": 0.0, "relative_error": 0.0,
+        "calibration": "none" if t.covariance is None else "dense",
+        "output_error": None if t.covariance is None else 0.0, "tied": "",
+    }
 
 
 def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: nn.Module,
@@ -396,7 +439,8 @@ def _warn_unpaired(names: list[str], reason: str) -> None:
 
 def _fit_in_order(model: nn.Module, groups: list[list[_Target]],
                   candidates: dict[str, list[_Candidate]],
-                  policies: dict[str, TruncationPolicy], batches: list[Mapping[str, Any]],
+                  policies: dict[str, TruncationPolicy | None],
+                  batches: list[Mapping[str, Any]],
                   original_paths: Mapping[str, nn.Module], tokens: Mapping[str, int],
                   progress: bool) -> list[dict[str, Any]]:
     """Replace ``groups`` one after the other, each linear one fitted to the original's
@@ -406,7 +450,7 @@ def _fit_in_order(model: nn.Module, groups: list[list[_Target]],
     records, few, unpaired = [], [], []
     for group in tqdm(groups, desc="fitting in order", unit="group", disable=not progress):
         linear = {t.name: t for t in group if t.covariance is not None
-                  and t.covariance.dim() == 2}
+                  and t.covariance.dim() == 2 and policies[t.name] is not None}
         few += [name for name, t in linear.items() if not _enough_rows(t, tokens)]
         linear = {name: t for name, t in linear.items() if _enough_rows(t, tokens)}
         changed = any(current is not original_paths.get(path)
@@ -424,7 +468,10 @@ def _fit_in_order(model: nn.Module, groups: list[list[_Target]],
                 candidates[name][:] = [_candidate(linear[name], c.structure)
                                        for c in candidates[name]]
         for t in group:
-            records.append(_replace(model, t, candidates.pop(t.name), policies[t.name]))
+            policy = policies[t.name]
+            options = candidates.pop(t.name)
+            records.append(_dense_record(t) if policy is None else
+                           _replace(model, t, options, policy))
             t.paired = t.compensated = t.covariance = None  # free the I x I moments
     if few:
         _warn_unpaired(few, f"having fewer than {SEQUENTIAL_TOKENS_PER_INPUT} calibration "
@@ -495,7 +542,8 @@ def _options(t: _Target) -> list[_Candidate]:
 
 
 def _fit_and_replace(model: nn.Module, targets: list[_Target], config: CompressionConfig,
-                     progress: bool, policies: Mapping[str, TruncationPolicy] | None = None,
+                     progress: bool,
+                     policies: Mapping[str, TruncationPolicy | None] | None = None,
                      floored: list[str] | None = None) -> list[dict[str, Any]]:
     """Decompose ``targets``, choose their policies (unless given), and replace each in
     ``model``; their report rows. One target is decomposed, truncated and replaced at a
@@ -511,13 +559,17 @@ def _fit_and_replace(model: nn.Module, targets: list[_Target], config: Compressi
         policies, cut = _policies(targets, held, config)
     records = []
     for t in tqdm(targets, desc="fitting", unit="matrix", disable=not progress):
-        options = held.pop(t.name, None) or _options(t)
-        if policies is None:
-            chosen, more = _policies([t], {t.name: options}, config)
-            policy, cut = chosen[t.name], cut + more
+        options = held.pop(t.name, None)
+        if policies is not None and policies[t.name] is None:  # keep_dense: stays dense
+            records.append(_dense_record(t))
         else:
-            policy = policies[t.name]
-        records.append(_replace(model, t, options, policy))
+            options = options or _options(t)
+            if policies is None:
+                chosen, more = _policies([t], {t.name: options}, config)
+                policy, cut = chosen[t.name], cut + more
+            else:
+                policy = policies[t.name]
+            records.append(_replace(model, t, options, policy))
         t.covariance = None
         del options  # before the next target's are built
     if floored is None:
@@ -537,8 +589,8 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
     replacement) back in place: the moments, and so the layers, are those of one pass
     over the original model. ``others`` (the uncalibrated targets) are replaced first.
     With ``budget="model"`` the spectra of every target come first, in the targets'
-    ``order``, for the one budget: a round of passes for the targets whose spectra are
-    whitened ones, none for the others."""
+    ``order``, for the one budget: a round of passes for the calibrated targets, whose
+    spectra are those of their whitened matrices, none for the others."""
 
     def calibrated(group: list[str]) -> Iterator[_Target]:
         with _original_modules(model, originals):
@@ -548,26 +600,18 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
                           config.settings_for(name, observed[name]), stats.pop(name).covariance)
 
     def path(t: _Target) -> Path:  # of the first structure, as _policies reads it
-        return mpo_path(t.name, _candidate(t, _structures(t.settings["structure"])[0]).full)
+        return _budget_path(t, _candidate(t, _structures(t.settings["structure"])[0]))
 
     policies = None
     if config.budget == "model":
-        def whitened(name: str) -> bool:  # the first structure's spectra need the moments
-            settings = config.settings_for(name, observed[name])
-            return _whitens(settings, _structures(settings["structure"])[0])
-
         paths = [path(t) for t in others]
-        paths += [path(_Target(name, module, _matrix(module),
-                               config.settings_for(name, module)))
-                  for name, module in observed.items() if not whitened(name)]
         for group in tqdm(groups, desc="spectra in groups", unit="group",
                           disable=not progress):
-            if any(whitened(name) for name in group):
-                paths += [path(t) for t in calibrated([n for n in group if whitened(n)])]
+            paths += [path(t) for t in calibrated(group)]
         paths.sort(key=lambda p: order[p.name])
-        entries = sum(_matrix(m).numel() for m in observed.values()) + sum(
-            t.matrix.numel() for t in others)
-        policies = _model_budget(paths, entries, config)
+        sizes = {name: _matrix(m).numel() for name, m in observed.items()}
+        policies = _model_budget(paths, sizes | {t.name: t.matrix.numel() for t in others},
+                                 config)
     floored: list[str] = []
     records = _fit_and_replace(model, others, config, progress, policies, floored)
     for group in tqdm(groups, desc="calibrating in groups", unit="group",
@@ -677,7 +721,7 @@ def compress(
         are calibrated, fitted and replaced in consecutive groups whose moments fit, one
         pass over the calibration data per group, each with the original modules back
         in place, so the result is that of one pass (``budget="model"`` reads every
-        target's spectra first: a round of passes more for whitened fits). A whitened
+        target's spectra first: a round of passes more for the calibrated ones). A whitened
         fit also holds a Cholesky factor as large as its moment while it runs.
         ``sequential=True`` needs every target's moments at once and warns when they
         exceed it.

@@ -111,6 +111,12 @@ class CompressionConfig:
         ``"matrix"`` (default): ``ratio`` / ``params`` apply to each matrix;
         ``"model"``: one budget for all target matrices together, spent where
         it lowers the summed relative (output) error most (SPEC §7).
+    keep_dense:
+        With ``budget="model"``: a matrix may also stay dense (exact, its own size),
+        which the budget takes where its share would otherwise be a factorization as
+        large as the matrix or larger (a truncated ``I x J`` SVD above rank
+        ``IJ / (I + J)``; [Path.from_dense][mpotn.budget.Path.from_dense]). Such a
+        matrix is not replaced; the report lists it with structure ``dense``.
     fit, sweeps, damp:
         Used when [compress][mpotn.compression.compress.compress] gets calibration
         data: how a balanced MPO is fitted (``"als"``: plain truncation, then
@@ -166,6 +172,7 @@ class CompressionConfig:
     method: str = "mpo"
     structure: str = "mpo"
     budget: str = "matrix"
+    keep_dense: bool = False
     fit: str = "als"
     sweeps: int = 2
     damp: float = DAMP
@@ -203,7 +210,10 @@ class CompressionConfig:
         if self.structure == "auto" and self.ratio is None and self.params is None:
             raise ValueError("structure='auto' compares structures at equal parameter counts: "
                              "give ratio or params")
-        for key in ("calibrate_embeddings", "sequential"):
+        if self.keep_dense and self.budget != "model":
+            raise ValueError("keep_dense=True lets one model-wide budget leave matrices "
+                             "dense: use it with budget='model'")
+        for key in ("calibrate_embeddings", "sequential", "keep_dense"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
 
