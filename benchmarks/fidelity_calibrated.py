@@ -106,7 +106,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
         {"fit": "als", "calibrate_embeddings": True, "budget": "model"}, True),
     "svd, embeddings calibrated, model budget + heal": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 300}, True),
-    "mpo + als, model budget + heal": ({"fit": "als", "budget": "model", "heal": 300}, True),
+    "mpo + als, embeddings calibrated, model budget + heal": (
+        {"fit": "als", "calibrate_embeddings": True, "budget": "model", "heal": 300}, True),
     "svd, embeddings calibrated, model budget + heal 1000": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 1000}, True),
     "svd, embeddings calibrated, model budget + heal 1000 on 16,000 sentences": (
