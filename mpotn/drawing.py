@@ -105,9 +105,12 @@ def draw_entropy_heatmap(records: Table, path: str | Path, model_name: str) -> P
     """Central-bond entropy by matrix type and layer, from per-matrix records.
 
     The records need ``type``, ``layer`` and ``central_entropy``; ``None`` when
-    no record belongs to a layer.
+    no record with an entropy (a matrix kept dense, another decomposition has none)
+    belongs to a layer.
     """
-    grid, types, layers = records.pivot("type", "layer", "central_entropy")
+    grid, types, layers = Table([
+        r for r in records if isinstance(r.get("central_entropy"), (int, float))
+        and math.isfinite(r["central_entropy"])]).pivot("type", "layer", "central_entropy")
     if not layers:
         return None
     return draw_heatmap(

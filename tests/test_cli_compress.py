@@ -116,6 +116,8 @@ def test_compress_cli_keep_dense_saves_a_model_with_dense_matrices_that_loads_eq
     assert saved.totals()["compressed_matrices"] == len(report) - len(dense)
     assert saved.totals()["total_params"] <= 0.95 * saved.original_params
     assert saved.compression_config.keep_dense
+    assert (out / "entropy_heatmap.png").exists() == any(
+        r["layer"] is not None for r in report if r["structure"] != "dense")
     modules = dict(saved.base_model.named_modules())
     original = dict(BertModel.from_pretrained(tiny_bert).named_modules())
     for row in dense:  # saved and loaded as they were
@@ -193,8 +195,12 @@ def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, ca
 def test_compress_method_tt_fits_other_decompositions_by_ratio_and_saves_them(tiny_bert, capsys,
                                                                                 tmp_path):
     out = tmp_path / "tt"
+    assert main(["compress", str(tiny_bert), "--no-calibrate", "--targets", "ffn",
+                 "--ratio", "0.3", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "entropy_heatmap.png").is_file()  # of the MPOs
     assert main(["compress", str(tiny_bert), "--method", "tt", "--n", "3", "--targets", "ffn",
                  "--ratio", "0.3", "--out", str(out), "--no-progress"]) == 0
+    assert not (out / "entropy_heatmap.png").exists()  # TT cores have no central bond
     report = mpotn.load(out).report()
     assert len(report) == 4 and {r["method"] for r in report} == {"tt"}
     assert all(r["params"] <= 0.3 * r["original_params"] for r in report)

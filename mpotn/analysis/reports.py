@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpotn.atomic import write_output
+from mpotn.atomic import write_output, written_files
 from mpotn.compression.model import MPOModel
 from mpotn.drawing import draw_entropy_heatmap, draw_errors
 
@@ -53,8 +53,10 @@ def write_compression_report(model: MPOModel, out: str | Path, model_name: str,
                              fidelity: dict[str, float] | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` (with ``fidelity``, what
     [FidelityProbe.measure][mpotn.analysis.fidelity.FidelityProbe.measure] gave, when
-    given), ``entropy_heatmap.png`` and ``errors.png``, each recorded in the manifest of
-    ``out`` ([mpotn.atomic.write_output][]; a file of the user's is kept, with a warning)."""
+    given), ``entropy_heatmap.png`` (when a matrix has a central-bond entropy to draw: not
+    one kept dense or of another decomposition; an earlier run's is removed otherwise) and
+    ``errors.png``, each recorded in the manifest of ``out`` ([mpotn.atomic.write_output][];
+    a file of the user's is kept, with a warning)."""
     out = Path(out)
     totals = model.totals()
     policy = {k: v for k, v in model.compression_config.to_dict().items()
@@ -81,4 +83,7 @@ def write_compression_report(model: MPOModel, out: str | Path, model_name: str,
         model.report(), path, f"reconstruction error per matrix, {model_name}"))
     paths["heatmap"] = write_output(out / "entropy_heatmap.png", lambda path: (
         draw_entropy_heatmap(model.report(), path, model_name)))
+    if paths["heatmap"] is None and "entropy_heatmap.png" in written_files(out):
+        # an earlier run's: this one has no MPO with a central bond entropy to draw
+        (out / "entropy_heatmap.png").unlink(missing_ok=True)
     return {key: path for key, path in paths.items() if path}
