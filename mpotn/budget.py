@@ -65,7 +65,8 @@ class Path:
         than the matrix it approximates: its cuts down to the first one below
         ``entries`` are merged into one step from the dense matrix. ``params_after``
         of this path after ``c >= 1`` cuts is that of the original after
-        ``c + len(self.steps) - len(path.steps)``; after none, the matrix is dense.
+        ``c + len(self.steps) - len(path.steps)``; after none, the matrix is dense. A path
+        that starts below ``entries`` is returned as it is.
 
         Examples
         --------

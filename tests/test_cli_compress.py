@@ -112,7 +112,7 @@ def test_compress_cli_keep_dense_saves_a_model_with_dense_matrices_that_loads_eq
     report = saved.report()
     dense = [r for r in report if r["structure"] == "dense"]
     assert dense and len(dense) < len(report)
-    assert f"compressed {len(report) - len(dense)} matrices" in printed
+    assert f"compressed {len(report) - len(dense)} matrices (kept {len(dense)} dense)" in printed
     assert saved.totals()["compressed_matrices"] == len(report) - len(dense)
     assert saved.totals()["total_params"] <= 0.95 * saved.original_params
     assert saved.compression_config.keep_dense
@@ -180,6 +180,8 @@ def test_compress_cli_upcycles_experts_that_share_the_central(tiny_bert, tmp_pat
     (["--experts", "2", "--structure", "auto"], "drop --structure auto"),
     (["--keep-dense"], "--keep-dense lets one model-wide budget leave matrices dense: "
                        "add --budget model"),
+    (["--experts", "2", "--budget", "model", "--ratio", "0.5", "--keep-dense"],
+     "a matrix kept dense does not have: drop --keep-dense"),
 ])
 def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, capsys,
                                                                      monkeypatch, flags,

@@ -192,6 +192,10 @@ def _check_sharing(args: argparse.Namespace) -> None:
     if args.keep_dense and args.budget != "model":
         raise ValueError("--keep-dense lets one model-wide budget leave matrices dense: "
                          "add --budget model")
+    if args.keep_dense and (args.experts is not None or args.share_centrals is not None):
+        raise ValueError("--experts and --share-centrals share the central tensor of every "
+                         "target's MPO, which a matrix kept dense does not have: drop "
+                         "--keep-dense")
     if args.share_sweeps is not None and args.share_centrals != "fit":
         raise ValueError("--share-sweeps sets the ALS sweeps of --share-centrals fit")
     if args.top_k is not None and (args.experts is None or args.top_k > args.experts):
@@ -315,7 +319,9 @@ def run(args: argparse.Namespace) -> None:
                 check_fidelity(compressed, probe, calibrated=batches is not None or sharing))
     compressed.save_pretrained(args.out, overwrite=args.overwrite, tokenizer=tokenizer)
     paths = write_compression_report(compressed, args.out, name, fidelity)
-    print(f"\ncompressed {compressed.totals()['compressed_matrices']} matrices in "
+    kept = sum(row.get("structure") == "dense" for row in compressed.report())
+    print(f"\ncompressed {len(compressed.report()) - kept} matrices"
+          f"{f' (kept {kept} dense)' if kept else ''} in "
           f"{time.perf_counter() - start:.1f} s; "
           f"saved the model to {args.out} (load it with mpotn.load({args.out!r})); wrote:")
     for path in paths.values():

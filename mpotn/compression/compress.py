@@ -267,8 +267,9 @@ def _warn_uncalibrated_in_budget(names: list[str]) -> None:
         warnings.warn(
             f"budget='model' weighs the calibrated matrices' output errors against the weight "
             f"errors of {len(names)} uncalibrated ones ({', '.join(names[:3])}"
-            f"{' ...' if len(names) > 3 else ''}), which then take most of the cut (MiniLM "
-            "at 0.75 with ALS fits: mean cosine 0.60, against 0.83 with them calibrated): "
+            f"{' ...' if len(names) > 3 else ''}), which can then take most of the cut "
+            "(MiniLM at 0.75 with ALS fits: mean cosine 0.60, against 0.83 with them "
+            "calibrated): "
             "pass calibrate_embeddings=True (--calibrate-embeddings)", stacklevel=4)
 
 
@@ -303,9 +304,10 @@ def _model_budget(paths: list[Path], sizes: Mapping[str, int], config: Compressi
     ``sizes``) spent over every target's ``paths``, as each target's policy; with
     ``keep_dense``, ``None`` for a target that stays dense (its share is at least its
     size, [Path.from_dense][mpotn.budget.Path.from_dense]). The merged first step of such
-    a path costs more per parameter than later ones, where the greedy of
+    a path may cost more per parameter than later ones, where the greedy of
     [spend][mpotn.budget.spend] is not optimal: the allocation with dense options is taken
-    only when its summed error is the lower."""
+    when its summed error is not the higher; in either, a share of at least a matrix's
+    size keeps it dense."""
     budget = (config.params if config.params is not None
               else ratio_params(config.ratio, sum(sizes.values())))
     cuts = spend(paths, budget)
@@ -313,13 +315,14 @@ def _model_budget(paths: list[Path], sizes: Mapping[str, int], config: Compressi
         dense = [p.from_dense(sizes[p.name]) for p in paths]
         dense_cuts = spend(dense, budget)
         if (sum(p.error_after(dense_cuts[p.name]) for p in dense)
-                < sum(p.error_after(cuts[p.name]) for p in paths)):
+                <= sum(p.error_after(cuts[p.name]) for p in paths)):
             paths, cuts = dense, dense_cuts
-    return {p.name: None if config.keep_dense and not cuts[p.name] and p.params == sizes[p.name]
-            else TruncationPolicy(params=p.params_after(cuts[p.name])) for p in paths}
+    kept = {p.name: p.params_after(cuts[p.name]) for p in paths}
+    return {name: None if config.keep_dense and params >= sizes[name]
+            else TruncationPolicy(params=params) for name, params in kept.items()}
 
 
-def _dense_record(t: _Target) -> dict[str, Any]:
+def _dense_record(t: _Target, calibrated: bool) -> dict[str, Any]:
     """The report row of a target ``keep_dense`` leaves as it is."""
     rows, cols = t.matrix.shape
     return {
@@ -328,8 +331,8 @@ def _dense_record(t: _Target) -> dict[str, Any]:
         "bond_dims": "", "full_bond_dims": "", "params": rows * cols,
         "original_params": rows * cols, "ratio": 1.0, "central_entropy": float("nan"),
         "relative_bound": 0.0, "relative_error": 0.0,
-        "calibration": "none" if t.covariance is None else "dense",
-        "output_error": None if t.covariance is None else 0.0, "tied": "",
+        "calibration": "dense" if calibrated else "none",
+        "output_error": 0.0 if calibrated else None, "tied": "",
     }
 
 
@@ -481,8 +484,8 @@ def _fit_in_order(model: nn.Module, groups: list[list[_Target]],
         for t in group:
             policy = policies[t.name]
             options = candidates.pop(t.name)
-            records.append(_dense_record(t) if policy is None else
-                           _replace(model, t, options, policy))
+            records.append(_dense_record(t, t.covariance is not None) if policy is None
+                           else _replace(model, t, options, policy))
             t.paired = t.compensated = t.covariance = None  # free the I x I moments
     if few:
         _warn_unpaired(few, f"having fewer than {SEQUENTIAL_TOKENS_PER_INPUT} calibration "
@@ -572,7 +575,7 @@ def _fit_and_replace(model: nn.Module, targets: list[_Target], config: Compressi
     for t in tqdm(targets, desc="fitting", unit="matrix", disable=not progress):
         options = held.pop(t.name, None)
         if policies is not None and policies[t.name] is None:  # keep_dense: stays dense
-            records.append(_dense_record(t))
+            records.append(_dense_record(t, t.covariance is not None))
         else:
             options = options or _options(t)
             if policies is None:
@@ -627,6 +630,11 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
     records = _fit_and_replace(model, others, config, progress, policies, floored)
     for group in tqdm(groups, desc="calibrating in groups", unit="group",
                       disable=not progress):
+        if policies is not None and all(policies[name] is None for name in group):
+            records += [_dense_record(_Target(name, observed[name], _matrix(observed[name]),
+                                              config.settings_for(name, observed[name])),
+                                      calibrated=True) for name in group]  # no pass needed
+            continue
         records += _fit_and_replace(model, list(calibrated(group)), config, False, policies,
                                     floored)
     _warn_floored(floored, stacklevel=5)  # this, _replace_all, compress, the user's call
@@ -637,9 +645,10 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
                  calibration: Iterable[Mapping[str, torch.Tensor]] | None, progress: bool,
                  calibration_memory: float = CALIBRATION_MEMORY
                  ) -> tuple[list[tuple[str, nn.Module]], list[dict[str, Any]]]:
-    """The body of [compress][mpotn.compression.compress.compress]: the targets and their
-    report rows."""
-    selected = _as_linears(model, select_targets(model, config))
+    """The body of [compress][mpotn.compression.compress.compress]: the targets as found
+    (before any ``Conv1D`` became an ``nn.Linear``) and their report rows."""
+    found = select_targets(model, config)
+    selected = _as_linears(model, found)
     observed = {} if calibration is None else {
         name: module for name, module in selected
         if config.settings_for(name, module)["method"] == "mpo"
@@ -681,11 +690,11 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
     covariances.clear()  # the targets hold them, and free them once replaced
     if grouped:
         order = {name: k for k, (name, _) in enumerate(selected)}
-        return selected, records + _replace_in_groups(
+        return found, records + _replace_in_groups(
             model, config, observed, groups, calibration, targets, original_paths, order,
             progress)
     if not config.sequential:
-        return selected, records + _fit_and_replace(model, targets, config, progress)
+        return found, records + _fit_and_replace(model, targets, config, progress)
     candidates = {t.name: _options(t) for t in tqdm(targets, desc="decomposing",
                                                     unit="matrix", disable=not progress)}
     policies, floored = _policies(targets, candidates, config)
@@ -696,7 +705,7 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
     groups = [[t] for t in first] + _input_groups(order)
     records += _fit_in_order(model, groups, candidates, policies, calibration, original_paths,
                              tokens, progress)
-    return selected, records
+    return found, records
 
 
 def compress(
@@ -736,7 +745,8 @@ def compress(
         pass over the calibration data per group, each with the original modules back
         in place, so the result is that of one pass (``budget="model"`` reads every
         target's spectra first: a round of passes more for the calibrated ones). A whitened
-        fit also holds a Cholesky factor as large as its moment while it runs.
+        fit (and any calibrated target while ``budget="model"`` reads its spectra) also
+        holds a Cholesky factor as large as its moment while it runs.
         ``sequential=True`` needs every target's moments at once and warns when they
         exceed it.
 
@@ -766,8 +776,12 @@ def compress(
         raise ValueError(f"calibration_memory must be a number of bytes > 0, got "
                          f"{calibration_memory!r}")
     with _restored_on_error(model):
-        selected, records = _replace_all(model, config, calibration, progress,
-                                         calibration_memory)
-    order = {name: k for k, (name, _) in enumerate(selected)}
+        found, records = _replace_all(model, config, calibration, progress,
+                                      calibration_memory)
+        originals = dict(found)
+        for record in records:  # a Conv1D kept dense is GPT-2's own module again
+            if record.get("structure") == "dense" and is_conv1d(originals[record["name"]]):
+                replace_module(model, record["name"], originals[record["name"]])
+    order = {name: k for k, (name, _) in enumerate(found)}
     records.sort(key=lambda r: order[r["name"]])
     return MPOModel(model, config, records, original)

@@ -57,8 +57,9 @@ def model_card(model: Any, repo_id: str, base_model: str | None = None) -> str:
     arch = type(model.base_model).__name__
     source = f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else ""
     chosen = ", ".join(f"`{k}={settings[k]!r}`" for k in
-                       ("targets", "structure", "ratio", "params", "budget", "n")
-                       if settings.get(k) is not None)
+                       ("targets", "structure", "ratio", "params", "budget", "keep_dense",
+                        "n")
+                       if settings.get(k) not in (None, False))
     body = [
         f"# {repo_id.split('/')[-1]}", "",
         f"A {arch}{source} whose weight matrices are matrix product operators (MPO), "
