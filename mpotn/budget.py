@@ -24,7 +24,7 @@ Examples
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mpotn.mpo import MPO
@@ -112,6 +112,51 @@ def spend(paths: Sequence[Path], budget: int) -> dict[str, int]:
             f"matrices can reach ({total:,} parameters with every matrix cut to its end)"
         )
     return taken
+
+
+def spend_keeping_dense(paths: Sequence[Path], sizes: Mapping[str, int], budget: int
+                        ) -> dict[str, int | None]:
+    """[spend][mpotn.budget.spend] where a matrix may also stay dense (``sizes[name]``
+    parameters, no error): the cuts each path takes, ``None`` for a matrix kept dense.
+
+    Of two greedy allocations, the one with the lower summed error (the first on a tie):
+    over the paths that start at the dense matrix ([Path.from_dense][]), and by
+    re-spending (spend; keep dense every matrix whose share is at least its size; spend
+    what is left over the others; until no share is). The first's merged steps can cost
+    more per parameter than the steps after them, where its greedy is not optimal.
+
+    Examples
+    --------
+    >>> a = Path("a", params=150, steps=[(30, 0.001), (30, 0.002), (30, 0.04)])
+    >>> b = Path("b", params=100, steps=[(20, 0.05), (20, 0.06)])
+    >>> spend_keeping_dense([a, b], {"a": 100, "b": 100}, budget=180)
+    {'a': 3, 'b': None}
+    """
+    merged = [p.from_dense(sizes[p.name]) for p in paths]
+    taken = spend(merged, budget)
+    first: dict[str, int | None] = {}
+    for path, dense in zip(paths, merged):
+        if taken[path.name] == 0 and dense.params == sizes[path.name]:
+            first[path.name] = None
+        else:  # the merged path's steps are the original's last ones
+            first[path.name] = taken[path.name] + len(path.steps) - len(dense.steps)
+    second: dict[str, int | None] = {}
+    while True:
+        rest = [p for p in paths if p.name not in second]
+        try:
+            cuts = spend(rest, budget - sum(sizes[name] for name in second))
+        except ValueError:  # only a matrix kept dense gets the model within the budget
+            return first
+        full = {p.name for p in rest if p.params_after(cuts[p.name]) >= sizes[p.name]}
+        if not full:
+            second.update(cuts)
+            break
+        second.update(dict.fromkeys(full))
+
+    def error(cuts: Mapping[str, int | None]) -> float:
+        return sum(p.error_after(cuts[p.name]) for p in paths if cuts[p.name] is not None)
+
+    return first if error(first) <= error(second) else second
 
 
 def mpo_path(name: str, mpo: MPO) -> Path:

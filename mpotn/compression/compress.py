@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpotn.budget import Path, mpo_path, spend
+from mpotn.budget import Path, mpo_path, spend, spend_keeping_dense
 from mpotn.calibration import (
     Whitening,
     calibrated_mpo,
@@ -302,24 +302,16 @@ def _model_budget(paths: list[Path], sizes: Mapping[str, int], config: Compressi
                   ) -> dict[str, TruncationPolicy | None]:
     """``budget="model"``: one budget (``params``, or ``ratio`` of the targets' summed
     ``sizes``) spent over every target's ``paths``, as each target's policy; with
-    ``keep_dense``, ``None`` for a target that stays dense (its share is at least its
-    size, [Path.from_dense][mpotn.budget.Path.from_dense]). The merged first step of such
-    a path may cost more per parameter than later ones, where the greedy of
-    [spend][mpotn.budget.spend] is not optimal: the allocation with dense options is taken
-    when its summed error is not the higher; in either, a share of at least a matrix's
-    size keeps it dense."""
+    ``keep_dense``, ``None`` for a target that stays dense
+    ([spend_keeping_dense][mpotn.budget.spend_keeping_dense])."""
     budget = (config.params if config.params is not None
               else ratio_params(config.ratio, sum(sizes.values())))
-    cuts = spend(paths, budget)
-    if config.keep_dense:
-        dense = [p.from_dense(sizes[p.name]) for p in paths]
-        dense_cuts = spend(dense, budget)
-        if (sum(p.error_after(dense_cuts[p.name]) for p in dense)
-                <= sum(p.error_after(cuts[p.name]) for p in paths)):
-            paths, cuts = dense, dense_cuts
-    kept = {p.name: p.params_after(cuts[p.name]) for p in paths}
-    return {name: None if config.keep_dense and params >= sizes[name]
-            else TruncationPolicy(params=params) for name, params in kept.items()}
+    if not config.keep_dense:
+        cuts = spend(paths, budget)
+        return {p.name: TruncationPolicy(params=p.params_after(cuts[p.name])) for p in paths}
+    kept = spend_keeping_dense(paths, sizes, budget)
+    return {p.name: None if kept[p.name] is None
+            else TruncationPolicy(params=p.params_after(kept[p.name])) for p in paths}
 
 
 def _dense_record(t: _Target, calibrated: bool) -> dict[str, Any]:
