@@ -115,7 +115,7 @@ class CompressionConfig:
         With ``budget="model"``: a matrix may also stay dense (exact, its own size),
         which the budget takes where its share would otherwise be a factorization as
         large as the matrix or larger (a truncated ``I x J`` SVD above rank
-        ``IJ / (I + J)``; [Path.from_dense][mpotn.budget.Path.from_dense]). Such a
+        ``IJ / (I + J)``; [spend_keeping_dense][mpotn.budget.spend_keeping_dense]). Such a
         matrix is not replaced; the report lists it with structure ``dense``.
     fit, sweeps, damp:
         Used when [compress][mpotn.compression.compress.compress] gets calibration
