@@ -120,7 +120,8 @@ def spend_keeping_dense(paths: Sequence[Path], sizes: Mapping[str, int], budget:
     parameters, no error): the cuts each path takes, ``None`` for a matrix kept dense.
 
     Of two greedy allocations, the one with the lower summed error (the first on a tie):
-    over the paths that start at the dense matrix ([Path.from_dense][]), and by
+    over the paths that start at the dense matrix
+    ([Path.from_dense][mpotn.budget.Path.from_dense]), and by
     re-spending (spend; keep dense every matrix whose share is at least its size; spend
     what is left over the others; until no share is). The first's merged steps can cost
     more per parameter than the steps after them, where its greedy is not optimal.
