@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/fidelity_calibrated.py            # every row (about an hour on 2 cores)
+    python benchmarks/fidelity_calibrated.py            # every row (many hours on 2 cores)
     python benchmarks/fidelity_calibrated.py --quick    # two cheap rows at 0.75
     python benchmarks/fidelity_calibrated.py --report-only
 

@@ -73,13 +73,13 @@ class Path:
         >>> Path("m", 150, [(30, 0.01), (30, 0.02), (30, 0.04)]).from_dense(100)
         Path(name='m', params=100, steps=[(10, 0.03), (30, 0.04)])
         """
+        if self.params < entries:
+            return self
         params, added, k = self.params, 0.0, 0
         while params >= entries and k < len(self.steps):
             params -= self.steps[k][0]
             added += self.steps[k][1]
             k += 1
-        if self.params < entries:
-            return self
         if params >= entries:  # no cut gets below the dense size
             return Path(self.name, entries)
         return Path(self.name, entries, [(entries - params, added), *self.steps[k:]])

@@ -314,11 +314,11 @@ def _model_budget(paths: list[Path], sizes: Mapping[str, int], config: Compressi
             else TruncationPolicy(params=p.params_after(kept[p.name])) for p in paths}
 
 
-def _dense_record(t: _Target, calibrated: bool) -> dict[str, Any]:
+def _dense_record(name: str, matrix: torch.Tensor, calibrated: bool) -> dict[str, Any]:
     """The report row of a target ``keep_dense`` leaves as it is."""
-    rows, cols = t.matrix.shape
+    rows, cols = matrix.shape
     return {
-        "name": t.name, "type": matrix_type(t.name), "layer": layer_index(t.name),
+        "name": name, "type": matrix_type(name), "layer": layer_index(name),
         "shape": f"{rows}x{cols}", "structure": "dense", "factorization": "",
         "bond_dims": "", "full_bond_dims": "", "params": rows * cols,
         "original_params": rows * cols, "ratio": 1.0, "central_entropy": float("nan"),
@@ -474,10 +474,9 @@ def _fit_in_order(model: nn.Module, groups: list[list[_Target]],
                 candidates[name][:] = [_candidate(linear[name], c.structure)
                                        for c in candidates[name]]
         for t in group:
-            policy = policies[t.name]
-            options = candidates.pop(t.name)
-            records.append(_dense_record(t, t.covariance is not None) if policy is None
-                           else _replace(model, t, options, policy))
+            policy, options = policies[t.name], candidates.pop(t.name)
+            records.append(_replace(model, t, options, policy) if policy is not None
+                           else _dense_record(t.name, t.matrix, t.covariance is not None))
             t.paired = t.compensated = t.covariance = None  # free the I x I moments
     if few:
         _warn_unpaired(few, f"having fewer than {SEQUENTIAL_TOKENS_PER_INPUT} calibration "
@@ -567,7 +566,7 @@ def _fit_and_replace(model: nn.Module, targets: list[_Target], config: Compressi
     for t in tqdm(targets, desc="fitting", unit="matrix", disable=not progress):
         options = held.pop(t.name, None)
         if policies is not None and policies[t.name] is None:  # keep_dense: stays dense
-            records.append(_dense_record(t, t.covariance is not None))
+            records.append(_dense_record(t.name, t.matrix, t.covariance is not None))
         else:
             options = options or _options(t)
             if policies is None:
@@ -623,9 +622,8 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
     for group in tqdm(groups, desc="calibrating in groups", unit="group",
                       disable=not progress):
         if policies is not None and all(policies[name] is None for name in group):
-            records += [_dense_record(_Target(name, observed[name], _matrix(observed[name]),
-                                              config.settings_for(name, observed[name])),
-                                      calibrated=True) for name in group]  # no pass needed
+            records += [_dense_record(name, _matrix(observed[name]), calibrated=True)
+                        for name in group]  # no calibration pass needed
             continue
         records += _fit_and_replace(model, list(calibrated(group)), config, False, policies,
                                     floored)

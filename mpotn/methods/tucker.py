@@ -38,6 +38,7 @@ def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = Non
     modes = tensor.shape
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0 (0: HOSVD), got {iterations}")
+    hosvd = None  # the chosen ranks' HOSVD, when choosing them computed it
     if rank is not None:
         ranks = [min(rank, size) for size in modes]
     elif ratio is not None:
@@ -46,14 +47,17 @@ def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = Non
                             budget, max(modes))
         options = [mode_ranks(tensor, budget), [min(top, size) for size in modes]]
         with tensorly_torch():
-            errors = [float((tl.tucker_to_tensor(tucker(tensor, rank=option, n_iter_max=0,
-                                                        init="svd")) - tensor).norm())
-                      for option in options]
-        ranks = options[errors.index(min(errors))]
+            fits = [tucker(tensor, rank=option, n_iter_max=0, init="svd") for option in options]
+            errors = [float((tl.tucker_to_tensor(fit) - tensor).norm()) for fit in fits]
+        best = errors.index(min(errors))
+        ranks, hosvd = options[best], fits[best]
     else:
         ranks = list(modes)
-    with tensorly_torch():
-        core, factors = tucker(tensor, rank=ranks, n_iter_max=iterations, init="svd")
+    if hosvd is not None and iterations == 0:
+        core, factors = hosvd
+    else:
+        with tensorly_torch():
+            core, factors = tucker(tensor, rank=ranks, n_iter_max=iterations, init="svd")
     leg_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
     tensors = {"core": core}
     legs = {"core": tuple(f"r_{m}" for m in range(1, 2 * n + 1))}
