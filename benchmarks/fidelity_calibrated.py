@@ -29,6 +29,9 @@ Configurations (``mpotn.compress`` settings):
 ``..., dense kept``
     ``keep_dense=True``: the budget may leave a matrix dense where its share would
     be a truncated SVD as large as the matrix or larger;
+``..., sensitivity``
+    ``sensitivity=True``: the budget weighs each matrix's relative squared error by
+    its measured effect on the model's outputs (``mpotn.compression.sensitivity``);
 ``..., sequential``
     and each matrix fitted, in the order the model runs them, to the original's
     outputs from the inputs the compressed layers before it give (Eq. 7');
@@ -93,6 +96,12 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
     "svd, embeddings calibrated, model budget, dense kept": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
          "keep_dense": True}, True),
+    "svd, embeddings calibrated, model budget, sensitivity": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
+         "sensitivity": True}, True),
+    "svd, embeddings calibrated, model budget, dense kept, sensitivity": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
+         "keep_dense": True, "sensitivity": True}, True),
     "svd, embeddings calibrated, model budget, sequential": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
          "sequential": True}, True),
@@ -107,6 +116,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
     "mpo + als, model budget": ({"fit": "als", "budget": "model"}, True),
     "mpo + als, embeddings calibrated, model budget": (
         {"fit": "als", "calibrate_embeddings": True, "budget": "model"}, True),
+    "mpo + als, embeddings calibrated, model budget, sensitivity": (
+        {"fit": "als", "calibrate_embeddings": True, "budget": "model",
+         "sensitivity": True}, True),
     "svd, embeddings calibrated, model budget + heal": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model", "heal": 300}, True),
     "mpo + als, embeddings calibrated, model budget + heal": (
@@ -123,6 +135,12 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
          "sequential": True, "samples": 2000, "heal": 1000}, True),
     "plain mpo + heal": ({"heal": 300}, False),
+    "svd, embeddings calibrated, model budget, dense kept + heal": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
+         "keep_dense": True, "heal": 300}, True),
+    "svd, embeddings calibrated, model budget, dense kept, sensitivity + heal": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
+         "keep_dense": True, "sensitivity": True, "heal": 300}, True),
 }
 SMALLEST_TOKEN_TYPE = 386 / 768  # the rank-1 token-type embedding, over its dense size
 QUICK = [("plain mpo", 0.75), ("svd, embeddings calibrated", 0.75)]

@@ -57,6 +57,34 @@ class Path:
         """Relative squared error added by the first ``cuts`` cuts."""
         return sum(added for _, added in self.steps[:cuts])
 
+    def cuts_reaching(self, error: float) -> int:
+        """The fewest cuts whose added error is at least ``error`` (all of them when
+        none is).
+
+        Examples
+        --------
+        >>> Path("m", 90, [(30, 0.001), (30, 0.02), (20, 0.5)]).cuts_reaching(0.01)
+        2
+        """
+        added = 0.0
+        for k, (_, step) in enumerate(self.steps, 1):
+            added += step
+            if added >= error:
+                return k
+        return len(self.steps)
+
+    def weighted(self, weight: float) -> Path:
+        """This path with every step's error multiplied by ``weight`` (a matrix's
+        sensitivity, [mpotn.compression.sensitivity][]).
+
+        Examples
+        --------
+        >>> Path("m", 90, [(30, 0.01), (30, 0.02)]).weighted(2.0)
+        Path(name='m', params=90, steps=[(30, 0.02), (30, 0.04)])
+        """
+        return Path(self.name, self.params, [(freed, added * weight)
+                                             for freed, added in self.steps])
+
     def from_dense(self, entries: int) -> Path:
         """This path with the dense matrix (``entries`` parameters, no error) as its start.
 

@@ -41,12 +41,19 @@ COLUMNS = {
 SHARING_COLUMNS = {"shared_group": "shared central", "sharing_error": "sharing error/|M|"}
 
 
+#: Printed only when a model budget measured each matrix's sensitivity
+#: ([mpotn.compression.sensitivity][]).
+SENSITIVITY_COLUMNS = {"sensitivity": "sensitivity s"}
+
+
 def report_table(model: MPOModel) -> str:
     """The per-matrix report as Markdown, with readable headers (and the sharing columns
-    when central tensors are shared)."""
+    when central tensors are shared, the sensitivity column when it was measured)."""
     report = model.report()
     shared = any(row.get("sharing_error") is not None for row in report)
-    return report.select({**COLUMNS, **(SHARING_COLUMNS if shared else {})}).to_markdown()
+    measured = any(row.get("sensitivity") is not None for row in report)
+    return report.select({**COLUMNS, **(SHARING_COLUMNS if shared else {}),
+                          **(SENSITIVITY_COLUMNS if measured else {})}).to_markdown()
 
 
 def write_compression_report(model: MPOModel, out: str | Path, model_name: str,

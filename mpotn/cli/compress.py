@@ -90,6 +90,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="with --budget model: leave a matrix dense where its share of the budget would "
              "be a factorization as large as the matrix or larger (a truncated SVD above "
              "rank IJ/(I+J)), and spend the difference elsewhere")
+    compress.add_argument(
+        "--sensitivity", action="store_true",
+        help="with --budget model and calibration: weigh each matrix's error by its measured "
+             "effect on the model's outputs (one forward pass over 64 calibration sentences "
+             "per matrix) instead of summing relative errors")
     calibration = compress.add_mutually_exclusive_group()
     calibration.add_argument(
         "--calibrate", nargs="?", const="", default="", metavar="SOURCE",
@@ -192,6 +197,9 @@ def _check_sharing(args: argparse.Namespace) -> None:
     if args.keep_dense and args.budget != "model":
         raise ValueError("--keep-dense lets one model-wide budget leave matrices dense: "
                          "add --budget model")
+    if args.sensitivity and args.budget != "model":
+        raise ValueError("--sensitivity weighs the matrices of one model-wide budget against "
+                         "each other: add --budget model")
     if args.keep_dense and (args.experts is not None or args.share_centrals is not None):
         raise ValueError("--experts and --share-centrals share the central tensor of every "
                          "target's MPO, which a matrix kept dense does not have: drop "
@@ -261,6 +269,9 @@ def run(args: argparse.Namespace) -> None:
     if args.sequential and args.calibrate is None:
         raise ValueError("--sequential fits each matrix to the original's outputs on the "
                          "calibration text: drop --no-calibrate, or drop --sequential")
+    if args.sensitivity and args.calibrate is None:
+        raise ValueError("--sensitivity measures each matrix's effect on the model's outputs "
+                         "on the calibration text: drop --no-calibrate, or drop --sensitivity")
     _check_sharing(args)
     device = resolve_device(args.device)
     if not args.dry_run:
@@ -284,8 +295,8 @@ def run(args: argparse.Namespace) -> None:
         targets=args.regex or targets, exclude=args.exclude, n=args.n, method=args.method,
         allocation=args.allocation, svd=args.svd,
         structure=args.structure or ("svd" if calibrating and not sharing else "mpo"),
-        budget=args.budget, keep_dense=args.keep_dense, fit=args.fit,
-        sequential=args.sequential,
+        budget=args.budget, keep_dense=args.keep_dense, sensitivity=args.sensitivity,
+        fit=args.fit, sequential=args.sequential,
         calibrate_embeddings=(calibrating if args.calibrate_embeddings is None
                               else args.calibrate_embeddings), **policy,
     )

@@ -65,6 +65,7 @@ from mpotn.compression.config import (
 )
 from mpotn.compression.model import MPOModel
 from mpotn.compression.parameters import count_parameters
+from mpotn.compression.sensitivity import OutputSensitivity
 from mpotn.layers import (
     FactorizedEmbedding,
     FactorizedLinear,
@@ -154,16 +155,22 @@ class _Candidate:
     full: MPO  # of M, or of the whitened L^T M when ``whitening`` is set
     whitening: Whitening | None = None
 
-    def finish(self, policy: TruncationPolicy, target: _Target) -> tuple[MPO, MPO]:
-        """``(MPO of M, the truncation its spectra read)`` under ``policy``."""
+    def truncated(self, policy: TruncationPolicy, target: _Target) -> tuple[MPO, MPO]:
+        """``(MPO of M before any ALS sweep, the truncation its spectra read)`` under
+        ``policy``."""
         cut = self.full.truncate_to(policy)
         if self.whitening is not None:
             return self.whitening.restore(cut, tuple(target.matrix.shape),
                                           _compute_dtype(target.matrix)), cut
-        if target.covariance is not None and target.settings["fit"] == "als":
-            return refine(cut, target.goal, target.covariance,
-                          sweeps=target.settings["sweeps"]), cut
         return cut, cut
+
+    def finish(self, policy: TruncationPolicy, target: _Target) -> tuple[MPO, MPO]:
+        """``(MPO of M, the truncation its spectra read)`` under ``policy``."""
+        mpo, cut = self.truncated(policy, target)
+        if (self.whitening is None and target.covariance is not None
+                and target.settings["fit"] == "als"):
+            mpo = refine(cut, target.goal, target.covariance, sweeps=target.settings["sweeps"])
+        return mpo, cut
 
 
 @dataclass
@@ -175,6 +182,7 @@ class _Target:
     covariance: torch.Tensor | None = None
     paired: PairedCalibration | None = None  # sequential: this model's and the original's inputs
     compensated: torch.Tensor | None = None  # M* of the paired inputs
+    sensitivity: OutputSensitivity | None = None  # weighs its error in a model budget
 
     @property
     def goal(self) -> torch.Tensor:
@@ -283,19 +291,33 @@ def _warn_floored(floored: list[str], stacklevel: int) -> None:
             "or use budget='model' to spend the same total elsewhere)", stacklevel=stacklevel)
 
 
+#: The relative error (Eq. 7, or of the weights without calibration) of the truncation
+#: a matrix's sensitivity is measured with: its path's first cut that reaches it.
+PROBE_ERROR = 0.1
+
+
 def _budget_path(t: _Target, candidate: _Candidate) -> Path:
     """What one model-wide budget reads of ``t`` (``candidate``: its first structure's):
     the cuts of its weights' spectra without calibration, of its whitened matrix's with
     it, so that every calibrated target's costs are relative output errors: a whitened
     candidate's own spectra, or, for an ALS fit (whose candidate holds the weights'), those
-    of [output_spectra_mpo][mpotn.calibration.output_spectra_mpo] in its factorization."""
+    of [output_spectra_mpo][mpotn.calibration.output_spectra_mpo] in its factorization.
+    With a ``t.sensitivity``, every cost is weighted by the sensitivity measured with the
+    path's truncation at [PROBE_ERROR][mpotn.compression.compress.PROBE_ERROR] (before
+    any ALS sweep)."""
     full = candidate.full
     if t.covariance is not None and candidate.whitening is None:
         settings = t.settings
         full = output_spectra_mpo(t.goal, t.covariance, len(full.row_shape), full.row_shape,
                                   full.col_shape, pad=settings["pad"], damp=settings["damp"],
                                   svd=settings["svd"])
-    return mpo_path(t.name, full)
+    path = mpo_path(t.name, full)
+    if t.sensitivity is None or not path.steps:
+        return path
+    probe = TruncationPolicy(params=path.params_after(path.cuts_reaching(PROBE_ERROR**2)))
+    mpo = candidate.truncated(probe, t)[0]
+    return path.weighted(t.sensitivity.sensitivity(t.name, t.module, mpo.to_matrix(),
+                                                   t.error(mpo)))
 
 
 def _model_budget(paths: list[Path], sizes: Mapping[str, int], config: CompressionConfig
@@ -588,7 +610,8 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
                        observed: Mapping[str, nn.Module], groups: list[list[str]],
                        batches: list[Mapping[str, torch.Tensor]], others: list[_Target],
                        originals: Mapping[str, nn.Module], order: Mapping[str, int],
-                       progress: bool) -> list[dict[str, Any]]:
+                       progress: bool, sensitivity: OutputSensitivity | None
+                       ) -> list[dict[str, Any]]:
     """Calibrate, fit and replace the ``observed`` targets group by group, each group by
     its own pass over ``batches`` with the ``originals`` (every module path before any
     replacement) back in place: the moments, and so the layers, are those of one pass
@@ -602,7 +625,8 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
             stats = calibrate(model, batches, {name: observed[name] for name in group})
         for name in group:
             yield _Target(name, observed[name], _matrix(observed[name]),
-                          config.settings_for(name, observed[name]), stats.pop(name).covariance)
+                          config.settings_for(name, observed[name]), stats.pop(name).covariance,
+                          sensitivity=sensitivity)
 
     def path(t: _Target) -> Path:  # of the first structure, as _policies reads it
         return _budget_path(t, _candidate(t, _structures(t.settings["structure"])[0]))
@@ -633,17 +657,19 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
 
 def _replace_all(model: nn.Module, config: CompressionConfig,
                  calibration: Iterable[Mapping[str, torch.Tensor]] | None, progress: bool,
-                 calibration_memory: float = CALIBRATION_MEMORY
+                 calibration_memory: float = CALIBRATION_MEMORY,
+                 sensitivity: OutputSensitivity | None = None
                  ) -> tuple[list[tuple[str, nn.Module]], list[dict[str, Any]]]:
     """The body of [compress][mpotn.compression.compress.compress]: the targets as found
-    (before any ``Conv1D`` became an ``nn.Linear``) and their report rows."""
+    (before any ``Conv1D`` became an ``nn.Linear``) and their report rows; a model budget
+    weighs every target by ``sensitivity`` when given."""
     found = select_targets(model, config)
     selected = _as_linears(model, found)
     observed = {} if calibration is None else {
         name: module for name, module in selected
         if config.settings_for(name, module)["method"] == "mpo"
         and (isinstance(module, nn.Linear) or config.calibrate_embeddings)}
-    if observed and config.budget == "model":
+    if observed and config.budget == "model" and sensitivity is None:
         _warn_uncalibrated_in_budget([name for name, module in selected if name not in observed
                                       and config.settings_for(name, module)["method"] == "mpo"])
     groups = _memory_groups(observed, calibration_memory)
@@ -675,14 +701,14 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
             records.append(record)
         elif not (grouped and name in observed):
             targets.append(_Target(name, module, _matrix(module), settings,
-                                   covariances.get(name)))
+                                   covariances.get(name), sensitivity=sensitivity))
     fired = list(covariances)  # the order the model ran the calibrated targets in
     covariances.clear()  # the targets hold them, and free them once replaced
     if grouped:
         order = {name: k for k, (name, _) in enumerate(selected)}
         return found, records + _replace_in_groups(
             model, config, observed, groups, calibration, targets, original_paths, order,
-            progress)
+            progress, sensitivity)
     if not config.sequential:
         return found, records + _fit_and_replace(model, targets, config, progress)
     candidates = {t.name: _options(t) for t in tqdm(targets, desc="decomposing",
@@ -761,17 +787,28 @@ def compress(
     if config.sequential and calibration is None:
         raise ValueError("sequential=True fits each matrix to the original's outputs on the "
                          "calibration data: give calibration batches, or drop sequential")
+    sensitivity = None
+    if config.sensitivity:
+        if calibration is None:
+            raise ValueError("sensitivity=True measures each matrix's effect on the model's "
+                             "outputs on the calibration data: give calibration batches, or "
+                             "drop sensitivity")
+        calibration = list(calibration)
+        sensitivity = OutputSensitivity(model, calibration)
     original = count_parameters(model.parameters())
     if not calibration_memory > 0:
         raise ValueError(f"calibration_memory must be a number of bytes > 0, got "
                          f"{calibration_memory!r}")
     with _restored_on_error(model):
         found, records = _replace_all(model, config, calibration, progress,
-                                      calibration_memory)
+                                      calibration_memory, sensitivity)
         originals = dict(found)
         for record in records:  # a Conv1D kept dense is GPT-2's own module again
             if record.get("structure") == "dense" and is_conv1d(originals[record["name"]]):
                 replace_module(model, record["name"], originals[record["name"]])
     order = {name: k for k, (name, _) in enumerate(found)}
     records.sort(key=lambda r: order[r["name"]])
+    if sensitivity is not None:
+        for record in records:
+            record["sensitivity"] = sensitivity.measured.get(record["name"])
     return MPOModel(model, config, records, original)

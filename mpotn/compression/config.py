@@ -117,6 +117,13 @@ class CompressionConfig:
         large as the matrix or larger (a truncated ``I x J`` SVD above rank
         ``IJ / (I + J)``; [spend_keeping_dense][mpotn.budget.spend_keeping_dense]). Such a
         matrix is not replaced; the report lists it with structure ``dense``.
+    sensitivity:
+        With ``budget="model"`` and calibration data: weigh each matrix's relative
+        squared error by its measured effect on the model's outputs (its
+        sensitivity ``s``, [mpotn.compression.sensitivity][]: one forward pass over
+        64 calibration sequences per matrix), so that the budget minimises
+        ``sum_m s_m eps_m^2`` instead of ``sum_m eps_m^2``. The report's
+        ``sensitivity`` column shows each ``s``.
     fit, sweeps, damp:
         Used when [compress][mpotn.compression.compress.compress] gets calibration
         data: how a balanced MPO is fitted (``"als"``: plain truncation, then
@@ -173,6 +180,7 @@ class CompressionConfig:
     structure: str = "mpo"
     budget: str = "matrix"
     keep_dense: bool = False
+    sensitivity: bool = False
     fit: str = "als"
     sweeps: int = 2
     damp: float = DAMP
@@ -213,7 +221,10 @@ class CompressionConfig:
         if self.keep_dense and self.budget != "model":
             raise ValueError("keep_dense=True lets one model-wide budget leave matrices "
                              "dense: use it with budget='model'")
-        for key in ("calibrate_embeddings", "sequential", "keep_dense"):
+        if self.sensitivity and self.budget != "model":
+            raise ValueError("sensitivity=True weighs the matrices of one model-wide budget "
+                             "against each other: use it with budget='model'")
+        for key in ("calibrate_embeddings", "sequential", "keep_dense", "sensitivity"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
 

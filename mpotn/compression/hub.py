@@ -58,7 +58,7 @@ def model_card(model: Any, repo_id: str, base_model: str | None = None) -> str:
     source = f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else ""
     chosen = ", ".join(f"`{k}={settings[k]!r}`" for k in
                        ("targets", "structure", "ratio", "params", "budget", "keep_dense",
-                        "n")
+                        "sensitivity", "n")
                        if settings.get(k) not in (None, False))
     body = [
         f"# {repo_id.split('/')[-1]}", "",
