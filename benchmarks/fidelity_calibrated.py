@@ -138,6 +138,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {  # cheap rows first
     "svd, embeddings calibrated, model budget, dense kept + heal": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
          "keep_dense": True, "heal": 300}, True),
+    "svd, embeddings calibrated, model budget, sensitivity + heal": (
+        {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
+         "sensitivity": True, "heal": 300}, True),
     "svd, embeddings calibrated, model budget, dense kept, sensitivity + heal": (
         {"structure": "svd", "calibrate_embeddings": True, "budget": "model",
          "keep_dense": True, "sensitivity": True, "heal": 300}, True),

@@ -95,6 +95,9 @@ def test_per_target_overrides_and_dry_run_sizes():
     assert rows["encoder.layer.0.attention.self.query"]["n"] == 3
     assert rows["encoder.layer.0.intermediate.dense"]["policy"] == "max_bond=16"
     assert rows["encoder.layer.0.intermediate.dense"]["params"] == 384 * 1536
+    budget = plan(model, targets=["ffn"], ratio=0.5, budget="model")
+    assert {r["policy"] for r in budget} == {
+        "share of one model budget (ratio=0.5 of all targets)"}
     compressed = compress(model, config, progress=False)
     layers = compressed.mpo_layers()
     assert layers["encoder.layer.0.attention.self.query"].n == 3

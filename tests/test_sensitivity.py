@@ -190,8 +190,9 @@ def test_sensitivity_needs_a_model_budget_and_calibration():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--sensitivity"], "--sensitivity weighs the matrices of one model-wide budget against "
-                        "each other: add --budget model"),
+    (["--sensitivity", "--budget", "matrix"],
+     "--sensitivity weighs the matrices of one model-wide budget against each other: "
+     "add --budget model"),
     (["--sensitivity", "--budget", "model", "--no-calibrate"], "drop --sensitivity"),
 ])
 def test_compress_cli_refuses_sensitivity_without_budget_or_calibration(tmp_path, capsys,
@@ -206,3 +207,22 @@ def test_compress_cli_sensitivity_reports_each_matrix_s(tiny_bert, tmp_path):
     assert main(["compress", str(tiny_bert), "--ratio", "0.8", "--budget", "model",
                  "--sensitivity", "--samples", "64", "--out", str(out), "--no-progress"]) == 0
     assert "sensitivity s" in (out / "report.md").read_text()
+
+
+def test_sensitivity_weighs_alike_in_one_pass_in_groups_and_sequentially():
+    """The budget reads the same sensitivities and allocates the same parameters whether
+    the targets are calibrated at once, in groups (one target's moments per group), or
+    fitted in order."""
+    torch.manual_seed(0)
+    batches = [{"input": torch.randn(64, 16)} for _ in range(4)]  # 16 rows per input
+    allocations = []
+    for extra in ({}, {"calibration_memory": 8 * 16 * 16}, {"sequential": True}):
+        torch.manual_seed(1)
+        compressed = compress(TwoBranches(), targets=["a", "b"], ratio=0.5, structure="svd",
+                              budget="model", sensitivity=True, calibration=batches,
+                              progress=False, **extra)
+        allocations.append({r["name"]: (r["params"], round(r["sensitivity"], 6))
+                            for r in compressed.report()})
+    assert allocations[0]["a"][0] > allocations[0]["b"][0]
+    assert allocations[1] == allocations[0]
+    assert allocations[2] == allocations[0]

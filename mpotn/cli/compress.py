@@ -64,8 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "(default: mpo)")
     policy = compress.add_mutually_exclusive_group()
     policy.add_argument("--ratio", type=_positive_float,
-                        help="compression ratio rho per matrix, Eq. 5 (default: 0.5; full "
-                             "rank with --share-centrals or --experts)")
+                        help="compression ratio rho, Eq. 5: of all targets together with "
+                             "--budget model, of each matrix with --budget matrix (default: "
+                             "0.5; full rank with --share-centrals or --experts)")
     policy.add_argument("--max-bond", type=_positive_int, help="one maximum for every bond")
     policy.add_argument("--tol", type=_positive_float,
                         help="relative error tolerance: fewest parameters with Eq. 4 <= tol")
@@ -82,19 +83,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "keeps a compressed model working best in docs/compression.md; mpo with "
              "--no-calibrate, --share-centrals or --experts)")
     compress.add_argument(
-        "--budget", choices=BUDGETS, default="matrix",
+        "--budget", choices=BUDGETS, default=None,
         help="matrix: --ratio applies to each matrix; model: one budget for all targets, "
-             "spent where it lowers the summed relative error most (default: matrix)")
+             "spent where it lowers the summed (weighted) relative error most (default: model "
+             "when calibrating --method mpo by a ratio without --share-centrals or --experts, "
+             "with --sensitivity: the best measured in docs/compression.md; matrix otherwise)")
     compress.add_argument(
         "--keep-dense", action="store_true",
         help="with --budget model: leave a matrix dense where its share of the budget would "
              "be a factorization as large as the matrix or larger (a truncated SVD above "
              "rank IJ/(I+J)), and spend the difference elsewhere")
     compress.add_argument(
-        "--sensitivity", action="store_true",
+        "--sensitivity", action=argparse.BooleanOptionalAction, default=None,
         help="with --budget model and calibration: weigh each matrix's error by its measured "
              "effect on the model's outputs (one forward pass over 64 calibration sentences "
-             "per matrix) instead of summing relative errors")
+             "per matrix) instead of summing relative errors (default: on with --budget model "
+             "when calibrating)")
     calibration = compress.add_mutually_exclusive_group()
     calibration.add_argument(
         "--calibrate", nargs="?", const="", default="", metavar="SOURCE",
@@ -243,6 +247,19 @@ def _share(model: object, args: argparse.Namespace) -> None:
               f"top-{top_k} routing")
 
 
+def _resolve_budget(args: argparse.Namespace) -> None:
+    """Fill in ``--budget`` and ``--sensitivity`` where not given: a model budget weighted
+    by sensitivity when calibrating balanced or SVD MPOs by a ratio, outside sharing (the
+    best fidelity measured, ``benchmarks/fidelity_calibrated.py``); per matrix otherwise."""
+    if args.budget is None:
+        by_ratio = args.max_bond is None and args.tol is None and not args.full_rank
+        args.budget = ("model" if args.calibrate is not None and args.method == "mpo"
+                       and by_ratio and args.share_centrals is None and args.experts is None
+                       else "matrix")
+    if args.sensitivity is None:
+        args.sensitivity = args.budget == "model" and args.calibrate is not None
+
+
 def run(args: argparse.Namespace) -> None:
     """Compress the model, print the report and its expected fidelity, save weights, report
     and plots."""
@@ -269,6 +286,7 @@ def run(args: argparse.Namespace) -> None:
     if args.sequential and args.calibrate is None:
         raise ValueError("--sequential fits each matrix to the original's outputs on the "
                          "calibration text: drop --no-calibrate, or drop --sequential")
+    _resolve_budget(args)
     if args.sensitivity and args.calibrate is None:
         raise ValueError("--sensitivity measures each matrix's effect on the model's outputs "
                          "on the calibration text: drop --no-calibrate, or drop --sensitivity")

@@ -135,6 +135,7 @@ def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: An
     for name, module in select_targets(model, config):
         settings = config.settings_for(name, module)
         matrix = _matrix(module)
+        policy = TruncationPolicy.from_settings(settings)
         rows.append({
             "name": name,
             "module": type(module).__name__,
@@ -142,7 +143,8 @@ def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: An
             "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
             "params": matrix.numel(),
             "n": settings["n"],
-            "policy": TruncationPolicy.from_settings(settings).describe(),
+            "policy": (f"share of one model budget ({policy.describe()} of all targets)"
+                       if config.budget == "model" else policy.describe()),
         })
     return rows
 
