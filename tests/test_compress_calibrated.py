@@ -207,11 +207,17 @@ def test_cli_compress_calibrates_from_a_text_file_and_reports_fidelity(tiny_bert
     passes = []
     monkeypatch.setattr(module, "calibrate", lambda *a, **k: passes.append(1) or calibrate(
         *a, **k))
-    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--structure", "svd",
-                 "--ratio", "0.5", "--calibrate", str(sentences), "--out", str(out / "g"),
-                 "--calibration-memory", str(9 / 2**20), "--no-progress"]) == 0
+    args = ["compress", str(tiny_bert), "--targets", "ffn", "--structure", "svd", "--ratio",
+            "0.5", "--calibrate", str(sentences), "--no-progress"]
+    assert main([*args, "--out", str(out / "g"), "--calibration-memory", str(9 / 2**20)]) == 0
     assert len(passes) == 8  # the 4 FFN matrices of 2 layers: for the budget, then the fits
     assert list(mpotn.load(out / "g").report()) == list(loaded.report())
+    passes.clear()  # each matrix at the ratio: one round of passes
+    assert main([*args, "--budget", "matrix", "--out", str(out / "m")]) == 0
+    assert main([*args, "--budget", "matrix", "--out", str(out / "mg"),
+                 "--calibration-memory", str(9 / 2**20)]) == 0
+    assert len(passes) == 1 + 4
+    assert list(mpotn.load(out / "mg").report()) == list(mpotn.load(out / "m").report())
 
 
 def _tiny_bert_model(hidden: int = 32):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -82,6 +84,61 @@ def test_every_floating_output_counts_relative_to_its_own_norm():
     assert probe.output_error(model.layer, changed) == pytest.approx(expected, rel=1e-5)
 
 
+def test_encoder_and_decoder_outputs_take_their_own_masks():
+    """An encoder-decoder's outputs: an ``encoder_...`` output of the encoder's length
+    takes ``attention_mask``, the others ``decoder_attention_mask``; with both of one
+    length, the name decides; an output of neither shape keeps every row."""
+    from mpotn.compression.sensitivity import _rows
+
+    encoder = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    decoder = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    batch = {"attention_mask": encoder, "decoder_attention_mask": decoder}
+    value = torch.randn(2, 3, 5)
+    assert _rows("encoder_last_hidden_state", value, batch).shape == (3, 5)
+    assert _rows("logits", value, batch).shape == (5, 5)
+    longer = torch.randn(2, 4, 5)
+    assert _rows("logits", longer, {**batch, "decoder_attention_mask": torch.ones(2, 4)}
+                 ).shape == (8, 5)
+    assert _rows("pooler_output", torch.randn(2, 5), batch).shape == (2, 5)
+    assert _rows("loss", torch.tensor(1.5), batch).shape == (1, 1)
+
+
+def test_sensitivity_refuses_outputs_it_cannot_compare():
+    """No floating-point tensor at the top level, all-zero outputs and non-finite ones
+    are errors, not sensitivities of 0 that would let the budget cut everything."""
+
+    class Ids(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, input: torch.Tensor) -> dict[str, Any]:
+            return {"ids": self.layer(input).argmax(-1), "nested": (self.layer(input),)}
+
+    model = Ids()
+    with pytest.raises(ValueError, match="no floating-point tensor at the top level"):
+        OutputSensitivity(model, [{"input": torch.randn(8, 4)}]).output_error(
+            model.layer, model.layer.weight.detach().T)
+    zeros = Masked(4, 3)
+    probe = OutputSensitivity(zeros, [{"input": torch.zeros(2, 3, 4),
+                                       "attention_mask": torch.ones(2, 3)}])
+    with pytest.raises(ValueError, match="are all zero"):
+        probe.output_error(zeros.layer, torch.randn(4, 3))
+    finite = Masked(4, 3)
+    probe = OutputSensitivity(finite, [{"input": torch.randn(2, 3, 4),
+                                        "attention_mask": torch.ones(2, 3)}])
+    with pytest.raises(ValueError, match="not finite"):
+        probe.sensitivity("layer", finite.layer, torch.full((4, 3), float("inf")), 0.1)
+
+
+def test_measured_sequences_are_drawn_from_all_batches():
+    """Batches sorted by length: the measured ones are not just the first (shortest)."""
+    batches = [{"input": torch.randn(8, 4)} for _ in range(20)]
+    probe = OutputSensitivity(nn.Linear(4, 3), batches, sequences=32)
+    chosen = [next(k for k, b in enumerate(batches) if b is m) for m in probe.batches]
+    assert len(chosen) == 4 and max(chosen) >= 10
+
+
 def test_wide_outputs_are_compared_through_a_sketch_that_estimates_the_error():
     """An output wider than SKETCH columns: the sketched relative error is within 20% of
     the exact one."""
@@ -153,9 +210,10 @@ def test_model_budget_weighted_by_sensitivity_spends_where_the_output_depends():
 @pytest.mark.parametrize("family", ["bert", "gpt2", "t5"])
 def test_model_budget_with_sensitivity_on_hugging_face_models(family):
     """Every target of a BERT, a GPT-2 (logits wider than SKETCH are sketched) and a T5
-    (encoder and decoder outputs, each by its own mask) gets a sensitivity, the model
-    fits its budget, and a matrix kept dense is measured too; the uncalibrated embeddings
-    are weighed by their own sensitivity, without the warning a plain budget gives."""
+    (encoder and decoder outputs) gets a sensitivity above 0, the targets fit their
+    budget, and the matrices kept dense were measured too and hold their original weights
+    (every probe put the weight back); the uncalibrated embeddings are weighed by their own
+    sensitivity, without the warning a plain budget gives."""
     small = {"vocab_size": 2 * SKETCH}
     config, cls = {
         "bert": (tf.BertConfig(**small, hidden_size=32, num_hidden_layers=2,
@@ -166,6 +224,7 @@ def test_model_budget_with_sensitivity_on_hugging_face_models(family):
     }[family]
     torch.manual_seed(0)
     model = cls(config).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(1, 2 * SKETCH, (8, 12))
     mask = torch.ones_like(ids)
     mask[4:, 8:] = 0
@@ -177,9 +236,13 @@ def test_model_budget_with_sensitivity_on_hugging_face_models(family):
                               sensitivity=True, calibration=batches, progress=False)
     assert not [w for w in caught if "weighs the calibrated matrices" in str(w.message)]
     report = compressed.report()
-    assert all(r["sensitivity"] is not None and r["sensitivity"] >= 0 for r in report)
-    assert sum(r["sensitivity"] > 0 for r in report) > len(report) // 2
-    assert compressed.totals()["total_params"] <= compressed.original_params
+    assert all(r["sensitivity"] > 0 for r in report)
+    assert sum(r["params"] for r in report) <= 0.8 * sum(r["original_params"] for r in report)
+    dense = [r["name"] for r in report if r["structure"] == "dense"]
+    assert dense
+    modules = dict(model.named_modules())
+    for name in dense:
+        assert torch.equal(modules[name].weight, original[f"{name}.weight"])
 
 
 def test_sensitivity_needs_a_model_budget_and_calibration():
@@ -207,6 +270,12 @@ def test_compress_cli_sensitivity_reports_each_matrix_s(tiny_bert, tmp_path):
     assert main(["compress", str(tiny_bert), "--ratio", "0.8", "--budget", "model",
                  "--sensitivity", "--samples", "64", "--out", str(out), "--no-progress"]) == 0
     assert "sensitivity s" in (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["sensitivity"] and report["config"]["budget"] == "model"
+    measured = [m["sensitivity"] for m in report["matrices"]]
+    assert len(measured) == 16 and all(s > 0 for s in measured)  # 3 embeddings, 12, pooler
+    assert sum(m["params"] for m in report["matrices"]) <= 0.8 * sum(
+        m["original_params"] for m in report["matrices"])
 
 
 def test_sensitivity_weighs_alike_in_one_pass_in_groups_and_sequentially():
@@ -226,3 +295,35 @@ def test_sensitivity_weighs_alike_in_one_pass_in_groups_and_sequentially():
     assert allocations[0]["a"][0] > allocations[0]["b"][0]
     assert allocations[1] == allocations[0]
     assert allocations[2] == allocations[0]
+
+
+@pytest.mark.parametrize("flags, budget, sensitivity", [
+    ([], "model", True),
+    (["--ratio", "0.3"], "model", True),
+    (["--no-sensitivity"], "model", False),
+    (["--budget", "matrix"], "matrix", False),
+    (["--keep-dense"], "model", True),
+    (["--allocation", "uniform"], "matrix", False),
+    (["--max-bond", "8"], "matrix", False),
+    (["--tol", "0.2"], "matrix", False),
+    (["--full-rank"], "matrix", False),
+    (["--method", "tt"], "matrix", False),
+    (["--share-centrals", "fit"], "matrix", False),
+    (["--experts", "2"], "matrix", False),
+    (["--no-calibrate"], "matrix", False),
+    (["--no-calibrate", "--budget", "model"], "model", False),
+])
+def test_compress_cli_defaults_to_a_weighted_model_budget_when_calibrating_by_a_ratio(
+        flags, budget, sensitivity):
+    from mpotn.cli import build_parser
+    from mpotn.cli.compress import _resolve_budget
+
+    args = build_parser().parse_args(["compress", *flags])
+    _resolve_budget(args)
+    assert (args.budget, args.sensitivity) == (budget, sensitivity)
+
+
+def test_model_budget_refuses_a_uniform_allocation():
+    with pytest.raises(ValueError, match="use it with budget='matrix'"):
+        compress(TwoBranches(), targets=["a"], ratio=0.5, budget="model",
+                 allocation="uniform")

@@ -249,10 +249,12 @@ def _share(model: object, args: argparse.Namespace) -> None:
 
 def _resolve_budget(args: argparse.Namespace) -> None:
     """Fill in ``--budget`` and ``--sensitivity`` where not given: a model budget weighted
-    by sensitivity when calibrating balanced or SVD MPOs by a ratio, outside sharing (the
-    best fidelity measured, ``benchmarks/fidelity_calibrated.py``); per matrix otherwise."""
+    by sensitivity when calibrating balanced or SVD MPOs by a ratio (optimal allocation),
+    outside sharing (the best fidelity measured, ``benchmarks/fidelity_calibrated.py``);
+    per matrix otherwise."""
     if args.budget is None:
-        by_ratio = args.max_bond is None and args.tol is None and not args.full_rank
+        by_ratio = (args.max_bond is None and args.tol is None and not args.full_rank
+                    and args.allocation == "optimal")
         args.budget = ("model" if args.calibrate is not None and args.method == "mpo"
                        and by_ratio and args.share_centrals is None and args.experts is None
                        else "matrix")

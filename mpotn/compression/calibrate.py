@@ -94,6 +94,15 @@ def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
     return batch
 
 
+def prepared(model: nn.Module | Callable[..., Any], batch: Mapping[str, Any],
+             device: torch.device | None) -> dict[str, Any]:
+    """``batch`` as the model takes it: its tensors on ``device`` (unless ``None``), and
+    decoder inputs added for an encoder-decoder model given encoder inputs only."""
+    return _with_decoder_inputs(model, {
+        k: v.to(device) if isinstance(v, torch.Tensor) and device is not None else v
+        for k, v in batch.items()})
+
+
 class UnpairedInputsError(ValueError):
     """A target ran differently in a model and in its reference on the same batch (a
     routed expert sees other tokens), so its inputs cannot be paired token by token."""
@@ -181,9 +190,7 @@ def _observe(
         model.eval()
     try:
         for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) and device is not None
-                     else v for k, v in batch.items()}
-            batch = _with_decoder_inputs(model, batch)
+            batch = prepared(model, batch, device)
             masks.update(dict.fromkeys(observed, batch.get("attention_mask")))
             masks.update(dict.fromkeys(decoder_side, batch.get("decoder_attention_mask")))
             counts.update(dict.fromkeys(counts, 0))

@@ -129,8 +129,11 @@ def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: di
 
 def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: Any) -> Table:
     """The dry run: what [compress][mpotn.compression.compress.compress] would replace, with sizes,
-    changing nothing."""
+    changing nothing. Under ``budget="model"`` every target's policy is its share of the one
+    budget (a target's own policy override does not apply)."""
     config = config or CompressionConfig(**kwargs)
+    budget = (f"params={config.params}" if config.params is not None
+              else f"ratio={config.ratio}")  # a model budget's, whatever a target overrides
     rows = Table()
     for name, module in select_targets(model, config):
         settings = config.settings_for(name, module)
@@ -143,7 +146,7 @@ def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: An
             "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
             "params": matrix.numel(),
             "n": settings["n"],
-            "policy": (f"share of one model budget ({policy.describe()} of all targets)"
+            "policy": (f"share of one model budget ({budget} of all targets)"
                        if config.budget == "model" else policy.describe()),
         })
     return rows

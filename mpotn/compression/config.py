@@ -221,6 +221,10 @@ class CompressionConfig:
         if self.keep_dense and self.budget != "model":
             raise ValueError("keep_dense=True lets one model-wide budget leave matrices "
                              "dense: use it with budget='model'")
+        if self.budget == "model" and self.allocation != "optimal":
+            raise ValueError("budget='model' spends the parameters cut by cut along each "
+                             "matrix's optimal bonds; allocation='uniform' spreads one "
+                             "matrix's ratio: use it with budget='matrix'")
         if self.sensitivity and self.budget != "model":
             raise ValueError("sensitivity=True weighs the matrices of one model-wide budget "
                              "against each other: use it with budget='model'")

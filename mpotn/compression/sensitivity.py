@@ -14,13 +14,15 @@ the model's output error, instead of ``sum_m eps_m^2``: ASVD's sensitivity-based
 rank search (Yuan et al., 2023) measured the same thing by perplexity, one ratio
 at a time.
 
-The outputs compared are every floating-point tensor the model returns
-(``last_hidden_state`` and ``pooler_output``, or ``logits``, ...), each over the
-real tokens of the batch (padding excluded through the attention mask), each
-relative to its own norm, summed. A wide output (a language model's logits) is
-compared through a fixed Gaussian sketch of ``SKETCH`` columns, an unbiased
-estimate of its squared norm, so that holding the reference outputs costs
-``tokens x SKETCH`` numbers per output, not ``tokens x vocabulary``.
+The outputs compared are the floating-point tensors at the top level of what the
+model returns (``last_hidden_state`` and ``pooler_output``, or ``logits``, ...;
+not caches or tuples of hidden states), each over the real tokens of the batch
+(padding excluded through the attention mask), each relative to its own norm,
+summed: a pooler that a classifier fine-tuned later will read keeps its weight.
+An output wider than ``SKETCH`` columns (a language model's logits, a large
+model's hidden states) is compared through a fixed Gaussian sketch of ``SKETCH``
+columns, an unbiased estimate of its squared norm, so that holding the reference
+outputs costs ``tokens x SKETCH`` numbers per output, not ``tokens x vocabulary``.
 
 Examples
 --------
@@ -45,6 +47,8 @@ The model's output is its last layer's: halving that matrix (a relative error of
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -52,12 +56,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpotn.compression.calibrate import _with_decoder_inputs
+from mpotn.compression.calibrate import prepared
 from mpotn.compression.models import model_device
+from mpotn.layers.masks import real_rows
 
 #: Columns of the Gaussian sketch an output wider than this is compared through.
 SKETCH = 512
-#: Calibration sequences the outputs are measured on: the first batches holding this many.
+#: Calibration sequences the outputs are measured on: batches drawn (seeded) from all of
+#: the calibration data until they hold this many.
 SEQUENCES = 64
 
 
@@ -79,14 +85,20 @@ def _tensors(output: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def _rows(name: str, value: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-    """``value`` as rows, one per real token when its first two dimensions are the
-    batch's (the decoder's mask for a decoder output of an encoder-decoder model)."""
-    key = ("decoder_attention_mask" if "decoder_attention_mask" in batch
-           and not name.startswith("encoder") else "attention_mask")
-    mask = batch.get(key)
-    if value.dim() >= 3 and mask is not None and tuple(value.shape[:2]) == tuple(mask.shape):
-        return value[mask.bool()].flatten(1)
-    return value.reshape(value.shape[0] if value.dim() else 1, -1)
+    """``value`` as rows: one per real token when its first two dimensions are those of
+    the batch's ``attention_mask`` or ``decoder_attention_mask`` (when they are of both
+    and the masks differ, the decoder's unless ``name`` starts with ``encoder``), else one
+    per leading entry."""
+    value = value.reshape(1) if value.dim() == 0 else value
+    fitting = [(key, batch[key]) for key in ("attention_mask", "decoder_attention_mask")
+               if isinstance(batch.get(key), torch.Tensor) and value.dim() >= 3
+               and tuple(value.shape[:2]) == tuple(batch[key].shape)]
+    if len(fitting) == 2 and not torch.equal(fitting[0][1], fitting[1][1]):
+        fitting = fitting[:1] if name.startswith("encoder") else fitting[1:]
+    mask = fitting[0][1] if fitting else None
+    if mask is not None:
+        return real_rows(value.flatten(2), mask)
+    return value.reshape(value.shape[0], -1)
 
 
 @contextmanager
@@ -135,8 +147,10 @@ class OutputSensitivity:
         The model, called as ``model(**batch)``; its outputs are read the first time
         they are needed, so that the reference is the model as it is then.
     batches:
-        Model-input dicts (tokenizer outputs, moved to the model's device); the first
-        ones holding ``sequences`` rows are used.
+        Model-input dicts (tokenizer outputs, moved to the model's device); a seeded
+        random choice of them holding ``sequences`` rows is used, so that batches made
+        by length ([text_batches][mpotn.compression.calibrate.text_batches]) give texts
+        of every length.
     sequences:
         How many calibration sequences to measure on (default ``SEQUENCES``, 64):
         the measurement costs one forward pass over them per matrix.
@@ -146,12 +160,14 @@ class OutputSensitivity:
                  sequences: int = SEQUENCES) -> None:
         self.model = model
         self.batches: list[Mapping[str, Any]] = []
+        order = list(range(len(batches)))
+        random.Random(0).shuffle(order)  # batches by length would give the shortest texts
         rows = 0
-        for batch in batches:
+        for k in order:
             if rows >= sequences:
                 break
-            self.batches.append(batch)
-            first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+            self.batches.append(batches[k])
+            first = next((v for v in batches[k].values() if isinstance(v, torch.Tensor)), None)
             rows += 1 if first is None or first.dim() == 0 else first.shape[0]
         if not self.batches:
             raise ValueError("measuring output sensitivity needs calibration batches: "
@@ -162,16 +178,16 @@ class OutputSensitivity:
         self.measured: dict[str, float] = {}
 
     def _sketch(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.float()
         width = rows.shape[1]
         if width <= SKETCH:
-            return rows.double()
+            return rows
         key = (name, width)
         if key not in self._sketches:
             generator = torch.Generator(device="cpu").manual_seed(width)
-            self._sketches[key] = (torch.randn(width, SKETCH, generator=generator,
-                                               dtype=torch.float64) / SKETCH**0.5
-                                   ).to(rows.device)
-        return rows.double() @ self._sketches[key]
+            self._sketches[key] = (torch.randn(width, SKETCH, generator=generator)
+                                   / SKETCH**0.5).to(rows.device)
+        return rows @ self._sketches[key]
 
     @torch.no_grad()
     def _outputs(self) -> list[list[tuple[str, torch.Tensor]]]:
@@ -181,13 +197,14 @@ class OutputSensitivity:
         out = []
         try:
             for batch in self.batches:
-                batch = _with_decoder_inputs(self.model, {
-                    k: v.to(device) if isinstance(v, torch.Tensor) else v
-                    for k, v in batch.items()})
+                batch = prepared(self.model, batch, device)
                 out.append([(name, self._sketch(name, _rows(name, value, batch)))
                             for name, value in _tensors(self.model(**batch))])
         finally:
             self.model.train(training)
+        if not out[0]:
+            raise ValueError("cannot measure output sensitivity: the model returns no "
+                             "floating-point tensor at the top level of its output")
         return out
 
     def output_error(self, module: nn.Module, matrix: torch.Tensor) -> float:
@@ -202,8 +219,11 @@ class OutputSensitivity:
         diffs: dict[str, float] = {}
         for reference, new in zip(self._reference, changed):
             for (name, ref), (_, out) in zip(reference, new):
-                norms[name] = norms.get(name, 0.0) + float(ref.pow(2).sum())
-                diffs[name] = diffs.get(name, 0.0) + float((out - ref).pow(2).sum())
+                norms[name] = norms.get(name, 0.0) + float(ref.double().pow(2).sum())
+                diffs[name] = diffs.get(name, 0.0) + float((out - ref).double().pow(2).sum())
+        if not any(norms.values()):
+            raise ValueError("cannot measure output sensitivity: the model's outputs on the "
+                             "calibration batches are all zero")
         return sum(diffs[name] / norms[name] for name in norms if norms[name] > 0)
 
     def sensitivity(self, name: str, module: nn.Module, matrix: torch.Tensor, error: float
@@ -211,7 +231,17 @@ class OutputSensitivity:
         """``s``: the model's relative squared output change with ``module`` computing
         with ``matrix``, over that matrix's own relative error squared (``error``: Eq. 7
         on the calibration inputs, or the weight error of an uncalibrated matrix);
-        ``0.0`` when ``error`` is 0 (nothing to weigh). Kept in ``measured[name]``."""
-        self.measured[name] = (0.0 if error <= 0
-                               else self.output_error(module, matrix) / error**2)
-        return self.measured[name]
+        ``0.0`` when ``error`` is 0 (nothing to weigh). Kept in ``measured[name]``.
+
+        Raises
+        ------
+        ValueError
+            When the outputs are not finite (a half-precision model that overflows).
+        """
+        value = 0.0 if error <= 0 else self.output_error(module, matrix) / error**2
+        if not math.isfinite(value):
+            raise ValueError(f"the measured sensitivity of {name} is {value}: the model's "
+                             "outputs are not finite with it truncated (in half precision, "
+                             "compress in float32)")
+        self.measured[name] = value
+        return value
