@@ -87,7 +87,7 @@ from mpotn.compression.experts import upcycle_experts
 from mpotn.compression.model import MPOModel
 from mpotn.compression.parameters import count_parameters
 from mpotn.compression.sharing import share_centrals
-from mpotn.finetune.heal import HealConfig, heal
+from mpotn.finetune.heal import EARLIER_HEAL_LR, HealConfig, heal
 
 RESULTS = Path(__file__).parent / "results" / "glue_sharing.json"
 WORK = Path(__file__).parent / "work" / "glue_sharing"
@@ -145,7 +145,7 @@ class SharingBench(glue_small.Bench):
         there continues (its weights replace ``model``'s)."""
         heal(model, teacher, self.tokenizer, self.texts(task, None),
              HealConfig(steps=self.heal_steps, train="all", max_length=128,
-                        save_steps=self.save_steps),
+                        save_steps=self.save_steps, learning_rate=EARLIER_HEAL_LR["all"]),
              out=out, resume=glue_small.resumable(out), progress=False)
 
     def shared(self, dense: nn.Module, init: str, sweeps: int) -> MPOModel:

@@ -82,7 +82,7 @@ from mpotn.compression.model import MPOModel
 from mpotn.compression.models import load_classifier, load_tokenizer
 from mpotn.compression.parameters import count_parameters
 from mpotn.data import TaskData, compute_metrics, load_glue, sst2_sample, texts
-from mpotn.finetune.heal import HealConfig, heal
+from mpotn.finetune.heal import EARLIER_HEAL_LR, HealConfig, heal
 from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, direct_truncation
 from mpotn.finetune.training import (
     FinetuneResult,
@@ -256,7 +256,8 @@ def _compressed(bench: Bench, task: str, seed: int, settings: dict[str, Any],
                      **settings)
     if heal_steps:
         heal(model, dense, bench.tokenizer, bench.texts(task, None),
-             HealConfig(steps=heal_steps, train="all", max_length=128), progress=False)
+             HealConfig(steps=heal_steps, train="all", max_length=128,
+                        learning_rate=EARLIER_HEAL_LR["all"]), progress=False)
     return model, original
 
 

@@ -123,6 +123,31 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(models, sen
              resume=True, progress=False)
 
 
+def test_a_run_resumes_with_the_learning_rate_it_started_with(models, sentences, tmp_path):
+    """A new run stores its resolved learning rate; one checkpointed by an earlier mpotn
+    (learning rate not stored, so the default then: 1e-3 for ``all``) resumes at 1e-3
+    although today's default is 1e-4, and says so."""
+    from mpotn.finetune.heal import EARLIER_HEAL_LR, HEAL_LR, STATE_NAME
+
+    teacher, original, tokenizer = models
+    config = HealConfig(steps=4, train="all", batch_size=8, max_length=32, heldout=16,
+                        save_steps=2, logging_steps=2)
+    run = tmp_path / "run"
+    heal(copy.deepcopy(original), teacher, tokenizer, sentences, config, out=run,
+         progress=False)
+    state_file = next(run.rglob(STATE_NAME))
+    saved = json.loads(state_file.read_text())
+    assert saved["config"]["learning_rate"] == HEAL_LR["all"] == 1e-4
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    saved["config"]["learning_rate"] = None  # as an earlier mpotn wrote it
+    state_file.write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="ignoring the new values of learning_rate"):
+        resumed = heal(copy.deepcopy(original), teacher, tokenizer, sentences, config,
+                       out=run, resume=True, progress=False)
+    assert resumed.config.lr == EARLIER_HEAL_LR["all"] == 1e-3
+    assert resumed.steps == 4
+
+
 def test_bad_requests_fail_before_training(models, sentences, tmp_path):
     teacher, original, tokenizer = models
     with pytest.raises(ValueError, match="nothing to resume"):

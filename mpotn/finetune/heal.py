@@ -82,12 +82,19 @@ from mpotn.layers.experts import add_router_loss
 from mpotn.table import Table
 from mpotn.types import HEAL_TRAIN, HealTrain
 
-#: Learning rate per ``train`` choice when none is given. Measured on all-MiniLM-L6-v2
-#: compressed at rho = 0.5 (attention and FFN; held-out error 0.661 before healing), 448
-#: SST-2 sentences (64 held out), batch 16, 300 steps: auxiliary 2e-3 -> 0.224, 5e-3 -> 0.217
-#: (1e-2 was already worse than 5e-3 at 100 steps, 5e-4 and 1e-4 clearly worse); all 3e-4
-#: -> 0.220, 1e-3 -> 0.188 (3e-4 and 1e-4 worse at 100 steps).
-HEAL_LR = {"auxiliary": 2e-3, "all": 1e-3}
+#: Learning rate per ``train`` choice when none is given. ``auxiliary``: measured on
+#: all-MiniLM-L6-v2 compressed at rho = 0.5 by weight truncation (attention and FFN;
+#: held-out error 0.661 before healing), 448 SST-2 sentences (64 held out), batch 16, 300
+#: steps: 2e-3 -> 0.224, 5e-3 -> 0.217 (1e-2 was already worse than 5e-3 at 100 steps, 5e-4
+#: and 1e-4 clearly worse). ``all``: on the same weight-truncated model 1e-3 gave 0.188 and
+#: 3e-4 0.220, but on the default calibrated compression (SVDs, budget weighted by
+#: sensitivity; ``benchmarks/fidelity_calibrated.py``, 2,000 sentences) 1e-3 *lowers* the
+#: mean cosine at 0.9 and 0.75 of the size (0.978 -> 0.944, 0.948 -> 0.936) where 1e-4
+#: raises it (0.982, 0.963), and at 0.5 both give 0.89: 1e-4.
+HEAL_LR = {"auxiliary": 2e-3, "all": 1e-4}
+#: The defaults until 2026-12-06: a run checkpointed then without a learning rate of its
+#: own resumes with the one it started with.
+EARLIER_HEAL_LR = {"auxiliary": 2e-3, "all": 1e-3}
 
 #: File in ``out / "checkpoints"`` recording the run a resume must continue.
 STATE_NAME = "heal_state.json"
@@ -100,7 +107,7 @@ class HealConfig(FieldHelp):
     Examples
     --------
     >>> HealConfig(train="all").lr
-    0.001
+    0.0001
     >>> HealConfig.help("steps")
     'optimizer steps (default: 300)'
     """
@@ -483,7 +490,12 @@ def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealCo
         raise ValueError(f"the texts differ from those of the run checkpointed in {checkpoints}; "
                          "resume with the same texts (source, samples and seed)")
     given = {k: getattr(config, k) for k in HealConfig.PLACEMENT}
-    saved_config = HealConfig(**{**saved["config"], **given})  # earlier runs lack device
+    settings = saved["config"]
+    if settings.get("learning_rate") is None:  # checkpointed before runs stored theirs
+        settings = {**settings,
+                    "learning_rate": EARLIER_HEAL_LR[settings.get("train", "auxiliary")]}
+    saved_config = HealConfig(**{**settings, **given})  # earlier runs lack device
+    config = dataclasses.replace(config, learning_rate=config.lr)
     if saved_config != config:
         changed = sorted(k for k, v in saved_config.to_dict().items()
                          if config.to_dict()[k] != v)
@@ -601,9 +613,9 @@ def heal(
         if not progress:
             trainer.remove_callback(PrinterCallback)
         if checkpoints is not None and not resume and is_main_process():
-            write_text(checkpoints / STATE_NAME, json.dumps(
-                {"config": config.to_dict(), "texts_sha256": digest, "texts": len(texts)},
-                indent=2))
+            write_text(checkpoints / STATE_NAME, json.dumps(  # the learning rate resolved
+                {"config": dataclasses.replace(config, learning_rate=config.lr).to_dict(),
+                 "texts_sha256": digest, "texts": len(texts)}, indent=2))
         start = time.perf_counter()
         with _progress_bars(progress):
             output = train_from(trainer, last_checkpoint(checkpoints) if resume else None,
