@@ -23,8 +23,8 @@ from mpotn.cli import common as cli_common
 from mpotn.cli import finetune as cli_finetune
 from mpotn.data import sst2_sample
 from mpotn.devices import check_device, resolve_device
+from mpotn.finetune.heal import EARLIER_HEAL_LR, HealConfig, _heal_arguments, _resume_config
 from mpotn.finetune.heal import STATE_NAME as HEAL_STATE
-from mpotn.finetune.heal import HealConfig, _heal_arguments, _resume_config
 from mpotn.finetune.squeeze import SqueezeConfig, Squeezer
 from mpotn.finetune.training import (
     DEVICE_HELP,
@@ -436,7 +436,9 @@ def test_a_heal_state_without_device_resumes_on_the_given_device(tmp_path):
         warnings.simplefilter("error")  # only the device differs: nothing to warn about
         config = _resume_config(checkpoints, HealConfig(steps=4, batch_size=8, device="cpu"),
                                 "abc")
-    assert config == HealConfig(steps=4, batch_size=8, device="cpu")
+    # the learning rate then unstored: the default of that time, resolved
+    assert config == HealConfig(steps=4, batch_size=8, device="cpu",
+                                learning_rate=EARLIER_HEAL_LR["auxiliary"])
     with pytest.warns(UserWarning, match="ignoring the new values of steps"):
         config = _resume_config(checkpoints, HealConfig(steps=9, batch_size=8), "abc")
     assert config.steps == 4 and config.device is None
