@@ -86,8 +86,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--budget", choices=BUDGETS, default=None,
         help="matrix: --ratio applies to each matrix; model: one budget for all targets, "
              "spent where it lowers the summed (weighted) relative error most (default: model "
-             "when calibrating --method mpo by a ratio without --share-centrals or --experts, "
-             "with --sensitivity: the best measured in docs/compression.md; matrix otherwise)")
+             "when calibrating --method mpo by a ratio with --allocation optimal, without "
+             "--share-centrals or --experts, with --sensitivity: the best measured in "
+             "docs/compression.md; matrix otherwise)")
     compress.add_argument(
         "--keep-dense", action="store_true",
         help="with --budget model: leave a matrix dense where its share of the budget would "

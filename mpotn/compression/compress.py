@@ -132,13 +132,14 @@ def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: An
     changing nothing. Under ``budget="model"`` every target's policy is its share of the one
     budget (a target's own policy override does not apply)."""
     config = config or CompressionConfig(**kwargs)
-    budget = (f"params={config.params}" if config.params is not None
-              else f"ratio={config.ratio}")  # a model budget's, whatever a target overrides
+    shared = None if config.budget != "model" else (  # whatever a target overrides
+        "share of one model budget ("
+        + (f"params={config.params}" if config.params is not None else f"ratio={config.ratio}")
+        + " of all targets)")
     rows = Table()
     for name, module in select_targets(model, config):
         settings = config.settings_for(name, module)
         matrix = _matrix(module)
-        policy = TruncationPolicy.from_settings(settings)
         rows.append({
             "name": name,
             "module": type(module).__name__,
@@ -146,8 +147,7 @@ def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: An
             "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
             "params": matrix.numel(),
             "n": settings["n"],
-            "policy": (f"share of one model budget ({budget} of all targets)"
-                       if config.budget == "model" else policy.describe()),
+            "policy": shared or TruncationPolicy.from_settings(settings).describe(),
         })
     return rows
 

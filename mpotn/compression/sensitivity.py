@@ -90,15 +90,14 @@ def _rows(name: str, value: torch.Tensor, batch: Mapping[str, Any]) -> torch.Ten
     and the masks differ, the decoder's unless ``name`` starts with ``encoder``), else one
     per leading entry."""
     value = value.reshape(1) if value.dim() == 0 else value
-    fitting = [(key, batch[key]) for key in ("attention_mask", "decoder_attention_mask")
-               if isinstance(batch.get(key), torch.Tensor) and value.dim() >= 3
-               and tuple(value.shape[:2]) == tuple(batch[key].shape)]
-    if len(fitting) == 2 and not torch.equal(fitting[0][1], fitting[1][1]):
-        fitting = fitting[:1] if name.startswith("encoder") else fitting[1:]
-    mask = fitting[0][1] if fitting else None
-    if mask is not None:
-        return real_rows(value.flatten(2), mask)
-    return value.reshape(value.shape[0], -1)
+    masks = [batch[key] for key in ("attention_mask", "decoder_attention_mask")
+             if isinstance(batch.get(key), torch.Tensor) and value.dim() >= 3
+             and tuple(value.shape[:2]) == tuple(batch[key].shape)]
+    if not masks:
+        return value.reshape(value.shape[0], -1)
+    if len(masks) == 2 and not torch.equal(*masks):
+        masks = masks[:1] if name.startswith("encoder") else masks[1:]
+    return real_rows(value.flatten(2), masks[0])
 
 
 @contextmanager

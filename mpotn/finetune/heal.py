@@ -108,6 +108,8 @@ class HealConfig(FieldHelp):
     --------
     >>> HealConfig(train="all").lr
     0.0001
+    >>> HealConfig(train="all").resolved().learning_rate
+    0.0001
     >>> HealConfig.help("steps")
     'optimizer steps (default: 300)'
     """
@@ -160,6 +162,11 @@ class HealConfig(FieldHelp):
     def lr(self) -> float:
         """``learning_rate``, or ``train``'s [HEAL_LR][mpotn.finetune.heal.HEAL_LR]."""
         return self.learning_rate if self.learning_rate is not None else HEAL_LR[self.train]
+
+    def resolved(self) -> HealConfig:
+        """This configuration with its learning rate set (``lr``), as a checkpointed run
+        stores it so that a resume keeps it whatever the defaults become."""
+        return dataclasses.replace(self, learning_rate=self.lr)
 
 
 @dataclass
@@ -495,7 +502,7 @@ def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealCo
         settings = {**settings,
                     "learning_rate": EARLIER_HEAL_LR[settings.get("train", "auxiliary")]}
     saved_config = HealConfig(**{**settings, **given})  # earlier runs lack device
-    config = dataclasses.replace(config, learning_rate=config.lr)
+    config = config.resolved()
     if saved_config != config:
         changed = sorted(k for k, v in saved_config.to_dict().items()
                          if config.to_dict()[k] != v)
@@ -613,9 +620,9 @@ def heal(
         if not progress:
             trainer.remove_callback(PrinterCallback)
         if checkpoints is not None and not resume and is_main_process():
-            write_text(checkpoints / STATE_NAME, json.dumps(  # the learning rate resolved
-                {"config": dataclasses.replace(config, learning_rate=config.lr).to_dict(),
-                 "texts_sha256": digest, "texts": len(texts)}, indent=2))
+            write_text(checkpoints / STATE_NAME, json.dumps(
+                {"config": config.resolved().to_dict(), "texts_sha256": digest,
+                 "texts": len(texts)}, indent=2))
         start = time.perf_counter()
         with _progress_bars(progress):
             output = train_from(trainer, last_checkpoint(checkpoints) if resume else None,
