@@ -100,13 +100,24 @@ def test_calibrated_fidelity_benchmark_skips_finished_rows_and_reports_them(tmp_
     rows = [{"config": name, "size": size, "mean_cosine": 0.5, "worst_cosine": 0.1,
              "rte_mean_cosine": None, "#To": 1, "#To/original": size,
              "mean_output_error": None, "seconds": 1.0}
-            for size in bench.SIZES for name in bench.CONFIGS]
+            for name, size in bench.planned()]
     out = tmp_path / "fidelity_calibrated.json"
     out.write_text(json.dumps({"original_params": 10, "rows": rows}))
     assert bench.main(["--out", str(out)]) == 0  # every row done: loads models, computes none
     assert json.loads(out.read_text())["rows"] == rows
     table = (tmp_path / "fidelity_calibrated.md").read_text()
     assert table.count("| svd, embeddings calibrated ") == len(bench.SIZES)
+
+
+def test_calibrated_fidelity_runs_the_long_healing_studies_at_0_75_only():
+    """The 1,000- and 2,000-step healing rows are planned at one size; every other
+    configuration at each of the three sizes."""
+    bench = load_benchmark("fidelity_calibrated")
+    planned = bench.planned()
+    long_studies = [name for name in bench.CONFIGS if "heal 1000" in name or "heal 2000" in name]
+    assert len(long_studies) == 4
+    assert {size for name, size in planned if name in long_studies} == {0.75}
+    assert len(planned) == 4 + 3 * (len(bench.CONFIGS) - 4) == len(set(planned))
 
 
 def test_glue_small_quick_mode_runs_every_row_then_skips_them(tmp_path):
