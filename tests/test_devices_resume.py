@@ -419,7 +419,9 @@ def test_a_squeeze_state_without_device_resumes_on_the_given_device(tiny_bert, d
     path.write_text(json.dumps(saved))
     resumed = Squeezer(None, tokenizer, data, SqueezeConfig(),
                        TrainingConfig(device="cpu", batch_size=4), tmp_path, False)
-    resumed.resume()
+    with pytest.warns(UserWarning, match="ignoring the new values of budget, step_limit, "
+                      "training_steps, batch_size, eval_limit, max_steps, train_limit"):
+        resumed.resume()
     assert resumed.config == config and resumed.training.device == "cpu"
     assert resumed.training.batch_size == 8 and resumed.training.max_steps == 3
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -211,6 +212,39 @@ def test_the_loss_is_the_masked_relative_error_per_layer_plus_weighted_logits():
     assert float(distillation_loss(student, teacher, mask)) == pytest.approx(expected, rel=1e-5)
     assert float(distillation_loss(student, teacher, mask, logits_weight=0.5)) == pytest.approx(
         expected + 0.5 * 1.0, rel=1e-5)
+
+
+def test_the_loss_of_float16_models_is_summed_in_float32():
+    """Float16 sums of squared hidden states overflow past 65504 (16 x 20 x 384 entries
+    near 1 reach 1.2e5): the loss is that of the same outputs in float32, not 0 or NaN."""
+    from types import SimpleNamespace as Out
+
+    from mpotn.finetune.heal import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = [torch.randn(16, 20, 384) for _ in range(2)]
+    student = [t + 0.1 * torch.randn_like(t) for t in teacher]
+    logits = torch.randn(16, 20, 300) * 20, torch.randn(16, 20, 300) * 20
+    mask = torch.ones(16, 20)
+    exact = distillation_loss(Out(hidden_states=student, logits=logits[0]),
+                              Out(hidden_states=teacher, logits=logits[1]), mask, 1e-3)
+    half = distillation_loss(Out(hidden_states=[h.half() for h in student],
+                                 logits=logits[0].half()),
+                             Out(hidden_states=[h.half() for h in teacher],
+                                 logits=logits[1].half()), mask.half(), 1e-3)
+    assert half.dtype == torch.float32
+    assert float(exact) == pytest.approx(0.01 + 1e-3 * 800, rel=0.05)
+    assert float(half) == pytest.approx(float(exact), rel=1e-3)
+
+
+@pytest.mark.parametrize("settings", [{"learning_rate": math.nan},
+                                      {"learning_rate": math.inf},
+                                      {"logits_weight": math.nan},
+                                      {"logits_weight": math.inf},
+                                      {"warmup_ratio": math.nan}])
+def test_a_heal_setting_that_is_not_a_finite_number_is_refused(settings):
+    with pytest.raises(ValueError, match=r"finite number|warmup_ratio in"):
+        HealConfig(**settings)
 
 
 @pytest.mark.parametrize(("steps", "warmup"), [(1, 0), (2, 1), (100, 6)])

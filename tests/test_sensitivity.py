@@ -87,7 +87,8 @@ def test_every_floating_output_counts_relative_to_its_own_norm():
 def test_encoder_and_decoder_outputs_take_their_own_masks():
     """An encoder-decoder's outputs: an ``encoder_...`` output of the encoder's length
     takes ``attention_mask``, the others ``decoder_attention_mask``; with both of one
-    length, the name decides; an output of neither shape keeps every row."""
+    length, the name decides; a per-token output without features (question answering's
+    ``start_logits``) too; an output of neither shape keeps every row."""
     from mpotn.compression.sensitivity import _rows
 
     encoder = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -101,6 +102,9 @@ def test_encoder_and_decoder_outputs_take_their_own_masks():
                  ).shape == (8, 5)
     assert _rows("pooler_output", torch.randn(2, 5), batch).shape == (2, 5)
     assert _rows("loss", torch.tensor(1.5), batch).shape == (1, 1)
+    start_logits = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # one per token
+    assert _rows("start_logits", start_logits, {"attention_mask": encoder}).tolist() == [
+        [1.0], [2.0], [4.0]]  # padding left out
 
 
 def test_sensitivity_refuses_outputs_it_cannot_compare():

@@ -1,6 +1,7 @@
 """Dimension squeezing (Algorithm 2): the step's choice, stopping, resume, the direct ablation."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from mpotn.finetune.squeeze import (
     direct_truncation,
     plan_step,
 )
-from mpotn.finetune.training import TrainingConfig, prepare_model
+from mpotn.finetune.training import TrainingConfig, prepare_model, tokenize
 
 TRAINING = TrainingConfig(strategy="lfa", batch_size=8, train_limit=48, eval_limit=32)
 
@@ -29,6 +30,11 @@ TRAINING = TrainingConfig(strategy="lfa", batch_size=8, train_limit=48, eval_lim
 @pytest.fixture(scope="module")
 def data():
     return sst2_sample()
+
+
+def tokenized(tokenizer, data):
+    return tokenize(data, tokenizer, TRAINING.max_length, TRAINING.train_limit,
+                    TRAINING.eval_limit)
 
 
 def fresh(tiny_bert, data):
@@ -155,7 +161,7 @@ def test_a_drop_beyond_delta_stops_and_returns_the_last_model_within_it(tiny_ber
     model, tokenizer = fresh(tiny_bert, data)
     config = SqueezeConfig(cut=0.5, budget=None, training_steps=0, step_limit=3, delta=0.02)
     squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
-    squeezer._tokenized = (None, None)
+    squeezer._tokenized = tokenized(tokenizer, data)
     squeezer.start()
     squeezer.step()  # 0.90 -> 0.89: within delta
     after_first = {n: m.bond_dims for n, m in model.mpo_layers().items()}
@@ -165,6 +171,56 @@ def test_a_drop_beyond_delta_stops_and_returns_the_last_model_within_it(tiny_ber
     assert result.record["accuracy"] == 0.89 and result.record["fine_tuning_steps"] == 0
     assert {n: m.bond_dims for n, m in result.model.mpo_layers().items()} == after_first
     assert {n: m.bond_dims for n, m in squeezer.model.mpo_layers().items()} != after_first
+
+
+def test_a_score_that_is_not_a_number_stops_the_squeeze_as_beyond_delta(tiny_bert, data,
+                                                                         tmp_path):
+    model, tokenizer = fresh(tiny_bert, data)
+    config = SqueezeConfig(cut=0.5, budget=None, training_steps=0, step_limit=3, delta=0.02)
+    squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
+    squeezer.scores = (0.90, math.nan, 0.95)
+    result = squeezer.run()
+    assert result.record["stop_reason"] == "delta"
+    assert result.record["squeeze_steps"] == 1 and result.record["accepted_step"] == 0
+
+
+@pytest.mark.parametrize("settings", [{"cut": math.nan}, {"cut": math.inf},
+                                      {"budget": math.nan}, {"delta": math.nan},
+                                      {"target_ratio": math.nan}])
+def test_a_squeeze_setting_that_is_not_a_finite_number_is_refused(settings):
+    name = next(iter(settings))
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        SqueezeConfig(**settings)
+
+
+def test_a_resume_on_other_task_data_is_refused_and_changed_settings_are_named(
+        tiny_bert, data, tmp_path, monkeypatch):
+    """The checkpointed settings win (with a warning naming what differs); other training
+    or evaluation examples are an error; the model is loaded where the Trainer runs."""
+    import dataclasses
+    import importlib
+
+    squeeze = importlib.import_module("mpotn.finetune.squeeze")  # the package's squeeze()
+    model, tokenizer = fresh(tiny_bert, data)
+    config = SqueezeConfig(cut=0.5, budget=None, training_steps=0, step_limit=2)
+    squeezer = Squeezer(model, tokenizer, data, config, TRAINING, tmp_path, False)
+    squeezer._tokenized = tokenized(tokenizer, data)
+    squeezer.start()
+    places = []
+    load = squeeze.load
+    monkeypatch.setattr(squeeze, "load", lambda path, device: places.append(device)
+                        or load(path, device=device))
+    other = dataclasses.replace(data, eval=data.eval.select(range(1, len(data.eval))))
+    resumed = Squeezer(None, tokenizer, other, SqueezeConfig(step_limit=5), TRAINING,
+                       tmp_path, False)
+    with (pytest.warns(UserWarning, match="ignoring the new values of budget, cut, "
+                       "step_limit, training_steps, max_steps$"),
+          pytest.raises(ValueError, match="the task data differ from those of the run "
+                                          "checkpointed in")):
+        resumed.run(resume=True)
+    assert places == [torch.device("cpu")]  # the Trainer's device here
+    same = Squeezer(None, tokenizer, data, config, TRAINING, tmp_path, False)
+    assert same.run(resume=True).record["squeeze_steps"] == 2
 
 
 def test_direct_truncation_reaches_the_given_bonds(tiny_bert, data):
@@ -263,7 +319,7 @@ def test_a_checkpoint_saved_with_the_old_setting_names_resumes(tiny_bert, data, 
     model, tokenizer = fresh(tiny_bert, data)
     config = SqueezeConfig(cut=0.5, budget=None, training_steps=3, step_limit=5, delta=0.02)
     squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
-    squeezer._tokenized = (None, None)
+    squeezer._tokenized = tokenized(tokenizer, data)
     squeezer.start()
     path = squeezer.checkpoints / "latest.json"
     saved = json.loads(path.read_text())
@@ -272,7 +328,9 @@ def test_a_checkpoint_saved_with_the_old_setting_names_resumes(tiny_bert, data, 
     saved["training"]["extra"] = {}  # a field earlier versions had and never read
     path.write_text(json.dumps(saved))
     resumed = Squeezer(None, tokenizer, data, SqueezeConfig(), TRAINING, tmp_path, False)
-    resumed.resume()
+    with pytest.warns(UserWarning, match="ignoring the new values of budget, cut, delta, "
+                      "step_limit, training_steps, max_steps$"):
+        resumed.resume()
     assert resumed.config == config and resumed.training.max_steps == 3
     assert resumed.state.step == 0 and resumed.model is not None
 

@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Fine-tune first if needed, squeeze, optionally run the direct ablation."""
-    from mpotn.atomic import check_writable, write_output
+    from mpotn.atomic import atomic_dir, check_writable, write_output
     from mpotn.compression import is_saved_model, load
     from mpotn.compression.models import load_tokenizer
     from mpotn.devices import check_device
@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> None:
             finetune(squeezer.model, squeezer.tokenizer, data, init,
                      progress=not args.no_progress)
         if is_main_process():
-            squeezer.tokenizer.save_pretrained(str(squeezer.checkpoints / "tokenizer"))
+            with atomic_dir(squeezer.checkpoints / "tokenizer") as tmp:
+                squeezer.tokenizer.save_pretrained(str(tmp))
     result = squeezer.run(resume=args.resume)
     main = is_main_process()  # in a distributed launch, the main process writes and reports
     if main:

@@ -91,13 +91,13 @@ def _rows(name: str, value: torch.Tensor, batch: Mapping[str, Any]) -> torch.Ten
     per leading entry."""
     value = value.reshape(1) if value.dim() == 0 else value
     masks = [batch[key] for key in ("attention_mask", "decoder_attention_mask")
-             if isinstance(batch.get(key), torch.Tensor) and value.dim() >= 3
+             if isinstance(batch.get(key), torch.Tensor) and value.dim() >= 2
              and tuple(value.shape[:2]) == tuple(batch[key].shape)]
     if not masks:
         return value.reshape(value.shape[0], -1)
     if len(masks) == 2 and not torch.equal(*masks):
         masks = masks[:1] if name.startswith("encoder") else masks[1:]
-    return real_rows(value.flatten(2), masks[0])
+    return real_rows(value.reshape(*value.shape[:2], -1), masks[0])
 
 
 @contextmanager

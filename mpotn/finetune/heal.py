@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -152,10 +153,12 @@ class HealConfig(FieldHelp):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.logits_weight < 0 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("logits_weight must be >= 0 and warmup_ratio in [0, 1)")
+        if self.learning_rate is not None and not 0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be a finite number > 0, got "
+                             f"{self.learning_rate}")
+        if not 0 <= self.logits_weight < math.inf or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"logits_weight must be a finite number >= 0 and warmup_ratio in "
+                             f"[0, 1), got {self.logits_weight} and {self.warmup_ratio}")
         parse_device(self.device)
 
     @property
@@ -244,7 +247,7 @@ def _layer_errors(student: Any, teacher: Any, attention_mask: torch.Tensor | Non
             raise ValueError(f"hidden states of shape {tuple(s.shape)} (student) and "
                              f"{tuple(t.shape)} (teacher) differ: heal needs the model that "
                              "was compressed as teacher")
-        t = t.to(s.dtype)
+        s, t = s.float(), t.float()  # float16 sums overflow past 65504
         mask = (torch.ones(s.shape[:-1], dtype=s.dtype, device=s.device)
                 if attention_mask is None else attention_mask.to(s.dtype))[..., None]
         errors.append(((s - t).square() * mask).sum())
@@ -275,7 +278,7 @@ def _logits_error(student: Any, teacher: Any, attention_mask: torch.Tensor | Non
     if ours.shape != theirs.shape:
         raise ValueError(f"logits of shape {tuple(ours.shape)} (student) and "
                          f"{tuple(theirs.shape)} (teacher) differ")
-    square = (ours - theirs.to(ours.dtype)).square()
+    square = (ours.float() - theirs.float()).square()
     if attention_mask is None or square.dim() != 3 or square.shape[:2] != attention_mask.shape:
         return square.mean()
     mask = attention_mask.to(square.dtype)[..., None]
@@ -300,7 +303,8 @@ def distillation_loss(student: Any, teacher: Any, attention_mask: torch.Tensor |
     -------
     torch.Tensor
         The mean over hidden states of the squared error normalised by the
-        teacher's square, plus ``logits_weight`` times the logits' MSE.
+        teacher's square, plus ``logits_weight`` times the logits' MSE, in float32
+        whatever the models' dtype (float16 sums overflow).
 
     Examples
     --------
@@ -503,9 +507,7 @@ def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealCo
                     "learning_rate": EARLIER_HEAL_LR[settings.get("train", "auxiliary")]}
     saved_config = HealConfig(**{**settings, **given})  # earlier runs lack device
     config = config.resolved()
-    if saved_config != config:
-        changed = sorted(k for k, v in saved_config.to_dict().items()
-                         if config.to_dict()[k] != v)
+    if changed := saved_config.changed(config):
         warnings.warn(f"resuming with the checkpointed configuration; ignoring the new values "
                       f"of {', '.join(changed)}", stacklevel=3)
     return saved_config

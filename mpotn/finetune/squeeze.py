@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,11 +69,13 @@ from mpotn.finetune.training import (
     FinetuneResult,
     TrainingConfig,
     evaluate_task,
+    examples_sha256,
     finetune,
     is_main_process,
     lfa_budget,
     save_model,
     tokenize,
+    trainer_arguments,
 )
 from mpotn.table import Table
 from mpotn.types import ERRORS, MONITORS
@@ -117,7 +120,8 @@ class SqueezeConfig(FieldHelp):
     step_limit:
         Most steps a run takes (``iter`` of Algorithm 2).
     delta:
-        Tolerated degradation $\Delta$ of the monitored score.
+        Tolerated degradation $\Delta$ of the monitored score (a score that is not a
+        number, NaN, is beyond any ``delta``).
     monitor:
         ``"metric"`` (the task's headline metric, higher is better) or
         ``"loss"`` (evaluation loss, lower is better).
@@ -170,6 +174,10 @@ class SqueezeConfig(FieldHelp):
                                          "max_cuts": "step_limit"}
 
     def __post_init__(self) -> None:
+        for name in ("cut", "budget", "delta", "target_ratio"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.cut <= 0 or (self.cut >= 1 and self.cut != int(self.cut)):
             raise ValueError(
                 f"cut must be a whole number of dimensions >= 1 or a fraction in (0, 1), "
@@ -477,6 +485,7 @@ class Squeezer:
         self.overwrite = overwrite
         self.state = SqueezeState()
         self._tokenized: tuple[Any, Any] | None = None
+        self._resumed_data: str | None = None  # the data digest of a resumed run
 
     # ------------------------------------------------------------ checkpoints
     @property
@@ -500,6 +509,7 @@ class Squeezer:
             "config": self.config.to_dict(),
             "training": self.training.to_dict(),
             "state": dataclasses.asdict(self.state),
+            "data_sha256": self._data_sha256(),
         }, indent=2))
         keep = {0, self.state.step, self.state.accepted}
         for old in self.checkpoints.iterdir():
@@ -508,9 +518,21 @@ class Squeezer:
                     and not old.is_symlink() and is_saved_model(old)):
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _data_sha256(self) -> str | None:
+        """The tokenized training and evaluation examples' digest (``None`` before
+        [run][mpotn.finetune.squeeze.Squeezer.run] tokenizes them)."""
+        if self._tokenized is None:
+            return None
+        return ",".join("none" if split is None else examples_sha256(split)
+                        for split in self._tokenized)
+
     def resume(self) -> None:
-        """Continue from the latest checkpoint (its configs replace the given ones, but for
-        the training config's ``device``: the run goes where it is told now).
+        """Continue from the latest checkpoint (its configs replace the given ones, with a
+        warning naming the fields that differ, but for the training config's ``device``:
+        the run goes where it is told now, and the checkpointed model is loaded there, as
+        the Trainer places it). [run][mpotn.finetune.squeeze.Squeezer.run] then refuses
+        other task data than the checkpointed run's (a state written before runs stored
+        their data's digest is not checked).
 
         A ``latest.json`` written before the squeeze settings were renamed
         (``steps_per_cut``, ``max_cuts``) resumes too: old names are read as the new
@@ -537,9 +559,9 @@ class Squeezer:
         except ValueError as error:  # bad UTF-8 or a truncated file
             raise ValueError(f"{path} is not valid JSON ({error}); {damaged}") from error
         fields = {"checkpoint", "config", "training", "state"}
-        if not isinstance(saved, dict) or saved.keys() != fields:
+        if not isinstance(saved, dict) or not fields <= saved.keys() <= fields | {"data_sha256"}:
             raise ValueError(f"{path} is not a squeeze state (an object with the fields "
-                             f"{sorted(fields)}); {damaged}")
+                             f"{sorted(fields)} and data_sha256); {damaged}")
         parts = {}
         # each part's reader, and the names earlier versions saved that it still accepts
         readers = {"config": (SqueezeConfig, SqueezeConfig.from_dict,
@@ -565,8 +587,15 @@ class Squeezer:
             raise ValueError(f"{path} names the checkpoint {name!r}, which is not a step-NNNN "
                              f"save in {self.checkpoints}; {damaged}")
         training = dataclasses.replace(parts["training"], device=self.training.device)
+        if changed := (parts["config"].changed(self.config)
+                       + training.changed(self.training)):
+            warnings.warn(f"resuming with the checkpointed settings; ignoring the new values "
+                          f"of {', '.join(changed)}", stacklevel=3)
         self.config, self.training, self.state = parts["config"], training, parts["state"]
-        self.model = load(checkpoint)
+        self._resumed_data = saved.get("data_sha256")
+        device = trainer_arguments(training.device, output_dir=str(self.out),
+                                   progress=False).device
+        self.model = load(checkpoint, device=device)
 
     def has_checkpoint(self) -> bool:
         """Whether ``out`` already holds a squeeze run."""
@@ -600,10 +629,10 @@ class Squeezer:
 
     def _stop_reason(self) -> str | None:
         last = self.state.history[-1]
-        if self.state.step and _worse_by(self.state.baseline,
-                                         _score(last, self.data, self.config.monitor),
-                                         self.config.monitor) > self.config.delta:
-            return "delta"
+        if self.state.step and not _worse_by(self.state.baseline,
+                                             _score(last, self.data, self.config.monitor),
+                                             self.config.monitor) <= self.config.delta:
+            return "delta"  # a score that is not a number (NaN) counts as beyond delta
         if (self.config.target_ratio is not None
                 and last["params_over_original"] <= self.config.target_ratio):
             return "target_ratio"
@@ -673,6 +702,10 @@ class Squeezer:
         check_writable(self.out / "model", self.overwrite)
         self._tokenized = tokenize(self.data, self.tokenizer, self.training.max_length,
                                    self.training.train_limit, self.training.eval_limit)
+        if self._resumed_data not in (None, self._data_sha256()):
+            raise ValueError(f"the task data differ from those of the run checkpointed in "
+                             f"{self.checkpoints}; resume with the same task (--glue, "
+                             "--data-dir) or choose another --out")
         if not self.state.history:
             self.start()
         bar = tqdm(total=self.config.step_limit, initial=self.state.step, desc="squeezing",

@@ -40,6 +40,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,6 +112,18 @@ class FieldHelp:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable form."""
         return dataclasses.asdict(self)
+
+    def changed(self, other: FieldHelp, ignore: Iterable[str] = ()) -> list[str]:
+        """The names of the fields whose values differ in ``other``, but for ``ignore``,
+        sorted: what a resumed run that keeps its checkpointed settings ignores.
+
+        Examples
+        --------
+        >>> TrainingConfig(epochs=1.0).changed(TrainingConfig(epochs=2.0, seed=1))
+        ['epochs', 'seed']
+        """
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(k for k in mine if k not in set(ignore) and mine[k] != theirs[k])
 
 
 @dataclass
@@ -620,6 +633,17 @@ def _checkpoint_step(checkpoint: str | os.PathLike) -> int:
     return int(json.loads((Path(checkpoint) / STATE_FILE).read_text())["global_step"])
 
 
+def examples_sha256(split: Any) -> str:
+    """SHA-256 of a tokenized split's token ids and labels (the output of
+    [tokenize][mpotn.finetune.training.tokenize]): what a resumed run checks it trains and
+    evaluates on."""
+    examples = hashlib.sha256()
+    for ids in split["input_ids"]:
+        examples.update(np.asarray(ids, dtype=np.int64).tobytes() + b";")
+    examples.update(np.asarray(split["label"]).tobytes())
+    return examples.hexdigest()
+
+
 def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
                    replicas: int, schedules: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a resumed fine-tuning run must share with the checkpointed one: the settings
@@ -631,12 +655,8 @@ def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
     params = hashlib.sha256()
     for name, param in trained.named_parameters():
         params.update(f"{name}:{tuple(param.shape)}:{param.requires_grad};".encode())
-    examples = hashlib.sha256()
-    for ids in train_set["input_ids"]:
-        examples.update(np.asarray(ids, dtype=np.int64).tobytes() + b";")
-    examples.update(np.asarray(train_set["label"]).tobytes())
     return {"config": settings, "parameters_sha256": params.hexdigest(),
-            "train_examples": len(train_set), "train_sha256": examples.hexdigest(),
+            "train_examples": len(train_set), "train_sha256": examples_sha256(train_set),
             "replicas": replicas, "schedules": schedules}
 
 
