@@ -49,11 +49,17 @@ def _dir_temp_pattern(path: Path) -> re.Pattern[str]:
     return re.compile(r"\.+" + re.escape(path.name) + f"{step}({step})*")
 
 
+#: The folder [atomic_dir][mpotn.atomic.atomic_dir] stages a save in inside the save's own
+#: folder, when that folder cannot be renamed.
+_STAGING = re.compile(r"\.mpotn\.new\." + _RANDOM)
+
+
 def _is_temp_of(entry: str, directory: Path, names: set[str]) -> bool:
-    """Whether ``entry`` is a temporary file or folder of a write of one of ``names``."""
-    return entry.startswith(".") and any(
+    """Whether ``entry`` is a temporary file or folder of a write of one of ``names``, or
+    of a save staged inside ``directory``."""
+    return entry.startswith(".") and (_STAGING.fullmatch(entry) is not None or any(
         _temp_pattern(directory / name).fullmatch(entry)
-        or _dir_temp_pattern(directory / name).fullmatch(entry) for name in names)
+        or _dir_temp_pattern(directory / name).fullmatch(entry) for name in names))
 
 
 def _is_plain_name(name: object) -> bool:
@@ -168,7 +174,8 @@ def record_written(directory: str | os.PathLike, names: Iterable[str]) -> set[st
 
 def write_output(path: str | os.PathLike, write: str | Callable[[Path], Any]) -> Any:
     """Write the run output ``path`` -- ``write`` is its text, or a function that writes it
-    (a picture) -- and, once the file is there, record it in its folder's manifest; unless
+    (a picture) -- recorded in its folder's manifest before it is written (and dropped
+    from it if nothing was written); unless
     a file of that name mpotn did not write is there: it is kept, with a warning, and
     nothing is written (returns None).
 
@@ -191,10 +198,39 @@ def write_output(path: str | os.PathLike, write: str | Callable[[Path], Any]) ->
                       "run's not written; move it away, or write into another folder",
                       stacklevel=2)
         return None
-    written = write_text(path, write) if isinstance(write, str) else write(path)
-    if path.name not in own and path.is_file():
+    if path.name not in own:  # listed first: a run killed while writing still owns it
         record_written(path.parent, [path.name])
+    try:
+        written = write_text(path, write) if isinstance(write, str) else write(path)
+    finally:
+        if path.name not in own and not path.is_file():  # nothing written, or it failed
+            _write_manifest(path.parent, written_files(path.parent) - {path.name})
     return written
+
+
+def remove_written(directory: str | os.PathLike) -> list[str]:
+    """Remove what mpotn wrote in ``directory`` (what its manifest lists, then the
+    manifest), and the folder itself when nothing else is left; return the names left
+    (files mpotn did not write, which it never deletes).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "run"
+    >>> with atomic_dir(out) as tmp:
+    ...     _ = (tmp / "weights.bin").write_bytes(b"1")
+    >>> _ = (out / "notes.txt").write_text("the user's")
+    >>> remove_written(out)
+    ['notes.txt']
+    """
+    directory = Path(directory)
+    for name in written_files(directory):
+        _remove(directory / name)
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    left = sorted(entry.name for entry in directory.iterdir())
+    if not left:
+        directory.rmdir()
+    return left
 
 
 def foreign_files(directory: str | os.PathLike, own: Iterable[str] = ()) -> list[str]:
@@ -214,7 +250,8 @@ def foreign_files(directory: str | os.PathLike, own: Iterable[str] = ()) -> list
 
 def check_writable(directory: str | os.PathLike, overwrite: bool = False,
                    own: Iterable[str] = ()) -> list[str]:
-    """Refuse to write into ``directory`` when it is a file or a symbolic link, or when it
+    """Refuse to write into ``directory`` when it is a file or a symbolic link, when it (or
+    the nearest folder on the way to it that exists) may not be written, or when it
     holds files mpotn did not write ([foreign_files][mpotn.atomic.foreign_files], given
     ``own``) and ``overwrite`` is false.
 
@@ -231,6 +268,12 @@ def check_writable(directory: str | os.PathLike, overwrite: bool = False,
                          f"({directory.resolve()}) or into a new folder")
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a directory; choose a folder")
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into {directory}: {existing} is not writable (no "
+                         "permission); choose a folder you may write to")
     foreign = foreign_files(directory, own)
     if foreign and not overwrite:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
@@ -266,7 +309,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, own: Iterable[s
     renamed into ``path`` (``last`` after the others), replacing one of the same
     name only when mpotn wrote it (a file of the user's is kept, with a
     warning), and the manifest lists what may be mpotn's throughout. The
-    current directory (or one holding it) is written the same way, in place.
+    current directory (or one holding it) is written the same way, in place, and so is
+    a folder that cannot be renamed (a mount point, or one whose parent mpotn may not
+    write), staged inside itself in a hidden ``.mpotn.new.XXXXXXXX`` folder.
     The folder gets the permissions of a new folder (the umask's).
 
     Examples
@@ -282,7 +327,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, own: Iterable[s
     own = set(own)
     foreign = check_writable(path, overwrite, own)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+    # a folder that cannot be renamed (a mount point, or in a folder we may not write) is
+    # staged inside itself and merged
+    inside = path.is_dir() and (path.is_mount() or not os.access(path.parent, os.W_OK | os.X_OK))
+    if inside:
+        for entry in path.iterdir():  # what killed saves staged here
+            if _STAGING.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path, prefix=".mpotn.new.") if inside
+               else tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
     _chmod_new(tmp, 0o777)  # mkdtemp makes 0700 folders
     try:
         yield tmp
@@ -291,7 +344,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, own: Iterable[s
         carried = sorted(name for name in previous - set(names)
                          if carry is not None and carry(name) and (path / name).exists())
         cwd = Path.cwd()
-        if foreign or path == cwd or path in cwd.parents:
+        foreign = foreign or foreign_files(path, own)  # also a file put there meanwhile
+        if inside or foreign or path == cwd or path in cwd.parents:
             _merge(tmp, path, names, previous, carried, list(last))
         else:
             for name in carried:

@@ -100,8 +100,8 @@ def test_base_and_model_go_with_their_own_kind_of_save(trained, tmp_path):
     with pytest.raises(ValueError, match=r"is a whole save, not an adapter; base applies to "
                                          r"adapter saves"):
         load(base, base=base)
-    with pytest.raises(ValueError, match=r"model applies to whole saves; an adapter takes base="):
-        load(adapter, model=tf.BertForSequenceClassification(CONFIG))
+    given = tf.BertForSequenceClassification(CONFIG)  # the module the base is rebuilt in
+    assert load(adapter, base=base, model=given).base_model is given
     with pytest.raises(ValueError, match=r"base applies to adapter_only=True saves"):
         model.save_pretrained(tmp_path / "whole", base=base)
     assert not (tmp_path / "whole").exists()
@@ -117,6 +117,26 @@ def test_an_adapter_saved_again_with_its_tokenizer_is_replaced_whole(trained, tm
         model.save_pretrained(folder, adapter_only=True, tokenizer=load_tokenizer())
     assert foreign_files(folder) == [] and "tokenizer_config.json" in written_files(folder)
     assert len(list(folder.glob("adapter-*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("first_adapter", [True, False])
+def test_a_save_over_one_of_the_other_kind_leaves_none_of_its_files(trained, tmp_path,
+                                                                    first_adapter):
+    """A whole save written where an adapter was (or the reverse) replaces it: no config or
+    weights of the earlier kind stay behind to be loaded instead."""
+    base, model, _ = trained
+    folder = tmp_path / "save"
+    for adapter_only in (first_adapter, not first_adapter):
+        model.save_pretrained(folder, adapter_only=adapter_only)
+    names = {path.name for path in folder.iterdir()}
+    if first_adapter:  # now a whole save
+        assert not {"mpotn_adapter.json"} & names and not list(folder.glob("adapter-*"))
+        torch.testing.assert_close(_logits(load(folder)), _logits(model), atol=0, rtol=0)
+    else:
+        assert not {"mpotn_config.json", "config.json"} & names
+        assert not list(folder.glob("model-*"))
+        torch.testing.assert_close(_logits(load(folder, base=base)), _logits(model),
+                                   atol=0, rtol=0)
 
 
 def test_an_adapter_needs_a_base_save(tmp_path):

@@ -177,6 +177,26 @@ def test_an_output_whose_writer_wrote_nothing_is_not_recorded(tmp_path):
     assert (tmp_path / "heatmap.png").read_text() == "the user's, later"
 
 
+def test_a_run_output_is_listed_while_it_is_written(tmp_path):
+    """A run killed while writing ``report.md`` leaves it listed as mpotn's, so the next run
+    replaces it instead of keeping it as the user's; a writer that fails unlists it."""
+    listed = []
+
+    def write(path):
+        listed.append("report.md" in written_files(tmp_path))
+        path.write_text("new")
+
+    write_output(tmp_path / "report.md", write)
+    assert listed == [True] and written_files(tmp_path) == {"report.md"}
+
+    def fail(path):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_output(tmp_path / "errors.png", fail)
+    assert written_files(tmp_path) == {"report.md"}
+
+
 def test_saving_into_the_current_folder_writes_in_place(tmp_path, monkeypatch):
     folder = tmp_path / "here"
     folder.mkdir()
@@ -215,3 +235,81 @@ def test_a_merge_killed_midway_lists_every_file_that_may_be_mpotns(tmp_path, mon
         (tmp / "c.json").write_text("3")
     assert written_files(tmp_path) >= {"a.json", "b.json", "c.json"}
     assert (tmp_path / "notes.txt").read_text() == "the user's"
+
+
+def _unwritable(monkeypatch, folder):
+    """``folder`` as a folder this process may not write, also for root, whom permissions
+    do not stop: ``os.access`` says so and nothing can be made in it."""
+    import os
+    import tempfile
+
+    access, mkdtemp, mkstemp = os.access, tempfile.mkdtemp, tempfile.mkstemp
+
+    def refused(make):
+        def made(*args, dir=None, **kwargs):
+            if os.path.abspath(dir) == str(folder):
+                raise PermissionError(13, "Permission denied", str(folder))
+            return make(*args, dir=dir, **kwargs)
+        return made
+
+    monkeypatch.setattr("mpotn.atomic.os.access", lambda path, mode: os.path.abspath(path)
+                        != str(folder) and access(path, mode))
+    monkeypatch.setattr("mpotn.atomic.tempfile.mkdtemp", refused(mkdtemp))
+    monkeypatch.setattr("mpotn.atomic.tempfile.mkstemp", refused(mkstemp))
+
+
+@pytest.mark.parametrize("why", ["parent not writable", "mount point"])
+def test_a_folder_that_cannot_be_renamed_is_written_in_place(tmp_path, monkeypatch, why):
+    """A bind mount (``docker -v ...:/out``) or a folder in a read-only parent: the save is
+    staged inside the folder and merged, the earlier one replaced."""
+    from pathlib import Path
+
+    from mpotn import load
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / ".mpotn.new.k1ll3d_a").mkdir()  # left by a killed save staged here
+    assert foreign_files(folder) == []
+    if why == "mount point":  # renaming it fails with EBUSY
+        import os
+
+        replace = os.replace
+
+        def busy(source, target):
+            if Path(source) == folder:
+                raise OSError(16, "Device or resource busy", str(folder))
+            replace(source, target)
+
+        monkeypatch.setattr(Path, "is_mount", lambda self: self == folder)
+        monkeypatch.setattr("mpotn.atomic.os.replace", busy)
+    else:
+        _unwritable(monkeypatch, tmp_path)
+    for seed in (0, 1):
+        model = small_compressed(seed)
+        model.save_pretrained(folder)
+    assert names(tmp_path) == ["out"]  # nothing staged beside it
+    assert len(list(folder.glob("model-*.safetensors"))) == 1
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+    assert foreign_files(folder) == []
+    from torch import nn
+
+    assert load(folder, model=nn.Sequential(nn.Linear(8, 12))).report() == model.report()
+
+
+def test_a_new_folder_in_a_folder_that_may_not_be_written_is_refused_before_work(
+        tmp_path, monkeypatch):
+    _unwritable(monkeypatch, tmp_path)
+    with pytest.raises(ValueError, match=f"cannot write into {tmp_path / 'new' / 'model'}: "
+                                         f"{tmp_path} is not writable"):
+        check_writable(tmp_path / "new" / "model")
+
+
+def test_a_file_the_user_puts_in_the_folder_while_it_is_saved_survives(tmp_path):
+    folder = tmp_path / "model"
+    with atomic_dir(folder) as tmp:
+        (tmp / "a.json").write_text("1")
+    with atomic_dir(folder) as tmp:
+        (tmp / "a.json").write_text("2")
+        (folder / "notes.txt").write_text("the user's, meanwhile")
+    assert (folder / "notes.txt").read_text() == "the user's, meanwhile"
+    assert (folder / "a.json").read_text() == "2" and foreign_files(folder) == ["notes.txt"]

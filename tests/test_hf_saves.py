@@ -72,7 +72,7 @@ def test_a_hub_id_is_fetched_with_snapshot_download_and_read_like_a_folder(saved
     model = load("someone/gpt2-mpo", revision="v1")
     assert model.config.model_type == "gpt2"
     assert calls == [("someone/gpt2-mpo", "v1",
-                      ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])]
+                      ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"])]
 
 
 def test_a_missing_hub_id_offline_and_a_revision_for_a_folder_are_clear_errors(saved,
@@ -89,6 +89,20 @@ def test_a_missing_hub_id_offline_and_a_revision_for_a_folder_are_clear_errors(s
         load("no-such-user/no-such-model")
     with pytest.raises(ValueError, match=r"revision='main' applies to Hub ids"):
         load(saved[0], revision="main")
+
+
+def test_a_mistyped_path_is_not_fetched_from_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def fetched(repo_id, **options):
+        raise AssertionError(f"{repo_id} fetched from the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetched)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match=r"runs/modle is not a folder here, but runs is: read "
+                                         r"as a mistyped path, not fetched as a Hub id"):
+        load("runs/modle")
 
 
 def hub_cache_snapshot(folder, cache, repo_id: str):

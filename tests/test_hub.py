@@ -24,6 +24,9 @@ class FakeHub:
     def create_branch(self, api, repo_id, **kwargs):
         self.calls.append(("create_branch", repo_id, kwargs))
 
+    def file_exists(self, api, repo_id, filename, revision=None):
+        return (self.root / repo_id / filename).is_file()
+
     def upload_folder(self, api, *, repo_id, folder_path, **kwargs):
         self.calls.append(("upload_folder", repo_id, kwargs))
         target = self.root / repo_id
@@ -40,6 +43,8 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw))
     monkeypatch.setattr(HfApi, "create_branch", lambda api, repo_id, **kw: fake.create_branch(
         api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "file_exists", lambda api, repo_id, filename, **kw:
+                        fake.file_exists(api, repo_id, filename, **kw))
     return fake
 
 
@@ -67,6 +72,15 @@ def test_push_uploads_a_save_that_loads_with_equal_outputs_and_a_model_card(hub)
     with torch.no_grad():
         assert torch.equal(load(folder)(input_ids=ids).last_hidden_state,
                            model(input_ids=ids).last_hidden_state)
+
+
+def test_a_push_keeps_the_model_card_already_in_the_repository(hub):
+    card = hub.root / "me/tiny-mpo" / "README.md"
+    card.parent.mkdir(parents=True)
+    card.write_text("# The owner's card")
+    tiny("google/bert_uncased_L-2_H-128_A-2").push_to_hub("me/tiny-mpo")
+    assert card.read_text() == "# The owner's card"
+    assert list(card.parent.glob("model-*.safetensors"))
 
 
 def test_a_push_to_a_new_branch_creates_it_first(hub):

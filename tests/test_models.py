@@ -184,3 +184,37 @@ def test_a_folder_without_a_tokenizer_is_a_clear_error_not_an_empty_tokenizer(tm
         load_tokenizer(tmp_path)
     load_tokenizer().save_pretrained(tmp_path)
     assert load_tokenizer(tmp_path)("a great movie")["input_ids"] == [101, 1037, 2307, 3185, 102]
+
+
+def test_a_tokenizer_config_without_its_vocabulary_or_damaged_files_are_clear_errors(tmp_path):
+    from mpotn.compression.models import load_tokenizer
+
+    load_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="could not load a tokenizer for"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()  # tokenizer_config.json alone
+    with pytest.raises(ValueError, match=r"reads every word as unknown \(it has \d+ tokens\): "
+                                         r"its vocabulary file is missing"):
+        load_tokenizer(tmp_path)
+
+
+def test_the_tokenizer_of_a_save_is_not_read_through_a_link_out_of_it(tmp_path):
+    """A save reads nothing outside its folder: a tokenizer file linked to one outside it is
+    refused (a folder mpotn did not write may link its files anywhere)."""
+    import shutil
+
+    from mpotn.atomic import write_output
+    from mpotn.compression.models import load_tokenizer
+
+    outside, save, own = tmp_path / "outside", tmp_path / "save", tmp_path / "own"
+    for folder in (outside, save, own):
+        load_tokenizer().save_pretrained(folder)
+    write_output(save / "report.md", "mpotn wrote this folder")
+    for folder in (save, own):
+        (folder / "tokenizer.json").unlink()
+        (folder / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"names 'tokenizer\.json', which is not a file inside"):
+        load_tokenizer(save)
+    assert len(load_tokenizer(own)) == 30522
+    shutil.rmtree(outside)

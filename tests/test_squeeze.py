@@ -223,6 +223,22 @@ def test_a_resume_on_other_task_data_is_refused_and_changed_settings_are_named(
     assert same.run(resume=True).record["squeeze_steps"] == 2
 
 
+def test_spent_checkpoints_are_removed_but_for_a_users_file_in_them(tiny_bert, data,
+                                                                   tmp_path):
+    model, tokenizer = fresh(tiny_bert, data)
+    config = SqueezeConfig(cut=0.5, budget=None, training_steps=0, step_limit=4, delta=0.02)
+    squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
+    squeezer._tokenized = tokenized(tokenizer, data)
+    squeezer.start()
+    for _ in range(3):  # 0.89 (accepted), 0.85, 0.95 (accepted): steps 1 and 2 are spent
+        squeezer.step()
+        if squeezer.state.step == 1:
+            (squeezer.checkpoints / "step-0001" / "notes.txt").write_text("the user's")
+    folders = sorted(p.name for p in squeezer.checkpoints.iterdir() if p.is_dir())
+    assert folders == ["step-0000", "step-0001", "step-0003"]
+    assert [p.name for p in (squeezer.checkpoints / "step-0001").iterdir()] == ["notes.txt"]
+
+
 def test_direct_truncation_reaches_the_given_bonds(tiny_bert, data):
     model, tokenizer = fresh(tiny_bert, data)
     name, layer = next(iter(model.mpo_layers().items()))

@@ -35,6 +35,7 @@ from torch import nn
 
 from mpotn.compression.serialization import (
     _FIX,
+    ADAPTER_NAME,
     CONFIG_NAME,
     SavedModel,
     _config_digest,
@@ -46,7 +47,6 @@ from mpotn.compression.serialization import (
     write_save,
 )
 
-ADAPTER_NAME = "mpotn_adapter.json"
 ADAPTER_FORMAT = "mpotn-adapter"
 ADAPTER_VERSION = 1
 #: The fields of ``mpotn_adapter.json``, all required.
@@ -122,7 +122,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     ...          ).save_pretrained(folder)
     >>> model = load(folder, model=nn.Sequential(nn.Linear(32, 64)))
     >>> model.base_model[0].freeze_auxiliary()
-    >>> _ = save_adapter(model.base_model, tempfile.mkdtemp(), folder)  # central and bias
+    >>> adapter = save_adapter(model.base_model, tempfile.mkdtemp(), folder)  # central, bias
+    >>> again = load(adapter, base=folder, model=nn.Sequential(nn.Linear(32, 64)))
+    >>> x = torch.randn(2, 32)
+    >>> torch.equal(again.base_model(x), model.base_model(x))
+    True
     """
     directory = Path(directory)
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -183,10 +187,12 @@ def _read_adapter_config(directory: Path) -> dict[str, Any]:
 
 
 def read_adapter(directory: str | os.PathLike, base: str | os.PathLike | None,
-                 device: str | torch.device | None = None) -> SavedModel:
+                 device: str | torch.device | None = None, model: nn.Module | None = None
+                 ) -> SavedModel:
     """The compressed save ``base`` with the adapter in ``directory`` applied, frozen as it
     was trained (only the adapter's parameters require a gradient), in eval mode, on
-    ``device`` as [read][mpotn.compression.serialization.read] places it.
+    ``device`` as [read][mpotn.compression.serialization.read] places it; ``model`` is
+    the module ``read`` rebuilds ``base`` in, for a base without a Hugging Face config.
 
     Raises
     ------
@@ -222,7 +228,7 @@ def read_adapter(directory: str | os.PathLike, base: str | os.PathLike | None,
     if set(tensors) != set(config["trainable"]):
         raise ValueError(f"{directory}: the adapter's tensors are not the ones {ADAPTER_NAME} "
                          f"lists; {_FIX}")
-    saved = read(weights.parent, device=device)
+    saved = read(weights.parent, model, device)
     parameters = dict(saved.model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():

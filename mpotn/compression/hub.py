@@ -3,9 +3,11 @@
 [push_to_hub][mpotn.compression.hub.push_to_hub] writes a whole save
 ([save][mpotn.compression.serialization.save]) into a temporary folder, adds a model
 card (``README.md``: ``library_name: mpotn``, the original model as ``base_model``
-when it is a Hub id, the compression settings and totals, how to load it) and
-uploads the folder in one commit, which also deletes an earlier push's weights
-file (mpotn names weights by their digest, ``model-<12 hex>.safetensors``).
+when it is a Hub id, the compression settings and totals, how to load it) unless the
+repository already has one (a card there is the owner's and is kept, as transformers'
+``push_to_hub`` keeps it), and uploads the folder in one commit, which also deletes an
+earlier push's weights file (mpotn names weights by their digest,
+``model-<12 hex>.safetensors``).
 ``mpotn.load("user/name")`` brings it back
 ([resolve_save][mpotn.compression.serialization.resolve_save]).
 
@@ -83,7 +85,7 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any | None = None,
                 create_pr: bool = False, base_model: str | None = None) -> Any:
     """Upload a whole save of ``model`` (an
     [MPOModel][mpotn.compression.model.MPOModel]) and its model card to the Hub repository
-    ``repo_id``, created if missing.
+    ``repo_id``, created if missing; a ``README.md`` already on ``revision`` is kept.
 
     Parameters
     ----------
@@ -124,10 +126,11 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any | None = None,
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mpotn-push-") as folder:
         save(model, folder, tokenizer=tokenizer)
-        (Path(folder) / "README.md").write_text(model_card(model, repo_id, base_model))
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not create_pr:  # upload_folder creates no branch
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if not api.file_exists(repo_id, "README.md", revision=revision):  # keep one there
+            (Path(folder) / "README.md").write_text(model_card(model, repo_id, base_model))
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
             commit_message=commit_message or "Upload a model compressed with mpotn",

@@ -211,14 +211,13 @@ class MPOModel(nn.Module):
         rebuilds the module (``model`` is modified in place); this wraps it with its
         compression config and report. An adapter folder
         ([mpotn.compression.adapters][]) needs ``base``, the compressed save it was
-        trained on, and comes back frozen as it was trained. ``device`` (``"cuda"``,
+        trained on (and ``model`` when that save needs one), and comes back frozen as it
+        was trained. ``device`` (``"cuda"``,
         ``"cuda:1"``, ``"cpu"``) reads the weights straight onto that device.
         """
         folder = resolve_save(directory, revision)
         if is_adapter(folder):
-            if model is not None:
-                raise ValueError("model applies to whole saves; an adapter takes base=")
-            saved, source = read_adapter(folder, base, device), base
+            saved, source = read_adapter(folder, base, device, model), base
         else:
             if base is not None:
                 raise ValueError(f"{directory} is a whole save, not an adapter; base applies "

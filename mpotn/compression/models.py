@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpotn.atomic import MANIFEST_NAME
 from mpotn.compression.architectures import is_linear, layer_index, linear_matrix, matrix_type
+from mpotn.compression.serialization import ADAPTER_NAME, CONFIG_NAME, resolve_inside
 
 #: Hub id of the embedded default model.
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -189,24 +191,38 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
     Raises
     ------
     ValueError
-        When there is no tokenizer: a local folder without tokenizer files
-        (transformers would hand back an empty one that reads every word as
-        unknown), or one the Hub or cache cannot give.
+        When there is no tokenizer: a local folder without tokenizer files, or
+        whose files give one that reads every word as unknown (transformers hands
+        back such an empty one for a ``tokenizer_config.json`` alone), damaged
+        files, one the Hub or cache cannot give, or a folder mpotn wrote whose
+        files lead outside it (symbolic links).
     """
     from transformers import AutoTokenizer
 
     saved = name_or_path is not None and (Path(name_or_path) / "tokenizer_config.json").is_file()
     source = str(name_or_path) if saved else resolve_model(name_or_path)
-    if Path(source).is_dir() and not has_tokenizer(source):
+    folder = Path(source)
+    if folder.is_dir() and not has_tokenizer(folder):
         raise ValueError(
             f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
             "tokenizer beside the model (save_pretrained(folder, tokenizer=tokenizer), or "
             "tokenizer.save_pretrained(folder)), or copy the original model's tokenizer "
             "files into it")
+    if folder.is_dir() and any((folder / name).is_file()
+                               for name in (CONFIG_NAME, ADAPTER_NAME, MANIFEST_NAME)):
+        for entry in folder.iterdir():  # a save reads nothing outside its folder
+            resolve_inside(folder, entry.name, str(folder))
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except OSError as error:
-        raise ValueError(f"could not load a tokenizer for {source!r}: {error}") from error
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"could not load a tokenizer for {source!r}: {error!r}") from error
+    unknown = tokenizer.unk_token_id
+    if unknown is not None and set(tokenizer("the model", add_special_tokens=False)
+                                   ["input_ids"]) <= {unknown}:
+        raise ValueError(f"the tokenizer of {source!r} reads every word as unknown (it has "
+                         f"{len(tokenizer)} tokens): its vocabulary file is missing; copy the "
+                         "original model's tokenizer files into it")
+    return tokenizer
 
 
 def model_device(model: nn.Module) -> torch.device:

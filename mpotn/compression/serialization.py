@@ -114,7 +114,14 @@ DTYPES = {"float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16
           "float32": ("F32", torch.float32), "float64": ("F64", torch.float64)}
 #: Key of the weights file's metadata that holds the SHA-256 of the config.
 DIGEST_KEY = "mpotn_config_sha256"
-#: Temporary name of the weights while they are written (hidden, see mpotn.atomic).
+#: The config of an adapter save (``mpotn.compression.adapters``).
+ADAPTER_NAME = "mpotn_adapter.json"
+#: The files that make a folder a save of one kind, whole or adapter: a save never carries
+#: them over from an earlier one (a whole save over an adapter leaves no adapter behind).
+SAVE_FILES = re.compile(r"(?:mpotn_config|mpotn_adapter|config|generation_config)\.json"
+                        r"|(?:model|adapter)-[0-9a-f]{12}\.safetensors")
+
+
 def weights_pattern(prefix: str) -> re.Pattern[str]:
     """Names of content-addressed weights files: ``{prefix}-`` and the first 12 hex digits of
     their SHA-256 (the group)."""
@@ -135,8 +142,9 @@ class SavedModel(NamedTuple):
     original_params: int
 
 
-#: Files of a save fetched from the Hub (weights, configs, tokenizer; never code).
-HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
+#: Files of a save fetched from the Hub (weights, configs, tokenizer and chat template; never
+#: code).
+HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 #: A model name on the Hub, with or without its owner (``gpt2``, ``google-bert/bert-base``).
 HUB_NAME = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
@@ -153,8 +161,9 @@ def resolve_save(directory: str | os.PathLike, revision: str | None = None) -> P
     Raises
     ------
     ValueError
-        If ``directory`` is neither a folder here nor a Hub id, or the Hub (or the
-        local cache, offline) has no such repository.
+        If ``directory`` is neither a folder here nor a Hub id, looks like a Hub id
+        but its owner part is a folder here (a mistyped path, not fetched), or the
+        Hub (or the local cache, offline) has no such repository.
     """
     path = Path(directory)
     if path.is_dir() or not HUB_ID.fullmatch(str(directory)) or path.exists():
@@ -162,6 +171,11 @@ def resolve_save(directory: str | os.PathLike, revision: str | None = None) -> P
             raise ValueError(f"revision={revision!r} applies to Hub ids; {directory} is a "
                              "local path")
         return path
+    owner = Path(str(directory).split("/")[0])
+    if owner.is_dir():
+        raise ValueError(f"{directory} is not a folder here, but {owner} is: read as a "
+                         "mistyped path, not fetched as a Hub id; check the path (a Hub "
+                         f"repository of that name loads from a folder without {owner})")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
@@ -319,11 +333,11 @@ def write_save(directory: Path, overwrite: bool, config: dict[str, Any],
     ([mpotn.atomic.atomic_dir][]): the content-addressed weights ``{prefix}-<sha12>``
     with the config's digest under ``digest_key`` in their metadata, what ``extra``
     writes, then ``config`` as ``config_name``, naming the weights; an earlier save's
-    files other than its weights are carried over unless rewritten."""
-    weights_name = weights_pattern(prefix)
-    earlier = earlier_save(directory, config_name, weights_name)
+    other files (reports, tokenizer) are carried over unless rewritten, but for
+    [SAVE_FILES][mpotn.compression.serialization.SAVE_FILES]."""
+    earlier = earlier_save(directory, config_name, weights_pattern(prefix))
     with atomic_dir(directory, overwrite, earlier, last=[config_name],
-                    carry=lambda name: not weights_name.fullmatch(name)) as staging:
+                    carry=lambda name: not SAVE_FILES.fullmatch(name)) as staging:
         weights, digest = write_weights(tensors, staging, prefix,
                                         {digest_key: _config_digest(config)})
         config["weights"], config["sha256"] = weights.name, digest

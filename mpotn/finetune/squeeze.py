@@ -43,7 +43,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from mpotn.atomic import check_writable, write_output, write_text
+from mpotn.atomic import check_writable, remove_written, write_output, write_text
 from mpotn.compression.model import MPOModel, load
 from mpotn.compression.models import matrix_type
 from mpotn.compression.parameters import count_parameters
@@ -516,7 +515,7 @@ class Squeezer:
             match = _CHECKPOINT.fullmatch(old.name)
             if (match and int(match.group(1)) not in keep and old.is_dir()
                     and not old.is_symlink() and is_saved_model(old)):
-                shutil.rmtree(old, ignore_errors=True)
+                remove_written(old)
 
     def _data_sha256(self) -> str | None:
         """The tokenized training and evaluation examples' digest (``None`` before
