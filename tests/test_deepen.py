@@ -218,6 +218,30 @@ def test_roberta_classifier_and_electra(tmp_path):
     assert electra.totals()["total_params"] - before == sum(row["params"] for row in report)
 
 
+def test_a_deeper_qwen2_keeps_each_layers_attention_type_and_its_cache():
+    """Qwen2's config lists each layer's attention (full or sliding window): the copies take
+    their neighbour's, and generation with the cache gives the logits of a full pass."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1)).eval()
+    assert qwen.config.layer_types == ["full_attention", "sliding_attention"]
+    model = compress(qwen, targets=["ffn"], n=3, progress=False)
+    share_centrals(model, init="layer")
+    deepen(model, depth=4)
+    assert model.config.layer_types == ["full_attention", "full_attention",
+                                        "sliding_attention", "sliding_attention"]
+    tokens = ids()[:1]
+    with torch.no_grad():
+        full = model(input_ids=tokens).logits
+        first = model(input_ids=tokens[:, :-1], use_cache=True)
+        last = model(input_ids=tokens[:, -1:], cache=first.cache).logits
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_a_deeper_model_heals_from_its_shallow_original_at_matched_layers():
     from mpotn.compression.models import load_tokenizer
     from mpotn.finetune.heal import HealConfig, heal, matched_layers

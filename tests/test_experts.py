@@ -366,6 +366,27 @@ def test_a_model_hands_its_attention_mask_to_the_experts(tmp_path, saved):
     assert moe.token_mask is None  # cleared after the call
 
 
+def test_feed_forward_chunking_is_turned_off_so_padding_is_read_where_it_is():
+    """BERT's ``chunk_size_feed_forward`` runs the block on slices of the sequence, which
+    would read the padding mask of the wrong positions: upcycling turns it off, with a
+    warning, and the padded batch gives the outputs of its rows alone."""
+    bert = _no_dropout_bert()
+    bert.config.chunk_size_feed_forward = 2
+    for layer in bert.encoder.layer:
+        layer.chunk_size_feed_forward = 2
+    model = compress(bert, targets=["ffn"], n=3, progress=False)
+    with pytest.warns(UserWarning, match=r"chunking \(chunk_size_feed_forward\) turned off"):
+        upcycle_experts(model, experts=4, top_k=2, capacity_factor=None)
+    assert {layer.chunk_size_feed_forward for layer in model.encoder.layer} == {0}
+    x = ids(batch=2, length=6)
+    mask = torch.ones_like(x)
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        padded = model(input_ids=x, attention_mask=mask).last_hidden_state
+        alone = model(input_ids=x[:1, :4]).last_hidden_state
+    assert float((padded[0, :4] - alone[0]).abs().max()) < 1e-5
+
+
 def test_a_mask_that_does_not_fit_the_tokens_is_refused():
     moe = MixtureOfExperts([nn.Linear(4, 4), nn.Linear(4, 4)], 4)
     moe.token_mask = torch.ones(2, 3, dtype=torch.long)

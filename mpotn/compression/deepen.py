@@ -12,7 +12,8 @@ layers join the sharing groups
 ([shared_central_groups][mpotn.compression.sharing.shared_central_groups]) and #To
 grows only by their non-central parameters.
 
-``config.num_hidden_layers`` (and every submodule's ``layer_idx``) follows, so a save
+``config.num_hidden_layers`` (and every submodule's ``layer_idx``, and a config's
+per-layer settings such as ``layer_types``) follows, so a save
 rebuilds the deeper architecture and [load][mpotn.compression.model.load] restores it,
 sharing included.
 
@@ -99,6 +100,11 @@ def find_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
+#: Settings of a transformers config with one entry per layer: ``layer_types`` (full or
+#: sliding-window attention, as Qwen2 and Gemma2 have it), ``no_rope_layers``.
+PER_LAYER_SETTINGS = ("layer_types", "no_rope_layers")
+
+
 def _placement(layers: int, depth: int, placement: str) -> list[tuple[int, bool]]:
     """``(original index, is a copy)`` per position of the deeper stack."""
     extra = depth - layers
@@ -170,8 +176,11 @@ def deepen(model: nn.Module, depth: int, placement: str = "interleave") -> Table
     and any uncompressed weight copied (the paper's stable initialisation) -- except the
     central tensors: each of its MPO layers holds the neighbour's shared central
     ``nn.Parameter`` itself, so the new layers join the sharing groups and #To grows by
-    their auxiliary tensors, biases and norms only. ``config.num_hidden_layers`` and
-    the ``layer_idx`` of every submodule are updated, and the compression report's rows
+    their auxiliary tensors, biases and norms only. ``config.num_hidden_layers``, the
+    ``layer_idx`` of every submodule and the config's
+    [PER_LAYER_SETTINGS][mpotn.compression.deepen.PER_LAYER_SETTINGS] (a copy keeps its
+    neighbour's: sliding-window or full attention) are updated, and the compression
+    report's rows
     renamed to their layers' new positions (the new layers have none: they were copied,
     not compressed). ``original_params`` stays the shallower original's.
 
@@ -229,7 +238,8 @@ def deepen(model: nn.Module, depth: int, placement: str = "interleave") -> Table
     originals = list(stack)
     new_layers: list[nn.Module] = []
     moves: dict[int, int] = {}
-    for position, (index, is_copy) in enumerate(_placement(layers, depth, placement)):
+    order = _placement(layers, depth, placement)
+    for position, (index, is_copy) in enumerate(order):
         if not is_copy:
             moves[index] = position
             new_layers.append(originals[index])
@@ -252,6 +262,10 @@ def deepen(model: nn.Module, depth: int, placement: str = "interleave") -> Table
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "num_hidden_layers"):
         config.num_hidden_layers = depth
+    for key in PER_LAYER_SETTINGS:  # each copy keeps its source layer's
+        values = getattr(config, key, None)
+        if isinstance(values, list) and len(values) == layers:
+            setattr(config, key, [values[index] for index, _ in order])
     tie_centrals(base, shared_central_groups(base))  # records how many layers share each
     _renumber_records(model, name, moves)
     return report

@@ -46,6 +46,7 @@ True
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -229,8 +230,21 @@ def upcycle_experts(model: nn.Module, experts: int = 4, top_k: int = 2, *,
                        "shared_params": shared, "router_params": router,
                        "moe_params": total, "ffn_params_multiple": total / before})
     attach_token_masks(base)
+    _unchunk(base)
     mark_shared_centrals(base)
     return report
+
+
+def _unchunk(base: nn.Module) -> None:
+    """Turn off BERT's feed-forward chunking (``chunk_size_feed_forward``): a mixture of
+    experts reads its tokens' padding mask by position in the whole sequence."""
+    chunked = [m for m in [base, getattr(base, "config", None), *base.modules()]
+               if (getattr(m, "chunk_size_feed_forward", 0) or 0) > 0]
+    if chunked:
+        warnings.warn("feed-forward chunking (chunk_size_feed_forward) turned off: a mixture "
+                      "of experts routes whole sequences", stacklevel=3)
+    for module in chunked:
+        module.chunk_size_feed_forward = 0
 
 
 def experts_spec(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -273,3 +287,4 @@ def rebuild_experts(model: nn.Module, spec: dict[str, dict[str, Any]]) -> None:
                                  "module of the model") from None
         _build(base, block, settings["output"], settings, False, 0.0, None)
     attach_token_masks(base)
+    _unchunk(base)

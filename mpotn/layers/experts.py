@@ -323,14 +323,19 @@ def router_loss(model: nn.Module) -> torch.Tensor | None:
     forward pass; ``None`` when the model has none (or none has run)."""
     losses = [m.router_loss_weight * m.aux_loss for m in model.modules()
               if isinstance(m, MixtureOfExperts) and m.aux_loss is not None]
-    return torch.stack(losses).sum() if losses else None
+    return _on_first(losses).sum() if losses else None
+
+
+def _on_first(values: list[torch.Tensor]) -> torch.Tensor:
+    """Scalars stacked on the first one's device (layers may sit on several GPUs)."""
+    return torch.stack([v.to(values[0].device) for v in values])
 
 
 def router_stats(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The mean, over the model's [MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts]
     layers that routed tokens in their last forward pass, of their load-balancing loss
     (``aux_loss``: 1 when even) and of their share of assignments over capacity
-    (``dropped``), as detached scalar tensors on the layers' device (reading them,
+    (``dropped``), as detached scalar tensors on the first layer's device (reading them,
     ``float``, waits for the device); ``None`` when there is no such layer.
 
     Examples
@@ -346,8 +351,8 @@ def router_stats(model: nn.Module) -> dict[str, torch.Tensor] | None:
               if isinstance(m, MixtureOfExperts) and m.aux_loss is not None]
     if not routed:
         return None
-    return {"aux_loss": torch.stack([m.aux_loss.detach() for m in routed]).mean(),
-            "dropped": torch.stack([m.dropped for m in routed]).mean()}
+    return {"aux_loss": _on_first([m.aux_loss.detach() for m in routed]).mean(),
+            "dropped": _on_first([m.dropped for m in routed]).mean()}
 
 
 def add_router_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
