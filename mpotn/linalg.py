@@ -128,10 +128,12 @@ def truncated_svd(
             u, _, _ = torch.svd_lowrank(matrix, q=sketch, niter=niter)
         # the kept part is exactly U U^T A (its error then adds up as Eq. 4 assumes):
         # svd_lowrank may project on the right for a wide matrix, so take U^T A's SVD
-        ur, s, vh = svd(u[:, :rank].mT @ matrix)
-        total = matrix.norm() ** 2
-        error = (total - (s**2).sum()).clamp_min(0).sqrt()
-        return SVDCut(u[:, :rank] @ ur, s, vh, error)
+        basis = u[:, :rank]
+        projected = basis.mT @ matrix
+        ur, s, vh = svd(projected)
+        # ||A - U U^T A|| itself: ||A||^2 - sum s^2 cancels in float32 for a small error
+        error = (matrix - basis @ projected).norm()
+        return SVDCut(basis @ ur, s, vh, error)
     u, s, vh = svd(matrix)
     return SVDCut(u[:, :rank], s[:rank], vh[:rank], s[rank:].norm())
 

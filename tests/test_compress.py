@@ -104,6 +104,14 @@ def test_per_target_overrides_and_dry_run_sizes():
     assert max(layers["encoder.layer.0.intermediate.dense"].bond_dims) == 16
 
 
+def test_an_override_that_matches_no_target_is_named_in_a_warning():
+    model = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 8))
+    with pytest.warns(UserWarning, match=r"overrides \['qurey'\] match none of the 2 "
+                                         r"targets, so they change nothing"):
+        compress(model, targets=["0", "1"], n=2, ratio=0.5, progress=False,
+                 overrides={"qurey": {"ratio": 0.1}, "1": {"ratio": 0.3}})
+
+
 def test_albert_shared_layer_is_decomposed_once_and_stays_shared():
     config = AlbertConfig(vocab_size=120, embedding_size=16, hidden_size=32,
                           num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
@@ -212,3 +220,10 @@ def test_a_matrix_that_cannot_reach_the_ratio_is_cut_to_bonds_of_one_with_a_warn
     small, square = compressed.report()
     assert small["bond_dims"] == "1" and small["ratio"] == pytest.approx(386 / 768)
     assert square["bond_dims"] == "16" and square["ratio"] == 0.5
+    # so are parameters below its bonds of 1, named the same way (it raised before)
+    with pytest.warns(UserWarning, match=r"1 matrices cannot reach their ratio \(or params\)"
+                                         r".*: 0 \("):
+        compressed = compress(nn.Sequential(nn.Linear(2, 384), nn.Linear(64, 64)),
+                              targets=["0", "1"], structure="svd", progress=False,
+                              overrides={"0": {"params": 100}, "1": {"ratio": 0.5}})
+    assert compressed.report()[0]["params"] == 386

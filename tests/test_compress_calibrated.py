@@ -320,6 +320,7 @@ def test_structure_auto_drops_a_structure_that_cannot_shrink_enough_and_floors_a
     def token_type_row(ratio):
         compressed = mpotn.compress(_tiny_bert_model(), targets=["embeddings"],
                                     structure="auto", n=2, ratio=ratio, progress=False,
+                                    calibrate_embeddings=True,
                                     calibration=[{"input_ids": torch.randint(1, 97, (2, 6))}])
         return next(r for r in compressed.report()
                     if r["name"].endswith("token_type_embeddings"))
@@ -330,7 +331,41 @@ def test_structure_auto_drops_a_structure_that_cannot_shrink_enough_and_floors_a
     # at 0.3 (19) neither reaches (MPO 20 and SVD 34 at bonds of 1): floored, with a warning
     with pytest.warns(UserWarning, match="cannot reach their ratio"):
         row = token_type_row(0.3)
-    assert row["bond_dims"] == "1" and row["params"] in (20, 34)  # n = 2: one inner bond
+    # the smaller structure at bonds of 1 (n = 2: one inner bond)
+    assert row["bond_dims"] == "1" and row["structure"] == "mpo" and row["params"] == 20
+
+
+def test_structure_auto_under_a_model_budget_keeps_only_structures_that_reach_the_share():
+    """The budget reads the SVD's path; an MPO that cannot get down to a matrix's share is
+    not a candidate (it raised an error before)."""
+    model = _tiny_bert_model()
+    sizes = [m.weight.numel() for n, m in model.named_modules()
+             if n.endswith(("query", "key", "value", "attention.output.dense"))]
+    compressed = mpotn.compress(model, targets=["attention"], n=2, structure="auto",
+                                budget="model", ratio=0.08, progress=False,
+                                calibration=[{"input_ids": torch.randint(1, 97, (2, 6))}])
+    assert sum(r["params"] for r in compressed.report()) <= 0.08 * sum(sizes)
+
+
+@pytest.mark.parametrize(("kwargs", "calibration", "message"), [
+    ({}, [], r"the calibration is empty \(no batches"),
+    ({"method": "svd"}, None, "none of the 1 targets is calibrated: calibration applies to "
+                              "method='mpo'"),
+])
+def test_calibration_that_reaches_no_target_is_a_clear_error(kwargs, calibration, message):
+    model, batches = toy_model_and_inputs()
+    with pytest.raises(ValueError, match=message):
+        mpotn.compress(Wrapper(model), targets=["inner.0"], ratio=0.5, progress=False,
+                       calibration=batches if calibration is None else calibration, **kwargs)
+
+
+def test_an_als_fit_reports_no_eq4_bound_of_its_weights():
+    """The bound is the truncation's, before the sweeps: not the layer's."""
+    model, batches = toy_model_and_inputs()
+    compressed = mpotn.compress(Wrapper(model), targets=["inner.0"], n=3, ratio=0.3,
+                                fit="als", calibration=batches, progress=False)
+    [row] = compressed.report()
+    assert row["calibration"] == "als" and row["relative_bound"] is None
 
 
 def _tiny_gpt2():

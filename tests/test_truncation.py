@@ -224,3 +224,17 @@ def test_randomized_svd_keeps_the_eq4_bound_on_wide_matrices(shape, n, max_bond)
     mpo = MPO.from_matrix(matrix, n=n, max_bond=max_bond, svd="randomized", seed=0)
     actual = float((mpo.to_matrix() - matrix).norm())
     assert actual <= mpo.error_bound * (1 + 1e-10)
+
+
+def test_the_randomized_svd_error_is_exact_also_when_it_is_small_in_float32():
+    """``sqrt(||A||^2 - sum s^2)`` cancels in float32 (it gave 0.0 here)."""
+    from mpotn.linalg import truncated_svd
+
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))
+    s = torch.cat([torch.full((10,), 100.0), torch.full((290,), 1e-3)]).double()
+    matrix = (u * s) @ v.T
+    cut = truncated_svd(matrix.float(), 10, method="randomized")
+    exact = float(s[10:].norm())
+    assert float(cut.error) == pytest.approx(exact, rel=0.02)

@@ -134,13 +134,13 @@ def _observe(
     *,
     progress: bool = False,
     calls: Mapping[str, int] | None = None,
-) -> None:
+) -> int:
     """Run ``model`` on ``batches`` and hand every call's real input rows of each target
     to ``on_rows(name, rows, module, source)``: token ids for an embedding, ``N x I``
     activations for a linear layer (padding removed as
     [calibrate][mpotn.compression.calibrate.calibrate] describes); ``source`` is the
     input tensor they come from. With ``calls``, a batch's forward pass stops once
-    every target has run that many times."""
+    every target has run that many times. Returns the number of batches."""
     device = model_device(model) if isinstance(model, nn.Module) else None
     masks: dict[int, torch.Tensor | None] = {}  # id(target) -> its mask in this batch
     counts = dict.fromkeys(targets, 0)
@@ -188,8 +188,10 @@ def _observe(
     training = model.training if isinstance(model, nn.Module) else False
     if isinstance(model, nn.Module):
         model.eval()
+    seen = 0
     try:
         for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+            seen += 1
             batch = prepared(model, batch, device)
             masks.update(dict.fromkeys(observed, batch.get("attention_mask")))
             masks.update(dict.fromkeys(decoder_side, batch.get("decoder_attention_mask")))
@@ -201,9 +203,14 @@ def _observe(
             handle.remove()
         if isinstance(model, nn.Module):
             model.train(training)
+    return seen
 
 
-def _check_reached(targets: Iterable[str], seen: Mapping[str, Any]) -> None:
+def _check_reached(targets: Iterable[str], seen: Mapping[str, Any], batches: int) -> None:
+    if not batches:
+        raise ValueError("the calibration is empty (no batches: an empty list, or a "
+                         "generator already used up?); give at least one batch, or "
+                         "calibration=None")
     missing = [name for name in targets if name not in seen]
     if missing:
         raise ValueError(f"the calibration batches never reached {missing[:5]}"
@@ -257,8 +264,8 @@ def calibrate(
         else:
             stats[name] = Calibration(update, tokens)
 
-    _observe(model, batches, targets, accumulate, progress=progress)
-    _check_reached(targets, stats)
+    _check_reached(targets, stats, _observe(model, batches, targets, accumulate,
+                                            progress=progress))
     return stats
 
 
@@ -345,9 +352,11 @@ def calibrate_paired(
             raise ValueError("calibrate_paired takes nn.Linear targets, got "
                              f"{type(linear).__name__}")
     stats: dict[str, PairedCalibration] = {}
+    count = 0
     for batch in batches:
+        count += 1
         _pair_batch(model, batch, targets, reference, stats)
-    _check_reached(targets, stats)
+    _check_reached(targets, stats, count)
     return stats
 
 

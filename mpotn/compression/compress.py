@@ -172,10 +172,15 @@ class _Candidate:
     def finish(self, policy: TruncationPolicy, target: _Target) -> tuple[MPO, MPO]:
         """``(MPO of M, the truncation its spectra read)`` under ``policy``."""
         mpo, cut = self.truncated(policy, target)
-        if (self.whitening is None and target.covariance is not None
-                and target.settings["fit"] == "als"):
+        if self.refines(target):
             mpo = refine(cut, target.goal, target.covariance, sweeps=target.settings["sweeps"])
         return mpo, cut
+
+    def refines(self, target: _Target) -> bool:
+        """Whether the truncation is then refined by ALS sweeps on Eq. 7 (a calibrated
+        balanced MPO with ``fit="als"``)."""
+        return (self.whitening is None and target.covariance is not None
+                and target.settings["fit"] == "als")
 
 
 @dataclass
@@ -248,30 +253,44 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
     ([_warn_floored][mpotn.compression.compress._warn_floored] names them).
 
     With ``structure="auto"`` a structure whose every bond at 1 is still above the
-    target's parameters is dropped from its ``candidates``; with none left the target
-    is cut to bonds of 1, like a target of one structure."""
+    target's parameters (its own, or its share of the model budget) is dropped from its
+    ``candidates``; with none left the target keeps the smaller structure and is cut to
+    bonds of 1, like a target of one structure."""
     if config.budget == "model":
-        return _model_budget([_budget_path(t, candidates[t.name][0]) for t in targets],
-                             {t.name: t.matrix.numel() for t in targets}, config), []
+        policies = _model_budget([_budget_path(t, candidates[t.name][0]) for t in targets],
+                                 {t.name: t.matrix.numel() for t in targets}, config)
+        for t in targets:  # the budget reads the first structure's path: it is reachable
+            policy = policies[t.name]
+            if policy is not None and len(candidates[t.name]) > 1:
+                _drop_unreachable(candidates[t.name], policy.params)
+        return policies, []
     policies, floored = {}, []
     for t in targets:
         settings = t.settings
         if settings["structure"] == "auto":  # equal parameter counts for both structures
             params = settings["params"] or ratio_params(settings["ratio"], t.matrix.numel())
-            reachable = [c for c in candidates[t.name] if c.full.smallest_params <= params]
-            if reachable:  # a structure that cannot get down to params is not a candidate
-                candidates[t.name][:] = reachable
+            if _drop_unreachable(candidates[t.name], params):
                 policies[t.name] = TruncationPolicy(params=params)
             else:
                 policies[t.name] = TruncationPolicy(max_bond=1)
                 floored.append(t.name)
-        elif (settings["ratio"] is not None
-              and settings["ratio"] < candidates[t.name][0].full.smallest_ratio):
+        elif ((settings["ratio"] is not None
+               and settings["ratio"] < candidates[t.name][0].full.smallest_ratio)
+              or (settings["params"] is not None
+                  and settings["params"] < candidates[t.name][0].full.smallest_params)):
             policies[t.name] = TruncationPolicy(max_bond=1)
             floored.append(t.name)
         else:
             policies[t.name] = TruncationPolicy.from_settings(settings)
     return policies, floored
+
+
+def _drop_unreachable(candidates: list[_Candidate], params: int) -> bool:
+    """Keep in ``candidates`` the structures whose every bond at 1 is within ``params``,
+    and say whether any is; with none, keep the smallest alone."""
+    reachable = [c for c in candidates if c.full.smallest_params <= params]
+    candidates[:] = reachable or [min(candidates, key=lambda c: c.full.smallest_params)]
+    return bool(reachable)
 
 
 def _warn_uncalibrated_in_budget(names: list[str]) -> None:
@@ -287,10 +306,12 @@ def _warn_uncalibrated_in_budget(names: list[str]) -> None:
 
 
 def _warn_floored(floored: list[str], stacklevel: int) -> None:
-    """Name the targets that cannot reach their ratio (``stacklevel``: the user's call)."""
+    """Name the targets that cannot reach their ratio or parameters (``stacklevel``: the
+    user's call)."""
     if floored:
         warnings.warn(
-            f"{len(floored)} matrices cannot reach their ratio even with every bond at 1 and "
+            f"{len(floored)} matrices cannot reach their ratio (or params) even with every "
+            "bond at 1 and "
             f"are cut to bonds of 1 instead: {', '.join(floored[:5])}"
             f"{' ...' if len(floored) > 5 else ''} (the report shows their ratios; exclude them "
             "or use budget='model' to spend the same total elsewhere)", stacklevel=stacklevel)
@@ -360,6 +381,7 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
     matrix, full = target.matrix, candidate.full
     whitened = candidate.whitening is not None
     fitted_other = whitened or target.paired is not None  # full is not the MPO of M
+    refined = candidate.refines(target)  # the layer is not the truncation Eq. 4 bounds
     if target.covariance is None:
         calibration = "none"
     else:
@@ -382,8 +404,10 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
         "central_entropy": (full.entropy(full.central_bond) if not fitted_other
                             else bond_entropy(target.matrix, full.row, full.col,
                                               full.central_bond)),
-        # Eq. 4 bounds the weight error of the matrix fitted: not M's when that was M*
-        "relative_bound": None if fitted_other else cut.error_bound / (full.norm or 1.0),
+        # Eq. 4 bounds the weight error of the truncation of the matrix fitted: not M's
+        # when that was M*, not the layer's after ALS sweeps
+        "relative_bound": (None if fitted_other or refined
+                           else cut.error_bound / (full.norm or 1.0)),
         "relative_error": error if target.covariance is None else target.weight_error(mpo),
         "calibration": calibration,
         "output_error": error if target.covariance is not None else None,
@@ -660,6 +684,23 @@ def _replace_in_groups(model: nn.Module, config: CompressionConfig,
     return records
 
 
+def _check_calibrated(config: CompressionConfig, selected: list[tuple[str, nn.Module]],
+                      observed: Mapping[str, nn.Module]) -> None:
+    """Refuse calibration that reaches none of the targets; name the targets whose
+    ``method`` (not ``"mpo"``) leaves them uncalibrated."""
+    methods = {name: config.settings_for(name, module)["method"] for name, module in selected}
+    other = [f"{name} ({methods[name]})" for name, _ in selected if methods[name] != "mpo"]
+    hint = ("calibration applies to method='mpo' (structure='svd' gives SVD-LLM's whitened "
+            "SVD, structure='mpo' ALS-fitted MPOs), to linear layers, and to embeddings with "
+            "calibrate_embeddings=True")
+    if not observed:
+        raise ValueError(f"calibration was given but none of the {len(selected)} targets is "
+                         f"calibrated: {hint}; or drop calibration")
+    if other:
+        warnings.warn(f"{len(other)} targets are not calibrated: {', '.join(other[:3])}"
+                      f"{' ...' if len(other) > 3 else ''}; {hint}", stacklevel=4)
+
+
 def _replace_all(model: nn.Module, config: CompressionConfig,
                  calibration: Iterable[Mapping[str, torch.Tensor]] | None, progress: bool,
                  calibration_memory: float = CALIBRATION_MEMORY,
@@ -674,6 +715,8 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
         name: module for name, module in selected
         if config.settings_for(name, module)["method"] == "mpo"
         and (isinstance(module, nn.Linear) or config.calibrate_embeddings)}
+    if calibration is not None:
+        _check_calibrated(config, selected, observed)
     if observed and config.budget == "model" and sensitivity is None:
         _warn_uncalibrated_in_budget([name for name, module in selected if name not in observed
                                       and config.settings_for(name, module)["method"] == "mpo"])

@@ -424,6 +424,12 @@ def select_targets(model: nn.Module, config: CompressionConfig) -> list[tuple[st
         selected.append((name, module))
     if not selected:
         raise ValueError(_nothing_selected(model, config))
+    unused = [key for key in config.overrides
+              if not any(_matches_one(key, name, module) for name, module in selected)]
+    if unused:
+        warnings.warn(f"overrides {unused} match none of the {len(selected)} targets, so they "
+                      f"change nothing; targets are named as {selected[0][0]!r} (a suffix, "
+                      "a matrix type or a regular expression selects them)", stacklevel=3)
     return selected
 
 
