@@ -544,3 +544,25 @@ def test_a_calibrated_fit_reports_the_entropy_of_the_original_matrix(structure):
     assert [r["calibration"] for r in ours] == ["whitened", "whitened"]
     assert [r["central_entropy"] for r in ours] == pytest.approx(
         [r["central_entropy"] for r in theirs], rel=1e-9)
+
+
+def test_a_kronecker_whitened_fit_reports_how_much_of_c_its_factors_keep():
+    """SPEC §7: the share of ``||C||^2`` kept by ``C_1 (x) ... (x) C_n``, per matrix; 1 for
+    a ``C`` that is a Kronecker product, absent for the SVD's exact whitening."""
+    from mpotn.analysis.reports import report_table
+    from mpotn.calibration import kronecker_factors
+    from mpotn.shapes import Factorization
+
+    model, batches = toy_model_and_inputs()
+    compressed = mpotn.compress(Wrapper(model), targets=["inner.0"], n=3, ratio=0.4,
+                                fit="whiten", calibration=batches, progress=False)
+    [row] = compressed.report()
+    covariance = sum(b["input"].double().T @ b["input"].double() for b in batches)
+    row_shape = tuple(int(f) for f in row["factorization"].split(" x ")[0].split("·"))
+    expected = kronecker_factors(covariance, Factorization(24, row_shape)).kept
+    assert 0 < row["kronecker_kept"] < 1 and row["kronecker_kept"] == pytest.approx(expected)
+    assert "C kept by C_1 x ... x C_n" in report_table(compressed)
+    svd = mpotn.compress(Wrapper(toy_model_and_inputs()[0]), targets=["inner.0"], ratio=0.4,
+                         structure="svd", calibration=batches, progress=False)
+    assert svd.report()[0]["kronecker_kept"] is None
+    assert "C kept by" not in report_table(svd)

@@ -46,14 +46,23 @@ SHARING_COLUMNS = {"shared_group": "shared central", "sharing_error": "sharing e
 SENSITIVITY_COLUMNS = {"sensitivity": "sensitivity s"}
 
 
+#: Printed only when a balanced MPO was fitted by Kronecker-factored whitening (SPEC §7):
+#: the share of ``||C||^2`` its nearest Kronecker product keeps.
+KRONECKER_COLUMNS = {"kronecker_kept": "C kept by C_1 x ... x C_n"}
+
+
 def report_table(model: MPOModel) -> str:
     """The per-matrix report as Markdown, with readable headers (and the sharing columns
-    when central tensors are shared, the sensitivity column when it was measured)."""
+    when central tensors are shared, the sensitivity column when it was measured, the
+    Kronecker column for Kronecker-whitened fits)."""
     report = model.report()
-    shared = any(row.get("sharing_error") is not None for row in report)
-    measured = any(row.get("sensitivity") is not None for row in report)
-    return report.select({**COLUMNS, **(SHARING_COLUMNS if shared else {}),
-                          **(SENSITIVITY_COLUMNS if measured else {})}).to_markdown()
+    shown = dict(COLUMNS)
+    for columns, key in ((SHARING_COLUMNS, "sharing_error"),
+                         (SENSITIVITY_COLUMNS, "sensitivity"),
+                         (KRONECKER_COLUMNS, "kronecker_kept")):
+        if any(row.get(key) is not None for row in report):
+            shown.update(columns)
+    return report.select(shown).to_markdown()
 
 
 def write_compression_report(model: MPOModel, out: str | Path, model_name: str,

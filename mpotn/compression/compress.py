@@ -411,6 +411,9 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
         "relative_error": error if target.covariance is None else target.weight_error(mpo),
         "calibration": calibration,
         "output_error": error if target.covariance is not None else None,
+        # SPEC §7: how much of C its nearest Kronecker product keeps (Kronecker whitening)
+        "kronecker_kept": (candidate.whitening.kept
+                           if whitened and candidate.structure == "mpo" else None),
         "tied": ",".join(tied),
     }
 
