@@ -134,12 +134,12 @@ def findings(table: Table) -> list[str]:
     lines = []
     if "lfa" in rows and "full" in rows:
         cut = 1 - rows["lfa"]["trainable params"] / rows["full"]["trainable params"]
-        gap = acc["full"] - acc["lfa"]
+        gap = acc["lfa"] - acc["full"]
         lines.append(f"- LFA trains {100 * (1 - cut):.1f}% of the parameters full fine-tuning "
                      f"trains (a {100 * cut:.1f}% cut; claim: about 90%): "
                      f"{verdict(cut >= 0.85)}.")
         lines.append(f"- LFA is {gap:+.2f} points from full fine-tuning ({acc['lfa']:.2f}% vs "
-                     f"{acc['full']:.2f}%; claim: within about a point): {verdict(gap <= 1.0)}.")
+                     f"{acc['full']:.2f}%; claim: within about a point): {verdict(gap >= -1.0)}.")
     last = {name: a for name, a in acc.items() if name.startswith("last-")}
     if last and "lfa" in acc:
         beaten = [name for name, a in last.items() if acc["lfa"] > a]

@@ -410,6 +410,36 @@ def test_cli_finetune_flags_refuse_nan_and_fractions(capsys):
         capsys, "finetune", "--max-bond", "0")
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["compare", "--batch", "0"], "argument --batch: must be an integer >= 1, got '0'"),
+    (["heal", "saved", "--train", "central"], "argument --train: invalid choice: 'central'"),
+    (["heal", "saved", "--lr", "-1"], "argument --lr: must be > 0"),
+    (["heal", "saved", "--samples", "0"], "argument --samples: must be an integer >= 1"),
+    (["squeeze", "--init-epochs", "-1"], "argument --init-epochs: must be > 0"),
+    (["squeeze", "--epochs", "2"], "unrecognized arguments: --epochs"),  # its own steps
+])
+def test_cli_flags_refuse_values_they_cannot_use(capsys, argv, message):
+    assert message in argparse_error(capsys, *argv)
+
+
+def test_cli_heal_refuses_a_data_dir_without_a_task_before_loading(capsys, tmp_path,
+                                                                    monkeypatch):
+    import mpotn.compression.models as models
+
+    monkeypatch.setattr(models, "load_pretrained", lambda *a: pytest.fail("loaded a model"))
+    code, err = cli(capsys, "heal", "saved", "--data-dir", "glue_data", "--out",
+                    str(tmp_path / "o"))
+    assert code == 2 and "--data-dir is the folder of a GLUE task's files: give the task as " \
+                          "--texts NAME" in err
+
+
+def test_cli_compare_refuses_a_matrix_file_that_is_not_one(capsys, tmp_path):
+    for name in ("m.npy", "m.safetensors"):
+        write(tmp_path / name, "garbage")
+        code, err = cli(capsys, "compare", str(tmp_path / name), "--out", str(tmp_path / "o"))
+        assert code == 2 and "is not a" in err and "file" in err and "Traceback" not in err
+
+
 def test_cli_invalid_regex_exits_2_before_loading(capsys, tmp_path, monkeypatch):
     import mpotn.compression.models as models
 

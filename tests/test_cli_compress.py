@@ -186,6 +186,12 @@ def test_compress_cli_upcycles_experts_that_share_the_central(tiny_bert, tmp_pat
      "--keep-dense lets one model-wide budget leave matrices dense: add --budget model"),
     (["--experts", "2", "--budget", "model", "--ratio", "0.5", "--keep-dense"],
      "a matrix kept dense does not have: drop --keep-dense"),
+    (["--no-calibrate", "--samples", "10", "--fit", "whiten"],
+     "--samples, --fit set how the calibration text is used: drop --no-calibrate, or drop "
+     "them"),
+    (["--no-calibrate", "--calibrate-embeddings"], "--calibrate-embeddings set how"),
+    (["--data-dir", "glue_data"], "--data-dir is the folder of a GLUE task's files: give the "
+                                  "task as --calibrate NAME"),
 ])
 def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, capsys,
                                                                      monkeypatch, flags,
@@ -195,6 +201,19 @@ def test_compress_cli_refuses_sharing_flags_that_do_not_go_together(tmp_path, ca
     monkeypatch.setattr(models, "load_pretrained", lambda *a: pytest.fail("loaded a model"))
     assert main(["compress", *flags, "--out", str(tmp_path / "never")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_compress_cli_refuses_experts_of_blocks_it_does_not_compress_before_compressing(
+        tmp_path, capsys, monkeypatch):
+    import mpotn.compression
+
+    monkeypatch.setattr(mpotn.compression, "compress", lambda *a, **k: pytest.fail("compressed"))
+    assert main(["compress", "--experts", "2", "--targets", "attention", "--out",
+                 str(tmp_path / "never")]) == 2
+    assert ("--targets leaves 6 blocks uncompressed (encoder.layer.0.intermediate, "
+            "encoder.layer.1.intermediate, encoder.layer.2.intermediate); add ffn to --targets"
+            in capsys.readouterr().err)
     assert not (tmp_path / "never").exists()
 
 

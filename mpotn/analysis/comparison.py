@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -82,10 +83,18 @@ def load_matrix(source: str | os.PathLike | None = None, model: str | None = Non
             raise ValueError(f"matrix file {file} does not exist; give a .npy or .safetensors "
                              "file, or a module name of the model")
         if text.endswith(".npy"):
-            array = torch.from_numpy(np.load(text))
+            try:  # never pickled objects: a matrix file holds numbers only
+                array = torch.from_numpy(np.load(text, allow_pickle=False))
+            except (ValueError, OSError, TypeError) as error:
+                raise ValueError(f"{text} is not a .npy file of a numeric matrix ({error}); "
+                                 "save one with numpy.save(path, matrix)") from error
             name = Path(text).name
         else:
-            tensors = load_file(path + ".safetensors" if key else text)
+            try:
+                tensors = load_file(path + ".safetensors" if key else text)
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"{file} is not a safetensors file ({error}); save one with "
+                                 "safetensors.torch.save_file") from error
             if not key:
                 if len(tensors) != 1:
                     raise ValueError(f"{text} holds {len(tensors)} tensors; name one as "

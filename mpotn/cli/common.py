@@ -171,21 +171,26 @@ def _add_model_and_task(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--regression", action="store_true", help="real-valued labels")
 
 
-def _add_training(parser: argparse.ArgumentParser, epochs: float, default_out: str) -> None:
+def _add_training(parser: argparse.ArgumentParser, epochs: float | None,
+                  default_out: str) -> None:
+    """The training options; ``epochs=None`` for a command that sets its own steps (no
+    ``--epochs`` or ``--max-steps``)."""
     train = parser.add_argument_group("training")
     train.add_argument("--lr", type=_positive_float, default=None,
                        help="learning rate (default per strategy: "
                             + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
-                            + f"; lfa on two-core MPOs, the truncated SVDs of "
-                            f"--structure svd: {LFA_LR_TWO_CORE:g})")
+                            + f"; lfa on two-core MPOs, the truncated SVDs mpotn compress "
+                            f"makes by default: {LFA_LR_TWO_CORE:g})")
     train.add_argument("--central-lr", type=_positive_float, default=None,
                        help="learning rate of central tensors (default: --lr)")
     train.add_argument("--auxiliary-lr", type=_positive_float, default=None,
                        help="learning rate of auxiliary tensors (default: --lr)")
-    train.add_argument("--epochs", type=_positive_float, default=epochs,
-                       help=f"passes over the training set (default: {epochs:g})")
-    train.add_argument("--max-steps", type=int, default=-1,
-                       help="optimizer steps, overriding --epochs (default: -1, use epochs)")
+    if epochs is not None:
+        train.add_argument("--epochs", type=_positive_float, default=epochs,
+                           help=f"passes over the training set (default: {epochs:g})")
+        train.add_argument("--max-steps", type=int, default=-1,
+                           help="optimizer steps, overriding --epochs (default: -1, use "
+                                "epochs)")
     train.add_argument("--batch-size", type=int, default=32, help="default: 32")
     train.add_argument("--max-length", type=int, default=64,
                        help="tokens per example (default: 64)")
@@ -265,9 +270,10 @@ def training_config(args: argparse.Namespace, strategy: str, **extra: object) ->
     options."""
     from mpotn.finetune.training import TrainingConfig
 
+    steps = {key: getattr(args, key) for key in ("epochs", "max_steps") if hasattr(args, key)}
     return TrainingConfig(
         strategy=strategy, lr=args.lr, central_lr=args.central_lr,
-        auxiliary_lr=args.auxiliary_lr, epochs=args.epochs, max_steps=args.max_steps,
+        auxiliary_lr=args.auxiliary_lr, **steps,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit,
         device=getattr(args, "device", None), **extra,

@@ -9,7 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
-from mpotn.cli.common import _positive_float, check_out
+from mpotn.cli.common import _positive_float, _positive_int, check_out
 from mpotn.types import COMPARE_METHODS as METHODS
 from mpotn.types import COMPARE_RATIOS as RATIOS
 
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="largest CP to run, in multiply-adds of its ALS sweeps (default: "
                               "mpotn.methods.cp.MAX_WORK, 1.2e10: about a minute); CP points "
                               "above it are skipped")
-    compare.add_argument("--batch", type=int, default=128,
+    compare.add_argument("--batch", type=_positive_int, default=128,
                          help="rows of the input batch timed for inference (default: 128)")
     compare.add_argument("--out", default="mpotn-compare",
                          help="output folder (default: ./mpotn-compare)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from mpotn.cli.common import (
     _cores,
@@ -110,12 +111,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     calibration.add_argument(
         "--no-calibrate", dest="calibrate", action="store_const", const=None,
         help="truncate the weights as the paper does (Eq. 4), without calibration text")
-    compress.add_argument("--samples", type=int, default=CALIBRATION_SAMPLES,
+    compress.add_argument("--samples", type=_positive_int, default=None,
                           help=f"calibration sentences (default: {CALIBRATION_SAMPLES})")
     compress.add_argument("--data-dir", default=None, metavar="DIR",
                           help="folder in GLUE's layout for --calibrate TASK")
     compress.add_argument(
-        "--fit", choices=FITS, default="als",
+        "--fit", choices=FITS, default=None,
         help="how a calibrated balanced MPO is fitted: als (alternating least squares on the "
              "output error) or whiten (Kronecker-factored whitening) (default: als)")
     compress.add_argument("--calibrate-embeddings", action=argparse.BooleanOptionalAction,
@@ -178,6 +179,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--private", action="store_true",
                           help="with --push-to-hub: create the repository as private")
     compress.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _check_expert_targets(model: Any, config: Any) -> None:
+    """Refuse ``--experts`` whose targets leave a feed-forward block without an MPO layer
+    (the experts share its central tensors), before compressing."""
+    import warnings
+
+    from mpotn.compression.architectures import feed_forward_blocks
+    from mpotn.compression.config import layer_holder, select_targets
+
+    with warnings.catch_warnings():  # compress itself warns about what it skips
+        warnings.simplefilter("ignore")
+        selected = [name for name, _ in select_targets(model, config)]
+    base = layer_holder(model)
+    prefix = "" if base is model else next(n for n, m in model.named_modules() if m is base)
+    bare = [block for block, _ in feed_forward_blocks(base)
+            if not any(name.startswith(f"{prefix}.{block}." if prefix else f"{block}.")
+                       for name in selected)]
+    if bare:
+        raise ValueError(f"--experts makes each feed-forward block's experts share the "
+                         f"central tensors of its compressed matrices, but --targets leaves "
+                         f"{len(bare)} blocks uncompressed ({', '.join(bare[:3])}); add ffn "
+                         "to --targets")
 
 
 def _check_sharing(args: argparse.Namespace) -> None:
@@ -289,6 +313,16 @@ def run(args: argparse.Namespace) -> None:
     if args.sequential and args.calibrate is None:
         raise ValueError("--sequential fits each matrix to the original's outputs on the "
                          "calibration text: drop --no-calibrate, or drop --sequential")
+    uncalibrated = [flag for flag, given in (
+        ("--samples", args.samples is not None), ("--fit", args.fit is not None),
+        ("--calibrate-embeddings", args.calibrate_embeddings)) if given]
+    if args.calibrate is None and uncalibrated:
+        raise ValueError(f"{', '.join(uncalibrated)} set how the calibration text is used: "
+                         "drop --no-calibrate, or drop them")
+    if args.data_dir is not None and not args.calibrate:
+        raise ValueError("--data-dir is the folder of a GLUE task's files: give the task as "
+                         "--calibrate NAME (e.g. --calibrate rte --data-dir glue_data), or "
+                         "drop --data-dir")
     _resolve_budget(args)
     if args.sensitivity and args.calibrate is None:
         raise ValueError("--sensitivity measures each matrix's effect on the model's outputs "
@@ -317,7 +351,7 @@ def run(args: argparse.Namespace) -> None:
         allocation=args.allocation, svd=args.svd,
         structure=args.structure or ("svd" if calibrating and not sharing else "mpo"),
         budget=args.budget, keep_dense=args.keep_dense, sensitivity=args.sensitivity,
-        fit=args.fit, sequential=args.sequential,
+        fit=args.fit or "als", sequential=args.sequential,
         calibrate_embeddings=(calibrating if args.calibrate_embeddings is None
                               else args.calibrate_embeddings), **policy,
     )
@@ -329,6 +363,8 @@ def run(args: argparse.Namespace) -> None:
     if args.deepen is not None and layers is not None and args.deepen < layers:
         raise ValueError(f"--deepen {args.deepen} is below the model's {layers} layers: "
                          "deepening only adds layers")
+    if args.experts is not None:
+        _check_expert_targets(model, config)
     if args.dry_run:
         print(plan(model, config).to_markdown())
         return
@@ -337,7 +373,8 @@ def run(args: argparse.Namespace) -> None:
     probe = fidelity_probe(model, tokenizer)
     batches = None
     if calibrating:
-        sentences = texts(args.calibrate or None, samples=args.samples, data_dir=args.data_dir)
+        sentences = texts(args.calibrate or None, samples=args.samples or CALIBRATION_SAMPLES,
+                          data_dir=args.data_dir)
         batches = text_batches(tokenizer, sentences)
         print(f"calibrating on {len(sentences)} sentences of "
               f"{args.calibrate or 'the shipped SST-2 training sample'}")

@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune a model on a task with one strategy (full, lfa, central, last-k, lora)",
         description=(
             "Fine-tune MODEL on a task with the transformers Trainer. lfa and central "
-            "first decompose the word embedding, attention and FFN matrices into MPOs "
+            "first decompose the attention and FFN matrices (--targets) into MPOs "
             "(full rank unless --ratio / --max-bond) and train the auxiliary (lfa) or "
             "central tensors only, on --device (default: CUDA when present). Trainer "
             "checkpoints go to OUT/checkpoints (every --save-steps steps and at the end, the "

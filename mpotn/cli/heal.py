@@ -13,12 +13,13 @@ import argparse
 from typing import Any
 
 from mpotn.cli import common
+from mpotn.types import HEAL_TRAIN
 
 #: ``HealConfig`` field -> (flag, argparse keywords).
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "steps": ("--steps", {"type": int, "metavar": "N"}),
-    "train": ("--train", {"metavar": "{auxiliary,all}"}),
-    "learning_rate": ("--lr", {"type": float, "metavar": "LR"}),
+    "steps": ("--steps", {"type": common._positive_int, "metavar": "N"}),
+    "train": ("--train", {"choices": HEAL_TRAIN}),
+    "learning_rate": ("--lr", {"type": common._positive_float, "metavar": "LR"}),
     "logits_weight": ("--logits-weight", {"type": float, "metavar": "W"}),
     "batch_size": ("--batch-size", {"type": int}),
     "max_length": ("--max-length", {"type": int}),
@@ -67,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     text.add_argument("--texts", default=None, metavar="SOURCE",
                       help="a GLUE task name (its training sentences) or a .txt file with one "
                            "sentence per line")
-    text.add_argument("--samples", type=int, default=None,
+    text.add_argument("--samples", type=common._positive_int, default=None,
                       help="use a seeded random subset of this many sentences (default: all "
                            "of them; varied text heals best: 1,000 steps on 16,000 SST-2 "
                            "sentences beat the same steps on 2,000, docs/compression.md)")
@@ -100,6 +101,10 @@ def run(args: argparse.Namespace) -> None:
 
         hf_logging.disable_progress_bar()
     common.check_out(args.out)
+    if args.data_dir is not None and args.texts is None:
+        raise ValueError("--data-dir is the folder of a GLUE task's files: give the task as "
+                         "--texts NAME (e.g. --texts sst2 --data-dir glue_data), or drop "
+                         "--data-dir")
     config = HealConfig(**common.config_settings(args, OPTIONS))
     check_device(config.device)
     check_writable(Path(args.out) / "model", args.overwrite)

@@ -57,13 +57,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for flag, field in OLD_FLAGS.items():
         group.add_argument(flag, dest=field, type=int, help=argparse.SUPPRESS,
                            default=argparse.SUPPRESS)
-    squeeze.add_argument("--init-epochs", type=float, default=1.0,
+    squeeze.add_argument("--init-epochs", type=common._positive_float, default=1.0,
                          help="LFA epochs before squeezing a pre-trained MODEL (default: 1)")
     squeeze.add_argument("--direct", action="store_true",
                          help="also run the direct-truncation ablation at the final bonds")
     squeeze.add_argument("--resume", action="store_true",
                          help="continue the run checkpointed in --out")
-    common._add_training(squeeze, epochs=1.0, default_out="mpotn-squeeze")
+    common._add_training(squeeze, epochs=None, default_out="mpotn-squeeze")  # steps: its own
 
 
 def run(args: argparse.Namespace) -> None:
