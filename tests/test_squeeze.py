@@ -146,6 +146,17 @@ class ScriptedScores(Squeezer):
         return {"loss": 0.5, "accuracy": self.scores[len(self.state.history)]}
 
 
+def started(tiny_bert, data, tmp_path, step_limit=3, training_steps=0):
+    """A scripted squeezer of the fresh model past step 0 (cuts of half, delta 0.02)."""
+    model, tokenizer = fresh(tiny_bert, data)
+    config = SqueezeConfig(cut=0.5, budget=None, training_steps=training_steps,
+                           step_limit=step_limit, delta=0.02)
+    squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
+    squeezer._tokenized = tokenized(tokenizer, data)
+    squeezer.start()
+    return squeezer
+
+
 def test_squeeze_refuses_a_type_the_model_does_not_have_before_any_step(tiny_bert, data,
                                                                         tmp_path):
     model, tokenizer = fresh(tiny_bert, data)
@@ -158,11 +169,8 @@ def test_squeeze_refuses_a_type_the_model_does_not_have_before_any_step(tiny_ber
 
 def test_a_drop_beyond_delta_stops_and_returns_the_last_model_within_it(tiny_bert, data,
                                                                         tmp_path):
-    model, tokenizer = fresh(tiny_bert, data)
-    config = SqueezeConfig(cut=0.5, budget=None, training_steps=0, step_limit=3, delta=0.02)
-    squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
-    squeezer._tokenized = tokenized(tokenizer, data)
-    squeezer.start()
+    squeezer = started(tiny_bert, data, tmp_path)
+    model = squeezer.model
     squeezer.step()  # 0.90 -> 0.89: within delta
     after_first = {n: m.bond_dims for n, m in model.mpo_layers().items()}
     result = squeezer.run(resume=True)  # 0.90 -> 0.85: beyond delta, stop
@@ -225,11 +233,7 @@ def test_a_resume_on_other_task_data_is_refused_and_changed_settings_are_named(
 
 def test_spent_checkpoints_are_removed_but_for_a_users_file_in_them(tiny_bert, data,
                                                                    tmp_path):
-    model, tokenizer = fresh(tiny_bert, data)
-    config = SqueezeConfig(cut=0.5, budget=None, training_steps=0, step_limit=4, delta=0.02)
-    squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
-    squeezer._tokenized = tokenized(tokenizer, data)
-    squeezer.start()
+    squeezer = started(tiny_bert, data, tmp_path, step_limit=4)
     for _ in range(3):  # 0.89 (accepted), 0.85, 0.95 (accepted): steps 1 and 2 are spent
         squeezer.step()
         if squeezer.state.step == 1:
@@ -332,11 +336,8 @@ def test_the_command_refuses_an_unknown_type_before_fine_tuning(tmp_path, tiny_b
 
 def test_a_checkpoint_saved_with_the_old_setting_names_resumes(tiny_bert, data, tmp_path):
     """latest.json of earlier versions names steps_per_cut and max_cuts: read as today's."""
-    model, tokenizer = fresh(tiny_bert, data)
-    config = SqueezeConfig(cut=0.5, budget=None, training_steps=3, step_limit=5, delta=0.02)
-    squeezer = ScriptedScores(model, tokenizer, data, config, TRAINING, tmp_path, False)
-    squeezer._tokenized = tokenized(tokenizer, data)
-    squeezer.start()
+    squeezer = started(tiny_bert, data, tmp_path, step_limit=5, training_steps=3)
+    config, tokenizer = squeezer.config, squeezer.tokenizer
     path = squeezer.checkpoints / "latest.json"
     saved = json.loads(path.read_text())
     saved["config"]["steps_per_cut"] = saved["config"].pop("training_steps")
