@@ -355,6 +355,24 @@ def test_api_saved_classifier_with_other_classes_is_refused(tiny_bert, tmp_path)
     assert same.base_model.config.id2label == {0: "neg", 1: "pos"}
 
 
+def test_api_a_fine_tuned_transformers_classifier_keeps_its_classes_or_is_refused(
+        tiny_bert, tmp_path):
+    """A classifier saved by transformers (as LPAF's pruning run writes it) is read with its
+    head: the task must have its classes in its order, not relabel the head's rows."""
+    train = write(tmp_path / "train.tsv", "sentence\tlabel\nfine\tpos\nbad\tneg\n")
+    data = load_local(train, train)
+    config = TrainingConfig(strategy="full", max_steps=1, batch_size=2)
+    model, tokenizer = prepare_model(str(tiny_bert), data, config, progress=False)
+    model.save_pretrained(tmp_path / "fine-tuned")
+    tokenizer.save_pretrained(tmp_path / "fine-tuned")
+    swapped = load_local(train, train, label_names=["pos", "neg"])
+    with pytest.raises(ValueError, match=r"fine-tuned was trained on the classes \['neg', "
+                                         r"'pos'\], but the task's classes are \['pos', 'neg'\]"):
+        prepare_model(str(tmp_path / "fine-tuned"), swapped, config, progress=False)
+    again, _ = prepare_model(str(tmp_path / "fine-tuned"), data, config, progress=False)
+    assert again.config.id2label == {0: "neg", 1: "pos"}
+
+
 def test_api_evaluation_without_examples_is_an_error(tiny_bert, tmp_path):
     train = write(tmp_path / "train.tsv", "sentence\tlabel\nfine\tpos\nbad\tneg\n")
     data = load_local(train, train)

@@ -60,13 +60,22 @@ def test_json_and_json_lines(tmp_path, suffix):
 
 
 def test_bad_columns_unknown_labels_and_formats_are_clear_errors(tmp_path):
-    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tpos\n")
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tpos\nc\tneg\n")
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nb\tneutral\n")
     with pytest.raises(ValueError, match=r"has no column 'text'; its columns are \['sentence', "):
         load_local(tmp_path / "dev.tsv", text="text")
     with pytest.raises(ValueError, match=r"has labels \['neutral'\] that the training data does "
-                                         r"not have; known labels: \['pos'\]"):
+                                         r"not have; known labels: \['neg', 'pos'\]"):
         load_local(tmp_path / "dev.tsv", tmp_path / "train.tsv")
+    with pytest.raises(ValueError, match=r"dev.tsv has one class only \(\['neutral'\]\): a "
+                                         r"classifier needs examples of at least two"):
+        load_local(tmp_path / "dev.tsv")  # it would be a one-output regression head
+    (tmp_path / "three.tsv").write_text("sentence\tlabel\na\tpos\nb\tneg\nc\tneutral\n")
+    with pytest.raises(ValueError, match=r"f1 scores class 1 of two classes, and the task has 3"):
+        load_local(tmp_path / "three.tsv", metrics=["f1"])
+    with pytest.raises(ValueError, match=r"metrics \['pearson'\] do not score a classification "
+                                         r"task; use accuracy, f1 or matthews_correlation"):
+        load_local(tmp_path / "three.tsv", metrics=["pearson"])
     (tmp_path / "dev.xml").write_text("<x/>")
     with pytest.raises(ValueError, match=r"must be \.tsv, \.csv, \.json or \.jsonl"):
         load_local(tmp_path / "dev.xml")
@@ -206,6 +215,9 @@ GLUE_SAMPLES = {
 }
 
 
+GLUE_SAMPLES["mnlimm"] = GLUE_SAMPLES["mnli"]  # the same files; its dev file is another
+
+
 def write_glue(root: Path, task: str) -> Path:
     """``root/FOLDER/train.tsv`` and the dev file of one task, as GLUE writes them."""
     folder, train, dev, *_ = GLUE_SAMPLES[task]
@@ -226,7 +238,7 @@ def test_every_glue_task_reads_its_official_files(tmp_path, task):
     assert data.train[0]["text"] == text
     assert data.train[0].get("text_pair") == text_pair
     assert data.spec == GLUE_TASKS[task] and data.spec.metrics == GLUE_TASKS[task].metrics
-    assert data.num_labels == {"stsb": 1, "mnli": 3}.get(task, 2)
+    assert data.num_labels == {"stsb": 1, "mnli": 3, "mnlimm": 3}.get(task, 2)
 
 
 def test_glue_label_ids_follow_the_hub_class_labels(tmp_path):
@@ -241,6 +253,12 @@ def test_glue_label_ids_follow_the_hub_class_labels(tmp_path):
     }
     # GLUE's folder spellings, and the task folder itself, work as well
     assert len(load_glue("STS-B", data_dir=tmp_path).train) == 2
+    # MNLI-mm: MNLI's training set, its mismatched dev file
+    row = GLUE_SAMPLES["mnli"][2][1].rsplit("\t", 1)[0] + "\tcontradiction"  # gold label
+    (tmp_path / "MNLI" / "dev_mismatched.tsv").write_text(f"{MNLI_DEV_HEADER}\n{row}\n")
+    mismatched = load_glue("MNLI-mm", data_dir=tmp_path)
+    assert mismatched.spec.eval_split == "validation_mismatched"
+    assert len(mismatched.train) == 3 and mismatched.eval["label"] == [2]
     assert len(load_glue("rte", data_dir=tmp_path / "RTE").train) == 2
 
 

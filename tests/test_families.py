@@ -190,6 +190,26 @@ def test_an_unknown_architecture_lists_its_matrices_with_their_types():
         compress(model, targets=["attention", "ffn"], progress=False)
 
 
+@pytest.mark.parametrize("head", [
+    tf.RobertaForSequenceClassification, tf.ElectraForSequenceClassification])
+def test_a_task_head_is_never_an_attention_or_ffn_matrix(head):
+    """RoBERTa's and ELECTRA's classifier names its last matrix ``out_proj``, the name of
+    Llama's attention output: the presets, pruning and LoRA leave it to the head."""
+    from mpotn.compression.config import CompressionConfig, select_targets
+    from mpotn.finetune.pruning import GradualPruning
+    from mpotn.finetune.strategies import lora_targets
+
+    config = (tf.RobertaConfig(**ENCODER, max_position_embeddings=40) if "Roberta" in
+              head.__name__ else tf.ElectraConfig(**ENCODER, embedding_size=16))
+    model = head(config)
+    assert matrix_type("classifier.out_proj") == matrix_type("classifier.dense") == "head"
+    chosen = [n for n, _ in select_targets(model, CompressionConfig(targets=["attention",
+                                                                              "ffn"]))]
+    assert len(chosen) == 12 and not any("classifier" in n for n in chosen)
+    assert not any("classifier" in n for n in lora_targets(model))
+    assert not any("classifier" in n for n in GradualPruning(model, 0.5).modules)
+
+
 @pytest.mark.parametrize(("model_type", "adapted"), [
     ("gpt2", {"c_attn", "c_proj", "c_fc"}),
     ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),

@@ -152,3 +152,31 @@ def test_a_config_that_links_out_of_the_folder_is_refused(saved, tmp_path):
     with pytest.raises(ValueError, match=r"names 'mpotn_config\.json', which is not a file "
                                          r"inside"):
         load(copy)
+
+
+def test_generation_settings_set_on_the_model_are_saved_and_loaded_back(tmp_path):
+    """Setting ``generation_config`` on the compressed model reaches the wrapped one, its
+    save and the loaded model: end tokens, lengths, sampling."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = compress(_gpt2(), targets=["ffn"], n=3, progress=False)
+    compressed.generation_config = tf.GenerationConfig(max_new_tokens=3, eos_token_id=[2, 5],
+                                                       do_sample=True, temperature=0.6)
+    assert compressed.base_model.generation_config.max_new_tokens == 3
+    compressed.save_pretrained(tmp_path)
+    again = load(tmp_path)
+    settings = again.generation_config
+    assert (settings.max_new_tokens, settings.eos_token_id, settings.do_sample,
+            settings.temperature) == (3, [2, 5], True, 0.6)
+    ids = torch.tensor([[7, 8, 9]])
+    assert again.generate(ids, do_sample=False).shape == (1, 6)  # 3 new tokens, as saved
+
+
+def test_resizing_a_compressed_embedding_is_refused_before_any_change():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = compress(_gpt2(), targets=["embeddings"], n=3, progress=False)
+    with pytest.raises(ValueError, match="MPOEmbedding embedding cannot change its "
+                                         r"vocabulary; resize the dense model \(merge\(\)"):
+        compressed.resize_token_embeddings(120)
+    assert compressed.config.vocab_size == 97

@@ -244,6 +244,24 @@ def test_mixed_rank_refuses_what_it_cannot_swap():
         MixedRank(model, {"0": dense["2"]})
     with pytest.raises(ValueError, match="0 <= p <= 1"):
         MixedRank(model, dense, p=1.5)
+    with pytest.raises(ValueError, match="'3' is not a module of the model"):
+        MixedRank(model, {"3": dense["0"]})
+
+
+def test_mixed_rank_takes_the_module_an_mpo_model_wraps_too(tiny_bert):
+    """A transformers model's own ``base_model`` is its backbone: the module itself is
+    what the weights' names are relative to."""
+    from mpotn.compression import compress
+    from mpotn.compression.models import load_classifier
+
+    model = compress(load_classifier(str(tiny_bert)), targets=["ffn"], structure="svd",
+                     ratio=0.5, progress=False)
+    name, layer = next(iter(model.mpo_layers().items()))
+    dense = {name: layer.weight.detach().clone()}
+    for given in (model, model.base_model):
+        mixing = MixedRank(given, dense, p=1.0)
+        assert mixing.layers == {name: layer}
+        mixing.close()
 
 
 def test_prune_factorize_and_mixed_rank_fine_tuning_end_to_end(tiny_bert):

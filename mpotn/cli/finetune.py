@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> None:
         is_main_process,
         prepare_model,
         resume_checkpoint,
+        trainer_device,
         write_run,
     )
 
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> None:
         pruning = GradualPruning(model, args.prune, args.prune_criterion or "movement",
                                  args.targets)
     if factorize:
+        model.to(trainer_device(config.device))  # factorized where it will train
         sentences = args.calibration_samples or CALIBRATION_SAMPLES
         batches = (text_batches(tokenizer, texts(data, sentences), max_length=args.max_length)
                    if fit == "whitened" else None)

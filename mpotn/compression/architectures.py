@@ -122,9 +122,15 @@ _EXPERT = re.compile(r"\.experts\.\d+(?=\.)")
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 
 
+#: Module-name components that mark a task head (trained by every strategy, never an
+#: ``attention`` or ``ffn`` matrix, whatever its own name: RoBERTa's ``classifier.out_proj``).
+HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs")
+
+
 def matrix_type(name: str) -> str:
-    """Short type of a module name (the first rule of
-    [MATRIX_TYPES][mpotn.compression.architectures.MATRIX_TYPES] it matches).
+    """Short type of a module name: ``head`` inside a task head
+    ([HEAD_NAMES][mpotn.compression.architectures.HEAD_NAMES]), else the first rule of
+    [MATRIX_TYPES][mpotn.compression.architectures.MATRIX_TYPES] it matches.
 
     Examples
     --------
@@ -140,7 +146,11 @@ def matrix_type(name: str) -> str:
     'ffn_out'
     >>> matrix_type("transformer.h.0.mlp.experts.2.c_proj")  # an upcycled expert's
     'ffn_out'
+    >>> matrix_type("classifier.out_proj")  # RoBERTa's head, not an attention output
+    'head'
     """
+    if any(part in HEAD_NAMES for part in name.split(".")):
+        return "head"
     name = name.removesuffix(".layer")  # a matrix inside a bottleneck adapter's wrapper
     for candidate in (name, _EXPERT.sub("", name)):  # then as if not an upcycled expert
         for pattern, short in _RULES:

@@ -80,6 +80,37 @@ class MPOModel(nn.Module):
         except AttributeError:
             return getattr(self.base_model, name)
 
+    #: What the wrapper holds itself; every other attribute the wrapped model has is set
+    #: on it (``model.generation_config = ...`` reaches ``generate`` and the save).
+    OWN = frozenset({"base_model", "compression_config", "records", "original_params",
+                     "source", "training"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        base = self.__dict__.get("_modules", {}).get("base_model")
+        if (base is not None and name not in self.OWN and not name.startswith("_")
+                and hasattr(base, name) and name not in self.__dict__):
+            setattr(base, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused, before any change, when the input or output embedding is compressed (an
+        MPO has no rows to add); otherwise the wrapped model's.
+
+        Raises
+        ------
+        ValueError
+            Naming the compressed embedding, and ``merge()`` to resize the dense model.
+        """
+        getters = ("get_input_embeddings", "get_output_embeddings")
+        compressed = [m for m in (getattr(self.base_model, g, lambda: None)() for g in getters)
+                      if isinstance(m, COMPRESSED_LAYERS)]
+        if compressed:
+            raise ValueError(f"the model's {type(compressed[0]).__name__} embedding cannot "
+                             "change its vocabulary; resize the dense model (merge(), then "
+                             "resize_token_embeddings) and compress it again")
+        return self.base_model.resize_token_embeddings(*args, **kwargs)
+
     def mpo_layers(self) -> dict[str, nn.Module]:
         """``{module name: MPOLinear or MPOEmbedding}``."""
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MPO_LAYERS)}

@@ -31,12 +31,10 @@ from typing import Any
 
 from torch import nn
 
+from mpotn.compression.architectures import HEAD_NAMES
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.layers.bottleneck import BottleneckAdapter
 from mpotn.layers.experts import MixtureOfExperts
-
-#: Module-name components that mark a task head (trained by every strategy).
-HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -45,7 +43,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters of the task head (modules named in
-    [HEAD_NAMES][mpotn.compression.parameters.HEAD_NAMES])."""
+    [HEAD_NAMES][mpotn.compression.architectures.HEAD_NAMES])."""
     for name, param in model.named_parameters():
         if any(part in HEAD_NAMES for part in name.split(".")):
             yield name, param

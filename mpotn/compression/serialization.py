@@ -678,7 +678,8 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None,
     ``directory``; every parameter and buffer gets the dtype it was saved in. The
     architecture is built with its parameters on the meta device (accelerate's
     ``init_empty_weights``), so a load never holds the dense model's weights in
-    memory: the weights file fills in each tensor, once for tied and shared ones.
+    memory: the weights file fills in each tensor, once for tied and shared ones. A
+    model that generates gets the ``generation_config.json`` saved beside it.
 
     Parameters
     ----------
@@ -754,6 +755,23 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None,
         ) from error
     if target is not None:  # buffers the file does not hold (position ids, ...)
         base.to(target)
+    _read_generation_config(base, directory)
     mark_shared_centrals(base)  # the marks name the loaded tensors
     base.eval()
     return SavedModel(base, compression, config["report"], config["original_params"])
+
+
+def _read_generation_config(base: nn.Module, directory: Path) -> None:
+    """Give a model that generates the ``generation_config.json`` saved beside it (its end
+    tokens, lengths and sampling settings; the config alone gives defaults)."""
+    name = "generation_config.json"
+    if not (directory / name).is_file() or not getattr(base, "can_generate", lambda: False)():
+        return
+    from transformers import GenerationConfig
+
+    resolve_inside(directory, name, str(directory))
+    try:
+        base.generation_config = GenerationConfig.from_pretrained(str(directory), name)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{directory / name} is not a generation config ({error}); "
+                         f"{_FIX}") from error

@@ -60,7 +60,8 @@ _MNLI_TRAIN = ("index", "promptID", "pairID", "genre", "sentence1_binary_parse",
                "sentence2_binary_parse", "sentence1_parse", "sentence2_parse", "sentence1",
                "sentence2", "label1", "gold_label")
 
-#: The nine GLUE tasks' files, keyed like [GLUE_TASKS][mpotn.data.tasks.GLUE_TASKS].
+#: The nine GLUE tasks' files (MNLI twice: its matched and mismatched dev sets), keyed like
+#: [GLUE_TASKS][mpotn.data.tasks.GLUE_TASKS].
 GLUE_FILES = {
     "cola": GlueFiles("CoLA", None, 3, None, 1, ("unacceptable", "acceptable")),
     "sst2": GlueFiles("SST-2", ("sentence", "label"), "sentence", None, "label",
@@ -74,6 +75,8 @@ GLUE_FILES = {
                       "sentence1", "sentence2", "score", None),
     "mnli": GlueFiles("MNLI", _MNLI_TRAIN, "sentence1", "sentence2", "gold_label",
                       ("entailment", "neutral", "contradiction"), dev="dev_matched.tsv"),
+    "mnlimm": GlueFiles("MNLI", _MNLI_TRAIN, "sentence1", "sentence2", "gold_label",
+                        ("entailment", "neutral", "contradiction"), dev="dev_mismatched.tsv"),
     "qnli": GlueFiles("QNLI", ("index", "question", "sentence", "label"), "question",
                       "sentence", "label", ("entailment", "not_entailment")),
     "rte": GlueFiles("RTE", ("index", "sentence1", "sentence2", "label"), "sentence1",
@@ -86,14 +89,19 @@ GLUE_FILES = {
 def glue_task(name: str) -> str | None:
     """The [GLUE_TASKS][mpotn.data.tasks.GLUE_TASKS] key of a task name, or ``None``.
 
-    Accepts the keys (``sst2``) and GLUE's folder spellings (``SST-2``), in any case.
+    Accepts the keys (``sst2``) and GLUE's folder spellings (``SST-2``), in any case, and
+    MNLI's dev sets by name (``mnli-m``, ``mnli_matched``; ``mnli-mm``,
+    ``mnli_mismatched``).
 
     Examples
     --------
     >>> glue_task("SST-2"), glue_task("sts-b"), glue_task("RTE"), glue_task("sst3")
     ('sst2', 'stsb', 'rte', None)
+    >>> glue_task("MNLI-mm"), glue_task("mnli_mismatched"), glue_task("mnli-m")
+    ('mnlimm', 'mnlimm', 'mnli')
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
+    key = {"mnlim": "mnli", "mnlimatched": "mnli", "mnlimismatched": "mnlimm"}.get(key, key)
     return key if key in GLUE_FILES else None
 
 
@@ -185,7 +193,8 @@ def load_glue_files(task: str, data_dir: str | os.PathLike) -> TaskData:
     -------
     TaskData
         Splits ``train`` (``train.tsv``) and ``eval`` (``dev.tsv``, MNLI:
-        ``dev_matched.tsv``), with the hub's label names and GLUE's metrics.
+        ``dev_matched.tsv``, MNLI-mm: ``dev_mismatched.tsv``), with the hub's label names
+        and GLUE's metrics.
         Rows with fewer fields than the header are dropped with a warning, as
         GLUE's own readers drop them.
 

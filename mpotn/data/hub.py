@@ -9,6 +9,9 @@ from mpotn.data.glue_files import glue_task, load_glue_files
 from mpotn.data.local import _dataset
 from mpotn.data.tasks import GLUE_TASKS, TaskData
 
+#: The hub's GLUE configuration of a task whose key is not one (MNLI-mm is MNLI's).
+HUB_CONFIGS = {"mnlimm": "mnli"}
+
 
 def load_glue(task: str, data_dir: str | os.PathLike | None = None,
               cache_dir: str | None = None) -> TaskData:
@@ -54,7 +57,7 @@ def load_glue(task: str, data_dir: str | os.PathLike | None = None,
 
     spec = GLUE_TASKS[task]
     try:
-        raw = load_dataset("nyu-mll/glue", task, cache_dir=cache_dir)
+        raw = load_dataset("nyu-mll/glue", HUB_CONFIGS.get(task, task), cache_dir=cache_dir)
     except (ConnectionError, OSError, ValueError) as error:
         raise ValueError(
             f"could not load GLUE {task!r} from the hub ({error}); without a network, pass "

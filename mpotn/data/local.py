@@ -168,6 +168,10 @@ def _labels(values: pd.Series, regression: bool, names: list[str] | None,
         found = set(text)
         names = ([str(k) for k in sorted(int(t) for t in found)]
                  if all(_is_int(t) for t in found) else sorted(found))
+        if len(names) < 2:
+            raise ValueError(f"{Path(path).name} has one class only ({_shown(names)}): a "
+                             "classifier needs examples of at least two (or pass --regression "
+                             "/ regression=True for real-valued labels)")
     index = {name: k for k, name in enumerate(names)}
     unknown = sorted(set(text) - set(index))
     if unknown:
@@ -261,7 +265,22 @@ def load_local(
         columns["label"], names = _labels(labels, regression, names, path,
                                           label_names is not None)
         splits[split] = _dataset(columns)
+    _check_metrics(metrics, regression, names)
     return TaskData(spec, splits["train"], splits["eval"], names)
+
+
+def _check_metrics(metrics: Sequence[str], regression: bool, names: list[str] | None) -> None:
+    """Refuse metrics the task cannot be scored by, before any training: correlations of
+    classes or class metrics of real values, and F1 (of class 1) unless there are two."""
+    correlations = ("pearson", "spearmanr")
+    wrong = [m for m in metrics if (m in correlations) != regression]
+    if wrong:
+        kind, usable = (("regression", "pearson, spearmanr") if regression else
+                        ("classification", "accuracy, f1 or matthews_correlation"))
+        raise ValueError(f"metrics {wrong} do not score a {kind} task; use {usable}")
+    if "f1" in metrics and names is not None and len(names) != 2:
+        raise ValueError(f"f1 scores class 1 of two classes, and the task has {len(names)} "
+                         f"({_shown(names)}); use accuracy or matthews_correlation")
 
 
 def sst2_sample() -> TaskData:

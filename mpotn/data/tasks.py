@@ -53,6 +53,8 @@ GLUE_TASKS = {
     "stsb": TaskSpec("stsb", "sentence1", "sentence2", regression=True,
                      metrics=("pearson", "spearmanr")),
     "mnli": TaskSpec("mnli", "premise", "hypothesis", eval_split="validation_matched"),
+    # MNLI scored on its mismatched dev set (GLUE's MNLI-mm): the same training data
+    "mnlimm": TaskSpec("mnlimm", "premise", "hypothesis", eval_split="validation_mismatched"),
     "qnli": TaskSpec("qnli", "question", "sentence"),
     "rte": TaskSpec("rte", "sentence1", "sentence2"),
     "wnli": TaskSpec("wnli", "sentence1", "sentence2"),

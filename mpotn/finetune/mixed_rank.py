@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.model import MPOModel
 from mpotn.finetune.schedules import step_callback
 
 #: The name of the buffer that holds a layer's full-rank matrix while it trains.
@@ -86,10 +87,14 @@ class MixedRank:
         if not 0.0 <= p <= 1.0 or not 0.0 < anneal <= 1.0:
             raise ValueError(f"need 0 <= p <= 1 and 0 < anneal <= 1, got p={p}, "
                              f"anneal={anneal}")
-        base = getattr(model, "base_model", model)
+        base = model.base_model if isinstance(model, MPOModel) else model
         self.layers: dict[str, nn.Module] = {}
         for name, weight in dense.items():
-            layer = base.get_submodule(name) if name else base
+            try:
+                layer = base.get_submodule(name) if name else base
+            except AttributeError:
+                raise ValueError(f"{name!r} is not a module of the model; pass the factorized "
+                                 "model the full-rank weights were taken from") from None
             if not isinstance(layer, MPO_LAYERS) or not hasattr(layer, "in_features"):
                 raise ValueError(f"{name!r} is not an MPO linear layer of the model "
                                  f"({type(layer).__name__}); pass the factorized model")

@@ -74,7 +74,7 @@ from mpotn.finetune.training import (
     lfa_budget,
     save_model,
     tokenize,
-    trainer_arguments,
+    trainer_device,
 )
 from mpotn.table import Table
 from mpotn.types import ERRORS, MONITORS
@@ -592,9 +592,7 @@ class Squeezer:
                           f"of {', '.join(changed)}", stacklevel=3)
         self.config, self.training, self.state = parts["config"], training, parts["state"]
         self._resumed_data = saved.get("data_sha256")
-        device = trainer_arguments(training.device, output_dir=str(self.out),
-                                   progress=False).device
-        self.model = load(checkpoint, device=device)
+        self.model = load(checkpoint, device=trainer_device(training.device))
 
     def has_checkpoint(self) -> bool:
         """Whether ``out`` already holds a squeeze run."""

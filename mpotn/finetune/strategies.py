@@ -37,15 +37,10 @@ from typing import Any
 
 from torch import nn
 
-from mpotn.compression.architectures import is_linear, linear_matrix, matrix_type
+from mpotn.compression.architectures import HEAD_NAMES, is_linear, linear_matrix, matrix_type
 from mpotn.compression.config import MPO_LAYERS, PRESET_TYPES
 from mpotn.compression.models import layer_index
-from mpotn.compression.parameters import (
-    HEAD_NAMES,
-    count_parameters,
-    head_parameters,
-    lfa_parameters,
-)
+from mpotn.compression.parameters import count_parameters, head_parameters, lfa_parameters
 from mpotn.types import STRATEGIES
 
 #: Matrix types LoRA adapts: the attention and FFN linears of

@@ -40,7 +40,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -283,8 +283,11 @@ def prepare_model(
     """
     if model is not None and is_saved_model(model):
         saved = load(model)
-        _check_labels(saved, data, model)
+        _check_labels(getattr(getattr(_trainable_model(saved), "config", None), "id2label",
+                              None), data, model)
         return saved, load_tokenizer(model)
+    if model is not None:  # a fine-tuned classifier keeps its head: the same classes only
+        _check_labels(_trained_classes(model), data, model)
     torch.manual_seed(config.seed)  # the new task head
     classifier = load_classifier(model, data.num_labels, data.label_names)
     tokenizer = load_tokenizer(model)
@@ -294,13 +297,29 @@ def prepare_model(
         compress_model = config.strategy in ("lfa", "central")
     if compress_model:
         settings = {"targets": list(targets or DEFAULT_TARGETS), **(compression or {})}
+        classifier.to(trainer_device(config.device))  # decomposed where it will train
         return compress(classifier, CompressionConfig(**settings), progress=progress), tokenizer
     return classifier, tokenizer
 
 
-def _check_labels(model: nn.Module, data: TaskData, source: str | os.PathLike) -> None:
-    """Refuse a saved classifier whose class names (``id2label``) are not the task's."""
-    saved = getattr(getattr(_trainable_model(model), "config", None), "id2label", None)
+def _trained_classes(model: str | os.PathLike) -> dict[int, str] | None:
+    """``id2label`` of a Hugging Face sequence classifier's config (``None`` for another
+    model, or a config that cannot be read here: loading the model then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model))
+    except (OSError, ValueError):
+        return None
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or ()):
+        return None
+    return config.id2label
+
+
+def _check_labels(saved: Mapping[int, str] | None, data: TaskData,
+                  source: str | os.PathLike) -> None:
+    """Refuse a trained classifier whose class names (``id2label``) are not the task's, in
+    the task's order (a head's rows are its classes)."""
     if data.label_names is None or not saved:
         return
     names = [saved[k] for k in sorted(saved)]
@@ -418,6 +437,20 @@ def trainer_arguments(device: str | None, *, seed: int = 42, progress: bool = Tr
     if parsed is not None and parsed.index is not None:
         return _pinned_arguments()(pinned_gpu=parsed.index, **options)
     return TrainingArguments(**options)
+
+
+def trainer_device(device: str | None) -> torch.device:
+    """The device a Trainer of mpotn runs on for ``device``
+    ([trainer_arguments][mpotn.finetune.training.trainer_arguments]): where to decompose or
+    load a model it will train, so that the work before training runs there too.
+
+    Examples
+    --------
+    >>> trainer_device("cpu")
+    device(type='cpu')
+    """
+    with tempfile.TemporaryDirectory() as scratch:  # the arguments write nothing there
+        return trainer_arguments(device, output_dir=scratch, progress=False).device
 
 
 def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, progress: bool,
