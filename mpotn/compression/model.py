@@ -15,7 +15,7 @@ from mpotn.compression.hub import push_to_hub
 from mpotn.compression.merge import merge
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.compression.serialization import read, resolve_save, save
-from mpotn.layers import TiedMPOLinear
+from mpotn.layers import MPOEmbedding, TiedMPOLinear
 from mpotn.table import Table
 
 
@@ -92,6 +92,29 @@ class MPOModel(nn.Module):
             setattr(base, name, value)
         else:
             super().__setattr__(name, value)
+
+    def num_parameters(self, only_trainable: bool = False,
+                       exclude_embeddings: bool = False) -> int:
+        """The parameters of the wrapped model (each shared tensor once), as transformers'
+        ``num_parameters`` counts them; ``exclude_embeddings`` leaves out the embeddings'
+        weights, compressed (their cores) or not.
+
+        Examples
+        --------
+        >>> from torch import nn
+        >>> from mpotn.compression.compress import compress
+        >>> model = compress(nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 4)),
+        ...                  targets=["embeddings"], n=2, progress=False)
+        >>> cores = sum(core.numel() for core in model.base_model[0].cores)
+        >>> model.num_parameters() - model.num_parameters(exclude_embeddings=True) == cores
+        True
+        """
+        embeddings = {id(p) for m in self.base_model.modules()
+                      if isinstance(m, (nn.Embedding, MPOEmbedding)) for p in m.parameters()
+                      if exclude_embeddings}
+        return count_parameters(p for p in self.base_model.parameters()
+                                if (p.requires_grad or not only_trainable)
+                                and id(p) not in embeddings)
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
         """Refused, before any change, when the input or output embedding is compressed (an

@@ -265,11 +265,15 @@ def write_weights(tensors: nn.Module | dict[str, torch.Tensor], folder: Path, pr
 
 
 def _write_hugging_face_files(base: nn.Module, folder: Path, tokenizer: Any | None) -> None:
-    """``config.json``, ``generation_config.json`` (for a model that generates) and the
+    """``config.json`` (with the dtype of the weights, as transformers' ``save_pretrained``
+    writes it), ``generation_config.json`` (for a model that generates) and the
     tokenizer's files, into ``folder``."""
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
-        (folder / "config.json").write_text(config.to_json_string())
+        settings = json.loads(config.to_json_string())
+        settings["dtype"] = str(next(base.parameters()).dtype).removeprefix("torch.")
+        (folder / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True)
+                                            + "\n")
         generation = getattr(base, "generation_config", None)
         if generation is not None and base.can_generate():
             (folder / "generation_config.json").write_text(generation.to_json_string())
