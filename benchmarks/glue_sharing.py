@@ -370,10 +370,16 @@ CLAIMS = (
 )
 
 
-def findings(table: Table) -> list[str]:
-    """The papers' claims per task, one Markdown bullet each (``glue_small``'s verdicts)."""
-    return [line for task in dict.fromkeys(r["task"] for r in table)
-            for line in glue_small.claim_bullets(table, task, CLAIMS)]
+def findings(table: Table, baselines: dict[str, float] | None = None) -> list[str]:
+    """The papers' claims per task, one Markdown bullet each (``glue_small``'s verdicts),
+    after each task's constant guess (``baselines``, ``{task: majority-class metric}``)."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in table):
+        if baselines and task in baselines:
+            rows = {r["row"]: r for r in table if r["task"] == task}
+            lines += glue_small.baseline_lines(task, rows, baselines[task])
+        lines += glue_small.claim_bullets(table, task, CLAIMS)
+    return lines
 
 
 def _timing_path(out: Path) -> Path:
@@ -389,8 +395,12 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     timing = _timing_path(out)
     steps = json.loads(timing.read_text()) if timing.is_file() else None
     table = summarize(results["runs"], steps)
-    return glue_small.publish(out, results, table, findings(table), "The papers' claims, "
-                              "computed from the table by `benchmarks/glue_sharing.py`")
+    tasks = dict.fromkeys(r["task"] for r in results["runs"])
+    baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
+                 if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
+    return glue_small.publish(out, results, table, findings(table, baselines),
+                              "The papers' claims, computed from the table by "
+                              "`benchmarks/glue_sharing.py`")
 
 
 def _borrowed_dense(task: str, seed: int) -> dict[str, Any] | None:

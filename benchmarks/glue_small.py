@@ -363,14 +363,15 @@ def summarize(runs: list[dict[str, Any]], rows: tuple[str, ...] = ROWS,
 
 
 def _compare(a: dict[str, Any], b: dict[str, Any], margin: float) -> tuple[float, float, str]:
-    """Gap ``a - b`` in points, the noise (larger seed spread, 1 point on one seed) and the
-    verdict on the claim ``a >= b - margin``."""
+    """Gap ``a - b`` in points, the noise (the larger seed spread, and at least 1 point:
+    two seeds can agree by chance, and one seed has no spread) and the verdict on the
+    claim ``a >= b - margin``, decided only beyond the noise (a gap equal to it is not)."""
     gap = a["metric %"] - b["metric %"]
     spreads = [r["spread (sd)"] for r in (a, b) if r["seeds"] > 1]
-    noise = max(spreads) if len(spreads) == 2 else 1.0
-    if gap + margin >= noise:
+    noise = max([1.0, *spreads])
+    if gap + margin > noise:
         verdict = "**confirmed**"
-    elif gap + margin <= -noise:
+    elif gap + margin < -noise:
         verdict = "**refuted**"
     else:
         verdict = f"**not decided** (within the seed spread, {noise:.2f} points)"
@@ -401,13 +402,8 @@ def findings(table: Table, baselines: dict[str, float] | None = None) -> list[st
     lines = []
     for task in dict.fromkeys(r["task"] for r in table):
         rows = {r["row"]: r for r in table if r["task"] == task}
-        if baselines and task in baselines and "dense" in rows:
-            above = rows["dense"]["metric %"] - 100 * baselines[task]
-            lines.append(f"- {task}: always predicting the most frequent label scores "
-                         f"{100 * baselines[task]:.2f}; dense fine-tuning is {above:+.2f} points "
-                         "above it" + (" — the task barely separates a trained model from a "
-                                       "constant guess here, so its verdicts say little"
-                                       if above < 5 else "") + ".")
+        if baselines and task in baselines:
+            lines += baseline_lines(task, rows, baselines[task])
         calibrated = [r for r in ("calibrated-lfa", "healed-lfa") if r in rows]
         if calibrated:
             rows["best"] = max((rows[r] for r in calibrated), key=lambda r: r["metric %"])
@@ -420,6 +416,24 @@ def findings(table: Table, baselines: dict[str, float] | None = None) -> list[st
                          f"{rows[b]['metric %']:.2f}, gap {gap:+.2f} points, at "
                          f"{rows[a]['#To/dense']:.3f} and {rows[b]['#To/dense']:.3f} of the "
                          f"dense size): {verdict}.")
+    return lines
+
+
+def baseline_lines(task: str, rows: dict[str, dict[str, Any]], baseline: float) -> list[str]:
+    """How far dense fine-tuning gets above always predicting the most frequent label
+    (``baseline``, a fraction), with a warning under 5 points, and the rows that score no
+    more than that constant guess: verdicts between such rows say little."""
+    lines = []
+    if "dense" in rows:
+        above = rows["dense"]["metric %"] - 100 * baseline
+        lines.append(f"- {task}: always predicting the most frequent label scores "
+                     f"{100 * baseline:.2f}; dense fine-tuning is {above:+.2f} points above it"
+                     + (" — the task barely separates a trained model from a constant guess "
+                        "here, so its verdicts say little" if above < 5 else "") + ".")
+    guessing = [name for name, r in rows.items() if r["metric %"] <= 100 * baseline]
+    if guessing:
+        lines.append(f"- {task}: {', '.join(guessing)} score no more than that constant "
+                     "guess: claims about them say little.")
     return lines
 
 

@@ -13,6 +13,7 @@ Examples
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,16 +102,38 @@ def draw_network(graph: nx.Graph, path: str | Path, title: str | None = None) ->
     return _save(fig, path)
 
 
+def _qualified_type(record: dict) -> str:
+    """``type`` with the stack (``encoder``/``decoder``) and the expert its name holds.
+
+    Examples
+    --------
+    >>> _qualified_type({"type": "query", "name": "decoder.block.0.layer.0.SelfAttention.q"})
+    'decoder query'
+    >>> _qualified_type({"type": "ffn_in", "name": "transformer.h.0.mlp.experts.2.c_fc"})
+    'ffn_in (expert 2)'
+    """
+    name = str(record.get("name", ""))
+    stack = re.search(r"(?:^|\.)(encoder|decoder)\.", name)
+    expert = re.search(r"\.experts\.(\d+)\.", name)
+    return (f"{stack.group(1)} " if stack else "") + record["type"] + (
+        f" (expert {expert.group(1)})" if expert else "")
+
+
 def draw_entropy_heatmap(records: Table, path: str | Path, model_name: str) -> Path | None:
     """Central-bond entropy by matrix type and layer, from per-matrix records.
 
-    The records need ``type``, ``layer`` and ``central_entropy``; ``None`` when
-    no record with an entropy (a matrix kept dense, another decomposition has none)
-    belongs to a layer.
+    The records need ``type``, ``layer`` and ``central_entropy`` (and ``name``); ``None``
+    when no record with an entropy (a matrix kept dense, another decomposition has none)
+    belongs to a layer. When two matrices share a type and a layer (an encoder-decoder's
+    stacks, a mixture's experts), each row names its stack and expert, so that every
+    matrix has its own cell.
     """
-    grid, types, layers = Table([
-        r for r in records if isinstance(r.get("central_entropy"), (int, float))
-        and math.isfinite(r["central_entropy"])]).pivot("type", "layer", "central_entropy")
+    kept = [r for r in records if isinstance(r.get("central_entropy"), (int, float))
+            and math.isfinite(r["central_entropy"])]
+    cells = [(r["type"], r["layer"]) for r in kept]
+    if len(set(cells)) < len(cells):
+        kept = [{**r, "type": _qualified_type(r)} for r in kept]
+    grid, types, layers = Table(kept).pivot("type", "layer", "central_entropy")
     if not layers:
         return None
     return draw_heatmap(

@@ -159,8 +159,23 @@ def test_glue_small_verdicts_need_a_gap_beyond_the_seed_spread():
 
     assert verdict("squeezing beats direct").startswith("**not decided**")  # +1 vs sd 1.5
     assert verdict("squeezed to at most 0.65") == "**refuted**."  # -4 + 1 beyond 1.5
-    assert verdict("beats SVD-LLM") == "**confirmed**."  # +2.5 beyond 0.4
+    assert verdict("beats SVD-LLM") == "**confirmed**."  # +2.5 beyond 0.4 and 1 point
     assert len(lines) == 5  # no mpo-lfa row: its claim is left out
+
+
+@pytest.mark.parametrize(("gap", "spreads", "seeds", "expected"), [
+    (0.9, (0.1, 0.2), 2, "**not decided**"),  # two seeds that agree: still a point of noise
+    (1.1, (0.1, 0.2), 2, "**confirmed**"),
+    (-1.1, (0.1, 0.2), 2, "**refuted**"),
+    (1.0, (0.0, 0.0), 2, "**not decided**"),  # a gap equal to the noise is not beyond it
+    (2.0, (3.3, float("nan")), 1, "**not decided**"),  # one row of seeds: its spread counts
+])
+def test_a_verdict_needs_a_gap_beyond_the_larger_spread_and_a_point(gap, spreads, seeds,
+                                                                   expected):
+    bench = load_benchmark("glue_small")
+    a = {"metric %": 50.0 + gap, "spread (sd)": spreads[0], "seeds": 2}
+    b = {"metric %": 50.0, "spread (sd)": spreads[1], "seeds": seeds}
+    assert bench._compare(a, b, 0.0)[2].startswith(expected)
 
 
 def test_glue_small_summary_times_only_runs_that_did_not_resume():

@@ -33,6 +33,21 @@ def test_svd_wins_on_a_low_rank_matrix_and_errors_fall_with_the_budget():
     assert all(r["flops"] > 0 and r["ms_per_batch"] > 0 for r in table)
 
 
+def test_a_ratio_below_a_methods_rank_one_network_is_skipped_not_plotted_above_it():
+    """TT, Tucker and CP stop at rank 1; MPO and SVD refuse: no point lands above its
+    target."""
+    with pytest.warns(UserWarning, match="compare skipped"):
+        table = compare(torch.randn(64, 96, dtype=torch.float64), ratios=[0.002], batch=2,
+                        repeats=1, methods=[("TT n=3", "tt", {"n": 3}),
+                                            ("Tucker n=3", "tucker", {"n": 3}),
+                                            ("MPO n=3", "mpo", {"n": 3})])
+    assert [r["label"] for r in table] == ["dense"]
+    why = {s["label"]: s["why"] for s in table.skipped}
+    assert why == {"TT n=3": "above the ratio", "Tucker n=3": "above the ratio",
+                   "MPO n=3": "refused"}
+    assert "holds 26 parameters, above the 12 of ratio 0.002" in table.skipped[0]["reason"]
+
+
 def test_matrix_sources(tmp_path):
     m = low_rank_plus_noise()
     np.save(tmp_path / "m.npy", m.numpy())

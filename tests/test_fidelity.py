@@ -55,6 +55,21 @@ def test_perplexity_is_the_exp_of_transformers_own_loss_over_every_predicted_tok
     assert 20_000 < expected < 45_000  # untrained over 30,522 tokens: about uniform
 
 
+def test_a_sentences_embedding_is_its_own_whatever_its_batch_and_padding_side():
+    """A causal LM's positions are absolute: padded on the left, a sentence's embedding
+    would depend on the longer ones in its batch."""
+    tokenizer = load_tokenizer()
+    tokenizer.padding_side = "left"
+    model = _tiny_gpt2()
+    sentences = ["a", "a great movie", "not a great movie at all , sadly", "fine"]
+    together = sentence_embeddings(model, tokenizer, sentences, batch_size=4)
+    alone = sentence_embeddings(model, tokenizer, sentences, batch_size=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    assert together.dtype == torch.float32
+    half = sentence_embeddings(model.half(), tokenizer, sentences)
+    assert half.dtype == torch.float32 and bool(torch.isfinite(half).all())
+
+
 def test_perplexity_without_a_token_to_predict_is_a_clear_error(word_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 

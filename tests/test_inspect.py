@@ -95,3 +95,21 @@ def test_cli_inspect_on_a_save_reports_its_kept_bonds_and_draws_shared_centrals(
     shared = list((tmp_path / "out").glob("shared_*.png"))
     assert [p.name for p in shared] == ["shared_encoder_layer_0_output_dense.png"]
     assert (tmp_path / "out" / "network_encoder_layer_0_intermediate_dense.png").is_file()
+
+
+def test_the_entropy_heatmap_gives_each_stack_and_expert_its_own_row(tmp_path, monkeypatch):
+    """T5's encoder and decoder queries of one layer (or two experts' matrices) share a type
+    and a layer: each keeps its own cell instead of the last one drawn over the others."""
+    import mpotn.drawing as drawing
+
+    drawn = {}
+    monkeypatch.setattr(drawing, "draw_heatmap", lambda grid, rows, cols, path, **kw:
+                        drawn.update(grid=grid, rows=rows) or path)
+    records = [{"name": "encoder.block.0.layer.0.SelfAttention.q", "type": "query", "layer": 0,
+                "central_entropy": 1.0},
+               {"name": "decoder.block.0.layer.0.SelfAttention.q", "type": "query", "layer": 0,
+                "central_entropy": 3.0}]
+    drawing.draw_entropy_heatmap(drawing.Table(records), tmp_path / "h.png", "t5")
+    assert drawn == {"grid": [[1.0], [3.0]], "rows": ["encoder query", "decoder query"]}
+    drawing.draw_entropy_heatmap(drawing.Table(records[:1]), tmp_path / "h.png", "bert")
+    assert drawn["rows"] == ["query"]  # no collision: the plain types

@@ -42,6 +42,7 @@ from mpotn.drawing import draw_lines
 from mpotn.methods import decompose
 from mpotn.methods.cp import WorkLimitError
 from mpotn.table import Table
+from mpotn.truncation import ratio_params
 from mpotn.types import COMPARE_METHODS, COMPARE_RATIOS
 
 #: The paper's Fig. 2 line-up ``(label, method, options)`` and its ratios, defined in
@@ -151,6 +152,14 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
                 "label": label, "method": method, "target": ratio,
                 "why": "work limit" if isinstance(error, WorkLimitError) else "refused",
                 "reason": str(error)})
+            continue
+        budget = ratio_params(ratio, matrix.numel())
+        if net.num_params > budget:  # TT, Tucker and CP stop at rank 1, whatever its size
+            rows.skipped.append({
+                "label": label, "method": method, "target": ratio, "why": "above the ratio",
+                "reason": f"its smallest network ({method} at rank 1) holds "
+                          f"{net.num_params:,} parameters, above the {budget:,} of ratio "
+                          f"{ratio:g}"})
             continue
         tensors = [t.float() for t in net.nodes.values()]
         shapes = tuple(tuple(t.shape) for t in tensors)

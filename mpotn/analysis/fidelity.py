@@ -35,10 +35,11 @@ def sst2_dev() -> tuple[list[str], list[int]]:
 
 
 def _length_batches(model: nn.Module, tokenizer: Any, texts: list[str], batch_size: int,
-                    max_length: int, **options: Any) -> Iterator[tuple[list[int], Any]]:
+                    max_length: int) -> Iterator[tuple[list[int], Any]]:
     """``(indices into texts, tokenized batch on the model's device)``, texts batched by
-    length to keep padding small (a tokenizer without a padding token pads with its
-    end-of-sequence token); ``options`` go to the tokenizer."""
+    length to keep padding small, padded on the right (so that each text keeps the
+    positions it has alone, whatever its batch; a tokenizer without a padding token pads
+    with its end-of-sequence token)."""
     tokenizer = padding_tokenizer(tokenizer)
     device = model_device(model)
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
@@ -46,7 +47,7 @@ def _length_batches(model: nn.Module, tokenizer: Any, texts: list[str], batch_si
         chunk = order[start : start + batch_size]
         yield chunk, tokenizer([texts[k] for k in chunk], padding=True, truncation=True,
                                max_length=max_length, return_tensors="pt",
-                               **options).to(device)
+                               padding_side="right").to(device)
 
 
 @torch.no_grad()
@@ -61,15 +62,16 @@ def sentence_embeddings(
 
     The last of the model's ``hidden_states``, so that a model with a head (a
     classifier, a causal LM) is compared by its body's output too. Sentences
-    are batched by length to keep padding small; padding tokens are excluded
-    from the mean through the attention mask (a tokenizer without a padding
-    token pads with its end-of-sequence token). The batches go to the model's
-    device, and so do the embeddings.
+    are batched by length to keep padding small and padded on the right; padding
+    tokens are excluded from the mean through the attention mask (a tokenizer
+    without a padding token pads with its end-of-sequence token). The batches go to
+    the model's device, and so do the embeddings (float32, whatever the model's
+    dtype: float16 sums overflow).
     """
     model.eval()
     out: list[torch.Tensor | None] = [None] * len(sentences)
     for chunk, batch in _length_batches(model, tokenizer, sentences, batch_size, max_length):
-        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
         for k, row in zip(chunk, pooled):
@@ -116,8 +118,7 @@ def perplexity(
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=model_device(model))
     tokens = 0
-    for _, batch in _length_batches(model, tokenizer, texts, batch_size, max_length,
-                                    padding_side="right"):
+    for _, batch in _length_batches(model, tokenizer, texts, batch_size, max_length):
         logits = model(**batch, use_cache=False).logits[:, :-1]
         targets = batch["input_ids"][:, 1:]
         predicted = batch["attention_mask"][:, 1:].bool()
