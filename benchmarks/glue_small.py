@@ -542,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args.quick, work)
         work.mkdir(parents=True, exist_ok=True)
         results.update(model="all-MiniLM-L6-v2 (embedded)", size=SIZE, targets=bench.targets,
-                       tasks={t: TASKS.get(t, ((0,), {}))[1] for t in tasks},
+                       tasks={**results.get("tasks", {}),  # every task's settings, this run's too
+                              **{t: TASKS.get(t, ((0,), {}))[1] for t in tasks}},
                        squeeze=bench.squeeze.to_dict(), heal_steps=bench.heal_steps,
                        threads=torch.get_num_threads())
         bench.forget_runs(done)  # checkpoints left by a stop just after the record

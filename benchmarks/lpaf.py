@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                        ratio=RATIO, sparsity=1.0 - RATIO, warmup=WARMUP, cooldown=COOLDOWN,
                        mixed_rank={"p": MIXED_P, "anneal": MIXED_ANNEAL},
                        ssvd_iterations=bench.iterations,
-                       tasks={t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks},
+                       tasks={**results.get("tasks", {}),  # every task's settings, this run's too
+                              **{t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks}},
                        threads=torch.get_num_threads())
         bench.forget_runs(done)  # checkpoints left by a stop just after the record
         for task, row, seed in todo:
