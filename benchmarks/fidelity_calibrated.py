@@ -164,8 +164,9 @@ QUICK = [("plain mpo", 0.75), ("svd, embeddings calibrated", 0.75)]
 
 
 def _commit() -> str | None:
-    """The mpotn commit a row is computed with (``None`` outside a git checkout)."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+    """The mpotn commit a row is computed with, ``-dirty`` with uncommitted changes
+    (``None`` outside a git checkout)."""
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                           text=True, cwd=Path(__file__).parent, check=False)
     return done.stdout.strip() or None
 

@@ -371,6 +371,12 @@ def test_api_a_fine_tuned_transformers_classifier_keeps_its_classes_or_is_refuse
         prepare_model(str(tmp_path / "fine-tuned"), swapped, config, progress=False)
     again, _ = prepare_model(str(tmp_path / "fine-tuned"), data, config, progress=False)
     assert again.config.id2label == {0: "neg", 1: "pos"}
+    shouting = load_local(write(tmp_path / "upper.tsv", "sentence\tlabel\na\tPOS\nb\tNEG\n"))
+    assert prepare_model(str(tmp_path / "fine-tuned"), shouting, config,
+                         progress=False)[0].config.id2label == {0: "NEG", 1: "POS"}
+    numbered = load_local(write(tmp_path / "digits.tsv", "sentence\tlabel\na\t1\nb\t0\n"))
+    assert numbered.label_names == ["0", "1"]  # integers say nothing: not compared
+    prepare_model(str(tmp_path / "fine-tuned"), numbered, config, progress=False)
 
 
 def test_api_evaluation_without_examples_is_an_error(tiny_bert, tmp_path):

@@ -214,6 +214,10 @@ def test_compress_cli_refuses_experts_of_blocks_it_does_not_compress_before_comp
     assert ("--targets leaves 6 blocks uncompressed (encoder.layer.0.intermediate, "
             "encoder.layer.1.intermediate, encoder.layer.2.intermediate); add ffn to --targets"
             in capsys.readouterr().err)
+    assert main(["compress", "--targets", "embeddings", "--no-calibrate-embeddings", "--out",
+                 str(tmp_path / "never")]) == 2
+    assert ("no target uses the calibration text: drop --no-calibrate-embeddings, or pass "
+            "--no-calibrate" in capsys.readouterr().err)
     assert not (tmp_path / "never").exists()
 
 

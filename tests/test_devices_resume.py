@@ -420,7 +420,7 @@ def test_a_squeeze_state_without_device_resumes_on_the_given_device(tiny_bert, d
     resumed = Squeezer(None, tokenizer, data, SqueezeConfig(),
                        TrainingConfig(device="cpu", batch_size=4), tmp_path, False)
     with pytest.warns(UserWarning, match="ignoring the new values of budget, step_limit, "
-                      "training_steps, batch_size, eval_limit, max_steps, train_limit"):
+                      "training_steps, batch_size, eval_limit, train_limit"):
         resumed.resume()
     assert resumed.config == config and resumed.training.device == "cpu"
     assert resumed.training.batch_size == 8 and resumed.training.max_steps == 3

@@ -204,6 +204,8 @@ def test_a_task_head_is_never_an_attention_or_ffn_matrix(head):
               head.__name__ else tf.ElectraConfig(**ENCODER, embedding_size=16))
     model = head(config)
     assert matrix_type("classifier.out_proj") == matrix_type("classifier.dense") == "head"
+    assert matrix_type("classification_head.out_proj") == "head"  # T5's and BART's
+    assert matrix_type("encoder.block.1.layer.1.mlp.router.classifier") != "head"  # a router
     chosen = [n for n, _ in select_targets(model, CompressionConfig(targets=["attention",
                                                                               "ffn"]))]
     assert len(chosen) == 12 and not any("classifier" in n for n in chosen)

@@ -180,3 +180,18 @@ def test_resizing_a_compressed_embedding_is_refused_before_any_change():
                                          r"vocabulary; resize the dense model \(merge\(\)"):
         compressed.resize_token_embeddings(120)
     assert compressed.config.vocab_size == 97
+
+
+def test_a_hook_that_patches_forward_stays_on_the_wrapper():
+    """accelerate's hooks (mixed precision, offloading) set ``forward`` on the module they
+    wrap: on the compressed model itself, not on the model it wraps."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = compress(_gpt2(), targets=["ffn"], n=3, progress=False)
+    ids = torch.tensor([[7, 8, 9]])
+    before = compressed(input_ids=ids).logits
+    add_hook_to_module(compressed, ModelHook())
+    torch.testing.assert_close(compressed(input_ids=ids).logits, before)
+    assert "forward" not in vars(compressed.base_model)

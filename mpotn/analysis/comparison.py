@@ -128,9 +128,9 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
     FLOPs and time are measured too (``label="dense"``).
     A point whose method refuses it (a budget below its smallest network, or CP's
     ALS above its work limit: ``max_cp_work``, default
-    [mpotn.methods.cp.MAX_WORK][]) has no row: it is listed in the result's
-    ``skipped``, with the method's message, and a warning says how many were
-    skipped and why.
+    [mpotn.methods.cp.MAX_WORK][]), or whose smallest network is above its ratio
+    (TT, Tucker and CP stop at rank 1), has no row: it is listed in the result's
+    ``skipped``, with the reason, and a warning says how many were skipped and why.
     """
     rows = Comparison()
     x32 = torch.randn(batch, matrix.shape[0])

@@ -184,14 +184,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _check_expert_targets(model: Any, config: Any) -> None:
     """Refuse ``--experts`` whose targets leave a feed-forward block without an MPO layer
     (the experts share its central tensors), before compressing."""
-    import warnings
-
     from mpotn.compression.architectures import feed_forward_blocks
-    from mpotn.compression.config import layer_holder, select_targets
+    from mpotn.compression.config import layer_holder
 
-    with warnings.catch_warnings():  # compress itself warns about what it skips
-        warnings.simplefilter("ignore")
-        selected = [name for name, _ in select_targets(model, config)]
+    selected = [name for name, _ in _selected(model, config)]
     base = layer_holder(model)
     prefix = "" if base is model else next(n for n, m in model.named_modules() if m is base)
     bare = [block for block, _ in feed_forward_blocks(base)
@@ -202,6 +198,29 @@ def _check_expert_targets(model: Any, config: Any) -> None:
                          f"central tensors of its compressed matrices, but --targets leaves "
                          f"{len(bare)} blocks uncompressed ({', '.join(bare[:3])}); add ffn "
                          "to --targets")
+
+
+def _selected(model: Any, config: Any) -> list[tuple[str, Any]]:
+    """The targets ``config`` selects, quietly (compress itself warns about what it
+    skips)."""
+    import warnings
+
+    from mpotn.compression.config import select_targets
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return select_targets(model, config)
+
+
+def _check_calibrated_targets(model: Any, config: Any) -> None:
+    """Refuse calibration text no target would use (embeddings only, not calibrated),
+    before compressing."""
+    from mpotn.compression.architectures import is_linear
+
+    if not any(is_linear(module) for _, module in _selected(model, config)):
+        raise ValueError("the targets are embeddings only and --no-calibrate-embeddings "
+                         "leaves them uncalibrated, so no target uses the calibration text: "
+                         "drop --no-calibrate-embeddings, or pass --no-calibrate")
 
 
 def _check_sharing(args: argparse.Namespace) -> None:
@@ -365,6 +384,8 @@ def run(args: argparse.Namespace) -> None:
                          "deepening only adds layers")
     if args.experts is not None:
         _check_expert_targets(model, config)
+    if calibrating and not config.calibrate_embeddings:
+        _check_calibrated_targets(model, config)
     if args.dry_run:
         print(plan(model, config).to_markdown())
         return

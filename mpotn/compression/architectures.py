@@ -122,14 +122,32 @@ _EXPERT = re.compile(r"\.experts\.\d+(?=\.)")
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 
 
-#: Module-name components that mark a task head (trained by every strategy, never an
-#: ``attention`` or ``ffn`` matrix, whatever its own name: RoBERTa's ``classifier.out_proj``).
-HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs")
+#: Module-name components that mark a task head outside the layer stack (trained by every
+#: strategy, never an ``attention`` or ``ffn`` matrix, whatever its own name: RoBERTa's
+#: ``classifier.out_proj``, T5's and BART's ``classification_head.out_proj``).
+HEAD_NAMES = ("classifier", "pre_classifier", "score", "qa_outputs", "classification_head")
+
+
+def head_part(name: str) -> str | None:
+    """The component of a module or parameter name that makes it part of a task head
+    ([HEAD_NAMES][mpotn.compression.architectures.HEAD_NAMES], outside the layers: a
+    mixture's ``router.classifier`` inside a layer is not one), or ``None``.
+
+    Examples
+    --------
+    >>> head_part("classifier.out_proj"), head_part("classification_head.dense.weight")
+    ('classifier', 'classification_head')
+    >>> head_part("encoder.block.1.layer.1.mlp.router.classifier") is None
+    True
+    """
+    if layer_index(name) is not None:
+        return None
+    return next((part for part in name.split(".") if part in HEAD_NAMES), None)
 
 
 def matrix_type(name: str) -> str:
     """Short type of a module name: ``head`` inside a task head
-    ([HEAD_NAMES][mpotn.compression.architectures.HEAD_NAMES]), else the first rule of
+    ([head_part][mpotn.compression.architectures.head_part]), else the first rule of
     [MATRIX_TYPES][mpotn.compression.architectures.MATRIX_TYPES] it matches.
 
     Examples
@@ -149,7 +167,7 @@ def matrix_type(name: str) -> str:
     >>> matrix_type("classifier.out_proj")  # RoBERTa's head, not an attention output
     'head'
     """
-    if any(part in HEAD_NAMES for part in name.split(".")):
+    if head_part(name) is not None:
         return "head"
     name = name.removesuffix(".layer")  # a matrix inside a bottleneck adapter's wrapper
     for candidate in (name, _EXPERT.sub("", name)):  # then as if not an upcycled expert

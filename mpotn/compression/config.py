@@ -428,8 +428,9 @@ def select_targets(model: nn.Module, config: CompressionConfig) -> list[tuple[st
               if not any(_matches_one(key, name, module) for name, module in selected)]
     if unused:
         warnings.warn(f"overrides {unused} match none of the {len(selected)} targets, so they "
-                      f"change nothing; targets are named as {selected[0][0]!r} (a suffix, "
-                      "a matrix type or a regular expression selects them)", stacklevel=3)
+                      f"change nothing; targets are named as {selected[0][0]!r} (an override "
+                      "key is a preset: attention, ffn, embeddings, all-linear, or the end of "
+                      "a module name)", stacklevel=3)
     return selected
 
 

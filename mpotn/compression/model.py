@@ -80,15 +80,14 @@ class MPOModel(nn.Module):
         except AttributeError:
             return getattr(self.base_model, name)
 
-    #: What the wrapper holds itself; every other attribute the wrapped model has is set
-    #: on it (``model.generation_config = ...`` reaches ``generate`` and the save).
-    OWN = frozenset({"base_model", "compression_config", "records", "original_params",
-                     "source", "training"})
+    #: Settings of the wrapped transformers model that, set on the wrapper, are set on it
+    #: (``model.generation_config = ...`` reaches ``generate`` and the save); everything
+    #: else (``forward`` patched by accelerate's hooks, ...) stays the wrapper's own.
+    FORWARDED = frozenset({"config", "generation_config"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         base = self.__dict__.get("_modules", {}).get("base_model")
-        if (base is not None and name not in self.OWN and not name.startswith("_")
-                and hasattr(base, name) and name not in self.__dict__):
+        if name in self.FORWARDED and base is not None and hasattr(base, name):
             setattr(base, name, value)
         else:
             super().__setattr__(name, value)

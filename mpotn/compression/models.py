@@ -192,8 +192,8 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
     ------
     ValueError
         When there is no tokenizer: a local folder without tokenizer files, or
-        whose files give one that reads every word as unknown (transformers hands
-        back such an empty one for a ``tokenizer_config.json`` alone), damaged
+        whose files give one of special tokens only, which reads every word as unknown
+        (transformers hands back such a one for a ``tokenizer_config.json`` alone), damaged
         files, one the Hub or cache cannot give, or a folder mpotn wrote whose
         files lead outside it (symbolic links).
     """
@@ -216,12 +216,10 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"could not load a tokenizer for {source!r}: {error!r}") from error
-    unknown = tokenizer.unk_token_id
-    if unknown is not None and set(tokenizer("the model", add_special_tokens=False)
-                                   ["input_ids"]) <= {unknown}:
-        raise ValueError(f"the tokenizer of {source!r} reads every word as unknown (it has "
-                         f"{len(tokenizer)} tokens): its vocabulary file is missing; copy the "
-                         "original model's tokenizer files into it")
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(f"the tokenizer of {source!r} has only its {len(tokenizer)} special "
+                         "tokens, so it reads every word as unknown: its vocabulary file is "
+                         "missing; copy the original model's tokenizer files into it")
     return tokenizer
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from mpotn.compression.architectures import HEAD_NAMES
+from mpotn.compression.architectures import head_part
 from mpotn.compression.config import MPO_LAYERS
 from mpotn.layers.bottleneck import BottleneckAdapter
 from mpotn.layers.experts import MixtureOfExperts
@@ -42,10 +42,10 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters of the task head (modules named in
-    [HEAD_NAMES][mpotn.compression.architectures.HEAD_NAMES])."""
+    """Parameters of the task head (those
+    [head_part][mpotn.compression.architectures.head_part] places in one)."""
     for name, param in model.named_parameters():
-        if any(part in HEAD_NAMES for part in name.split(".")):
+        if head_part(name) is not None:
             yield name, param
 
 

@@ -80,6 +80,8 @@ from mpotn.table import Table
 from mpotn.types import ERRORS, MONITORS
 
 STATE_NAME = "latest.json"
+#: Training settings a squeeze sets itself (``training_steps``), or has no option for.
+DERIVED_TRAINING = ("max_steps", "epochs", "strategy")
 #: Name of a step's checkpoint folder in ``out / "checkpoints"``.
 _CHECKPOINT = re.compile(r"step-(\d{4,})")
 
@@ -586,8 +588,8 @@ class Squeezer:
             raise ValueError(f"{path} names the checkpoint {name!r}, which is not a step-NNNN "
                              f"save in {self.checkpoints}; {damaged}")
         training = dataclasses.replace(parts["training"], device=self.training.device)
-        if changed := (parts["config"].changed(self.config)
-                       + training.changed(self.training)):
+        if changed := (parts["config"].changed(self.config)  # not what the run derives
+                       + training.changed(self.training, ignore=DERIVED_TRAINING)):
             warnings.warn(f"resuming with the checkpointed settings; ignoring the new values "
                           f"of {', '.join(changed)}", stacklevel=3)
         self.config, self.training, self.state = parts["config"], training, parts["state"]

@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from mpotn.compression.architectures import HEAD_NAMES, is_linear, linear_matrix, matrix_type
+from mpotn.compression.architectures import head_part, is_linear, linear_matrix, matrix_type
 from mpotn.compression.config import MPO_LAYERS, PRESET_TYPES
 from mpotn.compression.models import layer_index
 from mpotn.compression.parameters import count_parameters, head_parameters, lfa_parameters
@@ -149,7 +149,7 @@ def _apply_lora(model: nn.Module, rank: int | None, alpha: int | None) -> dict[s
     from peft import LoraConfig, get_peft_model
 
     names = [n for n, m in model.named_modules() if is_linear(m)]
-    heads = sorted({part for n in names for part in n.split(".") if part in HEAD_NAMES})
+    heads = sorted({part for n in names if (part := head_part(n)) is not None})
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
                         target_modules=lora_targets(model),
                         modules_to_save=heads or None)

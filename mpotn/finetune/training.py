@@ -266,8 +266,10 @@ def prepare_model(
     ----------
     model:
         ``None`` (the embedded all-MiniLM-L6-v2), a local folder or hub id of a
-        pre-trained encoder (a task head is added), or the ``model/`` folder
-        of an earlier run (an mpotn save with its tokenizer, loaded as it is).
+        pre-trained encoder (a task head is added; a sequence classifier keeps its head,
+        and must have the task's classes in the task's order), or the ``model/`` folder
+        of an earlier run (an mpotn save with its tokenizer, loaded as it is). A model
+        to decompose is put on the device the Trainer will use first.
     data:
         The task (its number of labels sizes the head).
     config:
@@ -319,11 +321,16 @@ def _trained_classes(model: str | os.PathLike) -> dict[int, str] | None:
 def _check_labels(saved: Mapping[int, str] | None, data: TaskData,
                   source: str | os.PathLike) -> None:
     """Refuse a trained classifier whose class names (``id2label``) are not the task's, in
-    the task's order (a head's rows are its classes)."""
+    the task's order (a head's rows are its classes), whatever their case; names that
+    say nothing (``LABEL_0``, ..., or a task's integer labels ``0``, ``1``, ...) are not
+    compared."""
     if data.label_names is None or not saved:
         return
-    names = [saved[k] for k in sorted(saved)]
-    if names != [f"LABEL_{k}" for k in range(len(names))] and names != list(data.label_names):
+    names = [str(saved[k]) for k in sorted(saved)]
+    task = [str(name) for name in data.label_names]
+    unnamed = ([f"LABEL_{k}" for k in range(len(names))], [str(k) for k in range(len(task))])
+    if (names not in unnamed and task not in unnamed
+            and [n.casefold() for n in names] != [n.casefold() for n in task]):
         raise ValueError(f"{source} was trained on the classes {names}, but the task's classes "
                          f"are {list(data.label_names)}; train it on the same labels, or start "
                          "from the pre-trained model")
