@@ -227,7 +227,19 @@ def _check_ratio(ratio: float | None) -> None:
 
 def decompose(matrix: torch.Tensor, method: str = "mpo", **options: Any) -> FactorNetwork:
     """Decompose ``matrix`` with a registered method (see
-    [DECOMPOSITIONS][mpotn.methods.base.DECOMPOSITIONS])."""
+    [DECOMPOSITIONS][mpotn.methods.base.DECOMPOSITIONS]).
+
+    A ``ratio`` below a method's smallest network: ``mpo`` and ``svd`` refuse it
+    (``ValueError``); ``tt``, ``tucker`` and ``cp`` give their rank-1 network, whose
+    ``params_ratio`` is then above the ratio (``compare`` skips such points).
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = decompose(torch.randn(64, 96), "tt", n=3, ratio=0.002)  # 12 parameters asked
+    >>> net.num_params, net.details["rank"]
+    (26, 1)
+    """
     if method not in DECOMPOSITIONS:
         raise ValueError(f"unknown decomposition {method!r}; registered: {sorted(DECOMPOSITIONS)}")
     if matrix.dim() != 2:
