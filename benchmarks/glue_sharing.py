@@ -430,8 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.forget_runs(done)  # checkpoints left by a stop just after the record
         results.update(model="all-MiniLM-L6-v2 (embedded)", targets=bench.targets,
                        heal_steps=bench.heal_steps, fit_sweeps=bench.sweeps,
-                       tasks={**results.get("tasks", {}),  # every task's settings, this run's too
-                              **{t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks}},
+                       tasks=glue_small.task_settings(results, tasks),
                        threads=torch.get_num_threads())
         for task, row, seed in todo:
             borrowed = _borrowed_dense(task, seed) if row == "dense" and not args.quick else None

@@ -121,6 +121,11 @@ def load_task(task: str) -> TaskData:
     return sst2_sample() if task == QUICK_TASK else load_glue(task, GLUE)
 
 
+def task_settings(results: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    """The training settings of every task in ``results``, those of ``tasks`` added."""
+    return {**results.get("tasks", {}), **{t: TASKS.get(t, ((0,), {}))[1] for t in tasks}}
+
+
 def majority_baseline(data: TaskData) -> float:
     """The task's metric for always predicting the most frequent training label."""
     labels = list(data.train["label"])
@@ -542,8 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args.quick, work)
         work.mkdir(parents=True, exist_ok=True)
         results.update(model="all-MiniLM-L6-v2 (embedded)", size=SIZE, targets=bench.targets,
-                       tasks={**results.get("tasks", {}),  # every task's settings, this run's too
-                              **{t: TASKS.get(t, ((0,), {}))[1] for t in tasks}},
+                       tasks=task_settings(results, tasks),
                        squeeze=bench.squeeze.to_dict(), heal_steps=bench.heal_steps,
                        threads=torch.get_num_threads())
         bench.forget_runs(done)  # checkpoints left by a stop just after the record

@@ -266,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                        ratio=RATIO, sparsity=1.0 - RATIO, warmup=WARMUP, cooldown=COOLDOWN,
                        mixed_rank={"p": MIXED_P, "anneal": MIXED_ANNEAL},
                        ssvd_iterations=bench.iterations,
-                       tasks={**results.get("tasks", {}),  # every task's settings, this run's too
-                              **{t: glue_small.TASKS.get(t, ((0,), {}))[1] for t in tasks}},
+                       tasks=glue_small.task_settings(results, tasks),
                        threads=torch.get_num_threads())
         bench.forget_runs(done)  # checkpoints left by a stop just after the record
         for task, row, seed in todo:

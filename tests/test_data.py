@@ -318,8 +318,8 @@ def test_cli_reads_glue_from_data_dir(tmp_path):
         data = load_task(args)
         assert (len(data.train), len(data.eval), data.train["label"]) == (2, 1, [1, 0])
     args = build_parser().parse_args(["finetune", "--data-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="--data-dir names a folder in GLUE's layout; give the "
-                                         "task with --glue NAME"):
+    with pytest.raises(ValueError, match="--data-dir is the folder of a GLUE task's files: "
+                                         "give the task as --glue NAME"):
         load_task(args)
 
 

@@ -243,6 +243,22 @@ def _column(value: str | None) -> str | int | None:
     return int(value) if value is not None and value.isdigit() else value
 
 
+def check_data_dir(data_dir: str | None, task: str | None, flag: str) -> None:
+    """Refuse ``--data-dir`` without the GLUE task (given by ``flag``) it is the folder of.
+
+    Examples
+    --------
+    >>> check_data_dir("glue_data", None, "--texts")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --data-dir is the folder of a GLUE task's files: give the task as --texts ...
+    """
+    if data_dir is not None and not task:
+        raise ValueError(f"--data-dir is the folder of a GLUE task's files: give the task as "
+                         f"{flag} NAME (e.g. {flag} rte --data-dir glue_data), or drop "
+                         "--data-dir")
+
+
 def load_task(args: argparse.Namespace) -> TaskData:
     """The task named by the command line (default: the shipped SST-2 sample)."""
     from mpotn.data import load_glue, load_local, sst2_sample
@@ -250,9 +266,7 @@ def load_task(args: argparse.Namespace) -> TaskData:
     if args.glue and (args.train_file or args.eval_file):
         raise ValueError("give --glue or --train-file/--eval-file, not both")
     data_dir = getattr(args, "data_dir", None)
-    if data_dir and not args.glue:
-        raise ValueError("--data-dir names a folder in GLUE's layout; give the task with "
-                         "--glue NAME (e.g. --glue rte --data-dir glue_data)")
+    check_data_dir(data_dir, args.glue, "--glue")
     if args.glue:
         return load_glue(args.glue, data_dir=data_dir)
     if args.train_file or args.eval_file:

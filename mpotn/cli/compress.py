@@ -11,6 +11,7 @@ from mpotn.cli.common import (
     _count,
     _positive_float,
     _positive_int,
+    check_data_dir,
     check_fidelity,
     check_out,
     fidelity_probe,
@@ -338,10 +339,7 @@ def run(args: argparse.Namespace) -> None:
     if args.calibrate is None and uncalibrated:
         raise ValueError(f"{', '.join(uncalibrated)} set how the calibration text is used: "
                          "drop --no-calibrate, or drop them")
-    if args.data_dir is not None and not args.calibrate:
-        raise ValueError("--data-dir is the folder of a GLUE task's files: give the task as "
-                         "--calibrate NAME (e.g. --calibrate rte --data-dir glue_data), or "
-                         "drop --data-dir")
+    check_data_dir(args.data_dir, args.calibrate, "--calibrate")
     _resolve_budget(args)
     if args.sensitivity and args.calibrate is None:
         raise ValueError("--sensitivity measures each matrix's effect on the model's outputs "

@@ -101,10 +101,7 @@ def run(args: argparse.Namespace) -> None:
 
         hf_logging.disable_progress_bar()
     common.check_out(args.out)
-    if args.data_dir is not None and args.texts is None:
-        raise ValueError("--data-dir is the folder of a GLUE task's files: give the task as "
-                         "--texts NAME (e.g. --texts sst2 --data-dir glue_data), or drop "
-                         "--data-dir")
+    common.check_data_dir(args.data_dir, args.texts, "--texts")
     config = HealConfig(**common.config_settings(args, OPTIONS))
     check_device(config.device)
     check_writable(Path(args.out) / "model", args.overwrite)
