@@ -186,14 +186,10 @@ def _check_expert_targets(model: Any, config: Any) -> None:
     """Refuse ``--experts`` whose targets leave a feed-forward block without an MPO layer
     (the experts share its central tensors), before compressing."""
     from mpotn.compression.architectures import feed_forward_blocks
-    from mpotn.compression.config import layer_holder
 
-    selected = [name for name, _ in _selected(model, config)]
-    base = layer_holder(model)
-    prefix = "" if base is model else next(n for n, m in model.named_modules() if m is base)
-    bare = [block for block, _ in feed_forward_blocks(base)
-            if not any(name.startswith(f"{prefix}.{block}." if prefix else f"{block}.")
-                       for name in selected)]
+    selected = [name for name, _ in _selected(model, config)]  # the loaded, plain model
+    bare = [block for block, _ in feed_forward_blocks(model)
+            if not any(name.startswith(f"{block}.") for name in selected)]
     if bare:
         raise ValueError(f"--experts makes each feed-forward block's experts share the "
                          f"central tensors of its compressed matrices, but --targets leaves "
