@@ -63,6 +63,7 @@ from mpotn.compression.config import (
     select_targets,
     tied_modules,
 )
+from mpotn.compression.hf_ties import keep_surviving_ties, tied_keys
 from mpotn.compression.model import MPOModel
 from mpotn.compression.parameters import count_parameters
 from mpotn.compression.sensitivity import OutputSensitivity
@@ -847,6 +848,7 @@ def compress(
         calibration = list(calibration)
         sensitivity = OutputSensitivity(model, calibration)
     original = count_parameters(model.parameters())
+    ties = tied_keys(model)
     if not calibration_memory > 0:
         raise ValueError(f"calibration_memory must be a number of bytes > 0, got "
                          f"{calibration_memory!r}")
@@ -857,6 +859,7 @@ def compress(
         for record in records:  # a Conv1D kept dense is GPT-2's own module again
             if record.get("structure") == "dense" and is_conv1d(originals[record["name"]]):
                 replace_module(model, record["name"], originals[record["name"]])
+        keep_surviving_ties(model, ties)
     order = {name: k for k, (name, _) in enumerate(found)}
     records.sort(key=lambda r: order[r["name"]])
     if sensitivity is not None:

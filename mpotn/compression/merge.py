@@ -20,6 +20,7 @@ from mpotn.compression.architectures import conv1d_class, is_conv1d
 from mpotn.compression.bottleneck import bottleneck_spec
 from mpotn.compression.config import COMPRESSED_LAYERS, replace_module
 from mpotn.compression.experts import experts_spec
+from mpotn.compression.hf_ties import restore_ties
 from mpotn.layers import (
     FactorizedEmbedding,
     FactorizedLinear,
@@ -42,7 +43,9 @@ def merge(model: nn.Module) -> nn.Module:
     (same ``padding_idx``), holding the layer's dense weight (copied: same values, dtype and
     device) and bias. A [TiedMPOLinear][mpotn.layers.mpo.TiedMPOLinear] head becomes an
     ``nn.Linear`` whose ``weight`` *is* the new embedding's parameter, tied as
-    ``transformers`` ties it. A module shared by several parents (T5's ``shared``, also each
+    ``transformers`` ties it; each ``transformers`` model gets its architecture's ties
+    back ([restore_ties][mpotn.compression.hf_ties.restore_ties]: BERT's output bias is
+    ``cls.predictions.bias`` again). A module shared by several parents (T5's ``shared``, also each
     stack's ``embed_tokens``) is replaced by one dense module everywhere.
 
     A ``transformers`` model whose architecture stores a matrix as a ``Conv1D`` (GPT-2's
@@ -121,6 +124,7 @@ def merge(model: nn.Module) -> nn.Module:
         for name, module in list(base.named_modules()):
             if name in conv_paths and type(module) is nn.Linear:
                 replace_module(base, name, _dense_layer(module, replaced, True))
+    restore_ties(base)
     return base
 
 

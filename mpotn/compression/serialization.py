@@ -84,6 +84,7 @@ from mpotn.compression.bottleneck import bottleneck_spec, rebuild_bottlenecks
 from mpotn.compression.config import CompressionConfig, replace_module, tied_modules
 from mpotn.compression.experts import SPEC_KEYS as EXPERT_KEYS
 from mpotn.compression.experts import experts_spec, rebuild_experts
+from mpotn.compression.hf_ties import keep_surviving_ties, tied_keys
 from mpotn.compression.sharing import mark_shared_centrals, shared_central_groups, tie_centrals
 from mpotn.devices import check_device
 from mpotn.layers import (
@@ -664,6 +665,11 @@ def _load_weights(base: nn.Module, weights: Path, device: torch.device | None = 
                            f"{unexpected[:5]}")
 
 
+def _stored_names(weights: Path) -> set[str]:
+    with safe_open(str(weights), framework="pt") as handle:
+        return set(handle.keys())
+
+
 def _check_digest(weights: Path, config: dict[str, Any], path: Path) -> None:
     with safe_open(str(weights), framework="pt") as handle:
         recorded = (handle.metadata() or {}).get(DIGEST_KEY)
@@ -732,6 +738,7 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None,
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: 'compression' is invalid ({error}); {_FIX}") from error
     dtype = DTYPES[config["dtype"]][1]
+    ties = tied_keys(base)
     with init_empty_weights(include_buffers=False):  # the structure; the file fills it
         try:
             rebuild_experts(base, config.get("experts", {}))
@@ -749,6 +756,7 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None,
     try:  # outside: init_empty_weights would register a new copy of each shared tensor
         tie_layers(base)
         tie_centrals(base, config.get("shared_centrals", []))
+        keep_surviving_ties(base, ties, stored_apart=_stored_names(weights))
     except ValueError as error:
         raise ValueError(f"{path}: {error}; {_FIX}") from error
     try:
