@@ -27,11 +27,17 @@ True
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from mpotn.types import SVD_METHODS, SVDMethod
+
+#: Dtypes LAPACK has no SVD for: computed in float32, returned in their dtype.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     >>> bool(torch.allclose(u * s @ vh, a)), tuple(u.shape), tuple(vh.shape)
     (True, (6, 6), (6, 40))
     """
+    if matrix.dtype in HALF_DTYPES:  # LAPACK has no half-precision SVD
+        return tuple(t.to(matrix.dtype) for t in svd(matrix.float()))
     m, n = matrix.shape
     if max(m, n) < 2 * min(m, n):
         return _lapack_svd(matrix)
@@ -88,6 +96,22 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     u, s, vh = _lapack_svd(r)
     u = q @ u
     return (u, s, vh) if tall else (vh.mT, s, u.mT)
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """The random generator of ``device`` alone seeded with ``seed``, and every random
+    state as it was afterwards (``torch.manual_seed`` would reseed every GPU)."""
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    module = torch.get_device_module(device.type)
+    current = module.device(device) if hasattr(module, "device") else nullcontext()  # MPS: one
+    with torch.random.fork_rng(devices=[device], device_type=device.type), current:
+        module.manual_seed(seed)  # the current device's generator: ``device``'s
+        yield
 
 
 def truncated_svd(
@@ -103,28 +127,32 @@ def truncated_svd(
     Parameters
     ----------
     matrix:
-        A 2-D float tensor.
+        A 2-D float tensor (float16 and bfloat16 are cut in float32, the factors
+        returned in their dtype).
     rank:
-        Number of singular triplets to keep; clamped to ``min(matrix.shape)``.
+        Number of singular triplets to keep (``>= 1``); clamped to ``min(matrix.shape)``.
     method:
         ``"full"``, ``"randomized"`` or ``"auto"`` (see the module docstring).
     oversample, niter:
         Extra vectors and power iterations of the randomized range finder.
     generator_seed:
         Seed of the random test matrix, so that results are reproducible;
-        the global RNG state is left untouched.
+        the random state of every device is left untouched.
     """
     if method not in SVD_METHODS:
         raise ValueError(f"svd method must be one of {SVD_METHODS}, got {method!r}")
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if matrix.dtype in HALF_DTYPES:
+        cut = truncated_svd(matrix.float(), rank, method, oversample, niter, generator_seed)
+        return SVDCut(*(t.to(matrix.dtype) for t in (cut.U, cut.S, cut.Vh, cut.error)))
     m, n = matrix.shape
-    rank = max(1, min(rank, m, n))
+    rank = min(rank, m, n)
     sketch = rank + oversample
     if method == "auto":
         method = "randomized" if 4 * sketch < min(m, n) else "full"
     if method == "randomized" and sketch < min(m, n):
-        devices = [matrix.device] if matrix.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(generator_seed)
+        with _seeded(matrix.device, generator_seed):
             u, _, _ = torch.svd_lowrank(matrix, q=sketch, niter=niter)
         # the kept part is exactly U U^T A (its error then adds up as Eq. 4 assumes):
         # svd_lowrank may project on the right for a wide matrix, so take U^T A's SVD
@@ -192,6 +220,9 @@ def sparsity_aware_svd(
                          f"{tuple(matrix.shape)}, got {mask.dtype} {tuple(mask.shape)}")
     if iterations < 0 or rtol < 0:
         raise ValueError(f"need iterations >= 0 and rtol >= 0, got {iterations} and {rtol}")
+    if matrix.dtype in HALF_DTYPES:
+        cut, errors = sparsity_aware_svd(matrix.float(), mask, rank, iterations, rtol)
+        return SVDCut(*(t.to(matrix.dtype) for t in (cut.U, cut.S, cut.Vh, cut.error))), errors
     kept = torch.where(mask, matrix, 0.0)
 
     def fit(target: torch.Tensor) -> tuple[SVDCut, torch.Tensor, float]:

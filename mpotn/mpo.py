@@ -332,7 +332,7 @@ class MPO(MPOStructure):
         *,
         pad: bool = True,
         max_bond: int | None = None,
-        bond_dims: Sequence[int] | None = None,
+        bond_dims: Sequence[int] | Mapping[int, int] | None = None,
         svd: SVDMethod = "auto",
         seed: int = 0,
     ) -> MPO:
@@ -354,8 +354,9 @@ class MPO(MPOStructure):
             Allow automatic zero-padding to a size that factors in balance.
         max_bond, bond_dims:
             Bond sizes to keep while decomposing: one maximum, or one value
-            per inner bond ``1..n-1``. Small targets use a randomized SVD
-            (see ``svd``); the result is exact when neither is given.
+            per inner bond ``1..n-1`` (or ``{k: d_k}`` for some bonds). Small
+            targets use a randomized SVD (see ``svd``); the result is exact when
+            neither is given.
         svd:
             ``"full"``, ``"randomized"`` or ``"auto"`` (randomized when the
             target is well below the unfolding's rank); see
@@ -383,7 +384,7 @@ class MPO(MPOStructure):
         if svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
         dtype = _compute_dtype(matrix)
-        matrix = matrix.to(SWEEP_DTYPE)
+        matrix = matrix.detach().to(SWEEP_DTYPE)
         if not torch.isfinite(matrix).all():
             raise ValueError("matrix contains NaN or infinite entries")
         row = plan_side(matrix.shape[0], n, row_shape, pad)
@@ -395,7 +396,7 @@ class MPO(MPOStructure):
             max_bond = _count("max_bond", max_bond)
             targets = (1, *(min(max_bond, d) for d in full[1:-1]), 1)
         elif bond_dims is not None:
-            targets = check_bond_request(list(bond_dims), full, full)
+            targets = check_bond_request(bond_dims, full, full)
         else:
             targets = full
 
@@ -421,9 +422,11 @@ class MPO(MPOStructure):
 
     @classmethod
     def from_cores(
-        cls, cores: Sequence[torch.Tensor], shape: tuple[int, int] | None = None
+        cls, cores: Sequence[torch.Tensor], shape: tuple[int, int] | None = None,
+        reference: torch.Tensor | None = None,
     ) -> MPO:
-        """An MPO from arbitrary cores (e.g. fine-tuned), brought to canonical form.
+        """An MPO from arbitrary cores (e.g. fine-tuned, or fitted), brought to canonical
+        form. The cores are read, not tracked by autograd.
 
         Parameters
         ----------
@@ -431,6 +434,12 @@ class MPO(MPOStructure):
             Tensors ``T_k[d_{k-1}, i_k, j_k, d_k]`` with ``d_0 = d_n = 1``.
         shape:
             The unpadded matrix shape ``(I, J)``; defaults to the full products.
+        reference:
+            The matrix ``M`` (``I x J``) the cores approximate, if any: then
+            ``source_norm`` is ``||M||_F`` and ``error_bound`` the measured
+            ``||M - MPO||_F`` (no Eq. 4 bound exists for cores not cut from ``M``'s own
+            spectra). Without it the MPO is its own source: ``error_bound`` 0 and
+            ``source_norm`` its norm.
 
         Examples
         --------
@@ -439,8 +448,11 @@ class MPO(MPOStructure):
         >>> again = MPO.from_cores([c * 1.0 for c in mpo.cores], shape=(12, 10))
         >>> again.bond_dims, bool(torch.allclose(again.to_matrix(), m))
         ((1, 6, 1), True)
+        >>> cut = MPO.from_cores(mpo.truncate(max_bond=2).cores, (12, 10), reference=m)
+        >>> bool(abs(cut.error_bound - float((m - cut.to_matrix()).norm())) < 1e-9)
+        True
         """
-        cores = [torch.as_tensor(c) for c in cores]
+        cores = [torch.as_tensor(c).detach() for c in cores]
         if len(cores) < 2 or any(c.dim() != 4 for c in cores):
             raise ValueError("an MPO needs at least 2 four-way cores [d_left, i, j, d_right]")
         if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
@@ -460,7 +472,11 @@ class MPO(MPOStructure):
         canonical, spectra = _left_sweep(_right_orthogonalize([c.to(SWEEP_DTYPE) for c in cores]))
         norm = float(spectra[0].norm())
         canonical = [c.to(dtype) for c in canonical]
-        return cls(canonical, row, col, spectra, [0.0] * len(spectra), 0.0, norm)
+        mpo = cls(canonical, row, col, spectra, [0.0] * len(spectra), 0.0, norm)
+        if reference is None:
+            return mpo
+        return cls(canonical, row, col, spectra, [0.0] * len(spectra),
+                   mpo.reconstruction_error(reference.detach()), float(reference.norm()))
 
     # ------------------------------------------------------------- structure
     @property
@@ -652,8 +668,10 @@ class MPO(MPOStructure):
         max_bond:
             One maximum for every bond.
         tol:
-            Relative tolerance: the fewest parameters whose Eq. 4 bound is at
-            most ``tol * ||M||_F``.
+            Relative tolerance: the fewest parameters whose Eq. 4 bound of this cut
+            is at most ``tol`` times this MPO's norm (``||M||_F`` for an exact MPO of
+            ``M``; for one truncated already, the new cut's error adds to its
+            ``error_bound``).
         ratio:
             Target compression ratio ``rho`` (Eq. 5).
         params:
@@ -696,14 +714,7 @@ class MPO(MPOStructure):
         current, local = self.bond_dims, self.local_dims
         bond_dims, ratio, params = policy.bond_dims, policy.ratio, policy.params
         if bond_dims is not None:
-            if isinstance(bond_dims, Mapping):
-                for k in bond_dims:
-                    if not _is_integer(k) or not 1 <= k <= self.n - 1:
-                        raise ValueError(
-                            f"bond {k!r} does not exist: this MPO has bonds 1..{self.n - 1}"
-                        )
-                bond_dims = [bond_dims.get(k, current[k]) for k in range(1, self.n)]
-            dims = check_bond_request(list(bond_dims), current, self.full_bond_dims)
+            dims = check_bond_request(bond_dims, current, self.full_bond_dims)
         elif policy.max_bond is not None:
             dims = (1, *(min(policy.max_bond, d) for d in current[1:-1]), 1)
         elif policy.tol is not None:

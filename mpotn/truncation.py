@@ -218,14 +218,15 @@ def params_of(dims: Sequence[int], local: Sequence[int]) -> int:
 
 
 def check_bond_request(
-    dims: Sequence[int], current: Sequence[int], full: Sequence[int]
+    dims: Sequence[int] | Mapping[int, int], current: Sequence[int], full: Sequence[int]
 ) -> tuple[int, ...]:
     """Validate requested inner-bond dimensions and clamp them to the current ones.
 
     Parameters
     ----------
     dims:
-        One value per inner bond ``k = 1..n-1``.
+        One value per inner bond ``k = 1..n-1``, or ``{k: d_k}`` for some of them (the
+        others keep their current dimension).
     current:
         The MPO's bond dimensions ``(d_0, ..., d_n)``.
     full:
@@ -237,6 +238,11 @@ def check_bond_request(
         ``(1, d'_1, ..., d'_{n-1}, 1)``.
     """
     inner = len(current) - 2
+    if isinstance(dims, Mapping):
+        for k in dims:
+            if not _is_integer(k) or not 1 <= k <= inner:
+                raise ValueError(f"bond {k!r} does not exist: this MPO has bonds 1..{inner}")
+        dims = [dims.get(k, current[k]) for k in range(1, inner + 1)]
     if len(dims) != inner:
         raise ValueError(
             f"expected {inner} bond dimensions (bonds 1..{inner}), got {len(dims)}: {list(dims)}"

@@ -146,6 +146,9 @@ def test_refine_never_increases_the_calibrated_error():
         mpo = refine(mpo, m, cov, sweeps=1, cg_steps=5)
         errors.append(output_error(m, mpo.to_matrix(), cov))
     assert all(b <= a + 1e-12 for a, b in itertools.pairwise(errors))
+    # no Eq. 4 bound after the sweeps: the bound it reports is the measured weight error
+    assert mpo.error_bound == pytest.approx(float((m - mpo.to_matrix()).norm()), rel=1e-9)
+    assert mpo.source_norm == pytest.approx(float(m.norm()), rel=1e-12)
 
 
 def test_diagonal_covariance_weights_rows():
@@ -175,3 +178,14 @@ def test_a_zero_covariance_fits_the_weights_with_a_warning_instead_of_failing():
         fit = calibrated_mpo(matrix, zero, row_shape=(12, 1), col_shape=(1, 20), max_bond=4)
     plain = MPO.from_matrix(matrix, 2, (12, 1), (1, 20)).truncate(max_bond=4)
     assert torch.allclose(fit.mpo.to_matrix(), plain.to_matrix(), atol=1e-10)
+
+
+def test_a_calibrated_mpo_reports_its_measured_weight_error_against_the_matrix():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 48, dtype=torch.float64, generator=g)
+    m = torch.randn(48, 64, dtype=torch.float64, generator=g)
+    calibrated = calibrated_mpo(m, x.T @ x, n=3, ratio=0.3)
+    summary = calibrated.mpo.summary(m)
+    assert summary["error_bound"] == pytest.approx(summary["actual_error"], rel=1e-9)
+    assert calibrated.mpo.source_norm == pytest.approx(float(m.norm()), rel=1e-12)
+    assert 0.1 < summary["relative_actual_error"] < 1.0

@@ -129,6 +129,25 @@ def test_bond_dims_up_front_are_per_bond():
     assert mpo.bond_dims == (1, 4, 6, 1)
 
 
+def test_bond_dims_up_front_as_a_mapping_cut_only_the_bonds_named():
+    matrix = torch.randn(64, 48, dtype=torch.float64)
+    full = MPO.from_matrix(matrix, n=3)
+    assert MPO.from_matrix(matrix, n=3, bond_dims={2: 5}).bond_dims == (
+        1, full.bond_dims[1], 5, 1)
+    assert MPO.from_matrix(matrix, n=3, bond_dims={1: 3, 2: 5}).bond_dims == (1, 3, 5, 1)
+    with pytest.raises(ValueError, match="bond 3 does not exist"):
+        MPO.from_matrix(matrix, n=3, bond_dims={3: 2})
+
+
+def test_decomposing_a_parameter_records_no_autograd_graph():
+    weight = torch.nn.Linear(64, 48).weight
+    mpo = MPO.from_matrix(weight.T, n=3)
+    assert not any(c.requires_grad for c in mpo.cores)
+    assert not any(c.requires_grad for c in mpo.truncate(max_bond=4).cores)
+    assert not any(c.requires_grad for c in MPO.from_cores(
+        [c.requires_grad_() for c in [t.clone() for t in mpo.cores]]).cores)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -168,6 +187,21 @@ def test_from_cores_canonicalizes_arbitrary_cores():
         MPO.from_cores([cores[0], cores[1][:4], cores[2]])
     with pytest.raises(ValueError, match="boundary bonds"):
         MPO.from_cores([cores[1], cores[2]])
+
+
+def test_from_cores_with_a_reference_reports_the_measured_error_and_its_norm():
+    matrix = torch.randn(24, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    cut = MPO.from_matrix(matrix, n=3, row_shape=(2, 4, 3), col_shape=(3, 2, 2)).truncate(
+        max_bond=2)
+    again = MPO.from_cores(cut.cores, (24, 12), reference=matrix)
+    actual = float((matrix - again.to_matrix()).norm())
+    assert again.error_bound == pytest.approx(actual, rel=1e-12)
+    assert again.source_norm == pytest.approx(float(matrix.norm()), rel=1e-12)
+    summary = again.summary(matrix)
+    assert summary["relative_error_bound"] == pytest.approx(
+        summary["relative_actual_error"], rel=1e-12)
+    alone = MPO.from_cores(cut.cores, (24, 12))  # its own source
+    assert (alone.error_bound, alone.source_norm) == (0.0, pytest.approx(alone.norm))
 
 
 def test_central_gauge_keeps_the_matrix_and_makes_auxiliary_tensors_isometries(ffn):

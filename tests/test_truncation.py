@@ -238,3 +238,41 @@ def test_the_randomized_svd_error_is_exact_also_when_it_is_small_in_float32():
     cut = truncated_svd(matrix.float(), 10, method="randomized")
     exact = float(s[10:].norm())
     assert float(cut.error) == pytest.approx(exact, rel=0.02)
+
+
+def test_the_randomized_svd_seeds_its_own_device_only_and_restores_the_state(monkeypatch):
+    """``torch.manual_seed`` would reseed every GPU of the machine as well."""
+    from mpotn.linalg import truncated_svd
+
+    def refuse(seed):
+        raise AssertionError("torch.manual_seed reseeds every device")
+
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    matrix = torch.randn(200, 150, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    first = truncated_svd(matrix, 5, method="randomized", generator_seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = truncated_svd(matrix, 5, method="randomized", generator_seed=3)
+    assert torch.equal(first.U, again.U)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["full", "randomized"])
+def test_half_precision_svds_are_computed_in_float32_and_returned_in_their_dtype(dtype, method):
+    from mpotn.linalg import sparsity_aware_svd, truncated_svd
+
+    matrix = torch.randn(120, 90, generator=torch.Generator().manual_seed(1))
+    cut = truncated_svd(matrix.to(dtype), 4, method=method)
+    reference = truncated_svd(matrix.to(dtype).float(), 4, method=method)
+    assert {t.dtype for t in (cut.U, cut.S, cut.Vh, cut.error)} == {dtype}
+    assert torch.equal(cut.S, reference.S.to(dtype))
+    mask = torch.rand(120, 90, generator=torch.Generator().manual_seed(2)) > 0.3
+    fitted, errors = sparsity_aware_svd(matrix.to(dtype) * mask, mask, 4, iterations=3)
+    assert fitted.S.dtype == dtype and errors[-1] <= errors[0]
+
+
+def test_a_rank_below_one_is_refused():
+    from mpotn.linalg import truncated_svd
+
+    with pytest.raises(ValueError, match="rank must be an integer >= 1, got 0"):
+        truncated_svd(torch.randn(10, 8), 0)
