@@ -444,3 +444,23 @@ def test_a_mixture_of_experts_save_loads_into_a_given_model(tmp_path):
         again = load(tmp_path / "moe", model=tiny_bert(seed=5))  # its own, real weights
         assert torch.equal(again(input_ids=x).last_hidden_state, expected)
     assert not any(t.is_meta for t in [*again.parameters(), *again.buffers()])
+
+
+def test_the_router_scores_in_float32_under_autocast_and_in_a_bfloat16_model():
+    """Switch Transformer's selective precision: half-precision router scores flip
+    choices (2 of 512 tokens here before the router ran in float32)."""
+    torch.manual_seed(0)
+    moe = MixtureOfExperts([nn.Linear(64, 64) for _ in range(8)], 64, top_k=1,
+                           capacity_factor=None)
+    tokens = torch.randn(512, 64) * 4
+    gates, chosen, _ = moe.route(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gates_autocast, chosen_autocast, _ = moe.route(tokens)
+    assert torch.equal(chosen_autocast, chosen) and torch.equal(gates_autocast, gates)
+    half = copy.deepcopy(moe).bfloat16()
+    gates_half, chosen_half, loss_half = half.route(tokens.bfloat16())
+    assert gates_half.dtype == torch.float32 and loss_half.dtype == torch.float32
+    expected = torch.softmax(tokens.bfloat16().float() @ half.router.weight.float().T, -1)
+    assert torch.equal(chosen_half[:, 0], expected.argmax(-1))
+    loss_half.backward()
+    assert half.router.weight.grad is not None

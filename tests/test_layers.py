@@ -230,3 +230,32 @@ def test_a_weight_cached_under_autocast_serves_calls_outside_it():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
     assert torch.equal(layer(x), expected)  # the cache holds the float32 weight
+
+
+def test_embeddings_under_autocast_keep_the_tables_dtype_in_every_mode_as_nn_embedding():
+    from mpotn.layers import FactorizedEmbedding
+    from mpotn.methods import decompose
+
+    torch.manual_seed(0)
+    dense = nn.Embedding(64, 16)
+    indices = torch.randint(0, 64, (4, 8))
+    layers = {"mpo": MPOEmbedding.from_embedding(dense, n=3),
+              "tt": FactorizedEmbedding(decompose(dense.weight.detach(), "tt", n=3))}
+    for name, layer in layers.items():
+        exact = layer(indices).detach()
+        for mode, grad in (("train", True), ("eval", True), ("eval", False)):
+            getattr(layer, mode)()
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+                assert dense(indices).dtype == torch.float32
+                out = layer(indices)
+            assert out.dtype == torch.float32, (name, mode, grad)
+            assert float((out.detach() - exact).abs().max()) < 1e-5, (name, mode, grad)
+
+
+def test_moving_a_layer_forgets_its_contract_or_rebuild_choices():
+    layer = MPOLinear.from_linear(nn.Linear(64, 64), n=3)
+    layer(torch.randn(8, 64))
+    assert layer._methods
+    layer.double()
+    assert layer._methods == {}
+    assert layer(torch.randn(8, 64, dtype=torch.float64)).dtype == torch.float64

@@ -434,14 +434,37 @@ def test_sharing_counts_what_it_saves_and_keeps_experts_together(bert):
     model = compress(copy.deepcopy(bert), targets=["ffn"], n=3, progress=False)
     upcycle_experts(model, experts=2, top_k=1)  # each block's experts share one central
     before = model.totals()["total_params"]
-    groups = [r for r in share_centrals(model, init="layer") if r["kind"] == "group"]
+    report = share_centrals(model, init="layer")
+    groups = [r for r in report if r["kind"] == "group"]
     assert [r["name"] for r in groups] == ["6 layers", "6 layers"]
     # 3 distinct centrals per type become 1: 2 |C| saved, not (6 - 1) |C|
     assert [r["saved_params"] for r in groups] == [2 * CENTRAL["ffn_in"], 2 * CENTRAL["ffn_out"]]
     assert before - model.totals()["total_params"] == sum(r["saved_params"] for r in groups)
+    # each compressed matrix's row gets its group and the mean error of its experts
+    errors = {r["name"]: r["error"] for r in report if r["kind"] == "layer"}
+    for record in model.records:
+        layer, part = record["name"].rsplit(".", 2)[0], record["name"].split(".")[-2]
+        experts = [errors[f"{layer}.intermediate.experts.{e}.{part}.dense"] for e in (0, 1)]
+        assert record["shared_group"] == record["type"]  # one group per matrix type
+        assert record["sharing_error"] == pytest.approx(sum(experts) / 2, rel=1e-12)
+        # layer 0 gave the central ("layer" init): its experts are as they were
+        assert (record["sharing_error"] > 0.1) == (record["layer"] != 0)
     fresh = compress(copy.deepcopy(bert), targets=["ffn"], n=3, progress=False)
     upcycle_experts(fresh, experts=2, top_k=1)
     first = [f"encoder.layer.{i}.intermediate.experts.0.intermediate.dense" for i in range(2)]
     with pytest.raises(ValueError, match=r"experts\.1\.intermediate\.dense.*which sharing "
                                          r"would split; put them in the same group"):
         share_centrals(fresh, groups=[first])
+
+
+def test_layers_inside_bottleneck_adapters_get_their_sharing_in_the_report(bert):
+    from mpotn.compression.bottleneck import add_bottleneck_adapters
+    model = compressed(bert)
+    add_bottleneck_adapters(model, 4)  # attn_out and ffn_out now sit inside wrappers
+    report = share_centrals(model, init="fit")
+    errors = {r["name"].removesuffix(".layer"): r["error"] for r in report
+              if r["kind"] == "layer"}
+    assert len(model.records) == 6 * LAYERS
+    for record in model.records:
+        assert record["shared_group"] == record["type"]
+        assert record["sharing_error"] == errors[record["name"]]

@@ -177,6 +177,30 @@ def matrix_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def compressed_names(name: str) -> tuple[str, ...]:
+    """The names a matrix may have had when it was compressed (its row in the compression
+    report), for its module name now: inside a bottleneck adapter's wrapper
+    (``....layer``) or an upcycled expert (``<block>.experts.<e>.<part>``: the matrix was
+    ``<block>.<part>``, or ``<parent of block>.<part>`` when the expert holds the block's
+    neighbours too, as BERT's ``intermediate`` and ``output``).
+
+    Examples
+    --------
+    >>> compressed_names("encoder.layer.3.output.dense.layer")
+    ('encoder.layer.3.output.dense',)
+    >>> compressed_names("transformer.h.0.mlp.experts.2.c_proj")
+    ('transformer.h.0.mlp.c_proj', 'transformer.h.0.c_proj')
+    >>> compressed_names("encoder.layer.0.intermediate.experts.1.output.dense")[1]
+    'encoder.layer.0.output.dense'
+    """
+    name = name.removesuffix(".layer")
+    match = _EXPERT.search(name)
+    if match is None:
+        return (name,)
+    block, part = name[:match.start()], name[match.end() + 1:]
+    return (f"{block}.{part}", f"{block.rpartition('.')[0]}.{part}".lstrip("."))
+
+
 def layer_index(name: str) -> int | None:
     """Layer number in a module name, if any.
 

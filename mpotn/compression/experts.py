@@ -167,9 +167,9 @@ def upcycle_experts(model: nn.Module, experts: int = 4, top_k: int = 2, *,
         ``nn.Parameter``) and owns its auxiliary tensors (MPOE). ``False``: full
         copies (the plain mixture of experts).
     noise:
-        Experts ``2..E`` get their own tensors (auxiliary tensors, or every matrix of
-        a plain expert) times ``1 + noise * N(0, 1)`` in relative RMS, so that they
-        can diverge; expert 1 keeps the block's values.
+        Experts ``2..E`` get additive noise on their own tensors (auxiliary tensors,
+        or every matrix of a plain expert): ``T + noise * RMS(T) * N(0, 1)``, one
+        scale per tensor, so that they can diverge; expert 1 keeps the block's values.
     router_loss_weight:
         Weight of the load-balancing loss in training.
     layers:

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpotn.compression.architectures import layer_index, matrix_type
+from mpotn.compression.architectures import compressed_names, layer_index, matrix_type
 from mpotn.compression.config import MPO_LAYERS, layer_holder
 from mpotn.mpo import SWEEP_DTYPE, _interleaved
 from mpotn.table import Table
@@ -350,13 +350,19 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
 def _record_sharing(model: nn.Module, report: Table) -> None:
     """Add to the compression report's row of each shared layer (an
     [MPOModel][mpotn.compression.model.MPOModel]'s ``records``) its ``shared_group`` and
-    ``sharing_error``, its relative error against its matrix before sharing."""
-    records = getattr(model, "records", None)
-    rows = {row["name"]: row for row in report if row["kind"] == "layer"}
-    for record in records if records is not None else ():
-        row = rows.get(record.get("name"))
-        if row is not None:
-            record["shared_group"], record["sharing_error"] = row["group"], row["error"]
+    ``sharing_error``, its relative error against its matrix before sharing (the mean
+    over an upcycled block's experts; a layer inside an adapter's wrapper counts as the
+    matrix it wraps: [compressed_names][mpotn.compression.architectures.compressed_names])."""
+    records = {record.get("name"): record for record in getattr(model, "records", None) or ()}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for row in report:
+        if row["kind"] == "layer":
+            name = next((n for n in compressed_names(row["name"]) if n in records), None)
+            if name is not None:
+                found.setdefault(name, []).append(row)
+    for name, rows in found.items():
+        records[name]["shared_group"] = rows[0]["group"]
+        records[name]["sharing_error"] = sum(row["error"] for row in rows) / len(rows)
 
 
 def _check_whole_groups(layers: dict[str, nn.Module], groups: list[list[str]]) -> None:

@@ -168,8 +168,12 @@ class MixtureOfExperts(nn.Module):
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router output for ``(T, hidden)`` tokens: gates ``(T, k)`` (zero where a token
         is over an expert's capacity), chosen experts ``(T, k)`` and the load-balancing
-        loss (a scalar); the share of assignments over capacity goes to ``dropped``."""
-        probs = torch.softmax(self.router(tokens).float(), dim=-1)
+        loss (a scalar); the share of assignments over capacity goes to ``dropped``. The
+        router runs in float32 whatever the model's dtype or autocast (Switch
+        Transformer's selective precision: half-precision scores change choices)."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            logits = nn.functional.linear(tokens.float(), self.router.weight.float())
+        probs = torch.softmax(logits, dim=-1)
         top, chosen = probs.topk(self.top_k, dim=-1)
         gates = top if self.top_k == 1 else top / top.sum(-1, keepdim=True)
         one_hot = nn.functional.one_hot(chosen, self.num_experts)  # (T, k, E)

@@ -172,7 +172,10 @@ class FactorizedEmbedding(_FactorizedWeight):
         return self.network().rebuild()
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(indices, self.weight)
+        weight = next(iter(self.parameters()))
+        # in the factors' dtype, as nn.Embedding (which autocast leaves alone)
+        with torch.autocast(weight.device.type, enabled=False):
+            return nn.functional.embedding(indices, self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, method={self.method!r}"

@@ -251,6 +251,7 @@ class _MPOWeight(MPOStructure, nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self.clear_cache()  # .to(), .half(), ... invalidate the cached matrix
+        self._methods.clear()  # and the contract-or-rebuild choices timed on the old ones
         return super()._apply(fn, recurse)
 
 
@@ -484,9 +485,11 @@ class MPOEmbedding(_MPOWeight):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         cores = self._core_tensors()
-        if self._cache_usable(cores):
-            return nn.functional.embedding(indices, self.matrix())
-        return self.contractor.lookup(indices, cores)
+        # in the cores' dtype, as nn.Embedding (which autocast leaves alone), in every mode
+        with torch.autocast(cores[0].device.type, enabled=False):
+            if self._cache_usable(cores):
+                return nn.functional.embedding(indices, self.matrix())
+            return self.contractor.lookup(indices, cores)
 
     def extra_repr(self) -> str:
         return (
