@@ -106,21 +106,28 @@ def _best_multiset(dim: int, n: int) -> tuple[int, ...]:
 
 
 def centre_heavy(factors: Sequence[int]) -> tuple[int, ...]:
-    """Arrange factors so that the large ones sit in the middle of the chain.
+    """Arrange factors so that the large ones sit in the middle of the chain, the
+    largest at the central tensor's index ``(n - 1) // 2``
+    ([central_index][mpotn.network.central_index]; for an even ``n`` the left one of
+    the two middle cores).
 
     Examples
     --------
     >>> centre_heavy([2, 3, 4, 5, 6])
     (2, 4, 6, 5, 3)
+    >>> centre_heavy([1, 2, 3, 4])
+    (2, 4, 3, 1)
     """
     n = len(factors)
-    order = []  # positions from the outside in: 0, n-1, 1, n-2, ...
+    order = []  # positions from the outside in: 0, n-1, 1, n-2, ... (n-1, 0, ... if n even)
     lo, hi = 0, n - 1
     while lo <= hi:
         order.append(lo)
         if hi != lo:
             order.append(hi)
         lo, hi = lo + 1, hi - 1
+    if n % 2 == 0:  # the innermost position filled last is then (n - 1) // 2
+        order = [n - 1 - pos for pos in order]
     arranged = [0] * n
     for pos, f in zip(order, sorted(factors)):
         arranged[pos] = f
