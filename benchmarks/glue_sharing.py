@@ -300,13 +300,14 @@ def _step_seconds(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
 
 def step_times(bench: SharingBench, task: str, rows: list[str], sizes: dict[str, int],
                repeats: int = 7) -> dict[str, dict[str, float]]:
-    """Each row's training step time over dense's (``step x dense``), measured in this
-    one process: the rows' models (untrained: the work of a step does not depend on the
-    weights, except in the mixtures of experts, whose untrained router decides how many
-    tokens go over capacity, so their rows also hold the share of token assignments
-    ``dropped``, the mean over their mixtures; shared centrals fitted with no ALS sweep)
-    each take a step on the same batch of 32 training examples, interleaved with the
-    dense model's steps so that load changes hit both, and the ratio is of the
+    """Each row's forward-and-backward time over dense's (``step x dense`` in the timing
+    file, ``fwd+bwd x dense`` in the table; the optimizer's update is not timed),
+    measured in this one process: the rows' models (untrained: the work of a step does
+    not depend on the weights, except in the mixtures of experts, whose untrained router
+    decides how many tokens go over capacity, so their rows also hold the share of token
+    assignments ``dropped``, the mean over their mixtures; shared centrals fitted with no
+    ALS sweep) each take a step on the same batch of 32 training examples, interleaved
+    with the dense model's steps so that load changes hit both, and the ratio is of the
     medians."""
     from transformers import DataCollatorWithPadding
 
@@ -337,19 +338,34 @@ def step_times(bench: SharingBench, task: str, rows: list[str], sizes: dict[str,
 
 
 def _ffn_multiple(group: list[dict[str, Any]]) -> float:
-    multiple = [r["ffn_params_multiple"] for r in group if "ffn_params_multiple" in r]
+    multiple = [1.0 if r["row"] == "dense" else r["ffn_params_multiple"] for r in group
+                if r["row"] == "dense" or "ffn_params_multiple" in r]
     return statistics.mean(multiple) if multiple else float("nan")
+
+
+def _step_seconds_of_runs(group: list[dict[str, Any]]) -> float:
+    """The mean of the runs' own seconds per training step (forward, backward and the
+    optimizer's update; each run's, beside whatever else ran then); for a run that
+    recorded none (dense, borrowed from ``glue_small``), its training seconds over its
+    steps unless it resumed."""
+    steps = [r["seconds_per_step"] if r.get("seconds_per_step")
+             else (r["seconds"] - r.get("prep_seconds", 0.0)) / r["steps"]
+             for r in group if r.get("seconds_per_step")
+             or not glue_small.RESUMED.intersection(r)]
+    return statistics.mean(steps) if steps else float("nan")
 
 
 def summarize(runs: list[dict[str, Any]],
               steps: dict[str, dict[str, dict[str, float]]] | None = None) -> Table:
-    """``glue_small``'s summary of these rows, with the FFN's size against dense and each
-    row's training step time over dense's measured in one process (``steps``, from
-    ``step_times``; ``--timing``). The runs' own seconds per step are not compared:
-    they ran at different times, beside different jobs."""
-    table = glue_small.summarize(runs, ROWS, {"FFN x dense": _ffn_multiple})
+    """``glue_small``'s summary of these rows, with the FFN's size against dense, the
+    runs' own seconds per training step (``s/step``: they ran at different times, beside
+    different jobs, so compare them loosely) and each row's forward-and-backward time
+    over dense's measured in one process (``fwd+bwd x dense``, from ``step_times``;
+    ``--timing``)."""
+    table = glue_small.summarize(runs, ROWS, {"FFN x dense": _ffn_multiple,
+                                              "s/step": _step_seconds_of_runs})
     for row in table:
-        row["step x dense"] = (steps or {}).get(row["task"], {}).get(row["row"], {}).get(
+        row["fwd+bwd x dense"] = (steps or {}).get(row["task"], {}).get(row["row"], {}).get(
             "step x dense", float("nan"))
     return table
 
@@ -370,15 +386,18 @@ CLAIMS = (
 )
 
 
-def findings(table: Table, baselines: dict[str, float] | None = None) -> list[str]:
-    """The papers' claims per task, one Markdown bullet each (``glue_small``'s verdicts),
-    after each task's constant guess (``baselines``, ``{task: majority-class metric}``)."""
+def findings(runs: list[dict[str, Any]], table: Table,
+             baselines: dict[str, float] | None = None) -> list[str]:
+    """The papers' claims per task, one Markdown bullet each (``glue_small``'s verdicts, on
+    the seeds both rows of a claim have), after each task's constant guess (``baselines``,
+    ``{task: majority-class metric}``), which leaves claims about rows at it undecided."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in table):
-        if baselines and task in baselines:
+        baseline = (baselines or {}).get(task)
+        if baseline is not None:
             rows = {r["row"]: r for r in table if r["task"] == task}
-            lines += glue_small.baseline_lines(task, rows, baselines[task])
-        lines += glue_small.claim_bullets(table, task, CLAIMS)
+            lines += glue_small.baseline_lines(task, rows, baseline)
+        lines += glue_small.claim_bullets(runs, task, CLAIMS, baseline)
     return lines
 
 
@@ -389,7 +408,9 @@ def _timing_path(out: Path) -> Path:
 
 
 def write_report(out: Path, results: dict[str, Any]) -> str:
-    """Tables and findings to ``out`` (with the runs) and ``out.with_suffix('.md')``."""
+    """Tables and findings to ``out`` (with the runs, and those another invocation stored
+    meanwhile) and ``out.with_suffix('.md')``."""
+    glue_small.merge_stored(results, out)
     order = {name: k for k, name in enumerate(ROWS)}
     results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
     timing = _timing_path(out)
@@ -398,7 +419,7 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     tasks = dict.fromkeys(r["task"] for r in results["runs"])
     baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
                  if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
-    return glue_small.publish(out, results, table, findings(table, baselines),
+    return glue_small.publish(out, results, table, findings(results["runs"], table, baselines),
                               "The papers' claims, computed from the table by "
                               "`benchmarks/glue_sharing.py`")
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -370,7 +371,8 @@ def summarize(runs: list[dict[str, Any]], rows: tuple[str, ...] = ROWS,
 def _compare(a: dict[str, Any], b: dict[str, Any], margin: float) -> tuple[float, float, str]:
     """Gap ``a - b`` in points, the noise (the larger seed spread, and at least 1 point:
     two seeds can agree by chance, and one seed has no spread) and the verdict on the
-    claim ``a >= b - margin``, decided only beyond the noise (a gap equal to it is not)."""
+    claim ``a >= b - margin``, decided only when ``gap + margin`` is beyond the noise (a
+    gap equal to it is not)."""
     gap = a["metric %"] - b["metric %"]
     spreads = [r["spread (sd)"] for r in (a, b) if r["seeds"] > 1]
     noise = max([1.0, *spreads])
@@ -379,8 +381,61 @@ def _compare(a: dict[str, Any], b: dict[str, Any], margin: float) -> tuple[float
     elif gap + margin < -noise:
         verdict = "**refuted**"
     else:
-        verdict = f"**not decided** (within the seed spread, {noise:.2f} points)"
+        verdict = f"**not decided** (gap + margin within ±{noise:.2f} points)"
     return gap, noise, verdict
+
+
+def paired(runs: list[dict[str, Any]], task: str, a: str, b: str
+           ) -> tuple[dict[str, Any], dict[str, Any], list[int]] | None:
+    """Rows ``a`` and ``b`` of ``task`` on the seeds both have (a claim compares like with
+    like: a row with an extra seed would otherwise move its mean alone): each row's
+    ``seeds``, ``metric %``, ``spread (sd)`` and ``#To/dense`` on them, and those seeds;
+    ``None`` when they share no seed."""
+    groups = {row: {r["seed"]: r for r in runs if r["task"] == task and r["row"] == row}
+              for row in (a, b)}
+    seeds = sorted(set(groups[a]) & set(groups[b]))
+    if not seeds:
+        return None
+
+    def on(row: str) -> dict[str, Any]:
+        group = [groups[row][seed] for seed in seeds]
+        return {"row": row, "seeds": len(seeds), **score(group),
+                "#To/dense": statistics.mean(r.get("total_over_dense", math.nan)
+                                             for r in group)}
+
+    return on(a), on(b), seeds
+
+
+def claim_line(task: str, text: str, a: dict[str, Any], b: dict[str, Any], seeds: list[int],
+               margin: float, baseline: float | None = None, planned: int | None = None
+               ) -> str:
+    """One Markdown bullet for the claim ``a >= b - margin`` on ``seeds`` (rows as
+    ``paired`` gives them): both metrics and sizes, the gap, the threshold it must pass
+    (``max(larger seed spread, 1 point)``) and the verdict. A row that scores no more than
+    the constant guess (``baseline``, a fraction) leaves the claim not decided; fewer
+    seeds than ``planned`` mark the verdict provisional; sizes more than 2% apart are
+    named."""
+    gap, noise, verdict = _compare(a, b, margin)
+    guess = baseline is not None and min(a["metric %"], b["metric %"]) <= 100 * baseline
+    if guess and not verdict.startswith("**not decided**"):
+        verdict = (f"**not decided** ({a['row'] if a['metric %'] <= 100 * baseline else b['row']}"
+                   f" scores no more than the constant guess, {100 * baseline:.2f})")
+    size = a["#To/dense"] / b["#To/dense"]
+    sizes = (f"; {a['row']} is {100 * abs(size - 1):.1f}% "
+             f"{'larger' if size > 1 else 'smaller'} than {b['row']}"
+             if abs(size - 1) > 0.02 else "")
+    margin_text = f" + margin {margin:g}" if margin else ""
+    provisional = (f"; provisional: {len(seeds)} of {planned} seeds"
+                   if planned and len(seeds) < planned else "")
+    return (f"- {task}: {text} ({a['row']} {a['metric %']:.2f} at {a['#To/dense']:.3f} of "
+            f"dense vs {b['row']} {b['metric %']:.2f} at {b['#To/dense']:.3f}{sizes}; "
+            f"seeds {', '.join(map(str, seeds))}; gap {gap:+.2f}{margin_text} against "
+            f"{noise:.2f} points{provisional}): {verdict}.")
+
+
+def planned_seeds(task: str) -> int:
+    """How many seeds the GLUE benchmarks plan for ``task`` (``TASKS``)."""
+    return len(TASKS[task][0]) if task in TASKS else 1
 
 
 #: ``(a, b, margin, claim)``: the claim ``a >= b - margin`` (points of the GLUE metric);
@@ -398,36 +453,34 @@ CLAIMS = (
 )
 
 
-def findings(table: Table, baselines: dict[str, float] | None = None) -> list[str]:
-    """The paper's claims (and the issue's goal) checked per task, one Markdown bullet each.
+def findings(runs: list[dict[str, Any]], baselines: dict[str, float] | None = None
+             ) -> list[str]:
+    """The paper's claims (and the issue's goal) checked per task on the seeds both rows
+    of a claim have, one Markdown bullet each.
 
     ``baselines`` (``{task: majority-class metric}``) add a line per task saying how far
-    dense fine-tuning gets above a constant guess, with a warning when it is not 5 points.
+    dense fine-tuning gets above a constant guess, with a warning when it is not 5 points,
+    and leave claims about rows at that guess not decided.
     """
     lines = []
-    for task in dict.fromkeys(r["task"] for r in table):
+    table = summarize(runs)
+    for task in dict.fromkeys(r["task"] for r in runs):
         rows = {r["row"]: r for r in table if r["task"] == task}
-        if baselines and task in baselines:
-            lines += baseline_lines(task, rows, baselines[task])
+        baseline = (baselines or {}).get(task)
+        if baseline is not None:
+            lines += baseline_lines(task, rows, baseline)
         calibrated = [r for r in ("calibrated-lfa", "healed-lfa") if r in rows]
-        if calibrated:
-            rows["best"] = max((rows[r] for r in calibrated), key=lambda r: r["metric %"])
-        for a, b, margin, text in CLAIMS:
-            if a not in rows or b not in rows:
-                continue
-            gap, _, verdict = _compare(rows[a], rows[b], margin)
-            name = rows[a]["row"]
-            lines.append(f"- {task}: {text} ({name} {rows[a]['metric %']:.2f} vs {b} "
-                         f"{rows[b]['metric %']:.2f}, gap {gap:+.2f} points, at "
-                         f"{rows[a]['#To/dense']:.3f} and {rows[b]['#To/dense']:.3f} of the "
-                         f"dense size): {verdict}.")
+        best = max(calibrated, key=lambda r: rows[r]["metric %"]) if calibrated else None
+        claims = [(best if a == "best" else a, b, margin, text)
+                  for a, b, margin, text in CLAIMS if a != "best" or best]
+        lines += claim_bullets(runs, task, tuple(claims), baseline)
     return lines
 
 
 def baseline_lines(task: str, rows: dict[str, dict[str, Any]], baseline: float) -> list[str]:
     """How far dense fine-tuning gets above always predicting the most frequent label
     (``baseline``, a fraction), with a warning under 5 points, and the rows that score no
-    more than that constant guess: verdicts between such rows say little."""
+    more than that constant guess: claims about them are not decided."""
     lines = []
     if "dense" in rows:
         above = rows["dense"]["metric %"] - 100 * baseline
@@ -438,23 +491,21 @@ def baseline_lines(task: str, rows: dict[str, dict[str, Any]], baseline: float) 
     guessing = [name for name, r in rows.items() if r["metric %"] <= 100 * baseline]
     if guessing:
         lines.append(f"- {task}: {', '.join(guessing)} score no more than that constant "
-                     "guess: claims about them say little.")
+                     "guess: claims about them are not decided.")
     return lines
 
 
-def claim_bullets(table: Table, task: str, claims: tuple[tuple[str, str, float, str], ...]
-                  ) -> list[str]:
-    """One Markdown bullet per claim ``(a, b, margin, text)`` whose two rows ``task`` has:
-    the claim ``a >= b - margin`` with both rows' metrics and sizes and the verdict."""
-    rows = {r["row"]: r for r in table if r["task"] == task}
+def claim_bullets(runs: list[dict[str, Any]], task: str,
+                  claims: tuple[tuple[str, str, float, str], ...],
+                  baseline: float | None = None) -> list[str]:
+    """One Markdown bullet per claim ``(a, b, margin, text)`` whose two rows ``task`` has
+    on a common seed (``claim_line`` on ``paired`` rows; provisional while they have fewer
+    seeds than ``planned_seeds``)."""
     lines = []
     for a, b, margin, text in claims:
-        if a in rows and b in rows:
-            gap, _, verdict = _compare(rows[a], rows[b], margin)
-            lines.append(f"- {task}: {text} ({a} {rows[a]['metric %']:.2f} at "
-                         f"{rows[a]['#To/dense']:.3f} of dense vs {b} "
-                         f"{rows[b]['metric %']:.2f} at {rows[b]['#To/dense']:.3f}, gap "
-                         f"{gap:+.2f} points): {verdict}.")
+        both = paired(runs, task, a, b)
+        if both is not None:
+            lines.append(claim_line(task, text, *both, margin, baseline, planned_seeds(task)))
     return lines
 
 
@@ -463,8 +514,9 @@ def publish(out: Path, results: dict[str, Any], table: Table, claims: list[str],
     """Write the runs, ``table`` and ``claims`` to ``out`` and the Markdown report (the
     table, ``intro``, the claims as bullets) to ``out.with_suffix('.md')``."""
     results.update(summary=list(table), findings=claims)
-    markdown = (table.to_markdown(floatfmt=".4g") + f"\n\n{intro} (a claim is decided when "
-                "the gap is beyond the larger seed spread, one point on one seed):\n\n"
+    markdown = (table.to_markdown(floatfmt=".4g") + f"\n\n{intro} (on the seeds both rows "
+                "of a claim have, a claim is decided when its gap plus margin is beyond "
+                "max(larger seed spread, 1 point)):\n\n"
                 + ("\n".join(claims) or "- none of the claims has both its rows yet.") + "\n")
     write_text(out, json.dumps(results, indent=2))
     write_text(out.with_suffix(".md"), markdown)
@@ -472,13 +524,15 @@ def publish(out: Path, results: dict[str, Any], table: Table, claims: list[str],
 
 
 def write_report(out: Path, results: dict[str, Any]) -> str:
-    """Table and findings to ``out`` (with the runs) and ``out.with_suffix('.md')``."""
+    """Table and findings to ``out`` (with the runs, and those another invocation stored
+    meanwhile) and ``out.with_suffix('.md')``."""
+    merge_stored(results, out)
     order = {name: k for k, name in enumerate(ROWS)}
     results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
     table = summarize(results["runs"])
     tasks = dict.fromkeys(r["task"] for r in results["runs"])
-    claims = findings(table, {t: majority_baseline(load_task(t)) for t in tasks
-                              if t == QUICK_TASK or GLUE.is_dir()})
+    claims = findings(results["runs"], {t: majority_baseline(load_task(t)) for t in tasks
+                                        if t == QUICK_TASK or GLUE.is_dir()})
     return publish(out, results, table, claims, "The paper's claims and the goal, computed "
                    "from the table by `benchmarks/glue_small.py`")
 
@@ -520,15 +574,29 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, results: Path
     return args
 
 
+def merge_stored(results: dict[str, Any], out: Path) -> None:
+    """Add to ``results`` the runs ``out`` holds and ``results`` lacks (another invocation
+    wrote them since this one read the file), so that writing ``results`` drops none."""
+    if not out.is_file():
+        return
+    known = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
+    results["runs"] += [r for r in json.loads(out.read_text())["runs"]
+                        if (r["task"], r["row"], r["seed"]) not in known]
+
+
 def store(results: dict[str, Any], record: dict[str, Any], out: Path) -> None:
-    """Add a finished run to ``results``, say so, and write ``out`` at once, without the
-    table and verdicts read when it started (stale now: the report writes them anew)."""
+    """Add a finished run to ``results``, say so, and write ``out`` at once (with the runs
+    another invocation stored meanwhile: ``merge_stored``), without the table and verdicts
+    read when it started (stale now: the report writes them anew)."""
+    merge_stored(results, out)
     results["runs"].append(record)
     for derived in ("summary", "findings"):
         results.pop(derived, None)
+    size = (f" at {record['total_over_dense']:.3f} of dense"
+            if "total_over_dense" in record else "")
     print(f"{record['task']} {record['row']} seed {record['seed']}: "
-          f"{100 * record['metric']:.2f} at {record['total_over_dense']:.3f} of dense "
-          f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
+          f"{100 * record['metric']:.2f}{size} ({record['seconds']:.0f} s)",
+          file=sys.stderr, flush=True)
     write_text(out, json.dumps(results, indent=2))
 
 

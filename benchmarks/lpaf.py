@@ -234,22 +234,34 @@ def _rank_claim(task: str, runs: list[dict[str, Any]]) -> str | None:
             f"{len(seeds)} seed(s)): {verdict}.")
 
 
-def findings(table: Table, runs: list[dict[str, Any]]) -> list[str]:
-    """LPAF's claims per task, one Markdown bullet each."""
+def findings(table: Table, runs: list[dict[str, Any]],
+             baselines: dict[str, float] | None = None) -> list[str]:
+    """LPAF's claims per task, one Markdown bullet each (``glue_small``'s verdicts, on the
+    seeds both rows of a claim have), after each task's constant guess (``baselines``,
+    ``{task: majority-class metric}``), which leaves claims about rows at it undecided."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in table):
+        baseline = (baselines or {}).get(task)
+        if baseline is not None:
+            rows = {r["row"]: r for r in table if r["task"] == task}
+            lines += glue_small.baseline_lines(task, rows, baseline)
         rank = _rank_claim(task, runs)
         lines += [rank] if rank else []
-        lines += glue_small.claim_bullets(table, task, CLAIMS)
+        lines += glue_small.claim_bullets(runs, task, CLAIMS, baseline)
     return lines
 
 
 def write_report(out: Path, results: dict[str, Any]) -> str:
-    """Table and findings to ``out`` (with the runs) and ``out.with_suffix('.md')``."""
+    """Table and findings to ``out`` (with the runs, and those another invocation stored
+    meanwhile) and ``out.with_suffix('.md')``."""
+    glue_small.merge_stored(results, out)
     order = {name: k for k, name in enumerate(ROWS)}
     results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
     table = summarize(results["runs"])
-    return glue_small.publish(out, results, table, findings(table, results["runs"]),
+    tasks = dict.fromkeys(r["task"] for r in results["runs"])
+    baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
+                 if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
+    return glue_small.publish(out, results, table, findings(table, results["runs"], baselines),
                               "LPAF's claims, computed from the table by `benchmarks/lpaf.py`")
 
 

@@ -352,9 +352,10 @@ def summarize(runs: list[dict[str, Any]]) -> Table:
     return table
 
 
-def findings(table: Table) -> list[str]:
+def findings(table: Table, runs: list[dict[str, Any]]) -> list[str]:
     """The claim per task and share: MPO beats magnitude pruning at equal parameters,
-    compressed from the trained LSTM (``mpo``) or trained from scratch (``scratch``)."""
+    compressed from the trained LSTM (``mpo``) or trained from scratch (``scratch``), on
+    the seeds both rows have."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in table):
         rows = {r["row"]: r for r in table if r["task"] == task}
@@ -363,14 +364,17 @@ def findings(table: Table) -> list[str]:
                             ("calibrated", "calibrated (mpotn), fine-tuned"),
                             ("svd-calibrated", "as calibrated SVDs (mpotn), fine-tuned")):
             for share in SHARES:
-                a, b = rows.get(f"{method}@{share}"), rows.get(f"prune@{share}")
-                if a and b:
-                    gap, _, verdict = glue_small._compare(a, b, 0.0)
-                    lines.append(
-                        f"- {task}: an MPO-LSTM {how} beats magnitude pruning (fine-tuned) at "
-                        f"{share} of the LSTM's weights ({method} {a['metric %']:.2f} with "
-                        f"{a['#LSTM']:,} weights vs prune {b['metric %']:.2f} with "
-                        f"{b['#LSTM']:,}, gap {gap:+.2f} points): {verdict}.")
+                both = glue_small.paired(runs, task, f"{method}@{share}", f"prune@{share}")
+                if both is None:
+                    continue
+                a, b, seeds = both
+                gap, _, verdict = glue_small._compare(a, b, 0.0)
+                lines.append(
+                    f"- {task}: an MPO-LSTM {how} beats magnitude pruning (fine-tuned) at "
+                    f"{share} of the LSTM's weights ({method} {a['metric %']:.2f} with "
+                    f"{rows[a['row']]['#LSTM']:,} weights vs prune {b['metric %']:.2f} with "
+                    f"{rows[b['row']]['#LSTM']:,}, seeds {', '.join(map(str, seeds))}, gap "
+                    f"{gap:+.2f} points): {verdict}.")
     return lines
 
 
@@ -401,17 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(args.quick, args.work or (Path(scratch) if args.quick else WORK))
             results.setdefault("tasks", {}).update({t: bench.settings(t) for t in args.task})
             for task, row, seed in todo:
-                record = run(bench, task, row, seed)
-                results["runs"].append(record)
-                for derived in ("summary", "findings"):  # stale: the report writes them anew
-                    results.pop(derived, None)
-                print(f"{task} {row} seed {seed}: {100 * record['metric']:.2f} "
-                      f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
-                write_text(args.out, json.dumps(results, indent=2))
+                glue_small.store(results, run(bench, task, row, seed), args.out)
+    glue_small.merge_stored(results, args.out)
     order = {name: k for k, name in enumerate(ROWS)}
     results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
     table = summarize(results["runs"])
-    print(glue_small.publish(args.out, results, table, findings(table),
+    print(glue_small.publish(args.out, results, table, findings(table, results["runs"]),
                              "The MPO-LSTM claim, computed from the table by "
                              "`benchmarks/mpo_lstm.py`"))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")

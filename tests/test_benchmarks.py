@@ -143,26 +143,63 @@ def test_glue_small_quick_mode_runs_every_row_then_skips_them(tmp_path):
     assert "| sst2-sample | squeeze" in (tmp_path / "glue_small.md").read_text()
 
 
+def _runs(row, mean, sd, seeds=(0, 1, 2), size=0.65):
+    """Runs of ``row`` on RTE whose scores have this mean and sample spread (points)."""
+    scores = {1: [mean], 2: [mean - sd / 2 ** 0.5, mean + sd / 2 ** 0.5],
+              3: [mean - sd, mean, mean + sd]}[len(seeds)]
+    return [{"task": "rte", "row": row, "seed": seed, "metric": score / 100,
+             "total_params": 10, "total_over_dense": size, "trainable_params": 10,
+             "steps": 4, "seconds": 1.0} for seed, score in zip(seeds, scores)]
+
+
+def _verdicts(lines):
+    return {line.split(": ", 1)[1].split(" (")[0]: line.rsplit("): ", 1)[1] for line in lines
+            if "): " in line}
+
+
 def test_glue_small_verdicts_need_a_gap_beyond_the_seed_spread():
     """A claim is decided only when its gap (plus margin) exceeds the larger seed spread."""
     bench = load_benchmark("glue_small")
-
-    def row(name, score, sd, seeds=3):
-        return {"task": "rte", "row": name, "seeds": seeds, "metric %": score,
-                "spread (sd)": sd, "#To/dense": 0.65}
-
-    table = [row("dense", 70.0, 1.0), row("squeeze", 66.0, 1.5), row("direct", 65.0, 0.5),
-             row("calibrated-lfa", 69.5, 0.2), row("svd-llm-ft", 67.0, 0.4)]
-    lines = bench.findings(table)
-
-    def verdict(claim):
-        (line,) = [line for line in lines if claim in line]
-        return line.rsplit("): ", 1)[1]
-
-    assert verdict("squeezing beats direct").startswith("**not decided**")  # +1 vs sd 1.5
-    assert verdict("squeezed to at most 0.65") == "**refuted**."  # -4 + 1 beyond 1.5
-    assert verdict("beats SVD-LLM") == "**confirmed**."  # +2.5 beyond 0.4 and 1 point
+    runs = [*_runs("dense", 70.0, 1.0, size=1.0), *_runs("squeeze", 66.0, 1.5),
+            *_runs("direct", 65.0, 0.5), *_runs("calibrated-lfa", 69.5, 0.2),
+            *_runs("svd-llm-ft", 67.0, 0.4)]
+    lines = bench.findings(runs)
+    verdict = _verdicts(lines)
+    assert verdict["squeezing beats direct truncation to the same bonds"].startswith(
+        "**not decided**")  # +1 vs sd 1.5
+    assert verdict["MPOP squeezed to at most 0.65 of the size is within a point of dense"] == (
+        "**refuted**.")  # -4 + 1 beyond 1.5
+    assert verdict["goal: the best calibrated row beats SVD-LLM + fine-tuning at equal "
+                   "size"] == "**confirmed**."  # +2.5 beyond 0.4 and 1 point
     assert len(lines) == 5  # no mpo-lfa row: its claim is left out
+    assert "provisional" not in " ".join(lines)  # every row has RTE's 3 seeds
+
+
+def test_a_claim_compares_its_rows_on_the_seeds_both_have_and_says_when_it_is_provisional():
+    """A row with an extra seed does not move the claim: a tie on the common seed stays
+    undecided however the extra seed scored."""
+    bench = load_benchmark("glue_small")
+    runs = [*_runs("squeeze", 60.0, 0.0, seeds=(0,)),
+            *_runs("direct", 60.0, 0.0, seeds=(0,)),
+            *_runs("direct", 40.0, 0.0, seeds=(1,))]  # alone, it would lower direct's mean
+    (line,) = bench.claim_bullets(runs, "rte", (("squeeze", "direct", 0.0, "claim"),))
+    assert "seeds 0;" in line and "gap +0.00" in line
+    assert "provisional: 1 of 3 seeds" in line
+    assert line.endswith("**not decided** (gap + margin within ±1.00 points).")
+    assert bench.claim_bullets(runs[:1] + runs[2:], "rte",
+                               (("squeeze", "direct", 0.0, "claim"),)) == []  # no seed shared
+
+
+def test_a_claim_about_a_row_at_the_constant_guess_is_not_decided():
+    bench = load_benchmark("glue_small")
+    runs = [*_runs("squeeze", 52.7, 0.0), *_runs("direct", 58.0, 0.0, size=0.70)]
+    (line,) = bench.claim_bullets(runs, "rte", (("squeeze", "direct", 0.0, "claim"),),
+                                  baseline=0.5271)
+    assert line.endswith("**not decided** (squeeze scores no more than the constant guess, "
+                         "52.71).")
+    assert "squeeze is 7.1% smaller than direct" in line
+    (line,) = bench.claim_bullets(runs, "rte", (("squeeze", "direct", 0.0, "claim"),))
+    assert line.endswith("**refuted**.")  # without the guess: -5.3 beyond a point
 
 
 @pytest.mark.parametrize(("gap", "spreads", "seeds", "expected"), [
@@ -403,7 +440,11 @@ def test_lpaf_quick_mode_runs_every_row_then_skips_them(tmp_path):
     before = out.read_text()
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]
-    assert len(json.loads(out.read_text())["findings"]) == len(bench.CLAIMS) + 1
+    lines = json.loads(out.read_text())["findings"]
+    assert "always predicting the most frequent label" in lines[0]  # the constant guess
+    claims = [line for line in lines if "always predicting" not in line
+              and "score no more than that constant guess" not in line]
+    assert len(claims) == len(bench.CLAIMS) + 1  # and the rank claim
     assert not (tmp_path / "lpaf_work").exists()  # the smoke run's scratch folder is gone
     # a factorized row asked for alone runs its first stage, and records it too
     alone = tmp_path / "alone" / "lpaf.json"

@@ -249,6 +249,24 @@ def test_the_training_loss_adds_the_router_loss_and_evaluation_does_not(tmp_path
     assert "router_aux_loss" not in logged[-1]  # an evaluation log: none
 
 
+def test_a_model_with_experts_is_refused_on_several_gpus_of_one_process(tmp_path,
+                                                                        monkeypatch):
+    """DataParallel's replicas would keep the load-balancing loss to themselves."""
+    from transformers import TrainingArguments
+
+    from mpotn.compression.models import load_tokenizer
+    from mpotn.finetune.training import _task_trainer, trainer_arguments
+
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    args = trainer_arguments("cpu", output_dir=tmp_path)
+    _task_trainer(model, args, load_tokenizer())  # one device: fine
+    upcycle_experts(model, experts=2, top_k=1)
+    _task_trainer(model, args, load_tokenizer())
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"one process over 2 GPUs.*accelerate launch"):
+        _task_trainer(model, args, load_tokenizer())
+
+
 def test_merge_keeps_the_experts_dense_and_warns():
     model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
     upcycle_experts(model, experts=2, top_k=1)

@@ -123,7 +123,10 @@ def test_scores_get_their_own_optimizer_group_without_weight_decay():
     groups = {g["name"]: g for g in optimizer_groups(model, 1e-3, weight_decay=0.01,
                                                      scores=pruning.scores())}
     assert groups["scores"]["weight_decay"] == 0.0 and groups["other"]["weight_decay"] == 0.01
-    assert len(groups["scores"]["params"]) == 2 and len(groups["other"]["params"]) == 4
+    assert len(groups["scores"]["params"]) == 2 and len(groups["other"]["params"]) == 2
+    assert groups["no_decay"]["weight_decay"] == 0.0  # the two biases, as the Trainer has it
+    assert {id(p) for p in groups["no_decay"]["params"]} == {id(model[0].bias),
+                                                             id(model[2].bias)}
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

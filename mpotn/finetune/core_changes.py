@@ -44,7 +44,8 @@ def core_changes(before: dict[str, list[torch.Tensor]], model: nn.Module) -> Tab
             continue
         cores = [c.detach() for c in module.cores]
         c = central_index(len(cores))
-        start = before[name]
+        # the copy may sit where the model was before training (a Trainer moved it since)
+        start = [b.to(a.device) for a, b in zip(cores, before[name])]
         aux_delta = sum(float((a - b).norm()) ** 2 for k, (a, b) in
                         enumerate(zip(cores, start)) if k != c)
         aux_norm = sum(float(b.norm()) ** 2 for k, b in enumerate(start) if k != c)

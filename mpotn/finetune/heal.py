@@ -129,8 +129,10 @@ class HealConfig(FieldHelp):
         "help": "weight of the logits' mean squared error added to the hidden-state loss "
                 "(for models that return logits)"})
     dropout: bool = field(default=False, metadata={
-        "help": "keep the student's dropout active while training (by default it is off, so "
-                "that the student fits the teacher's deterministic hidden states)"})
+        "help": "keep the student in training mode (dropout active) while healing; by "
+                "default it runs in evaluation mode, so that it fits the teacher's "
+                "deterministic hidden states (gradients still flow; mixtures of experts then "
+                "route without a capacity limit, as they do in evaluation)"})
     warmup_ratio: float = field(default=0.06, metadata={
         "help": "share of steps with a linear warm-up (then a linear decay to 0)"})
     heldout: int = field(default=32, metadata={
@@ -444,7 +446,7 @@ def _trainer_class() -> type:
         def compute_loss(self, model: nn.Module, inputs: dict[str, Any],
                          return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
             if not self.dropout:
-                model.eval()  # gradients still flow; only dropout is off
+                model.eval()  # gradients still flow; dropout off (and experts' capacity)
             outputs = model(**inputs, output_hidden_states=True)
             device = outputs.hidden_states[-1].device
             if model_device(self.teacher) != device:

@@ -9,6 +9,11 @@ accumulation), of
 load-balancing loss, 1 when the load is even) and ``router_dropped`` (the share of token
 assignments over capacity). They reach the run's history (``history.csv``) beside the
 loss, so that a user sees the load balance while training.
+
+A Trainer with this mixin refuses a model with mixtures of experts on several GPUs of
+one process (``torch.nn.DataParallel``): its replicas would keep the load-balancing
+loss to themselves, and training would go on without it. One process per GPU
+(``accelerate launch`` or ``torchrun``) keeps it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpotn.layers.experts import router_stats
+from mpotn.layers.experts import MixtureOfExperts, router_stats
 
 
 class RouterLogging:
@@ -28,6 +33,18 @@ class RouterLogging:
 
     _router_sums: dict[str, torch.Tensor] | None = None
     _router_steps = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        gpus = self.args.n_gpu  # type: ignore[attr-defined]
+        if gpus > 1 and any(isinstance(m, MixtureOfExperts)
+                            for m in self.model.modules()):  # type: ignore[attr-defined]
+            raise ValueError(
+                f"this model has mixtures of experts and the Trainer would spread one "
+                f"process over {gpus} GPUs (torch.nn.DataParallel), whose replicas keep the "
+                "load-balancing loss to themselves; run one process per GPU "
+                "(accelerate launch --multi_gpu ..., or torchrun), or choose one GPU "
+                "(CUDA_VISIBLE_DEVICES=0)")
 
     def record_router(self, model: nn.Module) -> None:
         """Add the router statistics of ``model``'s last forward pass, if it has any (as

@@ -725,7 +725,7 @@ class Squeezer:
         process only)."""
         accepted = self.state.accepted
         model = self.model if accepted == self.state.step else load(
-            self._checkpoint_dir(accepted))
+            self._checkpoint_dir(accepted), device=trainer_device(self.training.device))
         history = Table(self.state.history)
         final = history[accepted]
         record = {

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
+from transformers import Trainer
 
 from mpotn.compression.architectures import head_part, is_linear, linear_matrix, matrix_type
 from mpotn.compression.config import MPO_LAYERS, PRESET_TYPES
@@ -167,25 +168,40 @@ def optimizer_groups(
     weight_decay: float = 0.0,
     scores: Sequence[nn.Parameter] = (),
 ) -> list[dict[str, Any]]:
-    """Parameter groups for a torch optimizer: central, auxiliary, the rest, and
-    ``scores`` (pruning scores: rate ``lr``, no weight decay).
+    """Parameter groups for a torch optimizer: central, auxiliary, the rest, the rest
+    that takes no weight decay (``no_decay``: biases and normalization weights, as the
+    Trainer's ``get_decay_parameter_names`` finds them) and ``scores`` (pruning scores:
+    rate ``lr``, no weight decay).
 
     Only trainable parameters are included; empty groups are left out.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    >>> [(g["name"], len(g["params"]), g["weight_decay"])
+    ...  for g in optimizer_groups(model, 1e-3, weight_decay=0.01)]
+    [('other', 1, 0.01), ('no_decay', 3, 0.0)]
     """
     central = {id(p) for _, p in central_parameters(model)}
     auxiliary = {id(c) for m in model.modules() if isinstance(m, MPO_LAYERS)
                  for c in m.auxiliary}
     score_ids = {id(p) for p in scores}
-    groups: dict[str, list] = {"central": [], "auxiliary": [], "other": [], "scores": []}
+    decays = set(Trainer.get_decay_parameter_names(None, model))  # uses nothing of a Trainer
+    decayed = {id(p) for name, p in model.named_parameters() if name in decays}
+    groups: dict[str, list] = {"central": [], "auxiliary": [], "other": [], "no_decay": [],
+                               "scores": []}
     for param in model.parameters():
         if not param.requires_grad:
             continue
         key = "central" if id(param) in central else "auxiliary" if id(param) in auxiliary \
-            else "scores" if id(param) in score_ids else "other"
+            else "scores" if id(param) in score_ids \
+            else "other" if id(param) in decayed else "no_decay"
         groups[key].append(param)
     rates = {"central": lr if central_lr is None else central_lr,
              "auxiliary": lr if auxiliary_lr is None else auxiliary_lr, "other": lr,
-             "scores": lr}
+             "no_decay": lr, "scores": lr}
     return [{"params": params, "lr": rates[key],
-             "weight_decay": 0.0 if key == "scores" else weight_decay, "name": key}
+             "weight_decay": 0.0 if key in ("scores", "no_decay") else weight_decay,
+             "name": key}
             for key, params in groups.items() if params]

@@ -269,7 +269,7 @@ def prepare_model(
         pre-trained encoder (a task head is added; a sequence classifier keeps its head,
         and must have the task's classes in the task's order), or the ``model/`` folder
         of an earlier run (an mpotn save with its tokenizer, loaded as it is). A model
-        to decompose is put on the device the Trainer will use first.
+        to decompose, and a save, are put on the device the Trainer will use first.
     data:
         The task (its number of labels sizes the head).
     config:
@@ -284,7 +284,7 @@ def prepare_model(
         (``True`` with ``full`` fine-tunes every core of the MPO model).
     """
     if model is not None and is_saved_model(model):
-        saved = load(model)
+        saved = load(model, device=trainer_device(config.device))
         _check_labels(getattr(getattr(_trainable_model(saved), "config", None), "id2label",
                               None), data, model)
         return saved, load_tokenizer(model)
