@@ -411,15 +411,16 @@ def claim_line(task: str, text: str, a: dict[str, Any], b: dict[str, Any], seeds
                ) -> str:
     """One Markdown bullet for the claim ``a >= b - margin`` on ``seeds`` (rows as
     ``paired`` gives them): both metrics and sizes, the gap, the threshold it must pass
-    (``max(larger seed spread, 1 point)``) and the verdict. A row that scores no more than
-    the constant guess (``baseline``, a fraction) leaves the claim not decided; fewer
-    seeds than ``planned`` mark the verdict provisional; sizes more than 2% apart are
-    named."""
+    (``max(larger seed spread, 1 point)``) and the verdict. Two rows that both score no
+    more than the constant guess (``baseline``, a fraction) on these seeds leave the claim
+    not decided (a row at the guess that loses, or is beaten, clearly still decides it);
+    fewer seeds than ``planned`` mark the verdict provisional; sizes more than 2% apart
+    are named."""
     gap, noise, verdict = _compare(a, b, margin)
-    guess = baseline is not None and min(a["metric %"], b["metric %"]) <= 100 * baseline
+    guess = baseline is not None and max(a["metric %"], b["metric %"]) <= 100 * baseline
     if guess and not verdict.startswith("**not decided**"):
-        verdict = (f"**not decided** ({a['row'] if a['metric %'] <= 100 * baseline else b['row']}"
-                   f" scores no more than the constant guess, {100 * baseline:.2f})")
+        verdict = (f"**not decided** (both score no more than the constant guess, "
+                   f"{100 * baseline:.2f}, on these seeds)")
     size = a["#To/dense"] / b["#To/dense"]
     sizes = (f"; {a['row']} is {100 * abs(size - 1):.1f}% "
              f"{'larger' if size > 1 else 'smaller'} than {b['row']}"
@@ -491,7 +492,8 @@ def baseline_lines(task: str, rows: dict[str, dict[str, Any]], baseline: float) 
     guessing = [name for name, r in rows.items() if r["metric %"] <= 100 * baseline]
     if guessing:
         lines.append(f"- {task}: {', '.join(guessing)} score no more than that constant "
-                     "guess: claims about them are not decided.")
+                     "guess (over all their seeds): a claim between two such rows is not "
+                     "decided.")
     return lines
 
 
@@ -576,12 +578,16 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, results: Path
 
 def merge_stored(results: dict[str, Any], out: Path) -> None:
     """Add to ``results`` the runs ``out`` holds and ``results`` lacks (another invocation
-    wrote them since this one read the file), so that writing ``results`` drops none."""
+    wrote them since this one read the file), and the tasks' settings it lacks, so that
+    writing ``results`` drops none."""
     if not out.is_file():
         return
+    stored = json.loads(out.read_text())
     known = {(r["task"], r["row"], r["seed"]) for r in results["runs"]}
-    results["runs"] += [r for r in json.loads(out.read_text())["runs"]
+    results["runs"] += [r for r in stored["runs"]
                         if (r["task"], r["row"], r["seed"]) not in known]
+    if "tasks" in stored:
+        results["tasks"] = {**stored["tasks"], **results.get("tasks", {})}
 
 
 def store(results: dict[str, Any], record: dict[str, Any], out: Path) -> None:
@@ -589,7 +595,9 @@ def store(results: dict[str, Any], record: dict[str, Any], out: Path) -> None:
     another invocation stored meanwhile: ``merge_stored``), without the table and verdicts
     read when it started (stale now: the report writes them anew)."""
     merge_stored(results, out)
-    results["runs"].append(record)
+    key = (record["task"], record["row"], record["seed"])  # one run per key: this one
+    results["runs"] = [r for r in results["runs"]
+                       if (r["task"], r["row"], r["seed"]) != key] + [record]
     for derived in ("summary", "findings"):
         results.pop(derived, None)
     size = (f" at {record['total_over_dense']:.3f} of dense"

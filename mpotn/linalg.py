@@ -194,7 +194,7 @@ def sparsity_aware_svd(
     mask:
         Boolean, true where an entry was kept.
     rank:
-        Singular triplets kept; clamped to ``min(matrix.shape)``.
+        Singular triplets kept (``>= 1``); clamped to ``min(matrix.shape)``.
     iterations, rtol:
         At most ``iterations`` fills; stop early when one lowers the masked error by
         less than ``rtol`` of it.

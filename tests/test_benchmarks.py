@@ -190,16 +190,35 @@ def test_a_claim_compares_its_rows_on_the_seeds_both_have_and_says_when_it_is_pr
                                (("squeeze", "direct", 0.0, "claim"),)) == []  # no seed shared
 
 
-def test_a_claim_about_a_row_at_the_constant_guess_is_not_decided():
+def test_a_claim_between_two_rows_at_the_constant_guess_is_not_decided():
     bench = load_benchmark("glue_small")
-    runs = [*_runs("squeeze", 52.7, 0.0), *_runs("direct", 58.0, 0.0, size=0.70)]
-    (line,) = bench.claim_bullets(runs, "rte", (("squeeze", "direct", 0.0, "claim"),),
-                                  baseline=0.5271)
-    assert line.endswith("**not decided** (squeeze scores no more than the constant guess, "
-                         "52.71).")
+    claim = (("squeeze", "direct", 0.0, "claim"),)
+    runs = [*_runs("squeeze", 50.0, 0.0), *_runs("direct", 52.7, 0.0, size=0.70)]
+    (line,) = bench.claim_bullets(runs, "rte", claim, baseline=0.5271)
+    assert line.endswith("**not decided** (both score no more than the constant guess, "
+                         "52.71, on these seeds).")
     assert "squeeze is 7.1% smaller than direct" in line
-    (line,) = bench.claim_bullets(runs, "rte", (("squeeze", "direct", 0.0, "claim"),))
-    assert line.endswith("**refuted**.")  # without the guess: -5.3 beyond a point
+    (line,) = bench.claim_bullets(runs, "rte", claim)
+    assert line.endswith("**refuted**.")  # without the guess: -2.7 beyond a point
+    # a row at the guess that loses clearly to one that learned something: decided
+    runs = [*_runs("squeeze", 52.7, 0.0), *_runs("direct", 58.0, 0.0)]
+    (line,) = bench.claim_bullets(runs, "rte", claim, baseline=0.5271)
+    assert line.endswith("**refuted**.")
+
+
+def test_storing_a_run_keeps_what_another_invocation_stored_and_one_run_per_key(tmp_path):
+    bench = load_benchmark("glue_small")
+    out = tmp_path / "runs.json"
+    ours = {"runs": [*_runs("dense", 60.0, 0.0, seeds=(0,))], "tasks": {"rte": {"a": 1}}}
+    theirs = {"runs": [*_runs("direct", 55.0, 0.0, seeds=(0,)),
+                       *_runs("squeeze", 50.0, 0.0, seeds=(0,))], "tasks": {"mrpc": {"b": 2}}}
+    out.write_text(json.dumps(theirs))  # written since we read the file
+    (record,) = _runs("squeeze", 57.0, 0.0, seeds=(0,))
+    bench.store(ours, record, out)
+    stored = json.loads(out.read_text())
+    assert sorted((r["row"], r["metric"]) for r in stored["runs"]) == [
+        ("dense", 0.6), ("direct", 0.55), ("squeeze", 0.57)]  # ours replaces theirs
+    assert stored["tasks"] == {"rte": {"a": 1}, "mrpc": {"b": 2}}
 
 
 @pytest.mark.parametrize(("gap", "spreads", "seeds", "expected"), [

@@ -252,19 +252,20 @@ def test_the_training_loss_adds_the_router_loss_and_evaluation_does_not(tmp_path
 def test_a_model_with_experts_is_refused_on_several_gpus_of_one_process(tmp_path,
                                                                         monkeypatch):
     """DataParallel's replicas would keep the load-balancing loss to themselves."""
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from mpotn.compression.models import load_tokenizer
     from mpotn.finetune.training import _task_trainer, trainer_arguments
 
+    monkeypatch.setattr(Trainer, "train", lambda self: "trained")  # what would run next
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
     model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
     args = trainer_arguments("cpu", output_dir=tmp_path)
-    _task_trainer(model, args, load_tokenizer())  # one device: fine
+    assert _task_trainer(model, args, load_tokenizer()).train() == "trained"  # no experts
     upcycle_experts(model, experts=2, top_k=1)
-    _task_trainer(model, args, load_tokenizer())
-    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    trainer = _task_trainer(model, args, load_tokenizer())  # evaluating needs no refusal
     with pytest.raises(ValueError, match=r"one process over 2 GPUs.*accelerate launch"):
-        _task_trainer(model, args, load_tokenizer())
+        trainer.train()
 
 
 def test_merge_keeps_the_experts_dense_and_warns():

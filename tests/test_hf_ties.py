@@ -95,6 +95,33 @@ def test_a_save_holding_the_two_biases_apart_loads_each(tmp_path):
     assert loaded.base_model.all_tied_weights_keys == {}
     loaded.tie_weights()
     assert loaded.cls.predictions.decoder.bias is not loaded.cls.predictions.bias
+    dense = loaded.merge()  # keeps the two biases apart: the outputs do not change
+    assert dense.cls.predictions.decoder.bias is not dense.cls.predictions.bias
+    assert dense.all_tied_weights_keys == {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    with torch.no_grad():
+        assert float((dense(_input()).logits - expected).abs().max()) < 1e-5
+
+
+def test_a_tie_undone_before_compressing_stays_undone():
+    """mpotn's own warning tells a user to untie a head to compress it alone."""
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1,
+                                             n_head=2, bos_token_id=0, eos_token_id=0)).eval()
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() + 1.0)
+    x = _input()
+    with torch.no_grad():
+        expected = model(x).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = compress(model, targets=["attention"], n=3, progress=False)
+    assert compressed.lm_head.weight is not compressed.transformer.wte.weight
+    assert compressed.base_model.all_tied_weights_keys == {}
+    compressed.tie_weights()
+    dense = compressed.merge()
+    assert dense.lm_head.weight is not dense.transformer.wte.weight
+    assert dense.all_tied_weights_keys == {}
+    with torch.no_grad():  # full-rank MPOs of the attention: the same function
+        assert float((dense(x).logits - expected).abs().max()) < 1e-4
 
 
 def test_a_merged_model_has_its_architectures_ties_back():

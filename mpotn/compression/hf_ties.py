@@ -22,8 +22,11 @@ from transformers import PreTrainedModel
 
 __all__ = ["keep_surviving_ties", "restore_ties", "tied_keys"]
 
-#: What the attributes set by keep_surviving_ties shadow (the class's declaration).
+#: What the attributes set here shadow (the class's declaration of its ties).
 _DECLARED = "_tied_weights_keys"
+#: transformers 5 declares ties by parameter name and ties them in ``tie_weights``; with
+#: 4.x (another scheme) the models are left as transformers has them.
+SUPPORTED = hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
 
 
 def _transformers_models(model: nn.Module) -> Iterator[tuple[str, PreTrainedModel]]:
@@ -32,10 +35,24 @@ def _transformers_models(model: nn.Module) -> Iterator[tuple[str, PreTrainedMode
             yield prefix, module
 
 
+def _tensors(module: nn.Module) -> dict[str, object]:
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def _actual(module: PreTrainedModel, pairs: dict[str, str]) -> dict[str, str]:
+    """Of ``pairs`` (``{target: source}``), those whose two names hold one tensor now."""
+    tensors = _tensors(module)
+    return {target: source for target, source in pairs.items()
+            if target in tensors and tensors.get(source) is tensors[target]}
+
+
 def tied_keys(model: nn.Module) -> dict[str, dict[str, str]]:
     """Each transformers model in ``model`` (by module name, ``""`` for ``model``
-    itself) and its ties, ``{target: source}`` by parameter name relative to it, as its
-    ``tie_weights`` would make them now (empty when its config ties nothing).
+    itself) and its ties, ``{target: source}`` by parameter name relative to it: those
+    its class declares (and its config enables) whose two names hold one tensor now (a
+    tie a user undid, or that transformers left undone for a checkpoint holding two
+    different tensors, is not one).
 
     Examples
     --------
@@ -43,14 +60,20 @@ def tied_keys(model: nn.Module) -> dict[str, dict[str, str]]:
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
     >>> tied_keys(model)
     {'': {'lm_head.weight': 'transformer.wte.weight'}, 'transformer': {}}
+    >>> model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    >>> tied_keys(model)[""]
+    {}
     """
-    return {prefix: module.get_expanded_tied_weights_keys(all_submodels=False)
+    if not SUPPORTED:
+        return {}
+    return {prefix: _actual(module, module.get_expanded_tied_weights_keys(all_submodels=False))
             for prefix, module in _transformers_models(model)}
 
 
-def _names(module: nn.Module) -> set[str]:
-    return ({name for name, _ in module.named_parameters(remove_duplicate=False)}
-            | {name for name, _ in module.named_buffers(remove_duplicate=False)})
+def _declare(models: dict[str, PreTrainedModel]) -> None:
+    for module in models.values():
+        module.all_tied_weights_keys = module.get_expanded_tied_weights_keys(
+            all_submodels=True)
 
 
 def keep_surviving_ties(model: nn.Module, ties: dict[str, dict[str, str]],
@@ -81,34 +104,43 @@ def keep_surviving_ties(model: nn.Module, ties: dict[str, dict[str, str]],
     {'cls.predictions.decoder.bias': 'cls.predictions.bias'}
     >>> model.tie_weights()  # transformers' own, as FSDP or ZeRO-3 call it
     """
+    if not SUPPORTED:
+        return
     models = dict(_transformers_models(model))
     for prefix, pairs in ties.items():
         module = models.get(prefix)
         if module is None:
             continue
-        names = _names(module)
+        tensors = _tensors(module)
         outer = f"{prefix}." if prefix else ""
         kept = {target: source for target, source in pairs.items()
-                if target in names and source in names
+                if target in tensors and source in tensors
                 and not {outer + target, outer + source} <= set(stored_apart)}
         for target, source in kept.items():
             parent, _, attribute = target.rpartition(".")
-            setattr(module.get_submodule(parent), attribute,
-                    module.get_parameter_or_buffer(source))
+            setattr(module.get_submodule(parent), attribute, tensors[source])
         setattr(module, _DECLARED, kept)
-    for module in models.values():
-        module.all_tied_weights_keys = module.get_expanded_tied_weights_keys(
-            all_submodels=True)
+    _declare(models)
 
 
 def restore_ties(model: nn.Module) -> None:
-    """Give each transformers model in ``model`` its architecture's ties back (the class's
-    ``_tied_weights_keys``) and tie them: for a model whose replaced layers were all made
-    dense again ([mpotn.compression.merge.merge][])."""
-    models = [module for _, module in _transformers_models(model)]
-    for module in models:
-        module.__dict__.pop(_DECLARED, None)
-    for module in models:
-        module.all_tied_weights_keys = module.get_expanded_tied_weights_keys(
-            all_submodels=True)
-        module.tie_weights(recompute_mapping=False)
+    """For a model whose replaced layers were all made dense again
+    ([mpotn.compression.merge.merge][]): tie again what the compressed model kept tied
+    (its ``_tied_weights_keys``; the merged layers hold copies of its biases), and let
+    each transformers model declare the ties it has: its class's, or, when some are not
+    there (a tie undone before compressing, or kept apart by an older save), those it
+    has. No value changes."""
+    if not SUPPORTED:
+        return
+    models = dict(_transformers_models(model))
+    for module in models.values():
+        kept = module.__dict__.pop(_DECLARED, None) or {}
+        tensors = _tensors(module)
+        for target, source in kept.items():
+            parent, _, attribute = target.rpartition(".")
+            setattr(module.get_submodule(parent), attribute, tensors[source])
+        declared = module.get_expanded_tied_weights_keys(all_submodels=False)
+        actual = _actual(module, declared)
+        if actual != declared:
+            setattr(module, _DECLARED, actual)
+    _declare(models)

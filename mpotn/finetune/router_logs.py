@@ -10,8 +10,8 @@ load-balancing loss, 1 when the load is even) and ``router_dropped`` (the share 
 assignments over capacity). They reach the run's history (``history.csv``) beside the
 loss, so that a user sees the load balance while training.
 
-A Trainer with this mixin refuses a model with mixtures of experts on several GPUs of
-one process (``torch.nn.DataParallel``): its replicas would keep the load-balancing
+A Trainer with this mixin refuses to train a model with mixtures of experts on several
+GPUs of one process (``torch.nn.DataParallel``): its replicas would keep the load-balancing
 loss to themselves, and training would go on without it. One process per GPU
 (``accelerate launch`` or ``torchrun``) keeps it.
 """
@@ -34,8 +34,7 @@ class RouterLogging:
     _router_sums: dict[str, torch.Tensor] | None = None
     _router_steps = 0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+    def train(self, *args: Any, **kwargs: Any) -> Any:
         gpus = self.args.n_gpu  # type: ignore[attr-defined]
         if gpus > 1 and any(isinstance(m, MixtureOfExperts)
                             for m in self.model.modules()):  # type: ignore[attr-defined]
@@ -45,6 +44,7 @@ class RouterLogging:
                 "load-balancing loss to themselves; run one process per GPU "
                 "(accelerate launch --multi_gpu ..., or torchrun), or choose one GPU "
                 "(CUDA_VISIBLE_DEVICES=0)")
+        return super().train(*args, **kwargs)  # type: ignore[misc]
 
     def record_router(self, model: nn.Module) -> None:
         """Add the router statistics of ``model``'s last forward pass, if it has any (as

@@ -170,7 +170,8 @@ class MixtureOfExperts(nn.Module):
         is over an expert's capacity), chosen experts ``(T, k)`` and the load-balancing
         loss (a scalar); the share of assignments over capacity goes to ``dropped``. The
         router runs in float32 whatever the model's dtype or autocast (Switch
-        Transformer's selective precision: half-precision scores change choices)."""
+        Transformer's selective precision: half-precision scores change choices): its
+        weight is read and cast, so hooks on the ``router`` module do not run."""
         with torch.autocast(tokens.device.type, enabled=False):
             logits = nn.functional.linear(tokens.float(), self.router.weight.float())
         probs = torch.softmax(logits, dim=-1)
