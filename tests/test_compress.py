@@ -93,6 +93,9 @@ def test_per_target_overrides_and_dry_run_sizes():
     rows = {r["name"]: r for r in plan(model, config)}
     assert rows["encoder.layer.0.attention.self.query"]["policy"] == "ratio=0.5"
     assert rows["encoder.layer.0.attention.self.query"]["n"] == 3
+    assert rows["encoder.layer.0.attention.self.query"]["structure"] == "mpo"
+    svd = plan(model, targets=["ffn"], structure="svd", ratio=0.5)  # the CLI's default
+    assert {(r["structure"], r["n"]) for r in svd} == {("svd", 2)}
     assert rows["encoder.layer.0.intermediate.dense"]["policy"] == "max_bond=16"
     assert rows["encoder.layer.0.intermediate.dense"]["params"] == 384 * 1536
     budget = plan(model, targets=["ffn"], ratio=0.5, budget="model")

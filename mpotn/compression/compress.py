@@ -130,8 +130,10 @@ def _factorized(name: str, module: nn.Module, matrix: torch.Tensor, settings: di
 
 def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: Any) -> Table:
     """The dry run: what [compress][mpotn.compression.compress.compress] would replace, with sizes,
-    changing nothing. Under ``budget="model"`` every target's policy is its share of the one
-    budget (a target's own policy override does not apply)."""
+    changing nothing: each target's ``structure`` (``mpo``, ``svd``, ``auto``, or another
+    method's name), its ``n`` (2 for the SVD's two cores) and its policy. Under
+    ``budget="model"`` every target's policy is its share of the one budget (a target's
+    own policy override does not apply)."""
     config = config or CompressionConfig(**kwargs)
     shared = None if config.budget != "model" else (  # whatever a target overrides
         "share of one model budget ("
@@ -141,13 +143,15 @@ def plan(model: nn.Module, config: CompressionConfig | None = None, **kwargs: An
     for name, module in select_targets(model, config):
         settings = config.settings_for(name, module)
         matrix = _matrix(module)
+        structure = settings["structure"] if settings["method"] == "mpo" else settings["method"]
         rows.append({
             "name": name,
             "module": type(module).__name__,
             "type": matrix_type(name),
             "shape": f"{matrix.shape[0]}x{matrix.shape[1]}",
             "params": matrix.numel(),
-            "n": settings["n"],
+            "structure": structure,
+            "n": 2 if structure == "svd" else settings["n"],
             "policy": shared or TruncationPolicy.from_settings(settings).describe(),
         })
     return rows
