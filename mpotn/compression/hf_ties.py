@@ -10,7 +10,8 @@ under FSDP, DeepSpeed ZeRO-3 and on TPUs -- would fail.
 transformers model the ties whose two tensors still exist and ties them (a replaced
 layer's bias is the model's shared bias again); mpotn ties the rest itself
 ([mpotn.layers.tie_layers][]). [restore_ties][mpotn.compression.hf_ties.restore_ties]
-gives a merged model back its architecture's ties.
+ties a merged model's kept ties again and declares the ties it has (its architecture's,
+unless some were undone).
 """
 
 from __future__ import annotations
