@@ -38,8 +38,10 @@ def kronecker(matrix: torch.Tensor, *, n: int = 2, ratio: float | None = None) -
 
 
 def main() -> dict:
-    a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
-    net = decompose(torch.kron(a, b), "kronecker")
+    row, col = plan_side(48, 2), plan_side(20, 2)  # the factors decompose will choose
+    a = torch.randn(row.factors[0], col.factors[0], dtype=torch.float64)
+    b = torch.randn(row.factors[1], col.factors[1], dtype=torch.float64)
+    net = decompose(torch.kron(a, b), "kronecker")  # 48 x 20, exactly A (x) B
     print(f"kronecker: {net.num_params} parameters, relative error {net.relative_error:.2e}")
     model = nn.Sequential(nn.Linear(48, 20), nn.ReLU(), nn.Linear(20, 48))
     compressed = mpotn.compress(model, targets=["0", "2"], method="kronecker", progress=False)

@@ -51,8 +51,9 @@ class Calibration:
 
 def text_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
                  max_length: int = 128) -> list[dict[str, torch.Tensor]]:
-    """Tokenizer outputs for ``texts``, batched by length (little padding); a tokenizer
-    without a padding token pads with its end-of-sequence token
+    """Tokenizer outputs for ``texts``, batched by length (little padding), padded on the
+    right (each text keeps the positions it has alone); a tokenizer without a padding
+    token pads with its end-of-sequence token
     ([padding_tokenizer][mpotn.compression.models.padding_tokenizer]).
 
     Examples
@@ -69,7 +70,8 @@ def text_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     return [
         dict(tokenizer([texts[k] for k in order[s:s + batch_size]], padding=True,
-                       truncation=True, max_length=max_length, return_tensors="pt"))
+                       padding_side="right", truncation=True, max_length=max_length,
+                       return_tensors="pt"))
         for s in range(0, len(order), batch_size)
     ]
 
@@ -77,7 +79,9 @@ def text_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
 def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
                          ) -> dict[str, Any]:
     """``batch`` with decoder inputs for an encoder-decoder model given encoder inputs only:
-    the inputs shifted right (what its labels would give), their mask shifted alike."""
+    the inputs shifted right (what its labels would give), with the inputs' mask: the
+    positions whose outputs predict a real token (so that a sentence counts the same
+    tokens in a padded batch as alone)."""
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False) or "input_ids" not in batch or any(
             k in batch for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels")):
@@ -87,10 +91,8 @@ def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model and the "
                          "calibration batches have no decoder_input_ids; add them")
     batch = {**batch, "decoder_input_ids": shift(labels=batch["input_ids"])}
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        batch["decoder_attention_mask"] = torch.cat([mask[:, :1].new_ones(mask.shape[0], 1),
-                                                     mask[:, :-1]], dim=1)
+    if batch.get("attention_mask") is not None:
+        batch["decoder_attention_mask"] = batch["attention_mask"]
     return batch
 
 

@@ -349,7 +349,7 @@ class MPOLinear(_MPOWeight):
         --------
         >>> MPOLinear(6, 4, n=2).spec()  # doctest: +NORMALIZE_WHITESPACE
         {'kind': 'linear', 'in_features': 6, 'out_features': 4, 'bias': True,
-         'row_shape': [2, 3], 'col_shape': [2, 2], 'bond_dims': [1, 4, 1]}
+         'row_shape': [3, 2], 'col_shape': [2, 2], 'bond_dims': [1, 4, 1]}
         """
         return {"kind": self.KIND, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None,
