@@ -177,6 +177,21 @@ def matrix_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def in_expert(name: str) -> bool:
+    """Whether a module name lies inside an expert of a mixture (``...experts.<e>...``:
+    mpotn's upcycled experts, Mixtral's and Qwen2-MoE's routed ones), which sees only the
+    tokens routed to it.
+
+    Examples
+    --------
+    >>> in_expert("model.layers.0.mlp.experts.3.gate_proj")
+    True
+    >>> in_expert("model.layers.0.mlp.shared_expert.gate_proj")
+    False
+    """
+    return _EXPERT.search(name) is not None
+
+
 def compressed_names(name: str) -> tuple[str, ...]:
     """The names a matrix may have had when it was compressed (its row in the compression
     report), for its module name now: inside a bottleneck adapter's wrapper

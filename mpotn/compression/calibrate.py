@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpotn.compression.architectures import CROSS_ATTENTION_INPUT
+from mpotn.compression.architectures import CROSS_ATTENTION_INPUT, in_expert
 from mpotn.compression.models import model_device, padding_tokenizer
 from mpotn.layers.masks import attention_mask_argument, mask_sources, real_rows, token_mask
 
@@ -151,8 +151,9 @@ def _observe(
     def observe(name: str, module: nn.Module) -> None:
         def hook(_module: nn.Module, inputs: tuple, _output: Any) -> None:
             embedding = isinstance(module, nn.Embedding)
-            on_rows(name, real_rows(inputs[0], masks.get(id(module)), embedding), module,
-                    inputs[0])
+            rows = real_rows(inputs[0], masks.get(id(module)), embedding,
+                             flattened=not in_expert(name))  # an expert: routed tokens
+            on_rows(name, rows, module, inputs[0])
             counts[name] += 1
             if calls is not None and all(counts[n] >= c for n, c in calls.items()):
                 raise _StopForwardError

@@ -81,28 +81,32 @@ def mask_sources(model: nn.Module, chosen: Callable[[nn.Module], bool]) -> list[
             and any(chosen(m) for m in module.modules())]
 
 
-def real_rows(x: torch.Tensor, mask: torch.Tensor | None, embedding: bool = False
-              ) -> torch.Tensor:
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None, embedding: bool = False,
+              flattened: bool = False) -> torch.Tensor:
     """The rows of ``x`` that belong to real tokens.
 
     A linear's input ``(..., features)`` gives ``(rows, features)``; an embedding's
     indices give a flat tensor. The leading shape of ``x`` (all of it for an
     embedding) must have the mask's rank and broadcast to its shape (position ids
-    ``1 x length`` count once per sentence), or be the batch's tokens flattened into
-    one row each (``batch * length`` rows, as Qwen2-MoE's shared expert takes them);
-    otherwise, as for a pooler's one row per sentence or without a mask, every row is
-    kept.
+    ``1 x length`` count once per sentence), or, with ``flattened`` (a module that
+    takes every token of the batch, never a routed subset), be the batch's tokens
+    flattened into one row each, batch-major (``batch * length`` rows, as Qwen2-MoE's
+    shared expert takes them); otherwise, as for a pooler's one row per sentence or
+    without a mask, every row is kept.
 
     Examples
     --------
     >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    >>> real_rows(torch.randn(2, 3, 4), mask).shape, real_rows(torch.randn(6, 4), mask).shape
-    (torch.Size([3, 4]), torch.Size([3, 4]))
+    >>> real_rows(torch.randn(2, 3, 4), mask).shape
+    torch.Size([3, 4])
+    >>> real_rows(torch.randn(6, 4), mask, flattened=True).shape
+    torch.Size([3, 4])
     >>> real_rows(torch.randn(2, 4), mask).shape  # one row per sentence: all kept
     torch.Size([2, 4])
     """
     lead = x.shape if embedding else x.shape[:-1]
-    if mask is not None and len(lead) == 1 < mask.dim() and lead[0] == mask.numel() > 1:
+    if (flattened and mask is not None and len(lead) == 1 < mask.dim()
+            and lead[0] == mask.numel() > 1):
         return x[mask.reshape(-1).to(x.device).bool()]  # tokens flattened, batch-major
     if mask is not None and len(lead) == mask.dim():
         try:
