@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -431,7 +432,12 @@ def test_calibrating_in_groups_that_fit_the_memory_gives_the_one_pass_result(str
     report = list(grouped.report())
     assert len(report) == 10 and len(passes) == 2 * 7  # 7 groups, each a pass of 2 batches
     assert report == list(one_pass.report())
-    assert {r["calibration"] for r in report} == {"whitened" if structure == "svd" else "als"}
+    whitened = {r["name"] for r in report if r["calibration"] == "whitened"}
+    if structure == "svd":
+        assert whitened == {r["name"] for r in report}
+    else:  # 52 rows: the 128-input mlp.c_proj is whitened instead of refined by ALS
+        assert whitened == {"transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"}
+        assert {r["calibration"] for r in report} == {"als", "whitened"}
     head = grouped.base_model.get_output_embeddings()
     assert head.embedding is grouped.base_model.get_input_embeddings()
     with torch.no_grad():
@@ -574,3 +580,20 @@ def test_a_kronecker_whitened_fit_reports_how_much_of_c_its_factors_keep():
                          structure="svd", calibration=batches, progress=False)
     assert svd.report()[0]["kronecker_kept"] is None
     assert "C kept by" not in report_table(svd)
+
+
+def test_als_falls_back_to_whitening_for_a_matrix_with_fewer_calibration_rows_than_inputs():
+    """ALS on a singular C fits the calibration rows, not the layer: such a matrix is
+    whitened instead, with a warning naming it; one with enough rows keeps ALS."""
+    model, batches = toy_model_and_inputs()
+    few = [{"input": batches[0]["input"][:20]}]  # 20 rows: < 24 and < 32 inputs
+    settings = {"targets": ["inner.0", "inner.2"], "n": 2, "ratio": 0.4, "fit": "als",
+                "progress": False}
+    with pytest.warns(UserWarning, match=r"2 matrices saw fewer calibration rows than they "
+                                         r"have inputs.*inner\.0, inner\.2"):
+        refitted = mpotn.compress(Wrapper(copy.deepcopy(model)), calibration=few, **settings)
+    assert {r["calibration"] for r in refitted.report()} == {"whitened"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # 256 rows: no fallback, no warning
+        kept = mpotn.compress(Wrapper(copy.deepcopy(model)), calibration=batches, **settings)
+    assert {r["calibration"] for r in kept.report()} == {"als"}
