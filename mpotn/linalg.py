@@ -57,6 +57,10 @@ class SVDCut:
     Vh: torch.Tensor
     error: torch.Tensor
 
+    def to(self, dtype: torch.dtype) -> SVDCut:
+        """The same cut with every tensor in ``dtype``."""
+        return SVDCut(*(t.to(dtype) for t in (self.U, self.S, self.Vh, self.error)))
+
 
 def _lapack_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     try:
@@ -144,8 +148,8 @@ def truncated_svd(
     if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     if matrix.dtype in HALF_DTYPES:
-        cut = truncated_svd(matrix.float(), rank, method, oversample, niter, generator_seed)
-        return SVDCut(*(t.to(matrix.dtype) for t in (cut.U, cut.S, cut.Vh, cut.error)))
+        return truncated_svd(matrix.float(), rank, method, oversample, niter,
+                             generator_seed).to(matrix.dtype)
     m, n = matrix.shape
     rank = min(rank, m, n)
     sketch = rank + oversample
@@ -222,7 +226,7 @@ def sparsity_aware_svd(
         raise ValueError(f"need iterations >= 0 and rtol >= 0, got {iterations} and {rtol}")
     if matrix.dtype in HALF_DTYPES:
         cut, errors = sparsity_aware_svd(matrix.float(), mask, rank, iterations, rtol)
-        return SVDCut(*(t.to(matrix.dtype) for t in (cut.U, cut.S, cut.Vh, cut.error))), errors
+        return cut.to(matrix.dtype), errors
     kept = torch.where(mask, matrix, 0.0)
 
     def fit(target: torch.Tensor) -> tuple[SVDCut, torch.Tensor, float]:

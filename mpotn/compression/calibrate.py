@@ -149,10 +149,11 @@ def _observe(
     handles = []
 
     def observe(name: str, module: nn.Module) -> None:
+        embedding = isinstance(module, nn.Embedding)
+        flattened = not in_expert(name)  # an expert sees routed tokens, not the batch's
+
         def hook(_module: nn.Module, inputs: tuple, _output: Any) -> None:
-            embedding = isinstance(module, nn.Embedding)
-            rows = real_rows(inputs[0], masks.get(id(module)), embedding,
-                             flattened=not in_expert(name))  # an expert: routed tokens
+            rows = real_rows(inputs[0], masks.get(id(module)), embedding, flattened)
             on_rows(name, rows, module, inputs[0])
             counts[name] += 1
             if calls is not None and all(counts[n] >= c for n, c in calls.items()):

@@ -43,8 +43,9 @@ def merge(model: nn.Module) -> nn.Module:
     (same ``padding_idx``), holding the layer's dense weight (copied: same values, dtype and
     device) and bias. A [TiedMPOLinear][mpotn.layers.mpo.TiedMPOLinear] head becomes an
     ``nn.Linear`` whose ``weight`` *is* the new embedding's parameter, tied as
-    ``transformers`` ties it; each ``transformers`` model gets its architecture's ties
-    back ([restore_ties][mpotn.compression.hf_ties.restore_ties]: BERT's output bias is
+    ``transformers`` ties it; the ties the compressed model kept are made again and each
+    ``transformers`` model declares the ties it has
+    ([restore_ties][mpotn.compression.hf_ties.restore_ties]: BERT's output bias is
     ``cls.predictions.bias`` again). A module shared by several parents (T5's ``shared``, also each
     stack's ``embed_tokens``) is replaced by one dense module everywhere.
 
