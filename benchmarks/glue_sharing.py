@@ -409,19 +409,17 @@ def _timing_path(out: Path) -> Path:
 
 def write_report(out: Path, results: dict[str, Any]) -> str:
     """Tables and findings to ``out`` (with the runs, and those another invocation stored
-    meanwhile) and ``out.with_suffix('.md')``."""
-    glue_small.merge_stored(results, out)
-    order = {name: k for k, name in enumerate(ROWS)}
-    results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
+    meanwhile: ``glue_small.merged_runs``) and ``out.with_suffix('.md')``."""
     timing = _timing_path(out)
     steps = json.loads(timing.read_text()) if timing.is_file() else None
-    table = summarize(results["runs"], steps)
-    tasks = dict.fromkeys(r["task"] for r in results["runs"])
-    baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
-                 if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
-    return glue_small.publish(out, results, table, findings(results["runs"], table, baselines),
-                              "The papers' claims, computed from the table by "
-                              "`benchmarks/glue_sharing.py`")
+    with glue_small.merged_runs(results, out, ROWS) as runs:
+        table = summarize(runs, steps)
+        tasks = dict.fromkeys(r["task"] for r in runs)
+        baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
+                     if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
+        return glue_small.publish(out, results, table, findings(runs, table, baselines),
+                                  "The papers' claims, computed from the table by "
+                                  "`benchmarks/glue_sharing.py`")
 
 
 def _borrowed_dense(task: str, seed: int) -> dict[str, Any] | None:

@@ -70,10 +70,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from mpotn import Table, compress, load
 from mpotn.atomic import write_text
@@ -527,16 +529,13 @@ def publish(out: Path, results: dict[str, Any], table: Table, claims: list[str],
 
 def write_report(out: Path, results: dict[str, Any]) -> str:
     """Table and findings to ``out`` (with the runs, and those another invocation stored
-    meanwhile) and ``out.with_suffix('.md')``."""
-    merge_stored(results, out)
-    order = {name: k for k, name in enumerate(ROWS)}
-    results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
-    table = summarize(results["runs"])
-    tasks = dict.fromkeys(r["task"] for r in results["runs"])
-    claims = findings(results["runs"], {t: majority_baseline(load_task(t)) for t in tasks
-                                        if t == QUICK_TASK or GLUE.is_dir()})
-    return publish(out, results, table, claims, "The paper's claims and the goal, computed "
-                   "from the table by `benchmarks/glue_small.py`")
+    meanwhile: ``merged_runs``) and ``out.with_suffix('.md')``."""
+    with merged_runs(results, out, ROWS) as runs:
+        tasks = dict.fromkeys(r["task"] for r in runs)
+        claims = findings(runs, {t: majority_baseline(load_task(t)) for t in tasks
+                                 if t == QUICK_TASK or GLUE.is_dir()})
+        return publish(out, results, summarize(runs), claims, "The paper's claims and the "
+                       "goal, computed from the table by `benchmarks/glue_small.py`")
 
 
 def plan(tasks: list[str], rows: list[str], seeds: list[int] | None) -> list[tuple[str, str, int]]:
@@ -590,14 +589,30 @@ def merge_stored(results: dict[str, Any], out: Path) -> None:
         results["tasks"] = {**stored["tasks"], **results.get("tasks", {})}
 
 
+def results_lock(out: Path) -> FileLock:
+    """The lock every writer of ``out`` holds while it reads the stored runs and writes, so
+    that two invocations (say one task each) finishing together drop none of each other's."""
+    return FileLock(out.parent / f".{out.name}.lock")
+
+
+@contextmanager
+def merged_runs(results: dict[str, Any], out: Path, rows: Iterable[str]
+                ) -> Iterator[list[dict[str, Any]]]:
+    """Hold ``results_lock(out)`` while a report is computed and written: yield
+    ``results["runs"]`` with the runs ``out`` holds merged in (``merge_stored``), sorted by
+    task, row (in the order of ``rows``) and seed."""
+    order = {name: k for k, name in enumerate(rows)}
+    with results_lock(out):
+        merge_stored(results, out)
+        results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
+        yield results["runs"]
+
+
 def store(results: dict[str, Any], record: dict[str, Any], out: Path) -> None:
     """Add a finished run to ``results``, say so, and write ``out`` at once (with the runs
-    another invocation stored meanwhile: ``merge_stored``), without the table and verdicts
-    read when it started (stale now: the report writes them anew)."""
-    merge_stored(results, out)
+    another invocation stored meanwhile: ``merge_stored``, under ``results_lock``), without
+    the table and verdicts read when it started (stale now: the report writes them anew)."""
     key = (record["task"], record["row"], record["seed"])  # one run per key: this one
-    results["runs"] = [r for r in results["runs"]
-                       if (r["task"], r["row"], r["seed"]) != key] + [record]
     for derived in ("summary", "findings"):
         results.pop(derived, None)
     size = (f" at {record['total_over_dense']:.3f} of dense"
@@ -605,7 +620,11 @@ def store(results: dict[str, Any], record: dict[str, Any], out: Path) -> None:
     print(f"{record['task']} {record['row']} seed {record['seed']}: "
           f"{100 * record['metric']:.2f}{size} ({record['seconds']:.0f} s)",
           file=sys.stderr, flush=True)
-    write_text(out, json.dumps(results, indent=2))
+    with results_lock(out):
+        merge_stored(results, out)
+        results["runs"] = [r for r in results["runs"]
+                           if (r["task"], r["row"], r["seed"]) != key] + [record]
+        write_text(out, json.dumps(results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

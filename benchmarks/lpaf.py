@@ -253,16 +253,15 @@ def findings(table: Table, runs: list[dict[str, Any]],
 
 def write_report(out: Path, results: dict[str, Any]) -> str:
     """Table and findings to ``out`` (with the runs, and those another invocation stored
-    meanwhile) and ``out.with_suffix('.md')``."""
-    glue_small.merge_stored(results, out)
-    order = {name: k for k, name in enumerate(ROWS)}
-    results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
-    table = summarize(results["runs"])
-    tasks = dict.fromkeys(r["task"] for r in results["runs"])
-    baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
-                 if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
-    return glue_small.publish(out, results, table, findings(table, results["runs"], baselines),
-                              "LPAF's claims, computed from the table by `benchmarks/lpaf.py`")
+    meanwhile: ``glue_small.merged_runs``) and ``out.with_suffix('.md')``."""
+    with glue_small.merged_runs(results, out, ROWS) as runs:
+        table = summarize(runs)
+        tasks = dict.fromkeys(r["task"] for r in runs)
+        baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
+                     if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
+        return glue_small.publish(out, results, table, findings(table, runs, baselines),
+                                  "LPAF's claims, computed from the table by "
+                                  "`benchmarks/lpaf.py`")
 
 
 def main(argv: list[str] | None = None) -> int:

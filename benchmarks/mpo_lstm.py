@@ -406,13 +406,11 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("tasks", {}).update({t: bench.settings(t) for t in args.task})
             for task, row, seed in todo:
                 glue_small.store(results, run(bench, task, row, seed), args.out)
-    glue_small.merge_stored(results, args.out)
-    order = {name: k for k, name in enumerate(ROWS)}
-    results["runs"].sort(key=lambda r: (r["task"], order[r["row"]], r["seed"]))
-    table = summarize(results["runs"])
-    print(glue_small.publish(args.out, results, table, findings(table, results["runs"]),
-                             "The MPO-LSTM claim, computed from the table by "
-                             "`benchmarks/mpo_lstm.py`"))
+    with glue_small.merged_runs(results, args.out, ROWS) as runs:
+        table = summarize(runs)
+        print(glue_small.publish(args.out, results, table, findings(table, runs),
+                                 "The MPO-LSTM claim, computed from the table by "
+                                 "`benchmarks/mpo_lstm.py`"))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 

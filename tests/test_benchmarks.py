@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,25 @@ def test_storing_a_run_keeps_what_another_invocation_stored_and_one_run_per_key(
     assert sorted((r["row"], r["metric"]) for r in stored["runs"]) == [
         ("dense", 0.6), ("direct", 0.55), ("squeeze", 0.57)]  # ours replaces theirs
     assert stored["tasks"] == {"rte": {"a": 1}, "mrpc": {"b": 2}}
+
+
+def test_a_run_stored_while_another_invocation_writes_waits_for_it_and_keeps_its_runs(
+        tmp_path):
+    bench = load_benchmark("glue_small")
+    out = tmp_path / "runs.json"
+    out.write_text(json.dumps({"runs": []}))
+    ours = {"runs": []}
+    (record,) = _runs("squeeze", 57.0, 0.0, seeds=(0,))
+    with bench.results_lock(out):  # another invocation is between its read and its write
+        writer = threading.Thread(target=bench.store, args=(ours, record, out))
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive() and json.loads(out.read_text()) == {"runs": []}
+        out.write_text(json.dumps({"runs": _runs("direct", 55.0, 0.0, seeds=(0,))}))
+    writer.join()
+    stored = json.loads(out.read_text())
+    assert sorted((r["row"], r["metric"]) for r in stored["runs"]) == [
+        ("direct", 0.55), ("squeeze", 0.57)]
 
 
 @pytest.mark.parametrize(("gap", "spreads", "seeds", "expected"), [
