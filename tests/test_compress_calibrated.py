@@ -263,10 +263,14 @@ def test_t5_is_calibrated_with_shifted_decoder_inputs_and_each_stack_its_own_mas
     # predict a real token, 5 + 2, as the two sentences give alone
     assert stats["encoder"].tokens == 7 and stats["decoder"].tokens == 7
     alone = calibrate(t5, [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :2]}], targets)
+    left = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])  # the short one padded left
+    left_ids = torch.stack([ids[0], torch.cat([ids[1, 2:], ids[1, :2]])])
+    left_padded = calibrate(t5, [{"input_ids": left_ids, "attention_mask": left}], targets)
     for name in targets:
-        assert alone[name].tokens == stats[name].tokens
-        assert torch.allclose(alone[name].covariance, stats[name].covariance, rtol=1e-5,
-                              atol=1e-6)
+        for padded in (stats, left_padded):
+            assert alone[name].tokens == padded[name].tokens
+            assert torch.allclose(alone[name].covariance, padded[name].covariance, rtol=1e-5,
+                                  atol=1e-6)
     given = torch.tensor([[1, 1, 1], [1, 0, 0]])  # a decoder mask of another length
     batch = {"input_ids": ids, "attention_mask": mask,
              "decoder_input_ids": torch.randint(1, 100, (2, 3)), "decoder_attention_mask": given}
@@ -381,6 +385,22 @@ def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+def test_a_decoder_is_calibrated_without_a_key_value_cache_and_to_the_same_moments():
+    gpt = _tiny_gpt2()
+    assert gpt.config.use_cache
+    batch = {"input_ids": torch.randint(0, 97, (2, 6)),
+             "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    called = []
+    handle = gpt.register_forward_pre_hook(
+        lambda _m, _a, kwargs: called.append(kwargs.get("use_cache")), with_kwargs=True)
+    stats = calibrate(gpt, [batch], {"lm_head": gpt.lm_head})
+    cached = calibrate(gpt, [{**batch, "use_cache": True}],  # the caller's choice stands
+                       {"lm_head": gpt.lm_head})
+    handle.remove()
+    assert called == [False, True]
+    assert torch.equal(stats["lm_head"].covariance, cached["lm_head"].covariance)
 
 
 def test_keep_dense_puts_gpt2_conv1d_back_and_saves_and_loads_equal(tmp_path):
@@ -597,3 +617,8 @@ def test_als_falls_back_to_whitening_for_a_matrix_with_fewer_calibration_rows_th
         warnings.simplefilter("error", UserWarning)  # 256 rows: no fallback, no warning
         kept = mpotn.compress(Wrapper(copy.deepcopy(model)), calibration=batches, **settings)
     assert {r["calibration"] for r in kept.report()} == {"als"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an SVD is whitened anyway: no warning
+        svd = mpotn.compress(Wrapper(copy.deepcopy(model)), calibration=few,
+                             **{**settings, "structure": "svd"})
+    assert {r["calibration"] for r in svd.report()} == {"whitened"}

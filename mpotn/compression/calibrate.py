@@ -10,7 +10,8 @@ the encoder's (they read its tokens) and, in an encoder-decoder, a matrix outsid
 both stacks (an untied ``lm_head``) the decoder's. An input that is not one row per
 token (a pooler's) counts every row, and position ids count once per sentence. An
 encoder-decoder model given encoder inputs only gets its labels' usual decoder
-inputs, the inputs shifted right. Memory is ``I x I`` per linear layer whatever the
+inputs, the inputs shifted right; a model that would build a key-value cache runs
+with ``use_cache=False``. Memory is ``I x I`` per linear layer whatever the
 number of tokens. An embedding's inputs are one-hot rows, so its ``C``
 is diagonal: the token counts.
 
@@ -27,6 +28,7 @@ Examples
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
@@ -81,7 +83,9 @@ def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
     """``batch`` with decoder inputs for an encoder-decoder model given encoder inputs only:
     the inputs shifted right (what its labels would give), with the inputs' mask: the
     positions whose outputs predict a real token (so that a sentence counts the same
-    tokens in a padded batch as alone)."""
+    tokens in a padded batch as alone). A left-padded batch's labels are its real tokens
+    moved to the front first, so that each decoder row starts, as alone, at its start
+    token."""
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False) or "input_ids" not in batch or any(
             k in batch for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels")):
@@ -90,19 +94,40 @@ def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
     if shift is None:
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model and the "
                          "calibration batches have no decoder_input_ids; add them")
-    batch = {**batch, "decoder_input_ids": shift(labels=batch["input_ids"])}
-    if batch.get("attention_mask") is not None:
-        batch["decoder_attention_mask"] = batch["attention_mask"]
+    labels, mask = batch["input_ids"], batch.get("attention_mask")
+    if mask is not None:  # real tokens first, in their order (a right-padded batch is kept)
+        order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
+        labels, mask = labels.gather(1, order), mask.gather(1, order)
+    batch = {**batch, "decoder_input_ids": shift(labels=labels)}
+    if mask is not None:
+        batch["decoder_attention_mask"] = mask
     return batch
+
+
+def _without_cache(model: nn.Module | Callable[..., Any], batch: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """``batch`` with ``use_cache=False`` for a model whose configuration would build a
+    key-value cache (a decoder's default) and whose ``forward`` names ``use_cache``: a
+    calibration pass reads each layer's inputs once, and a cache would hold every layer's
+    keys and values until the pass ends."""
+    if "use_cache" in batch or not getattr(getattr(model, "config", None), "use_cache", False):
+        return batch
+    try:
+        names = inspect.signature(model.forward if isinstance(model, nn.Module) else model
+                                  ).parameters
+    except (TypeError, ValueError):  # a callable without a signature: leave it its defaults
+        return batch
+    return {**batch, "use_cache": False} if "use_cache" in names else batch
 
 
 def prepared(model: nn.Module | Callable[..., Any], batch: Mapping[str, Any],
              device: torch.device | None) -> dict[str, Any]:
-    """``batch`` as the model takes it: its tensors on ``device`` (unless ``None``), and
-    decoder inputs added for an encoder-decoder model given encoder inputs only."""
-    return _with_decoder_inputs(model, {
+    """``batch`` as the model takes it: its tensors on ``device`` (unless ``None``),
+    decoder inputs added for an encoder-decoder model given encoder inputs only, and
+    ``use_cache=False`` for a model that would otherwise build a key-value cache."""
+    return _without_cache(model, _with_decoder_inputs(model, {
         k: v.to(device) if isinstance(v, torch.Tensor) and device is not None else v
-        for k, v in batch.items()})
+        for k, v in batch.items()}))
 
 
 class UnpairedInputsError(ValueError):

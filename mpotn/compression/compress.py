@@ -502,9 +502,10 @@ def _fit_for_rows(name: str, module: nn.Module, settings: dict[str, Any], rows: 
     linear layer fewer rows than it has inputs (``C`` singular: ALS would fit those rows,
     not the layer; on 40 rows of 64 inputs its held-out output error rose to 0.95 from
     the unrefined 0.87), naming the target in ``refitted``. An embedding's ``C`` counts
-    tokens (its vocabulary is always larger than the text): it keeps ALS."""
-    if (settings["fit"] == "als" and rows is not None and rows < inputs
-            and not isinstance(module, nn.Embedding)):
+    tokens (its vocabulary is always larger than the text): it keeps ALS. An SVD is
+    always whitened, never fitted by ALS: its settings stay."""
+    if (settings["fit"] == "als" and "mpo" in _structures(settings["structure"])
+            and rows is not None and rows < inputs and not isinstance(module, nn.Embedding)):
         refitted.append(name)
         return {**settings, "fit": "whiten"}
     return settings
