@@ -622,3 +622,29 @@ def test_als_falls_back_to_whitening_for_a_matrix_with_fewer_calibration_rows_th
         svd = mpotn.compress(Wrapper(copy.deepcopy(model)), calibration=few,
                              **{**settings, "structure": "svd"})
     assert {r["calibration"] for r in svd.report()} == {"whitened"}
+
+
+@pytest.mark.parametrize("structure", ["svd", "auto"])
+def test_a_one_pass_model_budget_holds_decompositions_only_within_the_memory(
+        structure, monkeypatch):
+    """budget="model" decomposes every target to read its spectra; it keeps for the fits
+    only the decompositions that fit calibration_memory (above the moments here: one
+    pass) and decomposes the rest again: the same model, the same structures chosen."""
+    import importlib
+    module = importlib.import_module("mpotn.compression.compress")
+    ids = torch.randint(1, 97, (4, 40), generator=torch.Generator().manual_seed(7))
+    settings = {"targets": ["all-linear"], "structure": structure, "n": 3, "ratio": 0.4,
+                "budget": "model", "progress": False, "calibration": [{"input_ids": ids}]}
+    decomposed = []
+    options = module._options
+    monkeypatch.setattr(module, "_options",
+                        lambda t: decomposed.append(t.name) or options(t))
+    held = mpotn.compress(_tiny_gpt2(), **settings)
+    assert len(decomposed) == 8  # 8 blocks (the head is the tied embedding's), each once
+    moments = 8 * (6 * 32 * 32 + 2 * 128 * 128)  # one pass: above all the moments
+    decomposed.clear()
+    bounded = mpotn.compress(_tiny_gpt2(), calibration_memory=moments, **settings)
+    assert 8 < len(decomposed) < 16  # some held, the others decomposed again
+    assert json.dumps(list(bounded.report())) == json.dumps(list(held.report()))
+    with torch.no_grad():
+        assert torch.equal(bounded(input_ids=ids).logits, held(input_ids=ids).logits)

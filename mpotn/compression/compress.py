@@ -261,14 +261,9 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
     target's parameters (its own, or its share of the model budget) is dropped from its
     ``candidates``; with none left the target keeps the smaller structure and is cut to
     bonds of 1, like a target of one structure."""
-    if config.budget == "model":
-        policies = _model_budget([_budget_path(t, candidates[t.name][0]) for t in targets],
-                                 {t.name: t.matrix.numel() for t in targets}, config)
-        for t in targets:  # the budget reads the first structure's path: it is reachable
-            policy = policies[t.name]
-            if policy is not None and len(candidates[t.name]) > 1:
-                _drop_unreachable(candidates[t.name], policy.params)
-        return policies, []
+    if config.budget == "model":  # _replace drops the structures a share cannot reach
+        return _model_budget([_budget_path(t, candidates[t.name][0]) for t in targets],
+                             {t.name: t.matrix.numel() for t in targets}, config), []
     policies, floored = {}, []
     for t in targets:
         settings = t.settings
@@ -425,8 +420,12 @@ def _record(target: _Target, candidate: _Candidate, mpo: MPO, cut: MPO, layer: n
 
 def _replace(model: nn.Module, t: _Target, candidates: list[_Candidate],
              policy: TruncationPolicy) -> dict[str, Any]:
-    """Truncate ``t`` (the candidate with the lowest error), put its layer in ``model``
-    (and in every module tied to it) and return its report row."""
+    """Truncate ``t`` (the candidate with the lowest error among the structures
+    ``policy``'s parameters can reach: a model budget reads the first structure's path,
+    which is reachable), put its layer in ``model`` (and in every module tied to it) and
+    return its report row."""
+    if policy.params is not None and len(candidates) > 1:
+        _drop_unreachable(candidates, policy.params)
     options = []
     for candidate in candidates:
         mpo, cut = candidate.finish(policy, t)
@@ -629,22 +628,38 @@ def _options(t: _Target) -> list[_Candidate]:
     return [_candidate(t, s) for s in _structures(t.settings["structure"])]
 
 
+def _candidate_bytes(options: list[_Candidate]) -> int:
+    """Bytes the decompositions of ``options`` (cores and whitening factors) hold."""
+    tensors = [t for c in options
+               for t in (*c.full.cores, *(c.whitening.factors if c.whitening else ()))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _fit_and_replace(model: nn.Module, targets: list[_Target], config: CompressionConfig,
                      progress: bool,
                      policies: Mapping[str, TruncationPolicy | None] | None = None,
-                     floored: list[str] | None = None) -> list[dict[str, Any]]:
+                     floored: list[str] | None = None,
+                     memory: float = CALIBRATION_MEMORY) -> list[dict[str, Any]]:
     """Decompose ``targets``, choose their policies (unless given), and replace each in
     ``model``; their report rows. One target is decomposed, truncated and replaced at a
     time, so that one decomposition is held at once, except that ``budget="model"``
-    without ``policies`` decomposes every target first, for the budget. Each target's
-    covariance is freed once it is replaced. The targets floored at bonds of 1 are added
-    to ``floored``, or named in a warning at the user's call when it is not given."""
+    without ``policies`` decomposes every target first to read its spectra, and keeps
+    the decompositions for the fits while they take at most ``memory`` bytes (those
+    beyond are decomposed again when fitted). Each target's covariance is freed once it
+    is replaced. The targets floored at bonds of 1 are added to ``floored``, or named in
+    a warning at the user's call when it is not given."""
     cut: list[str] = []
     held: dict[str, list[_Candidate]] = {}
     if policies is None and config.budget == "model":  # the budget reads every spectrum
-        held = {t.name: _options(t) for t in tqdm(targets, desc="decomposing", unit="matrix",
-                                                  disable=not progress)}
-        policies, cut = _policies(targets, held, config)
+        paths, spent = [], 0
+        for t in tqdm(targets, desc="decomposing", unit="matrix", disable=not progress):
+            options = _options(t)
+            paths.append(_budget_path(t, options[0]))
+            size = _candidate_bytes(options)
+            if spent + size <= memory:
+                held[t.name], spent = options, spent + size
+            del options
+        policies = _model_budget(paths, {t.name: t.matrix.numel() for t in targets}, config)
     records = []
     for t in tqdm(targets, desc="fitting", unit="matrix", disable=not progress):
         options = held.pop(t.name, None)
@@ -800,7 +815,8 @@ def _replace_all(model: nn.Module, config: CompressionConfig,
             model, config, observed, groups, calibration, targets, original_paths, order,
             progress, sensitivity)
     if not config.sequential:
-        return found, records + _fit_and_replace(model, targets, config, progress)
+        return found, records + _fit_and_replace(model, targets, config, progress,
+                                                 memory=calibration_memory)
     candidates = {t.name: _options(t) for t in tqdm(targets, desc="decomposing",
                                                     unit="matrix", disable=not progress)}
     policies, floored = _policies(targets, candidates, config)
@@ -852,7 +868,9 @@ def compress(
         in place, so the result is that of one pass (``budget="model"`` reads every
         target's spectra first: a round of passes more for the calibrated ones). A whitened
         fit (and any calibrated target while ``budget="model"`` reads its spectra) also
-        holds a Cholesky factor as large as its moment while it runs.
+        holds a Cholesky factor as large as its moment while it runs. ``budget="model"``
+        in one pass keeps the decompositions it read the spectra of for the fits while
+        they take at most this many bytes too, and decomposes the others again.
         ``sequential=True`` needs every target's moments at once and warns when they
         exceed it.
 
