@@ -483,3 +483,26 @@ def test_the_router_scores_in_float32_under_autocast_and_in_a_bfloat16_model():
     assert torch.equal(chosen_half[:, 0], expected.argmax(-1))
     loss_half.backward()
     assert half.router.weight.grad is not None
+
+
+def test_hooks_and_a_peft_lora_on_the_router_change_its_scores():
+    """The router is a module that runs: its forward hooks see the tokens, and PEFT's LoRA
+    on it changes the choices (it used to read the base weight directly)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    moe = MixtureOfExperts([nn.Linear(16, 16) for _ in range(4)], 16, top_k=1,
+                           capacity_factor=None)
+    tokens = torch.randn(64, 16)
+    seen = []
+    handle = moe.router.register_forward_hook(lambda _m, args, out: seen.append(out.shape))
+    _, chosen, _ = moe.route(tokens)
+    handle.remove()
+    assert seen == [(64, 4)]
+    wrapped = get_peft_model(nn.Sequential(moe), LoraConfig(target_modules=["0.router"], r=2,
+                                                            init_lora_weights=False))
+    routed = wrapped.base_model.model[0]
+    with torch.no_grad():
+        delta = routed.router(tokens) - tokens @ routed.router.base_layer.weight.T
+        _, lora_chosen, _ = routed.route(tokens)
+    assert float(delta.abs().max()) > 0.1
+    assert not torch.equal(lora_chosen, chosen)
