@@ -433,7 +433,10 @@ class MPO(MPOStructure):
         cores:
             Tensors ``T_k[d_{k-1}, i_k, j_k, d_k]`` with ``d_0 = d_n = 1``.
         shape:
-            The unpadded matrix shape ``(I, J)``; defaults to the full products.
+            The unpadded matrix shape ``(I, J)``; defaults to the full products. The
+            spectra, norm and truncations are those of the padded matrix the cores
+            give: cores fine-tuned in a layer (which reads only the ``I x J`` block)
+            can make its padding nonzero, and that padding then counts.
         reference:
             The matrix ``M`` (``I x J``) the cores approximate, if any: then
             ``source_norm`` is ``||M||_F`` and ``error_bound`` the measured
