@@ -223,17 +223,31 @@ def test_storing_a_run_keeps_what_another_invocation_stored_and_one_run_per_key(
 
 
 def test_a_run_stored_while_another_invocation_writes_waits_for_it_and_keeps_its_runs(
-        tmp_path):
+        tmp_path, monkeypatch):
     bench = load_benchmark("glue_small")
     out = tmp_path / "runs.json"
     out.write_text(json.dumps({"runs": []}))
     ours = {"runs": []}
     (record,) = _runs("squeeze", 57.0, 0.0, seeds=(0,))
-    with bench.results_lock(out):  # another invocation is between its read and its write
-        writer = threading.Thread(target=bench.store, args=(ours, record, out))
+    lock, asked = bench.results_lock, threading.Event()
+
+    class Noted:  # the writer's lock, noting that it asked for it
+        def __init__(self, path):
+            self.lock = lock(path)
+
+        def __enter__(self):
+            asked.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *error):
+            return self.lock.__exit__(*error)
+
+    monkeypatch.setattr(bench, "results_lock", Noted)
+    writer = threading.Thread(target=bench.store, args=(ours, record, out))
+    with lock(out):  # another invocation is between its read and its write
         writer.start()
-        writer.join(timeout=0.5)
-        assert writer.is_alive() and json.loads(out.read_text()) == {"runs": []}
+        assert asked.wait(timeout=60)
+        assert json.loads(out.read_text()) == {"runs": []}  # it waits
         out.write_text(json.dumps({"runs": _runs("direct", 55.0, 0.0, seeds=(0,))}))
     writer.join()
     stored = json.loads(out.read_text())

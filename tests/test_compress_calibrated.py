@@ -255,6 +255,9 @@ def test_positions_the_calibration_never_reached_count_as_the_rarest_it_reached(
     counts = torch.tensor([4.0, 4.0, 1.0, 0.0, 0.0], dtype=torch.float64)
     filled = _unseen_positions_counted("embeddings.position_embeddings", counts)
     assert filled.tolist() == [4.0, 4.0, 1.0, 1.0, 1.0]
+    roberta = torch.tensor([0.0, 0.0, 2.0, 2.0, 1.0, 0.0], dtype=torch.float64)  # from 2
+    assert _unseen_positions_counted("embeddings.position_embeddings", roberta).tolist() == [
+        0.0, 0.0, 2.0, 2.0, 1.0, 1.0]
     for name in ("embeddings.word_embeddings", "transformer.wpe"):
         expected = [4.0, 4.0, 1.0, 0.0, 0.0] if name.endswith("word_embeddings") else (
             [4.0, 4.0, 1.0, 1.0, 1.0])

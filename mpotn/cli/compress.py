@@ -135,7 +135,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--calibration-memory", type=_positive_float, default=4.0, metavar="GIB",
         help="GiB of input second moments (8 I^2 bytes per matrix of I inputs) to hold at "
              "once; a model that needs more is calibrated in groups of matrices that fit, one "
-             "pass over the calibration text per group, with the same result (default: 4)")
+             "pass over the calibration text per group, with the same result; --budget model "
+             "keeps at most as many GiB of decompositions for its fits, with or without "
+             "calibration, and decomposes the others again (default: 4)")
     compress.add_argument("--svd", choices=SVD_METHODS, default="auto",
                           help="SVD flavour of the decomposition (default: auto)")
     shared = compress.add_argument_group(

@@ -96,7 +96,7 @@ def _with_decoder_inputs(model: nn.Module | Callable, batch: dict[str, Any]
                          "calibration batches have no decoder_input_ids; add them")
     labels, mask = batch["input_ids"], batch.get("attention_mask")
     if mask is not None:  # real tokens first, in their order (a right-padded batch is kept)
-        order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
+        order = torch.argsort((mask == 0).to(torch.int32), dim=1, stable=True)
         labels, mask = labels.gather(1, order), mask.gather(1, order)
     batch = {**batch, "decoder_input_ids": shift(labels=labels)}
     if mask is not None:

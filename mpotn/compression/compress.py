@@ -257,10 +257,12 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
     budget), and the targets floored at bonds of 1
     ([_warn_floored][mpotn.compression.compress._warn_floored] names them).
 
-    With ``structure="auto"`` a structure whose every bond at 1 is still above the
-    target's parameters (its own, or its share of the model budget) is dropped from its
-    ``candidates``; with none left the target keeps the smaller structure and is cut to
-    bonds of 1, like a target of one structure."""
+    With ``structure="auto"`` and a budget per matrix, a structure whose every bond at 1
+    is still above the target's parameters is dropped from its ``candidates``; with none
+    left the target keeps the smaller structure and is cut to bonds of 1, like a target
+    of one structure. Under ``budget="model"`` the policies come from the first
+    structure's spectra (which the share can reach) and ``_replace`` drops the others
+    a share cannot reach."""
     if config.budget == "model":  # _replace drops the structures a share cannot reach
         return _model_budget([_budget_path(t, candidates[t.name][0]) for t in targets],
                              {t.name: t.matrix.numel() for t in targets}, config), []
@@ -492,17 +494,18 @@ SEQUENTIAL_TOKENS_PER_INPUT = 10
 
 
 def _unseen_positions_counted(name: str, covariance: torch.Tensor) -> torch.Tensor:
-    """A position embedding's counts (its diagonal ``C``) with every position the
-    calibration text never reached counted as often as the rarest it reached: longer
+    """A position embedding's counts (its diagonal ``C``) with every position after the
+    last the calibration text reached counted as often as the rarest it reached: longer
     inputs reach them, and at a count of 0 only the damping would keep them (MiniLM at
     0.75, calibrated on SST-2 sentences that reach 66 of 512 positions: the RTE dev
     sentences longer than 70 tokens keep a mean cosine of 0.9553 so, 0.9542 without).
+    Positions before the first reached stay at 0 (RoBERTa's start at ``padding_idx + 1``).
     Any other covariance is returned as it is."""
     seen = covariance > 0
-    if matrix_type(name) != "position_emb" or covariance.dim() != 1 or seen.all() or (
-            not seen.any()):
+    if matrix_type(name) != "position_emb" or covariance.dim() != 1 or not seen.any():
         return covariance
-    return torch.where(seen, covariance, covariance[seen].min())
+    after = torch.arange(covariance.numel(), device=covariance.device) > seen.nonzero().max()
+    return torch.where(after, covariance[seen].min(), covariance)
 
 
 def _enough_rows(t: _Target, tokens: Mapping[str, int]) -> bool:
@@ -567,6 +570,8 @@ def _fit_in_order(model: nn.Module, groups: list[list[_Target]],
                 unpaired += list(linear)
             for name, stats in paired.items():
                 linear[name].pair(stats)
+                if policies[name].params is not None and len(candidates[name]) > 1:
+                    _drop_unreachable(candidates[name], policies[name].params)
                 candidates[name][:] = [_candidate(linear[name], c.structure)
                                        for c in candidates[name]]
         for t in group:
@@ -885,8 +890,9 @@ def compress(
         target's spectra first: a round of passes more for the calibrated ones). A whitened
         fit (and any calibrated target while ``budget="model"`` reads its spectra) also
         holds a Cholesky factor as large as its moment while it runs. ``budget="model"``
-        in one pass keeps the decompositions it read the spectra of for the fits while
-        they take at most this many bytes too, and decomposes the others again.
+        in one pass (with or without calibration) keeps the decompositions it read the
+        spectra of for the fits while they take at most this many bytes too, and
+        decomposes the others again.
         ``sequential=True`` needs every target's moments at once and warns when they
         exceed it.
 

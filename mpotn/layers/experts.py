@@ -189,8 +189,9 @@ class MixtureOfExperts(nn.Module):
         loss (a scalar); the share of assignments over capacity goes to ``dropped``. The
         scores are the ``router`` module's (a [Router][mpotn.layers.experts.Router]:
         float32 whatever the model's dtype or autocast; its hooks run, and a wrapper such
-        as PEFT's LoRA adds its update)."""
-        logits = self.router(tokens).float()
+        as PEFT's LoRA adds its update, without autocast too, in its weights' dtype)."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            logits = self.router(tokens.float()).float()
         probs = torch.softmax(logits, dim=-1)
         top, chosen = probs.topk(self.top_k, dim=-1)
         gates = top if self.top_k == 1 else top / top.sum(-1, keepdim=True)
