@@ -13,8 +13,10 @@ Optimal allocation
     Keeping $d'_k$ values of bond $k$ costs $\epsilon_k^2 = \sum_{i > d'_k} \lambda_{k,i}^2$
     (Eq. 3) and the Eq. 4 bound is $\sqrt{\sum_k \epsilon_k^2}$, so each cut
     adds the squared singular values it drops. Removal stops once a parameter
-    budget is met ([dims_for_budget][mpotn.truncation.dims_for_budget]), or once
-    no cut keeps the Eq. 4 bound within a tolerance
+    budget is met ([dims_for_budget][mpotn.truncation.dims_for_budget], which then
+    grows back, one value at a time, the bonds that remove the most squared error
+    per added parameter while the budget holds: the last cuts can free far more
+    than needed), or once no cut keeps the Eq. 4 bound within a tolerance
     ([dims_for_tolerance][mpotn.truncation.dims_for_tolerance]).
 Uniform allocation
     Scale every bond by the same factor
@@ -325,7 +327,8 @@ def dims_for_budget(
     local: Sequence[int],
     budget: int,
 ) -> tuple[int, ...]:
-    """Bonds with at most ``budget`` parameters that minimise the Eq. 4 bound (greedy).
+    """Bonds with at most ``budget`` parameters that minimise the Eq. 4 bound (greedy):
+    removal down to the budget, then regrowth of what still fits (``_regrow``).
 
     Examples
     --------
@@ -336,7 +339,38 @@ def dims_for_budget(
     """
     if budget < 1:
         raise ValueError(f"a parameter budget must be >= 1, got {budget}")
-    return _greedy(spectra, dims, local, budget=budget)
+    return _regrow(spectra, _greedy(spectra, dims, local, budget=budget), dims, local, budget)
+
+
+def _regrow(spectra: Sequence[torch.Tensor], dims: Sequence[int], upper: Sequence[int],
+            local: Sequence[int], budget: int) -> tuple[int, ...]:
+    """``dims`` with bonds grown back by one value at a time (at most to ``upper``),
+    each time the one that removes the most squared error per added parameter, while
+    the parameters stay within ``budget``."""
+    tails = _tails(spectra)
+    dims = list(effective_dims(dims, local))
+    params = params_of(dims, local)
+    while True:
+        best = None
+        for k in range(1, len(dims) - 1):
+            if dims[k] >= min(upper[k], len(tails[k - 1]) - 1):
+                continue
+            trial = dims.copy()
+            trial[k] += 1
+            if effective_dims(trial, local)[k] == dims[k]:  # capped by a neighbour
+                continue
+            added = params_of(trial, local) - params
+            gain = tails[k - 1][dims[k]] - tails[k - 1][dims[k] + 1]
+            if added <= 0 or params + added > budget or gain <= 0:
+                continue
+            key = (-gain / added, k)
+            if best is None or key < best[0]:
+                best = (key, k, added)
+        if best is None:
+            return tuple(dims)
+        _, k, added = best
+        dims[k] += 1
+        params += added
 
 
 def greedy_path(

@@ -311,3 +311,16 @@ def test_a_rank_below_one_is_refused():
 
     with pytest.raises(ValueError, match="rank must be an integer >= 1, got 0"):
         truncated_svd(torch.randn(10, 8), 0)
+
+
+def test_a_budget_grows_back_the_bonds_its_last_cut_freed_more_than_needed():
+    """Removal stops at the first bonds within the budget; the bond that then removes
+    the most error per parameter grows back while the budget holds."""
+    from mpotn.truncation import dims_for_budget, params_of
+    spectra = [torch.tensor([3.07, 2.54, 1.99, 1.23, 0.53, 0.35]),
+               torch.tensor([3.59, 2.53, 1.96, 1.82, 1.61, 1.40])]
+    local = (6, 6, 6)
+    dims = dims_for_budget(spectra, (1, 6, 6, 1), local, budget=104)
+    assert dims == (1, 2, 5, 1) and params_of(dims, local) == 102  # removal alone: 4, 84
+    for budget in range(1 * 6 + 6 * 1 + 6, 6 * 6 * 2 + 6 * 6 * 6 + 1, 5):
+        assert params_of(dims_for_budget(spectra, (1, 6, 6, 1), local, budget), local) <= budget
