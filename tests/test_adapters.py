@@ -95,6 +95,18 @@ def test_an_adapter_of_a_model_changed_outside_what_it_trains_is_refused(trained
     assert not (tmp_path / "adapter").exists()
 
 
+def test_an_adapter_is_never_written_over_its_own_base(tmp_path):
+    base = _base(tmp_path / "base")
+    before = sorted(p.name for p in base.iterdir())
+    model = _fine_tuned(base)
+    for folder in (base, tmp_path / "." / "base"):
+        with pytest.raises(ValueError, match=r"is the base save .* itself: an adapter written "
+                                             r"there would replace the base it needs"):
+            model.save_pretrained(folder, adapter_only=True, overwrite=True)
+    assert sorted(p.name for p in base.iterdir()) == before
+    load(base)  # still a whole save
+
+
 def test_base_and_model_go_with_their_own_kind_of_save(trained, tmp_path):
     base, model, adapter = trained
     with pytest.raises(ValueError, match=r"is a whole save, not an adapter; base applies to "

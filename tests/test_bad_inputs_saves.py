@@ -254,6 +254,7 @@ def test_load_never_imports_the_module_a_save_names(saved, tmp_path, monkeypatch
         f"open({str(marker)!r}, 'w').write('ran')\nclass BertModel: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path / "code"))
     edit(saved, lambda c: c["base_model"].__setitem__("module", "evil.payload"))
+    as_older_save(saved)  # re-signed: only the class refusal stands in the way
     with pytest.raises(ValueError, match=r"names the model class evil\.payload\.BertModel, which "
                                          r"is not one of transformers' model classes; mpotn "
                                          r"never imports"):
@@ -262,18 +263,27 @@ def test_load_never_imports_the_module_a_save_names(saved, tmp_path, monkeypatch
     assert not any(name == "evil" or name.startswith("evil.") for name in sys.modules)
 
 
-@pytest.mark.parametrize("key", ["attn_implementation", "_attn_implementation_internal"])
-def test_load_never_fetches_an_attention_kernel_a_save_names(saved, key):
-    edit(saved, lambda c: c["base_model"]["config"].__setitem__(
-        key, "kernels-community/flash-attn2"))
-    as_older_save(saved)  # re-signed: only the kernel refusal stands in the way
-    with pytest.raises(ValueError, match=r"names the attention code 'kernels-community/"
-                                         r"flash-attn2' to fetch from the Hub"):
+@pytest.mark.parametrize(("key", "value"), [
+    ("attn_implementation", "kernels-community/flash-attn2"),
+    ("_attn_implementation_internal", "kernels-community/flash-attn2"),
+    ("attn_implementation", "flash_attention_2"),  # a kernel fetched without flash-attn
+    ("attn_implementation", {"": "kernels-community/flash-attn2"}),  # per module
+])
+def test_load_never_fetches_an_attention_kernel_a_save_names(saved, key, value, monkeypatch):
+    import kernels
+    fetched = []
+    monkeypatch.setattr(kernels, "get_kernel", lambda *a, **k: fetched.append(a))
+    edit(saved, lambda c: c["base_model"]["config"].__setitem__(key, value))
+    as_older_save(saved)  # re-signed: only the attention refusal stands in the way
+    with pytest.raises(ValueError, match=r"names the attention code .*, which transformers "
+                                         r"may fetch from the Hub"):
         load(saved)
+    assert fetched == []
 
 
 def test_load_refuses_a_transformers_name_that_is_not_a_model_class(saved):
     edit(saved, lambda c: c["base_model"].update({"module": "transformers", "class": "pipeline"}))
+    as_older_save(saved)  # re-signed: only the class refusal stands in the way
     with pytest.raises(ValueError, match=r"transformers\.pipeline, which is not one of "
                                          r"transformers' model classes"):
         load(saved)
@@ -418,3 +428,14 @@ def test_load_squeeze_resume_an_invalid_setting_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"'config' is invalid \(cut must be a whole number"):
         squeezer.resume()
 
+
+
+def test_an_edited_config_is_refused_before_it_builds_anything(saved, monkeypatch):
+    """The integrity checks come first: an edited size never allocates the model."""
+    built = []
+    monkeypatch.setattr(serialization, "_base_model", lambda *a: built.append(a))
+    edit(saved, lambda c: c["base_model"]["config"].__setitem__(
+        "max_position_embeddings", 50_000_000))
+    with pytest.raises(ValueError, match=r"was edited after it was saved"):
+        load(saved)
+    assert built == []

@@ -248,3 +248,14 @@ def test_compress_method_refuses_what_only_mpo_does(tmp_path, capsys, flags, mes
     assert main(["compress", *flags, "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flags", [["--n", "3"], ["--n", "3", "--structure", "svd"]])
+def test_compress_refuses_n_for_the_svd_structure_it_would_ignore(tmp_path, capsys, flags):
+    assert main(["compress", *flags, "--dry-run", "--out", str(tmp_path / "x")]) == 2
+    assert ("--n 3 shapes a balanced MPO, but the matrices get the SVD structure (n = 2"
+            in capsys.readouterr().err)
+    assert main(["compress", "--n", "3", "--structure", "mpo", "--dry-run",
+                 "--targets", "ffn", "--out", str(tmp_path / "x")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "intermediate" in line]
+    assert rows and all("| mpo         |   3 |" in line for line in rows)

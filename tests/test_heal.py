@@ -264,3 +264,19 @@ def test_the_cli_heals_on_every_shipped_sentence_by_default(models, tiny_bert, t
                  "--heldout", "4", "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_texts"] == 2000 - 4  # the whole shipped sample but the held-out
+
+
+@pytest.mark.parametrize("command", ["heal", "squeeze", "finetune"])
+def test_a_run_never_writes_its_output_over_its_input_model(models, tiny_bert, tmp_path,
+                                                            command, capsys):
+    from mpotn.cli import main
+    _, original, _ = models
+    saved = tmp_path / "run" / "model"
+    original.save_pretrained(str(saved))
+    before = sorted(p.name for p in saved.iterdir())
+    extra = ["--teacher", str(tiny_bert)] if command == "heal" else []
+    assert main([command, str(saved), "--out", str(tmp_path / "run"), "--overwrite",
+                 *extra]) == 2
+    assert (f"would write {saved}, which is the input model {saved} itself, and replace it; "
+            "choose another --out") in capsys.readouterr().err
+    assert sorted(p.name for p in saved.iterdir()) == before

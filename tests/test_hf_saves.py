@@ -154,6 +154,19 @@ def test_a_config_that_links_out_of_the_folder_is_refused(saved, tmp_path):
         load(copy)
 
 
+def test_a_snapshot_whose_blobs_folder_links_elsewhere_is_refused(saved, tmp_path):
+    import os
+    import shutil
+
+    folder, _ = saved
+    repo = hub_cache_snapshot(folder, tmp_path / "cache", "someone/gpt2-mpo")
+    shutil.move(repo / "blobs", tmp_path / "elsewhere")  # the files live outside the repo
+    os.symlink(tmp_path / "elsewhere", repo / "blobs")
+    [snapshot] = (repo / "snapshots").iterdir()
+    with pytest.raises(ValueError, match=r"which is not a file inside"):
+        load(snapshot)
+
+
 def test_generation_settings_set_on_the_model_are_saved_and_loaded_back(tmp_path):
     """Setting ``generation_config`` on the compressed model reaches the wrapped one, its
     save and the loaded model: end tokens, lengths, sampling."""

@@ -45,6 +45,9 @@ def hub(monkeypatch, tmp_path):
         api, repo_id, **kw))
     monkeypatch.setattr(HfApi, "file_exists", lambda api, repo_id, filename, **kw:
                         fake.file_exists(api, repo_id, filename, **kw))
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a user online,
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")  # logged in
     return fake
 
 
@@ -138,6 +141,39 @@ def test_cli_push_options_are_checked_before_compressing(hub, tmp_path, capsys, 
     assert main(["compress", "--out", str(tmp_path / "out"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and hub.calls == []
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_cli_push_needs_the_network_and_a_login_before_compressing(hub, tmp_path, capsys,
+                                                                   monkeypatch, offline):
+    import huggingface_hub
+
+    from mpotn.cli import main
+    if offline:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(["compress", "--out", str(tmp_path / "out"), "--push-to-hub", "me/x"]) == 2
+    assert ("HF_HUB_OFFLINE is set" if offline else "needs a Hub login") in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and hub.calls == []
+
+
+def test_a_failed_push_names_the_save_it_left(hub, tiny_bert, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from mpotn.cli import main
+
+    def refused(api, **kwargs):
+        raise ConnectionError("connection reset")
+    monkeypatch.setattr(HfApi, "upload_folder", refused)
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--ratio", "0.5",
+                 "--no-calibrate", "--out", str(out), "--push-to-hub", "me/cli-mpo",
+                 "--no-progress"]) == 2
+    assert (f"pushing to me/cli-mpo failed (connection reset); the save is in {out}"
+            in capsys.readouterr().err)
+    assert (out / CONFIG_NAME).is_file()
 
 
 def test_push_deletes_only_remote_weights_named_as_mpotn_names_them(monkeypatch):

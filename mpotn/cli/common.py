@@ -214,6 +214,20 @@ def add_device(group: argparse._ActionsContainer, config: str) -> None:
     add_config_options(group, config, {"device": ("--device", {"metavar": "DEVICE"})})
 
 
+def check_not_input(written: str | os.PathLike, model: str | None) -> None:
+    """Refuse to write ``written`` (a folder under ``--out``) when it is the input model's
+    own folder: the run would replace the model it reads.
+
+    Raises
+    ------
+    ValueError
+        Naming both and what to do.
+    """
+    if model and Path(model).exists() and Path(written).resolve() == Path(model).resolve():
+        raise ValueError(f"this run would write {written}, which is the input model {model} "
+                         "itself, and replace it; choose another --out")
+
+
 def check_out(out: str | os.PathLike) -> None:
     """Refuse ``--out`` before any work when it is a file or cannot be written.
 

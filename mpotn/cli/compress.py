@@ -58,7 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     compress.add_argument("--exclude", nargs="+", default=None, metavar="T",
                           help="presets or suffixes to leave alone")
-    compress.add_argument("--n", type=_cores, default=5, help="cores per matrix (default: 5)")
+    compress.add_argument("--n", type=_cores, default=None,
+                          help="cores per matrix of a balanced MPO (default: 5); an SVD "
+                               "(--structure svd, the default when calibrating) has 2")
     compress.add_argument(
         "--method", default="mpo", metavar="NAME",
         help="the decomposition of each matrix: mpo, or another registered method to compare "
@@ -305,6 +307,20 @@ def _resolve_budget(args: argparse.Namespace) -> None:
         args.sensitivity = args.budget == "model" and args.calibrate is not None
 
 
+def _check_can_push() -> None:
+    """Refuse ``--push-to-hub`` before any work when it cannot succeed: offline, or without
+    a Hub login."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset "
+                         "it, or drop --push-to-hub and upload the save later")
+    if huggingface_hub.get_token() is None:
+        raise ValueError("--push-to-hub needs a Hub login: run `hf auth login` or set "
+                         "HF_TOKEN, or drop --push-to-hub and upload the save later")
+
+
 def run(args: argparse.Namespace) -> None:
     """Compress the model, print the report and its expected fidelity, save weights, report
     and plots."""
@@ -328,6 +344,8 @@ def run(args: argparse.Namespace) -> None:
     if args.push_to_hub and not HUB_ID.fullmatch(args.push_to_hub):
         raise ValueError(f"--push-to-hub takes a Hub repository such as user/minilm-mpo, got "
                          f"{args.push_to_hub!r}")
+    if args.push_to_hub:
+        _check_can_push()
     if args.sequential and args.calibrate is None:
         raise ValueError("--sequential fits each matrix to the original's outputs on the "
                          "calibration text: drop --no-calibrate, or drop --sequential")
@@ -361,10 +379,15 @@ def run(args: argparse.Namespace) -> None:
         args.method == "mpo")
     targets = args.targets or (["attention", "ffn"] if args.share_centrals
                                else ["ffn"] if args.experts else ["all-linear", "embeddings"])
+    structure = args.structure or ("svd" if calibrating and not sharing else "mpo")
+    if args.n is not None and structure == "svd" and args.method == "mpo":
+        raise ValueError(f"--n {args.n} shapes a balanced MPO, but the matrices get the SVD "
+                         "structure (n = 2; the default when calibrating): pass --structure "
+                         "mpo (or auto) with --n, or drop --n")
     config = CompressionConfig(
-        targets=args.regex or targets, exclude=args.exclude, n=args.n, method=args.method,
-        allocation=args.allocation, svd=args.svd,
-        structure=args.structure or ("svd" if calibrating and not sharing else "mpo"),
+        targets=args.regex or targets, exclude=args.exclude,
+        n=5 if args.n is None else args.n, method=args.method,
+        allocation=args.allocation, svd=args.svd, structure=structure,
         budget=args.budget, keep_dense=args.keep_dense, sensitivity=args.sensitivity,
         fit=args.fit or "als", sequential=args.sequential,
         calibrate_embeddings=(calibrating if args.calibrate_embeddings is None
@@ -413,6 +436,12 @@ def run(args: argparse.Namespace) -> None:
     for path in paths.values():
         print(f"  {path}")
     if args.push_to_hub:
-        commit = compressed.push_to_hub(args.push_to_hub, tokenizer=tokenizer,
-                                        private=args.private or None)
+        from huggingface_hub.errors import HfHubHTTPError
+        try:
+            commit = compressed.push_to_hub(args.push_to_hub, tokenizer=tokenizer,
+                                            private=args.private or None)
+        except (HfHubHTTPError, OSError) as error:
+            raise ValueError(f"pushing to {args.push_to_hub} failed ({error}); the save is in "
+                             f"{args.out}: push it with mpotn.load({args.out!r}).push_to_hub("
+                             f"{args.push_to_hub!r})") from error
         print(f"pushed to the Hub: {getattr(commit, 'commit_url', commit)}")

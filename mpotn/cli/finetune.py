@@ -140,8 +140,9 @@ def run(args: argparse.Namespace) -> None:
             "(mpotn compress MODEL --out DIR) and fine-tune DIR")
     check_device(args.device)
     resume_checkpoint(args.out, args.resume)  # nothing to resume, or a run already there
-    check_writable(Path(args.out) / ("adapter" if args.adapter_only else "model"),
-                   args.overwrite)
+    written = Path(args.out) / ("adapter" if args.adapter_only else "model")
+    common.check_not_input(written, args.model)
+    check_writable(written, args.overwrite)
     data = common.load_task(args)
     config = common.training_config(args, args.strategy, k=args.k, lora_rank=args.lora_rank)
     compression = {k: v for k, v in (("ratio", args.ratio), ("max_bond", args.max_bond))

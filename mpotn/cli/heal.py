@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> None:
     common.check_data_dir(args.data_dir, args.texts, "--texts")
     config = HealConfig(**common.config_settings(args, OPTIONS))
     check_device(config.device)
+    common.check_not_input(Path(args.out) / "model", args.model)
     check_writable(Path(args.out) / "model", args.overwrite)
     if not is_saved_model(args.model):
         raise ValueError(f"{args.model} is not a model saved by mpotn (compress it first with "

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> None:
 
     common.check_out(args.out)
     check_device(args.device)
+    common.check_not_input(Path(args.out) / "model", args.model)
     check_writable(Path(args.out) / "model", args.overwrite)
     data = common.load_task(args)
     settings = common.config_settings(args, OPTIONS)

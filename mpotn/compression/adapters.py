@@ -107,7 +107,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     Raises
     ------
     ValueError
-        If nothing in ``model`` is trainable, ``base`` is not a readable mpotn save, or
+        If nothing in ``model`` is trainable, ``base`` is not a readable mpotn save or is
+        ``directory`` itself, or
         ``model`` differs from ``base`` outside its trainable parameters (a squeezed,
         recompressed or otherwise edited model: save it whole instead).
 
@@ -135,6 +136,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
                          "adapter holds what fine-tuning trains (apply_strategy(model, 'lfa') "
                          "marks it)")
     weights, digest = _base_weights(base)
+    if directory.resolve() == weights.parent.resolve():
+        raise ValueError(f"{directory} is the base save {base} itself: an adapter written "
+                         "there would replace the base it needs; choose another folder")
     different = _differences(model, weights, trained)
     if different:
         shown = ", ".join(different[:3]) + (f" and {len(different) - 3} more"

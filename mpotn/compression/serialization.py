@@ -359,10 +359,12 @@ def is_saved_model(path: str | os.PathLike) -> bool:
 def _places(folder: Path) -> set[Path]:
     """Where the files of ``folder`` may really be: the folder itself and, for a snapshot of
     the Hugging Face cache (``<repo>/snapshots/<revision>``, whose files are symbolic
-    links to ``<repo>/blobs/<sha>``), that repository's ``blobs`` folder."""
+    links to ``<repo>/blobs/<sha>``), that repository's ``blobs`` folder, unless it is
+    itself a link (which could lead anywhere)."""
     places = {folder.resolve()}
-    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        places.add((folder.parent.parent / "blobs").resolve())
+    blobs = folder.parent.parent / "blobs"
+    if folder.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink():
+        places.add(blobs.resolve())
     return places
 
 
@@ -547,16 +549,23 @@ def _model_class(spec: dict[str, Any], path: Path) -> type[nn.Module]:
     return cls
 
 
-def _hub_kernels(settings: Any) -> list[str]:
-    """Attention implementations in a config (and its sub-configs) that name code to fetch --
-    a Hub kernel (``org/repo``), which transformers would download and import."""
+#: The attention implementations a saved config may name: PyTorch's own. transformers
+#: fetches and imports a Hub kernel for a name such as ``"org/repo"``, or for
+#: ``"flash_attention_2"`` when the flash-attn package is missing.
+OWN_ATTENTION = (None, "eager", "sdpa")
+
+
+def _foreign_attention(settings: Any) -> list[Any]:
+    """Attention implementations in a config (and its sub-configs) other than
+    ``OWN_ATTENTION``, in any form (a name, or a per-module dict of names). A save never
+    holds one (``config.to_dict()`` leaves them out): only an edit puts one there."""
     if isinstance(settings, list):
-        return [kernel for value in settings for kernel in _hub_kernels(value)]
+        return [value for item in settings for value in _foreign_attention(item)]
     if not isinstance(settings, dict):
         return []
     found = [value for key, value in settings.items() if "attn_implementation" in str(key)
-             and isinstance(value, str) and ("/" in value or ":" in value)]
-    return found + [kernel for value in settings.values() for kernel in _hub_kernels(value)]
+             and not (value is None or (isinstance(value, str) and value in OWN_ATTENTION))]
+    return found + [value for item in settings.values() for value in _foreign_attention(item)]
 
 
 def _base_model(spec: dict[str, Any] | None, model: nn.Module | None, path: Path) -> nn.Module:
@@ -567,18 +576,20 @@ def _base_model(spec: dict[str, Any] | None, model: nn.Module | None, path: Path
             "this save was made from a model without a Hugging Face config; pass an "
             "uncompressed instance of its architecture as load(directory, model=...)"
         )
-    kernels = _hub_kernels(spec.get("config"))
-    if kernels:
+    foreign = _foreign_attention(spec.get("config"))
+    if foreign:
         raise ValueError(f"{path}: the base model's config names the attention code "
-                         f"{kernels[0]!r} to fetch from the Hub, and loading a save runs no "
-                         f"code from elsewhere; {_FIX}")
+                         f"{foreign[0]!r}, which transformers may fetch from the Hub, and "
+                         "loading a save runs no code from elsewhere (a save names none: "
+                         f"choose one after loading, model.set_attn_implementation); {_FIX}")
     cls = _model_class(spec, path)
     try:  # parameters without memory (meta); the weights file fills them
         with init_empty_weights(include_buffers=False):
             base = cls(cls.config_class.from_dict(spec["config"]))
         base.tie_weights()  # the context registers a copy of each tied tensor: tie again
         return base
-    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError,
+            ImportError) as error:
         raise ValueError(f"{path}: the base model's config does not build a {cls.__name__} "
                          f"({error}); {_FIX}") from error
 
@@ -723,7 +734,6 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None,
         raise ValueError(f"{directory} is not a directory")
     config = _read_config(directory)
     path = directory / CONFIG_NAME
-    base = _base_model(config["base_model"], model, path)
     weights = resolve_inside(directory, config["weights"], f"{path} 'weights'")
     if not weights.is_file():
         raise ValueError(f"{directory}: {CONFIG_NAME} names {weights.name}, which is missing")
@@ -732,7 +742,8 @@ def read(directory: str | os.PathLike, model: nn.Module | None = None,
             f"{directory}: {weights.name} does not match the SHA-256 in {CONFIG_NAME}; the "
             "weights were altered or belong to another save"
         )
-    _check_digest(weights, config, path)
+    _check_digest(weights, config, path)  # before the config builds anything
+    base = _base_model(config["base_model"], model, path)
     try:
         compression = CompressionConfig.from_dict(config["compression"])
     except (TypeError, ValueError) as error:
