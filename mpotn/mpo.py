@@ -93,6 +93,15 @@ def _contractor(row: Factorization, col: Factorization) -> Contractor:
     return Contractor(row, col)
 
 
+def check_values(matrix: torch.Tensor) -> None:
+    """Refuse a matrix without values: one on the meta device (a model built empty, e.g.
+    under accelerate's ``init_empty_weights``, before its weights are loaded)."""
+    if matrix.is_meta:
+        raise ValueError(f"the {matrix.shape[0]} x {matrix.shape[1]} matrix is on the meta "
+                         "device and has no values: load the model's weights before "
+                         "decomposing it")
+
+
 def _compute_dtype(matrix: torch.Tensor) -> torch.dtype:
     if matrix.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
@@ -379,6 +388,7 @@ class MPO(MPOStructure):
             )
         if matrix.numel() == 0:
             raise ValueError(f"matrix is empty (shape {tuple(matrix.shape)})")
+        check_values(matrix)
         if not _is_integer(n) or n < 2:
             raise ValueError(f"an MPO needs n >= 2 cores, got n={n!r}")
         if svd not in SVD_METHODS:

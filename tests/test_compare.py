@@ -62,6 +62,15 @@ def test_matrix_sources(tmp_path):
         load_matrix("nope")
 
 
+def test_the_default_matrix_is_the_word_embedding_of_any_family(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+    GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8,
+                         bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    name, table = load_matrix(model=str(tmp_path / "gpt2"))
+    assert name.endswith("wte") and table.shape == (50, 16)
+    assert load_matrix()[0] == "embeddings.word_embeddings"  # MiniLM's
+
+
 def test_compare_command_writes_table_plot_and_json(tmp_path, capsys):
     np.save(tmp_path / "m.npy", low_rank_plus_noise().numpy())
     out = tmp_path / "out"

@@ -30,8 +30,7 @@ def test_full_rank_methods_are_exact(matrix, method, options):
 def test_every_method_meets_a_budget_and_reports_its_true_error(matrix, method):
     net = decompose(matrix, method, n=2, ratio=0.3)
     assert isinstance(net, FactorNetwork) and net.method == method
-    assert net.params_ratio <= 0.3
-    assert net.num_params == sum(t.numel() for t in net.nodes.values())
+    assert 0.24 <= net.params_ratio <= 0.3  # the budget used (Tucker's core grows in steps)
     true = float((net.rebuild() - matrix).norm() / matrix.norm())
     assert net.relative_error == pytest.approx(true, rel=1e-9)
     graph = net.to_networkx()
@@ -90,6 +89,25 @@ def test_bad_requests_are_clear_errors(matrix):
         decompose(matrix, "cp")
     with pytest.raises(ValueError, match="ratio must be > 0"):
         decompose(matrix, "tt", ratio=0)
+    for method in ("tt", "tucker", "cp"):
+        with pytest.raises(ValueError, match=r"give rank or ratio, not both"):
+            decompose(matrix, method, n=2, rank=3, ratio=0.1)
+        with pytest.raises(ValueError, match=r"must be a floating-point tensor"):
+            decompose(torch.randint(-5, 5, (48, 80)), method, n=2, rank=3)
+    for method in ("mpo", "tt"):
+        with pytest.raises(ValueError, match=r"the 48 x 80 matrix is on the meta device"):
+            decompose(torch.empty(48, 80, device="meta"), method, n=2, ratio=0.3)
+    with pytest.raises(ValueError, match=r"ratio 1e-05 of a 48 x 80 matrix is 0.038 "
+                                         r"parameters, fewer than 1"):
+        decompose(matrix, "svd", ratio=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(DECOMPOSITIONS))
+def test_every_method_decomposes_an_all_zero_matrix_exactly(method):
+    """Zero-initialised projections occur in real models; CP's ALS used to fail on them."""
+    net = decompose(torch.zeros(48, 80, dtype=torch.float64), method, n=2, ratio=0.3)
+    assert net.relative_error == 0.0 and float(net.rebuild().abs().max()) == 0.0
+    assert net.params_ratio <= 0.3
 
 
 def tiny():

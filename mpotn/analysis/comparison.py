@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from mpotn.compression.architectures import matrix_type
 from mpotn.compression.models import load_model, weight_matrices
 from mpotn.contraction import best_time, compiled
 from mpotn.drawing import draw_lines
@@ -109,7 +110,10 @@ def load_matrix(source: str | os.PathLike | None = None, model: str | None = Non
             raise ValueError(f"{text}: expected a matrix, got shape {tuple(array.shape)}")
         return name, array.double()
     matrices = {m.name: m for m in weight_matrices(load_model(model))}
-    name = text or next(n for n in matrices if n.endswith("word_embeddings"))
+    name = text or next((n for n in matrices if matrix_type(n) == "word_emb"), None)
+    if name is None:
+        raise ValueError(f"the model has no word embedding to compare on by default; name a "
+                         f"matrix: {', '.join(list(matrices)[:6])}, ...")
     if name not in matrices:
         raise ValueError(f"no matrix {name!r} in the model; candidates: "
                          f"{', '.join(list(matrices)[:6])}, ...")
@@ -133,7 +137,7 @@ def compare(matrix: torch.Tensor, ratios: Sequence[float] = RATIOS,
     ``skipped``, with the reason, and a warning says how many were skipped and why.
     """
     rows = Comparison()
-    x32 = torch.randn(batch, matrix.shape[0])
+    x32 = torch.randn(batch, matrix.shape[0], device=matrix.device)
     dense = matrix.float()
     rows.append({"label": "dense", "method": "dense", "target": 1.0, "ratio": 1.0,
                  "params": matrix.numel(), "relative_error": 0.0,

@@ -22,6 +22,7 @@ import networkx as nx
 import torch
 
 from mpotn.contraction import autocast_operands, compiled
+from mpotn.mpo import _compute_dtype, check_values
 from mpotn.network import graph_equation, graph_to_networkx
 from mpotn.shapes import Factorization, plan_side
 from mpotn.truncation import TruncationPolicy
@@ -194,7 +195,9 @@ def _equation(legs: tuple[tuple[str, tuple[str, ...]], ...], output: tuple[str, 
 def _tensorized(matrix: torch.Tensor, n: int) -> tuple[torch.Tensor, Factorization,
                                                        Factorization]:
     """The matrix padded and reshaped to ``(i_1..i_n, j_1..j_n)``, in float64 on its
-    device."""
+    device; a matrix that is not real floating point is refused, as by the MPO."""
+    check_values(matrix)
+    _compute_dtype(matrix)
     row, col = plan_side(matrix.shape[0], n), plan_side(matrix.shape[1], n)
     padded = torch.nn.functional.pad(matrix.detach().double(),
                                      (0, col.padding, 0, row.padding))
@@ -220,8 +223,11 @@ def _largest_rank(params: Callable[[int], int], budget: float, top: int) -> int:
     return best
 
 
-def _check_ratio(ratio: float | None) -> None:
-    """Refuse a ratio [TruncationPolicy][mpotn.truncation.TruncationPolicy] does not allow."""
+def _check_ratio(ratio: float | None, rank: int | None = None) -> None:
+    """Refuse a ratio [TruncationPolicy][mpotn.truncation.TruncationPolicy] does not allow,
+    and a ratio given with a rank (two policies: the rank would win silently)."""
+    if ratio is not None and rank is not None:
+        raise ValueError(f"give rank or ratio, not both (rank={rank!r}, ratio={ratio!r})")
     TruncationPolicy(ratio=ratio)
 
 

@@ -59,7 +59,7 @@ def cp_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
     """
     from tensorly.decomposition import parafac
 
-    _check_ratio(ratio)
+    _check_ratio(ratio, rank)
     tensor, row, col = _tensorized(matrix, n)
     per_rank = sum(tensor.shape)
     if rank is None:
@@ -75,12 +75,20 @@ def cp_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
             f"limit of {limit:.2g} (1.2e10 takes about a minute); lower ratio, rank, "
             "iterations or n, or raise the limit: decompose(..., max_work=...) or "
             "mpotn.methods.cp.MAX_WORK = ...")
-    with tensorly_torch(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)  # rank > mode
-        weights, factors = parafac(tensor, rank=rank, n_iter_max=iterations, init="svd",
-                                   random_state=seed, tol=1e-10)
-    factors = [f.clone() for f in factors]
-    factors[0] = factors[0] * weights[None, :]
+    if not bool(tensor.any()):  # ALS divides by the factors' Gram matrices: all zero here
+        factors = [tensor.new_zeros(size, rank) for size in tensor.shape]
+    else:
+        with tensorly_torch(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)
+            try:
+                weights, factors = parafac(tensor, rank=rank, n_iter_max=iterations,
+                                           init="svd", random_state=seed, tol=1e-10)
+            except torch.linalg.LinAlgError as error:
+                raise ValueError(f"cp at rank {rank} on a {matrix.shape[0]} x "
+                                 f"{matrix.shape[1]} matrix: ALS met a singular system "
+                                 f"({error}); lower the rank or n") from error
+        factors = [f.clone() for f in factors]
+        factors[0] = factors[0] * weights[None, :]
     leg_names = [*(f"row_{k}" for k in range(1, n + 1)), *(f"col_{k}" for k in range(1, n + 1))]
     tensors = {f"factor_{m}": f for m, f in enumerate(factors, start=1)}
     legs = {f"factor_{m}": (leg, "rank") for m, leg in enumerate(leg_names, start=1)}

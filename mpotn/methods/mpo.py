@@ -25,6 +25,10 @@ def mpo_method(matrix: torch.Tensor, *, n: int = 5, ratio: float | None = None,
     matrix, which is larger."""
     _check_ratio(ratio)
     params = None if ratio is None else ratio_params(ratio, matrix.numel())
+    if params == 0:
+        raise ValueError(f"ratio {ratio} of a {matrix.shape[0]} x {matrix.shape[1]} matrix "
+                         f"is {ratio * matrix.numel():.2g} parameters, fewer than 1; raise "
+                         "the ratio")
     policy = TruncationPolicy(max_bond=max_bond, params=params, allocation=allocation)
     mpo = MPO.from_matrix(matrix, n=n, **options).truncate_to(policy)
     cores = mpo.gauge_cores("central")

@@ -25,7 +25,7 @@ def tt_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = None,
     """TT-SVD of the tensorized matrix over its ``2n`` modes ``(i_1..i_n, j_1..j_n)``."""
     from tensorly.decomposition import tensor_train
 
-    _check_ratio(ratio)
+    _check_ratio(ratio, rank)
     tensor, row, col = _tensorized(matrix, n)
     modes = tensor.shape
 

@@ -33,7 +33,7 @@ def tucker_method(matrix: torch.Tensor, *, n: int = 3, ratio: float | None = Non
     import tensorly as tl
     from tensorly.decomposition import tucker
 
-    _check_ratio(ratio)
+    _check_ratio(ratio, rank)
     tensor, row, col = _tensorized(matrix, n)
     modes = tensor.shape
     if iterations < 0:
