@@ -111,16 +111,17 @@ def test_calibrated_fidelity_benchmark_skips_finished_rows_and_reports_them(tmp_
 
 
 def test_calibrated_fidelity_runs_the_long_healing_studies_at_0_75_only():
-    """The 1,000- and 2,000-step healing rows, and sequential fitting on the 256 default
-    sentences (a plain fit now), are planned at one size; every other configuration at
-    each of the three sizes."""
+    """The 1,000- and 2,000-step healing rows, the damping study, and sequential fitting on
+    the 256 default sentences (a plain fit now), are planned at one size; every other
+    configuration at each of the three sizes."""
     bench = load_benchmark("fidelity_calibrated")
     planned = bench.planned()
     one_size = [name for name in bench.CONFIGS if "heal 1000" in name or "heal 2000" in name
+                or ", damp " in name
                 or name == "svd, embeddings calibrated, model budget, sequential"]
-    assert len(one_size) == 5
+    assert len(one_size) == 9
     assert {size for name, size in planned if name in one_size} == {0.75}
-    assert len(planned) == 5 + 3 * (len(bench.CONFIGS) - 5) == len(set(planned))
+    assert len(planned) == 9 + 3 * (len(bench.CONFIGS) - 9) == len(set(planned))
 
 
 def test_glue_small_quick_mode_runs_every_row_then_skips_them(tmp_path):
