@@ -414,10 +414,8 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     steps = json.loads(timing.read_text()) if timing.is_file() else None
     with glue_small.merged_runs(results, out, ROWS) as runs:
         table = summarize(runs, steps)
-        tasks = dict.fromkeys(r["task"] for r in runs)
-        baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
-                     if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
-        return glue_small.publish(out, results, table, findings(runs, table, baselines),
+        return glue_small.publish(out, results, table,
+                                  findings(runs, table, glue_small.constant_guesses(runs)),
                                   "The papers' claims, computed from the table by "
                                   "`benchmarks/glue_sharing.py`")
 

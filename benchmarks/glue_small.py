@@ -531,9 +531,7 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     """Table and findings to ``out`` (with the runs, and those another invocation stored
     meanwhile: ``merged_runs``) and ``out.with_suffix('.md')``."""
     with merged_runs(results, out, ROWS) as runs:
-        tasks = dict.fromkeys(r["task"] for r in runs)
-        claims = findings(runs, {t: majority_baseline(load_task(t)) for t in tasks
-                                 if t == QUICK_TASK or GLUE.is_dir()})
+        claims = findings(runs, constant_guesses(runs))
         return publish(out, results, summarize(runs), claims, "The paper's claims and the "
                        "goal, computed from the table by `benchmarks/glue_small.py`")
 
@@ -593,6 +591,13 @@ def results_lock(out: Path) -> FileLock:
     """The lock every writer of ``out`` holds while it reads the stored runs and writes, so
     that two invocations (say one task each) finishing together drop none of each other's."""
     return FileLock(out.parent / f".{out.name}.lock")
+
+
+def constant_guesses(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """``majority_baseline`` of each task ``runs`` has whose data is here."""
+    tasks = dict.fromkeys(r["task"] for r in runs)
+    return {t: majority_baseline(load_task(t)) for t in tasks
+            if t == QUICK_TASK or GLUE.is_dir()}
 
 
 @contextmanager

@@ -256,10 +256,8 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     meanwhile: ``glue_small.merged_runs``) and ``out.with_suffix('.md')``."""
     with glue_small.merged_runs(results, out, ROWS) as runs:
         table = summarize(runs)
-        tasks = dict.fromkeys(r["task"] for r in runs)
-        baselines = {t: glue_small.majority_baseline(glue_small.load_task(t)) for t in tasks
-                     if t == glue_small.QUICK_TASK or glue_small.GLUE.is_dir()}
-        return glue_small.publish(out, results, table, findings(table, runs, baselines),
+        return glue_small.publish(out, results, table,
+                                  findings(table, runs, glue_small.constant_guesses(runs)),
                                   "LPAF's claims, computed from the table by "
                                   "`benchmarks/lpaf.py`")
 
