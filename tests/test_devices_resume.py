@@ -445,3 +445,26 @@ def test_a_heal_state_without_device_resumes_on_the_given_device(tmp_path):
         config = _resume_config(checkpoints, HealConfig(steps=9, batch_size=8), "abc")
     assert config.steps == 4 and config.device is None
     shutil.rmtree(checkpoints)
+
+
+def test_a_checkpoint_with_other_optimizer_groups_is_refused_with_what_to_do(
+        tiny_bert, data, tmp_path):
+    """An optimizer state another mpotn version wrote (other parameter groups) cannot be
+    resumed: the error says so and what to do."""
+    import itertools
+    config = TrainingConfig(strategy="lfa", **SMALL)
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    finetune(model, tokenizer, data, config, progress=False, out=tmp_path, save_steps=2)
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "checkpoint-6" / "trainer_state.json").unlink()  # resume from step 4
+    path = checkpoints / "checkpoint-4" / "optimizer.pt"
+    state = torch.load(path, weights_only=False)
+    state["param_groups"] = [{**state["param_groups"][0], "params": list(
+        itertools.chain.from_iterable(g["params"] for g in state["param_groups"]))}]
+    torch.save(state, path)  # one group, as before mpotn split out no_decay
+    model, tokenizer = prepare_model(tiny_bert, data, config, progress=False)
+    with pytest.raises(ValueError, match=r"checkpoint-4 holds an optimizer state whose "
+                                         r"parameter groups are not this run's .* start the "
+                                         r"run again in a new --out"):
+        finetune(model, tokenizer, data, config, progress=False, out=tmp_path, resume=True,
+                 save_steps=2)

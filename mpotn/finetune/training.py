@@ -657,7 +657,9 @@ def train_from(trainer: Any, checkpoint: str | None, steps: int) -> Any:
     """``trainer.train()``, continuing from ``checkpoint`` (``None``: a fresh run) to
     ``steps`` optimizer steps. A checkpoint at the last step is loaded, not trained
     from: the Trainer would take one step more. Returns the ``TrainOutput`` (its
-    training loss NaN when nothing was trained)."""
+    training loss NaN when nothing was trained). A checkpoint whose optimizer state has
+    other parameter groups than this run's (another mpotn version wrote it) is refused
+    with what to do."""
     from transformers import TrainerState
     from transformers.trainer_utils import TrainOutput
 
@@ -665,7 +667,16 @@ def train_from(trainer: Any, checkpoint: str | None, steps: int) -> Any:
         trainer._load_from_checkpoint(checkpoint)
         trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / STATE_FILE))
         return TrainOutput(trainer.state.global_step, math.nan, {})
-    return trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except ValueError as error:
+        if checkpoint is None or "parameter group" not in str(error):
+            raise
+        raise ValueError(
+            f"{checkpoint} holds an optimizer state whose parameter groups are not this "
+            f"run's ({error}): another version of mpotn, or other trainable parameters, "
+            "wrote it; resume with the version and settings that wrote it, or start the run "
+            "again in a new --out") from error
 
 
 def _checkpoint_step(checkpoint: str | os.PathLike) -> int:
