@@ -295,6 +295,13 @@ def _drop_unreachable(candidates: list[_Candidate], params: int) -> bool:
     return bool(reachable)
 
 
+def _keep_reachable(candidates: list[_Candidate], policy: TruncationPolicy) -> None:
+    """Drop from several ``candidates`` the structures ``policy``'s parameters cannot reach
+    (``_drop_unreachable``)."""
+    if policy.params is not None and len(candidates) > 1:
+        _drop_unreachable(candidates, policy.params)
+
+
 def _warn_uncalibrated_in_budget(names: list[str]) -> None:
     """Name the targets one calibrated model budget weighs by their weight errors."""
     if names:
@@ -426,8 +433,7 @@ def _replace(model: nn.Module, t: _Target, candidates: list[_Candidate],
     ``policy``'s parameters can reach: a model budget reads the first structure's path,
     which is reachable), put its layer in ``model`` (and in every module tied to it) and
     return its report row."""
-    if policy.params is not None and len(candidates) > 1:
-        _drop_unreachable(candidates, policy.params)
+    _keep_reachable(candidates, policy)
     options = []
     for candidate in candidates:
         mpo, cut = candidate.finish(policy, t)
@@ -570,8 +576,7 @@ def _fit_in_order(model: nn.Module, groups: list[list[_Target]],
                 unpaired += list(linear)
             for name, stats in paired.items():
                 linear[name].pair(stats)
-                if policies[name].params is not None and len(candidates[name]) > 1:
-                    _drop_unreachable(candidates[name], policies[name].params)
+                _keep_reachable(candidates[name], policies[name])
                 candidates[name][:] = [_candidate(linear[name], c.structure)
                                        for c in candidates[name]]
         for t in group:
