@@ -280,3 +280,41 @@ def test_a_run_never_writes_its_output_over_its_input_model(models, tiny_bert, t
     assert (f"would write {saved}, which is the input model {saved} itself, and replace it; "
             "choose another --out") in capsys.readouterr().err
     assert sorted(p.name for p in saved.iterdir()) == before
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_the_cli_checks_the_run_folder_before_loading_any_model(models, tmp_path, monkeypatch,
+                                                                resume, capsys):
+    import mpotn.compression as compression
+    import mpotn.compression.models as loaders
+
+    _, original, _ = models
+    original.save_pretrained(str(tmp_path / "compressed"))
+    out = tmp_path / "healed"
+    if not resume:  # a fresh run into a folder that holds one
+        (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    monkeypatch.setattr(compression, "load", lambda *a, **k: pytest.fail("loaded the student"))
+    monkeypatch.setattr(loaders, "load_pretrained", lambda *a: pytest.fail("loaded the teacher"))
+    assert main(["heal", str(tmp_path / "compressed"), "--out", str(out),
+                 *(["--resume"] if resume else [])]) == 2
+    err = capsys.readouterr().err
+    assert (f"nothing to resume: {out / 'checkpoints'} holds no healing run" in err if resume
+            else f"{out} already holds a healing run; pass resume=True (--resume)" in err)
+
+
+def test_the_cli_refuses_a_teacher_of_another_width_with_heals_own_error(models, tmp_path,
+                                                                        capsys):
+    from transformers import BertConfig, BertModel
+
+    from mpotn.compression.models import load_tokenizer
+
+    _, original, _ = models
+    original.save_pretrained(str(tmp_path / "compressed"))
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(str(tmp_path / "narrow"))
+    load_tokenizer().save_pretrained(str(tmp_path / "narrow"))
+    assert main(["heal", str(tmp_path / "compressed"), "--out", str(tmp_path / "healed"),
+                 "--teacher", str(tmp_path / "narrow"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "(student) and" in err and "heal needs the model that was compressed as teacher" in err
+    assert not (tmp_path / "healed" / "model").exists()

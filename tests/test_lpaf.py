@@ -332,6 +332,21 @@ def test_the_cli_refuses_lpaf_flags_that_do_not_go_together(tmp_path, capsys, fl
     assert not (tmp_path / "run").exists()
 
 
+def test_the_cli_refuses_to_prune_a_compressed_save_and_says_to_give_the_dense_model(
+        tmp_path, capsys):
+    from mpotn.cli import main
+    from mpotn.compression.serialization import CONFIG_NAME
+
+    saved = tmp_path / "compressed"
+    saved.mkdir()
+    (saved / CONFIG_NAME).write_text("{}")  # what marks an mpotn save; nothing else is read
+    assert main(["finetune", str(saved), "--strategy", "full", "--prune", "0.5",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert (f"--prune prunes a dense model, and {saved} is an mpotn save (compressed): give "
+            "the dense model it came from") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--prune", "1", "must be a share in (0, 1), got '1'"),
     ("--factorize", "0", "must be a share in (0, 1), got '0'"),

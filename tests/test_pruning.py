@@ -78,6 +78,15 @@ def test_the_last_step_reaches_the_final_sparsity_without_a_cooldown(total):
     assert cubic_sparsity(total - 1, total, 0.9, warmup=0.0, cooldown=0.0) == 0.9
 
 
+@pytest.mark.parametrize(("warmup", "cooldown", "total"), [(0.8, 0.15, 2), (0.6, 0.0, 1)])
+def test_the_last_step_reaches_the_final_sparsity_when_the_rounded_warmup_reaches_it(
+        warmup, cooldown, total):
+    pruning = GradualPruning(mlp(), 0.5, targets="0|2", criterion="magnitude", warmup=warmup,
+                             cooldown=cooldown)
+    assert [pruning.step(t, total) for t in range(total)][-1] == 0.5
+    assert int((~pruning.modules["0"].parametrizations.weight[0].mask).sum()) == 30  # of 60
+
+
 def test_each_matrix_keeps_exactly_its_top_scored_entries_and_finalize_writes_them():
     model = mlp()
     pruning = GradualPruning(model, 0.7, targets="0|2", warmup=0.0, cooldown=0.5)

@@ -313,6 +313,18 @@ def test_a_killed_squeeze_resumes_where_it_stopped(tiny_bert, tmp_path):
             torch.testing.assert_close(param, dense[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_the_direct_ablation_of_the_cli_truncates_to_the_squeezed_bonds(tiny_bert, tmp_path):
+    from mpotn.cli import main
+
+    out = tmp_path / "run"
+    assert main(squeeze_command(tiny_bert, out, "--direct")[3:]) == 0
+    squeezed = json.loads((out / "metrics.json").read_text())
+    direct = json.loads((out / "direct" / "metrics.json").read_text())
+    assert direct["strategy"] == "direct"
+    assert direct["params"] == direct["total_params"] == squeezed["params"] == 1_002_498
+    assert direct["steps"] == squeezed["fine_tuning_steps"] == 12
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_bert):
     result = subprocess.run(squeeze_command(tiny_bert, tmp_path / "none", "--resume"),
                             capture_output=True, text=True,

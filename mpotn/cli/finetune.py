@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--prune prunes a dense model while every parameter trains: use "
                          "--strategy full without --compress or --factorize (factorize the "
                          "pruned run's model/ in a second run)")
+    if args.prune is not None and args.model is not None and is_saved_model(args.model):
+        raise ValueError(f"--prune prunes a dense model, and {args.model} is an mpotn save "
+                         "(compressed): give the dense model it came from")
     if args.prune is None and args.prune_criterion is not None:
         raise ValueError("--prune-criterion says how --prune ranks entries: give --prune too")
     shaping = {"--factorize-fit": args.factorize_fit, "--ssvd-iterations": args.ssvd_iterations,

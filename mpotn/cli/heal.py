@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression.models import has_tokenizer, load_pretrained, load_tokenizer
     from mpotn.data.texts import texts
     from mpotn.devices import check_device, resolve_device
-    from mpotn.finetune.heal import HealConfig, heal, write_heal
-    from mpotn.finetune.training import is_main_process
+    from mpotn.finetune.heal import HealConfig, check_pair, check_run_folder, heal, write_heal
+    from mpotn.finetune.training import is_main_process, trainer_device
 
     if args.no_progress:
         from transformers.utils import logging as hf_logging
@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> None:
     if not is_saved_model(args.model):
         raise ValueError(f"{args.model} is not a model saved by mpotn (compress it first with "
                          "mpotn compress)")
-    student = load(args.model)
+    check_run_folder(args.out, args.resume)
+    student = load(args.model, device=trainer_device(config.device))  # where heal runs it
     teacher = load_pretrained(args.teacher)  # with its head: a causal LM's perplexity
     tokenizer = load_tokenizer(args.model if has_tokenizer(args.model) else args.teacher)
     sentences = texts(args.texts, samples=args.samples, data_dir=args.data_dir,
@@ -121,6 +122,8 @@ def run(args: argparse.Namespace) -> None:
         device = resolve_device(config.device)
         student.to(device)
         teacher.to(device)
+        check_pair(student, teacher, tokenizer, sentences[0], config.logits_weight > 0,
+                   config.max_length)  # heal's own error before the probe's
         probe = common.fidelity_probe(teacher, tokenizer)
         before = None if probe is None else probe.measure(student)
     result = heal(student, teacher, tokenizer, sentences, config, out=args.out,

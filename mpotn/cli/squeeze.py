@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     from mpotn.compression.models import load_tokenizer
     from mpotn.devices import check_device
     from mpotn.finetune.squeeze import SqueezeConfig, Squeezer, check_types, direct_truncation
-    from mpotn.finetune.training import finetune, is_main_process, prepare_model
+    from mpotn.finetune.training import finetune, is_main_process, prepare_model, trainer_device
 
     common.check_out(args.out)
     check_device(args.device)
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
             "step", "matrix", "dim", "new_dim", "estimated_error", "params_over_original",
             "loss", data.spec.metrics[0])}).to_markdown())
     if args.direct:  # every process trains
-        start = load(squeezer.checkpoints / "step-0000")
+        start = load(squeezer.checkpoints / "step-0000", device=trainer_device(training.device))
         direct = direct_truncation(start, squeezer.tokenizer, data, result.record["bond_dims"],
                                    squeezer.training, result.record["fine_tuning_steps"],
                                    progress=not args.no_progress)

@@ -347,6 +347,42 @@ def _heldout_errors(student: nn.Module, teacher: nn.Module, batches: Iterable[di
     return (errors / scales.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
 
 
+@torch.no_grad()
+def check_pair(student: nn.Module, teacher: nn.Module, tokenizer: Any, text: str,
+               logits: bool = False, max_length: int = 128) -> None:
+    """Raise ``ValueError`` unless healing can compare ``student`` with ``teacher``: both
+    give hidden states of the same shapes on ``text`` (a deeper student at its
+    [matched_layers][mpotn.finetune.heal.matched_layers]), and, with ``logits``, logits of
+    the same shape. One forward pass of each, in eval mode, on the student's device (where
+    the teacher must be too).
+
+    Examples
+    --------
+    >>> from transformers import BertConfig, BertModel
+    >>> from mpotn.compression.models import load_tokenizer
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1,
+    ...                              num_attention_heads=2, intermediate_size=64))
+    >>> check_pair(model, model, load_tokenizer(), "a short sentence .")
+    >>> check_pair(model, BertModel(BertConfig(hidden_size=16, num_hidden_layers=1,
+    ...                             num_attention_heads=2, intermediate_size=32)),
+    ...            load_tokenizer(), "a short sentence .")
+    Traceback (most recent call last):
+    ...
+    ValueError: hidden states of shape (1, 6, 32) (student) and (1, 6, 16) (teacher) differ: ...
+    """
+    batch = text_batches(tokenizer, [text], 1, max_length)[0]
+    _heldout_errors(student, teacher, [batch], model_device(student))
+    if logits:
+        batch = {k: v.to(model_device(student)) for k, v in batch.items()}
+        modes = student.training, teacher.training
+        try:
+            _logits_error(student.eval()(**batch), teacher.eval()(**batch),
+                          batch.get("attention_mask"))
+        finally:
+            student.train(modes[0])
+            teacher.train(modes[1])
+
+
 def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list]]:
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
     return [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
@@ -493,12 +529,28 @@ def _select(model: nn.Module, train: str) -> list[nn.Parameter]:
     return chosen
 
 
-def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealConfig:
-    state = checkpoints / STATE_NAME
-    if not state.is_file():
+def check_run_folder(out: str | os.PathLike, resume: bool) -> None:
+    """Raise ``ValueError`` when ``resume`` and ``out`` holds no healing run, or when not
+    ``resume`` and ``out`` already holds one (a checkpoint in ``out/checkpoints``): what
+    [heal][mpotn.finetune.heal.heal] checks first, for a caller to check before loading
+    its models.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> check_run_folder(tempfile.mkdtemp(), resume=False)
+    """
+    checkpoints = Path(out) / "checkpoints"
+    if resume and not (checkpoints / STATE_NAME).is_file():
         raise ValueError(f"nothing to resume: {checkpoints} holds no healing run (its "
                          f"{STATE_NAME}); run without resume (--resume)")
-    saved = json.loads(state.read_text())
+    if not resume and last_checkpoint(checkpoints, complete=False):
+        raise ValueError(f"{out} already holds a healing run; pass resume=True (--resume) to "
+                         "continue it, or choose another folder")
+
+
+def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealConfig:
+    saved = json.loads((checkpoints / STATE_NAME).read_text())
     if saved["texts_sha256"] != digest:
         raise ValueError(f"the texts differ from those of the run checkpointed in {checkpoints}; "
                          "resume with the same texts (source, samples and seed)")
@@ -586,13 +638,12 @@ def heal(
     trained = _trainable_model(student)
     checkpoints = Path(out) / "checkpoints" if out is not None else None
     digest = _texts_digest(texts)
+    if resume and checkpoints is None:
+        raise ValueError("resume needs out, the folder of the run to continue")
+    if checkpoints is not None:
+        check_run_folder(out, resume)
     if resume:
-        if checkpoints is None:
-            raise ValueError("resume needs out, the folder of the run to continue")
         config = _resume_config(checkpoints, config, digest)
-    elif checkpoints is not None and last_checkpoint(checkpoints, complete=False):
-        raise ValueError(f"{out} already holds a healing run; pass resume=True (--resume) to "
-                         "continue it, or choose another folder")
     train_texts, held_texts = _split(texts, config)
     flags = {id(p): p.requires_grad for p in student.parameters()}
     modes = student.training, teacher.training
@@ -606,12 +657,9 @@ def heal(
         held = text_batches(tokenizer, held_texts, config.batch_size, config.max_length)
         student.to(device)
         teacher.to(device)
+        check_pair(student, teacher, tokenizer, held_texts[0], config.logits_weight > 0,
+                   config.max_length)  # fail before training if either lacks logits
         before = _heldout_errors(student, teacher, held, device)
-        if config.logits_weight > 0:  # fail before training if either lacks logits
-            probe = text_batches(tokenizer, held_texts[:1], 1, config.max_length)[0]
-            probe = {k: v.to(device) for k, v in probe.items()}
-            with torch.no_grad():
-                _logits_error(student(**probe), teacher(**probe), probe.get("attention_mask"))
         trainer = _trainer_class()(
             model=trained,
             args=args,

@@ -82,7 +82,8 @@ def cubic_sparsity(step: int, total: int, sparsity: float, warmup: float = 0.0,
     """The sparsity at optimizer step ``step`` of ``total`` (Zhu & Gupta, 2018).
 
     0 for the first ``warmup * total`` steps, ``sparsity`` for the last
-    ``cooldown * total`` steps (the last step at least), and between them
+    ``cooldown * total`` steps (the last step at least, even where the rounded warm-up
+    reaches into the cool-down), and between them
     ``s_f (1 - (1 - progress)^3)`` with ``progress = (step - start) / (end - start)``
     rising from 0 at the first step after the warm-up (``start``) towards 1 at the
     first step of the cool-down (``end``).
@@ -93,10 +94,10 @@ def cubic_sparsity(step: int, total: int, sparsity: float, warmup: float = 0.0,
     [0.0, 0.0, 0.0, 0.379, 0.633, 0.787, 0.867, 0.896, 0.9, 0.9]
     """
     start, end = round(warmup * total), _cooldown_start(total, cooldown)
+    if step >= end:  # before the warm-up test: rounding can put start past end
+        return sparsity
     if step < start:
         return 0.0
-    if step >= end:
-        return sparsity
     progress = (step - start) / (end - start)
     return sparsity * (1.0 - (1.0 - progress) ** 3)
 
