@@ -256,3 +256,36 @@ def test_a_deeper_model_heals_from_its_shallow_original_at_matched_layers():
     result = heal(model, bert, load_tokenizer(), sentences, config, progress=False)
     assert result.steps == 4 and result.mse_after < result.mse_before
     assert len(model.encoder.layer) == 6
+
+
+@pytest.mark.parametrize(("placement", "origins"), [("append", [0, 1, 2, 2, 2]),
+                                                    ("interleave", [0, 1, 1, 2, 2])])
+def test_healing_compares_each_original_layer_after_its_copies(placement, origins, tmp_path):
+    from mpotn.compression.deepen import layer_origins
+    from mpotn.compression.models import load_tokenizer
+    from mpotn.finetune.heal import hidden_state_mse
+
+    torch.manual_seed(0)  # the tokenizer's vocabulary, so that real sentences fit
+    teacher = shared(BertModel(BertConfig(**{**TINY, "vocab_size": 30522})).eval())
+    model = copy.deepcopy(teacher)
+    deepen(model, depth=5, placement=placement)
+    assert layer_origins(model) == origins
+    model.save_pretrained(tmp_path)
+    again = load(tmp_path)
+    assert layer_origins(again) == origins
+    errors = hidden_state_mse(again, teacher, load_tokenizer(), ["a fine film ."],
+                              per_layer=True)
+    assert len(errors) == 4
+    # before any copy the student's hidden states are the teacher's own
+    exact = {"append": 3, "interleave": 2}[placement]
+    assert errors[:exact] == [pytest.approx(0.0, abs=1e-12)] * exact
+    assert min(errors[exact:]) > 1e-4  # a copy applies its layer once more
+
+
+def test_origins_compose_when_deepened_twice(bert):
+    from mpotn.compression.deepen import layer_origins
+
+    model = shared(bert)
+    deepen(model, depth=4, placement="append")
+    deepen(model, depth=8)
+    assert layer_origins(model) == [0, 0, 1, 1, 2, 2, 2, 2]

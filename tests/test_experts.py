@@ -206,6 +206,22 @@ def test_capacity_formula():
     moe = MixtureOfExperts([nn.Identity()] * 4, hidden_size=4, top_k=2, capacity_factor=1.25)
     assert moe.capacity(10) == math.ceil(1.25 * 10 * 2 / 4)
     assert count_parameters(moe.parameters()) == 16
+    moe.capacity_factor = 1.1
+    assert moe.capacity(100) == 55  # 1.1 * 100 * 2 / 4 is 55.000000000000014 in floats
+
+
+@pytest.mark.parametrize("strategy", ["central", "last-k", "lora"])
+def test_every_strategy_trains_the_routers_which_start_random(strategy):
+    from mpotn.finetune.strategies import apply_strategy
+
+    model = compress(tiny_bert(), targets=["ffn"], n=3, progress=False)
+    upcycle_experts(model, experts=2, top_k=1)
+    routers = [m.router.weight for m in model.modules() if isinstance(m, MixtureOfExperts)]
+    assert len(routers) == 2
+    result = apply_strategy(model.base_model, strategy, k=1, lora_rank=2)
+    assert all(router.requires_grad for router in routers)
+    trained = [p for p in result.get("model", model.base_model).parameters() if p.requires_grad]
+    assert sum(p is r for p in trained for r in routers) == 2
 
 
 def test_the_training_loss_adds_the_router_loss_and_evaluation_does_not(tmp_path):

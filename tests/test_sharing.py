@@ -394,6 +394,25 @@ def test_adapters_and_merge_respect_the_sharing(bert, tmp_path):
     assert float((output(dense) - expected).abs().max()) < 1e-5
 
 
+def test_an_adapter_of_a_shared_central_saved_under_another_of_its_names(tmp_path):
+    torch.manual_seed(0)
+    names = ["8", "9", "10"]  # the save keeps the tensor as 10's, training names it 8's
+    model = compress(nn.Sequential(*[nn.Linear(16, 16) for _ in range(11)]), targets=names,
+                     n=3, progress=False)
+    share_centrals(model, groups=[names], init="layer")
+    model.save_pretrained(tmp_path / "base")
+    tuned = load(tmp_path / "base", model=nn.Sequential(*[nn.Linear(16, 16) for _ in range(11)]))
+    apply_strategy(tuned.base_model, "central")
+    with torch.no_grad():
+        tuned.base_model[8].central.add_(0.01)
+    tuned.save_pretrained(tmp_path / "adapter", adapter_only=True)
+    again = load(tmp_path / "adapter", base=tmp_path / "base",
+                 model=nn.Sequential(*[nn.Linear(16, 16) for _ in range(11)]))
+    assert again.base_model[10].central is again.base_model[8].central
+    x = torch.randn(3, 16)
+    assert torch.equal(again.base_model(x), tuned.base_model.eval()(x))
+
+
 def test_a_shared_central_is_drawn_once_with_every_layer_chain(shared_layer, tmp_path):
     from mpotn.analysis.inspection import draw_shared_centrals
     from mpotn.network import shared_graph
@@ -468,3 +487,47 @@ def test_layers_inside_bottleneck_adapters_get_their_sharing_in_the_report(bert)
     for record in model.records:
         assert record["shared_group"] == record["type"]
         assert record["sharing_error"] == errors[record["name"]]
+
+
+def test_core_changes_count_a_layer_inside_a_bottleneck_adapter_once(bert):
+    from mpotn.compression.bottleneck import add_bottleneck_adapters
+    from mpotn.finetune.core_changes import core_changes, snapshot_cores
+
+    model = compressed(bert)
+    add_bottleneck_adapters(model, 4)  # attn_out and ffn_out now sit inside wrappers
+    start = snapshot_cores(model.base_model)
+    assert len(start) == 6 * LAYERS  # the wrapper's is its layer's, under the layer's name
+    assert sum(name.endswith(".layer") for name in start) == 2 * LAYERS
+    wrapped = "encoder.layer.0.output.dense.layer"
+    with torch.no_grad():
+        model.base_model.get_submodule(wrapped).cores[0].mul_(2.0)
+    rows = core_changes(start, model.base_model)
+    assert len(rows) == 6 * LAYERS
+    assert [(r["name"], r["type"]) for r in rows if r["auxiliary_change"] > 0] == [
+        (wrapped, "ffn_out")]
+
+
+def test_default_groups_keep_an_encoder_decoders_stacks_and_attentions_apart():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48,
+                                             num_layers=2, num_heads=2,
+                                             decoder_start_token_id=0))
+    model = compress(t5, targets=["attention"], n=3, progress=False)
+    report = share_centrals(model, init="layer")
+    groups = [g for g in shared_central_groups(model) if g[0].endswith("q")]
+    assert sorted(groups) == sorted([
+        [f"encoder.block.{i}.layer.0.SelfAttention.q" for i in range(2)],
+        [f"decoder.block.{i}.layer.0.SelfAttention.q" for i in range(2)],
+        [f"decoder.block.{i}.layer.1.EncDecAttention.q" for i in range(2)]])
+    assert sorted(row["group"] for row in report
+                  if row["kind"] == "group" and row["group"].endswith("q")) == [
+        "decoder.block.*.layer.0.SelfAttention.q", "decoder.block.*.layer.1.EncDecAttention.q",
+        "encoder.block.*.layer.0.SelfAttention.q"]
+    encoder = model.base_model.get_submodule("encoder.block.0.layer.0.SelfAttention.q")
+    first = [row["layer_init_error"] for row in report
+             if row["name"] == "encoder.block.0.layer.0.SelfAttention.q"]
+    assert len(first) == 1 and first[0] < 1e-6  # its own central, not the decoder's
+    assert encoder.central is model.base_model.get_submodule(
+        "encoder.block.1.layer.0.SelfAttention.q").central

@@ -147,8 +147,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "and no calibration unless --max-bond; heal the result with mpotn heal)")
     shared.add_argument(
         "--share-centrals", choices=SHARE_INITS, default=None, metavar="INIT",
-        help="MPOBERT: one central tensor per matrix type shared by all layers, each layer "
-             "keeping its auxiliary tensors; fit: fitted to every layer (ALS), layer: "
+        help="MPOBERT: one central tensor per matrix type (and stack) shared by all layers, "
+             "each layer keeping its auxiliary tensors; fit: fitted to every layer (ALS), layer: "
              "layer 0's (the reference code). The layers' bonds must be equal: full rank "
              "by default, --max-bond, or --ratio with --allocation uniform")
     shared.add_argument("--share-sweeps", type=_count, default=None,
@@ -278,7 +278,7 @@ def _share(model: object, args: argparse.Namespace) -> None:
         table = share_centrals(model, init=args.share_centrals, **sweeps)
         groups = Table(row for row in table if row["kind"] == "group")
         print(f"\nshared central tensors ({args.share_centrals} init), one per matrix type "
-              "over the layers; relative error of each group's matrices:")
+              "(and stack) over the layers; relative error of each group's matrices:")
         print(groups.select({"group": "group", "name": "layers",
                              "layer_init_error": "error, layer 0's central",
                              "error": "error", "central_params": "|C|",

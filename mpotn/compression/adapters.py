@@ -69,9 +69,12 @@ def _base_weights(base: str | os.PathLike) -> tuple[Path, str]:
     return weights, config["sha256"]
 
 
-def _differences(model: nn.Module, weights: Path, trained: set[str]) -> list[str]:
-    """Tensors of the base file that ``model`` lacks, or holds with other values outside
-    ``trained`` (or with another shape or dtype inside it)."""
+def _differences(model: nn.Module, weights: Path) -> list[str]:
+    """Tensors of the base file that ``model`` lacks, or holds with other values where no
+    trainable parameter is (or with another shape or dtype). A shared tensor is trainable
+    under each of its names: the base file keeps it under one of them."""
+    trained = {name for name, p in model.named_parameters(remove_duplicate=False)
+               if p.requires_grad}
     state = model.state_dict()
     different = []
     with safe_open(str(weights), framework="pt") as handle:
@@ -139,7 +142,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base: str | os.
     if directory.resolve() == weights.parent.resolve():
         raise ValueError(f"{directory} is the base save {base} itself: an adapter written "
                          "there would replace the base it needs; choose another folder")
-    different = _differences(model, weights, trained)
+    different = _differences(model, weights)
     if different:
         shown = ", ".join(different[:3]) + (f" and {len(different) - 3} more"
                                             if len(different) > 3 else "")

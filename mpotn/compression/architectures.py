@@ -228,6 +228,19 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def layer_pattern(name: str) -> str:
+    """``name`` with its layer number replaced by ``*`` (the number
+    [layer_index][mpotn.compression.architectures.layer_index] reads): one name for the
+    same matrix of every layer of one stack.
+
+    Examples
+    --------
+    >>> layer_pattern("decoder.block.3.layer.1.EncDecAttention.q")
+    'decoder.block.*.layer.1.EncDecAttention.q'
+    """
+    return _LAYER.sub(lambda m: m.group(0).replace(m.group(1), "*"), name, count=1)
+
+
 #: Names of the modules that are a whole feed-forward block (input matrices,
 #: activation, output matrix; ``(..., hidden) -> (..., hidden)``): GPT-2's, Llama's and
 #: GPT-NeoX's ``mlp``, T5's ``DenseReluDense``, DistilBERT's ``ffn``.

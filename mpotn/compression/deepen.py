@@ -13,14 +13,17 @@ layers join the sharing groups
 grows only by their non-central parameters.
 
 ``config.num_hidden_layers`` (and every submodule's ``layer_idx``, and a config's
-per-layer settings such as ``layer_types``) follows, so a save
+per-layer settings such as ``layer_types``) follows, ``config.layer_origins`` lists
+the original layer each layer descends from
+([layer_origins][mpotn.compression.deepen.layer_origins]), so a save
 rebuilds the deeper architecture and [load][mpotn.compression.model.load] restores it,
 sharing included.
 
 Healing afterwards -- distilling the original model into the deeper one so that it
 starts close to it -- is [heal][mpotn.finetune.heal.heal] (``mpotn heal MODEL --teacher
 ORIGINAL``), which compares a deeper student at matched hidden states
-([matched_layers][mpotn.finetune.heal.matched_layers]).
+([matched_layers][mpotn.finetune.heal.matched_layers]: after each original layer and
+its copies).
 
 Examples
 --------
@@ -103,6 +106,24 @@ def find_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 #: Settings of a transformers config with one entry per layer: ``layer_types`` (full or
 #: sliding-window attention, as Qwen2 and Gemma2 have it), ``no_rope_layers``.
 PER_LAYER_SETTINGS = ("layer_types", "no_rope_layers")
+
+
+def layer_origins(model: nn.Module) -> list[int] | None:
+    """The layer of the original model each layer of ``model``'s stack descends from, as
+    [deepen][mpotn.compression.deepen.deepen] records it in ``config.layer_origins``
+    (``[0, 0, 1, 1, 2, 2]`` for 3 -> 6 interleaved); ``None`` for a model never deepened,
+    or one whose config has no such list. A distributed wrapper's ``module`` is looked
+    through.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> layer_origins(SimpleNamespace(config=SimpleNamespace(layer_origins=[0, 1, 1])))
+    [0, 1, 1]
+    """
+    config = getattr(layer_holder(getattr(model, "module", model)), "config", None)
+    origins = getattr(config, "layer_origins", None)
+    return list(origins) if isinstance(origins, (list, tuple)) else None
 
 
 def _placement(layers: int, depth: int, placement: str) -> list[tuple[int, bool]]:
@@ -262,6 +283,10 @@ def deepen(model: nn.Module, depth: int, placement: str = "interleave") -> Table
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "num_hidden_layers"):
         config.num_hidden_layers = depth
+    if config is not None:  # deepened twice: origins of the first model
+        origins = layer_origins(base)
+        origins = origins if origins and len(origins) == layers else list(range(layers))
+        config.layer_origins = [origins[index] for index, _ in order]
     for key in PER_LAYER_SETTINGS:  # each copy keeps its source layer's
         values = getattr(config, key, None)
         if isinstance(values, list) and len(values) == layers:

@@ -49,6 +49,40 @@ def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             yield name, param
 
 
+def untrained_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters that start untrained, which every fine-tuning strategy trains, each once:
+    the task head's ([head_parameters][mpotn.compression.parameters.head_parameters]), the
+    router of every mixture of experts
+    ([MixtureOfExperts][mpotn.layers.experts.MixtureOfExperts]: random at first) and
+    every bottleneck adapter's
+    ([BottleneckAdapter][mpotn.layers.bottleneck.BottleneckAdapter]).
+
+    Examples
+    --------
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> model = BertForSequenceClassification(BertConfig(
+    ...     hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    >>> [name for name, _ in untrained_parameters(model)]
+    ['classifier.weight', 'classifier.bias']
+    """
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, MixtureOfExperts):
+            chosen = [("router.weight", module.router.weight)]
+        elif isinstance(module, BottleneckAdapter):
+            chosen = list(module.named_parameters())
+        else:
+            continue
+        for local, param in chosen:
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield f"{module_name}.{local}" if module_name else local, param
+    for name, param in head_parameters(model):
+        if id(param) not in seen:
+            seen.add(id(param))
+            yield name, param
+
+
 def lfa_parameters(model: nn.Module, *, head: bool = False
                    ) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters lightweight fine-tuning (SPEC §2) updates, each once.

@@ -51,13 +51,19 @@ True
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from mpotn.compression.architectures import compressed_names, layer_index, matrix_type
+from mpotn.compression.architectures import (
+    compressed_names,
+    layer_index,
+    layer_pattern,
+    matrix_type,
+)
 from mpotn.compression.config import MPO_LAYERS, layer_holder
 from mpotn.mpo import SWEEP_DTYPE, _interleaved
 from mpotn.table import Table
@@ -119,18 +125,33 @@ def _check_group(base: nn.Module, names: Sequence[str], layers: dict[str, nn.Mod
                              f"{type(first).__name__}; a group shares among one kind")
 
 
+#: The expert number in a module name (experts of one block already share a central).
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
 def default_groups(model: nn.Module) -> list[list[str]]:
-    """One group per matrix type over the numbered layers: every MPO layer of a
-    ``...layer.N...`` module, grouped by
-    [matrix_type][mpotn.compression.architectures.matrix_type] in layer order; types
-    found in fewer than two layers are left out."""
+    """One group per matrix of a layer over the numbered layers of each stack: every MPO
+    layer of a ``...layer.N...`` module, grouped by its name with ``N`` left out
+    ([layer_pattern][mpotn.compression.architectures.layer_pattern]: an encoder's and a
+    decoder's query, or a decoder's self- and cross-attention query, are separate
+    groups; the experts of a mixture, which already share one, are one group), in layer
+    order; matrices found in fewer than two layers are left out."""
     groups: dict[str, list[tuple[int, str]]] = {}
     for name in _mpo_layers(layer_holder(model)):
         index = layer_index(name)
         if index is not None:
-            groups.setdefault(matrix_type(name), []).append((index, name))
+            key = _EXPERT.sub(".experts.*.", layer_pattern(name))  # a mixture's: one group
+            groups.setdefault(key, []).append((index, name))
     return [[name for _, name in sorted(members)] for members in groups.values()
             if len(members) > 1]
+
+
+def _group_labels(groups: list[list[str]]) -> list[str]:
+    """A default group's label: its matrix type, or its layer pattern where two groups
+    have one type (an encoder-decoder's stacks, the experts of a mixture)."""
+    types = [matrix_type(names[0]) for names in groups]
+    return [kind if types.count(kind) == 1 else layer_pattern(names[0])
+            for kind, names in zip(types, groups)]
 
 
 def tie_centrals(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
@@ -277,7 +298,7 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
     groups:
         Lists of module names (relative to ``base_model``) whose layers share one
         central tensor $C$, e.g. consecutive layers; by default one group per matrix
-        type over all numbered layers
+        of a layer over all numbered layers of each stack
         ([default_groups][mpotn.compression.sharing.default_groups]). The layers of a
         group must have equal row and column factorizations and bond dimensions.
     init:
@@ -297,8 +318,9 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
     Returns
     -------
     Table
-        One row per layer (``kind`` ``"layer"``): its ``group`` (the matrix type, or
-        ``group <i>``), ``name``, ``norm`` $\|M_l\|_F$, the relative error
+        One row per layer (``kind`` ``"layer"``): its ``group`` (the matrix type -- its
+        layer pattern where two default groups have one type -- or ``group <i>``),
+        ``name``, ``norm`` $\|M_l\|_F$, the relative error
         $\|M_l - \mathrm{MPO}_l\|_F / \|M_l\|_F$ of the ``"layer"`` initialisation
         (``layer_init_error``; its first layer's is 0) and of the chosen one
         (``error``; before sharing every error is 0, $M_l$ being the layer's own
@@ -339,8 +361,8 @@ def share_centrals(model: nn.Module, groups: Sequence[Sequence[str]] | None = No
         seen.update(names)
     _check_whole_groups(layers, groups)
     report = Table()
-    for index, names in enumerate(groups):
-        label = matrix_type(names[0]) if named else f"group {index}"
+    labels = _group_labels(groups) if named else [f"group {i}" for i in range(len(groups))]
+    for names, label in zip(groups, labels):
         report.extend(_share_group([layers[n] for n in names], names, label, init, sweeps))
     mark_shared_centrals(base)
     _record_sharing(model, report)
@@ -528,7 +550,10 @@ def cut_shared_bond(layers: Sequence[nn.Module], bond: int, dim: int) -> dict[st
     auxiliary tensor $A_l X^+ U$ (right bond: $C X U$ and $U^T X^+ B_l$), so that
     $M_l \to L_l X^+ U U^T X R_l$. The layers then hold one new central
     ``nn.Parameter`` (same ``data_ptr`` for all) and new auxiliary tensors, each
-    keeping its trainable state, dtype and device.
+    keeping its trainable state, dtype and device. Pass every layer that uses the
+    tensor: a part of a group made by [share_centrals][mpotn.compression.sharing.share_centrals]
+    or [upcycle_experts][mpotn.compression.experts.upcycle_experts] is refused, but
+    sharing set up by hand (as below) records no users to check against.
 
     Returns
     -------

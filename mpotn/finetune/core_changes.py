@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from mpotn.compression.config import MPO_LAYERS
 from mpotn.compression.models import layer_index, matrix_type
 from mpotn.network import central_index
 from mpotn.table import Table
@@ -61,7 +62,7 @@ def core_changes(before: dict[str, list[torch.Tensor]], model: nn.Module) -> Tab
 
 def snapshot_cores(model: nn.Module) -> dict[str, list[torch.Tensor]]:
     """Copies of the cores of every MPO layer, by module name (for
-    [core_changes][mpotn.finetune.core_changes.core_changes])."""
+    [core_changes][mpotn.finetune.core_changes.core_changes]); a wrapper that hands on
+    its layer's ``cores`` (a bottleneck adapter) is not a second layer."""
     return {name: [c.detach().clone() for c in module.cores]
-            for name, module in model.named_modules()
-            if isinstance(getattr(module, "cores", None), nn.ParameterList)}
+            for name, module in model.named_modules() if isinstance(module, MPO_LAYERS)}

@@ -63,6 +63,7 @@ from torch import nn
 from mpotn.atomic import write_output, write_text
 from mpotn.compression.calibrate import text_batches
 from mpotn.compression.config import MPO_LAYERS
+from mpotn.compression.deepen import layer_origins
 from mpotn.compression.models import model_device, padding_tokenizer
 from mpotn.compression.parameters import count_parameters, lfa_parameters
 from mpotn.devices import check_device, parse_device
@@ -230,11 +231,11 @@ class HealResult:
 # ----------------------------------------------------------------------------- the loss
 
 
-def _layer_errors(student: Any, teacher: Any, attention_mask: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_errors(student: Any, teacher: Any, attention_mask: torch.Tensor | None,
+                  origins: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per hidden state of the teacher: summed squared error and summed teacher square, over
     real tokens. A deeper student (``deepen``) is compared at its matched hidden states
-    ([matched_layers][mpotn.finetune.heal.matched_layers])."""
+    ([matched_layers][mpotn.finetune.heal.matched_layers], with its layers' ``origins``)."""
     ours, theirs = student.hidden_states, teacher.hidden_states
     if ours is None or theirs is None:
         raise ValueError("both models must return hidden_states (output_hidden_states=True)")
@@ -242,7 +243,7 @@ def _layer_errors(student: Any, teacher: Any, attention_mask: torch.Tensor | Non
         raise ValueError(f"the student returns {len(ours)} hidden states and the teacher "
                          f"{len(theirs)}: heal needs the model that was compressed (or "
                          "deepened) as teacher")
-    ours = [ours[k] for k in matched_layers(len(ours) - 1, len(theirs) - 1)]
+    ours = [ours[k] for k in matched_layers(len(ours) - 1, len(theirs) - 1, origins)]
     errors, scales = [], []
     for s, t in zip(ours, theirs):
         if s.shape != t.shape:
@@ -257,18 +258,30 @@ def _layer_errors(student: Any, teacher: Any, attention_mask: torch.Tensor | Non
     return torch.stack(errors), torch.stack(scales)
 
 
-def matched_layers(student_layers: int, teacher_layers: int) -> list[int]:
-    """The student's hidden state compared with each of the teacher's: the embeddings with
-    the embeddings, teacher layer ``j`` with student layer ``round(j L_s / L_t)`` (the uniform
-    layer map of TinyBERT's distillation, here for a student as deep or deeper, as
-    [deepen][mpotn.compression.deepen.deepen] makes it), so the last with the last.
+def matched_layers(student_layers: int, teacher_layers: int,
+                   origins: Sequence[int] | None = None) -> list[int]:
+    """The student's hidden state compared with each of the teacher's, for a student as
+    deep or deeper ([deepen][mpotn.compression.deepen.deepen]): the embeddings with the
+    embeddings, and the teacher's hidden state after its layer ``j - 1`` with the student's
+    after that layer and the copies that follow it -- the student's layers whose
+    ``origins`` ([layer_origins][mpotn.compression.deepen.layer_origins]) are below ``j``
+    -- so the last with the last. Without ``origins`` (or with origins of another teacher
+    depth) the student is taken as ``deepen``'s default ``"interleave"`` placement makes
+    it: ``j + floor(j e / L_t)`` for ``e = L_s - L_t`` new layers (``j L_s / L_t`` when
+    ``L_t`` divides ``L_s``: the uniform layer map of TinyBERT's distillation).
 
     Examples
     --------
-    >>> matched_layers(6, 6), matched_layers(12, 6)
-    ([0, 1, 2, 3, 4, 5, 6], [0, 2, 4, 6, 8, 10, 12])
+    >>> matched_layers(6, 6), matched_layers(12, 6), matched_layers(8, 6)
+    ([0, 1, 2, 3, 4, 5, 6], [0, 2, 4, 6, 8, 10, 12], [0, 1, 2, 4, 5, 6, 8])
+    >>> matched_layers(5, 3, origins=[0, 1, 2, 2, 2])  # deepen(..., placement="append")
+    [0, 1, 2, 5]
     """
-    return [round(j * student_layers / teacher_layers) if teacher_layers else 0
+    if (origins is not None and len(origins) == student_layers
+            and sorted(set(origins)) == list(range(teacher_layers))):
+        return [sum(origin < j for origin in origins) for j in range(teacher_layers + 1)]
+    extra = student_layers - teacher_layers
+    return [j + j * extra // teacher_layers if teacher_layers else 0
             for j in range(teacher_layers + 1)]
 
 
@@ -288,7 +301,8 @@ def _logits_error(student: Any, teacher: Any, attention_mask: torch.Tensor | Non
 
 
 def distillation_loss(student: Any, teacher: Any, attention_mask: torch.Tensor | None = None,
-                      logits_weight: float = 0.0) -> torch.Tensor:
+                      logits_weight: float = 0.0, origins: Sequence[int] | None = None
+                      ) -> torch.Tensor:
     """The healing loss of one batch, from both models' outputs.
 
     Parameters
@@ -300,6 +314,10 @@ def distillation_loss(student: Any, teacher: Any, attention_mask: torch.Tensor |
         ``batch x tokens``, 1 for real tokens; padding does not count.
     logits_weight:
         Weight of the logits' mean squared error.
+    origins:
+        For a deeper student, the original layer each of its layers descends from
+        ([layer_origins][mpotn.compression.deepen.layer_origins]; which of its hidden
+        states are compared: [matched_layers][mpotn.finetune.heal.matched_layers]).
 
     Returns
     -------
@@ -316,7 +334,7 @@ def distillation_loss(student: Any, teacher: Any, attention_mask: torch.Tensor |
     >>> float(distillation_loss(s, t))  # layer 0 entirely wrong, layer 1 exact
     0.5
     """
-    errors, scales = _layer_errors(student, teacher, attention_mask)
+    errors, scales = _layer_errors(student, teacher, attention_mask, origins)
     loss = (errors / scales.clamp_min(torch.finfo(scales.dtype).tiny)).mean()
     if logits_weight > 0:
         loss = loss + logits_weight * _logits_error(student, teacher, attention_mask)
@@ -336,7 +354,7 @@ def _heldout_errors(student: nn.Module, teacher: nn.Module, batches: Iterable[di
             batch = {k: v.to(device) for k, v in batch.items()}
             e, s = _layer_errors(student(**batch, output_hidden_states=True),
                                  teacher(**batch, output_hidden_states=True),
-                                 batch.get("attention_mask"))
+                                 batch.get("attention_mask"), layer_origins(student))
             errors = e.double() if errors is None else errors + e.double()
             scales = s.double() if scales is None else scales + s.double()
     finally:
@@ -491,7 +509,7 @@ def _trainer_class() -> type:
             with torch.no_grad():
                 target = self.teacher(**inputs, output_hidden_states=True)
             loss = distillation_loss(outputs, target, inputs.get("attention_mask"),
-                                     self.logits_weight)
+                                     self.logits_weight, layer_origins(model))
             if torch.is_grad_enabled():  # a training step, not an evaluation
                 loss = add_router_loss(loss, model)
                 self.record_router(model)

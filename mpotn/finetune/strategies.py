@@ -8,13 +8,14 @@
     stay frozen ([mpotn.compression.parameters.lfa_parameters][] with
     ``head=True``).
 ``central``
-    only the central tensors (and the task head, which starts untrained).
+    only the central tensors (and what starts untrained: the task head, the
+    routers of mixtures of experts, bottleneck adapters).
 ``last-k``
-    the last ``k`` transformer layers of an (uncompressed) model and the task
-    head, the paper's Table 5 baseline.
+    the last ``k`` transformer layers of an (uncompressed) model and what starts
+    untrained, the paper's Table 5 baseline.
 ``lora``
-    PEFT's LoRA adapters on the attention and FFN linears (and the task head),
-    with a rank that can be chosen to match LFA's trainable budget
+    PEFT's LoRA adapters on the attention and FFN linears (and what starts
+    untrained), with a rank that can be chosen to match LFA's trainable budget
     ([lora_rank_for_budget][mpotn.finetune.strategies.lora_rank_for_budget]).
 
 [optimizer_groups][mpotn.finetune.strategies.optimizer_groups] gives central and auxiliary tensors
@@ -41,7 +42,11 @@ from transformers import Trainer
 from mpotn.compression.architectures import head_part, is_linear, linear_matrix, matrix_type
 from mpotn.compression.config import MPO_LAYERS, PRESET_TYPES
 from mpotn.compression.models import layer_index
-from mpotn.compression.parameters import count_parameters, head_parameters, lfa_parameters
+from mpotn.compression.parameters import (
+    count_parameters,
+    lfa_parameters,
+    untrained_parameters,
+)
 from mpotn.types import STRATEGIES
 
 #: Matrix types LoRA adapts: the attention and FFN linears of
@@ -98,13 +103,13 @@ def apply_strategy(
 ) -> Any:
     """Set ``requires_grad`` for a fine-tuning strategy.
 
-    Every strategy trains the task head
-    ([head_parameters][mpotn.compression.parameters.head_parameters]), which starts
-    untrained; ``lfa`` trains [lfa_parameters][mpotn.compression.parameters.lfa_parameters]
-    with ``head=True`` (so ``trainable_params`` is
-    [lfa_budget][mpotn.finetune.training.lfa_budget], and more than #Pr of
-    [MPOModel.totals][mpotn.compression.model.MPOModel.totals], which leaves the head's
-    weights out).
+    Every strategy trains what starts untrained
+    ([untrained_parameters][mpotn.compression.parameters.untrained_parameters]: the task
+    head, routers of mixtures of experts, bottleneck adapters); ``lfa`` trains
+    [lfa_parameters][mpotn.compression.parameters.lfa_parameters] with ``head=True``
+    (so ``trainable_params`` is [lfa_budget][mpotn.finetune.training.lfa_budget], and
+    more than #Pr of [MPOModel.totals][mpotn.compression.model.MPOModel.totals], which
+    leaves the head's weights out).
 
     Returns ``{"strategy", "trainable_params", "total_params"}``; for ``lora``
     also the PEFT-wrapped ``"model"`` (use it instead of ``model``) and the rank.
@@ -124,9 +129,8 @@ def apply_strategy(
         return _apply_lora(model, lora_rank, lora_alpha)
     for param in model.parameters():
         param.requires_grad_(strategy == "full")
-    # every strategy trains the task head, which starts untrained
-    chosen: list[tuple[str, nn.Parameter]] = ([] if strategy == "lfa"
-                                              else list(head_parameters(model)))
+    chosen: list[tuple[str, nn.Parameter]] = ([] if strategy == "lfa"  # it has them all
+                                              else list(untrained_parameters(model)))
     if strategy == "lfa":
         chosen += list(lfa_parameters(model, head=True))
     elif strategy == "central":
@@ -154,7 +158,10 @@ def _apply_lora(model: nn.Module, rank: int | None, alpha: int | None) -> dict[s
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
                         target_modules=lora_targets(model),
                         modules_to_save=heads or None)
+    new = [p for n, p in untrained_parameters(model) if head_part(n) is None]  # routers, ...
     wrapped = get_peft_model(model, config)
+    for param in new:  # trained as they are: they have no pre-trained values to adapt
+        param.requires_grad_(True)
     trainable = count_parameters(p for p in wrapped.parameters() if p.requires_grad)
     return {"strategy": "lora", "trainable_params": trainable,
             "total_params": count_parameters(wrapped.parameters()), "model": wrapped, "rank": rank}

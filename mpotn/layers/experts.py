@@ -180,8 +180,8 @@ class MixtureOfExperts(nn.Module):
         (so that an example's output does not depend on the rest of its batch)."""
         if self.capacity_factor is None or not self.training:
             return tokens
-        return min(tokens, math.ceil(self.capacity_factor * tokens * self.top_k
-                                     / self.num_experts))
+        share = self.capacity_factor * tokens * self.top_k / self.num_experts
+        return min(tokens, math.ceil(round(share, 9)))  # 1.1 * 100 * 2 / 4 is 55, not 55.0..1
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router output for ``(T, hidden)`` tokens: gates ``(T, k)`` (zero where a token
