@@ -123,7 +123,8 @@ class HealConfig(FieldHelp):
     learning_rate: float | None = field(default=None, metadata={
         "help": "peak learning rate (default per --train: "
                 + ", ".join(f"{k} {v:g}" for k, v in HEAL_LR.items()) + ")"})
-    batch_size: int = field(default=16, metadata={"help": "sentences per step"})
+    batch_size: int = field(default=16, metadata={
+        "help": "sentences per step and process (a distributed launch multiplies it)"})
     max_length: int = field(default=128, metadata={
         "help": "tokens per sentence (longer ones are truncated)"})
     logits_weight: float = field(default=0.0, metadata={
