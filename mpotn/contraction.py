@@ -108,7 +108,8 @@ def autocast_operands(x: torch.Tensor, tensors: Sequence[torch.Tensor]
                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``x`` and ``tensors`` as a matmul takes them: in the autocast dtype inside
     ``torch.autocast`` on ``x``'s device (gradients flow through the casts), unchanged
-    outside it.
+    outside it, and unchanged when one of them is float64 (autocast leaves float64
+    alone, as ``nn.Linear`` does under it).
 
     Examples
     --------
@@ -117,12 +118,25 @@ def autocast_operands(x: torch.Tensor, tensors: Sequence[torch.Tensor]
     ...     x, cores = autocast_operands(x, cores)
     >>> x.dtype, cores[0].dtype
     (torch.bfloat16, torch.bfloat16)
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     x, cores = autocast_operands(torch.ones(2, 3).double(), [torch.ones(3, 4).double()])
+    >>> x.dtype, cores[0].dtype
+    (torch.float64, torch.float64)
     """
     kind = x.device.type
-    if not torch.is_autocast_enabled(kind):
+    if not torch.is_autocast_enabled(kind) or torch.float64 in (
+            x.dtype, *(t.dtype for t in tensors)):
         return x, list(tensors)
     dtype = torch.get_autocast_dtype(kind)
     return x.to(dtype), [t.to(dtype) for t in tensors]
+
+
+def _probe_generator(device: torch.device) -> torch.Generator:
+    """A seeded generator on ``device`` for timing inputs, so that tuning draws nothing from
+    the global random streams (a run's dropout and shuffling stay as seeded)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+    return generator
 
 
 def step_seconds(flops: int, elements: int, summed: int) -> float:
@@ -334,7 +348,8 @@ class Contractor:
                size, grad, sample.device.type, sample.dtype, bias)
         if key not in _TUNED:
             into, out = self._sides(over)
-            x = torch.randn(size, into.size, dtype=sample.dtype, device=sample.device)
+            x = torch.randn(size, into.size, dtype=sample.dtype, device=sample.device,
+                            generator=_probe_generator(sample.device))  # not the user's
             leaves = [c.detach().clone().requires_grad_(grad) for c in cores]
             offset = torch.zeros(out.size, dtype=sample.dtype, device=sample.device)
 

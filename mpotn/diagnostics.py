@@ -72,9 +72,19 @@ def entanglement_entropy(singular_values: torch.Tensor) -> float:
     S_k = -\sum_j v_j \ln v_j, \qquad v_j = \frac{\lambda_j^2}{\sum_i \lambda_i^2}
     $$
 
-    Terms with $v_j = 0$ contribute 0. A zero spectrum has entropy 0.
+    Terms with $v_j = 0$ contribute 0. A zero spectrum has entropy 0. The values are
+    divided by the largest first (``v`` does not change), so that their squares neither
+    underflow nor overflow.
+
+    Examples
+    --------
+    >>> round(entanglement_entropy(torch.tensor([1e-170, 1e-170], dtype=torch.float64)), 6)
+    0.693147
     """
-    weights = singular_values.double() ** 2
+    values = singular_values.double().abs()
+    if values.numel() == 0 or not values.max() > 0:
+        return 0.0
+    weights = (values / values.max()) ** 2
     total = weights.sum()
     if total <= 0:
         return 0.0

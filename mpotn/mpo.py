@@ -303,8 +303,12 @@ class MPO(MPOStructure):
         (``k = 1..n-1``) of the matrix this MPO represents, descending, in
         float64.
     discarded:
-        Per bond, the error ``eps_k`` (Eq. 3) incurred when this MPO was made
-        from its source (0 for an exact decomposition).
+        Per bond, the error of the sweep step that cut bond ``k`` when this MPO was
+        made from its source (0 for an exact decomposition): a left-to-right
+        decomposition's is Eq. 3's ``eps_k`` of its unfolding; a truncation's
+        right-to-left rounding cuts an already truncated chain, so its steps' errors
+        are not the source's ``eps_k`` bond by bond (their sum of squares is what
+        Eq. 4 adds up).
     error_bound:
         A bound on ``||M_source - MPO||_F``: Eq. 4 over ``discarded``, plus the
         bound of the MPO it was truncated from.
@@ -529,7 +533,8 @@ class MPO(MPOStructure):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The cores' dtype (that of the matrix the MPO was made from)."""
+        """The cores' dtype: that of the matrix the MPO was made from, float32 for a
+        float16 or bfloat16 one (see [from_matrix][mpotn.mpo.MPO.from_matrix])."""
         return self.cores[0].dtype
 
     @property
@@ -578,8 +583,11 @@ class MPO(MPOStructure):
 
     @property
     def norm(self) -> float:
-        """``||MPO||_F``, read off the spectrum of bond 1."""
-        return float(self.singular_values[0].norm())
+        """``||MPO||_F``, read off the spectrum of bond 1 (scaled by its largest value, so
+        that the squares do not underflow)."""
+        values = self.singular_values[0].double()
+        top = values.abs().max() if values.numel() else values.new_zeros(())
+        return float(top * (values / top).norm()) if top > 0 else 0.0
 
     def reconstruction_error(self, matrix: torch.Tensor) -> float:
         """Actual ``||matrix - MPO||_F``, rebuilding the matrix."""
@@ -756,10 +764,13 @@ class MPO(MPOStructure):
         errors = [0.0] * (self.n - 1)
         for k in range(self.n - 1, 0, -1):
             dl, i, j, dr = cores[k].shape
-            cut = truncated_svd(cores[k].reshape(dl, i * j * dr), dims[k], method=svd)
+            # cut A^T, so that the kept part is A W W^T (a randomized cut keeps Q Q^T of
+            # what it is given): each step then projects on the right and the step errors
+            # add up in squares (Eq. 4) whatever the method
+            cut = truncated_svd(cores[k].reshape(dl, i * j * dr).mT, dims[k], method=svd)
             errors[k - 1] = float(cut.error)
-            cores[k] = cut.Vh.reshape(-1, i, j, dr)
-            cores[k - 1] = torch.tensordot(cores[k - 1], cut.U * cut.S, dims=1)
+            cores[k] = cut.U.mT.reshape(-1, i, j, dr)
+            cores[k - 1] = torch.tensordot(cores[k - 1], cut.Vh.mT * cut.S, dims=1)
         cores, spectra = _left_sweep(cores)
         cores = [c.to(self.dtype) for c in cores]
         bound = self.error_bound + diagnostics.error_bound(errors)

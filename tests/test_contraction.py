@@ -133,3 +133,31 @@ def test_autotuning_measures_each_key_once_and_keeps_the_outputs(padded):
     assert set(_TUNED.values()) <= {"contract", "rebuild"}
     torch.testing.assert_close(first, expected)
     assert not autotune_enabled()
+
+
+def test_autotuning_draws_nothing_from_the_global_random_stream(padded):
+    from mpotn.contraction import _TUNED, autotuning
+
+    _, mpo = padded
+    x = torch.randn(33, mpo.shape[0], dtype=torch.float64)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with autotuning():
+        before = len(_TUNED)
+        mpo.apply(x)  # batch 33 -> a bucket of 64, measured now
+        assert len(_TUNED) == before + 1
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_float64_layer_stays_float64_under_autocast():
+    from mpotn.layers import MPOLinear
+
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(torch.nn.Linear(64, 64).double(), n=3).eval()
+    x = torch.randn(2, 64, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = [layer.contractor.apply(x, list(layer.cores), method=method)
+                   for method in ("contract", "rebuild")] + [layer(x)]
+    assert [o.dtype for o in outputs] == [torch.float64] * 3  # bfloat16 on contract before
+    torch.testing.assert_close(outputs[0], outputs[1])

@@ -222,3 +222,35 @@ def test_central_gauge_keeps_the_matrix_and_makes_auxiliary_tensors_isometries(f
     assert [tuple(x.shape) for x in cores] == [tuple(x.shape) for x in mpo.gauge_cores("left")]
     with pytest.raises(ValueError, match="gauge must be one of"):
         mpo.gauge_cores("right")
+
+
+@pytest.mark.parametrize("svd", ["full", "randomized", "auto"])
+def test_a_truncation_of_any_svd_method_stays_within_its_error_bound(svd):
+    torch.manual_seed(0)
+    matrix = torch.randn(512, 512, dtype=torch.float64)
+    mpo = MPO.from_matrix(matrix, n=3, row_shape=(8, 8, 8), col_shape=(8, 8, 8))
+    for max_bond in (4, 16):
+        cut = mpo.truncate(max_bond=max_bond, svd=svd)
+        actual = float((cut.to_matrix() - matrix).norm())
+        assert actual <= cut.error_bound * (1 + 1e-12)  # randomized: 486.88 > 486.87 before
+
+
+def test_a_layer_decomposes_with_the_svd_method_it_is_given(monkeypatch):
+    from mpotn.layers import MPOLinear
+
+    calls = []
+    lowrank = torch.svd_lowrank
+    monkeypatch.setattr(torch, "svd_lowrank",
+                        lambda *a, **k: calls.append(1) or lowrank(*a, **k))
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 256)
+    full = MPOLinear.from_linear(linear, n=3, max_bond=8, svd="full")
+    assert not calls
+    randomized = MPOLinear.from_linear(linear, n=3, max_bond=8, svd="randomized")
+    assert calls and randomized.bond_dims == full.bond_dims == (1, 8, 8, 1)
+    best = float((full.matrix() - linear.weight.T).norm())
+    error = float((randomized.matrix() - linear.weight.T).norm())
+    assert best <= error <= 1.05 * best  # near-best
+    before = len(calls)
+    MPOLinear.from_linear(linear, n=3, ratio=0.2, svd="randomized")
+    assert len(calls) > before  # a budget's cuts take it too

@@ -133,9 +133,10 @@ class _MPOWeight(MPOStructure, nn.Module):
         ``decomposition`` goes to [MPO.from_matrix][mpotn.mpo.MPO.from_matrix] and
         ``options`` (``bias``, ``padding_idx``) to the constructor."""
         policy = TruncationPolicy.from_settings(truncation, strict=True)
-        if mpo is None:
-            mpo = MPO.from_matrix(matrix, **decomposition)
-        mpo = mpo.truncate_to(policy)
+        if mpo is None:  # bonds known up front are kept while decomposing (randomized: svd)
+            mpo = MPO.from_matrix(matrix, **decomposition, max_bond=policy.max_bond,
+                                  bond_dims=policy.bond_dims)
+        mpo = mpo.truncate_to(policy, svd=decomposition["svd"])
         layer = cls(*matrix.shape, mpo.row_shape, mpo.col_shape, mpo.bond_dims,
                     dtype=matrix.dtype, device=matrix.device, **options)
         with torch.no_grad():

@@ -30,7 +30,8 @@ def mpo_method(matrix: torch.Tensor, *, n: int = 5, ratio: float | None = None,
                          f"is {ratio * matrix.numel():.2g} parameters, fewer than 1; raise "
                          "the ratio")
     policy = TruncationPolicy(max_bond=max_bond, params=params, allocation=allocation)
-    mpo = MPO.from_matrix(matrix, n=n, **options).truncate_to(policy)
+    mpo = MPO.from_matrix(matrix, n=n, **options).truncate_to(  # an SVD method asked for
+        policy, svd=options.get("svd", "full"))                 # cuts too
     cores = mpo.gauge_cores("central")
     cores = [cores[0][0], *cores[1:-1], cores[-1][..., 0]]  # n >= 2: drop d_0 = d_n = 1
     names = [core_name(k, n) for k in range(n)]
