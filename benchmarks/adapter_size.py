@@ -4,9 +4,9 @@ Run from the repository root (about 5 minutes on 2 cores)::
 
     python benchmarks/adapter_size.py [--steps 60] [--quick]
 
-The embedded all-MiniLM-L6-v2 with a new SST-2 head, its word embedding,
-attention and FFN matrices decomposed into MPOs at full rank (``n = 5``), is
-saved as the compressed base; that save is loaded, fine-tuned with LFA
+The embedded all-MiniLM-L6-v2 with a new SST-2 head, its attention and FFN
+matrices decomposed into MPOs at full rank (``n = 5``; the embeddings stay dense),
+is saved as the compressed base; that save is loaded, fine-tuned with LFA
 (auxiliary tensors, biases, norms and the head) on the shipped SST-2 sample,
 and saved twice: whole, and as an adapter of the base
 (``save_pretrained(..., adapter_only=True)``). The adapter is then loaded onto

@@ -140,22 +140,34 @@ def findings(table: Table) -> list[str]:
                      f"{verdict(cut >= 0.85)}.")
         lines.append(f"- LFA is {gap:+.2f} points from full fine-tuning ({acc['lfa']:.2f}% vs "
                      f"{acc['full']:.2f}%; claim: within about a point): {verdict(gap >= -1.0)}.")
-    last = {name: a for name, a in acc.items() if name.startswith("last-")}
-    if last and "lfa" in acc:
-        beaten = [name for name, a in last.items() if acc["lfa"] > a]
-        lines.append(
-            f"- LFA ({acc['lfa']:.2f}%) against last-layer tuning ("
-            + ", ".join(f"{name} {a:.2f}%" for name, a in last.items())
-            + f"; claim: LFA is better): beats {len(beaten)} of {len(last)}, "
-            + verdict(len(beaten) == len(last)) + ".")
-    if "squeeze" in acc and "direct" in acc:
-        size = rows["squeeze"]["total params"], rows["direct"]["total params"]
-        gap = acc["squeeze"] - acc["direct"]
-        spreads = [rows[name]["spread (sd)"] for name in ("squeeze", "direct")]
+    def compare(better: str, worse: str) -> tuple[float, float, str]:
+        """The gap of ``better`` over ``worse``, the noise it must exceed to decide (the
+        larger seed spread, or one point where a row has one seed) and its wording."""
+        spreads = [rows[name]["spread (sd)"] for name in (better, worse)]
         one_seed = any(math.isnan(sd) for sd in spreads)
         noise = 1.0 if one_seed else max(spreads)
         within = ("a point, on one seed" if one_seed
                   else f"the larger seed spread ({noise:.2f})")
+        return acc[better] - acc[worse], noise, within
+
+    last = {name: a for name, a in acc.items() if name.startswith("last-")}
+    if last and "lfa" in acc:
+        gaps = {name: compare("lfa", name) for name in last}
+        won = [n for n, (gap, noise, _) in gaps.items() if gap >= noise]
+        lost = [n for n, (gap, noise, _) in gaps.items() if gap <= -noise]
+        level = [n for n in last if n not in won and n not in lost]
+        overall = ("**refuted**" if lost else "**confirmed**" if not level
+                   else "**not decided**")
+        lines.append(
+            f"- LFA ({acc['lfa']:.2f}%) against last-layer tuning ("
+            + ", ".join(f"{name} {a:.2f}%" for name, a in last.items())
+            + "; claim: LFA is better; a gap decides beyond the larger seed spread, or a "
+            f"point on one seed): better than {', '.join(won) or 'none'}, worse than "
+            f"{', '.join(lost) or 'none'}, level with {', '.join(level) or 'none'}: "
+            f"{overall}.")
+    if "squeeze" in acc and "direct" in acc:
+        size = rows["squeeze"]["total params"], rows["direct"]["total params"]
+        gap, noise, within = compare("squeeze", "direct")
         lines.append(
             f"- Squeezing {acc['squeeze']:.2f}% against direct truncation {acc['direct']:.2f}% "
             f"at {size[0]:,} and {size[1]:,} parameters (claim: squeezing is better): "

@@ -534,3 +534,20 @@ def test_a_stored_row_drops_the_verdicts_read_before_it(tmp_path):
               "total_over_dense": 1.0, "seconds": 1.0}
     bench.store(results, record, out)
     assert json.loads(out.read_text()) == {"runs": [record]}
+
+
+def test_sst2_last_layer_claim_decides_each_gap_by_the_seed_spread_or_a_point():
+    bench = load_benchmark("glue_sst2")
+
+    def row(name, accuracy, sd=float("nan")):
+        return {"row": name, "dev accuracy %": accuracy, "spread (sd)": sd,
+                "trainable params": 1}
+
+    table = [row("lfa", 80.20, 1.06), row("last-1", 76.61), row("last-2", 79.93),
+             row("last-3", 81.65)]
+    [line] = bench.findings(table)
+    assert line.endswith("better than last-1, worse than last-3, level with last-2: "
+                         "**refuted**.")
+    [line] = bench.findings(table[:3])  # 0.27 ahead of last-2: within a point
+    assert line.endswith("better than last-1, worse than none, level with last-2: "
+                         "**not decided**.")
