@@ -55,9 +55,9 @@ hold ``router_aux_loss`` and ``router_dropped``, the means of their training log
 Writes ``benchmarks/results/glue_sharing.json`` (every run) and
 ``glue_sharing.md`` (mean and spread per task and row, then the papers' claims as
 verdicts). The runs' wall times are not comparable across rows (they ran at different
-times, beside different jobs): ``--timing`` measures each row's training step time over
-dense's in one process, with the models interleaved, into
-``glue_sharing_timing.json``; the table's ``step x dense`` column reads it::
+times, beside different jobs): ``--timing`` measures each row's forward-and-backward time
+over dense's in one process, with the models interleaved, into
+``glue_sharing_timing.json``; the table's ``fwd+bwd x dense`` column reads it::
 
     python benchmarks/glue_sharing.py --task sst2 --timing --report-only
 """
@@ -433,7 +433,7 @@ def _borrowed_dense(task: str, seed: int) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = glue_small.arguments(__doc__, ROWS, RESULTS)
     parser.add_argument("--timing", action="store_true",
-                        help="measure, in this one process, each row's training step time "
+                        help="measure, in this one process, each row's forward-and-backward time "
                              "over dense's for the chosen tasks and rows (a few minutes; "
                              "nothing is trained), into OUT's _timing.json")
     args = glue_small.parse(parser, argv, RESULTS)
