@@ -32,6 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; every leftover counts as a killed write's
+    fcntl = None  # type: ignore[assignment]
+
 #: The file in which [atomic_dir][mpotn.atomic.atomic_dir] lists what it wrote.
 MANIFEST_NAME = "mpotn_files.json"
 #: Random part of a temporary name, as [tempfile][] makes it.
@@ -69,6 +74,39 @@ def _is_plain_name(name: object) -> bool:
 
 
 @contextmanager
+def _held(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (a file or a folder) while the body runs:
+    [remove_stale_temps][mpotn.atomic.remove_stale_temps] then leaves it alone. The lock
+    dies with its process, so a killed write's leftovers are free to remove."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live write holds ``path`` ([_held][mpotn.atomic._held])."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextmanager
 def temp_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a new hidden temporary file beside ``path``, removed on exit unless moved away.
 
@@ -81,7 +119,8 @@ def temp_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        yield Path(tmp)
+        with _held(tmp):  # another write of path does not take it for a killed one's
+            yield Path(tmp)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -110,16 +149,19 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and directories that killed atomic writes of ``path``
     left beside it (named as [temp_path][mpotn.atomic.temp_path] and
-    [atomic_dir][mpotn.atomic.atomic_dir] name them); return what was removed."""
+    [atomic_dir][mpotn.atomic.atomic_dir] name them); return what was removed. Those a
+    write still in progress holds (another process writing ``path`` meanwhile) stay."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
     files, dirs = _temp_pattern(path), _dir_temp_pattern(path)
     removed = []
     for entry in path.parent.iterdir():
-        if entry.is_file() and not entry.is_symlink() and files.fullmatch(entry.name):
+        if entry.is_symlink() or _in_use(entry):
+            continue
+        if entry.is_file() and files.fullmatch(entry.name):
             entry.unlink(missing_ok=True)
-        elif entry.is_dir() and not entry.is_symlink() and dirs.fullmatch(entry.name):
+        elif entry.is_dir() and dirs.fullmatch(entry.name):
             shutil.rmtree(entry, ignore_errors=True)
         else:
             continue
@@ -145,14 +187,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # whatever the locale's encoding
     return Path(path)
 
 
 def written_files(directory: str | os.PathLike) -> set[str]:
     """Names the manifest of ``directory`` lists (empty without a readable manifest)."""
     try:
-        names = json.loads((Path(directory) / MANIFEST_NAME).read_text())["files"]
+        names = json.loads((Path(directory) / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return set()
     if not isinstance(names, list):
@@ -332,30 +374,33 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, own: Iterable[s
     inside = path.is_dir() and (path.is_mount() or not os.access(path.parent, os.W_OK | os.X_OK))
     if inside:
         for entry in path.iterdir():  # what killed saves staged here
-            if _STAGING.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            if (_STAGING.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
+                    and not _in_use(entry)):
                 shutil.rmtree(entry, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path, prefix=".mpotn.new.") if inside
                else tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
     _chmod_new(tmp, 0o777)  # mkdtemp makes 0700 folders
     try:
-        yield tmp
-        names = sorted(entry.name for entry in tmp.iterdir() if entry.name != MANIFEST_NAME)
-        previous = written_files(path) | own if path.is_dir() else set()
-        carried = sorted(name for name in previous - set(names)
-                         if carry is not None and carry(name) and (path / name).exists())
-        cwd = Path.cwd()
-        foreign = foreign or foreign_files(path, own)  # also a file put there meanwhile
-        if inside or foreign or path == cwd or path in cwd.parents:
-            _merge(tmp, path, names, previous, carried, list(last))
-        else:
-            for name in carried:
-                _link(path / name, tmp / name)
-            _write_manifest(tmp, [*names, *carried])
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-            if path.exists():
-                os.replace(path, old)  # over the empty folder just made
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+        # held until it is renamed: another save of path does not take it for a killed one's
+        with _held(tmp):
+            yield tmp
+            names = sorted(entry.name for entry in tmp.iterdir() if entry.name != MANIFEST_NAME)
+            previous = written_files(path) | own if path.is_dir() else set()
+            carried = sorted(name for name in previous - set(names)
+                             if carry is not None and carry(name) and (path / name).exists())
+            cwd = Path.cwd()
+            foreign = foreign or foreign_files(path, own)  # also a file put there meanwhile
+            if inside or foreign or path == cwd or path in cwd.parents:
+                _merge(tmp, path, names, previous, carried, list(last))
+            else:
+                for name in carried:
+                    _link(path / name, tmp / name)
+                _write_manifest(tmp, [*names, *carried])
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+                if path.exists():
+                    os.replace(path, old)  # over the empty folder just made
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
         remove_stale_temps(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -313,3 +313,44 @@ def test_a_file_the_user_puts_in_the_folder_while_it_is_saved_survives(tmp_path)
         (folder / "notes.txt").write_text("the user's, meanwhile")
     assert (folder / "notes.txt").read_text() == "the user's, meanwhile"
     assert (folder / "a.json").read_text() == "2" and foreign_files(folder) == ["notes.txt"]
+
+
+def test_text_is_written_as_utf8_whatever_the_locale(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, locale; from mpotn.atomic import write_text; "
+              "print(locale.getpreferredencoding()); "
+              "write_text(sys.argv[1], '\\u03c1 \\u2192 0.75 \\u00d7 #To')")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "report.md")],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "ANSI" in result.stdout or "ascii" in result.stdout.lower()  # an ASCII locale
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == "ρ → 0.75 × #To"
+
+
+def test_a_write_in_progress_keeps_its_temporary_file_when_another_write_finishes(tmp_path):
+    from mpotn.atomic import atomic_path, write_text
+
+    target = tmp_path / "report.json"
+    with atomic_path(target) as slow:  # a second writer of the same file, still writing
+        slow.write_text("slow")
+        write_text(target, "fast")  # finishes first and sweeps what killed writes left
+        assert slow.exists()
+    assert target.read_text() == "slow"
+    (tmp_path / ".report.json.k1ll3d_a.json").write_text("left by a killed write")
+    write_text(target, "again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_a_save_in_progress_keeps_its_staging_folder_when_another_save_finishes(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as slow:
+        (slow / "weights").write_text("slow")
+        with atomic_dir(target, overwrite=True) as fast:
+            (fast / "weights").write_text("fast")
+        assert (slow / "weights").read_text() == "slow"
+    assert (target / "weights").read_text() == "slow"
+    assert names(tmp_path) == ["model"]

@@ -130,7 +130,8 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any | None = None,
         if revision is not None and not create_pr:  # upload_folder creates no branch
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         if not api.file_exists(repo_id, "README.md", revision=revision):  # keep one there
-            (Path(folder) / "README.md").write_text(model_card(model, repo_id, base_model))
+            (Path(folder) / "README.md").write_text(model_card(model, repo_id, base_model),
+                                                  encoding="utf-8")
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
             commit_message=commit_message or "Upload a model compressed with mpotn",

@@ -277,7 +277,8 @@ def _write_hugging_face_files(base: nn.Module, folder: Path, tokenizer: Any | No
                                             + "\n")
         generation = getattr(base, "generation_config", None)
         if generation is not None and base.can_generate():
-            (folder / "generation_config.json").write_text(generation.to_json_string())
+            (folder / "generation_config.json").write_text(generation.to_json_string(),
+                                                          encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
 
