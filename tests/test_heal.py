@@ -318,3 +318,25 @@ def test_the_cli_refuses_a_teacher_of_another_width_with_heals_own_error(models,
     err = capsys.readouterr().err
     assert "(student) and" in err and "heal needs the model that was compressed as teacher" in err
     assert not (tmp_path / "healed" / "model").exists()
+
+
+def test_training_batches_are_padded_on_the_right_as_the_held_out_ones(models, sentences,
+                                                                       monkeypatch):
+    import transformers
+
+    from mpotn.compression.models import load_tokenizer
+
+    original, student, _ = models
+    left = load_tokenizer()
+    left.padding_side = "left"
+    sides = []
+    collator = transformers.DataCollatorWithPadding
+
+    def spy(tokenizer, *args, **kwargs):
+        sides.append(tokenizer.padding_side)
+        return collator(tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr(transformers, "DataCollatorWithPadding", spy)
+    heal(copy.deepcopy(student), original, left, sentences,
+         HealConfig(steps=1, batch_size=4, heldout=4), progress=False)
+    assert sides == ["right"] and left.padding_side == "left"  # the caller's is unchanged

@@ -235,24 +235,29 @@ def model_device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
-def padding_tokenizer(tokenizer: Any) -> Any:
-    """``tokenizer`` itself when it has a padding token; else a copy that pads with its
-    end-of-sequence (or unknown) token, as GPT-2 and Llama tokenizers need. mpotn's
-    batches mark padding in ``attention_mask``, so the id it carries does not matter.
+def padding_tokenizer(tokenizer: Any, side: str | None = None) -> Any:
+    """``tokenizer`` itself when it has a padding token (and pads on ``side``, when given:
+    ``"right"`` or ``"left"``); else a copy that pads with its end-of-sequence (or unknown)
+    token, as GPT-2 and Llama tokenizers need, on ``side``. mpotn's batches mark padding
+    in ``attention_mask``, so the id it carries does not matter.
 
     Raises
     ------
     ValueError
         If the tokenizer has none of the three tokens.
     """
-    if getattr(tokenizer, "pad_token", None) is not None:
+    other_side = side is not None and getattr(tokenizer, "padding_side", side) != side
+    if getattr(tokenizer, "pad_token", None) is not None and not other_side:
         return tokenizer
-    fill = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
-    if fill is None:
-        raise ValueError("the tokenizer has no padding, end-of-sequence or unknown token to "
-                         "pad batches with; set tokenizer.pad_token")
     padded = copy.deepcopy(tokenizer)
-    padded.pad_token = fill
+    if getattr(padded, "pad_token", None) is None:
+        fill = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+        if fill is None:
+            raise ValueError("the tokenizer has no padding, end-of-sequence or unknown token "
+                             "to pad batches with; set tokenizer.pad_token")
+        padded.pad_token = fill
+    if other_side:
+        padded.padding_side = side
     return padded
 
 

@@ -683,7 +683,8 @@ def heal(
             model=trained,
             args=args,
             train_dataset=_encode(tokenizer, train_texts, config.max_length),
-            data_collator=DataCollatorWithPadding(padding_tokenizer(tokenizer)),
+            # padded on the right, as the held-out batches: each sentence at its own positions
+            data_collator=DataCollatorWithPadding(padding_tokenizer(tokenizer, side="right")),
             teacher=teacher,
             logits_weight=config.logits_weight,
             dropout=config.dropout,
