@@ -295,17 +295,22 @@ def draw_spectra(mpo: Any, path: str | Path, title: str) -> Path:
 def draw_entropy_profiles(records: Table, path: str | Path, title: str) -> Path:
     """Entanglement entropy along the chain (bond by bond), over ``ln d`` of the full bond.
 
-    One line per matrix type, averaged over layers; records need ``type``,
-    ``entropies`` and ``full_bonds`` (as [mpotn.analysis.inspection.inspect_model][] writes).
+    One line per matrix type (and number of cores, where a type has matrices of several),
+    averaged over layers; records need ``type``, ``entropies`` and ``full_bonds`` (as
+    [mpotn.analysis.inspection.inspect_model][] writes).
     """
-    profiles: dict[str, list[list[float]]] = {}
+    profiles: dict[tuple[str, int], list[list[float]]] = {}
     for r in records:
         full = [int(d) for d in str(r["full_bonds"]).split(",")]
         share = [s / math.log(d) if d > 1 else 0.0 for s, d in zip(r["entropies"], full)]
-        profiles.setdefault(r["type"], []).append(share)
+        profiles.setdefault((r["type"], len(share)), []).append(share)
+    lengths: dict[str, int] = {}
+    for kind, _ in profiles:
+        lengths[kind] = lengths.get(kind, 0) + 1
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
-    for kind, rows in profiles.items():
-        ax.plot(range(1, len(rows[0]) + 1), np.mean(rows, axis=0), marker="o", label=kind)
+    for (kind, bonds), rows in profiles.items():
+        label = kind if lengths[kind] == 1 else f"{kind} (n = {bonds + 1})"
+        ax.plot(range(1, bonds + 1), np.mean(rows, axis=0), marker="o", label=label)
     ax.set_xlabel("bond k")
     ax.set_ylabel("S_k / ln d_k (Eq. 6, share of the maximum)")
     ax.set_ylim(0, 1.05)

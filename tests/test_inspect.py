@@ -113,3 +113,13 @@ def test_the_entropy_heatmap_gives_each_stack_and_expert_its_own_row(tmp_path, m
     assert drawn == {"grid": [[1.0], [3.0]], "rows": ["encoder query", "decoder query"]}
     drawing.draw_entropy_heatmap(drawing.Table(records[:1]), tmp_path / "h.png", "bert")
     assert drawn["rows"] == ["query"]  # no collision: the plain types
+
+
+def test_entropy_profiles_draw_matrices_of_one_type_with_different_numbers_of_cores(tmp_path):
+    from mpotn.drawing import draw_entropy_profiles
+
+    records = [{"type": "ffn_in", "entropies": [0.5, 0.7], "full_bonds": "4,16"},
+               {"type": "ffn_in", "entropies": [0.5, 0.7, 0.6], "full_bonds": "4,16,4"},
+               {"type": "query", "entropies": [0.3, 0.4], "full_bonds": "4,4"}]
+    path = draw_entropy_profiles(records, tmp_path / "profiles.png", "mixed")
+    assert path.stat().st_size > 1000
