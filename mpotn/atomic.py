@@ -138,11 +138,38 @@ def _write_manifest(directory: Path, names: Iterable[str]) -> None:
     write_text(directory / MANIFEST_NAME, json.dumps({"files": sorted(names)}, indent=2))
 
 
+def _flush_to_disk(path: str | os.PathLike) -> None:
+    """``fsync`` the file or folder ``path``, so that its contents (a folder: its entries)
+    survive a power loss once the call returns; a no-op where a folder cannot be opened
+    (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flush_tree(folder: Path) -> None:
+    """[_flush_to_disk][mpotn.atomic._flush_to_disk] every file and folder in ``folder``."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _flush_to_disk(Path(root) / name)
+        _flush_to_disk(root)
+
+
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Give ``tmp`` the permissions of a new file and rename it over ``path`` (atomic on
-    POSIX: readers see the old file or the new one, never a partial one)."""
+    """Give ``tmp`` the permissions of a new file, write it to disk and rename it over
+    ``path`` (atomic on POSIX: readers see the old file or the new one, never a partial
+    one; after a power loss too, its folder being written to disk after the rename)."""
     _chmod_new(tmp, 0o666)  # mkstemp makes 0600 files
+    _flush_to_disk(tmp)
     os.replace(tmp, path)
+    _flush_to_disk(Path(path).parent)
     return Path(path)
 
 
@@ -396,10 +423,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, own: Iterable[s
                 for name in carried:
                     _link(path / name, tmp / name)
                 _write_manifest(tmp, [*names, *carried])
+                _flush_tree(tmp)
                 old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
                 if path.exists():
                     os.replace(path, old)  # over the empty folder just made
                 os.replace(tmp, path)
+                _flush_to_disk(path.parent)
                 shutil.rmtree(old, ignore_errors=True)
         remove_stale_temps(path)
     finally:
@@ -432,12 +461,14 @@ def _merge(new: Path, path: Path, names: list[str], previous: set[str], carried:
     kept = [name for name in names if name not in previous
             and ((path / name).exists() or (path / name).is_symlink())]
     moved = sorted((name for name in names if name not in kept), key=lambda n: n in last)
+    _flush_tree(new)
     _write_manifest(path, previous | set(moved))
     for name in moved:
         target = path / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)  # a file is replaced by the rename itself, atomically
         os.replace(new / name, target)
+    _flush_to_disk(path)
     for name in previous - set(names) - set(carried):
         _remove(path / name)
     _write_manifest(path, {*moved, *carried})

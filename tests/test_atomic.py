@@ -354,3 +354,22 @@ def test_a_save_in_progress_keeps_its_staging_folder_when_another_save_finishes(
         assert (slow / "weights").read_text() == "slow"
     assert (target / "weights").read_text() == "slow"
     assert names(tmp_path) == ["model"]
+
+
+def test_a_write_and_a_save_reach_the_disk_before_their_renames(tmp_path, monkeypatch):
+    import os
+
+    from mpotn.atomic import write_text
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
+    write_text(tmp_path / "report.md", "# report")
+    assert events[:3] == ["fsync", "rename", "fsync"]  # the file, then its folder's entry
+    events.clear()
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "weights").write_text("w")
+    renamed = [k for k, e in enumerate(events) if e == "rename"]
+    assert events[renamed[-1] - 1] == "fsync"  # the staged folder was flushed first
+    assert events.count("fsync") >= 3  # its file, the manifest and the folder
