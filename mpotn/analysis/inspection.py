@@ -6,7 +6,8 @@ factorization, the full bonds (Eq. 2), the central-bond entropy (Eq. 6), and,
 at a default budget (compression ratio, Eq. 5, allocated to minimise Eq. 4),
 the kept bonds, the Eq. 4 bound and the actual error, both relative to
 $\|M\|_F$. It writes the table as Markdown and JSON, an entropy heatmap
-across layers and matrix types, and a drawing of one network.
+across layers and matrix types, the entropy profiles along the chain by matrix
+type, and a drawing and the bond spectra of one network.
 [draw_shared_centrals][mpotn.analysis.inspection.draw_shared_centrals] draws a
 compressed model's shared central tensors (MPOBERT, MPOE), each once, with the
 chains of the layers that use it.

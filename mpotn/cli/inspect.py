@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "(Algorithm 1) and report its factorization, full bonds (Eq. 2), "
             "central-bond entropy (Eq. 6) and, at a budget, the Eq. 4 error bound "
             "and the actual error. Writes inspect.md, inspect.json, an entropy "
-            "heatmap and a drawing of one network to --out. Given an mpotn save "
+            "heatmap, the entropy profiles along the chain, and a drawing and the bond "
+            "spectra of one network to --out. Given an mpotn save "
             "(mpotn compress --out), it reports the bonds the save keeps instead, and "
             "draws each central tensor shared by several layers once."
         ),
