@@ -122,6 +122,11 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(models, sen
     with pytest.raises(ValueError, match="texts differ"):
         heal(copy.deepcopy(original), teacher, tokenizer, sentences[1:], config, out=run,
              resume=True, progress=False)
+    other = mpotn.compress(copy.deepcopy(teacher), targets=["attention", "ffn"], ratio=0.2,
+                           progress=False)  # another student: other bonds
+    with pytest.raises(ValueError, match="the student is not the model the run"):
+        heal(other, teacher, tokenizer, sentences, config, out=run, resume=True,
+             progress=False)
 
 
 def test_a_run_resumes_with_the_learning_rate_it_started_with(models, sentences, tmp_path):

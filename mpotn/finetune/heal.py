@@ -75,6 +75,7 @@ from mpotn.finetune.training import (
     _trainable_model,
     is_main_process,
     last_checkpoint,
+    parameters_sha256,
     save_model,
     train_from,
     trainer_arguments,
@@ -568,6 +569,17 @@ def check_run_folder(out: str | os.PathLike, resume: bool) -> None:
                          "continue it, or choose another folder")
 
 
+def _check_student(checkpoints: Path, signature: str) -> None:
+    """Refuse to resume with a student whose parameters (names, shapes, what trains) are
+    not the checkpointed run's ([parameters_sha256][mpotn.finetune.training.parameters_sha256];
+    runs checkpointed before it was stored are not checked)."""
+    saved = json.loads((checkpoints / STATE_NAME).read_text()).get("parameters_sha256")
+    if saved is not None and saved != signature:
+        raise ValueError(f"the student is not the model the run checkpointed in {checkpoints} "
+                         "healed (other parameters, shapes or trained set); resume with the "
+                         "same compressed model and --train, or start a new run elsewhere")
+
+
 def _resume_config(checkpoints: Path, config: HealConfig, digest: str) -> HealConfig:
     saved = json.loads((checkpoints / STATE_NAME).read_text())
     if saved["texts_sha256"] != digest:
@@ -670,6 +682,9 @@ def heal(
     scratch = tempfile.TemporaryDirectory(prefix="mpotn-heal-") if checkpoints is None else None
     try:
         chosen = _select(trained, config.train)
+        signature = parameters_sha256(trained)
+        if resume:
+            _check_student(checkpoints, signature)
         output_dir = Path(scratch.name) if scratch else checkpoints
         args = _heal_arguments(config, output_dir, progress, save=scratch is None)
         device = args.device
@@ -694,7 +709,7 @@ def heal(
         if checkpoints is not None and not resume and is_main_process():
             write_text(checkpoints / STATE_NAME, json.dumps(
                 {"config": config.resolved().to_dict(), "texts_sha256": digest,
-                 "texts": len(texts)}, indent=2))
+                 "texts": len(texts), "parameters_sha256": signature}, indent=2))
         start = time.perf_counter()
         with _progress_bars(progress):
             output = train_from(trainer, last_checkpoint(checkpoints) if resume else None,

@@ -695,6 +695,23 @@ def examples_sha256(split: Any) -> str:
     return examples.hexdigest()
 
 
+def parameters_sha256(model: nn.Module) -> str:
+    """SHA-256 of ``model``'s parameters' names, shapes and trainable flags (not their
+    values): what a resumed run's model must match its checkpoint's in.
+
+    Examples
+    --------
+    >>> parameters_sha256(nn.Linear(2, 3)) == parameters_sha256(nn.Linear(2, 3))
+    True
+    >>> parameters_sha256(nn.Linear(2, 3)) == parameters_sha256(nn.Linear(3, 2))
+    False
+    """
+    params = hashlib.sha256()
+    for name, param in model.named_parameters():
+        params.update(f"{name}:{tuple(param.shape)}:{param.requires_grad};".encode())
+    return params.hexdigest()
+
+
 def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
                    replicas: int, schedules: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a resumed fine-tuning run must share with the checkpointed one: the settings
@@ -703,10 +720,7 @@ def _run_signature(trained: nn.Module, config: TrainingConfig, train_set: Any,
     number of batches one step takes (processes or GPUs) and the settings of its pruning
     and mixed-rank schedules."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "eval_limit")}
-    params = hashlib.sha256()
-    for name, param in trained.named_parameters():
-        params.update(f"{name}:{tuple(param.shape)}:{param.requires_grad};".encode())
-    return {"config": settings, "parameters_sha256": params.hexdigest(),
+    return {"config": settings, "parameters_sha256": parameters_sha256(trained),
             "train_examples": len(train_set), "train_sha256": examples_sha256(train_set),
             "replicas": replicas, "schedules": schedules}
 
