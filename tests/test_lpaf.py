@@ -261,7 +261,12 @@ def test_mixed_rank_takes_the_module_an_mpo_model_wraps_too(tiny_bert):
     for given in (model, model.base_model):
         mixing = MixedRank(given, dense, p=1.0)
         assert mixing.layers == {name: layer}
+        # not broadcast by DistributedDataParallel: a name of the module it wraps
+        ignored = model.base_model._ddp_params_and_buffers_to_ignore
+        assert ignored == [f"{name}.mixed_rank_dense"]
+        assert ignored[0] in dict(model.base_model.named_buffers())
         mixing.close()
+        assert not hasattr(model.base_model, "_ddp_params_and_buffers_to_ignore")
 
 
 def test_prune_factorize_and_mixed_rank_fine_tuning_end_to_end(tiny_bert):

@@ -14,8 +14,9 @@ and the last ``1 - anneal`` share of the steps trains the factorized model alone
 The choice is drawn per step and layer from a generator seeded with ``seed`` and the
 step, so a resumed run makes the same choices. Each full-rank matrix is a
 non-persistent buffer of its layer (``mixed_rank_dense``): it moves and is replicated
-with the model (several GPUs included), but saves and parameter counts are those of the
-factorized model, and it is freed once the probability reaches 0 or at
+with the model (several GPUs included; each process builds its own, so
+``DistributedDataParallel`` is told not to broadcast them), but saves and parameter
+counts are those of the factorized model, and it is freed once the probability reaches 0 or at
 [close][mpotn.finetune.mixed_rank.MixedRank.close]. The swap is a forward hook, which
 cannot skip the layer's own forward: a swapped layer still computes its factors'
 output (at ratio 0.25, about a quarter of the full-rank product's work) and discards it.
@@ -105,6 +106,12 @@ class MixedRank:
         for name, layer in self.layers.items():
             layer.register_buffer(BUFFER, dense[name].detach().to(
                 layer.central.device, layer.central.dtype), persistent=False)
+        # every process holds the same matrices: DistributedDataParallel need not broadcast
+        # them from the first one before each forward pass (it reads this list when it wraps)
+        self._base = base
+        self._ignored = [f"{name}.{BUFFER}" if name else BUFFER for name in self.layers]
+        base._ddp_params_and_buffers_to_ignore = [
+            *getattr(base, "_ddp_params_and_buffers_to_ignore", []), *self._ignored]
         self.p, self.anneal, self.seed = p, anneal, seed
         self.full_rank: list[str] = []
         self._hooks = [layer.register_forward_hook(self._hook(name))
@@ -142,6 +149,12 @@ class MixedRank:
     def _free(self) -> None:
         for layer in self.layers.values():
             layer._buffers.pop(BUFFER, None)
+        ignored = [n for n in getattr(self._base, "_ddp_params_and_buffers_to_ignore", [])
+                   if n not in self._ignored]
+        if ignored:
+            self._base._ddp_params_and_buffers_to_ignore = ignored
+        elif hasattr(self._base, "_ddp_params_and_buffers_to_ignore"):
+            del self._base._ddp_params_and_buffers_to_ignore
 
     def close(self) -> None:
         """Remove the hooks and the full-rank matrices: every layer computes with its
