@@ -11,6 +11,16 @@ from mpotn.compression.models import default_model_path
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def tiny_t5(seed: int = 0):
+    """A random two-layer T5 (encoder, decoder with cross-attention) of width 32."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48,
+                                               num_layers=2, num_heads=2,
+                                               decoder_start_token_id=0))
+
+
 @pytest.fixture(scope="session")
 def minilm() -> dict[str, torch.Tensor]:
     """The embedded model's state dict (float32), straight from its safetensors."""

@@ -107,11 +107,9 @@ def test_merge_keeps_the_adapters_and_warns():
 
 
 def test_adapters_on_t5_keep_its_feed_forward_working(tmp_path):
-    from transformers import T5Config, T5ForConditionalGeneration
-    torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48,
-                                             num_layers=2, num_heads=2,
-                                             decoder_start_token_id=0)).eval()
+    from conftest import tiny_t5
+
+    t5 = tiny_t5().eval()
     x = torch.randint(1, 97, (2, 5))
     with torch.no_grad():
         expected = t5(input_ids=x, decoder_input_ids=x).logits

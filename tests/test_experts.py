@@ -431,12 +431,9 @@ def test_a_mask_that_does_not_fit_the_tokens_is_refused():
 
 
 def test_t5_decoder_experts_take_the_decoders_mask_not_the_encoders():
-    from transformers import T5Config, T5ForConditionalGeneration
-    torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48,
-                                             num_layers=2, num_heads=2,
-                                             decoder_start_token_id=0))
-    model = compress(t5, targets=["ffn"], n=3, progress=False)
+    from conftest import tiny_t5
+
+    model = compress(tiny_t5(), targets=["ffn"], n=3, progress=False)
     upcycle_experts(model, experts=2, top_k=1)
     seen = []
     for name, module in layer_holder(model).named_modules():

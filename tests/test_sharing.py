@@ -508,13 +508,9 @@ def test_core_changes_count_a_layer_inside_a_bottleneck_adapter_once(bert):
 
 
 def test_default_groups_keep_an_encoder_decoders_stacks_and_attentions_apart():
-    from transformers import T5Config, T5ForConditionalGeneration
+    from conftest import tiny_t5
 
-    torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48,
-                                             num_layers=2, num_heads=2,
-                                             decoder_start_token_id=0))
-    model = compress(t5, targets=["attention"], n=3, progress=False)
+    model = compress(tiny_t5(), targets=["attention"], n=3, progress=False)
     report = share_centrals(model, init="layer")
     groups = [g for g in shared_central_groups(model) if g[0].endswith("q")]
     assert sorted(groups) == sorted([

@@ -380,12 +380,11 @@ def check_pair(student: nn.Module, teacher: nn.Module, tokenizer: Any, text: str
     --------
     >>> from transformers import BertConfig, BertModel
     >>> from mpotn.compression.models import load_tokenizer
-    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1,
-    ...                              num_attention_heads=2, intermediate_size=64))
-    >>> check_pair(model, model, load_tokenizer(), "a short sentence .")
-    >>> check_pair(model, BertModel(BertConfig(hidden_size=16, num_hidden_layers=1,
-    ...                             num_attention_heads=2, intermediate_size=32)),
-    ...            load_tokenizer(), "a short sentence .")
+    >>> def bert(width):
+    ...     return BertModel(BertConfig(hidden_size=width, num_hidden_layers=1,
+    ...                                 num_attention_heads=2, intermediate_size=2 * width))
+    >>> check_pair(bert(32), bert(32), load_tokenizer(), "a short sentence .")
+    >>> check_pair(bert(32), bert(16), load_tokenizer(), "a short sentence .")
     Traceback (most recent call last):
     ...
     ValueError: hidden states of shape (1, 6, 32) (student) and (1, 6, 16) (teacher) differ: ...
