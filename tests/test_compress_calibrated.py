@@ -679,3 +679,38 @@ def test_a_one_pass_model_budget_holds_decompositions_only_within_the_memory(
         assert json.dumps(list(other.report())) == json.dumps(list(held.report()))
         with torch.no_grad():
             assert torch.equal(other(input_ids=ids).logits, held(input_ids=ids).logits)
+
+
+def test_an_als_fit_of_an_embedding_gives_unused_tokens_their_damped_weight(monkeypatch):
+    import importlib
+
+    compressing = importlib.import_module("mpotn.compression.compress")
+
+    torch.manual_seed(0)
+    vocab, width = 512, 32
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, width)
+            with torch.no_grad():
+                self.emb.weight.copy_(torch.randn(vocab, 8) @ torch.randn(8, width)
+                                      + 0.5 * torch.randn(vocab, width))
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.emb(input_ids)
+
+    used = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))[:100]
+    batches = [{"input_ids": used[torch.randint(0, 100, (8, 16))],
+                "attention_mask": torch.ones(8, 16, dtype=torch.long)} for _ in range(2)]
+    given = []
+    refine = compressing.refine
+    monkeypatch.setattr(compressing, "refine",
+                        lambda mpo, m, c, **k: given.append(c.clone()) or refine(mpo, m, c, **k))
+    mpotn.compress(Net(), targets=["emb"], structure="mpo", n=3, ratio=0.3, fit="als",
+             calibrate_embeddings=True, calibration=batches, progress=False)
+    [counts] = given
+    seen = torch.bincount(torch.cat([b["input_ids"].reshape(-1) for b in batches]),
+                          minlength=vocab).double()
+    # counts + damp * mean count: 256 tokens over 512 rows, damp 1e-2 (0 before)
+    torch.testing.assert_close(counts, seen + 1e-2 * 256 / 512)

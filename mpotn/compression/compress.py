@@ -178,7 +178,12 @@ class _Candidate:
         """``(MPO of M, the truncation its spectra read)`` under ``policy``."""
         mpo, cut = self.truncated(policy, target)
         if self.refines(target):
-            mpo = refine(cut, target.goal, target.covariance, sweeps=target.settings["sweeps"])
+            covariance = target.covariance
+            if covariance.dim() == 1:  # token counts: a token the text never used keeps a
+                # damped weight, as whitening gives it (at 0 the sweeps could move its row
+                # anywhere)
+                covariance = covariance + target.settings["damp"] * covariance.mean()
+            mpo = refine(cut, target.goal, covariance, sweeps=target.settings["sweeps"])
         return mpo, cut
 
     def refines(self, target: _Target) -> bool:
