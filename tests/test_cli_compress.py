@@ -238,6 +238,10 @@ def test_compress_method_tt_fits_other_decompositions_by_ratio_and_saves_them(ti
 
 @pytest.mark.parametrize("flags, message", [
     (["--method", "tt", "--calibrate", "rte"], "--method tt is fitted to the weights"),
+    (["--method", "tt", "--fit", "whiten", "--samples", "8"],
+     "--method tt is fitted to the weights; --samples, --fit apply to --method mpo"),
+    (["--method", "svd", "--calibrate-embeddings"], "--calibrate-embeddings apply to"),
+    (["--method", "cp", "--sensitivity", "--budget", "model"], "--sensitivity apply to"),
     (["--method", "cp", "--structure", "svd"], "--structure, --sequential, --budget model, "
                                                "--share-centrals and --experts apply to "
                                                "--method mpo"),
@@ -248,6 +252,17 @@ def test_compress_method_refuses_what_only_mpo_does(tmp_path, capsys, flags, mes
     assert main(["compress", *flags, "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_at_full_rank_does_not_calibrate_and_keeps_balanced_mpos(tiny_bert, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "full"
+    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--full-rank", "--out",
+                 str(out), "--no-progress"]) == 0
+    assert "calibrating" not in capsys.readouterr().out
+    report = mpotn.load(out).report()
+    assert {(r["structure"], r["calibration"]) for r in report} == {("mpo", "none")}
+    assert all(r["relative_error"] < 1e-5 for r in report)
 
 
 @pytest.mark.parametrize("flags", [["--n", "3"], ["--n", "3", "--structure", "svd"]])

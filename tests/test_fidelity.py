@@ -162,13 +162,14 @@ class _Measured:
 
 @pytest.mark.parametrize("measured, warned", [
     ({"mean_cosine": 0.95}, []),
-    ({"mean_cosine": 0.85}, ["mean cosine 0.85 < 0.9"]),
+    ({"mean_cosine": 0.85}, ["mean cosine 0.8500 < 0.9"]),
+    ({"mean_cosine": 0.8996}, ["mean cosine 0.8996 < 0.9"]),  # not "0.90 < 0.9"
     ({"mean_cosine": math.nan}, ["mean cosine nan < 0.9"]),  # overflowing float16
     ({"mean_cosine": 0.99, "perplexity": 14.0, "original_perplexity": 10.0}, []),
     ({"mean_cosine": 0.99, "perplexity": 16.0, "original_perplexity": 10.0},
-     ["perplexity 1.60x the original's > 1.5x"]),
+     ["perplexity 1.6000x the original's > 1.5x"]),
     ({"mean_cosine": 0.8, "perplexity": math.nan, "original_perplexity": 10.0},
-     ["mean cosine 0.80 < 0.9 and perplexity nanx the original's > 1.5x"]),
+     ["mean cosine 0.8000 < 0.9 and perplexity nanx the original's > 1.5x"]),
 ])
 def test_compress_warns_when_the_model_is_not_usable_as_it_is(measured, warned, capsys):
     from mpotn.cli.common import check_fidelity

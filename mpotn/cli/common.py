@@ -344,7 +344,7 @@ def check_fidelity(compressed: object, probe: FidelityProbe, calibrated: bool = 
           f"{fidelity['worst_cosine']:.4f}) between the compressed and the original model's "
           f"mean-pooled last hidden states on {count} held-out SST-2 dev sentences")
     # "not >=": a NaN (overflowing float16 activations) is a problem too
-    problems = ([f"mean cosine {cosine:.2f} < {USABLE_COSINE}"]
+    problems = ([f"mean cosine {cosine:.4f} < {USABLE_COSINE}"]
                 if not cosine >= USABLE_COSINE else [])
     if "perplexity" in fidelity:
         ratio = fidelity["perplexity"] / fidelity["original_perplexity"]
@@ -352,7 +352,7 @@ def check_fidelity(compressed: object, probe: FidelityProbe, calibrated: bool = 
         print(f"perplexity on those sentences: {was}{fidelity['perplexity']:.2f}, the original's "
               f"{fidelity['original_perplexity']:.2f} ({ratio:.2f}x)")
         if not ratio <= USABLE_PERPLEXITY:
-            problems.append(f"perplexity {ratio:.2f}x the original's > {USABLE_PERPLEXITY}x")
+            problems.append(f"perplexity {ratio:.4f}x the original's > {USABLE_PERPLEXITY}x")
     if problems:
         advice = ("heal it longer (more --steps or --samples)" if before is not None
                   else ("" if calibrated else "calibrate it (--calibrate), ")

@@ -355,6 +355,15 @@ def run(args: argparse.Namespace) -> None:
     if args.calibrate is None and uncalibrated:
         raise ValueError(f"{', '.join(uncalibrated)} set how the calibration text is used: "
                          "drop --no-calibrate, or drop them")
+    calibration_flags = [flag for flag, given in (
+        (f"--calibrate {args.calibrate}", bool(args.calibrate)),
+        ("--samples", args.samples is not None), ("--fit", args.fit is not None),
+        ("--calibrate-embeddings", bool(args.calibrate_embeddings)),
+        ("--sensitivity", bool(args.sensitivity)), ("--sequential", args.sequential))
+        if given]  # as given: before the defaults
+    if args.method != "mpo" and calibration_flags:
+        raise ValueError(f"--method {args.method} is fitted to the weights; "
+                         f"{', '.join(calibration_flags)} apply to --method mpo")
     check_data_dir(args.data_dir, args.calibrate, "--calibrate")
     _resolve_budget(args)
     if args.sensitivity and args.calibrate is None:
@@ -372,11 +381,7 @@ def run(args: argparse.Namespace) -> None:
         policy["ratio"] = 0.5
     # calibration changes nothing at full rank, where the decomposition is exact; other
     # methods are fitted to the weights
-    if args.method != "mpo" and args.calibrate:
-        raise ValueError(f"--method {args.method} is fitted to the weights; --calibrate "
-                         f"{args.calibrate} applies to --method mpo")
-    calibrating = args.calibrate is not None and not (sharing and full_rank) and (
-        args.method == "mpo")
+    calibrating = args.calibrate is not None and not full_rank and args.method == "mpo"
     targets = args.targets or (["attention", "ffn"] if args.share_centrals
                                else ["ffn"] if args.experts else ["all-linear", "embeddings"])
     structure = args.structure or ("svd" if calibrating and not sharing else "mpo")
@@ -425,7 +430,8 @@ def run(args: argparse.Namespace) -> None:
     print(report_table(compressed))
     print(compressed.summary())
     fidelity = (None if probe is None else
-                check_fidelity(compressed, probe, calibrated=batches is not None or sharing))
+                check_fidelity(compressed, probe, calibrated=batches is not None or sharing
+                               or args.method != "mpo"))
     compressed.save_pretrained(args.out, overwrite=args.overwrite, tokenizer=tokenizer)
     paths = write_compression_report(compressed, args.out, name, fidelity)
     kept = sum(row.get("structure") == "dense" for row in compressed.report())
