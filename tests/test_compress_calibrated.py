@@ -182,6 +182,9 @@ def test_structure_auto_keeps_the_lower_error_structure_per_matrix():
 @pytest.mark.parametrize("kwargs, message", [
     ({"budget": "model"}, "give ratio or params"),
     ({"structure": "auto", "max_bond": 4}, "equal parameter counts"),
+    ({"structure": "auto", "ratio": 0.5, "overrides": {"0": {"max_bond": 4}}},
+     "override '0': structure='auto' compares structures at equal parameter counts"),
+    ({"max_bond": 4, "overrides": {"0": {"structure": "auto"}}}, "equal parameter counts"),
     ({"structure": "tree"}, "structure must be one of"),
     ({"fit": "dmrg"}, "fit must be one of"),
     ({"sweeps": -1}, "sweeps must be an integer"),
@@ -189,6 +192,20 @@ def test_structure_auto_keeps_the_lower_error_structure_per_matrix():
 def test_bad_calibration_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         mpotn.compress(nn.Sequential(nn.Linear(4, 4)), targets=["0"], progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "optimal"])
+def test_auto_structure_keeps_the_allocation_asked_for(allocation):
+    from mpotn.compression.compress import _options, _policies, _Target
+    from mpotn.compression.config import CompressionConfig
+
+    linear = nn.Linear(64, 256)
+    config = CompressionConfig(targets=["0"], n=3, structure="auto", ratio=0.3,
+                               allocation=allocation)
+    target = _Target("0", linear, linear.weight.detach().T, config.settings_for("0", linear))
+    policies, _ = _policies([target], {"0": _options(target)}, config)
+    assert policies["0"].allocation == allocation  # optimal before, whatever was asked
+    assert policies["0"].params == ratio_params(0.3, 64 * 256)
 
 
 def test_cli_compress_calibrates_from_a_text_file_and_reports_fidelity(tiny_bert, tmp_path,

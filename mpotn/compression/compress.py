@@ -277,7 +277,8 @@ def _policies(targets: list[_Target], candidates: dict[str, list[_Candidate]],
         if settings["structure"] == "auto":  # equal parameter counts for both structures
             params = settings["params"] or ratio_params(settings["ratio"], t.matrix.numel())
             if _drop_unreachable(candidates[t.name], params):
-                policies[t.name] = TruncationPolicy(params=params)
+                policies[t.name] = TruncationPolicy(params=params,
+                                                    allocation=settings["allocation"])
             else:
                 policies[t.name] = TruncationPolicy(max_bond=1)
                 floored.append(t.name)

@@ -215,9 +215,6 @@ class CompressionConfig:
         if self.budget == "model" and self.ratio is None and self.params is None:
             raise ValueError("budget='model' spends one ratio or parameter count over all "
                              "targets: give ratio or params")
-        if self.structure == "auto" and self.ratio is None and self.params is None:
-            raise ValueError("structure='auto' compares structures at equal parameter counts: "
-                             "give ratio or params")
         if self.keep_dense and self.budget != "model":
             raise ValueError("keep_dense=True lets one model-wide budget leave matrices "
                              "dense: use it with budget='model'")
@@ -274,6 +271,10 @@ def _check_target_settings(settings: dict[str, Any]) -> None:
     if settings["structure"] != "mpo" and method != "mpo":
         raise ValueError(f"structure={settings['structure']!r} is for method='mpo', got "
                          f"method={method!r}")
+    if settings["structure"] == "auto" and settings["ratio"] is None and (
+            settings["params"] is None):
+        raise ValueError("structure='auto' compares structures at equal parameter counts: "
+                         "give ratio or params")
     sweeps = settings["sweeps"]
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps must be an integer >= 0, got {sweeps!r}")
