@@ -101,6 +101,8 @@ def test_encoder_and_decoder_outputs_take_their_own_masks():
     assert _rows("logits", longer, {**batch, "decoder_attention_mask": torch.ones(2, 4)}
                  ).shape == (8, 5)
     assert _rows("pooler_output", torch.randn(2, 5), batch).shape == (2, 5)
+    # a pooler as wide as the padded length is still one row per sentence
+    assert _rows("pooler_output", torch.randn(2, 3), batch).shape == (2, 3)
     assert _rows("loss", torch.tensor(1.5), batch).shape == (1, 1)
     start_logits = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # one per token
     assert _rows("start_logits", start_logits, {"attention_mask": encoder}).tolist() == [

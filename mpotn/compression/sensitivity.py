@@ -84,14 +84,22 @@ def _tensors(output: Any) -> list[tuple[str, torch.Tensor]]:
             if isinstance(value, torch.Tensor) and value.is_floating_point()]
 
 
+#: Two-dimensional outputs with one value per token (question answering's span scores);
+#: any other ``(batch, width)`` output is one row per sentence (a pooler's), even where its
+#: width equals the padded length.
+PER_TOKEN_SCORES = ("start_logits", "end_logits")
+
+
 def _rows(name: str, value: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
     """``value`` as rows: one per real token when its first two dimensions are those of
     the batch's ``attention_mask`` or ``decoder_attention_mask`` (when they are of both
-    and the masks differ, the decoder's unless ``name`` starts with ``encoder``), else one
-    per leading entry."""
+    and the masks differ, the decoder's unless ``name`` starts with ``encoder``) and it has
+    a feature dimension, or is one of the ``PER_TOKEN_SCORES``; else one per leading
+    entry."""
     value = value.reshape(1) if value.dim() == 0 else value
+    per_token = value.dim() >= 3 or (value.dim() == 2 and name in PER_TOKEN_SCORES)
     masks = [batch[key] for key in ("attention_mask", "decoder_attention_mask")
-             if isinstance(batch.get(key), torch.Tensor) and value.dim() >= 2
+             if isinstance(batch.get(key), torch.Tensor) and per_token
              and tuple(value.shape[:2]) == tuple(batch[key].shape)]
     if not masks:
         return value.reshape(value.shape[0], -1)
