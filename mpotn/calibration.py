@@ -79,6 +79,8 @@ def _check_covariance(covariance: torch.Tensor, size: int) -> None:
 
 def _padded(covariance: torch.Tensor, padded_size: int) -> torch.Tensor:
     extra = padded_size - covariance.shape[0]
+    if extra == 0:  # no copy
+        return covariance
     if covariance.dim() == 1:
         return torch.nn.functional.pad(covariance, (0, extra))
     return torch.nn.functional.pad(covariance, (0, extra, 0, extra))
@@ -139,6 +141,14 @@ def kronecker_factors(covariance: torch.Tensor, row: Factorization, iterations: 
     sizes = row.factors
     n = len(sizes)
     cov = _padded(covariance.to(torch.float64), row.padded_size)
+    wide = [k for k, i in enumerate(sizes) if i > 1]
+    if len(wide) == 1 and bool(cov.any()):  # one factor is C itself, exactly (the SVD's
+        # (I, 1)): no rearranged copy of C (a Cholesky factor is what whitening adds)
+        ones = [torch.ones(1, 1, dtype=torch.float64, device=cov.device)
+                if cov.dim() == 2 else torch.ones(1, dtype=torch.float64, device=cov.device)
+                for _ in sizes]
+        return KroneckerCovariance(tuple(cov if k == wide[0] else ones[k] for k in range(n)),
+                                   1.0)
     if cov.dim() == 1:
         tensor = cov.reshape(sizes)
         vectors = [torch.ones(i, dtype=torch.float64, device=cov.device) for i in sizes]
@@ -208,10 +218,12 @@ class Whitening:
                 delta = max(damp * float(f.mean()), 1e-12 * float(f.max()))
                 out.append((f.clamp_min(0) + delta).sqrt())
                 continue
-            eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
             delta = damp * float(f.trace()) / f.shape[0]
+            damped, added = f.clone(), 0.0  # one copy: the damping goes on its diagonal
             for _ in range(8):  # grow the damping until the factor is positive definite
-                factor, info = torch.linalg.cholesky_ex(f + max(delta, 1e-12) * eye)
+                damped.diagonal().add_(max(delta, 1e-12) - added)
+                added = max(delta, 1e-12)
+                factor, info = torch.linalg.cholesky_ex(damped)
                 if int(info) == 0:
                     break
                 delta = max(10 * delta, 1e-10 * float(f.diagonal().abs().max()))

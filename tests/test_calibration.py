@@ -189,3 +189,21 @@ def test_a_calibrated_mpo_reports_its_measured_weight_error_against_the_matrix()
     assert summary["error_bound"] == pytest.approx(summary["actual_error"], rel=1e-9)
     assert calibrated.mpo.source_norm == pytest.approx(float(m.norm()), rel=1e-12)
     assert 0.1 < summary["relative_actual_error"] < 1.0
+
+
+def test_a_covariance_with_one_wide_factor_is_that_factor_without_a_copy():
+    from mpotn.calibration import Whitening, kronecker_factors
+    from mpotn.shapes import Factorization
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 48, dtype=torch.float64)
+    covariance = x.T @ x
+    row = Factorization(48, (48, 1))  # the SVD structure's
+    kron = kronecker_factors(covariance, row)
+    assert kron.kept == 1.0 and kron.factors[0].data_ptr() == covariance.data_ptr()
+    assert kron.factors[1].tolist() == [[1.0]]
+    whitening = Whitening.from_covariance(covariance, row, damp=0.01)
+    damped = covariance + 0.01 * covariance.trace() / 48 * torch.eye(48, dtype=torch.float64)
+    lower = whitening.factors[0] * whitening.factors[1]  # L_1 (x) L_2, L_2 a 1 x 1
+    torch.testing.assert_close(lower @ lower.T, damped * 1.01)  # the 1 x 1 factor damped too
+    assert torch.equal(covariance, x.T @ x)  # the caller's covariance is left as it was
