@@ -309,6 +309,42 @@ class CalibratedMPO:
         return self.whitened.error_bound / norm if norm else 0.0
 
 
+def whitened_decomposition(
+    matrix: torch.Tensor,
+    covariance: torch.Tensor,
+    n: int = 5,
+    row_shape: Sequence[int] | None = None,
+    col_shape: Sequence[int] | None = None,
+    *,
+    pad: bool = True,
+    damp: float = DAMP,
+    svd: str = "auto",
+) -> tuple[MPO, Whitening]:
+    """The full-rank MPO of the whitened ``L^T M`` and the whitening ``L`` (the first step
+    of [calibrated_mpo][mpotn.calibration.calibrated_mpo], for a caller that truncates and
+    restores later); the arguments are ``calibrated_mpo``'s.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m, x = torch.randn(16, 8, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
+    >>> full, whitening = whitened_decomposition(m, x.T @ x, n=2)
+    >>> bool(torch.allclose(full.to_matrix(), whitening.apply(m)))
+    True
+    """
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+        raise ValueError("matrix must be a 2-D torch.Tensor")
+    _check_covariance(covariance, matrix.shape[0])
+    row = plan_side(matrix.shape[0], n if row_shape is None else len(row_shape), row_shape, pad)
+    col = plan_side(matrix.shape[1], len(row.factors), col_shape, pad)
+    whitening = Whitening.from_covariance(covariance, row, damp)
+    padded = torch.nn.functional.pad(matrix.detach().to(torch.float64),
+                                     (0, col.padding, 0, row.padding))
+    full = MPO.from_matrix(whitening.apply(padded), len(row.factors), row.factors,
+                           col.factors, pad=False, svd=svd)
+    return full, whitening
+
+
 def calibrated_mpo(
     matrix: torch.Tensor,
     covariance: torch.Tensor,
@@ -339,16 +375,8 @@ def calibrated_mpo(
         ``params``, ``max_bond``, ``bond_dims``, ``tol``; ``allocation``),
         applied to the whitened MPO: ``tol`` is then a relative *output* error.
     """
-    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
-        raise ValueError("matrix must be a 2-D torch.Tensor")
-    _check_covariance(covariance, matrix.shape[0])
-    row = plan_side(matrix.shape[0], n if row_shape is None else len(row_shape), row_shape, pad)
-    col = plan_side(matrix.shape[1], len(row.factors), col_shape, pad)
-    whitening = Whitening.from_covariance(covariance, row, damp)
-    padded = torch.nn.functional.pad(matrix.detach().to(torch.float64),
-                                     (0, col.padding, 0, row.padding))
-    full = MPO.from_matrix(whitening.apply(padded), len(row.factors), row.factors,
-                           col.factors, pad=False, svd=svd)
+    full, whitening = whitened_decomposition(matrix, covariance, n, row_shape, col_shape,
+                                             pad=pad, damp=damp, svd=svd)
     active = {k: v for k, v in policy.items() if v is not None and k != "allocation"}
     whitened = full.truncate(**policy) if active else full
     restored = whitening.restore(whitened, tuple(matrix.shape), _compute_dtype(matrix), matrix)

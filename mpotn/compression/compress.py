@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 from mpotn.budget import Path, mpo_path, spend, spend_keeping_dense
 from mpotn.calibration import (
     Whitening,
-    calibrated_mpo,
     compensated_matrix,
     output_error,
     output_spectra_mpo,
     paired_output_error,
     refine,
+    whitened_decomposition,
 )
 from mpotn.compression.architectures import (
     as_linear,
@@ -243,10 +243,10 @@ def _candidate(target: _Target, structure: str) -> _Candidate:
     else:
         n, row_shape, col_shape = settings["n"], settings["row_shape"], settings["col_shape"]
     if target.covariance is not None and _whitens(settings, structure):
-        calibrated = calibrated_mpo(matrix, target.covariance, n, row_shape, col_shape,
-                                    pad=settings["pad"], damp=settings["damp"],
-                                    svd=settings["svd"])
-        return _Candidate(structure, calibrated.full_whitened, calibrated.whitening)
+        full, whitening = whitened_decomposition(  # truncated and restored when chosen
+            matrix, target.covariance, n, row_shape, col_shape, pad=settings["pad"],
+            damp=settings["damp"], svd=settings["svd"])
+        return _Candidate(structure, full, whitening)
     return _Candidate(structure, MPO.from_matrix(matrix, n, row_shape, col_shape,
                                                  pad=settings["pad"], svd=settings["svd"]))
 
