@@ -49,15 +49,18 @@ def test_compress_embedded_model_saves_a_model_that_loads_back_identically(tmp_p
     assert float((a - b).abs().max()) == 0.0
 
 
-def test_compress_no_calibrate_truncates_balanced_mpos_by_their_weights(tiny_bert, tmp_path,
-                                                                         capsys):
+@pytest.mark.parametrize("flag", ["--no-calibrate", "--full-rank"])
+def test_compress_without_calibration_keeps_balanced_mpos_of_the_weights(tiny_bert, tmp_path,
+                                                                         capsys, flag):
+    """--no-calibrate truncates by the weights; --full-rank (exact) does not calibrate."""
     out = tmp_path / "plain"
-    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--no-calibrate", "--out",
+    assert main(["compress", str(tiny_bert), "--targets", "ffn", flag, "--out",
                  str(out), "--no-progress"]) == 0
     assert "calibrating" not in capsys.readouterr().out
     report = mpotn.load(out).report()
-    assert {r["structure"] for r in report} == {"mpo"}
-    assert {r["calibration"] for r in report} == {"none"}
+    assert {(r["structure"], r["calibration"]) for r in report} == {("mpo", "none")}
+    if flag == "--full-rank":
+        assert all(r["relative_error"] < 1e-5 for r in report)
 
 
 def test_compress_dry_run_lists_targets_and_writes_nothing(tmp_path, capsys):
@@ -252,17 +255,6 @@ def test_compress_method_refuses_what_only_mpo_does(tmp_path, capsys, flags, mes
     assert main(["compress", *flags, "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-def test_compress_at_full_rank_does_not_calibrate_and_keeps_balanced_mpos(tiny_bert, tmp_path,
-                                                                          capsys):
-    out = tmp_path / "full"
-    assert main(["compress", str(tiny_bert), "--targets", "ffn", "--full-rank", "--out",
-                 str(out), "--no-progress"]) == 0
-    assert "calibrating" not in capsys.readouterr().out
-    report = mpotn.load(out).report()
-    assert {(r["structure"], r["calibration"]) for r in report} == {("mpo", "none")}
-    assert all(r["relative_error"] < 1e-5 for r in report)
 
 
 @pytest.mark.parametrize("flags", [["--n", "3"], ["--n", "3", "--structure", "svd"]])
