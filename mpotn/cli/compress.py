@@ -74,7 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     policy.add_argument("--max-bond", type=_positive_int, help="one maximum for every bond")
     policy.add_argument("--tol", type=_positive_float,
                         help="relative error tolerance: fewest parameters with Eq. 4 <= tol")
-    policy.add_argument("--full-rank", action="store_true", help="no truncation (exact)")
+    policy.add_argument("--full-rank", action="store_true",
+                        help="no truncation (exact: balanced MPOs, nothing to calibrate)")
     compress.add_argument(
         "--allocation", choices=ALLOCATIONS, default="optimal",
         help="how a --ratio budget is spread over bonds (default: optimal, minimising Eq. 4)",
