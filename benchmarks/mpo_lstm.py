@@ -306,7 +306,7 @@ def run(bench: Bench, task: str, row: str, seed: int) -> dict[str, Any]:
     dense_weights = lstm_weights(model.lstm)
     method, _, share = row.partition("@")
     if method in ("mpo", "prune", "scratch"):
-        mpo = MPOLSTM.from_lstm(model.lstm, ratio=float(share))
+        mpo = MPOLSTM.from_lstm(model.lstm, ratio=float(share), svd="full")  # exact cuts
     if method == "scratch":
         torch.manual_seed(seed)
         model = _model(bench.data(task), bench.settings(task))
