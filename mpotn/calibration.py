@@ -141,14 +141,11 @@ def kronecker_factors(covariance: torch.Tensor, row: Factorization, iterations: 
     sizes = row.factors
     n = len(sizes)
     cov = _padded(covariance.to(torch.float64), row.padded_size)
-    wide = [k for k, i in enumerate(sizes) if i > 1]
-    if len(wide) == 1 and bool(cov.any()):  # one factor is C itself, exactly (the SVD's
-        # (I, 1)): no rearranged copy of C (a Cholesky factor is what whitening adds)
-        ones = [torch.ones(1, 1, dtype=torch.float64, device=cov.device)
-                if cov.dim() == 2 else torch.ones(1, dtype=torch.float64, device=cov.device)
-                for _ in sizes]
-        return KroneckerCovariance(tuple(cov if k == wide[0] else ones[k] for k in range(n)),
-                                   1.0)
+    if sum(i > 1 for i in sizes) == 1 and bool(cov.any()):  # one factor is C itself,
+        # exactly (the SVD's (I, 1)): no rearranged copy of C (whitening adds its Cholesky
+        # factor alone)
+        one = torch.ones((1,) * cov.dim(), dtype=torch.float64, device=cov.device)
+        return KroneckerCovariance(tuple(cov if i > 1 else one for i in sizes), 1.0)
     if cov.dim() == 1:
         tensor = cov.reshape(sizes)
         vectors = [torch.ones(i, dtype=torch.float64, device=cov.device) for i in sizes]

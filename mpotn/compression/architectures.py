@@ -229,16 +229,20 @@ def layer_index(name: str) -> int | None:
 
 
 def layer_pattern(name: str) -> str:
-    """``name`` with its layer number replaced by ``*`` (the number
-    [layer_index][mpotn.compression.architectures.layer_index] reads): one name for the
-    same matrix of every layer of one stack.
+    """``name`` with its layer number (the one
+    [layer_index][mpotn.compression.architectures.layer_index] reads) and its expert
+    number replaced by ``*``: one name for the same matrix of every layer of one stack,
+    and of every expert of its mixtures.
 
     Examples
     --------
     >>> layer_pattern("decoder.block.3.layer.1.EncDecAttention.q")
     'decoder.block.*.layer.1.EncDecAttention.q'
+    >>> layer_pattern("transformer.h.0.mlp.experts.2.c_fc")
+    'transformer.h.*.mlp.experts.*.c_fc'
     """
-    return _LAYER.sub(lambda m: m.group(0).replace(m.group(1), "*"), name, count=1)
+    name = _LAYER.sub(lambda m: m.group(0).replace(m.group(1), "*"), name, count=1)
+    return _EXPERT.sub(".experts.*", name)
 
 
 #: Names of the modules that are a whole feed-forward block (input matrices,

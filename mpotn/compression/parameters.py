@@ -49,6 +49,16 @@ def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             yield name, param
 
 
+def _new_module_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]] | None:
+    """The parameters of ``module`` that start untrained: a mixture's router, a bottleneck
+    adapter's; ``None`` for any other module."""
+    if isinstance(module, MixtureOfExperts):
+        return [("router.weight", module.router.weight)]
+    if isinstance(module, BottleneckAdapter):
+        return list(module.named_parameters())
+    return None
+
+
 def untrained_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters that start untrained, which every fine-tuning strategy trains, each once:
     the task head's ([head_parameters][mpotn.compression.parameters.head_parameters]), the
@@ -67,13 +77,7 @@ def untrained_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]
     """
     seen: set[int] = set()
     for module_name, module in model.named_modules():
-        if isinstance(module, MixtureOfExperts):
-            chosen = [("router.weight", module.router.weight)]
-        elif isinstance(module, BottleneckAdapter):
-            chosen = list(module.named_parameters())
-        else:
-            continue
-        for local, param in chosen:
+        for local, param in _new_module_parameters(module) or []:
             if id(param) not in seen:
                 seen.add(id(param))
                 yield f"{module_name}.{local}" if module_name else local, param
@@ -115,10 +119,8 @@ def lfa_parameters(model: nn.Module, *, head: bool = False
                 chosen.append(("bias", module.bias))
         elif _is_norm(module):
             chosen = list(module.named_parameters(recurse=False))
-        elif isinstance(module, MixtureOfExperts):
-            chosen = [("router.weight", module.router.weight)]
-        elif isinstance(module, BottleneckAdapter):
-            chosen = list(module.named_parameters())
+        elif (new := _new_module_parameters(module)) is not None:
+            chosen = new
         else:
             chosen = [(n, p) for n, p in module.named_parameters(recurse=False) if n == "bias"]
         for local, param in chosen:

@@ -51,7 +51,6 @@ True
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,10 +124,6 @@ def _check_group(base: nn.Module, names: Sequence[str], layers: dict[str, nn.Mod
                              f"{type(first).__name__}; a group shares among one kind")
 
 
-#: The expert number in a module name (experts of one block already share a central).
-_EXPERT = re.compile(r"\.experts\.\d+\.")
-
-
 def default_groups(model: nn.Module) -> list[list[str]]:
     """One group per matrix of a layer over the numbered layers of each stack: every MPO
     layer of a ``...layer.N...`` module, grouped by its name with ``N`` left out
@@ -140,15 +135,14 @@ def default_groups(model: nn.Module) -> list[list[str]]:
     for name in _mpo_layers(layer_holder(model)):
         index = layer_index(name)
         if index is not None:
-            key = _EXPERT.sub(".experts.*.", layer_pattern(name))  # a mixture's: one group
-            groups.setdefault(key, []).append((index, name))
+            groups.setdefault(layer_pattern(name), []).append((index, name))
     return [[name for _, name in sorted(members)] for members in groups.values()
             if len(members) > 1]
 
 
 def _group_labels(groups: list[list[str]]) -> list[str]:
     """A default group's label: its matrix type, or its layer pattern where two groups
-    have one type (an encoder-decoder's stacks, the experts of a mixture)."""
+    have one type (an encoder-decoder's stacks)."""
     types = [matrix_type(names[0]) for names in groups]
     return [kind if types.count(kind) == 1 else layer_pattern(names[0])
             for kind, names in zip(types, groups)]

@@ -343,15 +343,25 @@ def distillation_loss(student: Any, teacher: Any, attention_mask: torch.Tensor |
     return loss
 
 
+@contextmanager
+def _evaluating(*models: nn.Module) -> Iterator[None]:
+    """``models`` in eval mode while the body runs, each back in its own mode after."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
 @torch.no_grad()
 def _heldout_errors(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, Any]],
                     device: torch.device) -> list[float]:
     """Per hidden state, squared error over teacher square, summed over all ``batches``."""
-    modes = student.training, teacher.training
-    student.eval()
-    teacher.eval()
     errors = scales = None
-    try:
+    with _evaluating(student, teacher):
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             e, s = _layer_errors(student(**batch, output_hidden_states=True),
@@ -359,9 +369,6 @@ def _heldout_errors(student: nn.Module, teacher: nn.Module, batches: Iterable[di
                                  batch.get("attention_mask"), layer_origins(student))
             errors = e.double() if errors is None else errors + e.double()
             scales = s.double() if scales is None else scales + s.double()
-    finally:
-        student.train(modes[0])
-        teacher.train(modes[1])
     if errors is None:
         raise ValueError("no held-out sentences to measure the hidden-state error on")
     return (errors / scales.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
@@ -389,17 +396,15 @@ def check_pair(student: nn.Module, teacher: nn.Module, tokenizer: Any, text: str
     ...
     ValueError: hidden states of shape (1, 6, 32) (student) and (1, 6, 16) (teacher) differ: ...
     """
-    batch = text_batches(tokenizer, [text], 1, max_length)[0]
-    _heldout_errors(student, teacher, [batch], model_device(student))
+    batch = {k: v.to(model_device(student))
+             for k, v in text_batches(tokenizer, [text], 1, max_length)[0].items()}
+    with _evaluating(student, teacher):
+        ours = student(**batch, output_hidden_states=True)
+        theirs = teacher(**batch, output_hidden_states=True)
+    mask = batch.get("attention_mask")
+    _layer_errors(ours, theirs, mask, layer_origins(student))
     if logits:
-        batch = {k: v.to(model_device(student)) for k, v in batch.items()}
-        modes = student.training, teacher.training
-        try:
-            _logits_error(student.eval()(**batch), teacher.eval()(**batch),
-                          batch.get("attention_mask"))
-        finally:
-            student.train(modes[0])
-            teacher.train(modes[1])
+        _logits_error(ours, theirs, mask)
 
 
 def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list]]:
